@@ -1,0 +1,73 @@
+"""flask_oauth_verify: make a Flask API a correct, fast OAuth 2.0 resource server.
+
+Public names; see the documentation for the full contract.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .config import ConfigurationError, Settings
+from .context import AuthContext, current_auth, get_auth
+from .decorators import (
+    require_organization,
+    require_scope,
+    require_token,
+    require_user,
+    verify_request,
+)
+from .errors import (
+    InsufficientScopeError,
+    InvalidRequestError,
+    InvalidTokenError,
+    MissingContextError,
+    MissingOrganizationContext,
+    MissingTokenError,
+    MissingUserContext,
+    OAuthVerifyError,
+    TokenExpired,
+    TokenNotActive,
+    UpstreamError,
+)
+from .extension import OAuthVerify
+
+__version__ = "0.1.0"
+
+# A library never configures logging; the application decides where records go.
+logging.getLogger("flask_oauth_verify").addHandler(logging.NullHandler())
+
+__all__ = [
+    "AuthContext",
+    "ConfigurationError",
+    "InsufficientScopeError",
+    "InvalidRequestError",
+    "InvalidTokenError",
+    "MissingContextError",
+    "MissingOrganizationContext",
+    "MissingTokenError",
+    "MissingUserContext",
+    "OAuthVerify",
+    "OAuthVerifyError",
+    "Settings",
+    "TokenExpired",
+    "TokenNotActive",
+    "UpstreamError",
+    "current_auth",
+    "get_auth",
+    "org_scoped",
+    "require_organization",
+    "require_scope",
+    "require_token",
+    "require_user",
+    "user_scoped",
+    "verify_request",
+]
+
+
+def __getattr__(name: str) -> object:
+    # SQLAlchemy is an optional extra: import the scoping helpers on first use.
+    if name in ("org_scoped", "user_scoped"):
+        from . import tenancy
+
+        return getattr(tenancy, name)
+    raise AttributeError(f"module 'flask_oauth_verify' has no attribute {name!r}")

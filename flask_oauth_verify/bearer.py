@@ -1,0 +1,81 @@
+"""Reading the bearer token from a request (RFC 6750 §2, RFC 7235 §2.1).
+
+By default only the ``Authorization`` header is read (§2.1). The form body
+(§2.2) and the query parameter (§2.3) can be enabled with
+``OAUTH_VERIFY_TOKEN_LOCATIONS``; whatever is enabled, a token sent in more
+than one way is a malformed request (§2: "clients MUST NOT use more than one
+method"), as is ``Bearer`` without a token.
+"""
+
+from __future__ import annotations
+
+import re
+
+from flask import Request
+
+from .config import Settings
+from .errors import InvalidRequestError, InvalidTokenError
+
+__all__ = ["extract_token"]
+
+# RFC 6750 §2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+def _from_header(request: Request) -> str | None:
+    values = request.headers.getlist("Authorization")
+    if not values:
+        return None
+    if len(values) > 1:
+        raise InvalidRequestError(reason="several Authorization headers")
+    scheme, _, rest = values[0].strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None  # another scheme: no bearer token was sent
+    token = rest.strip(" ")
+    if not token:
+        raise InvalidRequestError(reason="Bearer scheme without a token")
+    if " " in token or "\t" in token:
+        raise InvalidRequestError(reason="Authorization header has extra parts")
+    return token
+
+
+def _from_query(request: Request) -> str | None:
+    if b"access_token" not in request.query_string:
+        return None
+    values = request.args.getlist("access_token")
+    if len(values) > 1:
+        raise InvalidRequestError(reason="several access_token query parameters")
+    if values and not values[0]:
+        raise InvalidRequestError(reason="empty access_token query parameter")
+    return values[0] if values else None
+
+
+def _from_form(request: Request) -> str | None:
+    if request.mimetype != "application/x-www-form-urlencoded" or request.method == "GET":
+        return None
+    values = request.form.getlist("access_token")
+    if len(values) > 1:
+        raise InvalidRequestError(reason="several access_token form fields")
+    if values and not values[0]:
+        raise InvalidRequestError(reason="empty access_token form field")
+    return values[0] if values else None
+
+
+def extract_token(request: Request, settings: Settings) -> str | None:
+    """Return the bearer token of ``request``, or ``None`` if none was sent.
+
+    :param request: the current request.
+    :param settings: gives ``TOKEN_LOCATIONS``.
+    :raises InvalidRequestError: token sent two ways, empty, or malformed header.
+    :raises InvalidTokenError: the token has characters a bearer token cannot have.
+    """
+    sent = {"header": _from_header(request), "query": _from_query(request), "form": _from_form(request)}
+    if sum(token is not None for token in sent.values()) > 1:
+        raise InvalidRequestError(reason="token sent in more than one way")
+    # A token in a location that is not enabled counts as no token at all.
+    token = next((sent[loc] for loc in settings.token_locations if sent[loc] is not None), None)
+    if token is None:
+        return None
+    if not _B64TOKEN.fullmatch(token):
+        raise InvalidTokenError(reason="token has characters outside the b64token syntax")
+    return token

@@ -1,0 +1,398 @@
+"""Settings: every ``OAUTH_VERIFY_*`` key read once into a frozen object.
+
+A missing or contradictory setting raises :class:`ConfigurationError` at
+``init_app`` with a message that names the key, so a misconfigured resource
+server fails at start-up instead of on the first request.
+
+Provider profiles (:mod:`flask_oauth_verify.providers`) only fill in defaults;
+every key the application sets wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = ["DEFAULT_CLAIM_MAP", "PREFIX", "ConfigurationError", "Settings"]
+
+PREFIX = "OAUTH_VERIFY_"
+
+#: Algorithms this package can verify. HMAC and ``none`` are never accepted:
+#: a resource server that verifies with public keys must not accept a MAC.
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {
+        "RS256", "RS384", "RS512",
+        "PS256", "PS384", "PS512",
+        "ES256", "ES384", "ES512", "ES256K",
+        "EdDSA", "Ed25519",
+    }
+)  # fmt: skip
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+
+#: Default claim mapping: ``AuthContext`` field -> claim paths tried in order
+#: (dotted paths reach into nested objects). For ``scopes`` every listed
+#: claim that is present contributes.
+DEFAULT_CLAIM_MAP: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "subject": ("sub",),
+        "client_id": ("client_id", "azp", "cid"),
+        "scopes": ("scopes", "scope", "scp"),
+        "organization_id": ("oid", "organization_id", "org_id"),
+        "service_name": ("custom_claims.service_name",),
+        "token_type": ("custom_claims.client_type",),
+    }
+)
+
+DEFAULT_TYPES = (None, "jwt", "at+jwt", "application/at+jwt")
+STRATEGIES = ("jwks", "introspection", "auto", "both")
+INTROSPECTION_AUTH_METHODS = ("client_secret_basic", "client_secret_post", "bearer", "none")
+TOKEN_LOCATIONS = ("header", "query", "form")
+
+
+class ConfigurationError(ValueError):
+    """A setting is missing or contradicts another; the message names it."""
+
+
+def _key(name: str) -> str:
+    return PREFIX + name
+
+
+def _as_tuple(value: Any, name: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list | tuple | set | frozenset):
+        items = tuple(value)
+        if not all(isinstance(item, str) and item for item in items):
+            raise ConfigurationError(f"{_key(name)} must hold non-empty strings.")
+        return items
+    raise ConfigurationError(f"{_key(name)} must be a string or a list of strings.")
+
+
+def _as_number(value: Any, name: str, *, minimum: float = 0) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigurationError(f"{_key(name)} must be a number, not {value!r}.")
+    if value < minimum:
+        raise ConfigurationError(f"{_key(name)} must be at least {minimum}.")
+    return float(value)
+
+
+def _as_timeout(value: Any) -> tuple[float, float]:
+    if isinstance(value, list | tuple) and len(value) == 2:
+        connect = _as_number(value[0], "HTTP_TIMEOUT", minimum=0.001)
+        read = _as_number(value[1], "HTTP_TIMEOUT", minimum=0.001)
+        return connect, read
+    single = _as_number(value, "HTTP_TIMEOUT", minimum=0.001)
+    return single, single
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    host = host.lower().strip("[]")
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
+def check_url(url: str, name: str, *, allow_insecure_http: bool) -> str:
+    """Check that ``url`` is https, or http to a loopback host (or allowed).
+
+    :param url: the URL from the settings or from discovery metadata.
+    :param name: the config key named in the error.
+    :param allow_insecure_http: ``OAUTH_VERIFY_ALLOW_INSECURE_HTTP``.
+    :raises ConfigurationError: when the URL is not acceptable.
+    """
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return url
+    if parts.scheme == "http" and parts.hostname:
+        if allow_insecure_http or _is_loopback(parts.hostname):
+            return url
+        raise ConfigurationError(
+            f"{_key(name)} uses plain http to a non-loopback host ({parts.hostname}); "
+            f"use https or set {_key('ALLOW_INSECURE_HTTP')} = True."
+        )
+    raise ConfigurationError(f"{_key(name)} must be an http(s) URL, not {url!r}.")
+
+
+def _claim_map(value: Any) -> Mapping[str, tuple[str, ...]]:
+    merged = dict(DEFAULT_CLAIM_MAP)
+    if value is None:
+        return MappingProxyType(merged)
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(f"{_key('CLAIM_MAP')} must be a mapping of field -> claims.")
+    for field, claims in value.items():
+        if field not in DEFAULT_CLAIM_MAP:
+            raise ConfigurationError(
+                f"{_key('CLAIM_MAP')} names unknown field {field!r}; "
+                f"known: {', '.join(sorted(DEFAULT_CLAIM_MAP))}."
+            )
+        merged[field] = _as_tuple(claims, "CLAIM_MAP")
+    return MappingProxyType(merged)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """The validated, immutable settings of one app.
+
+    Build it with :meth:`from_config`; every field corresponds to one
+    ``OAUTH_VERIFY_*`` key documented in the configuration reference.
+    """
+
+    issuers: tuple[str, ...]
+    audiences: tuple[str, ...]
+    verify_audience: bool = True
+    jwks_uris: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    static_jwks: Mapping[str, Any] | None = None
+    algorithms: tuple[str, ...] = ("RS256",)
+    leeway: float = 30.0
+    allowed_types: tuple[str | None, ...] = DEFAULT_TYPES
+    required_claims: tuple[str, ...] = ()
+    required_claim_values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    claim_map: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=lambda: DEFAULT_CLAIM_MAP)
+    user_id_prefix: str | None = None
+    user_id_rule: Callable[[Mapping[str, Any]], bool] | None = None
+    allowed_client_ids: tuple[str, ...] = ()
+    max_token_bytes: int = 16384
+    token_locations: tuple[str, ...] = ("header",)
+    realm: str = "api"
+    # keys
+    jwks_cache_ttl: float = 600.0
+    jwks_min_ttl: float = 60.0
+    jwks_max_ttl: float = 86400.0
+    jwks_refresh_cooldown: float = 30.0
+    jwks_max_staleness: float = 86400.0
+    discovery_cache_ttl: float = 6 * 3600.0
+    prefetch_keys: bool = False
+    allowed_jku_hosts: tuple[str, ...] = ()
+    # network
+    http_timeout: tuple[float, float] = (2.0, 5.0)
+    http_max_bytes: int = 512 * 1024
+    allow_insecure_http: bool = False
+    circuit_breaker_failures: int = 5
+    circuit_breaker_reset: float = 30.0
+    # strategy and introspection
+    strategy: str = "jwks"
+    introspection_endpoint: str | None = None
+    introspection_client_id: str | None = None
+    introspection_client_secret: str | None = None
+    introspection_auth: str = "client_secret_basic"
+    introspection_token: str | None = None
+    introspection_body: str = "form"
+    introspection_cache_ttl: float = 0.0
+    introspection_negative_cache_ttl: float = 0.0
+    # performance
+    token_cache_size: int = 10000
+    # provider
+    provider: str = "generic"
+    provider_params: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # tenancy
+    organization_column: str = "organization_id"
+    user_column: str = "user_id"
+    # operations
+    security_headers: bool = False
+    metrics: bool = False
+    metrics_client_id_label: bool = False
+    health_route: str | None = None
+    #: every ``OAUTH_VERIFY_*`` key as given (after provider defaults),
+    #: for extensions that read keys of their own.
+    raw: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Settings:
+        """Read and validate the ``OAUTH_VERIFY_*`` keys of ``config``.
+
+        :param config: the Flask ``app.config`` (or any mapping).
+        :raises ConfigurationError: naming the key that is missing or wrong.
+        """
+        from .providers import apply_profile  # providers are data, read late
+
+        given = {k[len(PREFIX) :]: v for k, v in config.items() if k.startswith(PREFIX)}
+        values = apply_profile(given)
+        return _build(values)
+
+    def jwks_uri_for(self, issuer: str) -> str | None:
+        """The configured (not discovered) JWKS URI of ``issuer``, if any."""
+        return self.jwks_uris.get(issuer)
+
+
+def _build(v: Mapping[str, Any]) -> Settings:
+    allow_http = bool(v.get("ALLOW_INSECURE_HTTP", False))
+    issuers = _as_tuple(v.get("ISSUER"), "ISSUER")
+    if not issuers:
+        raise ConfigurationError(f"{_key('ISSUER')} is required: the issuer URL(s) to trust.")
+    verify_audience = v.get("VERIFY_AUDIENCE", True)
+    if not isinstance(verify_audience, bool):
+        raise ConfigurationError(f"{_key('VERIFY_AUDIENCE')} must be True or False.")
+    audiences = _as_tuple(v.get("AUDIENCE"), "AUDIENCE")
+    if verify_audience and not audiences:
+        raise ConfigurationError(
+            f"{_key('AUDIENCE')} is required (the identifier of this API). To turn the "
+            f"audience check off, set {_key('VERIFY_AUDIENCE')} = False explicitly."
+        )
+    algorithms = _algorithms(v.get("ALGORITHMS", ("RS256",)))
+    static_jwks = v.get("JWKS")
+    if static_jwks is not None and not (
+        isinstance(static_jwks, Mapping) and isinstance(static_jwks.get("keys"), list)
+    ):
+        raise ConfigurationError(f"{_key('JWKS')} must be a JWK Set: {{'keys': [...]}}.")
+    jwks_uris = _jwks_uris(v.get("JWKS_URI"), issuers, allow_http)
+    strategy = v.get("STRATEGY", "jwks")
+    if strategy not in STRATEGIES:
+        raise ConfigurationError(f"{_key('STRATEGY')} must be one of {', '.join(STRATEGIES)}.")
+    locations = _as_tuple(v.get("TOKEN_LOCATIONS", ("header",)), "TOKEN_LOCATIONS")
+    if not locations or any(loc not in TOKEN_LOCATIONS for loc in locations):
+        raise ConfigurationError(
+            f"{_key('TOKEN_LOCATIONS')} must list some of {', '.join(TOKEN_LOCATIONS)}."
+        )
+    intro_auth = v.get("INTROSPECTION_AUTH", "client_secret_basic")
+    if intro_auth not in INTROSPECTION_AUTH_METHODS:
+        raise ConfigurationError(
+            f"{_key('INTROSPECTION_AUTH')} must be one of {', '.join(INTROSPECTION_AUTH_METHODS)}."
+        )
+    intro_body = v.get("INTROSPECTION_BODY", "form")
+    if intro_body not in ("form", "json"):
+        raise ConfigurationError(f"{_key('INTROSPECTION_BODY')} must be 'form' or 'json'.")
+    endpoint = v.get("INTROSPECTION_ENDPOINT")
+    if endpoint is not None:
+        check_url(endpoint, "INTROSPECTION_ENDPOINT", allow_insecure_http=allow_http)
+    _check_introspection_credentials(v, strategy, intro_auth)
+    for issuer in issuers:
+        check_url(issuer, "ISSUER", allow_insecure_http=allow_http)
+    required_values = v.get("REQUIRED_CLAIM_VALUES") or {}
+    if not isinstance(required_values, Mapping):
+        raise ConfigurationError(f"{_key('REQUIRED_CLAIM_VALUES')} must be a mapping.")
+    types = v.get("ALLOWED_TYPES", DEFAULT_TYPES)
+    if not isinstance(types, list | tuple) or not all(
+        t is None or isinstance(t, str) for t in types
+    ):
+        raise ConfigurationError(f"{_key('ALLOWED_TYPES')} must list strings (or None).")
+    user_rule = v.get("USER_ID_RULE")
+    if user_rule is not None and not callable(user_rule):
+        raise ConfigurationError(f"{_key('USER_ID_RULE')} must be a callable(claims) -> bool.")
+    health = v.get("HEALTH_ROUTE")
+    if health is True:
+        health = "/health/token-validation"
+    return Settings(
+        issuers=issuers,
+        audiences=audiences,
+        verify_audience=verify_audience,
+        jwks_uris=MappingProxyType(jwks_uris),
+        static_jwks=static_jwks,
+        algorithms=algorithms,
+        leeway=_as_number(v.get("LEEWAY", 30), "LEEWAY"),
+        allowed_types=tuple(t.lower() if t else None for t in types),
+        required_claims=_as_tuple(v.get("REQUIRED_CLAIMS"), "REQUIRED_CLAIMS"),
+        required_claim_values=MappingProxyType(dict(required_values)),
+        claim_map=_claim_map(v.get("CLAIM_MAP")),
+        user_id_prefix=v.get("USER_ID_PREFIX"),
+        user_id_rule=user_rule,
+        allowed_client_ids=_as_tuple(v.get("ALLOWED_CLIENT_IDS"), "ALLOWED_CLIENT_IDS"),
+        max_token_bytes=int(_as_number(v.get("MAX_TOKEN_BYTES", 16384), "MAX_TOKEN_BYTES", minimum=64)),
+        token_locations=locations,
+        realm=str(v.get("REALM", "api")),
+        jwks_cache_ttl=_as_number(v.get("JWKS_CACHE_TTL", 600), "JWKS_CACHE_TTL", minimum=1),
+        jwks_min_ttl=_as_number(v.get("JWKS_MIN_TTL", 60), "JWKS_MIN_TTL"),
+        jwks_max_ttl=_as_number(v.get("JWKS_MAX_TTL", 86400), "JWKS_MAX_TTL", minimum=1),
+        jwks_refresh_cooldown=_as_number(
+            v.get("JWKS_REFRESH_COOLDOWN", 30), "JWKS_REFRESH_COOLDOWN"
+        ),
+        jwks_max_staleness=_as_number(
+            v.get("JWKS_MAX_STALENESS", 86400), "JWKS_MAX_STALENESS"
+        ),
+        discovery_cache_ttl=_as_number(
+            v.get("DISCOVERY_CACHE_TTL", 6 * 3600), "DISCOVERY_CACHE_TTL", minimum=1
+        ),
+        prefetch_keys=bool(v.get("PREFETCH_KEYS", False)),
+        allowed_jku_hosts=_as_tuple(v.get("ALLOWED_JKU_HOSTS"), "ALLOWED_JKU_HOSTS"),
+        http_timeout=_as_timeout(v.get("HTTP_TIMEOUT", (2.0, 5.0))),
+        http_max_bytes=int(_as_number(v.get("HTTP_MAX_BYTES", 512 * 1024), "HTTP_MAX_BYTES", minimum=1024)),
+        allow_insecure_http=allow_http,
+        circuit_breaker_failures=int(
+            _as_number(v.get("CIRCUIT_BREAKER_FAILURES", 5), "CIRCUIT_BREAKER_FAILURES", minimum=1)
+        ),
+        circuit_breaker_reset=_as_number(
+            v.get("CIRCUIT_BREAKER_RESET", 30), "CIRCUIT_BREAKER_RESET"
+        ),
+        strategy=strategy,
+        introspection_endpoint=endpoint,
+        introspection_client_id=v.get("INTROSPECTION_CLIENT_ID"),
+        introspection_client_secret=v.get("INTROSPECTION_CLIENT_SECRET"),
+        introspection_auth=intro_auth,
+        introspection_token=v.get("INTROSPECTION_TOKEN"),
+        introspection_body=intro_body,
+        introspection_cache_ttl=_as_number(
+            v.get("INTROSPECTION_CACHE_TTL", 0), "INTROSPECTION_CACHE_TTL"
+        ),
+        introspection_negative_cache_ttl=_as_number(
+            v.get("INTROSPECTION_NEGATIVE_CACHE_TTL", 0), "INTROSPECTION_NEGATIVE_CACHE_TTL"
+        ),
+        token_cache_size=int(_as_number(v.get("TOKEN_CACHE_SIZE", 10000), "TOKEN_CACHE_SIZE")),
+        provider=str(v.get("PROVIDER", "generic")),
+        provider_params=MappingProxyType(dict(v.get("PROVIDER_PARAMS") or {})),
+        organization_column=str(v.get("ORGANIZATION_COLUMN", "organization_id")),
+        user_column=str(v.get("USER_COLUMN", "user_id")),
+        security_headers=bool(v.get("SECURITY_HEADERS", False)),
+        metrics=bool(v.get("METRICS", False)),
+        metrics_client_id_label=bool(v.get("METRICS_CLIENT_ID_LABEL", False)),
+        health_route=health or None,
+        raw=MappingProxyType(dict(v)),
+    )
+
+
+def _algorithms(value: Any) -> tuple[str, ...]:
+    algorithms = _as_tuple(value, "ALGORITHMS")
+    if not algorithms:
+        raise ConfigurationError(f"{_key('ALGORITHMS')} must name at least one algorithm.")
+    for alg in algorithms:
+        if alg.lower() == "none":
+            raise ConfigurationError(f"{_key('ALGORITHMS')} must never contain 'none'.")
+        if alg in HMAC_ALGORITHMS:
+            raise ConfigurationError(
+                f"{_key('ALGORITHMS')} contains {alg}: HMAC algorithms cannot be verified "
+                "with a public key set (JWKS); they are refused."
+            )
+        if alg not in ASYMMETRIC_ALGORITHMS:
+            raise ConfigurationError(f"{_key('ALGORITHMS')} contains unsupported {alg!r}.")
+    return algorithms
+
+
+def _jwks_uris(value: Any, issuers: tuple[str, ...], allow_http: bool) -> dict[str, str]:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        if len(issuers) > 1:
+            raise ConfigurationError(
+                f"{_key('JWKS_URI')} is one URL but {_key('ISSUER')} lists several issuers; "
+                "give a mapping {issuer: jwks_uri} or let discovery find each."
+            )
+        return {issuers[0]: check_url(value, "JWKS_URI", allow_insecure_http=allow_http)}
+    if isinstance(value, Mapping):
+        unknown = [iss for iss in value if iss not in issuers]
+        if unknown:
+            raise ConfigurationError(
+                f"{_key('JWKS_URI')} names issuers not in {_key('ISSUER')}: {unknown}."
+            )
+        return {
+            iss: check_url(uri, "JWKS_URI", allow_insecure_http=allow_http)
+            for iss, uri in value.items()
+        }
+    raise ConfigurationError(f"{_key('JWKS_URI')} must be a URL or a mapping issuer -> URL.")
+
+
+def _check_introspection_credentials(v: Mapping[str, Any], strategy: str, auth: str) -> None:
+    if strategy not in ("introspection", "auto", "both"):
+        return
+    if auth in ("client_secret_basic", "client_secret_post"):
+        if not v.get("INTROSPECTION_CLIENT_ID") or not v.get("INTROSPECTION_CLIENT_SECRET"):
+            raise ConfigurationError(
+                f"{_key('STRATEGY')} = {strategy!r} with {_key('INTROSPECTION_AUTH')} = {auth!r} "
+                f"needs {_key('INTROSPECTION_CLIENT_ID')} and {_key('INTROSPECTION_CLIENT_SECRET')}."
+            )
+    elif auth == "bearer" and not v.get("INTROSPECTION_TOKEN"):
+        raise ConfigurationError(
+            f"{_key('INTROSPECTION_AUTH')} = 'bearer' needs {_key('INTROSPECTION_TOKEN')}."
+        )

@@ -1,0 +1,194 @@
+"""Decorators and :func:`verify_request`, the Flask glue of verification.
+
+``verify_request()`` is the public building block: read the token, verify
+it, set ``g.auth``, check scopes. The decorators are thin wrappers over it
+and work on sync and ``async def`` views alike.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar, overload
+
+from flask import g, request
+
+from .bearer import extract_token
+from .context import AuthContext, set_auth
+from .errors import (
+    InsufficientScopeError,
+    MissingOrganizationContext,
+    MissingTokenError,
+    MissingUserContext,
+    OAuthVerifyError,
+)
+from .extension import get_state
+
+__all__ = [
+    "require_organization",
+    "require_scope",
+    "require_token",
+    "require_user",
+    "verify_request",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+def _already_verified(strategy: str | None) -> AuthContext | None:
+    """The context verified earlier in this request, if it satisfies ``strategy``."""
+    done: set[str] | None = g.get("_oauth_verify_checked")
+    if not done:
+        return None
+    context = g.get("auth")
+    if strategy is None or strategy in done or "both" in done:
+        return context if isinstance(context, AuthContext) else None
+    return None
+
+
+def verify_request(
+    *,
+    scopes: Iterable[str] = (),
+    any_of: bool = False,
+    optional: bool = False,
+    strategy: str | None = None,
+) -> AuthContext | None:
+    """Verify the current request's bearer token and set ``g.auth``.
+
+    Verifies at most once per request (a second call with the same or a
+    weaker strategy reuses the result), then checks ``scopes``.
+
+    :param scopes: scopes the token must hold (all, or one with ``any_of``).
+    :param any_of: accept a token holding any one of ``scopes``.
+    :param optional: without a token, set ``g.auth = None`` and return
+        ``None`` instead of refusing. A token that is sent is still verified.
+    :param strategy: ``"jwks"``, ``"introspection"``, ``"auto"`` or
+        ``"both"``; the app's ``OAUTH_VERIFY_STRATEGY`` when ``None``.
+    :returns: the :class:`AuthContext`, or ``None`` (optional, no token).
+    :raises OAuthVerifyError: the documented 400/401/403/503 errors.
+    """
+    state = get_state()
+    context = _already_verified(strategy)
+    token: str | None = None
+    if context is None:
+        try:
+            token = extract_token(request, state.settings)
+            if token is None:
+                if optional:
+                    set_auth(None)
+                    return None
+                raise MissingTokenError(reason="no bearer token in the request")
+            context = state.authenticate(token, strategy)
+        except OAuthVerifyError as exc:
+            state.events.failed(exc, token)
+            raise
+        set_auth(context)
+        done = g.get("_oauth_verify_checked") or set()
+        done.add(strategy or state.settings.strategy)
+        g._oauth_verify_checked = done
+        if state.events.enabled():
+            state.events.validated(context, token)
+    wanted = tuple(scopes)
+    if wanted and not context.has_scopes(*wanted, any_of=any_of):
+        error = InsufficientScopeError(
+            scopes=wanted,
+            reason=f"token lacks {'any' if any_of else 'all'} of {list(wanted)}",
+        )
+        state.events.failed(error, None)
+        raise error
+    return context
+
+
+def _wrap(view: F, check: Callable[[], Any]) -> F:
+    if inspect.iscoroutinefunction(view):
+
+        @functools.wraps(view)
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            check()
+            return await view(*args, **kwargs)
+
+        return async_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        check()
+        return view(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@overload
+def require_token(view: F) -> F: ...
+@overload
+def require_token(
+    view: None = None, *, optional: bool = False, strategy: str | None = None
+) -> Callable[[F], F]: ...
+
+
+def require_token(
+    view: F | None = None, *, optional: bool = False, strategy: str | None = None
+) -> F | Callable[[F], F]:
+    """Require a valid bearer token: ``@require_token`` or ``@require_token(...)``.
+
+    :param optional: let requests without a token through with
+        ``g.auth = None`` (a token that is sent must still be valid).
+    :param strategy: per-route strategy, e.g. ``"introspection"`` or
+        ``"both"`` for revocation-sensitive routes.
+    """
+
+    def decorator(inner: F) -> F:
+        return _wrap(inner, lambda: verify_request(optional=optional, strategy=strategy))
+
+    if view is not None:
+        return decorator(view)
+    return decorator
+
+
+def require_scope(
+    *scopes: str, any_of: bool = False, strategy: str | None = None
+) -> Callable[[F], F]:
+    """Require a valid token holding all (or, with ``any_of``, one) of ``scopes``.
+
+    Validates the token first if that has not happened yet in this request;
+    403 ``insufficient_scope`` (naming the scopes) when a scope is missing.
+    Scopes compare exactly.
+    """
+    if not scopes:
+        raise ValueError("require_scope() needs at least one scope.")
+    if not all(isinstance(s, str) and s and " " not in s for s in scopes):
+        raise ValueError("Scopes are non-empty strings without spaces.")
+
+    def decorator(view: F) -> F:
+        return _wrap(
+            view, lambda: verify_request(scopes=scopes, any_of=any_of, strategy=strategy)
+        )
+
+    return decorator
+
+
+def _organization_check() -> None:
+    context = verify_request()
+    if context is None or not context.organization_id:
+        raise _with_event(MissingOrganizationContext(reason="token has no organization"))
+
+
+def _user_check() -> None:
+    context = verify_request()
+    if context is None or not context.user_id:
+        raise _with_event(MissingUserContext(reason="token does not act for a user"))
+
+
+def _with_event(error: OAuthVerifyError) -> OAuthVerifyError:
+    get_state().events.failed(error, None)
+    return error
+
+
+def require_organization(view: F) -> F:
+    """Require a valid token that names an organization (else 401
+    ``missing_organization_context``)."""
+    return _wrap(view, _organization_check)
+
+
+def require_user(view: F) -> F:
+    """Require a valid token that acts for a user (else 401 ``missing_user_context``)."""
+    return _wrap(view, _user_check)

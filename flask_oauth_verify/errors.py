@@ -1,0 +1,252 @@
+"""The exception tree and the default RFC 6750 error response.
+
+Every failure of token verification is one of these exceptions. Each is a
+:class:`werkzeug.exceptions.HTTPException`, so Flask turns it into a response
+and an application can customise one case with
+``@app.errorhandler(TokenExpired)``: Flask picks the most specific handler.
+
+The JSON body is ``{"error": "<code>", "message": "<human text>"}`` and the
+``WWW-Authenticate`` header follows RFC 6750 §3. The precise internal reason
+(``reason``) is for logs only; the public description stays generic so that
+an attacker learns nothing from it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+from flask import Response
+from werkzeug.exceptions import HTTPException
+
+__all__ = [
+    "InsufficientScopeError",
+    "InvalidRequestError",
+    "InvalidTokenError",
+    "MissingContextError",
+    "MissingOrganizationContext",
+    "MissingTokenError",
+    "MissingUserContext",
+    "OAuthVerifyError",
+    "TokenExpired",
+    "TokenNotActive",
+    "UpstreamError",
+    "default_error_response",
+]
+
+DEFAULT_REALM = "api"
+
+
+def _quote(value: str) -> str:
+    """Return ``value`` as an RFC 7230 quoted-string.
+
+    Backslash and double quote are escaped; control characters (which a
+    quoted-string cannot carry) are replaced by a space so that a header can
+    never be split.
+    """
+    cleaned = "".join(ch if ch >= " " and ch != "\x7f" else " " for ch in value)
+    return '"' + cleaned.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class OAuthVerifyError(HTTPException):
+    """Base class of every error this package raises for a request.
+
+    :param description: the public, human-readable message (generic).
+    :param reason: the precise internal reason, logged but never sent.
+    """
+
+    #: HTTP status of the response.
+    code: int = 401
+    #: The ``error`` member of the JSON body.
+    error: ClassVar[str] = "invalid_token"
+    #: The ``error`` attribute of the ``WWW-Authenticate`` challenge
+    #: (RFC 6750 §3.1 codes); ``None`` leaves it out.
+    challenge_error: ClassVar[str | None] = "invalid_token"
+    #: The public description used when none is given.
+    default_description: ClassVar[str] = "The access token is invalid."
+
+    def __init__(
+        self,
+        description: str | None = None,
+        *,
+        reason: str | None = None,
+        realm: str | None = None,
+    ) -> None:
+        super().__init__(description or self.default_description)
+        self.reason = reason or self.description
+        self.realm = realm
+
+    @property
+    def status_code(self) -> int:
+        """The HTTP status code (alias of :attr:`code`)."""
+        return int(self.code or 500)
+
+    def challenge(self, realm: str | None = None) -> str:
+        """Build the RFC 6750 ``WWW-Authenticate`` header value.
+
+        :param realm: the protection space; falls back to the error's own
+            realm, then to ``"api"``.
+        """
+        parts = [f"realm={_quote(realm or self.realm or DEFAULT_REALM)}"]
+        if self.challenge_error is not None:
+            parts.append(f"error={_quote(self.challenge_error)}")
+            parts.append(f"error_description={_quote(str(self.description))}")
+        parts.extend(self._extra_challenge_params())
+        return "Bearer " + ", ".join(parts)
+
+    def _extra_challenge_params(self) -> list[str]:
+        return []
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body of the response."""
+        return {"error": self.error, "message": str(self.description)}
+
+    def get_headers(
+        self, environ: Any = None, scope: Any = None
+    ) -> list[tuple[str, str]]:
+        """Headers of the response: JSON content type and the challenge."""
+        return [
+            ("Content-Type", "application/json"),
+            ("WWW-Authenticate", self.challenge()),
+            ("Cache-Control", "no-store"),
+        ]
+
+    def get_body(self, environ: Any = None, scope: Any = None) -> str:
+        """The serialised JSON body."""
+        return json.dumps(self.body())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.error!r}, reason={self.reason!r})"
+
+
+class MissingTokenError(OAuthVerifyError):
+    """No bearer token was sent (RFC 6750 §3.1: no ``error`` attribute)."""
+
+    code = 401
+    error = "unauthorized"
+    challenge_error = None
+    default_description = "A bearer access token is required."
+
+
+class InvalidRequestError(OAuthVerifyError):
+    """The request is malformed: token sent twice, empty, unparsable header."""
+
+    code = 400
+    error = "invalid_request"
+    challenge_error = "invalid_request"
+    default_description = "The request carries a malformed access token."
+
+
+class InvalidTokenError(OAuthVerifyError):
+    """The token is malformed, forged, mis-addressed or otherwise invalid."""
+
+    code = 401
+    error = "invalid_token"
+    challenge_error = "invalid_token"
+    default_description = "The access token is invalid."
+
+
+class TokenExpired(InvalidTokenError):
+    """The token's ``exp`` has passed (beyond the leeway)."""
+
+    error = "token_expired"
+    default_description = "The access token has expired."
+
+
+class TokenNotActive(InvalidTokenError):
+    """The token's ``nbf`` is still in the future (beyond the leeway)."""
+
+    error = "token_not_active"
+    default_description = "The access token is not active yet."
+
+
+class MissingContextError(OAuthVerifyError):
+    """The token is valid but lacks the context the view needs."""
+
+    code = 401
+    challenge_error = "invalid_token"
+
+
+class MissingOrganizationContext(MissingContextError):
+    """The view needs an organization and the token carries none."""
+
+    error = "missing_organization_context"
+    default_description = "The access token carries no organization."
+
+
+class MissingUserContext(MissingContextError):
+    """The view needs a user and the token acts for none."""
+
+    error = "missing_user_context"
+    default_description = "The access token does not act for a user."
+
+
+class InsufficientScopeError(OAuthVerifyError):
+    """The token is valid but lacks a required scope (RFC 6750 §3.1).
+
+    :param scopes: the scopes the view requires; named in the challenge.
+    """
+
+    code = 403
+    error = "insufficient_scope"
+    challenge_error = "insufficient_scope"
+    default_description = "The access token lacks a required scope."
+
+    def __init__(
+        self,
+        description: str | None = None,
+        *,
+        scopes: Iterable[str] = (),
+        reason: str | None = None,
+        realm: str | None = None,
+    ) -> None:
+        super().__init__(description, reason=reason, realm=realm)
+        self.scopes = tuple(scopes)
+
+    def _extra_challenge_params(self) -> list[str]:
+        if not self.scopes:
+            return []
+        return [f"scope={_quote(' '.join(self.scopes))}"]
+
+
+class UpstreamError(OAuthVerifyError):
+    """Keys or introspection are unreachable and nothing cached can decide.
+
+    :param retry_after: seconds sent in the ``Retry-After`` header.
+    """
+
+    code = 503
+    error = "temporarily_unavailable"
+    challenge_error = "temporarily_unavailable"
+    default_description = "Token verification is temporarily unavailable."
+
+    def __init__(
+        self,
+        description: str | None = None,
+        *,
+        retry_after: int = 30,
+        reason: str | None = None,
+        realm: str | None = None,
+    ) -> None:
+        super().__init__(description, reason=reason, realm=realm)
+        self.retry_after = max(1, int(retry_after))
+
+    def get_headers(
+        self, environ: Any = None, scope: Any = None
+    ) -> list[tuple[str, str]]:
+        """Headers of the response, with ``Retry-After``."""
+        return [*super().get_headers(environ, scope), ("Retry-After", str(self.retry_after))]
+
+
+def default_error_response(error: OAuthVerifyError) -> Response:
+    """Turn an :class:`OAuthVerifyError` into the JSON + challenge response.
+
+    Registered by :meth:`OAuthVerify.init_app` for the whole hierarchy.
+
+    :param error: the error raised while verifying the request.
+    """
+    response = Response(error.get_body(), status=error.status_code)
+    for name, value in error.get_headers():
+        response.headers[name] = value
+    return response

@@ -1,0 +1,283 @@
+"""The Flask extension object and its per-app state.
+
+State lives in ``app.extensions["oauth_verify"]``, never in module globals,
+so one process can serve several apps with different settings, and one
+:class:`OAuthVerify` object can be registered on several apps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from flask import Flask, Response, current_app
+
+from .cache import SharedCache
+from .config import Settings
+from .context import AuthContext, build_context
+from .discovery import Discovery
+from .errors import InvalidTokenError, OAuthVerifyError, default_error_response
+from .events import SecurityEvents
+from .fetch import Fetcher
+from .jwks import KeyStore
+from .token_cache import CachedToken, TokenCache, token_digest
+from .verification import JWTVerifier, looks_like_jws
+
+if TYPE_CHECKING:
+    from .introspection import Introspector
+
+__all__ = ["OAuthVerify", "get_state"]
+
+EXTENSION_KEY = "oauth_verify"
+F = TypeVar("F", bound=Callable[..., Any])
+ClaimsCheck = Callable[[Mapping[str, Any]], Any]
+
+
+class _AppState:
+    """Everything one app needs to verify requests, built once at ``init_app``."""
+
+    def __init__(
+        self,
+        extension: OAuthVerify,
+        settings: Settings,
+        cache: Any | None,
+        clock: Callable[[], float],
+    ) -> None:
+        self.extension = extension
+        self.settings = settings
+        self.clock = clock
+        self.cache = SharedCache(cache)
+        self.fetcher = Fetcher(settings)
+        self.discovery = Discovery(settings, self.cache, self.fetcher, clock)
+        self.keys = KeyStore(settings, self.cache, self.fetcher, self.discovery, clock)
+        self.verifier = JWTVerifier(settings)
+        self.token_cache = TokenCache(settings.token_cache_size)
+        self.events = SecurityEvents()
+        self.claims_checks: list[ClaimsCheck] = extension._claims_checks
+        self._introspector: Introspector | None = None
+        self.keys.on_keys_changed = self.token_cache.clear
+        self.keys.on_event = self.events.emit
+
+    @property
+    def introspector(self) -> Introspector:
+        """The RFC 7662 client (created on first use)."""
+        if self._introspector is None:
+            from .introspection import Introspector
+
+            self._introspector = Introspector(
+                self.settings, self.cache, self.fetcher, self.discovery, self.verifier, self.clock
+            )
+            self._introspector.on_event = self.events.emit
+        return self._introspector
+
+    def authenticate(self, token: str, strategy: str | None = None) -> AuthContext:
+        """Verify ``token`` with ``strategy`` (the app's default when None).
+
+        :raises OAuthVerifyError: when the token is refused.
+        """
+        chosen = strategy or self.settings.strategy
+        if chosen == "auto":
+            chosen = "jwks" if looks_like_jws(token) else "introspection"
+        now = self.clock()
+        if chosen == "jwks":
+            return self._verify_jwt(token, now)
+        if chosen == "introspection":
+            return self._introspect(token, now)
+        if chosen == "both":
+            context = self._verify_jwt(token, now)
+            self._introspect(token, now)  # still active? (revocation)
+            return context
+        raise ValueError(f"unknown strategy {chosen!r}")
+
+    def _verify_jwt(self, token: str, now: float) -> AuthContext:
+        digest = token_digest(token)
+        cached = self.token_cache.get(digest)
+        if cached is not None:
+            if cached.is_current(now, self.settings.leeway) and (
+                self.keys.resolve(cached.issuer, cached.header) is cached.key
+            ):
+                return cached.context
+            self.token_cache.discard(digest)
+        claims, key, header = self.verifier.verify(token, self.keys, now)
+        self.run_claims_checks(claims)
+        context = build_context(claims, self.settings, strategy="jwks")
+        nbf = claims.get("nbf")
+        self.token_cache.put(
+            digest,
+            CachedToken(
+                context=context,
+                expires_at=claims["exp"],
+                not_before=nbf if isinstance(nbf, int | float) else None,
+                issuer=claims["iss"],
+                header=header,
+                key=key,
+            ),
+        )
+        return context
+
+    def _introspect(self, token: str, now: float) -> AuthContext:
+        claims = self.introspector.introspect(token, now)
+        self.run_claims_checks(claims)
+        return build_context(claims, self.settings, strategy="introspection")
+
+    def run_claims_checks(self, claims: Mapping[str, Any]) -> None:
+        """Run the app's ``@claims_check`` functions on verified claims.
+
+        A check refuses by returning ``False`` or raising an
+        :class:`OAuthVerifyError` (e.g. ``InsufficientScopeError`` for 403).
+        """
+        for check in self.claims_checks:
+            try:
+                outcome = check(claims)
+            except OAuthVerifyError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a failing check refuses
+                raise InvalidTokenError(
+                    reason=f"claims check {getattr(check, '__name__', check)!r} raised "
+                    f"{type(exc).__name__}"
+                ) from None
+            if outcome is False:
+                raise InvalidTokenError(
+                    reason=f"claims check {getattr(check, '__name__', check)!r} refused"
+                )
+
+    def error_response(self, error: OAuthVerifyError) -> Response:
+        """The default response for ``error``, with this app's realm."""
+        if error.realm is None:
+            error.realm = self.settings.realm
+        response = default_error_response(error)
+        if self.settings.security_headers:
+            _add_security_headers(response)
+        return response
+
+
+def _add_security_headers(response: Response) -> None:
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers["Cache-Control"] = "no-store"
+
+
+def get_state(app: Flask | None = None) -> _AppState:
+    """The per-app state of ``app`` (the current app by default).
+
+    :raises RuntimeError: when ``init_app`` was not called for the app.
+    """
+    target = app if app is not None else current_app
+    state = target.extensions.get(EXTENSION_KEY)
+    if state is None:
+        raise RuntimeError("Call OAuthVerify.init_app(app) first.")
+    return state  # type: ignore[no-any-return]
+
+
+class OAuthVerify:
+    """The extension: ``OAuthVerify(app, cache=cache)`` or ``init_app`` later.
+
+    :param app: the Flask app, or ``None`` to call :meth:`init_app` later.
+    :param cache: a ``flask_caching.Cache`` shared by every worker (Redis in
+        production); an in-process cache when ``None``.
+    """
+
+    def __init__(self, app: Flask | None = None, *, cache: Any | None = None) -> None:
+        self.cache = cache  # never self.app: one object can serve several apps
+        self._claims_checks: list[ClaimsCheck] = []
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(
+        self,
+        app: Flask,
+        *,
+        cache: Any | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        """Read and validate the settings of ``app`` and register the extension.
+
+        :param app: the Flask app.
+        :param cache: overrides the cache given to the constructor.
+        :param clock: wall-clock seconds; tests pass a controllable clock.
+        :raises ConfigurationError: naming the missing or contradictory key.
+        :raises RuntimeError: when the extension is already registered.
+        """
+        if EXTENSION_KEY in app.extensions:
+            raise RuntimeError("OAuthVerify is already registered on this app.")
+        settings = Settings.from_config(app.config)
+        state = _AppState(self, settings, cache or self.cache, clock or time.time)
+        app.extensions[EXTENSION_KEY] = state
+        app.register_error_handler(OAuthVerifyError, state.error_response)
+        if settings.security_headers:
+            app.after_request(_protected_response_headers)
+        from .cli import cli
+
+        app.cli.add_command(cli)
+        _init_optional_features(app, state)
+        if settings.prefetch_keys:
+            state.keys.prefetch()
+
+    # -- the decorators as methods ------------------------------------------
+
+    def require_token(self, view: F | None = None, **options: Any) -> Any:
+        """Same as :func:`flask_oauth_verify.require_token`."""
+        from .decorators import require_token
+
+        return require_token(view, **options) if view is not None else require_token(**options)
+
+    def require_scope(self, *scopes: str, **options: Any) -> Callable[[F], F]:
+        """Same as :func:`flask_oauth_verify.require_scope`."""
+        from .decorators import require_scope
+
+        return require_scope(*scopes, **options)
+
+    def require_organization(self, view: F) -> F:
+        """Same as :func:`flask_oauth_verify.require_organization`."""
+        from .decorators import require_organization
+
+        return require_organization(view)
+
+    def require_user(self, view: F) -> F:
+        """Same as :func:`flask_oauth_verify.require_user`."""
+        from .decorators import require_user
+
+        return require_user(view)
+
+    def claims_check(self, check: ClaimsCheck) -> ClaimsCheck:
+        """Register a check run on every token's verified claims.
+
+        The check receives the claims (read-only) and refuses the token by
+        returning ``False`` (401 ``invalid_token``) or by raising an
+        :class:`~flask_oauth_verify.errors.OAuthVerifyError` subclass, for
+        example ``InsufficientScopeError`` for a 403.
+        """
+        self._claims_checks.append(check)
+        return check
+
+    # -- operations ---------------------------------------------------------
+
+    def prefetch_keys(self, app: Flask | None = None) -> dict[str, str | None]:
+        """Warm the key cache; never raises. Returns issuer -> error or None."""
+        return get_state(app).keys.prefetch()
+
+    def refresh_keys(self, app: Flask | None = None, issuer: str | None = None) -> None:
+        """Fetch the key set(s) now, ignoring the TTL."""
+        get_state(app).keys.refresh(issuer)
+
+    def key_status(self, app: Flask | None = None) -> list[Any]:
+        """What is known about each issuer's keys (no network call)."""
+        return list(get_state(app).keys.status())
+
+    def settings(self, app: Flask | None = None) -> Settings:
+        """The validated settings of ``app``."""
+        return get_state(app).settings
+
+
+def _protected_response_headers(response: Response) -> Response:
+    from flask import g
+
+    if g.get("_oauth_verify_checked"):
+        _add_security_headers(response)
+    return response
+
+
+def _init_optional_features(app: Flask, state: _AppState) -> None:
+    """Hook for features that register routes or metrics (health, metrics)."""
+

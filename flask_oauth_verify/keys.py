@@ -1,0 +1,272 @@
+"""Key sets (RFC 7517) parsed once into ready-to-use verifiers.
+
+Pure code: a JWK Set dict in, a :class:`PreparedKeySet` out. joserfc imports
+and validates every key; for each key and each allowed algorithm we then
+prepare a verifier bound to the key's ``cryptography`` public key, so that the
+hot path does one dict lookup and one signature check, with no per-request
+key import.
+
+Filtering (a key that fails is skipped and the reason recorded):
+
+* ``use`` must be ``sig`` or absent, ``key_ops`` (when present) must allow
+  ``verify``;
+* ``kty``/``crv`` must be supported and bound to an allowed algorithm
+  (RSA -> RS*/PS*, EC P-256 -> ES256, ..., OKP Ed25519 -> EdDSA);
+* a key's own ``alg``, when present, must be one of the allowed algorithms
+  and the only one it is used with;
+* RSA moduli shorter than 2048 bits are refused.
+
+A set that carries private key material, or two keys with the same ``kid``,
+is refused as a whole (:class:`KeySetError`): such a set is a
+misconfiguration, and guessing which key was meant would be unsafe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from joserfc.errors import JoseError
+from joserfc.jwk import JWKRegistry
+
+__all__ = ["KeySetError", "PreparedKey", "PreparedKeySet", "parse_key_set"]
+
+MIN_RSA_BITS = 2048
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+
+Verify = Callable[[bytes, bytes], bool]
+
+_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "256": hashes.SHA256,
+    "384": hashes.SHA384,
+    "512": hashes.SHA512,
+}
+_EC_CURVES = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521", "ES256K": "secp256k1"}
+_EC_SIZES = {"P-256": 32, "P-384": 48, "P-521": 66, "secp256k1": 32}
+
+
+class KeySetError(ValueError):
+    """The key set as a whole is unusable (private keys, duplicate kids, garbage)."""
+
+
+def _rsa_verifier(public: rsa.RSAPublicKey, alg: str) -> Verify:
+    hash_cls = _HASHES[alg[2:]]
+    pad: padding.AsymmetricPadding
+    if alg.startswith("PS"):
+        # RFC 7518 §3.5: MGF1 with the same hash, salt as long as the hash.
+        pad = padding.PSS(mgf=padding.MGF1(hash_cls()), salt_length=hash_cls.digest_size)
+    else:
+        pad = padding.PKCS1v15()
+    size = (public.key_size + 7) // 8
+    algorithm = hash_cls()
+
+    def verify(message: bytes, signature: bytes) -> bool:
+        if len(signature) != size:
+            return False
+        try:
+            public.verify(signature, message, pad, algorithm)
+        except InvalidSignature:
+            return False
+        return True
+
+    return verify
+
+
+def _ec_verifier(public: ec.EllipticCurvePublicKey, alg: str, crv: str) -> Verify:
+    half = _EC_SIZES[crv]
+    ecdsa = ec.ECDSA(_HASHES[alg[2:5]]())
+
+    def verify(message: bytes, signature: bytes) -> bool:
+        # RFC 7518 §3.4: the JWS signature is R || S, each exactly `half`
+        # octets. A DER-encoded signature has another length and is refused.
+        if len(signature) != 2 * half:
+            return False
+        r = int.from_bytes(signature[:half], "big")
+        s = int.from_bytes(signature[half:], "big")
+        if r == 0 or s == 0:
+            return False
+        try:
+            public.verify(encode_dss_signature(r, s), message, ecdsa)
+        except InvalidSignature:
+            return False
+        return True
+
+    return verify
+
+
+def _eddsa_verifier(public: ed25519.Ed25519PublicKey | ed448.Ed448PublicKey) -> Verify:
+    def verify(message: bytes, signature: bytes) -> bool:
+        try:
+            public.verify(signature, message)
+        except InvalidSignature:
+            return False
+        return True
+
+    return verify
+
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class PreparedKey:
+    """One usable public key with a verifier per algorithm it may be used with."""
+
+    kid: str | None
+    kty: str
+    crv: str | None
+    alg: str | None
+    size: int
+    thumbprint: str
+    verifiers: Mapping[str, Verify]
+    public_jwk: Mapping[str, Any]
+
+    def verifier(self, alg: str) -> Verify | None:
+        """The verifier for ``alg``, or ``None`` if the key is not bound to it."""
+        return self.verifiers.get(alg)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class PreparedKeySet:
+    """A parsed key set: keys by ``kid``, plus what was skipped and why."""
+
+    by_kid: Mapping[str, PreparedKey]
+    keys: tuple[PreparedKey, ...]
+    skipped: tuple[str, ...]
+    content_hash: str
+
+    def get(self, kid: str | None) -> PreparedKey | None:
+        """The key for ``kid``; without a ``kid``, the only key if there is one."""
+        if kid is not None:
+            return self.by_kid.get(kid)
+        if len(self.keys) == 1:
+            return self.keys[0]
+        return None
+
+    @property
+    def kids(self) -> tuple[str, ...]:
+        """The key ids in the set."""
+        return tuple(self.by_kid)
+
+
+def content_hash(jwks: Mapping[str, Any]) -> str:
+    """A stable SHA-256 of a key set, used to share parsed sets across fetches."""
+    canonical = json.dumps(jwks, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _algorithms_for(jwk: Mapping[str, Any], allowed: Iterable[str]) -> list[str]:
+    kty = jwk.get("kty")
+    crv = jwk.get("crv")
+    result = []
+    for alg in allowed:
+        if alg.startswith(("RS", "PS")) and kty == "RSA":
+            result.append(alg)
+        elif alg in _EC_CURVES and kty == "EC" and crv == _EC_CURVES[alg]:
+            result.append(alg)
+        elif alg in ("EdDSA", "Ed25519") and kty == "OKP" and crv in ("Ed25519", "Ed448"):
+            if alg == "EdDSA" or crv == "Ed25519":
+                result.append(alg)
+    declared = jwk.get("alg")
+    if declared is not None:
+        return [alg for alg in result if alg == declared]
+    return result
+
+
+def _prepare(jwk: Mapping[str, Any], allowed: tuple[str, ...]) -> PreparedKey:
+    """Import one public JWK; raise ValueError with the reason it is skipped."""
+    use = jwk.get("use")
+    if use is not None and use != "sig":
+        raise ValueError(f"use={use!r}")
+    key_ops = jwk.get("key_ops")
+    if key_ops is not None and (not isinstance(key_ops, list) or "verify" not in key_ops):
+        raise ValueError("key_ops does not allow verify")
+    declared = jwk.get("alg")
+    if declared is not None and declared not in allowed:
+        raise ValueError(f"alg {declared!r} not allowed")
+    algs = _algorithms_for(jwk, allowed)
+    if not algs:
+        raise ValueError(f"kty {jwk.get('kty')!r} / crv {jwk.get('crv')!r} fits no allowed alg")
+    try:
+        key = JWKRegistry.import_key(dict(jwk))
+    except (JoseError, ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"unreadable key: {type(exc).__name__}") from None
+    public = key.public_key
+    verifiers: dict[str, Verify] = {}
+    size = 0
+    crv = jwk.get("crv")
+    if isinstance(public, rsa.RSAPublicKey):
+        size = public.key_size
+        if size < MIN_RSA_BITS:
+            raise ValueError(f"RSA key of {size} bits (< {MIN_RSA_BITS})")
+        for alg in algs:
+            verifiers[alg] = _rsa_verifier(public, alg)
+    elif isinstance(public, ec.EllipticCurvePublicKey):
+        size = public.key_size
+        for alg in algs:
+            verifiers[alg] = _ec_verifier(public, alg, str(crv))
+    elif isinstance(public, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        size = 256 if crv == "Ed25519" else 456
+        for alg in algs:
+            verifiers[alg] = _eddsa_verifier(public)
+    else:  # pragma: no cover - filtered by _algorithms_for
+        raise ValueError("unsupported key type")
+    kid = jwk.get("kid")
+    return PreparedKey(
+        kid=kid,
+        kty=str(jwk.get("kty")),
+        crv=crv,
+        alg=declared,
+        size=size,
+        thumbprint=key.thumbprint(),
+        verifiers=verifiers,
+        public_jwk=dict(jwk),
+    )
+
+
+def parse_key_set(jwks: Any, algorithms: tuple[str, ...]) -> PreparedKeySet:
+    """Parse and filter a JWK Set.
+
+    :param jwks: the decoded JSON document ``{"keys": [...]}``.
+    :param algorithms: the allowed algorithms (``OAUTH_VERIFY_ALGORITHMS``).
+    :raises KeySetError: when the set is not a JWK Set, carries private
+        material or repeats a ``kid``.
+    """
+    if not isinstance(jwks, Mapping) or not isinstance(jwks.get("keys"), list):
+        raise KeySetError("not a JWK Set (no 'keys' list)")
+    by_kid: dict[str, PreparedKey] = {}
+    keys: list[PreparedKey] = []
+    skipped: list[str] = []
+    seen_kids: set[str] = set()
+    for index, jwk in enumerate(jwks["keys"]):
+        if not isinstance(jwk, Mapping):
+            skipped.append(f"#{index}: not an object")
+            continue
+        if _PRIVATE_MEMBERS & set(jwk):
+            raise KeySetError(f"key #{index} carries private key material")
+        kid = jwk.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            skipped.append(f"#{index}: kid is not a string")
+            continue
+        if kid is not None:
+            if kid in seen_kids:
+                raise KeySetError(f"duplicate kid {kid!r}")
+            seen_kids.add(kid)
+        try:
+            prepared = _prepare(jwk, algorithms)
+        except ValueError as exc:
+            skipped.append(f"{kid or '#' + str(index)}: {exc}")
+            continue
+        keys.append(prepared)
+        if kid is not None:
+            by_kid[kid] = prepared
+    return PreparedKeySet(
+        by_kid=by_kid,
+        keys=tuple(keys),
+        skipped=tuple(skipped),
+        content_hash=content_hash(jwks),
+    )

@@ -1,0 +1,426 @@
+"""Test helpers: a token issuer with real keys and a real HTTP server.
+
+For users' own test suites, the example app's development issuer, and ours::
+
+    tokens = TokenIssuer()                       # one RS256 key
+    app.config.update(tokens.config(audience="api"))
+    token = tokens.mint(scopes=["read:users"], organization_id="org_1")
+    client.get("/users", headers=auth_header(token))
+
+``tokens.serve()`` starts an :class:`IssuerServer` on 127.0.0.1 that serves
+discovery metadata, the JWK Set and an RFC 7662 introspection endpoint, so
+the fetching paths run against a real server. Never use this in production:
+the keys are generated in memory and minting is unrestricted.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from joserfc import jwt
+from joserfc.jwk import ECKey, Key, OKPKey, RSAKey
+
+__all__ = ["IssuerServer", "Reply", "TokenIssuer", "auth_header"]
+
+_ALG_KEYS: dict[str, Callable[[], Key]] = {
+    "RS256": lambda: RSAKey.generate_key(2048),
+    "RS384": lambda: RSAKey.generate_key(2048),
+    "RS512": lambda: RSAKey.generate_key(2048),
+    "PS256": lambda: RSAKey.generate_key(2048),
+    "PS384": lambda: RSAKey.generate_key(2048),
+    "PS512": lambda: RSAKey.generate_key(2048),
+    "ES256": lambda: ECKey.generate_key("P-256"),
+    "ES384": lambda: ECKey.generate_key("P-384"),
+    "ES512": lambda: ECKey.generate_key("P-521"),
+    "EdDSA": lambda: OKPKey.generate_key("Ed25519"),
+}
+
+
+def auth_header(token: str) -> dict[str, str]:
+    """``{"Authorization": "Bearer <token>"}`` for a test client call."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+def b64url(data: bytes | str | Mapping[str, Any]) -> str:
+    """base64url without padding, of bytes, text or a JSON object."""
+    if isinstance(data, Mapping):
+        data = json.dumps(data, separators=(",", ":"))
+    if isinstance(data, str):
+        data = data.encode()
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class Reply:
+    """A scripted HTTP answer for :class:`IssuerServer` routes.
+
+    :param status: the HTTP status.
+    :param body: bytes, text, or a JSON-serialisable object.
+    :param headers: extra response headers.
+    """
+
+    def __init__(
+        self, status: int = 200, body: Any = b"", headers: Mapping[str, str] | None = None
+    ) -> None:
+        self.status = status
+        if isinstance(body, bytes):
+            self.body = body
+            content_type = "application/octet-stream"
+        elif isinstance(body, str):
+            self.body = body.encode()
+            content_type = "text/plain"
+        else:
+            self.body = json.dumps(body).encode()
+            content_type = "application/json"
+        self.headers = {"Content-Type": content_type, **(headers or {})}
+
+
+class Request:
+    """What a route handler sees of an incoming request."""
+
+    def __init__(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> None:
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.body = body
+
+    def form(self) -> dict[str, str]:
+        """The body as ``application/x-www-form-urlencoded`` (last value wins)."""
+        return {k: v[-1] for k, v in parse_qs(self.body.decode(errors="replace")).items()}
+
+    def json(self) -> Any:
+        """The body as JSON (``None`` when it is not)."""
+        try:
+            return json.loads(self.body)
+        except ValueError:
+            return None
+
+
+Handler = Callable[[Request], Reply]
+
+
+class IssuerServer:
+    """A real HTTP server on 127.0.0.1 whose routes a test controls.
+
+    Routes map a path to a handler ``(Request) -> Reply``. Each request is
+    counted (:attr:`hits`), and :meth:`hold` makes a route block until
+    :meth:`release` (an outage that hangs, without sleeping in the test).
+    """
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.routes: dict[str, Handler] = {}
+        self.hits: Counter[str] = Counter()
+        self.requests: list[Request] = []
+        self._cond = threading.Condition()
+        self._held: dict[str, threading.Event] = {}
+        server = self
+
+        class _Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                path = urlsplit(self.path).path
+                request = Request(self.command, path, dict(self.headers), body)
+                reply = server._dispatch(request)
+                if reply is None:
+                    return
+                try:
+                    self.send_response(reply.status)
+                    for name, value in reply.headers.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", str(len(reply.body)))
+                    self.end_headers()
+                    self.wfile.write(reply.body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            do_GET = _serve  # noqa: N815
+            do_POST = _serve  # noqa: N815
+
+        self._httpd = ThreadingHTTPServer((host, 0), _Handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self.url = f"http://{host}:{self.port}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def _dispatch(self, request: Request) -> Reply | None:
+        with self._cond:
+            self.hits[request.path] += 1
+            self.requests.append(request)
+            self._cond.notify_all()
+            held = self._held.get(request.path)
+        if held is not None:
+            held.wait(timeout=30)
+            return None  # drop the connection after the hold
+        handler = self.routes.get(request.path)
+        if handler is None:
+            return Reply(404, {"error": "not_found"})
+        return handler(request)
+
+    def route(self, path: str, handler: Handler | Reply) -> None:
+        """Serve ``path`` with ``handler`` (or always the same ``Reply``)."""
+        if isinstance(handler, Reply):
+            reply = handler
+            self.routes[path] = lambda _request: reply
+        else:
+            self.routes[path] = handler
+
+    def hold(self, path: str) -> None:
+        """Make requests to ``path`` hang until :meth:`release`."""
+        self._held[path] = threading.Event()
+
+    def release(self, path: str | None = None) -> None:
+        """Let held requests (of ``path``, or all) go; they get no answer."""
+        for name in [path] if path else list(self._held):
+            event = self._held.pop(name, None)
+            if event is not None:
+                event.set()
+
+    def wait_for_hits(self, path: str, count: int, timeout: float = 10.0) -> bool:
+        """Block until ``path`` was requested ``count`` times (or timeout)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.hits[path] >= count, timeout=timeout)
+
+    def close(self) -> None:
+        """Stop the server."""
+        self.release()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> IssuerServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class TokenIssuer:
+    """Makes keys, publishes their JWK Set and mints tokens.
+
+    :param issuer: the ``iss`` of minted tokens (replaced by the server URL
+        when :meth:`serve` is called).
+    :param alg: the algorithm of the first key.
+    :param audience: the default ``aud`` of minted tokens.
+    """
+
+    def __init__(
+        self, issuer: str = "https://issuer.example.test", *, alg: str = "RS256", audience: str = "api"
+    ) -> None:
+        self.issuer = issuer
+        self.audience = audience
+        self._keys: dict[str, tuple[str, Key]] = {}
+        self.current_kid = self.add_key(alg)
+        self.opaque: dict[str, dict[str, Any]] = {}
+        self._revoked: set[str] = set()
+        self.introspection_credentials: tuple[str, str] = ("resource-server", "rs-secret")
+        self.server: IssuerServer | None = None
+
+    # -- keys -----------------------------------------------------------------
+
+    def add_key(self, alg: str = "RS256", *, kid: str | None = None, key: Key | None = None) -> str:
+        """Add a signing key (generated unless given); return its ``kid``."""
+        if key is None:
+            if alg not in _ALG_KEYS:
+                raise ValueError(f"unsupported algorithm {alg!r}")
+            key = _ALG_KEYS[alg]()
+        kid = kid or f"key-{uuid.uuid4().hex[:12]}"
+        self._keys[kid] = (alg, key)
+        return kid
+
+    def rotate(self, alg: str | None = None, *, drop_old: bool = False) -> str:
+        """Add a new key and sign with it from now on; return its ``kid``."""
+        old = self.current_kid
+        new = self.add_key(alg or self._keys[old][0])
+        self.current_kid = new
+        if drop_old:
+            self.remove_key(old)
+        return new
+
+    def remove_key(self, kid: str) -> None:
+        """Stop publishing ``kid``."""
+        self._keys.pop(kid, None)
+
+    def key(self, kid: str | None = None) -> Key:
+        """The private key object of ``kid`` (the current key by default)."""
+        return self._keys[kid or self.current_kid][1]
+
+    def jwks(self) -> dict[str, Any]:
+        """The public JWK Set: ``{"keys": [...]}`` with ``kid``, ``alg``, ``use``."""
+        keys = []
+        for kid, (alg, key) in self._keys.items():
+            public = key.as_dict(private=False)
+            public.update({"kid": kid, "alg": alg, "use": "sig"})
+            keys.append(public)
+        return {"keys": keys}
+
+    @property
+    def algorithms(self) -> list[str]:
+        """The algorithms of the published keys."""
+        return sorted({alg for alg, _key in self._keys.values()})
+
+    def config(self, audience: str | None = None, **extra: Any) -> dict[str, Any]:
+        """``OAUTH_VERIFY_*`` settings that trust this issuer.
+
+        Without a server the key set is given statically (``JWKS``); after
+        :meth:`serve`, ``JWKS_URI`` points at the server.
+        """
+        config: dict[str, Any] = {
+            "OAUTH_VERIFY_ISSUER": self.issuer,
+            "OAUTH_VERIFY_AUDIENCE": audience or self.audience,
+            "OAUTH_VERIFY_ALGORITHMS": self.algorithms,
+        }
+        if self.server is None:
+            config["OAUTH_VERIFY_JWKS"] = self.jwks()
+        else:
+            config["OAUTH_VERIFY_JWKS_URI"] = f"{self.server.url}/jwks"
+        config.update({f"OAUTH_VERIFY_{k}": v for k, v in extra.items()})
+        return config
+
+    # -- tokens ---------------------------------------------------------------
+
+    def claims(
+        self,
+        *,
+        subject: str | None = "user_1",
+        audience: str | list[str] | None = None,
+        scopes: Iterable[str] | None = None,
+        organization_id: str | None = None,
+        expires_in: int = 3600,
+        now: float | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """The claims :meth:`mint` would sign (RFC 9068 shape)."""
+        issued = int(now if now is not None else time.time())
+        claims: dict[str, Any] = {
+            "iss": self.issuer,
+            "aud": audience if audience is not None else self.audience,
+            "iat": issued,
+            "nbf": issued,
+            "exp": issued + expires_in,
+            "jti": uuid.uuid4().hex,
+            "client_id": "client-1",
+        }
+        if subject is not None:
+            claims["sub"] = subject
+        if scopes is not None:
+            claims["scope"] = " ".join(scopes)
+        if organization_id is not None:
+            claims["oid"] = organization_id
+        claims.update(extra)
+        return {k: v for k, v in claims.items() if v is not None}
+
+    def mint(
+        self,
+        claims: Mapping[str, Any] | None = None,
+        *,
+        kid: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        typ: str | None = "at+jwt",
+        **options: Any,
+    ) -> str:
+        """Sign a token.
+
+        :param claims: the exact claims; built by :meth:`claims` from
+            ``options`` when omitted.
+        :param kid: which key signs (the current key by default).
+        :param headers: extra or overriding protected-header members.
+        :param typ: the ``typ`` header (``None`` leaves it out).
+        """
+        kid = kid or self.current_kid
+        alg, key = self._keys[kid]
+        payload = dict(claims) if claims is not None else self.claims(**options)
+        header: dict[str, Any] = {"alg": alg, "kid": kid}
+        if typ is not None:
+            header["typ"] = typ
+        header.update(headers or {})
+        return jwt.encode(header, payload, key, algorithms=[header["alg"]])
+
+    def mint_opaque(self, **options: Any) -> str:
+        """An opaque (reference) token known to the introspection endpoint."""
+        token = secrets.token_urlsafe(32)
+        self.opaque[token] = self.claims(**options)
+        return token
+
+    def revoke(self, token: str) -> None:
+        """Make ``token`` inactive at the introspection endpoint (RFC 7009)."""
+        self.opaque.pop(token, None)
+        self._revoked.add(token)
+
+    def introspect(self, token: str) -> dict[str, Any]:
+        """The RFC 7662 answer for ``token``."""
+        if token in self._revoked:
+            return {"active": False}
+        claims = self.opaque.get(token)
+        if claims is None:
+            claims = self._decode_own(token)
+        if claims is None or claims.get("exp", 0) <= time.time():
+            return {"active": False}
+        return {"active": True, "token_type": "Bearer", **claims}
+
+    def _decode_own(self, token: str) -> dict[str, Any] | None:
+        from joserfc.errors import JoseError
+        from joserfc.jwk import KeySet
+
+        try:
+            keys = KeySet([key for _alg, key in self._keys.values()])
+            decoded = jwt.decode(token, keys, algorithms=self.algorithms)
+        except (JoseError, ValueError):
+            return None
+        return dict(decoded.claims)
+
+    # -- serving --------------------------------------------------------------
+
+    def serve(self, server: IssuerServer | None = None) -> IssuerServer:
+        """Serve discovery, ``/jwks`` and ``/introspect`` on 127.0.0.1.
+
+        The issuer becomes the server's URL, so discovery works.
+        """
+        server = server or IssuerServer()
+        self.server = server
+        self.issuer = server.url
+        server.route("/.well-known/openid-configuration", lambda _r: Reply(200, self.metadata()))
+        server.route("/jwks", lambda _r: Reply(200, self.jwks()))
+        server.route("/introspect", self._introspection_handler)
+        return server
+
+    def metadata(self) -> dict[str, Any]:
+        """The discovery document of the served issuer."""
+        base = self.issuer.rstrip("/")
+        return {
+            "issuer": self.issuer,
+            "jwks_uri": f"{base}/jwks",
+            "introspection_endpoint": f"{base}/introspect",
+            "token_endpoint": f"{base}/token",
+        }
+
+    def _introspection_handler(self, request: Request) -> Reply:
+        client_id, secret = self.introspection_credentials
+        expected = "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()
+        form = request.form()
+        authorised = request.headers.get("Authorization") == expected or (
+            form.get("client_id") == client_id and form.get("client_secret") == secret
+        )
+        if not authorised:
+            return Reply(401, {"error": "invalid_client"})
+        token = form.get("token")
+        if token is None:
+            body = request.json()
+            token = body.get("token") if isinstance(body, dict) else None
+        if not token:
+            return Reply(400, {"error": "invalid_request"})
+        return Reply(200, self.introspect(token))

@@ -1,0 +1,81 @@
+"""A bounded per-process cache of verified tokens (the repeated-token fast path).
+
+Keyed by the SHA-256 digest of the token, never the token. An entry keeps the
+:class:`AuthContext` built for the token plus what is needed to re-check it on
+every hit: ``exp``/``nbf`` (with leeway) and the key that verified it, which
+must still be the current key of its issuer. The whole cache is emptied when
+a key set changes, so a key that leaves its set stops vouching for tokens at
+once. Eviction is first-in-first-out when full (``TOKEN_CACHE_SIZE``, 10 000
+entries by default; 0 disables the cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any
+
+from .context import AuthContext
+
+__all__ = ["CachedToken", "TokenCache", "token_digest"]
+
+
+def token_digest(token: str) -> bytes:
+    """SHA-256 of the token: the cache key."""
+    return hashlib.sha256(token.encode()).digest()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CachedToken:
+    """A verified token's context and what a hit must re-check."""
+
+    context: AuthContext
+    expires_at: float
+    not_before: float | None
+    issuer: str
+    header: Any
+    key: Any
+
+    def is_current(self, now: float, leeway: float) -> bool:
+        """Whether ``exp``/``nbf`` still allow the token at ``now``."""
+        if self.expires_at + leeway <= now:
+            return False
+        return self.not_before is None or self.not_before - leeway <= now
+
+
+class TokenCache:
+    """A bounded FIFO mapping of token digest -> :class:`CachedToken`.
+
+    :param size: the maximum number of entries; 0 disables the cache.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: dict[bytes, CachedToken] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, digest: bytes) -> CachedToken | None:
+        """The entry for ``digest``, if any."""
+        return self._entries.get(digest)
+
+    def put(self, digest: bytes, entry: CachedToken) -> None:
+        """Store ``entry``, evicting the oldest entry when full."""
+        if self.size <= 0:
+            return
+        entries = self._entries
+        while len(entries) >= self.size:
+            try:
+                del entries[next(iter(entries))]
+            except (KeyError, StopIteration, RuntimeError):
+                break
+        entries[digest] = entry
+
+    def discard(self, digest: bytes) -> None:
+        """Remove ``digest`` if present."""
+        self._entries.pop(digest, None)
+
+    def clear(self) -> None:
+        """Empty the cache (a key set changed)."""
+        self._entries = {}

@@ -1,0 +1,277 @@
+"""JWT access-token verification (RFC 7515, RFC 7519, RFC 8725, RFC 9068).
+
+Pure code: a token string and a key resolver in, verified claims or an
+exception out. No Flask request, no network (the resolver may do I/O behind
+its interface). The order of checks is chosen so that the cheap rejections
+come first and nothing from the payload is trusted before the signature is:
+
+1. size cap and exactly three segments (compact JWS only; a five-segment
+   JWE or anything else is refused before any decoding);
+2. the protected header: strict base64url, a JSON object without duplicate
+   members, ``alg`` in the allowlist, no ``crit`` (we implement no
+   extension, so every critical one is unknown, RFC 7515 §4.1.11), no
+   ``b64``/``enc``/``zip``, ``typ`` in the allowlist; ``jku``, ``x5u``,
+   ``jwk`` and ``x5c`` are never used to find a key;
+3. the unverified ``iss`` must be one of the configured issuers before any
+   key is looked up or fetched (so a token cannot make us fetch anything);
+4. the key of that issuer with the header's ``kid``, and only a verifier
+   bound to both the key type and ``alg`` (no RSA/HMAC confusion);
+5. the signature;
+6. then the claims: ``iss`` exact, ``exp`` required, ``nbf``/``iat`` with
+   leeway, ``aud``, required claims and values, allowed client ids.
+"""
+
+from __future__ import annotations
+
+import binascii
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from .config import Settings
+from .claims import claim_path
+from .errors import InvalidTokenError, TokenExpired, TokenNotActive
+from .keys import PreparedKey
+
+__all__ = ["JWSHeader", "JWTVerifier", "KeyResolver", "looks_like_jws"]
+
+_REFUSED_HEADERS = ("crit", "b64", "enc", "zip")
+_MAX_KID_LENGTH = 512
+_HEADER_CACHE_SIZE = 512
+_BASE64_FROM_URLSAFE = str.maketrans("-_", "+/")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class JWSHeader:
+    """The checked protected header of a token."""
+
+    alg: str
+    kid: str | None
+    typ: str | None
+    raw: Mapping[str, Any]
+
+
+class KeyResolver(Protocol):
+    """Finds the verification key of an issuer (implemented by the key store)."""
+
+    def resolve(self, issuer: str, header: JWSHeader) -> PreparedKey:
+        """Return the key for ``header`` from ``issuer``'s key set.
+
+        :raises InvalidTokenError: when no such key exists.
+        :raises UpstreamError: when the keys cannot be had at all.
+        """
+        ...
+
+
+def _invalid(reason: str) -> InvalidTokenError:
+    return InvalidTokenError(reason=reason)
+
+
+def _b64decode(segment: str, what: str) -> bytes:
+    """Strict base64url (RFC 7515 §2: no padding, URL-safe alphabet only)."""
+    if "=" in segment or "+" in segment or "/" in segment or len(segment) % 4 == 1:
+        raise _invalid(f"{what} is not base64url")
+    padded = segment.translate(_BASE64_FROM_URLSAFE) + "=" * (-len(segment) % 4)
+    try:
+        return binascii.a2b_base64(padded, strict_mode=True)
+    except (binascii.Error, ValueError):
+        raise _invalid(f"{what} is not base64url") from None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate member")
+    return result
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(
+            data, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant
+        )
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise _invalid(f"{what} is not a JSON object without duplicate members") from None
+    if not isinstance(value, dict):
+        raise _invalid(f"{what} is not a JSON object")
+    return value
+
+
+def looks_like_jws(token: str) -> bool:
+    """Whether ``token`` has the shape of a compact JWS (``auto`` strategy)."""
+    if token.count(".") != 2:
+        return False
+    header = token.split(".", 1)[0]
+    return header.startswith("eyJ")
+
+
+def _is_number(value: Any) -> bool:
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+    )
+
+
+def _same_value(actual: Any, expected: Any) -> bool:
+    # 1 == True in Python; a claim that must be 1 must not accept true.
+    if isinstance(expected, bool) or isinstance(actual, bool):
+        return actual is expected
+    return type(actual) is type(expected) and actual == expected
+
+
+class JWTVerifier:
+    """Verifies compact JWS access tokens against one app's settings.
+
+    Everything derivable from the settings is prepared once here, so that
+    :meth:`verify` does only per-token work.
+
+    :param settings: the app's settings.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._max_bytes = settings.max_token_bytes
+        self._algorithms = frozenset(settings.algorithms)
+        self._types = frozenset(settings.allowed_types)
+        self._issuers = frozenset(settings.issuers)
+        self._audiences = frozenset(settings.audiences)
+        self._verify_audience = settings.verify_audience
+        self._leeway = settings.leeway
+        self._required = tuple(settings.required_claims)
+        self._required_values = tuple(settings.required_claim_values.items())
+        self._client_ids = frozenset(settings.allowed_client_ids)
+        self._client_paths = settings.claim_map["client_id"]
+        self._headers: dict[str, JWSHeader] = {}
+
+    def header(self, segment: str) -> JWSHeader:
+        """Decode and check the protected header (cached by its encoding)."""
+        cached = self._headers.get(segment)
+        if cached is not None:
+            return cached
+        header = self._parse_header(segment)
+        if len(self._headers) >= _HEADER_CACHE_SIZE:
+            self._headers.clear()
+        self._headers[segment] = header
+        return header
+
+    def _parse_header(self, segment: str) -> JWSHeader:
+        raw = _json_object(_b64decode(segment, "header"), "header")
+        alg = raw.get("alg")
+        if not isinstance(alg, str) or alg not in self._algorithms:
+            raise _invalid(f"alg {str(alg)[:32]!r} is not allowed")
+        for name in _REFUSED_HEADERS:
+            if name in raw:
+                raise _invalid(f"header parameter {name!r} is not supported")
+        typ = raw.get("typ")
+        if typ is not None and not isinstance(typ, str):
+            raise _invalid("typ is not a string")
+        if (typ.lower() if typ is not None else None) not in self._types:
+            raise _invalid(f"typ {typ[:32]!r} is not an access-token type")
+        kid = raw.get("kid")
+        if kid is not None and (not isinstance(kid, str) or len(kid) > _MAX_KID_LENGTH):
+            raise _invalid("kid is not a short string")
+        return JWSHeader(alg=alg, kid=kid, typ=typ, raw=raw)
+
+    def unverified_issuer(self, payload: Mapping[str, Any]) -> str:
+        """The payload's ``iss`` if it is a configured issuer (exact match)."""
+        issuer = payload.get("iss")
+        if not isinstance(issuer, str) or issuer not in self._issuers:
+            raise _invalid("iss is not a configured issuer")
+        return issuer
+
+    def verify(
+        self, token: str, resolver: KeyResolver, now: float
+    ) -> tuple[dict[str, Any], PreparedKey, JWSHeader]:
+        """Verify ``token`` and return its claims, the key and the header.
+
+        :param token: the compact JWS from the request.
+        :param resolver: finds keys (the app's key store).
+        :param now: the current time, seconds since the epoch.
+        :raises InvalidTokenError: (or a subclass) when the token is not valid.
+        :raises UpstreamError: when keys cannot be had at all.
+        """
+        if len(token) > self._max_bytes:
+            raise _invalid(f"token longer than {self._max_bytes} bytes")
+        if token.count(".") != 2:
+            raise _invalid("not a compact JWS (three segments)")
+        header_segment, payload_segment, signature_segment = token.split(".")
+        header = self.header(header_segment)
+        payload = _json_object(_b64decode(payload_segment, "payload"), "payload")
+        issuer = self.unverified_issuer(payload)
+        key = resolver.resolve(issuer, header)
+        verify = key.verifier(header.alg)
+        if verify is None:
+            raise _invalid(f"key {key.kid!r} is not usable with {header.alg}")
+        signature = _b64decode(signature_segment, "signature")
+        signing_input = token[: len(header_segment) + 1 + len(payload_segment)].encode("ascii")
+        if not verify(signing_input, signature):
+            raise _invalid("signature does not verify")
+        self.check_claims(payload, now)
+        return payload, key, header
+
+    def check_claims(self, claims: Mapping[str, Any], now: float) -> None:
+        """Check the registered and configured claims of verified ``claims``.
+
+        Also used for introspection responses (which carry the same claims).
+
+        :raises InvalidTokenError: (or a subclass) naming the failed check.
+        """
+        exp = claims.get("exp")
+        if not _is_number(exp):
+            raise _invalid("exp is missing or not a number")
+        leeway = self._leeway
+        if exp + leeway <= now:
+            raise TokenExpired(reason="exp is in the past")
+        self.check_time_claims(claims, now)
+        if self._verify_audience:
+            self._check_audience(claims.get("aud"))
+        for name in self._required:
+            if claim_path(claims, name) is None:
+                raise _invalid(f"required claim {name!r} is missing")
+        for name, expected in self._required_values:
+            if not _same_value(claim_path(claims, name), expected):
+                raise _invalid(f"claim {name!r} does not have the required value")
+        if self._client_ids:
+            self._check_client(claims)
+
+    def check_time_claims(self, claims: Mapping[str, Any], now: float) -> None:
+        """Check ``nbf`` and ``iat`` (when present) against ``now`` with leeway."""
+        nbf = claims.get("nbf")
+        if nbf is not None:
+            if not _is_number(nbf):
+                raise _invalid("nbf is not a number")
+            if nbf - self._leeway > now:
+                raise TokenNotActive(reason="nbf is in the future")
+        iat = claims.get("iat")
+        if iat is not None:
+            if not _is_number(iat):
+                raise _invalid("iat is not a number")
+            if iat - self._leeway > now:
+                raise _invalid("iat is in the future")
+
+    def _check_audience(self, aud: Any) -> None:
+        if isinstance(aud, str):
+            if aud in self._audiences:
+                return
+        elif isinstance(aud, list) and aud and all(isinstance(a, str) for a in aud):
+            if not self._audiences.isdisjoint(aud):
+                return
+        else:
+            raise _invalid("aud is missing or malformed")
+        raise _invalid("aud names none of the configured audiences")
+
+    def _check_client(self, claims: Mapping[str, Any]) -> None:
+        for path in self._client_paths:
+            value = claim_path(claims, path)
+            if value is not None:
+                if isinstance(value, str) and value in self._client_ids:
+                    return
+                break
+        raise _invalid("client id is not an allowed client")
