@@ -1,0 +1,27 @@
+"""Sphinx configuration for flask_oauth_verify (built with -W)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(".."))
+
+project = "flask_oauth_verify"
+author = "flask_oauth_verify developers"
+copyright = "2026, flask_oauth_verify developers"  # noqa: A001
+release = "0.1.0"
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.intersphinx",
+    "sphinx.ext.viewcode",
+]
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autodoc_mock_imports = ["prometheus_client"]
+nitpicky = False
+intersphinx_mapping: dict[str, tuple[str, None]] = {}
+html_theme = "alabaster"
+exclude_patterns = ["_build"]
+suppress_warnings = ["ref.python"]
