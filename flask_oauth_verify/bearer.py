@@ -51,7 +51,7 @@ def _from_query(request: Request) -> str | None:
 
 
 def _from_form(request: Request) -> str | None:
-    if request.mimetype != "application/x-www-form-urlencoded" or request.method == "GET":
+    if request.mimetype != "application/x-www-form-urlencoded":
         return None
     values = request.form.getlist("access_token")
     if len(values) > 1:
@@ -69,7 +69,11 @@ def extract_token(request: Request, settings: Settings) -> str | None:
     :raises InvalidRequestError: token sent two ways, empty, or malformed header.
     :raises InvalidTokenError: the token has characters a bearer token cannot have.
     """
-    sent = {"header": _from_header(request), "query": _from_query(request), "form": _from_form(request)}
+    sent = {
+        "header": _from_header(request),
+        "query": _from_query(request),
+        "form": _from_form(request),
+    }
     if sum(token is not None for token in sent.values()) > 1:
         raise InvalidRequestError(reason="token sent in more than one way")
     # A token in a location that is not enabled counts as no token at all.

@@ -152,7 +152,9 @@ class Settings:
     allowed_types: tuple[str | None, ...] = DEFAULT_TYPES
     required_claims: tuple[str, ...] = ()
     required_claim_values: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    claim_map: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=lambda: DEFAULT_CLAIM_MAP)
+    claim_map: Mapping[str, tuple[str, ...]] = dataclasses.field(
+        default_factory=lambda: DEFAULT_CLAIM_MAP
+    )
     user_id_prefix: str | None = None
     user_id_rule: Callable[[Mapping[str, Any]], bool] | None = None
     allowed_client_ids: tuple[str, ...] = ()
@@ -291,7 +293,9 @@ def _build(v: Mapping[str, Any]) -> Settings:
         user_id_prefix=v.get("USER_ID_PREFIX"),
         user_id_rule=user_rule,
         allowed_client_ids=_as_tuple(v.get("ALLOWED_CLIENT_IDS"), "ALLOWED_CLIENT_IDS"),
-        max_token_bytes=int(_as_number(v.get("MAX_TOKEN_BYTES", 16384), "MAX_TOKEN_BYTES", minimum=64)),
+        max_token_bytes=int(
+            _as_number(v.get("MAX_TOKEN_BYTES", 16384), "MAX_TOKEN_BYTES", minimum=64)
+        ),
         token_locations=locations,
         realm=str(v.get("REALM", "api")),
         jwks_cache_ttl=_as_number(v.get("JWKS_CACHE_TTL", 600), "JWKS_CACHE_TTL", minimum=1),
@@ -300,16 +304,16 @@ def _build(v: Mapping[str, Any]) -> Settings:
         jwks_refresh_cooldown=_as_number(
             v.get("JWKS_REFRESH_COOLDOWN", 30), "JWKS_REFRESH_COOLDOWN"
         ),
-        jwks_max_staleness=_as_number(
-            v.get("JWKS_MAX_STALENESS", 86400), "JWKS_MAX_STALENESS"
-        ),
+        jwks_max_staleness=_as_number(v.get("JWKS_MAX_STALENESS", 86400), "JWKS_MAX_STALENESS"),
         discovery_cache_ttl=_as_number(
             v.get("DISCOVERY_CACHE_TTL", 6 * 3600), "DISCOVERY_CACHE_TTL", minimum=1
         ),
         prefetch_keys=bool(v.get("PREFETCH_KEYS", False)),
         allowed_jku_hosts=_as_tuple(v.get("ALLOWED_JKU_HOSTS"), "ALLOWED_JKU_HOSTS"),
         http_timeout=_as_timeout(v.get("HTTP_TIMEOUT", (2.0, 5.0))),
-        http_max_bytes=int(_as_number(v.get("HTTP_MAX_BYTES", 512 * 1024), "HTTP_MAX_BYTES", minimum=1024)),
+        http_max_bytes=int(
+            _as_number(v.get("HTTP_MAX_BYTES", 512 * 1024), "HTTP_MAX_BYTES", minimum=1024)
+        ),
         allow_insecure_http=allow_http,
         circuit_breaker_failures=int(
             _as_number(v.get("CIRCUIT_BREAKER_FAILURES", 5), "CIRCUIT_BREAKER_FAILURES", minimum=1)
@@ -390,7 +394,8 @@ def _check_introspection_credentials(v: Mapping[str, Any], strategy: str, auth: 
         if not v.get("INTROSPECTION_CLIENT_ID") or not v.get("INTROSPECTION_CLIENT_SECRET"):
             raise ConfigurationError(
                 f"{_key('STRATEGY')} = {strategy!r} with {_key('INTROSPECTION_AUTH')} = {auth!r} "
-                f"needs {_key('INTROSPECTION_CLIENT_ID')} and {_key('INTROSPECTION_CLIENT_SECRET')}."
+                f"needs {_key('INTROSPECTION_CLIENT_ID')} and "
+                f"{_key('INTROSPECTION_CLIENT_SECRET')}."
             )
     elif auth == "bearer" and not v.get("INTROSPECTION_TOKEN"):
         raise ConfigurationError(

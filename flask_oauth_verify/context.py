@@ -179,4 +179,3 @@ def _current_auth() -> AuthContext | None:
 
 #: A proxy to ``g.auth``: the :class:`AuthContext` of the request, or ``None``.
 current_auth: AuthContext = cast(AuthContext, LocalProxy(cast(Callable[[], Any], _current_auth)))
-

@@ -35,6 +35,7 @@ __all__ = [
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
 def _already_verified(strategy: str | None) -> AuthContext | None:
     """The context verified earlier in this request, if it satisfies ``strategy``."""
     done: set[str] | None = g.get("_oauth_verify_checked")
@@ -159,9 +160,7 @@ def require_scope(
         raise ValueError("Scopes are non-empty strings without spaces.")
 
     def decorator(view: F) -> F:
-        return _wrap(
-            view, lambda: verify_request(scopes=scopes, any_of=any_of, strategy=strategy)
-        )
+        return _wrap(view, lambda: verify_request(scopes=scopes, any_of=any_of, strategy=strategy))
 
     return decorator
 

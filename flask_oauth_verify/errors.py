@@ -102,9 +102,7 @@ class OAuthVerifyError(HTTPException):
         """The JSON body of the response."""
         return {"error": self.error, "message": str(self.description)}
 
-    def get_headers(
-        self, environ: Any = None, scope: Any = None
-    ) -> list[tuple[str, str]]:
+    def get_headers(self, environ: Any = None, scope: Any = None) -> list[tuple[str, str]]:
         """Headers of the response: JSON content type and the challenge."""
         return [
             ("Content-Type", "application/json"),
@@ -232,9 +230,7 @@ class UpstreamError(OAuthVerifyError):
         super().__init__(description, reason=reason, realm=realm)
         self.retry_after = max(1, int(retry_after))
 
-    def get_headers(
-        self, environ: Any = None, scope: Any = None
-    ) -> list[tuple[str, str]]:
+    def get_headers(self, environ: Any = None, scope: Any = None) -> list[tuple[str, str]]:
         """Headers of the response, with ``Retry-After``."""
         return [*super().get_headers(environ, scope), ("Retry-After", str(self.retry_after))]
 

@@ -132,7 +132,7 @@ class _AppState:
                 outcome = check(claims)
             except OAuthVerifyError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - a failing check refuses
+            except Exception as exc:
                 raise InvalidTokenError(
                     reason=f"claims check {getattr(check, '__name__', check)!r} raised "
                     f"{type(exc).__name__}"
@@ -280,4 +280,3 @@ def _protected_response_headers(response: Response) -> Response:
 
 def _init_optional_features(app: Flask, state: _AppState) -> None:
     """Hook for features that register routes or metrics (health, metrics)."""
-

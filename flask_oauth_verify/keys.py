@@ -61,7 +61,7 @@ def _rsa_verifier(public: rsa.RSAPublicKey, alg: str) -> Verify:
     pad: padding.AsymmetricPadding
     if alg.startswith("PS"):
         # RFC 7518 §3.5: MGF1 with the same hash, salt as long as the hash.
-        pad = padding.PSS(mgf=padding.MGF1(hash_cls()), salt_length=hash_cls.digest_size)
+        pad = padding.PSS(mgf=padding.MGF1(hash_cls()), salt_length=padding.PSS.DIGEST_LENGTH)
     else:
         pad = padding.PKCS1v15()
     size = (public.key_size + 7) // 8

@@ -21,6 +21,7 @@ import secrets
 import threading
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +29,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from joserfc import jwt
+from joserfc.errors import SecurityWarning
 from joserfc.jwk import ECKey, Key, OKPKey, RSAKey
 
 __all__ = ["IssuerServer", "Reply", "TokenIssuer", "auth_header"]
@@ -43,6 +45,7 @@ _ALG_KEYS: dict[str, Callable[[], Key]] = {
     "ES384": lambda: ECKey.generate_key("P-384"),
     "ES512": lambda: ECKey.generate_key("P-521"),
     "EdDSA": lambda: OKPKey.generate_key("Ed25519"),
+    "Ed25519": lambda: OKPKey.generate_key("Ed25519"),
 }
 
 
@@ -148,8 +151,8 @@ class IssuerServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-            do_GET = _serve  # noqa: N815
-            do_POST = _serve  # noqa: N815
+            do_GET = _serve
+            do_POST = _serve
 
         self._httpd = ThreadingHTTPServer((host, 0), _Handler)
         self._httpd.daemon_threads = True
@@ -219,7 +222,11 @@ class TokenIssuer:
     """
 
     def __init__(
-        self, issuer: str = "https://issuer.example.test", *, alg: str = "RS256", audience: str = "api"
+        self,
+        issuer: str = "https://issuer.example.test",
+        *,
+        alg: str = "RS256",
+        audience: str = "api",
     ) -> None:
         self.issuer = issuer
         self.audience = audience
@@ -348,7 +355,10 @@ class TokenIssuer:
         if typ is not None:
             header["typ"] = typ
         header.update(headers or {})
-        return jwt.encode(header, payload, key, algorithms=[header["alg"]])
+        with warnings.catch_warnings():
+            # "EdDSA" is deprecated by RFC 9864 but still issued widely.
+            warnings.simplefilter("ignore", SecurityWarning)
+            return jwt.encode(header, payload, key, algorithms=[header["alg"]])
 
     def mint_opaque(self, **options: Any) -> str:
         """An opaque (reference) token known to the introspection endpoint."""

@@ -28,10 +28,10 @@ import dataclasses
 import json
 import math
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
-from .config import Settings
 from .claims import claim_path
+from .config import Settings
 from .errors import InvalidTokenError, TokenExpired, TokenNotActive
 from .keys import PreparedKey
 
@@ -93,9 +93,7 @@ def _refuse_constant(name: str) -> Any:
 
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(
-            data, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant
-        )
+        value = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise _invalid(f"{what} is not a JSON object without duplicate members") from None
     if not isinstance(value, dict):
@@ -111,12 +109,8 @@ def looks_like_jws(token: str) -> bool:
     return header.startswith("eyJ")
 
 
-def _is_number(value: Any) -> bool:
-    return (
-        not isinstance(value, bool)
-        and isinstance(value, int | float)
-        and math.isfinite(value)
-    )
+def _is_number(value: Any) -> TypeGuard[float]:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
 def _same_value(actual: Any, expected: Any) -> bool:
@@ -173,7 +167,7 @@ class JWTVerifier:
         if typ is not None and not isinstance(typ, str):
             raise _invalid("typ is not a string")
         if (typ.lower() if typ is not None else None) not in self._types:
-            raise _invalid(f"typ {typ[:32]!r} is not an access-token type")
+            raise _invalid(f"typ {str(typ)[:32]!r} is not an access-token type")
         kid = raw.get("kid")
         if kid is not None and (not isinstance(kid, str) or len(kid) > _MAX_KID_LENGTH):
             raise _invalid("kid is not a short string")
@@ -216,21 +210,34 @@ class JWTVerifier:
         self.check_claims(payload, now)
         return payload, key, header
 
-    def check_claims(self, claims: Mapping[str, Any], now: float) -> None:
+    def check_claims(
+        self,
+        claims: Mapping[str, Any],
+        now: float,
+        *,
+        require_exp: bool = True,
+        require_audience: bool = True,
+    ) -> None:
         """Check the registered and configured claims of verified ``claims``.
 
         Also used for introspection responses (which carry the same claims).
 
+        :param require_exp: refuse claims without ``exp`` (JWTs). With
+            ``False`` (introspection, where RFC 7662 §2.2 makes ``exp``
+            optional) ``exp`` is checked only when present.
+        :param require_audience: refuse claims without ``aud`` when the
+            audience is checked. With ``False`` ``aud`` is checked only when
+            present.
         :raises InvalidTokenError: (or a subclass) naming the failed check.
         """
-        exp = claims.get("exp")
-        if not _is_number(exp):
-            raise _invalid("exp is missing or not a number")
-        leeway = self._leeway
-        if exp + leeway <= now:
-            raise TokenExpired(reason="exp is in the past")
+        if require_exp or "exp" in claims:
+            exp = claims.get("exp")
+            if not _is_number(exp):
+                raise _invalid("exp is missing or not a number")
+            if exp + self._leeway <= now:
+                raise TokenExpired(reason="exp is in the past")
         self.check_time_claims(claims, now)
-        if self._verify_audience:
+        if self._verify_audience and (require_audience or "aud" in claims):
             self._check_audience(claims.get("aud"))
         for name in self._required:
             if claim_path(claims, name) is None:

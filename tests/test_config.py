@@ -1,0 +1,106 @@
+"""Settings: read once, validated at init_app, every error names its key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from flask_oauth_verify import ConfigurationError, OAuthVerify, Settings
+
+BASE = {"OAUTH_VERIFY_ISSUER": "https://issuer.example.test", "OAUTH_VERIFY_AUDIENCE": "api"}
+
+
+def settings(**overrides: Any) -> Settings:
+    config = {**BASE, **{f"OAUTH_VERIFY_{k}": v for k, v in overrides.items()}}
+    return Settings.from_config({k: v for k, v in config.items() if v is not None})
+
+
+def test_defaults_are_the_documented_safe_ones() -> None:
+    s = settings()
+    assert s.algorithms == ("RS256",)
+    assert s.jwks_cache_ttl == 600
+    assert s.jwks_refresh_cooldown == 30
+    assert s.jwks_max_staleness == 86400
+    assert s.http_timeout == (2.0, 5.0)
+    assert s.token_locations == ("header",)
+    assert s.strategy == "jwks"
+    assert s.verify_audience is True
+    assert None in s.allowed_types and "at+jwt" in s.allowed_types
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"ISSUER": None}, "OAUTH_VERIFY_ISSUER"),
+        ({"AUDIENCE": None}, "OAUTH_VERIFY_AUDIENCE"),
+        ({"ALGORITHMS": ["none"]}, "OAUTH_VERIFY_ALGORITHMS"),
+        ({"ALGORITHMS": ["NONE"]}, "OAUTH_VERIFY_ALGORITHMS"),
+        ({"ALGORITHMS": ["RS256", "HS256"]}, "OAUTH_VERIFY_ALGORITHMS"),
+        ({"ALGORITHMS": []}, "OAUTH_VERIFY_ALGORITHMS"),
+        ({"ALGORITHMS": ["XX999"]}, "OAUTH_VERIFY_ALGORITHMS"),
+        ({"ISSUER": "http://issuer.example.com"}, "OAUTH_VERIFY_ALLOW_INSECURE_HTTP"),
+        ({"JWKS_URI": "ftp://keys"}, "OAUTH_VERIFY_JWKS_URI"),
+        ({"JWKS": {"nokeys": 1}}, "OAUTH_VERIFY_JWKS"),
+        ({"STRATEGY": "magic"}, "OAUTH_VERIFY_STRATEGY"),
+        ({"STRATEGY": "introspection"}, "OAUTH_VERIFY_INTROSPECTION_CLIENT_ID"),
+        ({"TOKEN_LOCATIONS": ["cookie"]}, "OAUTH_VERIFY_TOKEN_LOCATIONS"),
+        ({"LEEWAY": "30"}, "OAUTH_VERIFY_LEEWAY"),
+        ({"LEEWAY": -1}, "OAUTH_VERIFY_LEEWAY"),
+        ({"VERIFY_AUDIENCE": "no"}, "OAUTH_VERIFY_VERIFY_AUDIENCE"),
+        ({"CLAIM_MAP": {"tenant": ["x"]}}, "OAUTH_VERIFY_CLAIM_MAP"),
+        ({"PROVIDER": "nobody"}, "OAUTH_VERIFY_PROVIDER"),
+    ],
+)
+def test_bad_settings_fail_at_init_app_naming_the_key(overrides: dict[str, Any], key: str) -> None:
+    app = Flask(__name__)
+    config = {**BASE, **{f"OAUTH_VERIFY_{k}": v for k, v in overrides.items()}}
+    app.config.update({k: v for k, v in config.items() if v is not None})
+    with pytest.raises(ConfigurationError, match=key):
+        OAuthVerify(app)
+    assert "oauth_verify" not in app.extensions
+
+
+def test_several_issuers_need_a_jwks_uri_per_issuer() -> None:
+    with pytest.raises(ConfigurationError, match="OAUTH_VERIFY_JWKS_URI"):
+        settings(ISSUER=["https://a.example", "https://b.example"], JWKS_URI="https://a.example/k")
+    s = settings(
+        ISSUER=["https://a.example", "https://b.example"],
+        JWKS_URI={"https://a.example": "https://a.example/k"},
+    )
+    assert s.jwks_uri_for("https://a.example") == "https://a.example/k"
+    assert s.jwks_uri_for("https://b.example") is None
+
+
+def test_audience_check_can_only_be_turned_off_explicitly() -> None:
+    s = settings(AUDIENCE=None, VERIFY_AUDIENCE=False)
+    assert s.verify_audience is False and s.audiences == ()
+
+
+def test_loopback_http_is_allowed_and_other_http_needs_the_flag() -> None:
+    assert settings(ISSUER="http://127.0.0.1:8080").issuers == ("http://127.0.0.1:8080",)
+    assert settings(ISSUER="http://localhost:1").issuers == ("http://localhost:1",)
+    s = settings(ISSUER="http://issuer.internal", ALLOW_INSECURE_HTTP=True)
+    assert s.allow_insecure_http
+
+
+def test_settings_are_immutable() -> None:
+    s = settings()
+    with pytest.raises(AttributeError):
+        s.leeway = 5  # type: ignore[misc]
+
+
+def test_init_app_twice_is_refused() -> None:
+    app = Flask(__name__)
+    app.config.update(BASE)
+    ext = OAuthVerify(app)
+    with pytest.raises(RuntimeError, match="already registered"):
+        ext.init_app(app)
+
+
+def test_provider_profile_fills_defaults_and_app_keys_win() -> None:
+    s = settings(PROVIDER="scalekit")
+    assert s.jwks_uri_for("https://issuer.example.test") == "https://issuer.example.test/keys"
+    s = settings(PROVIDER="scalekit", JWKS_URI="https://issuer.example.test/other")
+    assert s.jwks_uri_for("https://issuer.example.test") == "https://issuer.example.test/other"

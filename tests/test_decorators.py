@@ -1,0 +1,208 @@
+"""Decorators: bare and called, scopes, optional, methods, async views."""
+
+from __future__ import annotations
+
+import pytest
+from flask import Flask, g
+
+from flask_oauth_verify import (
+    OAuthVerify,
+    current_auth,
+    get_auth,
+    require_organization,
+    require_scope,
+    require_token,
+    require_user,
+    verify_request,
+)
+from flask_oauth_verify.testing import TokenIssuer, auth_header
+
+
+@pytest.fixture
+def scoped_app(tokens: TokenIssuer) -> Flask:
+    app = Flask(__name__)
+    app.config.update(tokens.config())
+    oauth = OAuthVerify(app)
+
+    @app.get("/all")
+    @require_scope("read:users", "write:users")
+    def all_scopes() -> str:
+        return "ok"
+
+    @app.get("/any")
+    @require_scope("read:users", "admin", any_of=True)
+    def any_scope() -> str:
+        return "ok"
+
+    @app.get("/optional")
+    @require_token(optional=True)
+    def optional() -> dict[str, object]:
+        return {"subject": current_auth.subject if current_auth else None}
+
+    @app.get("/called")
+    @require_token()
+    def called() -> str:
+        return get_auth().subject or ""
+
+    @app.get("/method")
+    @oauth.require_scope("read:users")
+    def method() -> str:
+        return "ok"
+
+    @app.get("/org")
+    @require_organization
+    def org() -> str:
+        return str(g.auth.organization_id)
+
+    @app.get("/user")
+    @require_user
+    def user() -> str:
+        return str(g.auth.user_id)
+
+    @app.get("/async")
+    @require_scope("read:users")
+    async def async_view() -> str:
+        return f"async {g.auth.subject}"
+
+    @app.get("/stacked")
+    @require_token
+    @require_scope("read:users")
+    def stacked() -> str:
+        return "ok"
+
+    @app.get("/custom")
+    def custom() -> str:
+        context = verify_request(scopes=["read:users"])
+        assert context is not None
+        return context.subject or ""
+
+    return app
+
+
+def get(app: Flask, path: str, token: str | None) -> tuple[int, object]:
+    headers = auth_header(token) if token else {}
+    response = app.test_client().get(path, headers=headers)
+    return response.status_code, response.json if response.is_json else response.text
+
+
+def test_all_scopes_required(scoped_app: Flask, tokens: TokenIssuer) -> None:
+    assert get(scoped_app, "/all", tokens.mint(scopes=["read:users", "write:users"]))[0] == 200
+    status, body = get(scoped_app, "/all", tokens.mint(scopes=["read:users"]))
+    assert status == 403 and isinstance(body, dict) and body["error"] == "insufficient_scope"
+
+
+def test_any_of(scoped_app: Flask, tokens: TokenIssuer) -> None:
+    assert get(scoped_app, "/any", tokens.mint(scopes=["admin"]))[0] == 200
+    assert get(scoped_app, "/any", tokens.mint(scopes=["other"]))[0] == 403
+
+
+@pytest.mark.parametrize(
+    "scopes", [["read:users-admin"], ["read:user"], ["READ:USERS"], ["read:users:x"], []]
+)
+def test_scope_match_is_exact(scoped_app: Flask, tokens: TokenIssuer, scopes: list[str]) -> None:
+    assert get(scoped_app, "/method", tokens.mint(scopes=scopes))[0] == 403
+
+
+def test_scopes_from_list_string_and_scp(scoped_app: Flask, tokens: TokenIssuer) -> None:
+    for claims in (
+        {"scopes": ["read:users"]},
+        {"scope": "x read:users"},
+        {"scp": ["read:users"]},
+        {"scp": "read:users"},
+    ):
+        token = tokens.mint(tokens.claims(**claims))
+        assert get(scoped_app, "/method", token)[0] == 200, claims
+
+
+def test_scope_smuggled_in_a_list_element_with_spaces_is_refused(
+    scoped_app: Flask, tokens: TokenIssuer
+) -> None:
+    claims = tokens.claims()
+    claims["scopes"] = ["x read:users"]
+    token = tokens.mint(claims)
+    assert get(scoped_app, "/method", token)[0] == 401
+
+
+def test_403_names_the_scopes(scoped_app: Flask, tokens: TokenIssuer) -> None:
+    response = scoped_app.test_client().get("/all", headers=auth_header(tokens.mint(scopes=[])))
+    assert 'scope="read:users write:users"' in response.headers["WWW-Authenticate"]
+
+
+def test_optional_without_token_and_with_bad_token(scoped_app: Flask, tokens: TokenIssuer) -> None:
+    assert get(scoped_app, "/optional", None) == (200, {"subject": None})
+    assert get(scoped_app, "/optional", tokens.mint()) == (200, {"subject": "user_1"})
+    assert get(scoped_app, "/optional", "bad.token.here")[0] == 401
+
+
+def test_called_form_and_custom_decorator(scoped_app: Flask, tokens: TokenIssuer) -> None:
+    assert get(scoped_app, "/called", tokens.mint()) == (200, "user_1")
+    assert get(scoped_app, "/custom", tokens.mint(scopes=["read:users"])) == (200, "user_1")
+    assert get(scoped_app, "/custom", tokens.mint(scopes=[]))[0] == 403
+
+
+def test_organization_and_user_context(scoped_app: Flask, tokens: TokenIssuer) -> None:
+    assert get(scoped_app, "/org", tokens.mint(organization_id="org_9")) == (200, "org_9")
+    status, body = get(scoped_app, "/org", tokens.mint())
+    assert status == 401 and isinstance(body, dict)
+    assert body["error"] == "missing_organization_context"
+    assert get(scoped_app, "/user", tokens.mint(subject="alice")) == (200, "alice")
+    machine = tokens.mint(subject="client-1")  # subject == client_id: a service token
+    status, body = get(scoped_app, "/user", machine)
+    assert status == 401 and isinstance(body, dict) and body["error"] == "missing_user_context"
+
+
+def test_async_view(scoped_app: Flask, tokens: TokenIssuer) -> None:
+    assert get(scoped_app, "/async", tokens.mint(scopes=["read:users"])) == (200, "async user_1")
+    assert get(scoped_app, "/async", tokens.mint(scopes=[]))[0] == 403
+    assert get(scoped_app, "/async", None)[0] == 401
+
+
+def test_stacked_decorators_verify_once_and_check_scope(
+    scoped_app: Flask, tokens: TokenIssuer
+) -> None:
+    assert get(scoped_app, "/stacked", tokens.mint(scopes=["read:users"]))[0] == 200
+    assert get(scoped_app, "/stacked", tokens.mint(scopes=[]))[0] == 403
+
+
+def test_get_auth_without_decorator_raises(scoped_app: Flask) -> None:
+    with (
+        scoped_app.test_request_context("/"),
+        pytest.raises(RuntimeError, match="No verified token"),
+    ):
+        get_auth()
+
+
+def test_g_auth_not_set_for_refused_token(scoped_app: Flask, tokens: TokenIssuer) -> None:
+    seen: list[object] = []
+
+    @scoped_app.teardown_request
+    def capture(_exc: BaseException | None) -> None:
+        seen.append(g.get("auth"))
+
+    get(scoped_app, "/method", tokens.mint(expires_in=-3600))
+    assert seen == [None]
+
+
+def test_auth_context_is_immutable_and_has_no_token(scoped_app: Flask, tokens: TokenIssuer) -> None:
+    token = tokens.mint(scopes=["read:users"])
+
+    @scoped_app.get("/repr")
+    @require_token
+    def show() -> str:
+        context = g.auth
+        with pytest.raises(AttributeError):
+            context.subject = "x"
+        with pytest.raises(TypeError):
+            context.claims["sub"] = "x"  # type: ignore[index,unused-ignore]
+        return repr(context)
+
+    status, text = get(scoped_app, "/repr", token)
+    assert status == 200 and isinstance(text, str)
+    assert token not in text and token.split(".")[2] not in text
+
+
+def test_require_scope_needs_scopes() -> None:
+    with pytest.raises(ValueError, match="at least one scope"):
+        require_scope()
+    with pytest.raises(ValueError, match="without spaces"):
+        require_scope("a b")

@@ -1,0 +1,113 @@
+"""Errors: JSON bodies, RFC 6750 challenges, overridable per class."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from flask import Flask
+
+from flask_oauth_verify import (
+    InsufficientScopeError,
+    InvalidRequestError,
+    InvalidTokenError,
+    MissingTokenError,
+    TokenExpired,
+    UpstreamError,
+)
+from flask_oauth_verify.errors import OAuthVerifyError
+from flask_oauth_verify.testing import TokenIssuer, auth_header
+
+from .conftest import make_app
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code", "challenge_error"),
+    [
+        (MissingTokenError(), 401, "unauthorized", None),
+        (InvalidRequestError(), 400, "invalid_request", "invalid_request"),
+        (InvalidTokenError(), 401, "invalid_token", "invalid_token"),
+        (TokenExpired(), 401, "token_expired", "invalid_token"),
+        (
+            InsufficientScopeError(scopes=["a", "b"]),
+            403,
+            "insufficient_scope",
+            "insufficient_scope",
+        ),
+        (UpstreamError(retry_after=7), 503, "temporarily_unavailable", "temporarily_unavailable"),
+    ],
+)
+def test_each_error_has_status_body_and_challenge(
+    error: OAuthVerifyError, status: int, code: str, challenge_error: str | None
+) -> None:
+    assert error.status_code == status
+    body = json.loads(error.get_body())
+    assert body["error"] == code and body["message"]
+    challenge = error.challenge("api")
+    assert challenge.startswith('Bearer realm="api"')
+    if challenge_error is None:
+        assert "error=" not in challenge
+    else:
+        assert f'error="{challenge_error}"' in challenge
+
+
+def test_scope_is_named_in_the_403_challenge() -> None:
+    assert (
+        'scope="read:users write:users"'
+        in InsufficientScopeError(scopes=["read:users", "write:users"]).challenge()
+    )
+
+
+def test_retry_after_on_503() -> None:
+    headers = dict(UpstreamError(retry_after=12).get_headers())
+    assert headers["Retry-After"] == "12"
+
+
+def test_quoted_string_escaping_cannot_break_the_header() -> None:
+    error = InvalidTokenError('bad "token" \\ with\r\nnewline')
+    challenge = error.challenge('re"alm')
+    assert "\r" not in challenge and "\n" not in challenge
+    assert 'realm="re\\"alm"' in challenge
+    assert 'error_description="bad \\"token\\" \\\\ with  newline"' in challenge
+
+
+def test_internal_reason_is_not_sent(client: object, tokens: TokenIssuer) -> None:
+    app = make_app(tokens.config())
+    response = app.test_client().get(
+        "/protected", headers=auth_header(tokens.mint(expires_in=-3600))
+    )
+    assert response.status_code == 401
+    assert "exp is in the past" not in response.get_data(as_text=True)
+
+
+def test_app_overrides_one_case_with_errorhandler(tokens: TokenIssuer) -> None:
+    app = make_app(tokens.config())
+
+    @app.errorhandler(TokenExpired)
+    def expired(error: TokenExpired) -> tuple[dict[str, str], int]:
+        return {"custom": "expired"}, 401
+
+    client = app.test_client()
+    expired_response = client.get("/protected", headers=auth_header(tokens.mint(expires_in=-600)))
+    assert expired_response.json == {"custom": "expired"}
+    other = client.get("/protected", headers=auth_header("abc.def.ghi"))
+    assert other.json is not None and other.json["error"] == "invalid_token"
+
+
+def test_realm_comes_from_settings(tokens: TokenIssuer) -> None:
+    app = make_app(tokens.config(REALM="billing"))
+    response = app.test_client().get("/protected")
+    assert response.headers["WWW-Authenticate"] == 'Bearer realm="billing"'
+
+
+def test_errors_are_httpexceptions_handled_without_the_extension() -> None:
+    app = Flask(__name__)
+
+    @app.get("/")
+    def view() -> str:
+        raise InvalidTokenError()
+
+    response = app.test_client().get("/")
+    assert response.status_code == 401
+    assert response.json is not None and response.json["error"] == "invalid_token"
+    assert response.headers["WWW-Authenticate"].startswith("Bearer ")

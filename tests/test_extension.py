@@ -1,0 +1,105 @@
+"""The extension object: per-app state, two apps in one process, caches."""
+
+from __future__ import annotations
+
+from flask import Flask
+from flask_caching import Cache
+
+from flask_oauth_verify import OAuthVerify, require_token
+from flask_oauth_verify.extension import get_state
+from flask_oauth_verify.testing import TokenIssuer, auth_header
+
+
+def test_two_apps_with_different_settings_share_one_extension(tokens: TokenIssuer) -> None:
+    other = TokenIssuer(issuer="https://other.example.test", audience="billing")
+    oauth = OAuthVerify()
+    apps = []
+    for issuer, audience in ((tokens, "api"), (other, "billing")):
+        app = Flask(f"app_{audience}")
+        app.config.update(issuer.config(audience=audience))
+        oauth.init_app(app)
+
+        @app.get("/")
+        @oauth.require_token
+        def index() -> str:
+            return "ok"
+
+        apps.append(app)
+    first, second = (app.test_client() for app in apps)
+    assert first.get("/", headers=auth_header(tokens.mint())).status_code == 200
+    assert second.get("/", headers=auth_header(other.mint())).status_code == 200
+    assert first.get("/", headers=auth_header(other.mint())).status_code == 401
+    assert second.get("/", headers=auth_header(tokens.mint())).status_code == 401
+    assert get_state(apps[0]) is not get_state(apps[1])
+
+
+def test_state_is_missing_without_init_app() -> None:
+    app = Flask(__name__)
+
+    @app.get("/")
+    @require_token
+    def index() -> str:
+        return "ok"
+
+    import pytest
+
+    with app.test_request_context("/"), pytest.raises(RuntimeError, match="init_app"):
+        get_state()
+
+
+def test_keys_are_stored_through_the_flask_caching_cache(served_tokens: TokenIssuer) -> None:
+    app = Flask(__name__)
+    app.config.update(served_tokens.config(), CACHE_TYPE="SimpleCache")
+    cache = Cache(app)
+    OAuthVerify(app, cache=cache)
+
+    @app.get("/")
+    @require_token
+    def index() -> str:
+        return "ok"
+
+    assert app.test_client().get("/", headers=auth_header(served_tokens.mint())).status_code == 200
+    with app.app_context():
+        stored = [key for key in cache.cache._cache if str(key).startswith("oauth_verify:jwks:")]
+    assert stored, "the key set is kept in the Flask-Caching backend"
+
+
+def test_repeated_token_uses_the_verified_token_cache(tokens: TokenIssuer) -> None:
+    app = Flask(__name__)
+    app.config.update(tokens.config())
+    OAuthVerify(app)
+
+    @app.get("/")
+    @require_token
+    def index() -> str:
+        return "ok"
+
+    token = tokens.mint()
+    client = app.test_client()
+    assert client.get("/", headers=auth_header(token)).status_code == 200
+    state = get_state(app)
+    assert len(state.token_cache) == 1
+    assert client.get("/", headers=auth_header(token)).status_code == 200
+    assert len(state.token_cache) == 1
+
+
+def test_cached_token_still_expires(tokens: TokenIssuer) -> None:
+    from .conftest import FakeClock
+
+    clock = FakeClock()
+    app = Flask(__name__)
+    app.config.update(tokens.config(LEEWAY=0))
+    OAuthVerify().init_app(app, clock=clock)
+
+    @app.get("/")
+    @require_token
+    def index() -> str:
+        return "ok"
+
+    token = tokens.mint(tokens.claims(now=clock.now, expires_in=60))
+    client = app.test_client()
+    assert client.get("/", headers=auth_header(token)).status_code == 200
+    clock.advance(61)
+    response = client.get("/", headers=auth_header(token))
+    assert response.status_code == 401 and response.json is not None
+    assert response.json["error"] == "token_expired"
