@@ -1,0 +1,71 @@
+"""A runnable multi-tenant API protected by flask_oauth_verify.
+
+``./scripts/example`` runs it with an embedded development issuer and SQLite.
+In production, set ``OAUTH_VERIFY_ISSUER`` / ``OAUTH_VERIFY_AUDIENCE`` (and a
+provider profile) in the environment instead and leave ``EXAMPLE_DEV_ISSUER``
+unset: the development issuer then does not exist at all.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flask import Flask
+from flask_caching import Cache
+
+from flask_oauth_verify import OAuthVerify
+
+from . import dev_issuer
+from .api import api
+from .models import db, seed
+
+cache = Cache()
+oauth = OAuthVerify()
+
+
+def create_app(config: dict[str, Any] | None = None, *, instance_path: str | None = None) -> Flask:
+    """The app factory.
+
+    :param config: overrides (tests pass their own issuer settings).
+    :param instance_path: where the SQLite file and the dev issuer key live.
+    """
+    app = Flask(__name__, instance_relative_config=True, instance_path=instance_path)
+    base_url = os.environ.get("EXAMPLE_BASE_URL", "http://127.0.0.1:5000")
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI=os.environ.get(
+            "DATABASE_URL", f"sqlite:///{os.path.join(app.instance_path, 'example.sqlite3')}"
+        ),
+        CACHE_TYPE=os.environ.get("CACHE_TYPE", "SimpleCache"),
+        CACHE_REDIS_URL=os.environ.get("CACHE_REDIS_URL"),
+        OAUTH_VERIFY_AUDIENCE="example-api",
+        OAUTH_VERIFY_SECURITY_HEADERS=True,
+        OAUTH_VERIFY_HEALTH_ROUTE=True,
+    )
+    app.config.from_prefixed_env("EXAMPLE")  # e.g. EXAMPLE_OAUTH_VERIFY_ISSUER=...
+    if config:
+        app.config.update(config)
+    os.makedirs(app.instance_path, exist_ok=True)
+
+    issuer = None
+    if _dev_issuer_enabled(app):
+        issuer = dev_issuer.load_dev_issuer(app.instance_path, base_url)
+        app.config.setdefault("OAUTH_VERIFY_ISSUER", issuer.issuer)
+        app.config.setdefault("OAUTH_VERIFY_JWKS", issuer.jwks())
+        dev_issuer.register(app, issuer)
+
+    cache.init_app(app)
+    db.init_app(app)
+    oauth.init_app(app, cache=cache)
+    app.register_blueprint(api)
+    with app.app_context():
+        seed()
+    from .commands import register_commands
+
+    register_commands(app)
+    return app
+
+
+def _dev_issuer_enabled(app: Flask) -> bool:
+    flag = os.environ.get("EXAMPLE_DEV_ISSUER", "")
+    return bool(app.config.get("EXAMPLE_DEV_ISSUER")) or flag.lower() in ("1", "true", "yes")

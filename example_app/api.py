@@ -1,0 +1,104 @@
+"""The example API: every route shows one feature of flask_oauth_verify."""
+
+from __future__ import annotations
+
+from flask import Blueprint, abort, g, request
+from sqlalchemy import select
+
+from flask_oauth_verify import (
+    current_auth,
+    require_organization,
+    require_scope,
+    require_token,
+    require_user,
+)
+
+from .models import Customer, Project, db
+
+api = Blueprint("api", __name__, url_prefix="/api")
+
+
+@api.get("/me")
+@require_token
+def me() -> dict[str, object]:
+    """Who is calling: the verified AuthContext."""
+    auth = current_auth
+    return {
+        "subject": auth.subject,
+        "client_id": auth.client_id,
+        "user_id": auth.user_id,
+        "organization_id": auth.organization_id,
+        "scopes": sorted(auth.scopes),
+        "token_type": auth.token_type,
+        "expires_at": auth.expires_at,
+        "strategy": auth.strategy,
+    }
+
+
+@api.get("/customers")
+@require_scope("customers:read")
+@require_organization
+def list_customers() -> dict[str, object]:
+    """This organization's customers only."""
+    rows = db.session.scalars(
+        select(Customer)
+        .where(Customer.organization_id == g.auth.organization_id)
+        .order_by(Customer.id)
+    ).all()
+    return {"organization_id": g.auth.organization_id, "customers": [c.to_dict() for c in rows]}
+
+
+@api.get("/customers/<int:customer_id>")
+@require_scope("customers:read")
+@require_organization
+def get_customer(customer_id: int) -> dict[str, object]:
+    """One customer; another organization's customer is simply not found."""
+    customer = db.session.scalars(
+        select(Customer).where(
+            Customer.id == customer_id, Customer.organization_id == g.auth.organization_id
+        )
+    ).first()
+    if customer is None:
+        abort(404)
+    return customer.to_dict()
+
+
+@api.post("/customers")
+@require_scope("customers:write")
+@require_organization
+def create_customer() -> tuple[dict[str, object], int]:
+    """Create a customer in the caller's organization."""
+    payload = request.get_json(silent=True) or {}
+    name = str(payload.get("name", "")).strip()
+    if not name:
+        return {"error": "invalid_request", "message": "name is required"}, 400
+    customer = Customer(organization_id=g.auth.organization_id, name=name)
+    db.session.add(customer)
+    db.session.commit()
+    return customer.to_dict(), 201
+
+
+@api.get("/projects")
+@require_scope("projects:read")
+@require_organization
+def list_projects() -> dict[str, object]:
+    """This organization's projects."""
+    rows = db.session.scalars(
+        select(Project)
+        .where(Project.organization_id == g.auth.organization_id)
+        .order_by(Project.id)
+    ).all()
+    return {"projects": [p.to_dict() for p in rows]}
+
+
+@api.get("/my-projects")
+@require_user
+@require_scope("projects:read")
+def my_projects() -> dict[str, object]:
+    """Projects owned by the calling user (user-delegated tokens only)."""
+    rows = db.session.scalars(
+        select(Project)
+        .where(Project.organization_id == g.auth.organization_id)
+        .where(Project.user_id == g.auth.user_id)
+    ).all()
+    return {"user_id": g.auth.user_id, "projects": [p.to_dict() for p in rows]}
