@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterable
+from time import perf_counter
 from typing import Any, TypeVar, overload
 
 from flask import g, request
@@ -72,6 +73,7 @@ def verify_request(
     context = _already_verified(strategy)
     token: str | None = None
     if context is None:
+        started = perf_counter() if state.events.timed else 0.0  # metrics only
         try:
             token = extract_token(request, state.settings)
             if token is None:
@@ -81,14 +83,14 @@ def verify_request(
                 raise MissingTokenError(reason="no bearer token in the request")
             context = state.authenticate(token, strategy)
         except OAuthVerifyError as exc:
-            state.events.failed(exc, token)
+            state.events.failed(exc, token, strategy=strategy, started=started)
             raise
         set_auth(context)
         done = g.get("_oauth_verify_checked") or set()
         done.add(strategy or state.settings.strategy)
         g._oauth_verify_checked = done
         if state.events.enabled():
-            state.events.validated(context, token)
+            state.events.validated(context, token, strategy=strategy, started=started)
     wanted = tuple(scopes)
     if wanted and not context.has_scopes(*wanted, any_of=any_of):
         error = InsufficientScopeError(

@@ -25,6 +25,7 @@ from .token_cache import CachedToken, TokenCache, token_digest
 from .verification import JWTVerifier, looks_like_jws
 
 if TYPE_CHECKING:
+    from .health import HealthChecker, HealthReport
     from .introspection import Introspector
 
 __all__ = ["OAuthVerify", "get_state"]
@@ -56,6 +57,7 @@ class _AppState:
         self.events = SecurityEvents()
         self.claims_checks: list[ClaimsCheck] = extension._claims_checks
         self._introspector: Introspector | None = None
+        self._health: HealthChecker | None = None
         self.keys.on_keys_changed = self.token_cache.clear
         self.keys.on_event = self.events.emit
 
@@ -70,6 +72,15 @@ class _AppState:
             )
             self._introspector.on_event = self.events.emit
         return self._introspector
+
+    @property
+    def health(self) -> HealthChecker:
+        """The health checker (created on first use)."""
+        if self._health is None:
+            from .health import HealthChecker
+
+            self._health = HealthChecker(self)
+        return self._health
 
     def authenticate(self, token: str, strategy: str | None = None) -> AuthContext:
         """Verify ``token`` with ``strategy`` (the app's default when None).
@@ -269,14 +280,58 @@ class OAuthVerify:
         """The validated settings of ``app``."""
         return get_state(app).settings
 
+    def health(self, app: Flask | None = None) -> HealthReport:
+        """Check the token-validation infrastructure of ``app`` (the current app).
+
+        Keys available (through the normal refresh policy, never a forced
+        refresh), cache backend reachable, introspection endpoint reachable
+        when configured. See :mod:`flask_oauth_verify.health`.
+
+        .. versionadded:: 0.1.0
+        """
+        target: Flask = app if app is not None else current_app._get_current_object()  # type: ignore[attr-defined]
+        with target.app_context():  # Flask-Caching needs one
+            return get_state(target).health.check()
+
+    def metrics_registry(self, app: Flask | None = None) -> Any:
+        """The ``prometheus_client`` registry of ``app``'s metrics.
+
+        :raises RuntimeError: when ``OAUTH_VERIFY_METRICS`` is off.
+
+        .. versionadded:: 0.1.0
+        """
+        from .metrics import metrics_registry
+
+        return metrics_registry(app)
+
 
 def _protected_response_headers(response: Response) -> Response:
     from flask import g
 
-    if g.get("_oauth_verify_checked"):
+    # A protected view ran (verified, or optional without a token: g.auth is
+    # set either way) or a request was refused (even by an app's own handler).
+    if "auth" in g or g.get("_oauth_verify_checked") or g.get("_oauth_verify_refused"):
         _add_security_headers(response)
     return response
 
 
 def _init_optional_features(app: Flask, state: _AppState) -> None:
-    """Hook for features that register routes or metrics (health, metrics)."""
+    """Wire the operations features the settings turn on (metrics, health)."""
+    state.events.sender = app
+    if state.settings.metrics:
+        import importlib.util
+
+        if importlib.util.find_spec("prometheus_client") is None:
+            from .config import ConfigurationError
+
+            raise ConfigurationError(
+                "OAUTH_VERIFY_METRICS needs prometheus_client: "
+                "pip install 'flask-oauth-verify[metrics]'."
+            )
+        from .metrics import init_metrics
+
+        init_metrics(app, state)
+    if state.settings.health_route:
+        from .health import register_health_route
+
+        register_health_route(app, state, state.settings.health_route)

@@ -1,0 +1,264 @@
+"""The health check of the token-validation infrastructure.
+
+:meth:`OAuthVerify.health() <flask_oauth_verify.OAuthVerify.health>` and, with
+``OAUTH_VERIFY_HEALTH_ROUTE`` (``True`` for ``/health/token-validation``), a
+route that answers 200 ``{"status": "healthy", ...}`` or 503
+``{"status": "unhealthy", "error": "<why>", ...}``. Three checks:
+
+* **keys** (strategies ``jwks``, ``auto``, ``both``): every configured issuer
+  has usable keys; their age and whether they are stale (a refresh failed
+  and the last good keys are served, which is still healthy). Keys are
+  obtained through the key store's normal policy: fresh keys are used as
+  they are, keys past their TTL are refreshed once as a request would, an
+  issuer that is down is retried no more often than the refresh cooldown and
+  the circuit breaker allow. The health check never forces a refresh.
+* **cache**: the Flask-Caching backend answers a set/get round trip. A cache
+  outage only costs performance (a failing cache is a miss), so it is a
+  warning unless ``OAUTH_VERIFY_HEALTH_REQUIRE_CACHE`` is true.
+* **introspection** (when configured): the endpoint answers at all (any HTTP
+  status below 500 counts as reachable). The probe is a plain ``GET`` without
+  a token or credentials, made at most once per
+  ``OAUTH_VERIFY_HEALTH_PROBE_INTERVAL`` seconds (30), and not at all while
+  the endpoint's circuit breaker is open.
+
+.. versionadded:: 0.1.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from flask import Flask, Response, jsonify
+
+from .config import ConfigurationError
+from .errors import UpstreamError
+from .fetch import FetchError
+
+if TYPE_CHECKING:
+    from .extension import _AppState
+
+__all__ = ["HealthChecker", "HealthReport", "register_health_route"]
+
+logger = logging.getLogger("flask_oauth_verify.health")
+
+_KEY_STRATEGIES = ("jwks", "auto", "both")
+_INTROSPECTION_STRATEGIES = ("introspection", "auto", "both")
+_DEFAULT_PROBE_INTERVAL = 30.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HealthReport:
+    """The outcome of a health check.
+
+    :param healthy: whether tokens can be validated now.
+    :param checks: per check (``keys``, ``cache``, ``introspection``) its
+        ``status`` and details.
+    :param reasons: why the check is unhealthy (empty when healthy).
+    :param warnings: degradations that do not stop validation.
+    """
+
+    healthy: bool
+    checks: Mapping[str, Mapping[str, Any]]
+    reasons: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def status(self) -> str:
+        """``"healthy"`` or ``"unhealthy"``."""
+        return "healthy" if self.healthy else "unhealthy"
+
+    @property
+    def status_code(self) -> int:
+        """200 when healthy, else 503."""
+        return 200 if self.healthy else 503
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON body of the health route."""
+        body: dict[str, Any] = {"status": self.status}
+        if not self.healthy:
+            body["error"] = "; ".join(self.reasons)
+        body["checks"] = {name: dict(check) for name, check in self.checks.items()}
+        if self.warnings:
+            body["warnings"] = list(self.warnings)
+        return body
+
+
+class HealthChecker:
+    """Runs the checks of one app; remembers the last introspection probe.
+
+    :param state: the app's extension state.
+    """
+
+    def __init__(self, state: _AppState) -> None:
+        self.state = state
+        raw = state.settings.raw
+        self.require_cache = bool(raw.get("HEALTH_REQUIRE_CACHE", False))
+        interval = raw.get("HEALTH_PROBE_INTERVAL", _DEFAULT_PROBE_INTERVAL)
+        if isinstance(interval, bool) or not isinstance(interval, int | float) or interval < 0:
+            raise ConfigurationError(
+                "OAUTH_VERIFY_HEALTH_PROBE_INTERVAL must be a number of seconds >= 0."
+            )
+        self.probe_interval = float(interval)
+        self._probe: tuple[float, dict[str, Any]] | None = None
+        self._probe_lock = threading.Lock()
+
+    def check(self) -> HealthReport:
+        """Run every check (call inside an app context).
+
+        Never raises: an unexpected failure of a check makes it unhealthy.
+        """
+        reasons: list[str] = []
+        warnings: list[str] = []
+        checks: dict[str, Mapping[str, Any]] = {}
+        for name, run in (
+            ("keys", self._keys),
+            ("cache", self._cache),
+            ("introspection", self._introspection),
+        ):
+            try:
+                checks[name] = run(reasons, warnings)
+            except Exception as exc:  # a health check never fails with a 500
+                logger.exception("Health check %r raised", name)
+                checks[name] = {"status": "error"}
+                reasons.append(f"{name} check raised {type(exc).__name__}")
+        return HealthReport(not reasons, checks, tuple(reasons), tuple(warnings))
+
+    # -- keys -------------------------------------------------------------------
+
+    def _keys(self, reasons: list[str], warnings: list[str]) -> Mapping[str, Any]:
+        state = self.state
+        if state.settings.strategy not in _KEY_STRATEGIES:
+            return {"status": "not_used"}
+        errors: dict[str, str] = {}
+        for issuer in state.settings.issuers:
+            try:
+                # The normal path: no network while the keys are fresh, one
+                # refresh when due, the cooldown and breaker when down.
+                state.keys.key_set(issuer)
+            except UpstreamError as exc:
+                errors[issuer] = str(exc.reason)
+        issuers = []
+        worst = "ok"
+        seen: set[str] = set()
+        for status in state.keys.status():
+            if status.issuer in seen:
+                continue  # the first source of an issuer is its own (not a jku)
+            seen.add(status.issuer)
+            entry: dict[str, Any] = {
+                "issuer": status.issuer,
+                "source": status.source,
+                "keys": len(status.kids),
+                "age_seconds": None if status.age is None else round(status.age, 1),
+            }
+            if not status.kids:
+                entry["status"] = "unavailable"
+                why = errors.get(status.issuer) or status.last_error or "no usable key"
+                entry["error"] = why
+                reasons.append(f"no keys for {status.issuer}: {why}")
+                worst = "unavailable"
+            elif status.last_error is not None:
+                entry["status"] = "stale"
+                entry["error"] = status.last_error
+                warnings.append(
+                    f"serving the last good keys of {status.issuer}: refresh failed "
+                    f"({status.last_error})"
+                )
+                worst = worst if worst == "unavailable" else "stale"
+            else:
+                entry["status"] = "ok"
+            issuers.append(entry)
+        return {"status": worst, "issuers": issuers}
+
+    # -- cache ------------------------------------------------------------------
+
+    def _cache(self, reasons: list[str], warnings: list[str]) -> Mapping[str, Any]:
+        cache = self.state.cache
+        if not cache.is_shared:
+            return {"status": "ok", "backend": "in-process"}
+        backend = cache.backend
+        name = type(getattr(backend, "cache", backend)).__name__
+        if cache.ping():
+            return {"status": "ok", "backend": name}
+        message = f"cache backend {name} unreachable ({cache.last_error or 'no answer'})"
+        if self.require_cache:
+            reasons.append(message)
+        else:
+            warnings.append(message + "; falling back to per-process caching")
+        return {"status": "unreachable", "backend": name}
+
+    # -- introspection --------------------------------------------------------------
+
+    def _introspection(self, reasons: list[str], warnings: list[str]) -> Mapping[str, Any]:
+        settings = self.state.settings
+        if (
+            settings.introspection_endpoint is None
+            and settings.strategy not in _INTROSPECTION_STRATEGIES
+        ):
+            return {"status": "not_configured"}
+        with self._probe_lock:
+            now = self.state.clock()
+            if self._probe is not None and now - self._probe[0] < self.probe_interval:
+                result = self._probe[1]
+            else:
+                result = self._run_probe()
+                self._probe = (now, result)
+        if result["status"] != "ok":
+            reasons.append(f"introspection endpoint {result['status']}: {result.get('error')}")
+        return result
+
+    def _endpoint(self) -> str:
+        settings = self.state.settings
+        if settings.introspection_endpoint is not None:
+            return settings.introspection_endpoint
+        errors = []
+        for issuer in settings.issuers:
+            try:
+                found = self.state.discovery.endpoint(issuer, "introspection_endpoint")
+            except FetchError as exc:
+                errors.append(exc.reason)
+                continue
+            if found is not None:
+                return found
+        raise FetchError(
+            "no introspection endpoint configured or discovered"
+            + (f" ({'; '.join(errors)})" if errors else "")
+        )
+
+    def _run_probe(self) -> dict[str, Any]:
+        try:
+            url = self._endpoint()
+        except FetchError as exc:
+            return {"status": "unavailable", "error": exc.reason}
+        fetcher = self.state.fetcher
+        if fetcher.breaker(url).is_open:
+            return {"status": "unreachable", "endpoint": url, "error": "circuit breaker open"}
+        try:
+            fetcher.request("GET", url, headers={"Accept": "application/json"})
+        except FetchError as exc:
+            if exc.status is None or exc.status >= 500:
+                return {"status": "unreachable", "endpoint": url, "error": exc.reason}
+        return {"status": "ok", "endpoint": url}
+
+
+def register_health_route(app: Flask, state: _AppState, rule: str) -> None:
+    """Add the health route ``rule`` to ``app`` (``GET``, no token needed).
+
+    :param app: the Flask app.
+    :param state: its extension state (holds the checker).
+    :param rule: the URL rule, e.g. ``/health/token-validation``.
+    """
+
+    checker = state.health  # created now: bad HEALTH_* keys fail at init_app
+
+    def token_validation_health() -> Response:
+        report = checker.check()
+        response = jsonify(report.as_dict())
+        response.status_code = report.status_code
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    app.add_url_rule(rule, "oauth_verify_health", token_validation_health, methods=["GET"])
