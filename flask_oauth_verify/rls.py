@@ -1,0 +1,228 @@
+"""PostgreSQL row-level security: let the database enforce tenant scoping too.
+
+Automatic scoping (:mod:`flask_oauth_verify.tenancy`) sees ORM statements
+only. Row-level security (RLS) closes the rest — ``text()``, Core
+statements, a forgotten session — inside PostgreSQL itself: each
+transaction carries the current organization in a transaction-local setting
+(``SELECT set_config('app.current_organization', …, true)``, the function
+form of ``SET LOCAL``), and a policy on each tenant table compares the row's
+organization column with it::
+
+    CREATE POLICY tenant_isolation ON projects
+      USING (organization_id = NULLIF(current_setting('app.current_organization', true), ''))
+      WITH CHECK (organization_id = NULLIF(current_setting('app.current_organization', true), ''));
+
+The value comes from the same place as automatic scoping: an active
+:func:`~flask_oauth_verify.tenancy.as_organization` block, else the verified
+``g.auth.organization_id``. With neither, the setting is the empty string,
+which matches no row: the database fails closed too.
+
+Superusers and roles with ``BYPASSRLS`` are never subject to policies, and a
+table's owner only with ``FORCE ROW LEVEL SECURITY``: connect the
+application as an ordinary role.
+
+.. versionadded:: 0.1.0
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import weakref
+from typing import Any
+
+from sqlalchemy import event, func, select
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.orm import ORMExecuteState, Session
+
+from .errors import MissingContextError
+from .tenancy import (
+    TenantContextError,
+    TenantScopingError,
+    _event_target,
+    _identity,
+    current_organization_id,
+)
+
+__all__ = [
+    "DEFAULT_SETTING",
+    "RowLevelSecurity",
+    "enable_row_level_security",
+    "policy_statements",
+    "set_rls_organization",
+]
+
+#: The PostgreSQL setting that carries the organization.
+DEFAULT_SETTING = "app.current_organization"
+
+_SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+_SQL_TYPE = re.compile(r"^[A-Za-z_][A-Za-z0-9_ ]*$")
+#: ``connection.info`` key: the organization set in the current transaction.
+_INFO_KEY = "oauth_verify_rls_organization"
+
+
+def _check_setting(setting: str) -> str:
+    # custom settings need a dotted name; it is also put into policy SQL
+    if not isinstance(setting, str) or not _SETTING_NAME.match(setting):
+        raise ValueError(f"{setting!r} is not a custom PostgreSQL setting name like 'app.x'.")
+    return setting
+
+
+def _current_or_empty() -> str:
+    try:
+        return current_organization_id()
+    except (MissingContextError, TenantContextError):
+        return ""  # matches no row: the database refuses too
+
+
+def set_rls_organization(
+    connection: Any, organization_id: str | None = None, *, setting: str = DEFAULT_SETTING
+) -> str:
+    """Set ``setting`` for the current transaction only (``SET LOCAL``).
+
+    Runs ``SELECT set_config(setting, value, true)``: the value is a bound
+    parameter, never spliced into SQL, and PostgreSQL drops it at ``COMMIT``
+    or ``ROLLBACK``, so a pooled connection never carries it to the next
+    transaction. Use it on a Core ``Connection`` inside ``engine.begin()``.
+
+    :param connection: a SQLAlchemy ``Connection`` or ``Session`` on PostgreSQL.
+    :param organization_id: the value; by default the current organization
+        (:func:`~flask_oauth_verify.tenancy.current_organization_id`), or
+        ``""`` — which matches no row — when there is none.
+    :param setting: the setting the policies read.
+    :returns: the value set.
+
+    .. versionadded:: 0.1.0
+    """
+    _check_setting(setting)
+    value = _current_or_empty() if organization_id is None else organization_id
+    connection.execute(select(func.set_config(setting, value, True)))
+    return value
+
+
+def policy_statements(
+    table: Any,
+    *,
+    column: str = "organization_id",
+    setting: str = DEFAULT_SETTING,
+    cast: str | None = None,
+    force: bool = True,
+    name: str = "tenant_isolation",
+) -> list[str]:
+    """The DDL that turns on RLS for ``table``: for a migration, or tests.
+
+    :param table: a SQLAlchemy ``Table`` (schema-qualified when it has one)
+        or a table name.
+    :param column: the organization column.
+    :param setting: the setting :func:`set_rls_organization` sets.
+    :param cast: a SQL type to cast the setting to, e.g. ``"uuid"``.
+    :param force: add ``FORCE ROW LEVEL SECURITY`` so the owner is bound too.
+    :param name: the policy name.
+    :returns: ``ALTER TABLE … ENABLE/FORCE ROW LEVEL SECURITY`` and
+        ``CREATE POLICY`` statements.
+
+    .. versionadded:: 0.1.0
+    """
+    _check_setting(setting)
+    if cast is not None and not _SQL_TYPE.match(cast):
+        raise ValueError(f"{cast!r} is not a SQL type name.")
+    preparer = postgresql.dialect().identifier_preparer  # type: ignore[no-untyped-call]
+    target = preparer.format_table(table) if hasattr(table, "c") else preparer.quote(table)
+    value = f"NULLIF(current_setting('{setting}', true), '')"
+    if cast is not None:
+        value = f"({value})::{cast}"
+    check = f"{preparer.quote(column)} = {value}"
+    statements = [f"ALTER TABLE {target} ENABLE ROW LEVEL SECURITY"]
+    if force:
+        statements.append(f"ALTER TABLE {target} FORCE ROW LEVEL SECURITY")
+    statements.append(
+        f"CREATE POLICY {preparer.quote(name)} ON {target} USING ({check}) WITH CHECK ({check})"
+    )
+    return statements
+
+
+class RowLevelSecurity:
+    """Keeps the RLS setting of a session target's transactions current.
+
+    Made by :func:`enable_row_level_security`; :meth:`disable` removes it.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, target: Any, *, setting: str) -> None:
+        self.target = target
+        self.setting = _check_setting(setting)
+
+    def _sync(self, connection: Any) -> None:
+        if connection.dialect.name != "postgresql":
+            raise TenantScopingError(
+                "Row-level security needs PostgreSQL, not " + connection.dialect.name
+            )
+        value = _current_or_empty()
+        if connection.info.get(_INFO_KEY) != value:
+            set_rls_organization(connection, value, setting=self.setting)
+            connection.info[_INFO_KEY] = value
+
+    def after_begin(self, session: Session, transaction: Any, connection: Any) -> None:
+        """Each new transaction starts with the current organization."""
+        connection.info.pop(_INFO_KEY, None)  # a fresh transaction has no setting
+        self._sync(connection)
+
+    def on_execute(self, state: ORMExecuteState) -> None:
+        """Re-set the value when the organization changed inside a transaction."""
+        arguments = {k: v for k, v in state.bind_arguments.items() if k in ("mapper", "clause")}
+        self._sync(state.session.connection(bind_arguments=arguments))
+
+    def before_flush(self, session: Session, flush_context: Any, instances: Any) -> None:
+        """Flushes write under the current organization too."""
+        self._sync(session.connection())
+
+    def _install(self) -> None:
+        event.listen(self.target, "after_begin", self.after_begin)
+        event.listen(self.target, "do_orm_execute", self.on_execute)
+        event.listen(self.target, "before_flush", self.before_flush)
+
+    def disable(self) -> None:
+        """Remove the listeners.
+
+        .. versionadded:: 0.1.0
+        """
+        event.remove(self.target, "after_begin", self.after_begin)
+        event.remove(self.target, "do_orm_execute", self.on_execute)
+        event.remove(self.target, "before_flush", self.before_flush)
+        with _ENABLED_LOCK:
+            _ENABLED.pop(_identity(self.target), None)
+
+
+_ENABLED: weakref.WeakKeyDictionary[Any, RowLevelSecurity] = weakref.WeakKeyDictionary()
+_ENABLED_LOCK = threading.Lock()
+
+
+def enable_row_level_security(target: Any, *, setting: str = DEFAULT_SETTING) -> RowLevelSecurity:
+    """Set ``setting`` from the current organization in every transaction of ``target``.
+
+    At the start of each transaction (``after_begin``), and again before a
+    statement or flush if the organization changed since (an
+    :func:`~flask_oauth_verify.tenancy.as_organization` block inside an
+    open transaction), runs :func:`set_rls_organization` on the
+    transaction's connection. Pair it with :func:`policy_statements` on
+    each tenant table and with
+    :func:`~flask_oauth_verify.tenancy.enable_tenant_scoping`: the ORM
+    scopes what it can see, PostgreSQL everything else.
+
+    :param target: a ``Session`` (class or instance), ``sessionmaker``,
+        ``scoped_session``, or a Flask-SQLAlchemy ``db``.
+    :param setting: the setting the policies read.
+    :returns: the :class:`RowLevelSecurity`; its ``disable()`` removes it.
+    :raises RuntimeError: when already enabled on ``target``.
+
+    .. versionadded:: 0.1.0
+    """
+    event_target = _event_target(target, "enable_row_level_security")
+    rls = RowLevelSecurity(event_target, setting=setting)
+    with _ENABLED_LOCK:
+        if _identity(event_target) in _ENABLED:
+            raise RuntimeError("Row-level security is already enabled on this target.")
+        _ENABLED[_identity(event_target)] = rls
+    rls._install()
+    return rls

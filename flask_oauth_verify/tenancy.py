@@ -1,0 +1,867 @@
+"""Tenant data scoping for SQLAlchemy: explicit helpers, automatic scoping, write guard.
+
+The organization (tenant) a query runs for comes only from *verified*
+claims: ``g.auth.organization_id`` of the request (set by the decorators
+after every check passed), or an explicit :func:`as_organization` block in
+code (CLI commands, background jobs). Nothing else — no header, no query
+string, no request body — can choose it.
+
+Two ways to use it:
+
+* explicit — :func:`org_scoped` / :func:`user_scoped` add
+  ``WHERE <column> = <current value>`` to one SQLAlchemy 2.x ``select()``
+  (or ``update()`` / ``delete()``) or legacy ``Query``;
+* automatic — :func:`enable_tenant_scoping` installs session listeners that
+  scope every ORM statement of every mapped class with the organization
+  column (relationship and lazy loads, joined and selectin eager loads,
+  subqueries, ORM bulk ``update()`` / ``delete()``) and guard every write.
+
+Both fail closed: with no organization, a request gets the 401
+``missing_organization_context`` response and code outside a request gets
+:class:`TenantContextError`. SQLAlchemy is an optional extra: this module is
+imported only when used.
+
+.. versionadded:: 0.1.0
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import logging
+import threading
+import weakref
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar, TypeVar
+
+from flask import g, has_app_context, has_request_context
+from sqlalchemy import Select, event, func, inspect, select, tuple_
+from sqlalchemy.orm import (
+    Mapper,
+    ORMExecuteState,
+    Query,
+    Session,
+    registry,
+    scoped_session,
+    sessionmaker,
+    with_loader_criteria,
+)
+from sqlalchemy.sql import util as sql_util
+from sqlalchemy.sql.dml import Delete, Update
+from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement
+
+from .context import AuthContext
+from .errors import MissingOrganizationContext, MissingUserContext, OAuthVerifyError
+from .extension import get_state
+
+__all__ = [
+    "BYPASS_OPTION",
+    "CrossTenantWriteError",
+    "TenantContextError",
+    "TenantScoping",
+    "TenantScopingError",
+    "as_organization",
+    "current_organization_id",
+    "current_user_id",
+    "enable_tenant_scoping",
+    "org_scoped",
+    "unscoped",
+    "user_scoped",
+]
+
+logger = logging.getLogger("flask_oauth_verify.tenancy")
+
+S = TypeVar("S")
+
+#: The execution option that lets one statement run without automatic
+#: scoping; its value is the (logged) reason. Set it with :func:`unscoped`.
+BYPASS_OPTION = "tenant_scoping_bypass"
+
+#: Marks a statement scoped by :func:`org_scoped` (value: the organization),
+#: so that a Core statement scoped by hand passes the automatic listener.
+_SCOPED_BY_HELPER = "_oauth_verify_org_scoped"
+#: Set by the listener on scoped statements: the organization every loaded
+#: row must belong to (checked by the load guard).
+_EXPECTED_ORG = "_oauth_verify_expected_org"
+#: Our own check queries skip the listener.
+_INTERNAL = "_oauth_verify_internal"
+
+DEFAULT_ORGANIZATION_COLUMN = "organization_id"
+DEFAULT_USER_COLUMN = "user_id"
+
+
+# -- errors -------------------------------------------------------------------
+
+
+class TenantContextError(RuntimeError):
+    """Tenant-scoped data was used outside a request with no organization.
+
+    Inside a request the same situation is the 401
+    :class:`~flask_oauth_verify.errors.MissingOrganizationContext` (or
+    ``MissingUserContext``) response. Outside one, wrap the code in
+    :func:`as_organization`.
+    """
+
+
+class TenantScopingError(RuntimeError):
+    """A statement or setup that tenant scoping cannot make safe.
+
+    Raised instead of running the statement unscoped: a Core statement on a
+    tenant table, an ``INSERT … FROM SELECT`` or upsert into one, a column
+    that does not exist, a mismatched configuration.
+    """
+
+
+class CrossTenantWriteError(OAuthVerifyError):
+    """A write would insert, change or delete a row of another organization.
+
+    Raised before anything reaches the database; inside a request it becomes
+    a 403 JSON response (``"error": "cross_tenant_write"``).
+    """
+
+    code = 403
+    error: ClassVar[str] = "cross_tenant_write"
+    challenge_error: ClassVar[str | None] = None
+    default_description: ClassVar[str] = "The request would write another organization's data."
+
+
+# -- who are we acting for ----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Acting:
+    organization_id: str
+    user_id: str | None
+
+
+_ACTING: contextvars.ContextVar[_Acting | None] = contextvars.ContextVar(
+    "oauth_verify_acting_organization", default=None
+)
+
+
+def _check_id(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string, not {value!r}.")
+    return value
+
+
+@contextlib.contextmanager
+def as_organization(organization_id: str, *, user_id: str | None = None) -> Iterator[None]:
+    """Act for ``organization_id`` (and optionally ``user_id``) inside the block.
+
+    For code that runs outside a request — CLI commands, background jobs,
+    tests — and for deliberate impersonation inside one. The innermost block
+    wins over ``g.auth``; the previous identity comes back when it ends. The
+    value lives in a :mod:`contextvars` variable, so threads and asyncio
+    tasks each have their own.
+
+    :param organization_id: the organization to scope to.
+    :param user_id: the user :func:`user_scoped` scopes to (none if omitted;
+        it is never taken from ``g.auth`` inside the block).
+    :raises ValueError: when an id is empty or not a string.
+
+    .. versionadded:: 0.1.0
+    """
+    acting = _Acting(
+        _check_id(organization_id, "organization_id"),
+        None if user_id is None else _check_id(user_id, "user_id"),
+    )
+    token = _ACTING.set(acting)
+    try:
+        yield
+    finally:
+        _ACTING.reset(token)
+
+
+def _verified_context() -> AuthContext | None:
+    if not has_app_context():
+        return None
+    context = g.get("auth")
+    # Only the decorators put an AuthContext on g.auth, after verification.
+    return context if isinstance(context, AuthContext) else None
+
+
+def _missing(kind: str) -> Exception:
+    if has_request_context():
+        if kind == "organization":
+            return MissingOrganizationContext(reason="tenant-scoped data used without organization")
+        return MissingUserContext(reason="user-scoped data used without a user")
+    return TenantContextError(
+        f"No {kind} to scope the data to: this code runs outside a request. "
+        f"Wrap it in `with as_organization(...)`, or mark an admin statement "
+        f"with unscoped(stmt, reason=...)."
+    )
+
+
+def current_organization_id() -> str:
+    """The organization data is scoped to right now.
+
+    :func:`as_organization` if active, else the verified
+    ``g.auth.organization_id`` of the request.
+
+    :raises MissingOrganizationContext: inside a request without one (401).
+    :raises TenantContextError: outside a request without one.
+
+    .. versionadded:: 0.1.0
+    """
+    acting = _ACTING.get()
+    if acting is not None:
+        return acting.organization_id
+    context = _verified_context()
+    if context is not None and context.organization_id:
+        return context.organization_id
+    raise _missing("organization")
+
+
+def current_user_id() -> str:
+    """The user data is scoped to right now (see :func:`current_organization_id`).
+
+    :raises MissingUserContext: inside a request whose token acts for no user.
+    :raises TenantContextError: outside a request without one.
+
+    .. versionadded:: 0.1.0
+    """
+    acting = _ACTING.get()
+    if acting is not None:
+        if acting.user_id is not None:
+            return acting.user_id
+        raise _missing("user")
+    context = _verified_context()
+    if context is not None and context.user_id:
+        return context.user_id
+    raise _missing("user")
+
+
+def _configured_column(kind: str) -> str:
+    if has_app_context():
+        try:
+            settings = get_state().settings
+        except RuntimeError:
+            settings = None
+        if settings is not None:
+            return settings.organization_column if kind == "organization" else settings.user_column
+    return DEFAULT_ORGANIZATION_COLUMN if kind == "organization" else DEFAULT_USER_COLUMN
+
+
+# -- explicit helpers -----------------------------------------------------------
+
+
+def _mapper_column_key(mapper: Mapper[Any], name: str) -> str | None:
+    """The attribute key of ``mapper``'s column called ``name`` (key or SQL name)."""
+    if name in mapper.columns:
+        return name
+    for key, column in mapper.columns.items():
+        if getattr(column, "name", None) == name:
+            return str(key)
+    return None
+
+
+def _entity_column(entity: Any, name: str) -> Any | None:
+    """``entity``'s column ``name``: a mapped class, an alias of one, or a table."""
+    if entity is None:
+        return None
+    info = inspect(entity, raiseerr=False)
+    mapper = getattr(info, "mapper", None)
+    if isinstance(mapper, Mapper):
+        key = _mapper_column_key(mapper, name)
+        return getattr(entity, key) if key is not None else None
+    columns = getattr(entity, "c", None)
+    if columns is not None and name in columns:
+        return columns[name]
+    return None
+
+
+def _leftmost(from_clause: Any) -> Any:
+    while hasattr(from_clause, "left") and hasattr(from_clause, "right"):
+        from_clause = from_clause.left
+    return from_clause
+
+
+def _primary_column(statement: Any, name: str) -> Any:
+    """The ``name`` column of the statement's primary entity (fail closed)."""
+    candidates: list[Any] = []
+    if isinstance(statement, Update | Delete):
+        description = statement.entity_description
+        candidates += [description.get("entity"), description.get("table")]
+    else:
+        candidates += [d.get("entity") for d in statement.column_descriptions]
+        core: Any = statement.statement if isinstance(statement, Query) else statement
+        candidates += [_leftmost(f) for f in core.get_final_froms()]
+    for entity in candidates:
+        column = _entity_column(entity, name)
+        if column is not None:
+            return column
+    raise TenantScopingError(
+        f"Cannot scope this statement: none of its entities has a column named {name!r}. "
+        f"Pass column=… explicitly."
+    )
+
+
+def _add_criteria(statement: S, criterion: ColumnElement[bool], marker: str | None) -> S:
+    if isinstance(statement, Query):
+        query: Query[Any] = statement
+        if query._limit_clause is not None or query._offset_clause is not None:
+            # WHERE applies before LIMIT in SQL, which is what scoping means;
+            # Query only refuses filter() after limit() to catch mistakes.
+            query = query.enable_assertions(False).filter(criterion).enable_assertions(True)
+        else:
+            query = query.filter(criterion)
+        return query  # type: ignore[return-value]
+    if not isinstance(statement, Select | Update | Delete):
+        raise TypeError(
+            f"org_scoped()/user_scoped() take a select(), update(), delete() or Query, "
+            f"not {type(statement).__name__}."
+        )
+    scoped = statement.where(criterion)
+    if marker is not None:
+        scoped = scoped.execution_options(**{_SCOPED_BY_HELPER: marker})
+    return scoped  # type: ignore[return-value]
+
+
+def org_scoped(statement: S, column: Any = None) -> S:
+    """Add ``WHERE <organization column> = <current organization>`` to ``statement``.
+
+    Works on a SQLAlchemy 2.x ``select()`` (with joins, ``order_by``,
+    ``limit``; for ``db.paginate()``), ``update()`` / ``delete()``, and on a
+    legacy ``Query`` such as Flask-SQLAlchemy's ``Model.query`` (also after
+    ``limit()``, and before ``.paginate()``). Returns a new statement.
+
+    :param statement: the statement or query to scope.
+    :param column: the column to compare, e.g. ``Task.organization_id``;
+        by default the column named ``OAUTH_VERIFY_ORGANIZATION_COLUMN``
+        (``organization_id``) of the statement's primary (first) entity.
+        Joined entities are not filtered: scope them in the join condition,
+        or use :func:`enable_tenant_scoping`, which scopes every entity.
+    :raises MissingOrganizationContext: inside a request without an
+        organization (401 ``missing_organization_context``).
+    :raises TenantContextError: outside a request without an organization.
+    :raises TenantScopingError: when no entity has the column.
+
+    .. versionadded:: 0.1.0
+    """
+    organization = current_organization_id()
+    target = (
+        column
+        if column is not None
+        else _primary_column(statement, _configured_column("organization"))
+    )
+    return _add_criteria(statement, target == organization, organization)
+
+
+def user_scoped(statement: S, column: Any = None) -> S:
+    """Add ``WHERE <user column> = <current user>`` to ``statement``.
+
+    Like :func:`org_scoped` for ``g.auth.user_id`` and
+    ``OAUTH_VERIFY_USER_COLUMN`` (``user_id``). Combine both for data that
+    belongs to one user of one organization:
+    ``user_scoped(org_scoped(select(Task)))``.
+
+    :raises MissingUserContext: inside a request whose token acts for no
+        user (401 ``missing_user_context``).
+    :raises TenantContextError: outside a request without a user.
+    :raises TenantScopingError: when no entity has the column.
+
+    .. versionadded:: 0.1.0
+    """
+    user = current_user_id()
+    target = (
+        column if column is not None else _primary_column(statement, _configured_column("user"))
+    )
+    return _add_criteria(statement, target == user, None)
+
+
+def unscoped(statement: S, *, reason: str) -> S:
+    """Let ``statement`` run without automatic scoping: the logged admin opt-out.
+
+    Sets the :data:`BYPASS_OPTION` execution option; every execution is
+    logged at WARNING on ``flask_oauth_verify.tenancy`` with ``reason``.
+    Only the statement itself is exempt: lazy loads it triggers later are
+    scoped again, and flushes still pass the write guard.
+
+    :param statement: a ``select()``, ``update()``, ``delete()``, ``insert()``
+        or ``Query``.
+    :param reason: why, for the audit log (required, non-empty).
+    :raises ValueError: without a reason.
+
+    .. versionadded:: 0.1.0
+    """
+    if not isinstance(reason, str) or not reason.strip():
+        raise ValueError("unscoped() needs a non-empty reason for the audit log.")
+    return statement.execution_options(**{BYPASS_OPTION: reason})  # type: ignore[attr-defined, no-any-return]
+
+
+# -- automatic scoping ----------------------------------------------------------
+
+
+def _all_registries() -> set[registry]:
+    # SQLAlchemy keeps every registry of the process here (configure_mappers
+    # walks the same set); there is no public accessor.
+    from sqlalchemy.orm.mapper import _all_registries as all_registries
+
+    return set(all_registries())
+
+
+def _statement_kind(state: ORMExecuteState) -> str:
+    names = sorted({m.class_.__name__ for m in state.all_mappers})
+    return f"{type(state.statement).__name__}({', '.join(names)})"
+
+
+def _column_name_of(key: Any) -> str | None:
+    if isinstance(key, str):
+        return key
+    for attribute in ("key", "name"):
+        value = getattr(key, attribute, None)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def _literal(value: Any) -> Any:
+    return value.value if isinstance(value, BindParameter) else value
+
+
+#: mapper -> attribute key of its organization column, for the criteria lambda
+_TENANT_KEYS: weakref.WeakKeyDictionary[Mapper[Any], str] = weakref.WeakKeyDictionary()
+
+
+def _tenant_column(entity: Any) -> Any:
+    """The organization column of ``entity`` (a mapped class or an alias of one)."""
+    # ``__mapper__`` also reaches through aliases and SQLAlchemy's wrapper
+    mapper = getattr(entity, "__mapper__", None) or inspect(entity).mapper
+    return getattr(entity, _TENANT_KEYS[mapper])
+
+
+def _criteria(cls: Any, organization: str) -> Any:
+    # A lambda, so that SQLAlchemy re-targets it to aliases of ``cls``; the
+    # closure variable ``organization`` becomes a bound parameter of the
+    # cached statement, never a literal baked into the cache.
+    return with_loader_criteria(
+        cls, lambda entity: _tenant_column(entity) == organization, include_aliases=True
+    )
+
+
+def _foreign(value: Any, organization: str) -> bool:
+    """Whether a written organization value differs (a SQL expression always does)."""
+    return isinstance(value, ClauseElement) or value != organization
+
+
+def _value_rows(statement: Any) -> list[dict[str | None, Any]]:
+    """The rows given with ``.values()``, keyed by column name."""
+    rows: list[dict[str | None, Any]] = []
+    values = getattr(statement, "_values", None)
+    if values:
+        rows.append({_column_name_of(k): _literal(v) for k, v in values.items()})
+    for group in getattr(statement, "_multi_values", None) or ():
+        for row in group:
+            if not isinstance(row, Mapping):
+                raise TenantScopingError(
+                    "Multi-row VALUES given positionally cannot be checked by the tenant "
+                    "write guard; pass one dictionary per row."
+                )
+            rows.append({_column_name_of(k): _literal(v) for k, v in row.items()})
+    return rows
+
+
+def _param_rows(state: ORMExecuteState) -> list[Mapping[str, Any]]:
+    params: Any = state.parameters
+    if params is None:
+        return []
+    if isinstance(params, Mapping):
+        return [params]
+    return list(params)
+
+
+class TenantScoping:
+    """Automatic scoping installed on one session target.
+
+    Made by :func:`enable_tenant_scoping`; :meth:`disable` removes it.
+
+    :param target: what the listeners are attached to.
+    :param column: the organization column name.
+    :param models: which mapped classes may be scoped (``None``: all).
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, target: Any, *, column: str, models: Any = None) -> None:
+        self.target = target
+        self.column = column
+        self._models = models
+        self._lock = threading.Lock()
+        self._tenants: dict[frozenset[Mapper[Any]], tuple[tuple[Any, str], ...]] = {}
+        self._keys: weakref.WeakKeyDictionary[Mapper[Any], str | None] = weakref.WeakKeyDictionary()
+
+    # -- which classes are scoped
+
+    def _selected(self, mapper: Mapper[Any]) -> bool:
+        models = self._models
+        if models is None:
+            return True
+        if isinstance(models, registry):
+            return mapper.registry is models
+        if isinstance(models, type):
+            return issubclass(mapper.class_, models)
+        return any(issubclass(mapper.class_, model) for model in models)
+
+    def tenant_key(self, mapper: Mapper[Any]) -> str | None:
+        """The attribute key of ``mapper``'s organization column, else ``None``."""
+        try:
+            return self._keys[mapper]
+        except KeyError:
+            pass
+        key = _mapper_column_key(mapper, self.column) if self._selected(mapper) else None
+        self._keys[mapper] = key
+        return key
+
+    def tenant_classes(self) -> tuple[tuple[Any, str], ...]:
+        """Every scoped mapped class, with the attribute key of its column.
+
+        :raises TenantScopingError: when no mapped class has the column.
+        """
+        registries = (self._models,) if isinstance(self._models, registry) else _all_registries()
+        mappers = frozenset(m for reg in registries for m in reg.mappers)
+        found = self._tenants.get(mappers)
+        if found is None:
+            ordered = sorted(mappers, key=lambda m: (m.class_.__module__, m.class_.__qualname__))
+            found = tuple(
+                (m.class_, key) for m in ordered if (key := self.tenant_key(m)) is not None
+            )
+            with self._lock:
+                for cls, key in found:
+                    known = _TENANT_KEYS.setdefault(inspect(cls), key)
+                    if known != key:
+                        raise TenantScopingError(
+                            f"{cls.__name__} is scoped by two columns ({known!r}, {key!r})."
+                        )
+                if len(self._tenants) > 16:
+                    self._tenants.clear()
+                self._tenants[mappers] = found
+        if not found:
+            raise TenantScopingError(
+                f"enable_tenant_scoping(): no mapped class has a column named "
+                f"{self.column!r}, so nothing can be scoped. Check models= and column=."
+            )
+        return found
+
+    def _tenant_tables(self) -> dict[Any, str]:
+        tables: dict[Any, str] = {}
+        for cls, key in self.tenant_classes():
+            mapper = inspect(cls)
+            name = mapper.columns[key].name
+            for table in mapper.tables:
+                if name in table.c:
+                    tables[table] = name
+        return tables
+
+    # -- set-up
+
+    def _install(self) -> None:
+        event.listen(self.target, "do_orm_execute", self.on_execute)
+        event.listen(self.target, "before_flush", self.on_flush)
+
+    def disable(self) -> None:
+        """Remove the listeners from the target.
+
+        .. versionadded:: 0.1.0
+        """
+        event.remove(self.target, "do_orm_execute", self.on_execute)
+        event.remove(self.target, "before_flush", self.on_flush)
+        with _ENABLED_LOCK:
+            _ENABLED.pop(_identity(self.target), None)
+
+    def _check_settings(self) -> None:
+        if not has_app_context():
+            return
+        try:
+            configured = get_state().settings.organization_column
+        except RuntimeError:
+            return
+        if configured != self.column:
+            raise TenantScopingError(
+                f"Tenant scoping uses column {self.column!r} but this app sets "
+                f"OAUTH_VERIFY_ORGANIZATION_COLUMN = {configured!r}; pass column= to "
+                f"enable_tenant_scoping()."
+            )
+
+    # -- reads and bulk statements
+
+    def on_execute(self, state: ORMExecuteState) -> Any:
+        """``do_orm_execute``: scope the statement, check it, or refuse it."""
+        options = state.execution_options
+        if options.get(_INTERNAL):
+            return None
+        reason = options.get(BYPASS_OPTION)
+        if reason:
+            logger.warning("tenant scoping bypassed for %s: %s", _statement_kind(state), reason)
+            return None
+        self._check_settings()
+        if not state.is_orm_statement:
+            self._check_core(state)
+            return None
+        tenants = self.tenant_classes()
+        organization = current_organization_id()
+        if state.is_insert:
+            return self._guard_insert(state, organization)
+        if state.is_update or state.is_delete:
+            self._guard_dml(state, organization)
+            if state.is_executemany:
+                # ORM bulk UPDATE by primary key ignores loader criteria.
+                self._check_primary_keys(state, organization)
+                return None
+        state.statement = state.statement.options(
+            *[_criteria(cls, organization) for cls, _key in tenants]
+        )
+        if not (state.is_update or state.is_delete):
+            # every loaded row is checked against this (see _on_load)
+            state.update_execution_options(**{_EXPECTED_ORG: organization, _SCOPING: self})
+        return None
+
+    def _check_core(self, state: ORMExecuteState) -> None:
+        statement: Any = state.statement
+        tenant_tables = self._tenant_tables()
+        found = sql_util.find_tables(statement, include_crud=True)
+        touched = sorted({t.name for t in found if t in tenant_tables})
+        if not touched:
+            return  # text() and statements on other tables: see "Limits"
+        marked = state.execution_options.get(_SCOPED_BY_HELPER)
+        if isinstance(statement, Select) and marked and marked == current_organization_id():
+            return
+        raise TenantScopingError(
+            f"A Core statement on tenant table(s) {', '.join(touched)} cannot be scoped "
+            f"automatically: use the ORM entities, org_scoped(), or unscoped(..., reason=...)."
+        )
+
+    def _subject(self, state: ORMExecuteState) -> tuple[Mapper[Any], str, str] | None:
+        mapper = state.bind_mapper
+        key = self.tenant_key(mapper) if mapper is not None else None
+        if mapper is None or key is None:
+            return None
+        return mapper, key, mapper.columns[key].name
+
+    def _guard_insert(self, state: ORMExecuteState, organization: str) -> Any:
+        subject = self._subject(state)
+        if subject is None:
+            return None
+        mapper, key, name = subject
+        statement: Any = state.statement
+        if statement.select is not None:
+            raise TenantScopingError(
+                f"INSERT … FROM SELECT into tenant table of {mapper.class_.__name__} is not "
+                f"checked by the write guard; insert objects or use unscoped(..., reason=...)."
+            )
+        conflict = statement._post_values_clause
+        if conflict is not None and type(conflict).__name__ != "OnConflictDoNothing":
+            raise TenantScopingError(
+                f"An upsert into the tenant table of {mapper.class_.__name__} could update "
+                f"another organization's row; use unscoped(..., reason=...)."
+            )
+        value_rows = _value_rows(statement)
+        param_rows = _param_rows(state)
+        missing = 0
+        rows: list[Mapping[Any, Any]] = [*value_rows, *param_rows]
+        for row in rows:
+            value = row.get(key, row.get(name))
+            if value is None:
+                missing += 1
+            elif _foreign(value, organization):
+                raise self._cross(mapper, organization, value, "insert")
+        if not missing:
+            return None
+        if value_rows and (param_rows or len(value_rows) > 1 or missing != 1):
+            raise TenantScopingError(
+                f"Give {key} in every row of a multi-row INSERT into {mapper.class_.__name__}."
+            )
+        if param_rows:
+            fill = [{key: organization} for _ in param_rows]
+            return state.invoke_statement(params=fill if state.is_executemany else fill[0])
+        state.statement = statement.values(**{key: organization})
+        return None
+
+    def _guard_dml(self, state: ORMExecuteState, organization: str) -> None:
+        subject = self._subject(state)
+        if subject is None:
+            return
+        mapper, key, name = subject
+        rows: list[Mapping[Any, Any]] = [*_value_rows(state.statement), *_param_rows(state)]
+        for row in rows:
+            for column in (key, name):
+                if column in row and _foreign(row[column], organization):
+                    raise self._cross(mapper, organization, row[column], "update")
+
+    def _check_primary_keys(self, state: ORMExecuteState, organization: str) -> None:
+        subject = self._subject(state)
+        if subject is None:
+            return
+        mapper, key, _name = subject
+        cls = mapper.class_
+        pk_keys = [mapper.get_property_by_column(c).key for c in mapper.primary_key]
+        identities = []
+        for row in _param_rows(state):
+            if not all(k in row for k in pk_keys):
+                raise TenantScopingError(
+                    "A bulk UPDATE by primary key needs every primary key in each row."
+                )
+            identities.append(tuple(row[k] for k in pk_keys))
+        if not identities:
+            return
+        if len(pk_keys) == 1:
+            match = getattr(cls, pk_keys[0]).in_([i[0] for i in identities])
+        else:
+            match = tuple_(*[getattr(cls, k) for k in pk_keys]).in_(identities)
+        foreign = state.session.execute(
+            select(func.count())
+            .select_from(cls)
+            .where(match, getattr(cls, key) != organization)
+            .execution_options(**{_INTERNAL: True})
+        ).scalar_one()
+        if foreign:
+            raise self._cross(mapper, organization, "another organization", "update")
+
+    @staticmethod
+    def _cross(mapper: Any, organization: str, value: Any, action: str) -> CrossTenantWriteError:
+        name = mapper.class_.__name__
+        logger.warning(
+            "refused cross-tenant %s of %s: acting for %r, row belongs to %r",
+            action, name, organization, value,
+        )  # fmt: skip
+        return CrossTenantWriteError(
+            reason=f"{action} of {name} of {value!r} while acting for {organization!r}"
+        )
+
+    # -- flush
+
+    def on_flush(self, session: Session, flush_context: Any, instances: Any) -> None:
+        """``before_flush``: stamp new rows; refuse writes to other organizations."""
+        acting: list[str] = []
+
+        def organization() -> str:
+            if not acting:
+                self._check_settings()
+                acting.append(current_organization_id())
+            return acting[0]
+
+        for obj in list(session.new):
+            state = inspect(obj)
+            key = self.tenant_key(state.mapper)
+            if key is None:
+                continue
+            value = state.dict.get(key)
+            if value is None:
+                setattr(obj, key, organization())
+            elif value != organization():
+                raise self._cross(state.mapper, organization(), value, "insert")
+        changed = [(obj, "update") for obj in session.dirty]
+        changed += [(obj, "delete") for obj in session.deleted]
+        for obj, action in changed:
+            state = inspect(obj)
+            key = self.tenant_key(state.mapper)
+            if key is None:
+                continue
+            if action == "update" and not session.is_modified(obj, include_collections=False):
+                continue
+            history = state.attrs[key].load_history()
+            for value in (*history.added, *history.unchanged, *history.deleted):
+                if value != organization():
+                    raise self._cross(state.mapper, organization(), value, action)
+
+
+#: Execution option carrying the scoping object to the load guard.
+_SCOPING = "_oauth_verify_scoping"
+
+
+def _on_load(target: Any, context: Any) -> None:
+    """Load guard: a row of another organization never becomes an object."""
+    options = getattr(context, "execution_options", None) or {}
+    expected = options.get(_EXPECTED_ORG)
+    scoping = options.get(_SCOPING)
+    if expected is None or scoping is None:
+        return
+    state = inspect(target)
+    key = scoping.tenant_key(state.mapper)
+    value = state.dict.get(key) if key is not None else None
+    if value is not None and value != expected:
+        name = state.mapper.class_.__name__
+        logger.error(
+            "tenant load guard: a %s row of %r was loaded while acting for %r",
+            name, value, expected,
+        )  # fmt: skip
+        raise TenantScopingError(
+            f"A {name} row of another organization was loaded by a statement automatic "
+            f"scoping cannot see (e.g. from_statement()); refused."
+        )
+
+
+_ENABLED: weakref.WeakKeyDictionary[Any, TenantScoping] = weakref.WeakKeyDictionary()
+_ENABLED_LOCK = threading.Lock()
+_LOAD_GUARD: list[bool] = []
+
+
+def _event_target(target: Any, caller: str = "enable_tenant_scoping") -> Any:
+    if isinstance(target, Session | sessionmaker | scoped_session):
+        return target
+    if isinstance(target, type) and issubclass(target, Session):
+        return target
+    session = getattr(target, "session", None)  # Flask-SQLAlchemy's db
+    if isinstance(session, scoped_session):
+        return session
+    raise TypeError(
+        f"{caller}() takes a Session, sessionmaker, scoped_session or a "
+        f"Flask-SQLAlchemy db, not {type(target).__name__}."
+    )
+
+
+def _identity(target: Any) -> Any:
+    return target.session_factory if isinstance(target, scoped_session) else target
+
+
+def enable_tenant_scoping(
+    target: Any, *, column: str | None = None, models: Any = None
+) -> TenantScoping:
+    """Scope every ORM statement and guard every flush of ``target``'s sessions.
+
+    Installs a ``do_orm_execute`` listener that adds
+    :func:`~sqlalchemy.orm.with_loader_criteria` (``<column> = <current
+    organization>``) for every mapped class with the organization column —
+    top-level selects, joins, subqueries, relationship lazy loads, joined and
+    selectin eager loads, ``Session.get``, and ORM-enabled bulk ``update()``
+    / ``delete()`` — and a ``before_flush`` write guard that gives new rows
+    the current organization when unset and raises
+    :class:`CrossTenantWriteError` before a row of another organization is
+    inserted, changed or deleted.
+
+    With no organization (no verified ``g.auth.organization_id`` and no
+    :func:`as_organization`), every ORM statement and every flush of a
+    tenant row fails closed: 401 ``missing_organization_context`` inside a
+    request, :class:`TenantContextError` outside one. A Core statement on a
+    tenant table raises :class:`TenantScopingError`; ``text()`` is not seen
+    (see the documentation's "Limits").
+
+    :param target: a ``Session`` (class or instance), ``sessionmaker``,
+        ``scoped_session``, or a Flask-SQLAlchemy ``db`` (its ``db.session``).
+    :param column: the organization column name; by default the current
+        app's ``OAUTH_VERIFY_ORGANIZATION_COLUMN`` (``"organization_id"``
+        outside an app context). An app whose setting differs gets
+        :class:`TenantScopingError` rather than unscoped data.
+    :param models: restrict scoping to subclasses of a mixin or base class,
+        to one ``registry``, or to an iterable of classes (default: every
+        mapped class with the column).
+    :returns: the :class:`TenantScoping`; its ``disable()`` removes it.
+    :raises RuntimeError: when scoping is already enabled on ``target``.
+    :raises TypeError: for an unsupported target.
+
+    .. versionadded:: 0.1.0
+    """
+    event_target = _event_target(target)
+    scoping = TenantScoping(
+        event_target, column=column or _configured_column("organization"), models=models
+    )
+    with _ENABLED_LOCK:
+        if _identity(event_target) in _ENABLED:
+            raise RuntimeError("Tenant scoping is already enabled on this target.")
+        _ENABLED[_identity(event_target)] = scoping
+        if not _LOAD_GUARD:
+            event.listen(Mapper, "load", _on_load)
+            _LOAD_GUARD.append(True)
+    scoping._install()
+    return scoping
