@@ -6,79 +6,166 @@ sharing that backend (Redis in production) shares one copy. Without a cache
 an in-process one is used.
 
 A backend that fails (Redis stopped, slow, flushed) must never fail a
-request: every error is a miss (or a failed write), logged as a warning at
-most once every 30 seconds. Keys start with ``oauth_verify:`` and never hold
-a token, only hashes.
+request: every error is a miss (or a failed write) and the process falls back
+to its own in-process copy. The first failure is logged as a warning; for
+the next few seconds (``BACKEND_RETRY``) the backend is not called at all, so
+an outage costs at most one failed call per process every few seconds, then
+the backend is tried again and its recovery is logged. Keys start with
+``oauth_verify:`` and never hold a token, only hashes.
+
+A Redis backend should be given socket timeouts (``CACHE_OPTIONS =
+{"socket_timeout": 0.5, "socket_connect_timeout": 0.5}``): without them a
+Redis server that hangs (instead of refusing connections) blocks the
+request. A warning is logged when a Redis client without them is found.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import math
+import os
 import threading
 import time
 from typing import Any
 
 from cachelib import SimpleCache
+from flask_caching import Cache
 
-__all__ = ["SharedCache", "cache_key"]
+__all__ = ["BACKEND_RETRY", "SharedCache", "cache_key"]
 
 logger = logging.getLogger("flask_oauth_verify.cache")
 
-_WARN_INTERVAL = 30.0
+#: Seconds a failed backend is left alone before it is tried again.
+BACKEND_RETRY = 5.0
+_POLL = 0.02
 
 
 def cache_key(kind: str, value: str) -> str:
     """``oauth_verify:<kind>:<sha256(value)>`` — never the value itself."""
+    import hashlib
+
     return f"oauth_verify:{kind}:{hashlib.sha256(value.encode()).hexdigest()}"
+
+
+def _seconds(timeout: float) -> int:
+    # Redis wants whole seconds; never 0 (which means "forever").
+    return max(1, math.ceil(timeout))
 
 
 class SharedCache:
     """Failure-tolerant access to a Flask-Caching ``Cache`` (or an in-process one).
 
-    :param cache: a ``flask_caching.Cache`` bound to the app, or ``None`` for
-        a per-process cache.
+    :param cache: a ``flask_caching.Cache`` (initialised for the app before
+        or after this object is made), a cachelib backend, or ``None`` for a
+        per-process cache.
+    :param app: the app whose Flask-Caching backend to use; lets the cache
+        work outside an app context (start-up prefetch, CLI).
     """
 
-    def __init__(self, cache: Any | None) -> None:
+    def __init__(self, cache: Any | None, *, app: Any | None = None) -> None:
         self._cache = cache
+        self._app = app
+        self._backend: Any | None = None
         self._local = SimpleCache(threshold=2000, default_timeout=0)
-        self._last_warning = 0.0
         self._lock = threading.Lock()
+        self._down_until = 0.0
+        self._checked_options = False
         self.last_error: str | None = None
+
+    def bind_app(self, app: Any) -> None:
+        """Use the Flask-Caching backend registered on ``app``."""
+        self._app = app
+        self._backend = None
 
     @property
     def is_shared(self) -> bool:
-        """Whether a user-supplied (possibly shared) backend is in use."""
+        """Whether a user-supplied (possibly shared) backend is configured."""
         return self._cache is not None
 
     @property
+    def degraded(self) -> bool:
+        """Whether the backend failed recently and the local copy is used."""
+        return self._cache is not None and time.monotonic() < self._down_until
+
+    @property
     def backend(self) -> Any:
-        """The object calls go to."""
-        return self._cache if self._cache is not None else self._local
+        """The object calls go to (the local cache when none is configured).
+
+        :raises RuntimeError: when a Flask-Caching ``Cache`` is not (yet)
+            initialised for the app.
+        """
+        if self._cache is None:
+            return self._local
+        if self._backend is None:
+            self._backend = self._resolve()
+            self._check_options(self._backend)
+        return self._backend
+
+    def _resolve(self) -> Any:
+        cache = self._cache
+        if not isinstance(cache, Cache):
+            return cache  # a cachelib backend given directly
+        registry = getattr(self._app, "extensions", {}).get("cache", {})
+        backend = registry.get(cache) if isinstance(registry, dict) else None
+        if backend is not None:
+            return backend
+        # Outside init_app order: needs an app context or ``Cache(app)``.
+        return cache.cache
+
+    def _check_options(self, backend: Any) -> None:
+        if self._checked_options:
+            return
+        self._checked_options = True
+        client = getattr(backend, "_write_client", None)
+        pool = getattr(client, "connection_pool", None)
+        options = getattr(pool, "connection_kwargs", None)
+        if isinstance(options, dict) and options.get("socket_timeout") is None:
+            logger.warning(
+                "The Redis cache has no socket_timeout: a Redis server that hangs will block "
+                "requests. Set CACHE_OPTIONS = {'socket_timeout': 0.5, "
+                "'socket_connect_timeout': 0.5}."
+            )
+
+    # -- failure handling -----------------------------------------------------
+
+    def _usable(self) -> bool:
+        return self._cache is not None and time.monotonic() >= self._down_until
 
     def _failed(self, operation: str, exc: Exception) -> None:
         self.last_error = f"{operation}: {type(exc).__name__}"
-        now = time.monotonic()
         with self._lock:
-            if now - self._last_warning < _WARN_INTERVAL:
-                return
-            self._last_warning = now
-        logger.warning(
-            "Cache backend failed (%s: %s); falling back to per-process caching.",
-            operation,
-            type(exc).__name__,
-        )
+            was_up = self._down_until == 0.0
+            self._down_until = time.monotonic() + BACKEND_RETRY
+        if was_up:
+            logger.warning(
+                "Cache backend failed (%s: %s); falling back to per-process caching, "
+                "retrying the backend every %.0f s.",
+                operation,
+                type(exc).__name__,
+                BACKEND_RETRY,
+            )
+
+    def _succeeded(self) -> None:
+        if self._down_until:
+            with self._lock:
+                recovered = self._down_until != 0.0
+                self._down_until = 0.0
+            if recovered:
+                self.last_error = None
+                logger.warning("Cache backend recovered; sharing keys with other workers again.")
+
+    # -- the operations ---------------------------------------------------------
 
     def get(self, key: str) -> Any:
         """The stored value, or ``None`` on a miss or a backend failure."""
+        if not self._usable():
+            return self._local.get(key)
         try:
             value = self.backend.get(key)
-        except Exception as exc:  # noqa: BLE001 - any backend failure is a miss
+        except Exception as exc:
             self._failed("get", exc)
             return self._local.get(key)
-        if value is None and self._cache is not None:
-            return None
+        self._succeeded()
         return value
 
     def set(self, key: str, value: Any, timeout: float) -> bool:
@@ -87,37 +174,92 @@ class SharedCache:
         The value is always kept in the per-process fallback too, so a
         backend outage does not lose what this process already knows.
         """
-        seconds = max(1, int(timeout))
-        if self._cache is not None:
-            self._local.set(key, value, timeout=seconds)
+        seconds = _seconds(timeout)
+        self._local.set(key, value, timeout=seconds)
+        if not self._usable():
+            return self._cache is None
         try:
-            return bool(self.backend.set(key, value, timeout=seconds))
-        except Exception as exc:  # noqa: BLE001
+            stored = bool(self.backend.set(key, value, timeout=seconds))
+        except Exception as exc:
             self._failed("set", exc)
             return False
+        self._succeeded()
+        return stored
 
     def add(self, key: str, value: Any, timeout: float) -> bool:
-        """Store only if absent (a lock); on failure ``True`` (act alone)."""
+        """Store only if absent (a lock); on failure the per-process answer."""
+        seconds = _seconds(timeout)
+        if not self._usable():
+            return bool(self._local.add(key, value, timeout=seconds))
         try:
-            return bool(self.backend.add(key, value, timeout=max(1, int(timeout))))
-        except Exception as exc:  # noqa: BLE001
+            added = bool(self.backend.add(key, value, timeout=seconds))
+        except Exception as exc:
             self._failed("add", exc)
-            return bool(self._local.add(key, value, timeout=max(1, int(timeout))))
+            return bool(self._local.add(key, value, timeout=seconds))
+        self._succeeded()
+        return added
 
     def delete(self, key: str) -> None:
         """Remove ``key`` (errors ignored)."""
         self._local.delete(key)
+        if not self._usable():
+            return
         try:
             self.backend.delete(key)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._failed("delete", exc)
+
+    # -- a lock shared by every worker ------------------------------------------
+
+    def lock(self, key: str, timeout: float) -> bool:
+        """Take the lock ``key`` for at most ``timeout`` seconds (``add``).
+
+        The lock holds the real time it was taken, so a lock whose expiry was
+        lost (cachelib's ``add`` is ``SETNX`` then ``EXPIRE``; a process may
+        die in between) is broken once it is older than ``timeout``.
+        """
+        value = {"at": time.time(), "pid": os.getpid()}
+        if self.add(key, value, timeout):
+            return True
+        held = self.get(key)
+        at = held.get("at") if isinstance(held, dict) else None
+        if isinstance(at, int | float) and time.time() - at <= timeout:
+            return False
+        self.delete(key)  # expired (or garbage): break it, then race fairly
+        return self.add(key, value, timeout)
+
+    def locked(self, key: str, timeout: float) -> bool:
+        """Whether the lock ``key`` is held (and not older than ``timeout``)."""
+        held = self.get(key)
+        at = held.get("at") if isinstance(held, dict) else None
+        return isinstance(at, int | float) and time.time() - at <= timeout
+
+    def unlock(self, key: str) -> None:
+        """Release the lock ``key``."""
+        self.delete(key)
+
+    def wait_unlocked(self, key: str, timeout: float, *, wait: float) -> bool:
+        """Wait up to ``wait`` seconds for the lock ``key`` to be released.
+
+        Polls the backend (every 20 ms): the holder is another process.
+
+        :returns: whether the lock was released in time.
+        """
+        deadline = time.monotonic() + wait
+        while self.locked(key, timeout):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(_POLL)
+        return True
 
     def ping(self) -> bool:
         """Whether the backend answers a round trip (for the health check)."""
         probe = cache_key("health", "probe")
         try:
             self.backend.set(probe, 1, timeout=5)
-            return bool(self.backend.get(probe) == 1)
-        except Exception as exc:  # noqa: BLE001
+            ok = bool(self.backend.get(probe) == 1)
+        except Exception as exc:
             self._failed("ping", exc)
             return False
+        self._succeeded()
+        return ok

@@ -1,25 +1,39 @@
 """Authorization-server metadata discovery (OpenID Connect Discovery, RFC 8414).
 
 With no ``OAUTH_VERIFY_JWKS_URI`` the key set's URL comes from the issuer's
-metadata. The documents tried, in order, for issuer ``https://h/p``:
+metadata (and, with no ``OAUTH_VERIFY_INTROSPECTION_ENDPOINT``, the
+introspection endpoint too). The documents tried, in order, for issuer
+``https://h/p``:
 
-1. ``https://h/p/.well-known/openid-configuration`` (OpenID Connect, appended);
-2. ``https://h/.well-known/oauth-authorization-server/p`` (RFC 8414 §3,
+1. ``https://h/p/.well-known/openid-configuration`` (OpenID Connect
+   Discovery 1.0 §4, appended);
+2. ``https://h/.well-known/oauth-authorization-server/p`` (RFC 8414 §3.1,
    inserted);
 3. ``https://h/.well-known/openid-configuration/p`` (RFC 8414 §5, the
    inserted form of the OpenID Connect name).
 
+For an issuer without a path, (1) and (2) are tried. The next document is
+tried only when one is missing or unusable (4xx, not JSON, another issuer);
+a network failure, timeout or 5xx ends the attempt at once, so a down issuer
+costs one request's budget, not three.
+
 The metadata's ``issuer`` must equal the configured issuer exactly
-(RFC 8414 §3.3, the mix-up defence); a document that names another issuer is
-refused. Metadata is cached in the shared cache (``DISCOVERY_CACHE_TTL``,
-six hours by default); a failed refresh keeps the last good copy.
+(RFC 8414 §3.3, OpenID Connect Discovery §4.3: the mix-up defence); a
+document that names another issuer is refused.
+
+Metadata is cached like keys: in the shared cache, so every worker uses one
+copy; for ``DISCOVERY_CACHE_TTL`` (six hours, minus a small random jitter);
+after that one thread of one worker refreshes while everyone keeps using the
+copy they have; a failed refresh keeps the last good copy (for at most
+``JWKS_MAX_STALENESS``) and is retried after ``JWKS_REFRESH_COOLDOWN``;
+errors are never cached.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
+import random
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -27,15 +41,21 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .cache import SharedCache, cache_key
 from .config import ConfigurationError, Settings, check_url
-from .fetch import FetchError, Fetcher
+from .fetch import Fetcher, FetchError, SingleFlight
 
 __all__ = ["Discovery", "metadata_urls"]
 
 logger = logging.getLogger("flask_oauth_verify.discovery")
 
+_JITTER = 0.1
+_RECHECK = 1.0
+
 
 def metadata_urls(issuer: str) -> list[str]:
-    """The metadata URLs tried for ``issuer``, in order."""
+    """The metadata URLs tried for ``issuer``, in order.
+
+    :param issuer: the configured issuer identifier.
+    """
     parts = urlsplit(issuer)
     path = parts.path.rstrip("/")
     appended = urlunsplit(
@@ -54,10 +74,18 @@ def metadata_urls(issuer: str) -> list[str]:
     return urls
 
 
+def _try_next(exc: FetchError) -> bool:
+    """Whether a failed document leaves the others worth trying."""
+    if exc.status is not None and 400 <= exc.status < 500:
+        return True  # not published here (404) or refused: try the next name
+    return exc.reason.startswith("the response is not JSON")
+
+
 @dataclasses.dataclass
-class _Cached:
+class _Entry:
     metadata: Mapping[str, Any]
     fetched_at: float
+    fresh_until: float
 
 
 class Discovery:
@@ -80,62 +108,159 @@ class Discovery:
         self.cache = cache
         self.fetcher = fetcher
         self.clock = clock
-        self._local: dict[str, _Cached] = {}
-        self._locks: dict[str, threading.Lock] = {}
-        self._guard = threading.Lock()
+        self._local: dict[str, _Entry] = {}
+        self._flights: SingleFlight[Mapping[str, Any]] = SingleFlight()
+        self._lock_timeout = 2 * fetcher.budget + 2
+        #: issuer -> the last discovery error of this process (for status).
         self.last_error: dict[str, str] = {}
-
-    def _lock(self, issuer: str) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(issuer, threading.Lock())
 
     def metadata(self, issuer: str) -> Mapping[str, Any]:
         """The metadata of ``issuer`` (cached; refreshed after the TTL).
 
+        :param issuer: a configured issuer identifier.
         :raises FetchError: when no metadata was ever obtained and the
             issuer's documents cannot be fetched now.
         """
+        entry = self._local.get(issuer)
         now = self.clock()
+        if entry is not None and now < entry.fresh_until:
+            return entry.metadata
+        if entry is not None and self._usable(entry, now) and self._flights.running(issuer):
+            return entry.metadata  # one refresh is under way: keep using ours
+        if "{" in issuer:
+            raise FetchError("a templated issuer has no discovery document; set JWKS_URI")
+        try:
+            return self._flights.run(
+                issuer, lambda: self._refresh(issuer), timeout=self._lock_timeout
+            )
+        except TimeoutError:
+            raise FetchError("timed out waiting for discovery") from None
+
+    def endpoint(self, issuer: str, name: str) -> str | None:
+        """A URL from the metadata (``jwks_uri``, ``introspection_endpoint``).
+
+        :param issuer: a configured issuer identifier.
+        :param name: the metadata member.
+        :returns: the URL, or ``None`` when the metadata has no such member.
+        :raises FetchError: when the metadata cannot be had or the URL is
+            not acceptable under the fetch policy (https, or http to a
+            loopback host).
+        """
+        value = self.metadata(issuer).get(name)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise FetchError(f"metadata member {name} is not a string")
+        try:
+            return check_url(
+                value, name.upper(), allow_insecure_http=self.settings.allow_insecure_http
+            )
+        except ConfigurationError as exc:
+            raise FetchError(str(exc)) from None
+
+    def refresh(self, issuer: str) -> Mapping[str, Any]:
+        """Fetch the metadata of ``issuer`` now (operations: a forced refresh).
+
+        :raises FetchError: when it cannot be fetched (the last good copy
+            is kept).
+        """
+        now = self.clock()
+        metadata = self._fetch(issuer)
+        self._store(issuer, metadata, now)
+        return metadata
+
+    # -- internals ----------------------------------------------------------------
+
+    def _usable(self, entry: _Entry, now: float) -> bool:
+        return now - entry.fetched_at <= self.settings.jwks_max_staleness
+
+    def _install(self, issuer: str, metadata: Mapping[str, Any], fetched_at: float) -> _Entry:
         ttl = self.settings.discovery_cache_ttl
-        local = self._local.get(issuer)
-        if local is not None and now - local.fetched_at < ttl:
-            return local.metadata
-        with self._lock(issuer):
-            local = self._local.get(issuer)
-            if local is not None and now - local.fetched_at < ttl:
-                return local.metadata
-            shared = self.cache.get(cache_key("discovery", issuer))
-            if isinstance(shared, dict) and now - shared.get("fetched_at", 0) < ttl:
-                cached = _Cached(shared["metadata"], shared["fetched_at"])
-                self._local[issuer] = cached
-                return cached.metadata
+        jitter = random.uniform(0, _JITTER)  # noqa: S311 - spreading refreshes, not security
+        entry = _Entry(metadata, fetched_at, fetched_at + ttl * (1 - jitter))
+        self._local[issuer] = entry
+        return entry
+
+    def _adopt_shared(self, issuer: str, now: float) -> _Entry | None:
+        """Adopt a newer copy another worker stored; return the local entry."""
+        entry = self._local.get(issuer)
+        shared = self.cache.get(cache_key("discovery", issuer))
+        if not isinstance(shared, dict):
+            return entry
+        fetched_at = shared.get("fetched_at")
+        metadata = shared.get("metadata")
+        if not isinstance(fetched_at, int | float) or not isinstance(metadata, dict):
+            return entry
+        if metadata.get("issuer") != issuer or now - fetched_at > self.settings.jwks_max_staleness:
+            return entry
+        if entry is None or fetched_at > entry.fetched_at:
+            entry = self._install(issuer, metadata, fetched_at)
+        return entry
+
+    def _store(self, issuer: str, metadata: Mapping[str, Any], now: float) -> None:
+        self.last_error.pop(issuer, None)
+        keep = max(self.settings.discovery_cache_ttl, self.settings.jwks_max_staleness)
+        record = {"metadata": dict(metadata), "fetched_at": now}
+        self.cache.set(cache_key("discovery", issuer), record, keep)
+        self._install(issuer, metadata, now)
+
+    def _refresh(self, issuer: str) -> Mapping[str, Any]:
+        """Refresh once (this thread leads the process's single flight)."""
+        now = self.clock()
+        entry = self._adopt_shared(issuer, now)
+        if entry is not None and now < entry.fresh_until:
+            return entry.metadata
+        lock = cache_key("discovery-lock", issuer)
+        if not self.cache.lock(lock, self._lock_timeout):
+            # Another worker is fetching: use ours, or wait for its copy.
+            if entry is not None and self._usable(entry, now):
+                entry.fresh_until = now + _RECHECK
+                return entry.metadata
+            self.cache.wait_unlocked(lock, self._lock_timeout, wait=self._lock_timeout)
+            entry = self._adopt_shared(issuer, self.clock())
+            if entry is not None:
+                return entry.metadata
+            raise FetchError(self.last_error.get(issuer, "discovery by another worker failed"))
+        try:
+            entry = self._adopt_shared(issuer, now)
+            if entry is not None and now < entry.fresh_until:
+                return entry.metadata
             try:
                 metadata = self._fetch(issuer)
             except FetchError as exc:
-                self.last_error[issuer] = exc.reason
-                stale = local or (
-                    _Cached(shared["metadata"], shared["fetched_at"])
-                    if isinstance(shared, dict)
-                    else None
-                )
-                if stale is not None and now - stale.fetched_at < self.settings.jwks_max_staleness:
-                    logger.warning("Discovery for %s failed (%s); using the last metadata.", issuer, exc.reason)
-                    return stale.metadata
-                raise
-            self.last_error.pop(issuer, None)
-            record = {"metadata": metadata, "fetched_at": now}
-            self.cache.set(cache_key("discovery", issuer), record, self.settings.jwks_max_staleness)
-            self._local[issuer] = _Cached(metadata, now)
+                return self._failed(issuer, entry, now, exc)
+            self._store(issuer, metadata, now)
             return metadata
+        finally:
+            self.cache.unlock(lock)
+
+    def _failed(
+        self, issuer: str, entry: _Entry | None, now: float, exc: FetchError
+    ) -> Mapping[str, Any]:
+        self.last_error[issuer] = exc.reason
+        if entry is not None and self._usable(entry, now):
+            retry = max(self.settings.jwks_refresh_cooldown, _RECHECK)
+            entry.fresh_until = min(
+                now + retry, entry.fetched_at + self.settings.jwks_max_staleness
+            )
+            logger.warning(
+                "Discovery for %s failed (%s); using the last good metadata.", issuer, exc.reason
+            )
+            return entry.metadata
+        self._local.pop(issuer, None)
+        logger.error("Discovery for %s failed: %s", issuer, exc.reason)
+        raise exc
 
     def _fetch(self, issuer: str) -> Mapping[str, Any]:
         errors = []
         for url in metadata_urls(issuer):
             try:
-                result = self.fetcher.get_json(url)
+                result = self.fetcher.get_json(url, headers={"Accept": "application/json"})
             except FetchError as exc:
                 errors.append(f"{url}: {exc.reason}")
-                continue
+                if _try_next(exc):
+                    continue
+                break
             data = result.data
             if not isinstance(data, dict):
                 errors.append(f"{url}: not a JSON object")
@@ -147,19 +272,3 @@ class Discovery:
                 continue
             return data
         raise FetchError("discovery failed: " + "; ".join(errors))
-
-    def endpoint(self, issuer: str, name: str) -> str | None:
-        """A URL from the metadata (``jwks_uri``, ``introspection_endpoint``).
-
-        :raises FetchError: when the metadata cannot be had or the URL is
-            not acceptable under the fetch policy.
-        """
-        value = self.metadata(issuer).get(name)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise FetchError(f"metadata member {name} is not a string")
-        try:
-            return check_url(value, name.upper(), allow_insecure_http=self.settings.allow_insecure_http)
-        except ConfigurationError as exc:
-            raise FetchError(str(exc)) from None

@@ -1,38 +1,59 @@
 """The one fetch policy shared by key, discovery and introspection requests.
 
-* connect/read timeouts (``OAUTH_VERIFY_HTTP_TIMEOUT``) and an overall
-  deadline, so no request waits longer than the configured budget;
+* connect/read timeouts (``OAUTH_VERIFY_HTTP_TIMEOUT``, 2 s / 5 s) and an
+  overall deadline of their sum, so no request waits longer than the budget,
+  however slowly a server trickles its answer;
 * redirects followed only within the same origin (scheme, host, port), at
-  most three; a redirect to another host is an error;
+  most three; a redirect to another origin is an error;
 * ``http://`` only to loopback hosts unless ``ALLOW_INSECURE_HTTP``;
-* the body read in chunks and refused past ``OAUTH_VERIFY_HTTP_MAX_BYTES``;
+* status 200 (or 304 to a conditional GET) and a JSON body only: a body
+  whose ``Content-Type`` is neither a JSON type nor ``text/plain`` (a login
+  page, an error page of a proxy) is refused before it is read;
+* the body read in chunks and refused past ``OAUTH_VERIFY_HTTP_MAX_BYTES``
+  (512 KiB; counted after decompression);
 * a circuit breaker per origin: after ``CIRCUIT_BREAKER_FAILURES``
-  consecutive failures, calls fail at once for ``CIRCUIT_BREAKER_RESET``
-  seconds, then one trial call is let through (half-open).
+  consecutive failures (network errors, timeouts, 5xx, garbage), calls fail
+  at once for ``CIRCUIT_BREAKER_RESET`` seconds, then one trial call is let
+  through (half-open).
+
+:class:`SingleFlight` lets concurrent callers share one call's outcome; the
+key store, discovery and introspection use it so that N threads waiting for
+the same document cause one request.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import os
 import threading
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+import weakref
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, Generic, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import requests
 
 from .config import ConfigurationError, Settings, check_url
 
-__all__ = ["CircuitBreaker", "FetchError", "Fetcher", "HTTPResult"]
+__all__ = ["CircuitBreaker", "FetchError", "Fetcher", "HTTPResult", "SingleFlight"]
 
 _MAX_REDIRECTS = 3
 _USER_AGENT = "flask-oauth-verify"
+_CHUNK = 16384
+
+T = TypeVar("T")
 
 
 class FetchError(Exception):
     """A fetch failed; ``reason`` says how (for logs), never with a token.
+
+    Reasons start with a stable phrase that callers may classify:
+    ``timed out``, ``connection failed``, ``circuit open``, ``HTTP status``,
+    ``the response is not JSON``, ``response larger than``,
+    ``reading the body failed``, ``redirect to another origin refused``.
 
     :param reason: short description (timeout, connection refused, status).
     :param status: the HTTP status when one was received.
@@ -52,13 +73,21 @@ class HTTPResult:
     headers: Mapping[str, str]
     data: Any
 
+    def header(self, name: str) -> str | None:
+        """A response header, case-insensitively (``None`` when absent)."""
+        wanted = name.lower()
+        for key, value in self.headers.items():
+            if key.lower() == wanted:
+                return value
+        return None
+
 
 class CircuitBreaker:
     """Consecutive-failure circuit breaker (closed -> open -> half-open).
 
     :param failures: failures in a row that open the circuit.
     :param reset: seconds the circuit stays open before one trial call.
-    :param clock: time source (monotonic seconds).
+    :param clock: time source (seconds; only differences are used).
     """
 
     def __init__(
@@ -95,7 +124,7 @@ class CircuitBreaker:
             return not self._refuse_locked(claim_trial=True)
 
     def retry_after(self) -> int:
-        """Seconds until the next trial call may go out."""
+        """Whole seconds until the next trial call may go out (at least 1)."""
         with self._lock:
             if self._opened_at is None:
                 return 1
@@ -117,19 +146,108 @@ class CircuitBreaker:
                 self._opened_at = self._clock()
 
 
+class _Call(Generic[T]):
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: T | None = None
+        self.error: BaseException | None = None
+
+
+class SingleFlight(Generic[T]):
+    """At most one call per key at a time; concurrent callers share its outcome.
+
+    The first caller for a key (the leader) runs the function; callers that
+    arrive while it runs wait for it and get the same value, or a copy of the
+    same exception. A caller that waits longer than ``timeout`` gets
+    :class:`TimeoutError`.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: dict[Hashable, _Call[T]] = {}
+
+    def running(self, key: Hashable) -> bool:
+        """Whether a call for ``key`` is under way."""
+        return key in self._calls
+
+    def run(self, key: Hashable, function: Callable[[], T], *, timeout: float) -> T:
+        """Run ``function`` once for all concurrent callers of ``key``.
+
+        :param key: what the call is about (an issuer, a URL).
+        :param function: the call, run by the leader only.
+        :param timeout: how long a follower waits for the leader.
+        :raises TimeoutError: a follower waited longer than ``timeout``.
+        """
+        with self._lock:
+            call = self._calls.get(key)
+            leader = call is None
+            if call is None:
+                call = self._calls[key] = _Call()
+        if not leader:
+            if not call.done.wait(timeout):
+                raise TimeoutError("the call under way did not finish in time")
+            if call.error is not None:
+                raise copy.copy(call.error)
+            return call.value  # type: ignore[return-value]
+        try:
+            call.value = function()
+        except BaseException as exc:
+            call.error = exc
+            raise
+        finally:
+            with self._lock:
+                del self._calls[key]
+            call.done.set()
+        return call.value
+
+    def reset(self) -> None:
+        """Forget calls under way (in a forked child, whose leaders are gone)."""
+        self._lock = threading.Lock()
+        self._calls = {}
+
+
+_JSON_TYPES = ("application/json", "text/plain", "text/json")
+
+
+def _is_json_type(content_type: str | None) -> bool:
+    if not content_type:
+        return True
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media in _JSON_TYPES or media.endswith("+json")
+
+
 class Fetcher:
     """Makes the outgoing requests of one app, with one policy.
 
     :param settings: timeouts, size cap, insecure-http and breaker settings.
+    :param clock: the circuit breakers' time source.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
-        self._session = requests.Session()
-        self._session.headers["User-Agent"] = _USER_AGENT
-        self._session.trust_env = False  # no proxies/netrc picked up implicitly
+        self._clock = clock
+        self._session = self._new_session()
         self._breakers: dict[str, CircuitBreaker] = {}
         self._lock = threading.Lock()
+        # A pre-forking server (gunicorn --preload) forks after init_app:
+        # pooled connections must not be shared between processes.
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _reset_after_fork(ref))
+
+    @staticmethod
+    def _new_session() -> requests.Session:
+        session = requests.Session()
+        session.headers["User-Agent"] = _USER_AGENT
+        session.trust_env = False  # no proxies/netrc picked up implicitly
+        return session
+
+    @property
+    def budget(self) -> float:
+        """The most one request may take (connect + read timeout), seconds."""
+        connect, read = self.settings.http_timeout
+        return connect + read
 
     def breaker(self, url: str) -> CircuitBreaker:
         """The circuit breaker of ``url``'s origin."""
@@ -138,7 +256,9 @@ class Fetcher:
             breaker = self._breakers.get(origin)
             if breaker is None:
                 breaker = CircuitBreaker(
-                    self.settings.circuit_breaker_failures, self.settings.circuit_breaker_reset
+                    self.settings.circuit_breaker_failures,
+                    self.settings.circuit_breaker_reset,
+                    self._clock,
                 )
                 self._breakers[origin] = breaker
             return breaker
@@ -191,6 +311,9 @@ class Fetcher:
             else:
                 breaker.record_failure()
             raise
+        except Exception:
+            breaker.record_failure()
+            raise
         breaker.record_success()
         return result
 
@@ -238,12 +361,16 @@ class Fetcher:
                         )
                     current = target
                     continue
-                if accept_not_modified and response.status_code == 304:
-                    return HTTPResult(304, dict(response.headers), None)
-                body = self._read_body(response, deadline)
                 status = response.status_code
+                if accept_not_modified and status == 304:
+                    return HTTPResult(304, dict(response.headers), None)
                 if status != 200:
                     raise FetchError(f"HTTP status {status}", status=status)
+                content_type = response.headers.get("Content-Type")
+                if not _is_json_type(content_type):
+                    media = (content_type or "").split(";", 1)[0].strip()[:64]
+                    raise FetchError(f"the response is not JSON (Content-Type {media})", status=200)
+                body = self._read_body(response, deadline)
                 return HTTPResult(status, dict(response.headers), _decode_json(body))
         raise FetchError("too many redirects")
 
@@ -261,7 +388,7 @@ class Fetcher:
         chunks: list[bytes] = []
         size = 0
         try:
-            for chunk in response.iter_content(chunk_size=16384):
+            for chunk in response.iter_content(chunk_size=_CHUNK):
                 size += len(chunk)
                 if size > limit:
                     raise FetchError(
@@ -279,13 +406,24 @@ class Fetcher:
         self._session.close()
 
 
+def _reset_after_fork(ref: weakref.ReferenceType[Fetcher]) -> None:
+    fetcher = ref()
+    if fetcher is not None:
+        fetcher._session = Fetcher._new_session()
+        fetcher._lock = threading.Lock()
+
+
 def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname}:{parts.port or ''}"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "invalid-url"
+    return f"{parts.scheme}://{parts.hostname}:{port or ''}"
 
 
 def _decode_json(body: bytes) -> Any:
     try:
         return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise FetchError("the response is not JSON", status=200) from None

@@ -1,26 +1,36 @@
 """The key store: fetch, share, cache and refresh each issuer's JWK Set.
 
-Policy (see the operations guide in the docs):
+Policy (the operations guide in the docs, ``keys.rst``, explains each part):
 
 * **Where keys come from**: ``OAUTH_VERIFY_JWKS`` (static, offline), else
   ``OAUTH_VERIFY_JWKS_URI``, else the issuer's discovery metadata. Keys are
-  namespaced per issuer: a key of issuer A never verifies a token of B.
-* **Shared copy**: the raw key set and its metadata (fetched-at, max-age,
-  ETag) live in the shared cache, so N workers (or N machines on one Redis)
+  namespaced per issuer: a key of issuer A never verifies a token of B, and
+  the unverified ``iss`` is checked against the configured issuers before
+  any key is looked up, so a token can never make us fetch anything else.
+* **Shared copy**: the raw key set and its metadata (fetched-at, TTL, ETag,
+  URL) live in the shared cache, so N workers (or N machines on one Redis)
   share one copy; each process keeps only the parsed keys, keyed by the
   set's content hash, so a set is parsed once per process.
 * **Soft TTL**: ``JWKS_CACHE_TTL`` (or the response's ``Cache-Control:
-  max-age`` clamped to ``[JWKS_MIN_TTL, JWKS_MAX_TTL]``) minus a small random
-  jitter. After it, one thread refreshes (guarded across workers by an
-  ``add`` lock in the shared cache) while the others keep serving the keys
-  they have.
-* **Last known good**: a failed fetch never wipes keys; they are served until
-  ``JWKS_MAX_STALENESS`` (24 h). Errors are never cached. A key missing from
-  a successful fetch is no longer trusted.
-* **Unknown kid**: one forced refresh, single-flight, at most one per
-  ``JWKS_REFRESH_COOLDOWN`` per issuer across all workers; inside the
-  cooldown the token is refused at once, without any network call.
-* **Cold start with the issuer down**: :class:`UpstreamError` (503).
+  max-age``, less its ``Age``, clamped to ``[JWKS_MIN_TTL, JWKS_MAX_TTL]``)
+  minus up to 10 % random jitter. After it one request of one worker
+  refreshes (a single flight in the process, an ``add`` lock in the shared
+  cache across processes) while every other request keeps using the keys it
+  has. Conditional requests (``If-None-Match``) when the issuer sends an
+  ``ETag``.
+* **Last known good**: a failed fetch never wipes keys; they are served
+  until ``JWKS_MAX_STALENESS`` (24 h), and the fetch is retried (by one
+  worker) every ``JWKS_REFRESH_COOLDOWN``. Errors are never cached. A key
+  missing from a successful fetch is no longer trusted (and the verified
+  token cache is emptied).
+* **Unknown kid**: one forced refresh, then the lookup is retried; the
+  requests that arrive meanwhile wait for that one fetch; at most one forced
+  refresh per ``JWKS_REFRESH_COOLDOWN`` per issuer across all workers;
+  inside the cooldown the token is refused at once, without any network
+  call.
+* **Cold start with the issuer down**: :class:`UpstreamError` (503 with
+  ``Retry-After``) after at most one fetch budget; concurrent requests share
+  that one attempt.
 """
 
 from __future__ import annotations
@@ -36,10 +46,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .cache import SharedCache, cache_key
-from .config import Settings
+from .config import ConfigurationError, Settings, _is_loopback
 from .discovery import Discovery
 from .errors import InvalidTokenError, UpstreamError
-from .fetch import FetchError, Fetcher
+from .fetch import Fetcher, FetchError, HTTPResult, SingleFlight
+from .issuers import IssuerMatcher
 from .keys import KeySetError, PreparedKey, PreparedKeySet, content_hash, parse_key_set
 from .verification import JWSHeader
 
@@ -49,8 +60,11 @@ logger = logging.getLogger("flask_oauth_verify.keys")
 
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?", re.IGNORECASE)
 _JITTER = 0.1
+#: Seconds before a worker that saw another worker fetching looks again.
+_RECHECK = 1.0
+#: ``Retry-After`` of a 503 while the circuit is closed.
+_RETRY_AFTER = 5
 _PARSED_CACHE_SIZE = 64
-_LOCK_TIMEOUT = 10.0
 _MAX_DYNAMIC_SOURCES = 64
 
 #: Listener signature: (event name, fields). Set by the extension.
@@ -59,7 +73,21 @@ EventSink = Callable[[str, Mapping[str, Any]], None]
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class KeySetStatus:
-    """What the store knows about one issuer's keys (health check, CLI)."""
+    """What the store knows about one issuer's keys (health check, CLI, metrics).
+
+    :param issuer: the configured issuer (or template).
+    :param source: where the keys come from: the JWKS URL, ``"static"``, or
+        ``None`` before the first fetch.
+    :param kids: the key ids of the usable keys.
+    :param age: seconds since the keys were fetched (``None``: no keys).
+    :param fresh: whether the keys are within their soft TTL.
+    :param last_error: why the last refresh failed (``None``: it worked).
+    :param skipped: keys of the set that were skipped, with the reason.
+    :param fetched_at: when the keys were fetched (by any worker).
+    :param expires_in: seconds until the soft TTL ends (negative: overdue).
+    :param circuit_open: whether the circuit breaker refuses calls now.
+    :param fetches: fetches this process made for the issuer.
+    """
 
     issuer: str
     source: str | None
@@ -68,36 +96,72 @@ class KeySetStatus:
     fresh: bool
     last_error: str | None
     skipped: tuple[str, ...]
+    fetched_at: float | None = None
+    expires_in: float | None = None
+    circuit_open: bool = False
+    fetches: int = 0
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Source:
     """The keys of one issuer (or of one allowlisted ``jku`` of an issuer)."""
 
     issuer: str
     jku: str | None = None
     keys: PreparedKeySet | None = None
+    raw: Any = None
     fetched_at: float = 0.0
+    ttl: float = 0.0
     fresh_until: float = 0.0
     etag: str | None = None
     uri: str | None = None
     last_forced: float = float("-inf")
     last_error: str | None = None
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    fetches: int = 0
 
     @property
     def name(self) -> str:
         return self.issuer if self.jku is None else f"{self.issuer} jku={self.jku}"
 
+    def key(self, kind: str) -> str:
+        return cache_key(kind, self.name)
 
-def _max_age(headers: Mapping[str, str]) -> float | None:
-    value = {k.lower(): v for k, v in headers.items()}.get("cache-control")
+
+def _max_age(result: HTTPResult) -> float | None:
+    """Seconds the response may be reused (RFC 9111 §5.2.2.1, less ``Age``)."""
+    value = result.header("Cache-Control")
     if not value:
         return None
-    if "no-store" in value.lower() or "no-cache" in value.lower():
+    lowered = value.lower()
+    if "no-store" in lowered or "no-cache" in lowered:
         return 0.0
     match = _MAX_AGE.search(value)
-    return float(match.group(1)) if match else None
+    if match is None:
+        return None
+    age = result.header("Age") or ""
+    return float(match.group(1)) - (float(age) if age.isdigit() else 0.0)
+
+
+def _static_sets(settings: Settings) -> dict[str, PreparedKeySet]:
+    """``OAUTH_VERIFY_JWKS`` parsed: one set, or a mapping issuer -> set."""
+    static = settings.static_jwks
+    if static is None:
+        return {}
+    try:
+        if isinstance(static.get("keys"), list):
+            if len(settings.issuers) > 1:
+                raise ConfigurationError(
+                    "OAUTH_VERIFY_JWKS is one key set but OAUTH_VERIFY_ISSUER lists several "
+                    "issuers; keys are never shared between issuers: give a mapping "
+                    "{issuer: {'keys': [...]}}."
+                )
+            return {settings.issuers[0]: parse_key_set(static, settings.algorithms)}
+        unknown = [issuer for issuer in static if issuer not in settings.issuers]
+        if unknown:
+            raise ConfigurationError(f"OAUTH_VERIFY_JWKS names unknown issuers: {unknown}.")
+        return {issuer: parse_key_set(jwks, settings.algorithms) for issuer, jwks in static.items()}
+    except KeySetError as exc:
+        raise ConfigurationError(f"OAUTH_VERIFY_JWKS is not usable: {exc}") from None
 
 
 class KeyStore:
@@ -108,6 +172,7 @@ class KeyStore:
     :param fetcher: the app's fetch policy.
     :param discovery: metadata discovery, for issuers without a JWKS URI.
     :param clock: wall-clock seconds (tests pass a fake clock).
+    :raises ConfigurationError: when the static key set is unusable.
     """
 
     def __init__(
@@ -127,13 +192,19 @@ class KeyStore:
         self.on_keys_changed: Callable[[], None] | None = None
         self._sources: dict[tuple[str, str | None], _Source] = {}
         self._guard = threading.Lock()
+        self._flights: SingleFlight[PreparedKeySet] = SingleFlight()
         self._parsed: dict[str, PreparedKeySet] = {}
-        self._static: PreparedKeySet | None = None
-        if settings.static_jwks is not None:
-            self._static = parse_key_set(settings.static_jwks, settings.algorithms)
+        self._static = _static_sets(settings)
         self._jku_hosts = frozenset(h.lower() for h in settings.allowed_jku_hosts)
+        self._issuers = IssuerMatcher(
+            settings.issuers, settings.issuer_placeholder_claims, settings.allowed_tenants
+        )
+        # A fetch may need discovery first: two budgets, plus parsing.
+        self._wait = 2 * fetcher.budget + 2
+        self._cooldown = settings.jwks_refresh_cooldown
         for issuer in settings.issuers:
-            self._source(issuer, None)
+            if issuer not in self._static:
+                self._source(issuer, None)
 
     # -- the hot path -------------------------------------------------------
 
@@ -143,8 +214,10 @@ class KeyStore:
         :raises InvalidTokenError: no such key (after at most one refresh).
         :raises UpstreamError: no keys can be had for the issuer at all.
         """
-        if self._static is not None:
-            return self._from_set(self._static, header, "static key set")
+        if self._static:
+            static = self._static.get(issuer)
+            if static is not None:
+                return self._from_set(static, header, "static key set")
         source = self._source(issuer, self._jku(header))
         keys = source.keys
         if keys is None or self.clock() >= source.fresh_until:
@@ -154,7 +227,7 @@ class KeyStore:
             return key
         if header.kid is None:
             raise InvalidTokenError(reason="token has no kid and the key set has several keys")
-        keys = self._forced_refresh(source, keys)
+        keys = self._refresh_for_kid(source, keys, header.kid)
         return self._from_set(keys, header, f"key set of {source.name}")
 
     @staticmethod
@@ -177,14 +250,33 @@ class KeyStore:
         jku = header.raw.get("jku")
         if not isinstance(jku, str):
             raise InvalidTokenError(reason="jku is required by this profile")
-        parts = urlsplit(jku)
-        if parts.scheme != "https" or (parts.hostname or "").lower() not in self._jku_hosts:
+        try:
+            parts = urlsplit(jku)
+            port = parts.port
+        except ValueError:
+            raise InvalidTokenError(reason="jku is not a URL") from None
+        host = (parts.hostname or "").lower()
+        if host not in self._jku_hosts or parts.username or parts.password or parts.fragment:
             raise InvalidTokenError(reason="jku host is not allowlisted")
-        if parts.port not in (None, 443) or parts.username or parts.password:
-            raise InvalidTokenError(reason="jku host is not allowlisted")
-        return jku
+        if parts.scheme == "https" and port in (None, 443):
+            return jku
+        # Test emulators only: plain http to an allowlisted loopback host, and
+        # only with ALLOW_INSECURE_HTTP; production stays https on port 443.
+        if parts.scheme == "http" and self.settings.allow_insecure_http and _is_loopback(host):
+            return jku
+        raise InvalidTokenError(reason="jku is not an https URL of an allowlisted host")
 
     def _source(self, issuer: str, jku: str | None) -> _Source:
+        source = self._sources.get((issuer, jku))
+        if source is not None:
+            return source
+        # A concrete issuer of a templated ISSUER shares the template's
+        # source; an issuer that is not configured never gets one (and so
+        # never causes a fetch), which keeps the number of sources bounded.
+        configured = self._issuers.configured(issuer)
+        if configured is None:
+            raise InvalidTokenError(reason="iss is not a configured issuer")
+        issuer = configured
         source = self._sources.get((issuer, jku))
         if source is not None:
             return source
@@ -192,106 +284,209 @@ class KeyStore:
             source = self._sources.get((issuer, jku))
             if source is None:
                 if jku is not None and len(self._sources) > _MAX_DYNAMIC_SOURCES:
-                    raise InvalidTokenError(reason="too many distinct jku URLs")
+                    self._drop_failed_jku_sources()
+                    if len(self._sources) > _MAX_DYNAMIC_SOURCES:
+                        raise InvalidTokenError(reason="too many distinct jku URLs")
                 source = _Source(issuer=issuer, jku=jku)
                 self._sources[(issuer, jku)] = source
             return source
 
-    # -- refresh ------------------------------------------------------------
+    def _drop_failed_jku_sources(self) -> None:
+        """Forget ``jku`` sources that never yielded keys (caller holds the guard).
+
+        Anyone can put any path of an allowlisted host in a ``jku``; such
+        sources fail to fetch and must not crowd out the real ones.
+        """
+        for name, source in list(self._sources.items()):
+            if (
+                source.jku is not None
+                and source.keys is None
+                and not self._flights.running(source.name)
+            ):
+                del self._sources[name]
+
+    # -- when a refresh is due or a kid is unknown ------------------------------
 
     def _current(self, source: _Source) -> PreparedKeySet:
-        """Keys after the soft TTL: adopt a newer shared copy, or refresh once."""
-        now = self.clock()
-        if self._adopt_shared(source, now, fresh_only=True):
-            assert source.keys is not None
-            return source.keys
-        if source.lock.acquire(blocking=False):
-            try:
-                return self._refresh(source, forced=False)
-            finally:
-                source.lock.release()
-        # Another thread is refreshing: serve what we have while it does.
-        if source.keys is not None and self._usable(source, now):
-            return source.keys
-        with source.lock:  # cold start: wait for that one fetch
-            if source.keys is not None and self._usable(source, self.clock()):
-                return source.keys
-            return self._refresh(source, forced=False)
+        """Keys after the soft TTL (or none yet): refresh once, serve meanwhile."""
+        keys = source.keys
+        if (
+            keys is not None
+            and self._usable(source, self.clock())
+            and self._flights.running(source.name)
+        ):
+            return keys  # one refresh is under way in this process: keep serving
+        return self._run(source, "due")
 
-    def _usable(self, source: _Source, now: float) -> bool:
-        return now - source.fetched_at <= self.settings.jwks_max_staleness
-
-    def _forced_refresh(self, source: _Source, seen: PreparedKeySet) -> PreparedKeySet:
+    def _refresh_for_kid(self, source: _Source, seen: PreparedKeySet, kid: str) -> PreparedKeySet:
         """One refresh for an unknown kid, rate limited per issuer."""
-        started = self.clock()
-        if started - source.last_forced < self.settings.jwks_refresh_cooldown:
-            return seen
-        with source.lock:
-            if source.keys is not seen and source.keys is not None:
-                return source.keys  # someone refreshed while we waited
-            now = self.clock()
-            if now - source.last_forced < self.settings.jwks_refresh_cooldown:
-                return source.keys or seen
-            source.last_forced = now
-            # A newer copy fetched by another worker may already have the key.
-            if self._adopt_shared(source, now, fresh_only=False, newer_only=True):
-                assert source.keys is not None
-                return source.keys
-            cooldown_key = cache_key("jwks-forced", source.name)
-            if not self.cache.add(cooldown_key, now, self.settings.jwks_refresh_cooldown or 1):
-                return source.keys or seen  # another worker forced one recently
-            try:
-                return self._refresh(source, forced=True)
-            except UpstreamError:
-                return source.keys or seen
+        keys = seen
+        for _ in range(2):
+            if (
+                not self._flights.running(source.name)
+                and self.clock() - source.last_forced < self._cooldown
+            ):
+                return source.keys or keys  # inside the cooldown: no network call
+            led: list[bool] = []
+            keys = self._run(source, "forced", kid, led)
+            if led or keys.get(kid) is not None:
+                return keys
+            # We joined a refresh started by another request; if that one was
+            # not forced (a due refresh), one forced refresh is still allowed.
+        return keys
 
-    def _adopt_shared(
-        self, source: _Source, now: float, *, fresh_only: bool, newer_only: bool = False
-    ) -> bool:
-        record = self.cache.get(self._record_key(source))
-        if not isinstance(record, dict):
-            return False
-        fetched_at = record.get("fetched_at", 0.0)
-        ttl = record.get("ttl", self.settings.jwks_cache_ttl)
-        if fresh_only and now - fetched_at >= ttl:
-            return False
-        if newer_only and fetched_at <= source.fetched_at:
-            return False
-        if now - fetched_at > self.settings.jwks_max_staleness:
-            return False
+    def _run(
+        self, source: _Source, mode: str, kid: str | None = None, led: list[bool] | None = None
+    ) -> PreparedKeySet:
+        """Refresh in a single flight: concurrent callers share its outcome."""
+
+        def lead() -> PreparedKeySet:
+            if led is not None:
+                led.append(True)
+            return self._refresh(source, mode, kid)
+
         try:
-            keys = self._parse(record["jwks"])
-        except (KeySetError, KeyError):
+            return self._flights.run(source.name, lead, timeout=self._wait)
+        except TimeoutError:
+            return self._keys_or_raise(source, self.clock(), "timed out waiting for a refresh")
+
+    def _refresh(self, source: _Source, mode: str, kid: str | None) -> PreparedKeySet:
+        """Lead one refresh. ``mode``: ``due``, ``forced`` (unknown kid), ``manual``."""
+        now = self.clock()
+        try:
+            return self._refresh_locked(source, mode, kid, now)
+        except (UpstreamError, InvalidTokenError):
+            raise
+        except Exception as exc:
+            # A bug or a cache backend oddity must fail closed, never as a 500.
+            logger.exception("Refreshing the keys of %s raised", source.name)
+            return self._failed(source, now, f"internal error: {type(exc).__name__}")
+
+    def _refresh_locked(
+        self, source: _Source, mode: str, kid: str | None, now: float
+    ) -> PreparedKeySet:
+        if mode == "forced":
+            if now - source.last_forced < self._cooldown:
+                return self._keys_or_raise(source, now)
+            source.last_forced = now
+        # Another worker may have stored a copy that already does.
+        if self._adopt_shared(source, now) and self._enough(source, now, mode, kid):
+            return self._keys_or_raise(source, now)
+        lock = source.key("jwks-lock")
+        if not self.cache.lock(lock, self._wait):
+            return self._while_other_fetches(source, now, mode)
+        try:
+            # Double-check: the previous holder may have just stored its copy.
+            if self._adopt_shared(source, now) and self._enough(source, now, mode, kid):
+                return self._keys_or_raise(source, now)
+            if mode == "forced" and self._forced_elsewhere(source, now):
+                return self._keys_or_raise(source, now)
+            if mode == "due" and self._failed_elsewhere(source, now):
+                return self._keys_or_raise(source, now)
+            return self._fetch_and_install(source, now, mode)
+        finally:
+            self.cache.unlock(lock)
+
+    def _enough(self, source: _Source, now: float, mode: str, kid: str | None) -> bool:
+        """Whether the adopted shared copy makes our own fetch unnecessary."""
+        if source.keys is None:
             return False
-        self._install(source, keys, record, now)
+        if mode == "due":
+            return now < source.fresh_until
+        if mode == "forced":
+            return source.keys.get(kid) is not None
+        return False
+
+    def _while_other_fetches(self, source: _Source, now: float, mode: str) -> PreparedKeySet:
+        """Another worker holds the fetch lock: serve ours, or wait for its copy."""
+        if mode == "due" and source.keys is not None and self._usable(source, now):
+            source.fresh_until = max(source.fresh_until, now + _RECHECK)
+            return source.keys
+        self.cache.wait_unlocked(source.key("jwks-lock"), self._wait, wait=self._wait)
+        self._adopt_shared(source, self.clock())
+        return self._keys_or_raise(source, now, self._shared_error(source))
+
+    def _forced_elsewhere(self, source: _Source, now: float) -> bool:
+        """Whether any worker forced a refresh within the cooldown (else claim it)."""
+        marker = self.cache.get(source.key("jwks-forced"))
+        at = marker.get("at") if isinstance(marker, dict) else None
+        if isinstance(at, int | float) and now - at < self._cooldown:
+            source.last_forced = max(source.last_forced, at)
+            return True
+        self.cache.set(source.key("jwks-forced"), {"at": now}, self._cooldown + 60)
+        return False
+
+    def _failed_elsewhere(self, source: _Source, now: float) -> bool:
+        """Whether another worker's refresh failed so recently that we wait too."""
+        if source.keys is None or not self._usable(source, now):
+            return False
+        attempt = self.cache.get(source.key("jwks-attempt"))
+        if not isinstance(attempt, dict) or not attempt.get("error"):
+            return False
+        at = attempt.get("at")
+        retry = max(self._cooldown, _RECHECK)
+        if not isinstance(at, int | float) or now - at >= retry:
+            return False
+        source.last_error = str(attempt["error"])
+        source.fresh_until = max(
+            source.fresh_until, min(at + retry, source.fetched_at + self._max_staleness)
+        )
         return True
 
-    def _record_key(self, source: _Source) -> str:
-        return cache_key("jwks", source.name)
+    def _shared_error(self, source: _Source) -> str:
+        attempt = self.cache.get(source.key("jwks-attempt"))
+        if isinstance(attempt, dict) and attempt.get("error"):
+            return f"another worker's fetch failed: {attempt['error']}"
+        return "another worker's fetch produced no keys"
 
-    def _parse(self, jwks: Any) -> PreparedKeySet:
-        digest = content_hash(jwks)
-        parsed = self._parsed.get(digest)
-        if parsed is None:
-            parsed = parse_key_set(jwks, self.settings.algorithms)
-            if len(self._parsed) >= _PARSED_CACHE_SIZE:
-                self._parsed.clear()
-            self._parsed[digest] = parsed
-        return parsed
+    # -- fetching -----------------------------------------------------------------
 
-    def _install(
-        self, source: _Source, keys: PreparedKeySet, record: Mapping[str, Any], now: float
-    ) -> None:
-        changed = source.keys is not None and source.keys.content_hash != keys.content_hash
-        ttl = float(record.get("ttl", self.settings.jwks_cache_ttl))
-        fetched_at = float(record.get("fetched_at", now))
-        source.keys = keys
-        source.fetched_at = fetched_at
-        source.etag = record.get("etag")
-        source.uri = record.get("uri")
-        source.fresh_until = fetched_at + ttl * (1 - random.uniform(0, _JITTER))  # noqa: S311
-        if changed and self.on_keys_changed is not None:
-            self.on_keys_changed()
+    def _fetch_and_install(self, source: _Source, now: float, mode: str) -> PreparedKeySet:
+        source.fetches += 1
+        try:
+            record = self._fetch(source, now)
+            keys = self._parse(record["jwks"])
+        except (FetchError, KeySetError) as exc:
+            return self._failed(source, now, str(exc))
+        keep = self._max_staleness + record["ttl"]
+        self.cache.set(source.key("jwks"), record, keep)
+        self.cache.set(source.key("jwks-attempt"), {"at": now, "error": None}, keep)
+        source.last_error = None
+        self._install(source, keys, record)
+        if not keys.keys:
+            logger.warning(
+                "The key set of %s has no usable key (skipped: %s).",
+                source.name,
+                "; ".join(keys.skipped) or "none",
+            )
+        self._emit(
+            "keys_refreshed",
+            issuer=source.issuer,
+            kids=list(keys.kids),
+            forced=mode == "forced",
+            trigger=mode,
+        )
+        return keys
+
+    def _fetch(self, source: _Source, now: float) -> dict[str, Any]:
+        uri = self._uri(source)
+        headers = {"Accept": "application/jwk-set+json, application/json"}
+        conditional = bool(source.etag and source.raw is not None and source.uri == uri)
+        if conditional:
+            headers["If-None-Match"] = str(source.etag)
+        result = self.fetcher.get_json(uri, headers=headers)
+        if result.status == 304:
+            if not conditional:
+                raise FetchError("304 Not Modified to an unconditional request")
+            jwks, etag = source.raw, result.header("ETag") or source.etag
+        else:
+            jwks, etag = result.data, result.header("ETag")
+        return {"jwks": jwks, "fetched_at": now, "ttl": self._ttl(result), "etag": etag, "uri": uri}
+
+    def _ttl(self, result: HTTPResult) -> float:
+        max_age = _max_age(result)
+        ttl = self.settings.jwks_cache_ttl if max_age is None else max_age
+        return max(min(max(ttl, self.settings.jwks_min_ttl), self.settings.jwks_max_ttl), 1.0)
 
     def _uri(self, source: _Source) -> str:
         if source.jku is not None:
@@ -304,88 +499,153 @@ class KeyStore:
             raise FetchError("the issuer's metadata has no jwks_uri")
         return uri
 
-    def _refresh(self, source: _Source, *, forced: bool) -> PreparedKeySet:
-        """Fetch now (caller holds ``source.lock``); keep last good on failure."""
-        now = self.clock()
-        lock_key = cache_key("jwks-lock", source.name)
-        if not forced and source.keys is not None and not self.cache.add(lock_key, now, _LOCK_TIMEOUT):
-            # Another worker is fetching; serve ours until its copy lands.
-            source.fresh_until = now + 1.0
-            return source.keys
-        try:
-            record = self._fetch(source, now)
-            keys = self._parse(record["jwks"])
-        except (FetchError, KeySetError) as exc:
-            return self._refresh_failed(source, now, str(exc))
-        finally:
-            if not forced:
-                self.cache.delete(lock_key)
-        self.cache.set(
-            self._record_key(source), record, self.settings.jwks_max_staleness + record["ttl"]
-        )
-        self._install(source, keys, record, now)
-        source.last_error = None
-        self._emit("keys_refreshed", issuer=source.issuer, kids=list(keys.kids), forced=forced)
-        return keys
+    def _parse(self, jwks: Any) -> PreparedKeySet:
+        digest = content_hash(jwks) if isinstance(jwks, Mapping) else None
+        parsed = self._parsed.get(digest) if digest is not None else None
+        if parsed is None:
+            parsed = parse_key_set(jwks, self.settings.algorithms)
+            if len(self._parsed) >= _PARSED_CACHE_SIZE:
+                self._parsed.clear()
+            self._parsed[parsed.content_hash] = parsed
+        return parsed
 
-    def _fetch(self, source: _Source, now: float) -> dict[str, Any]:
-        uri = self._uri(source)
-        headers = {"Accept": "application/json"}
-        if source.etag and source.keys is not None and source.uri == uri:
-            headers["If-None-Match"] = source.etag
-        result = self.fetcher.get_json(uri, headers=headers)
-        max_age = _max_age(result.headers)
-        ttl = self.settings.jwks_cache_ttl if max_age is None else max_age
-        ttl = min(max(ttl, self.settings.jwks_min_ttl, 1.0), self.settings.jwks_max_ttl)
-        if result.status == 304 and source.keys is not None:
-            record = self.cache.get(self._record_key(source))
-            jwks: Any = record.get("jwks") if isinstance(record, dict) else None
-            if jwks is None:
-                raise FetchError("304 Not Modified but no cached key set")
-        else:
-            jwks = result.data
-        etag = {k.lower(): v for k, v in result.headers.items()}.get("etag")
-        return {"jwks": jwks, "fetched_at": now, "ttl": ttl, "etag": etag, "uri": uri}
-
-    def _refresh_failed(self, source: _Source, now: float, reason: str) -> PreparedKeySet:
+    def _failed(self, source: _Source, now: float, reason: str) -> PreparedKeySet:
+        """A refresh failed: keep the last good keys while allowed, else 503."""
         source.last_error = reason
+        self.cache.set(
+            source.key("jwks-attempt"), {"at": now, "error": reason}, self._max_staleness
+        )
         self._emit("keys_refresh_failed", issuer=source.issuer, reason=reason)
-        if source.keys is None:
-            self._adopt_shared(source, now, fresh_only=False)
         if source.keys is not None and self._usable(source, now):
-            # Retry after the cooldown, not on every request.
-            source.fresh_until = now + max(self.settings.jwks_refresh_cooldown, 1.0)
-            self._emit("stale_keys_served", issuer=source.issuer, age=now - source.fetched_at)
-            logger.warning("Refreshing keys of %s failed (%s); serving the last good keys.", source.name, reason)
+            retry = max(self._cooldown, _RECHECK)
+            bound = source.fetched_at + self._max_staleness
+            source.fresh_until = max(source.fresh_until, min(now + retry, bound))
+            age = now - source.fetched_at
+            self._emit("stale_keys_served", issuer=source.issuer, age=age)
+            logger.warning(
+                "Refreshing the keys of %s failed (%s); serving the last good keys "
+                "(%.0f s old), retrying in %.0f s.",
+                source.name,
+                reason,
+                age,
+                retry,
+            )
             return source.keys
         source.keys = None
         logger.error("No keys for %s: %s", source.name, reason)
-        raise UpstreamError(
-            reason=f"keys of {source.name} unavailable: {reason}",
-            retry_after=self.fetcher.breaker(self._safe_uri(source)).retry_after(),
+        raise self._unavailable(source, reason)
+
+    def _keys_or_raise(
+        self, source: _Source, now: float, reason: str | None = None
+    ) -> PreparedKeySet:
+        if source.keys is not None and self._usable(source, now):
+            return source.keys
+        raise self._unavailable(source, reason or source.last_error or "no key set")
+
+    def _unavailable(self, source: _Source, reason: str) -> UpstreamError:
+        breaker = self.fetcher.breaker(source.uri or source.jku or source.issuer)
+        retry_after = breaker.retry_after() if breaker.is_open else _RETRY_AFTER
+        return UpstreamError(
+            reason=f"keys of {source.name} unavailable: {reason}", retry_after=retry_after
         )
 
-    def _safe_uri(self, source: _Source) -> str:
+    # -- the shared copy ----------------------------------------------------------
+
+    def _adopt_shared(self, source: _Source, now: float) -> bool:
+        """Adopt a copy another worker stored, when newer than ours."""
+        record = self.cache.get(source.key("jwks"))
+        if not isinstance(record, dict):
+            return False
+        fetched_at = record.get("fetched_at")
+        ttl = record.get("ttl")
+        if not isinstance(fetched_at, int | float) or not isinstance(ttl, int | float):
+            return False
+        if source.keys is not None and fetched_at <= source.fetched_at:
+            return False
+        if now - fetched_at > self._max_staleness:
+            return False
         try:
-            return self._uri(source)
-        except FetchError:
-            return source.issuer
+            keys = self._parse(record.get("jwks"))
+        except KeySetError:
+            return False
+        self._install(source, keys, record)
+        return True
+
+    def _install(self, source: _Source, keys: PreparedKeySet, record: Mapping[str, Any]) -> None:
+        old = source.keys
+        fetched_at = float(record["fetched_at"])
+        ttl = float(record["ttl"])
+        jitter = random.uniform(0, _JITTER)  # noqa: S311 - spreading refreshes, not security
+        source.keys = keys
+        source.raw = record.get("jwks")
+        source.fetched_at = fetched_at
+        source.ttl = ttl
+        source.etag = record.get("etag")
+        source.uri = record.get("uri")
+        source.fresh_until = min(fetched_at + ttl * (1 - jitter), fetched_at + self._max_staleness)
+        if old is not None and old.content_hash != keys.content_hash:
+            added = sorted(set(keys.kids) - set(old.kids))
+            removed = sorted(set(old.kids) - set(keys.kids))
+            logger.info(
+                "The key set of %s changed: added %s, removed %s.", source.name, added, removed
+            )
+            self._emit("keys_changed", issuer=source.issuer, added=added, removed=removed)
+            # Tokens verified with a key that left the set must not stay valid.
+            if self.on_keys_changed is not None:
+                self.on_keys_changed()
+
+    @property
+    def _max_staleness(self) -> float:
+        return self.settings.jwks_max_staleness
+
+    def _usable(self, source: _Source, now: float) -> bool:
+        return now - source.fetched_at <= self._max_staleness
 
     def _emit(self, event: str, **fields: Any) -> None:
         if self.on_event is not None:
-            self.on_event(event, fields)
+            try:
+                self.on_event(event, fields)
+            except Exception:  # a listener must not break key handling
+                logger.exception("Event listener for %s raised", event)
 
     # -- operations API -----------------------------------------------------
 
-    def refresh(self, issuer: str | None = None) -> None:
+    def _configured(self, issuer: str | None) -> list[str]:
+        if issuer is None:
+            return list(self.settings.issuers)
+        if issuer not in self.settings.issuers:
+            raise ValueError(f"{issuer!r} is not a configured issuer")
+        return [issuer]
+
+    def refresh(self, issuer: str | None = None) -> dict[str, str | None]:
         """Fetch the key set of ``issuer`` (every configured issuer if None) now.
 
-        :raises UpstreamError: when an issuer has no keys afterwards.
+        Ignores the soft TTL and the unknown-kid cooldown (an operator asked),
+        but still shares the fetch with other workers. Discovery metadata is
+        refreshed first for issuers without a configured JWKS URI. Never
+        raises for an unreachable issuer.
+
+        :returns: issuer -> error text (``None`` when the keys were fetched).
+        :raises ValueError: for an issuer that is not configured.
         """
-        for name in [issuer] if issuer else list(self.settings.issuers):
+        outcome: dict[str, str | None] = {}
+        for name in self._configured(issuer):
+            if name in self._static:
+                outcome[name] = None
+                continue
+            if self.settings.jwks_uri_for(name) is None and "{" not in name:
+                try:
+                    self.discovery.refresh(name)
+                except FetchError as exc:
+                    logger.warning("Refreshing the metadata of %s failed: %s", name, exc.reason)
             source = self._source(name, None)
-            with source.lock:
-                self._refresh(source, forced=True)
+            try:
+                self._run(source, "manual")
+            except UpstreamError as exc:
+                outcome[name] = exc.reason
+                continue
+            outcome[name] = source.last_error
+        return outcome
 
     def prefetch(self) -> dict[str, str | None]:
         """Warm every configured issuer's keys; never raises.
@@ -393,52 +653,58 @@ class KeyStore:
         :returns: issuer -> error text (``None`` when the keys are loaded).
         """
         outcome: dict[str, str | None] = {}
-        if self._static is not None:
-            return {issuer: None for issuer in self.settings.issuers}
         for issuer in self.settings.issuers:
             try:
-                source = self._source(issuer, None)
-                self._current(source)
+                self.key_set(issuer)
                 outcome[issuer] = None
             except UpstreamError as exc:
                 outcome[issuer] = exc.reason
+            except Exception as exc:  # start-up must never crash on the issuer
+                logger.exception("Prefetching the keys of %s raised", issuer)
+                outcome[issuer] = f"internal error: {type(exc).__name__}"
+        for issuer, error in outcome.items():
+            if error is not None:
+                logger.warning("Prefetching the keys of %s failed: %s", issuer, error)
         return outcome
-
-    def status(self) -> list[KeySetStatus]:
-        """What is known about every key source, without any network call."""
-        now = self.clock()
-        if self._static is not None:
-            return [
-                KeySetStatus(issuer, "static", self._static.kids, None, True, None, self._static.skipped)
-                for issuer in self.settings.issuers
-            ]
-        result = []
-        for source in list(self._sources.values()):
-            keys = source.keys
-            if keys is None:
-                self._adopt_shared(source, now, fresh_only=False)
-                keys = source.keys
-            result.append(
-                KeySetStatus(
-                    issuer=source.issuer,
-                    source=source.uri or source.jku,
-                    kids=keys.kids if keys else (),
-                    age=(now - source.fetched_at) if keys else None,
-                    fresh=keys is not None and now < source.fresh_until,
-                    last_error=source.last_error,
-                    skipped=keys.skipped if keys else (),
-                )
-            )
-        return result
 
     def key_set(self, issuer: str) -> PreparedKeySet:
         """The current key set of ``issuer`` (refreshing when due).
 
         :raises UpstreamError: when none can be had.
         """
-        if self._static is not None:
-            return self._static
+        static = self._static.get(issuer)
+        if static is not None:
+            return static
         source = self._source(issuer, None)
         if source.keys is not None and self.clock() < source.fresh_until:
             return source.keys
         return self._current(source)
+
+    def status(self) -> list[KeySetStatus]:
+        """What is known about every key source, without any call to the issuer."""
+        now = self.clock()
+        result = [
+            KeySetStatus(issuer, "static", keys.kids, None, True, None, keys.skipped)
+            for issuer, keys in self._static.items()
+        ]
+        for source in list(self._sources.values()):
+            if source.keys is None:
+                self._adopt_shared(source, now)
+            keys = source.keys
+            uri = source.uri or source.jku or self.settings.jwks_uri_for(source.issuer)
+            result.append(
+                KeySetStatus(
+                    issuer=source.issuer,
+                    source=uri,
+                    kids=keys.kids if keys else (),
+                    age=(now - source.fetched_at) if keys else None,
+                    fresh=keys is not None and now < source.fresh_until,
+                    last_error=source.last_error,
+                    skipped=keys.skipped if keys else (),
+                    fetched_at=source.fetched_at if keys else None,
+                    expires_in=(source.fresh_until - now) if keys else None,
+                    circuit_open=self.fetcher.breaker(uri or source.issuer).is_open,
+                    fetches=source.fetches,
+                )
+            )
+        return result

@@ -23,6 +23,8 @@ misconfiguration, and guessing which key was meant would be unsafe.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import hashlib
 import json
@@ -164,17 +166,34 @@ def _algorithms_for(jwk: Mapping[str, Any], allowed: Iterable[str]) -> list[str]
     crv = jwk.get("crv")
     result = []
     for alg in allowed:
-        if alg.startswith(("RS", "PS")) and kty == "RSA":
+        if alg.startswith(("RS", "PS")):
+            fits = kty == "RSA"
+        elif alg in _EC_CURVES:
+            fits = kty == "EC" and crv == _EC_CURVES[alg]
+        elif alg == "EdDSA":
+            fits = kty == "OKP" and crv in ("Ed25519", "Ed448")
+        else:  # "Ed25519" (RFC 9864 fully-specified name)
+            fits = kty == "OKP" and crv == "Ed25519"
+        if fits:
             result.append(alg)
-        elif alg in _EC_CURVES and kty == "EC" and crv == _EC_CURVES[alg]:
-            result.append(alg)
-        elif alg in ("EdDSA", "Ed25519") and kty == "OKP" and crv in ("Ed25519", "Ed448"):
-            if alg == "EdDSA" or crv == "Ed25519":
-                result.append(alg)
     declared = jwk.get("alg")
     if declared is not None:
         return [alg for alg in result if alg == declared]
     return result
+
+
+def _check_rsa_size(jwk: Mapping[str, Any]) -> None:
+    """Refuse a short RSA modulus before import (joserfc would only warn)."""
+    n = jwk.get("n")
+    if jwk.get("kty") != "RSA" or not isinstance(n, str):
+        return
+    try:
+        modulus = base64.urlsafe_b64decode(n + "=" * (-len(n) % 4))
+    except (binascii.Error, ValueError):
+        raise ValueError("unreadable key: bad modulus") from None
+    bits = int.from_bytes(modulus, "big").bit_length()
+    if bits < MIN_RSA_BITS:
+        raise ValueError(f"RSA key of {bits} bits (< {MIN_RSA_BITS})")
 
 
 def _prepare(jwk: Mapping[str, Any], allowed: tuple[str, ...]) -> PreparedKey:
@@ -191,11 +210,13 @@ def _prepare(jwk: Mapping[str, Any], allowed: tuple[str, ...]) -> PreparedKey:
     algs = _algorithms_for(jwk, allowed)
     if not algs:
         raise ValueError(f"kty {jwk.get('kty')!r} / crv {jwk.get('crv')!r} fits no allowed alg")
+    _check_rsa_size(jwk)
     try:
         key = JWKRegistry.import_key(dict(jwk))
-    except (JoseError, ValueError, TypeError, KeyError) as exc:
+        public = key.public_key
+        thumbprint = key.thumbprint()
+    except (JoseError, ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
         raise ValueError(f"unreadable key: {type(exc).__name__}") from None
-    public = key.public_key
     verifiers: dict[str, Verify] = {}
     size = 0
     crv = jwk.get("crv")
@@ -222,7 +243,7 @@ def _prepare(jwk: Mapping[str, Any], allowed: tuple[str, ...]) -> PreparedKey:
         crv=crv,
         alg=declared,
         size=size,
-        thumbprint=key.thumbprint(),
+        thumbprint=thumbprint,
         verifiers=verifiers,
         public_jwk=dict(jwk),
     )
@@ -238,6 +259,10 @@ def parse_key_set(jwks: Any, algorithms: tuple[str, ...]) -> PreparedKeySet:
     """
     if not isinstance(jwks, Mapping) or not isinstance(jwks.get("keys"), list):
         raise KeySetError("not a JWK Set (no 'keys' list)")
+    try:
+        digest = content_hash(jwks)
+    except (TypeError, ValueError):
+        raise KeySetError("the key set is not plain JSON") from None
     by_kid: dict[str, PreparedKey] = {}
     keys: list[PreparedKey] = []
     skipped: list[str] = []
@@ -268,5 +293,5 @@ def parse_key_set(jwks: Any, algorithms: tuple[str, ...]) -> PreparedKeySet:
         by_kid=by_kid,
         keys=tuple(keys),
         skipped=tuple(skipped),
-        content_hash=content_hash(jwks),
+        content_hash=digest,
     )
