@@ -20,7 +20,7 @@ from .discovery import Discovery
 from .errors import InvalidTokenError, OAuthVerifyError, default_error_response
 from .events import SecurityEvents
 from .fetch import Fetcher
-from .jwks import KeyStore
+from .jwks import KeySetStatus, KeyStore
 from .token_cache import CachedToken, TokenCache, token_digest
 from .verification import JWTVerifier, looks_like_jws
 
@@ -49,7 +49,7 @@ class _AppState:
         self.settings = settings
         self.clock = clock
         self.cache = SharedCache(cache)
-        self.fetcher = Fetcher(settings)
+        self.fetcher = Fetcher(settings, clock)
         self.discovery = Discovery(settings, self.cache, self.fetcher, clock)
         self.keys = KeyStore(settings, self.cache, self.fetcher, self.discovery, clock)
         self.verifier = JWTVerifier(settings)
@@ -215,6 +215,7 @@ class OAuthVerify:
         settings = Settings.from_config(app.config)
         state = _AppState(self, settings, cache or self.cache, clock or time.time)
         app.extensions[EXTENSION_KEY] = state
+        state.cache.bind_app(app)  # reach Flask-Caching outside an app context
         app.register_error_handler(OAuthVerifyError, state.error_response)
         if settings.security_headers:
             app.after_request(_protected_response_headers)
@@ -265,15 +266,27 @@ class OAuthVerify:
     # -- operations ---------------------------------------------------------
 
     def prefetch_keys(self, app: Flask | None = None) -> dict[str, str | None]:
-        """Warm the key cache; never raises. Returns issuer -> error or None."""
+        """Warm the key cache (the shared copy when there is one); never raises.
+
+        :returns: issuer -> error text, ``None`` when its keys are loaded.
+        """
         return get_state(app).keys.prefetch()
 
-    def refresh_keys(self, app: Flask | None = None, issuer: str | None = None) -> None:
-        """Fetch the key set(s) now, ignoring the TTL."""
-        get_state(app).keys.refresh(issuer)
+    def refresh_keys(
+        self, app: Flask | None = None, issuer: str | None = None
+    ) -> dict[str, str | None]:
+        """Fetch the key set(s) now, ignoring the TTL and the cooldown; never raises.
 
-    def key_status(self, app: Flask | None = None) -> list[Any]:
-        """What is known about each issuer's keys (no network call)."""
+        :param issuer: one configured issuer (all when ``None``).
+        :returns: issuer -> error text, ``None`` when the fetch worked.
+        """
+        return get_state(app).keys.refresh(issuer)
+
+    def key_status(self, app: Flask | None = None) -> list[KeySetStatus]:
+        """What is known about each issuer's keys: age, kids, last error.
+
+        No call to the issuer (the shared cache may be read).
+        """
         return list(get_state(app).keys.status())
 
     def settings(self, app: Flask | None = None) -> Settings:
