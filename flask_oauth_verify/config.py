@@ -236,11 +236,7 @@ def _build(v: Mapping[str, Any]) -> Settings:
             f"audience check off, set {_key('VERIFY_AUDIENCE')} = False explicitly."
         )
     algorithms = _algorithms(v.get("ALGORITHMS", ("RS256",)))
-    static_jwks = v.get("JWKS")
-    if static_jwks is not None and not (
-        isinstance(static_jwks, Mapping) and isinstance(static_jwks.get("keys"), list)
-    ):
-        raise ConfigurationError(f"{_key('JWKS')} must be a JWK Set: {{'keys': [...]}}.")
+    static_jwks = _static_jwks(v.get("JWKS"))
     jwks_uris = _jwks_uris(v.get("JWKS_URI"), issuers, allow_http)
     strategy = v.get("STRATEGY", "jwks")
     if strategy not in STRATEGIES:
@@ -300,7 +296,11 @@ def _build(v: Mapping[str, Any]) -> Settings:
         realm=str(v.get("REALM", "api")),
         jwks_cache_ttl=_as_number(v.get("JWKS_CACHE_TTL", 600), "JWKS_CACHE_TTL", minimum=1),
         jwks_min_ttl=_as_number(v.get("JWKS_MIN_TTL", 60), "JWKS_MIN_TTL"),
-        jwks_max_ttl=_as_number(v.get("JWKS_MAX_TTL", 86400), "JWKS_MAX_TTL", minimum=1),
+        jwks_max_ttl=_as_number(
+            v.get("JWKS_MAX_TTL", 86400),
+            "JWKS_MAX_TTL",
+            minimum=_as_number(v.get("JWKS_MIN_TTL", 60), "JWKS_MIN_TTL"),
+        ),
         jwks_refresh_cooldown=_as_number(
             v.get("JWKS_REFRESH_COOLDOWN", 30), "JWKS_REFRESH_COOLDOWN"
         ),
@@ -362,6 +362,22 @@ def _algorithms(value: Any) -> tuple[str, ...]:
         if alg not in ASYMMETRIC_ALGORITHMS:
             raise ConfigurationError(f"{_key('ALGORITHMS')} contains unsupported {alg!r}.")
     return algorithms
+
+
+def _is_jwk_set(value: Any) -> bool:
+    return isinstance(value, Mapping) and isinstance(value.get("keys"), list)
+
+
+def _static_jwks(value: Any) -> Mapping[str, Any] | None:
+    """``JWKS``: one JWK Set, or a mapping ``{issuer: JWK Set}`` for several issuers."""
+    if value is None or _is_jwk_set(value):
+        return value
+    if isinstance(value, Mapping) and value and all(_is_jwk_set(s) for s in value.values()):
+        return value
+    raise ConfigurationError(
+        f"{_key('JWKS')} must be a JWK Set {{'keys': [...]}} or a mapping "
+        "{issuer: {'keys': [...]}}."
+    )
 
 
 def _jwks_uris(value: Any, issuers: tuple[str, ...], allow_http: bool) -> dict[str, str]:
