@@ -155,7 +155,7 @@ def build_context(
 
 def set_auth(context: AuthContext | None) -> None:
     """Put ``context`` on ``g.auth`` (the one place that does)."""
-    g.auth = context
+    g._get_current_object().auth = context  # type: ignore[attr-defined]  # skip the proxy
 
 
 def get_auth() -> AuthContext:

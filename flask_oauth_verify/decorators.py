@@ -39,10 +39,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _already_verified(strategy: str | None) -> AuthContext | None:
     """The context verified earlier in this request, if it satisfies ``strategy``."""
-    done: set[str] | None = g.get("_oauth_verify_checked")
+    request_g = g._get_current_object()  # type: ignore[attr-defined]  # one proxy lookup
+    done: set[str] | None = request_g.get("_oauth_verify_checked")
     if not done:
         return None
-    context = g.get("auth")
+    context = request_g.get("auth")
     if strategy is None or strategy in done or "both" in done:
         return context if isinstance(context, AuthContext) else None
     return None
@@ -75,7 +76,7 @@ def verify_request(
     if context is None:
         started = perf_counter() if state.events.timed else 0.0  # metrics only
         try:
-            token = extract_token(request, state.settings)
+            token = extract_token(request._get_current_object(), state.settings)  # type: ignore[attr-defined]
             if token is None:
                 if optional:
                     set_auth(None)
@@ -86,9 +87,10 @@ def verify_request(
             state.events.failed(exc, token, strategy=strategy, started=started)
             raise
         set_auth(context)
-        done = g.get("_oauth_verify_checked") or set()
+        request_g = g._get_current_object()  # type: ignore[attr-defined]  # one proxy lookup
+        done = request_g.get("_oauth_verify_checked") or set()
         done.add(strategy or state.settings.strategy)
-        g._oauth_verify_checked = done
+        request_g._oauth_verify_checked = done
         if state.events.enabled():
             state.events.validated(context, token, strategy=strategy, started=started)
     wanted = tuple(scopes)

@@ -174,7 +174,8 @@ def get_state(app: Flask | None = None) -> _AppState:
 
     :raises RuntimeError: when ``init_app`` was not called for the app.
     """
-    target = app if app is not None else current_app
+    # One context lookup: each attribute read through the proxy costs another.
+    target = app if app is not None else current_app._get_current_object()  # type: ignore[attr-defined]
     state = target.extensions.get(EXTENSION_KEY)
     if state is None:
         raise RuntimeError("Call OAuthVerify.init_app(app) first.")

@@ -40,7 +40,7 @@ __all__ = ["JWSHeader", "JWTVerifier", "KeyResolver", "looks_like_jws"]
 _REFUSED_HEADERS = ("crit", "b64", "enc", "zip")
 _MAX_KID_LENGTH = 512
 _HEADER_CACHE_SIZE = 512
-_BASE64_FROM_URLSAFE = str.maketrans("-_", "+/")
+_BASE64_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -73,10 +73,11 @@ def _b64decode(segment: str, what: str) -> bytes:
     """Strict base64url (RFC 7515 §2: no padding, URL-safe alphabet only)."""
     if "=" in segment or "+" in segment or "/" in segment or len(segment) % 4 == 1:
         raise _invalid(f"{what} is not base64url")
-    padded = segment.translate(_BASE64_FROM_URLSAFE) + "=" * (-len(segment) % 4)
     try:
+        # bytes.translate is a C table lookup (str.translate with a dict is not).
+        padded = segment.encode("ascii").translate(_BASE64_FROM_URLSAFE) + b"=" * (-len(segment) % 4)
         return binascii.a2b_base64(padded, strict_mode=True)
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError):  # UnicodeEncodeError is a ValueError
         raise _invalid(f"{what} is not base64url") from None
 
 
@@ -91,9 +92,14 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# One decoder for every token: json.loads() with hooks builds a new one per call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+
+
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(data, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+        # RFC 7519 §7.2: the JSON is UTF-8 (no other encoding, no BOM).
+        value = _DECODER.decode(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise _invalid(f"{what} is not a JSON object without duplicate members") from None
     if not isinstance(value, dict):
