@@ -158,6 +158,9 @@ class Settings:
     user_id_prefix: str | None = None
     user_id_rule: Callable[[Mapping[str, Any]], bool] | None = None
     allowed_client_ids: tuple[str, ...] = ()
+    #: accepted placeholder values of templated issuers; ``None`` = any tenant
+    allowed_tenants: tuple[str, ...] | None = None
+    issuer_placeholder_claims: Mapping[str, str] = dataclasses.field(default_factory=dict)
     max_token_bytes: int = 16384
     token_locations: tuple[str, ...] = ("header",)
     realm: str = "api"
@@ -271,6 +274,7 @@ def _build(v: Mapping[str, Any]) -> Settings:
     user_rule = v.get("USER_ID_RULE")
     if user_rule is not None and not callable(user_rule):
         raise ConfigurationError(f"{_key('USER_ID_RULE')} must be a callable(claims) -> bool.")
+    tenants, placeholder_claims = _issuer_templates(v, issuers, jwks_uris, static_jwks)
     health = v.get("HEALTH_ROUTE")
     if health is True:
         health = "/health/token-validation"
@@ -289,6 +293,8 @@ def _build(v: Mapping[str, Any]) -> Settings:
         user_id_prefix=v.get("USER_ID_PREFIX"),
         user_id_rule=user_rule,
         allowed_client_ids=_as_tuple(v.get("ALLOWED_CLIENT_IDS"), "ALLOWED_CLIENT_IDS"),
+        allowed_tenants=tenants,
+        issuer_placeholder_claims=MappingProxyType(placeholder_claims),
         max_token_bytes=int(
             _as_number(v.get("MAX_TOKEN_BYTES", 16384), "MAX_TOKEN_BYTES", minimum=64)
         ),
@@ -401,6 +407,42 @@ def _jwks_uris(value: Any, issuers: tuple[str, ...], allow_http: bool) -> dict[s
             for iss, uri in value.items()
         }
     raise ConfigurationError(f"{_key('JWKS_URI')} must be a URL or a mapping issuer -> URL.")
+
+
+def _issuer_templates(
+    v: Mapping[str, Any],
+    issuers: tuple[str, ...],
+    jwks_uris: Mapping[str, str],
+    static_jwks: Any,
+) -> tuple[tuple[str, ...] | None, dict[str, str]]:
+    """Validate templated issuers; return (allowed tenants, placeholder claims)."""
+    from .issuers import compile_template, is_template
+
+    claims = v.get("ISSUER_PLACEHOLDER_CLAIMS") or {}
+    if not isinstance(claims, Mapping) or not all(
+        isinstance(k, str) and isinstance(c, str) and c for k, c in claims.items()
+    ):
+        raise ConfigurationError(
+            f"{_key('ISSUER_PLACEHOLDER_CLAIMS')} must map placeholder names to claim names."
+        )
+    raw = v.get("ALLOWED_TENANTS")
+    tenants = None if raw is None or raw == "*" else _as_tuple(raw, "ALLOWED_TENANTS")
+    for uri in jwks_uris.values():
+        if is_template(uri):
+            raise ConfigurationError(f"{_key('JWKS_URI')} must not hold placeholders: {uri!r}.")
+    templates = [compile_template(i) for i in issuers if is_template(i)]
+    for template in templates:
+        if static_jwks is None and template.template not in jwks_uris:
+            raise ConfigurationError(
+                f"{_key('ISSUER')} template {template.template!r} needs {_key('JWKS_URI')} "
+                "(the key set shared by every tenant); discovery cannot be used for a template."
+            )
+    if templates and raw is None:
+        raise ConfigurationError(
+            f"A templated {_key('ISSUER')} needs {_key('ALLOWED_TENANTS')}: a list of the "
+            "tenant ids to accept, or '*' to accept a token of any tenant."
+        )
+    return tenants, dict(claims)
 
 
 def _check_introspection_credentials(v: Mapping[str, Any], strategy: str, auth: str) -> None:

@@ -1,36 +1,117 @@
 """Provider profiles: what each authorization server needs, as data.
 
-A profile fills in defaults for ``OAUTH_VERIFY_*`` keys (endpoint paths
-derived from the issuer, claim mappings, required claim values); every key
-the application sets itself wins. Templates use ``str.format`` fields:
-``{issuer}`` (the first configured issuer, without a trailing slash) and any
-``OAUTH_VERIFY_PROVIDER_PARAMS`` entry (``{tenant}``, ``{realm}``, ...).
+``OAUTH_VERIFY_PROVIDER = "okta"`` (plus ``ISSUER`` and ``AUDIENCE``) is all
+an application writes: the profile fills in the other ``OAUTH_VERIFY_*``
+keys (endpoint paths derived from the issuer, claim mappings, required claim
+values, extra checks), and every key the application sets itself wins.
+
+How a profile is merged under the app's keys (:func:`apply_profile`):
+
+* **Templates.** String values (also inside lists and mappings) are
+  ``str.format`` templates. Fields: ``{issuer}`` (the issuer without a
+  trailing slash), ``{issuer_origin}`` (``scheme://host[:port]``),
+  ``{issuer_host}``, the named groups of the profile's ``issuer_params``
+  pattern matched against the issuer (``{realm}``, ``{tenant}`` ...), and
+  every ``OAUTH_VERIFY_PROVIDER_PARAMS`` entry (which wins). Only keys the
+  app does not set are rendered.
+* **Per issuer.** With several issuers, ``JWKS_URI`` becomes a mapping
+  ``{issuer: uri}`` rendered for each issuer.
+* **Mappings merge entry by entry.** ``CLAIM_MAP``, ``REQUIRED_CLAIM_VALUES``
+  and ``ISSUER_PLACEHOLDER_CLAIMS`` of the app are laid over the profile's;
+  an entry set to ``None`` removes the profile's entry. Every other key is
+  replaced as a whole.
+* **Extra keys.** ``REQUIRE_EMAIL_VERIFIED = True`` adds
+  ``{"email_verified": True}`` to the required claim values.
+* **Contradictions fail at start-up.** A profile that needs a key
+  (Cognito: ``ALLOWED_CLIENT_IDS``) or a parameter it cannot derive, or an
+  ``AUDIENCE`` given where the profile turns the audience check off, raises
+  :class:`~flask_oauth_verify.config.ConfigurationError` naming the key.
+
+.. versionadded:: 0.1.0
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
 
-__all__ = ["PROFILES", "Profile", "apply_profile"]
+__all__ = ["PROFILES", "Profile", "apply_profile", "profile_named"]
+
+#: Keys whose mapping values merge with the profile's entry by entry.
+MERGED_MAPPINGS = ("CLAIM_MAP", "REQUIRED_CLAIM_VALUES", "ISSUER_PLACEHOLDER_CLAIMS")
+#: Keys rendered once per issuer (a mapping) when there are several issuers.
+PER_ISSUER_KEYS = ("JWKS_URI",)
 
 
 @dataclasses.dataclass(frozen=True)
 class Profile:
     """One provider profile.
 
-    :param name: the value of ``OAUTH_VERIFY_PROVIDER``.
+    :param name: the canonical value of ``OAUTH_VERIFY_PROVIDER``.
     :param defaults: ``OAUTH_VERIFY_*`` keys (without prefix) and their
-        default values; string values may be templates.
-    :param required_params: ``PROVIDER_PARAMS`` entries the profile needs.
+        default values; strings may be templates (see the module docs).
+    :param required_params: template fields the profile needs, from the
+        issuer (``issuer_params``) or ``OAUTH_VERIFY_PROVIDER_PARAMS``.
+    :param description: one line for the docs and error messages.
+    :param issuer_params: a pattern matched at the start of the issuer; its
+        named groups become template fields.
+    :param issuer_must_match: when set, an issuer that does not match
+        ``issuer_params`` is a configuration error with this explanation.
+    :param required_keys: keys the app must set, with the reason.
+    :param aliases: other accepted spellings of ``name``.
     """
 
     name: str
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     required_params: tuple[str, ...] = ()
     description: str = ""
+    issuer_params: str | None = None
+    issuer_must_match: str | None = None
+    required_keys: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+
+
+# -- user rules (which tokens act for a user) ---------------------------------
+
+
+def entra_acts_for_user(claims: Mapping[str, Any]) -> bool:
+    """Entra ID: delegated tokens carry ``scp``; app-only tokens only ``roles``.
+
+    ``idtyp`` (an optional claim) decides when present.
+    """
+    idtyp = claims.get("idtyp")
+    if isinstance(idtyp, str):
+        return idtyp == "user"
+    return isinstance(claims.get("scp"), str) and isinstance(claims.get("sub"), str)
+
+
+def keycloak_acts_for_user(claims: Mapping[str, Any]) -> bool:
+    """Keycloak: service-account tokens name ``service-account-<client>``.
+
+    They also carry the ``client_id`` (``clientId`` before Keycloak 24)
+    claim of the service-account mapper, which user tokens do not.
+    """
+    username = claims.get("preferred_username")
+    if isinstance(username, str) and username.startswith("service-account-"):
+        return False
+    if "client_id" in claims or "clientId" in claims:
+        return False
+    return isinstance(claims.get("sub"), str)
+
+
+def beyond_identity_acts_for_user(claims: Mapping[str, Any]) -> bool:
+    """Beyond Identity: ``bi_p`` names an identity for tokens of a user."""
+    principal = claims.get("bi_p")
+    return isinstance(principal, str) and "/identities/" in principal
+
+
+# -- the profiles ---------------------------------------------------------------
+
+_MICROSOFT_COMMON_KEYS = "https://login.microsoftonline.com/common/discovery/v2.0/keys"
 
 
 def _profiles(*profiles: Profile) -> Mapping[str, Profile]:
@@ -38,63 +119,319 @@ def _profiles(*profiles: Profile) -> Mapping[str, Profile]:
 
 
 PROFILES: Mapping[str, Profile] = _profiles(
-    Profile("generic", description="Any RFC 8414 / OpenID Connect discovery issuer."),
+    Profile(
+        "generic",
+        description="Any RFC 8414 / OpenID Connect discovery issuer.",
+    ),
     Profile(
         "scalekit",
         defaults={
             "JWKS_URI": "{issuer}/keys",
             "INTROSPECTION_ENDPOINT": "{issuer}/oauth/introspect",
             "USER_ID_PREFIX": "user_",
-            "CLAIM_MAP": {"scopes": ("scopes",), "organization_id": ("oid",)},
+            "CLAIM_MAP": {
+                "scopes": ("scopes", "scope"),
+                "organization_id": ("oid", "organization_id"),
+                "service_name": ("custom_claims.service_name",),
+                "token_type": ("custom_claims.client_type",),
+            },
         },
         description="Scalekit environments (M2M and user tokens).",
     ),
+    Profile(
+        "supertokens",
+        defaults={
+            # The issuer is <API domain><apiBasePath> ("/auth" by default);
+            # SuperTokens serves both endpoints under it.
+            "JWKS_URI": "{issuer}/jwt/jwks.json",
+            "INTROSPECTION_ENDPOINT": "{issuer}/oauth/introspect",
+            "INTROSPECTION_BODY": "json",
+            "INTROSPECTION_AUTH": "none",
+            "REQUIRED_CLAIMS": ("stt", "scp", "client_id"),
+            # stt: 0 = session access token, 1 = OAuth2 access token, 2 = ID token
+            "REQUIRED_CLAIM_VALUES": {"stt": 1},
+            "CLAIM_MAP": {"scopes": ("scp",), "client_id": ("client_id",)},
+        },
+        description="SuperTokens OAuth2 provider (stt = 1 access tokens).",
+    ),
+    Profile(
+        "voxkey",
+        defaults={
+            "JWKS_URI": "{domain}/oauth2/{realm}/oidc/jwks",
+            "INTROSPECTION_ENDPOINT": "{domain}/oauth2/{realm}/introspect",
+            "CLAIM_MAP": {"scopes": ("scope",)},
+        },
+        required_params=("domain", "realm"),
+        issuer_params=r"(?P<domain>https?://[^/]+)/oauth2/(?P<realm>[^/]+)/?$",
+        description="VoxKey realms (issuer = realm URL <domain>/oauth2/<realm>).",
+    ),
+    Profile(
+        "beyond_identity",
+        defaults={
+            "INTROSPECTION_ENDPOINT": (
+                "{issuer_origin}/v1/tenants/{tenant}/realms/{realm}/introspect"
+            ),
+            # Offline validation takes the key from the jku header, only from
+            # the issuer's own host (auth-<region>.beyondidentity.com).
+            "ALLOWED_JKU_HOSTS": ("{issuer_host}",),
+            "REQUIRED_CLAIMS": ("nbf", "bi_t", "bi_r"),
+            "REQUIRED_CLAIM_VALUES": {"bi_t": "{tenant}", "bi_r": "{realm}"},
+            "CLAIM_MAP": {"scopes": ("scope",)},
+            "USER_ID_RULE": beyond_identity_acts_for_user,
+        },
+        required_params=("tenant", "realm"),
+        issuer_params=r"https?://[^/]+/v1/tenants/(?P<tenant>[^/]+)/realms/(?P<realm>[^/]+)(?:/|$)",
+        issuer_must_match=(
+            "a Beyond Identity issuer looks like https://auth-<region>.beyondidentity.com"
+            "/v1/tenants/<tenant>/realms/<realm>/applications/<application>"
+        ),
+        aliases=("beyondidentity", "beyond-identity"),
+        description="Beyond Identity (jku-based offline validation, bi_t/bi_r).",
+    ),
+    Profile(
+        "auth0",
+        defaults={
+            "JWKS_URI": "{issuer}/.well-known/jwks.json",
+            "CLAIM_MAP": {
+                "scopes": ("scope", "permissions"),
+                "client_id": ("azp", "client_id"),
+                "organization_id": ("org_id",),
+            },
+        },
+        description="Auth0 APIs (scope + RBAC permissions, org_id, azp).",
+    ),
+    Profile(
+        "okta",
+        defaults={
+            "JWKS_URI": "{issuer}/v1/keys",
+            "INTROSPECTION_ENDPOINT": "{issuer}/v1/introspect",
+            "REQUIRED_CLAIMS": ("cid",),
+            "CLAIM_MAP": {"scopes": ("scp",), "client_id": ("cid",)},
+        },
+        issuer_params=r"https?://[^/]+/oauth2/(?P<authorization_server>[^/]+)/?$",
+        issuer_must_match=(
+            "Okta access tokens for your own API come from a custom authorization "
+            "server, https://<okta domain>/oauth2/<id> (e.g. /oauth2/default); tokens of "
+            "the org authorization server are not meant to be validated by resource servers"
+        ),
+        description="Okta custom authorization servers (scp, cid).",
+    ),
+    Profile(
+        "entra_id",
+        defaults={
+            "JWKS_URI": _MICROSOFT_COMMON_KEYS,
+            "ISSUER_PLACEHOLDER_CLAIMS": {"tenantid": "tid", "tenant_id": "tid"},
+            "CLAIM_MAP": {
+                "scopes": ("scp", "roles"),
+                "client_id": ("azp", "appid"),
+                "organization_id": ("tid",),
+            },
+            "USER_ID_RULE": entra_acts_for_user,
+        },
+        aliases=("entra", "entra-id", "azure_ad", "azure-ad", "azure", "microsoft"),
+        description="Microsoft Entra ID (v1 and v2 tokens, multi-tenant templates).",
+    ),
+    Profile(
+        "keycloak",
+        defaults={
+            "JWKS_URI": "{issuer}/protocol/openid-connect/certs",
+            "INTROSPECTION_ENDPOINT": "{issuer}/protocol/openid-connect/token/introspect",
+            # Keycloak signs ID tokens with the same keys; typ tells them apart.
+            "REQUIRED_CLAIM_VALUES": {"typ": "Bearer"},
+            "CLAIM_MAP": {"scopes": ("scope",), "client_id": ("azp", "client_id")},
+            "USER_ID_RULE": keycloak_acts_for_user,
+        },
+        issuer_params=r"https?://[^/]+(?:/[^/]+)*/realms/(?P<realm>[^/]+)/?$",
+        description="Keycloak realms (issuer <base>/realms/<realm>).",
+    ),
+    Profile(
+        "cognito",
+        defaults={
+            "JWKS_URI": "{issuer}/.well-known/jwks.json",
+            # Access tokens carry no aud: the app client is checked instead.
+            "VERIFY_AUDIENCE": False,
+            "REQUIRED_CLAIMS": ("client_id",),
+            "REQUIRED_CLAIM_VALUES": {"token_use": "access"},
+            "CLAIM_MAP": {"scopes": ("scope",), "client_id": ("client_id",)},
+        },
+        issuer_params=(
+            r"https://cognito-idp\.(?P<region>[a-z0-9-]+)\.amazonaws\.com/(?P<user_pool_id>[^/]+)$"
+        ),
+        required_keys={
+            "ALLOWED_CLIENT_IDS": (
+                "Cognito access tokens carry no aud claim, so the app client ids that may "
+                "call this API must be listed"
+            )
+        },
+        aliases=("aws_cognito", "aws-cognito"),
+        description="AWS Cognito user pools (access tokens: client_id, token_use).",
+    ),
+)
+
+_ALIASES: Mapping[str, str] = MappingProxyType(
+    {alias: p.name for p in PROFILES.values() for alias in (p.name, *p.aliases)}
 )
 
 
-class _TemplateValues(dict[str, str]):
-    def __missing__(self, key: str) -> str:
-        from .config import ConfigurationError
+def _error(message: str) -> Exception:
+    from .config import ConfigurationError
 
-        raise ConfigurationError(
-            f"The provider profile needs OAUTH_VERIFY_PROVIDER_PARAMS[{key!r}]."
+    return ConfigurationError(message)
+
+
+def profile_named(name: Any) -> Profile:
+    """The profile called ``name`` (case, ``-`` and ``_`` do not matter).
+
+    :raises ConfigurationError: for an unknown name.
+    """
+    key = str(name).strip().lower().replace(" ", "_")
+    canonical = _ALIASES.get(key) or _ALIASES.get(key.replace("-", "_"))
+    if canonical is None:
+        raise _error(
+            f"OAUTH_VERIFY_PROVIDER = {name!r} is not a known profile; "
+            f"known: {', '.join(sorted(PROFILES))}."
+        )
+    return PROFILES[canonical]
+
+
+# -- rendering ------------------------------------------------------------------
+
+
+class _Fields(dict[str, str]):
+    def __missing__(self, key: str) -> str:
+        raise _error(
+            f"The provider profile needs OAUTH_VERIFY_PROVIDER_PARAMS[{key!r}] "
+            "(it could not be derived from OAUTH_VERIFY_ISSUER)."
         )
 
 
-def _render(value: Any, fields: _TemplateValues) -> Any:
-    if isinstance(value, str) and "{" in value:
-        return value.format_map(fields)
+def _render(value: Any, fields: _Fields) -> Any:
+    if isinstance(value, str):
+        return value.format_map(fields) if "{" in value else value
+    if isinstance(value, list | tuple):
+        return type(value)(_render(item, fields) for item in value)
+    if isinstance(value, Mapping):
+        return {key: _render(item, fields) for key, item in value.items()}
     return value
+
+
+def _issuer_fields(
+    profile: Profile, issuer: str, params: Mapping[str, Any], *, strict: bool
+) -> _Fields:
+    parts = urlsplit(issuer)
+    fields = _Fields(
+        issuer=issuer.rstrip("/"),
+        issuer_origin=f"{parts.scheme}://{parts.netloc}" if parts.netloc else "",
+        issuer_host=(parts.hostname or "").lower(),
+    )
+    if profile.issuer_params is not None:
+        found = re.match(profile.issuer_params, issuer)
+        if found is not None:
+            fields.update({k: v for k, v in found.groupdict().items() if v is not None})
+        elif (
+            strict
+            and profile.issuer_must_match is not None
+            and not (profile.required_params and set(profile.required_params) <= set(params))
+        ):
+            raise _error(
+                f"OAUTH_VERIFY_ISSUER {issuer!r} does not fit OAUTH_VERIFY_PROVIDER = "
+                f"{profile.name!r}: {profile.issuer_must_match}."
+            )
+    fields.update({str(k): str(v) for k, v in params.items()})
+    return fields
+
+
+def _issuers(given: Mapping[str, Any]) -> list[str]:
+    issuer = given.get("ISSUER")
+    if isinstance(issuer, str):
+        return [issuer]
+    if isinstance(issuer, list | tuple):
+        return [i for i in issuer if isinstance(i, str)]
+    return []
+
+
+def _merge_mapping(base: Any, override: Any, key: str) -> Any:
+    if not isinstance(override, Mapping):
+        return override  # config validation names the key
+    merged = dict(base) if isinstance(base, Mapping) else {}
+    for name, value in override.items():
+        if value is None:
+            merged.pop(name, None)
+        else:
+            merged[name] = value
+    return merged
 
 
 def apply_profile(given: Mapping[str, Any]) -> dict[str, Any]:
     """Merge the profile named by ``PROVIDER`` under the keys ``given``.
 
     :param given: the app's ``OAUTH_VERIFY_*`` keys without the prefix.
-    :returns: the merged keys; the app's own values always win.
-    :raises ConfigurationError: for an unknown profile or a missing parameter.
+    :returns: the merged keys; the app's own values win (see the module
+        docs for the entry-by-entry merge of mappings).
+    :raises ConfigurationError: for an unknown profile, a missing parameter
+        or key, or an issuer the profile cannot use.
     """
-    from .config import ConfigurationError
-
-    name = given.get("PROVIDER") or "generic"
-    profile = PROFILES.get(str(name).lower())
-    if profile is None:
-        raise ConfigurationError(
-            f"OAUTH_VERIFY_PROVIDER = {name!r} is not a known profile; "
-            f"known: {', '.join(sorted(PROFILES))}."
+    profile = profile_named(given.get("PROVIDER") or "generic")
+    params = given.get("PROVIDER_PARAMS") or {}
+    if not isinstance(params, Mapping):
+        raise _error("OAUTH_VERIFY_PROVIDER_PARAMS must be a mapping of name -> value.")
+    issuers = _issuers(given)
+    per_issuer = [_issuer_fields(profile, i, params, strict=True) for i in issuers]
+    fields = per_issuer[0] if per_issuer else _Fields(params)
+    missing = [p for p in profile.required_params if p not in fields]
+    if missing and issuers:
+        raise _error(
+            f"OAUTH_VERIFY_PROVIDER = {profile.name!r} needs OAUTH_VERIFY_PROVIDER_PARAMS "
+            f"entries: {', '.join(missing)} (they could not be derived from "
+            f"OAUTH_VERIFY_ISSUER)."
         )
-    params = dict(given.get("PROVIDER_PARAMS") or {})
-    missing = [p for p in profile.required_params if p not in params]
-    if missing:
-        raise ConfigurationError(
-            f"OAUTH_VERIFY_PROVIDER = {profile.name!r} needs "
-            f"OAUTH_VERIFY_PROVIDER_PARAMS entries: {', '.join(missing)}."
-        )
-    issuer = given.get("ISSUER")
-    first = issuer if isinstance(issuer, str) else (issuer[0] if issuer else "")
-    fields = _TemplateValues({k: str(v) for k, v in params.items()})
-    fields["issuer"] = str(first).rstrip("/")
-    merged = {key: _render(value, fields) for key, value in profile.defaults.items()}
-    merged.update(given)
+    merged: dict[str, Any] = {}
+    for key, value in profile.defaults.items():
+        if key in given and key not in MERGED_MAPPINGS:
+            continue
+        if not issuers:
+            continue  # config validation reports the missing ISSUER
+        if key in PER_ISSUER_KEYS and len(issuers) > 1:
+            merged[key] = {i: _render(value, f) for i, f in zip(issuers, per_issuer, strict=True)}
+        else:
+            merged[key] = _render(value, fields)
+    for key, value in given.items():
+        if key in MERGED_MAPPINGS and key in merged:
+            merged[key] = _merge_mapping(merged[key], value, key)
+        else:
+            merged[key] = value
+    _email_verified(merged)
+    _check_profile_keys(profile, given, merged)
     merged["PROVIDER"] = profile.name
+    merged["PROVIDER_PARAMS"] = {k: v for k, v in fields.items() if not k.startswith("issuer")}
     return merged
+
+
+def _email_verified(merged: dict[str, Any]) -> None:
+    wanted = merged.get("REQUIRE_EMAIL_VERIFIED", False)
+    if not isinstance(wanted, bool):
+        raise _error("OAUTH_VERIFY_REQUIRE_EMAIL_VERIFIED must be True or False.")
+    if wanted:
+        values = merged.get("REQUIRED_CLAIM_VALUES") or {}
+        if isinstance(values, Mapping):
+            merged["REQUIRED_CLAIM_VALUES"] = {**values, "email_verified": True}
+
+
+def _check_profile_keys(
+    profile: Profile, given: Mapping[str, Any], merged: Mapping[str, Any]
+) -> None:
+    for key, why in profile.required_keys.items():
+        if not merged.get(key):
+            raise _error(
+                f"OAUTH_VERIFY_PROVIDER = {profile.name!r} needs OAUTH_VERIFY_{key}: {why}."
+            )
+    if (
+        profile.defaults.get("VERIFY_AUDIENCE") is False
+        and given.get("AUDIENCE")
+        and "VERIFY_AUDIENCE" not in given
+    ):
+        raise _error(
+            f"OAUTH_VERIFY_AUDIENCE is set, but OAUTH_VERIFY_PROVIDER = {profile.name!r} "
+            "turns the audience check off (its access tokens carry no aud). Remove "
+            "OAUTH_VERIFY_AUDIENCE, or set OAUTH_VERIFY_VERIFY_AUDIENCE = True to check it anyway."
+        )

@@ -33,6 +33,7 @@ from typing import Any, Protocol, TypeGuard
 from .claims import claim_path
 from .config import Settings
 from .errors import InvalidTokenError, TokenExpired, TokenNotActive
+from .issuers import IssuerMatcher, is_template
 from .keys import PreparedKey
 
 __all__ = ["JWSHeader", "JWTVerifier", "KeyResolver", "looks_like_jws"]
@@ -140,7 +141,13 @@ class JWTVerifier:
         self._max_bytes = settings.max_token_bytes
         self._algorithms = frozenset(settings.algorithms)
         self._types = frozenset(settings.allowed_types)
-        self._issuers = frozenset(settings.issuers)
+        # Exact issuers only: a template is never matched literally.
+        self._issuers = frozenset(i for i in settings.issuers if not is_template(i))
+        self._issuer_matcher: IssuerMatcher | None = None
+        if len(self._issuers) != len(settings.issuers):
+            self._issuer_matcher = IssuerMatcher(
+                settings.issuers, settings.issuer_placeholder_claims, settings.allowed_tenants
+            )
         self._audiences = frozenset(settings.audiences)
         self._verify_audience = settings.verify_audience
         self._leeway = settings.leeway
@@ -180,11 +187,20 @@ class JWTVerifier:
         return JWSHeader(alg=alg, kid=kid, typ=typ, raw=raw)
 
     def unverified_issuer(self, payload: Mapping[str, Any]) -> str:
-        """The payload's ``iss`` if it is a configured issuer (exact match)."""
+        """The configured issuer of the payload's ``iss``, before any key lookup.
+
+        An exact match returns ``iss``; for a templated issuer
+        (:mod:`flask_oauth_verify.issuers`) the ``iss`` must match the whole
+        template, each placeholder must equal its claim (``tid``) and be an
+        allowed tenant, and the *template* is returned: it names the one key
+        source every tenant shares.
+        """
         issuer = payload.get("iss")
-        if not isinstance(issuer, str) or issuer not in self._issuers:
-            raise _invalid("iss is not a configured issuer")
-        return issuer
+        if isinstance(issuer, str) and issuer in self._issuers:
+            return issuer
+        if self._issuer_matcher is not None:
+            return self._issuer_matcher.check(payload)
+        raise _invalid("iss is not a configured issuer")
 
     def verify(
         self, token: str, resolver: KeyResolver, now: float

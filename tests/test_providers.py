@@ -1,0 +1,1073 @@
+"""Provider profiles end to end, against local emulators of each provider.
+
+Every emulator is a real HTTP server on 127.0.0.1 serving the provider's
+documented key, introspection and token paths (tests/provider_emulators.py).
+An app configured with only ``PROVIDER`` + ``ISSUER`` + ``AUDIENCE`` (plus
+the one documented extra key where a provider needs it) must accept the
+provider's access tokens with the right ``g.auth`` and refuse the
+provider's own pitfalls.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import pytest
+import requests
+from flask import Flask, g
+from joserfc.jwk import KeySet, RSAKey
+from werkzeug.serving import make_server
+
+from flask_oauth_verify import (
+    ConfigurationError,
+    InsufficientScopeError,
+    OAuthVerify,
+    Settings,
+    require_organization,
+    require_scope,
+    require_token,
+    require_user,
+)
+from flask_oauth_verify.context import AuthContext
+from flask_oauth_verify.extension import get_state
+from flask_oauth_verify.providers import PROFILES, apply_profile, profile_named
+from flask_oauth_verify.testing import IssuerServer, TokenIssuer, auth_header
+
+from .provider_emulators import (
+    Auth0,
+    BeyondIdentity,
+    Cognito,
+    EntraID,
+    Keycloak,
+    Okta,
+    Scalekit,
+    SuperTokens,
+    VoxKey,
+    basic,
+)
+
+# -- helpers ------------------------------------------------------------------------
+
+
+def auth_fields(auth: AuthContext) -> dict[str, Any]:
+    return {
+        "subject": auth.subject,
+        "client_id": auth.client_id,
+        "scopes": sorted(auth.scopes),
+        "organization_id": auth.organization_id,
+        "user_id": auth.user_id,
+        "service_name": auth.service_name,
+        "token_type": auth.token_type,
+        "issuer": auth.issuer,
+        "strategy": auth.strategy,
+    }
+
+
+def provider_app(config: Mapping[str, Any], *, ext: OAuthVerify | None = None) -> Flask:
+    """An app with the extension and views using every decorator."""
+    app = Flask("provider_app")
+    app.config.update(TESTING=True, **config)
+    (ext or OAuthVerify()).init_app(app)
+
+    @app.get("/whoami")
+    @require_token
+    def whoami() -> dict[str, Any]:
+        return auth_fields(g.auth)
+
+    @app.get("/introspected")
+    @require_token(strategy="introspection")
+    def introspected() -> dict[str, Any]:
+        return auth_fields(g.auth)
+
+    @app.get("/scoped/<scope>")
+    def scoped(scope: str) -> dict[str, Any]:
+        @require_scope(scope)
+        def inner() -> dict[str, Any]:
+            return auth_fields(g.auth)
+
+        return inner()
+
+    @app.get("/org")
+    @require_organization
+    def org() -> dict[str, Any]:
+        return {"organization_id": g.auth.organization_id}
+
+    @app.get("/me")
+    @require_user
+    def me() -> dict[str, Any]:
+        return {"user_id": g.auth.user_id}
+
+    return app
+
+
+def call(app: Flask, token: str, path: str = "/whoami") -> tuple[int, dict[str, Any]]:
+    response = app.test_client().get(path, headers=auth_header(token))
+    return response.status_code, response.get_json() or {}
+
+
+def refused(app: Flask, token: str, path: str = "/whoami", error: str = "invalid_token") -> None:
+    response = app.test_client().get(path, headers=auth_header(token))
+    assert response.status_code == 401, response.get_json()
+    assert response.get_json()["error"] == error
+    # RFC 6750 knows only invalid_token for every 401 of a sent token
+    assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
+
+
+def settings(provider: str, issuer: str | list[str], **extra: Any) -> Settings:
+    config = {"OAUTH_VERIFY_PROVIDER": provider, "OAUTH_VERIFY_ISSUER": issuer}
+    config.update({f"OAUTH_VERIFY_{k}": v for k, v in extra.items()})
+    return Settings.from_config(config)
+
+
+@pytest.fixture
+def server() -> Iterator[IssuerServer]:
+    with IssuerServer() as srv:
+        yield srv
+
+
+# -- the profiles as data -----------------------------------------------------------
+
+PRODUCTION = [
+    (
+        "scalekit",
+        "https://your-env.scalekit.com",
+        {
+            "jwks": "https://your-env.scalekit.com/keys",
+            "introspection": "https://your-env.scalekit.com/oauth/introspect",
+        },
+    ),
+    (
+        "supertokens",
+        "https://api.example.com/auth",
+        {
+            "jwks": "https://api.example.com/auth/jwt/jwks.json",
+            "introspection": "https://api.example.com/auth/oauth/introspect",
+        },
+    ),
+    (
+        "voxkey",
+        "https://your-domain.com/oauth2/6f1d2c3b-4a59",
+        {
+            "jwks": "https://your-domain.com/oauth2/6f1d2c3b-4a59/oidc/jwks",
+            "introspection": "https://your-domain.com/oauth2/6f1d2c3b-4a59/introspect",
+        },
+    ),
+    (
+        "beyond_identity",
+        "https://auth-us.beyondidentity.com/v1/tenants/T1/realms/R1/applications/A1",
+        {
+            "jwks": None,
+            "introspection": "https://auth-us.beyondidentity.com/v1/tenants/T1/realms/R1/introspect",
+        },
+    ),
+    (
+        "auth0",
+        "https://acme.eu.auth0.com/",
+        {"jwks": "https://acme.eu.auth0.com/.well-known/jwks.json"},
+    ),
+    (
+        "okta",
+        "https://dev-1234.okta.com/oauth2/default",
+        {
+            "jwks": "https://dev-1234.okta.com/oauth2/default/v1/keys",
+            "introspection": "https://dev-1234.okta.com/oauth2/default/v1/introspect",
+        },
+    ),
+    (
+        "entra_id",
+        "https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0",
+        {"jwks": "https://login.microsoftonline.com/common/discovery/v2.0/keys"},
+    ),
+    (
+        "keycloak",
+        "https://sso.example.com/realms/acme",
+        {
+            "jwks": "https://sso.example.com/realms/acme/protocol/openid-connect/certs",
+            "introspection": (
+                "https://sso.example.com/realms/acme/protocol/openid-connect/token/introspect"
+            ),
+        },
+    ),
+    (
+        "cognito",
+        "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbCdEf123",
+        {
+            "jwks": (
+                "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbCdEf123"
+                "/.well-known/jwks.json"
+            )
+        },
+    ),
+]
+
+
+def minimal(provider: str) -> dict[str, Any]:
+    """The documented extra key(s) a provider needs beyond ISSUER/AUDIENCE."""
+    if provider == "cognito":
+        return {"ALLOWED_CLIENT_IDS": ["app-client"]}
+    return {"AUDIENCE": "api"}
+
+
+@pytest.mark.parametrize(("provider", "issuer", "expected"), PRODUCTION)
+def test_provider_plus_issuer_and_audience_is_all_a_user_writes(
+    provider: str, issuer: str, expected: dict[str, str | None]
+) -> None:
+    s = settings(provider, issuer, **minimal(provider))
+    assert s.provider == provider
+    assert s.jwks_uri_for(issuer) == expected["jwks"]
+    if "introspection" in expected:
+        assert s.introspection_endpoint == expected["introspection"]
+
+
+def test_every_profile_is_tested_against_a_production_issuer() -> None:
+    assert {p for p, _i, _e in PRODUCTION} | {"generic"} == set(PROFILES)
+
+
+def test_profile_specific_defaults() -> None:
+    st = settings("supertokens", "https://api.example.com/auth", AUDIENCE="api")
+    assert st.required_claim_values == {"stt": 1}
+    assert set(st.required_claims) == {"stt", "scp", "client_id"}
+    assert (st.introspection_body, st.introspection_auth) == ("json", "none")
+    bi = settings(
+        "beyond_identity",
+        "https://auth-eu.beyondidentity.com/v1/tenants/T1/realms/R1/applications/A1",
+        AUDIENCE="api",
+    )
+    assert bi.allowed_jku_hosts == ("auth-eu.beyondidentity.com",)
+    assert bi.required_claim_values == {"bi_t": "T1", "bi_r": "R1"}
+    assert bi.provider_params["tenant"] == "T1"
+    cognito = settings(
+        "cognito",
+        "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbCdEf123",
+        ALLOWED_CLIENT_IDS=["c1"],
+    )
+    assert cognito.verify_audience is False
+    assert cognito.required_claim_values == {"token_use": "access"}
+    assert cognito.provider_params["region"] == "eu-west-1"
+    assert cognito.provider_params["user_pool_id"] == "eu-west-1_AbCdEf123"
+    entra = settings("entra_id", "https://login.microsoftonline.com/T/v2.0", AUDIENCE="api")
+    assert entra.claim_map["organization_id"] == ("tid",)  # Entra's oid is the user's object id
+    assert entra.claim_map["scopes"] == ("scp", "roles")
+
+
+@pytest.mark.parametrize(
+    ("name", "canonical"),
+    [("Entra", "entra_id"), ("azure-ad", "entra_id"), ("Beyond-Identity", "beyond_identity"),
+     ("AWS_Cognito", "cognito"), ("SCALEKIT", "scalekit")],
+)  # fmt: skip
+def test_profile_names_are_forgiving(name: str, canonical: str) -> None:
+    assert profile_named(name).name == canonical
+
+
+def test_every_profile_key_is_overridable_key_by_key() -> None:
+    issuer = "https://your-env.scalekit.com"
+    s = settings(
+        "scalekit",
+        issuer,
+        AUDIENCE="api",
+        JWKS_URI="https://keys.example.com/jwks",
+        USER_ID_PREFIX="usr-",
+        CLAIM_MAP={"organization_id": ["custom_claims.org"]},
+    )
+    assert s.jwks_uri_for(issuer) == "https://keys.example.com/jwks"
+    assert s.introspection_endpoint == f"{issuer}/oauth/introspect"  # untouched
+    assert s.user_id_prefix == "usr-"
+    # A mapping merges entry by entry: the profile's scopes mapping stays.
+    assert s.claim_map["organization_id"] == ("custom_claims.org",)
+    assert s.claim_map["scopes"] == ("scopes", "scope")
+
+
+def test_required_claim_values_merge_and_none_removes_an_entry() -> None:
+    st = settings(
+        "supertokens",
+        "https://api.example.com/auth",
+        AUDIENCE="api",
+        REQUIRED_CLAIM_VALUES={"tId": "public"},
+        REQUIRE_EMAIL_VERIFIED=True,
+    )
+    assert st.required_claim_values == {"stt": 1, "tId": "public", "email_verified": True}
+    kc = settings(
+        "keycloak",
+        "https://sso.example.com/realms/acme",
+        AUDIENCE="api",
+        REQUIRED_CLAIM_VALUES={"typ": None},
+    )
+    assert kc.required_claim_values == {}
+
+
+def test_several_issuers_get_a_key_set_each() -> None:
+    a, b = "https://a.okta.com/oauth2/default", "https://a.okta.com/oauth2/aus2"
+    s = settings("okta", [a, b], AUDIENCE="api://default")
+    assert s.jwks_uri_for(a) == f"{a}/v1/keys"
+    assert s.jwks_uri_for(b) == f"{b}/v1/keys"
+
+
+@pytest.mark.parametrize(
+    ("provider", "issuer", "extra", "named"),
+    [
+        ("cognito", "https://cognito-idp.eu-west-1.amazonaws.com/p", {}, "ALLOWED_CLIENT_IDS"),
+        (
+            "cognito",
+            "https://cognito-idp.eu-west-1.amazonaws.com/p",
+            {"ALLOWED_CLIENT_IDS": ["c"], "AUDIENCE": "api"},
+            "OAUTH_VERIFY_VERIFY_AUDIENCE",
+        ),
+        ("okta", "https://dev-1.okta.com", {"AUDIENCE": "api"}, "custom authorization server"),
+        ("beyond_identity", "https://auth-us.beyondidentity.com/v1/x", {"AUDIENCE": "a"}, "realms"),
+        ("voxkey", "https://vox.example.com/realm-a", {"AUDIENCE": "a"}, "PROVIDER_PARAMS"),
+        ("nobody", "https://issuer.example.com", {"AUDIENCE": "a"}, "OAUTH_VERIFY_PROVIDER"),
+        ("supertokens", "https://api.example.com/auth",
+         {"AUDIENCE": "a", "REQUIRE_EMAIL_VERIFIED": "yes"}, "REQUIRE_EMAIL_VERIFIED"),
+    ],
+)  # fmt: skip
+def test_profile_contradictions_fail_at_start_up_naming_the_key(
+    provider: str, issuer: str, extra: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=named):
+        settings(provider, issuer, **extra)
+
+
+def test_voxkey_params_can_be_given_when_the_issuer_is_custom() -> None:
+    s = settings(
+        "voxkey",
+        "https://login.example.com",
+        AUDIENCE="a",
+        PROVIDER_PARAMS={"domain": "https://vox.example.com", "realm": "r1"},
+    )
+    assert (
+        s.jwks_uri_for("https://login.example.com") == "https://vox.example.com/oauth2/r1/oidc/jwks"
+    )
+
+
+def test_cognito_audience_check_can_be_forced_back_on() -> None:
+    s = settings(
+        "cognito",
+        "https://cognito-idp.eu-west-1.amazonaws.com/p",
+        ALLOWED_CLIENT_IDS=["c"],
+        AUDIENCE="c",
+        VERIFY_AUDIENCE=True,
+    )
+    assert s.verify_audience is True
+
+
+def test_apply_profile_leaves_the_given_mapping_alone() -> None:
+    given = {"PROVIDER": "okta", "ISSUER": "https://o.okta.com/oauth2/default", "AUDIENCE": "a"}
+    before = dict(given)
+    merged = apply_profile(given)
+    assert given == before
+    assert merged["JWKS_URI"] == "https://o.okta.com/oauth2/default/v1/keys"
+
+
+# -- issuer templates (config) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("issuer", "extra", "named"),
+    [
+        ("https://{tenant}.example.com/v2.0", {}, "host"),
+        ("https://login.example.com/x{tenantid}/v2.0", {}, "whole"),
+        ("https://login.example.com/{tenantid}/{tenantid}", {}, "repeats"),
+        ("https://login.example.com/{tenantid/v2.0", {}, "balanced"),
+        ("https://login.example.com/{tenantid}/v2.0", {"JWKS_URI": None}, "OAUTH_VERIFY_JWKS_URI"),
+        ("https://login.example.com/{tenantid}/v2.0", {"ALLOWED_TENANTS": None}, "ALLOWED_TENANTS"),
+        (
+            "https://login.example.com/{tenantid}/v2.0",
+            {"JWKS_URI": "https://login.example.com/{tenantid}/keys"},
+            "placeholders",
+        ),
+    ],
+)
+def test_bad_issuer_templates_fail_at_start_up(
+    issuer: str, extra: dict[str, Any], named: str
+) -> None:
+    config: dict[str, Any] = {
+        "OAUTH_VERIFY_ISSUER": issuer,
+        "OAUTH_VERIFY_AUDIENCE": "api",
+        "OAUTH_VERIFY_JWKS_URI": "https://login.example.com/common/keys",
+        "OAUTH_VERIFY_ALLOWED_TENANTS": "*",
+    }
+    config.update({f"OAUTH_VERIFY_{k}": v for k, v in extra.items()})
+    with pytest.raises(ConfigurationError, match=named):
+        Settings.from_config({k: v for k, v in config.items() if v is not None})
+
+
+# -- Scalekit ------------------------------------------------------------------------
+
+
+def test_scalekit_m2m_and_user_tokens(server: IssuerServer) -> None:
+    sk = Scalekit(server)
+    app = provider_app(sk.config())
+    status, body = call(app, sk.m2m_token())
+    assert status == 200, body
+    assert body == {
+        "subject": "m2morg_69038819013296423",
+        "client_id": "m2morg_69038819013296423",
+        "scopes": ["deploy:applications", "read:deployments"],
+        "organization_id": "org_59615193906282635",
+        "user_id": None,
+        "service_name": "billing-worker",
+        "token_type": "m2m",
+        "issuer": sk.issuer,
+        "strategy": "jwks",
+    }
+    status, body = call(app, sk.user_token(), "/me")
+    assert (status, body) == (200, {"user_id": "user_69038819013296500"})
+    assert call(app, sk.m2m_token(), "/org") == (200, {"organization_id": "org_59615193906282635"})
+    assert call(app, sk.m2m_token(), "/scoped/deploy:applications")[0] == 200
+    response = app.test_client().get("/scoped/admin", headers=auth_header(sk.m2m_token()))
+    assert response.status_code == 403
+    assert 'scope="admin"' in response.headers["WWW-Authenticate"]
+    refused(app, sk.m2m_token(), "/me", "missing_user_context")
+    refused(app, sk.m2m_token(oid=None), "/org", "missing_organization_context")
+    refused(app, sk.m2m_token(aud=["other-api"]))
+    assert server.hits["/keys"] == 1  # fetched once, from the documented path
+
+
+def test_scalekit_introspection(server: IssuerServer) -> None:
+    sk = Scalekit(server)
+    app = provider_app(
+        sk.config(
+            INTROSPECTION_CLIENT_ID=sk.client_id, INTROSPECTION_CLIENT_SECRET=sk.client_secret
+        )
+    )
+    token = sk.m2m_token()
+    status, body = call(app, token, "/introspected")
+    assert status == 200, body
+    assert body["strategy"] == "introspection"
+    assert body["organization_id"] == "org_59615193906282635"
+    assert body["service_name"] == "billing-worker"
+    request = sk.introspections[-1]
+    assert request.headers["Authorization"] == basic(sk.client_id, sk.client_secret)
+    assert request.form()["token"] == token
+    sk.active.clear()  # revoked at Scalekit
+    refused(app, token, "/introspected")
+
+
+# -- SuperTokens ------------------------------------------------------------------------
+
+
+def test_supertokens_oauth_token_passes_with_scp_scopes(server: IssuerServer) -> None:
+    st = SuperTokens(server)
+    app = provider_app(st.config())
+    status, body = call(app, st.token())
+    assert status == 200, body
+    assert body["scopes"] == ["offline_access", "read:posts"]
+    assert body["client_id"] == st.oauth_client
+    assert body["user_id"] == "fa7a0841-b533-4478-95533-0fde890c3483"
+    assert server.hits["/auth/jwt/jwks.json"] == 1
+
+
+@pytest.mark.parametrize(
+    "stt",
+    [0, 2, True, "1", 1.5, None],
+    ids=["session", "id-token", "true", "string", "float", "absent"],
+)
+def test_supertokens_refuses_every_token_but_stt_1(server: IssuerServer, stt: Any) -> None:
+    st = SuperTokens(server)
+    app = provider_app(st.config())
+    assert call(app, st.token())[0] == 200  # control: same keys, stt 1
+    refused(app, st.token(stt=stt))
+
+
+def test_supertokens_session_token_is_refused(server: IssuerServer) -> None:
+    st = SuperTokens(server)
+    refused(provider_app(st.config()), st.session_token())
+
+
+def test_supertokens_requires_scp_and_client_id(server: IssuerServer) -> None:
+    st = SuperTokens(server)
+    app = provider_app(st.config())
+    refused(app, st.token(scp=None))
+    refused(app, st.token(client_id=None))
+
+
+def test_supertokens_allowed_clients_and_verified_email(server: IssuerServer) -> None:
+    st = SuperTokens(server)
+    app = provider_app(st.config(ALLOWED_CLIENT_IDS=[st.oauth_client], REQUIRE_EMAIL_VERIFIED=True))
+    assert call(app, st.token(email_verified=True))[0] == 200
+    refused(app, st.token(email_verified=True, client_id="stcl_other"))
+    refused(app, st.token())  # no email_verified claim
+    refused(app, st.token(email_verified=False))
+    refused(app, st.token(email_verified="true"))
+
+
+def test_supertokens_introspection_sends_a_json_body(server: IssuerServer) -> None:
+    st = SuperTokens(server)
+    app = provider_app(st.config())
+    token = st.token()
+    status, body = call(app, token, "/introspected")
+    assert status == 200, body
+    request = st.introspections[-1]
+    assert request.headers["Content-Type"].startswith("application/json")
+    assert request.json() == {"token": token}
+    assert "Authorization" not in request.headers
+    # a session token is active at SuperTokens, but it is not an OAuth token
+    refused(app, st.session_token(), "/introspected")
+
+
+# -- VoxKey --------------------------------------------------------------------------
+
+
+def test_voxkey_m2m_token_from_the_token_endpoint(server: IssuerServer) -> None:
+    vk = VoxKey(server)
+    app = provider_app(vk.config())
+    client_id, secret = vk.service_client
+    answer = requests.post(
+        f"{vk.issuer}/token",
+        data={
+            "grant_type": "client_credentials",
+            "client_id": client_id,
+            "client_secret": secret,
+            "scope": "users:read users:write",
+            "resource": vk.resource,
+        },
+        timeout=5,
+    )
+    assert answer.status_code == 200
+    token = answer.json()["access_token"]
+    status, body = call(app, token, "/scoped/users:read")
+    assert status == 200, body
+    assert body["scopes"] == ["users:read", "users:write"]
+    assert body["user_id"] is None  # the client acts for itself
+    assert server.hits[f"/oauth2/{vk.realm}/oidc/jwks"] == 1
+    assert (
+        app.test_client().get("/scoped/posts:delete", headers=auth_header(token)).status_code == 403
+    )
+
+
+def test_voxkey_user_token_audience_and_introspection(server: IssuerServer) -> None:
+    vk = VoxKey(server)
+    app = provider_app(
+        vk.config(
+            INTROSPECTION_CLIENT_ID=vk.client_id, INTROSPECTION_CLIENT_SECRET=vk.client_secret
+        )
+    )
+    token = vk.user_token()
+    assert call(app, token)[1]["user_id"] == "user_abc123"
+    refused(app, vk.user_token(aud=f"{server.url}/api/v1/other-realm"))
+    status, body = call(app, token, "/introspected")
+    assert status == 200, body
+    assert body["scopes"] == ["openid", "profile", "read:posts"]
+    assert st_basic(vk.introspections[-1]) == basic(vk.client_id, vk.client_secret)
+    vk.active.pop(token)  # revoked (RFC 7009)
+    refused(app, token, "/introspected")
+
+
+def st_basic(request: Any) -> str:
+    return str(request.headers.get("Authorization", ""))
+
+
+# -- Beyond Identity ---------------------------------------------------------------------
+
+
+def test_beyond_identity_offline_validation_through_jku(server: IssuerServer) -> None:
+    bi = BeyondIdentity(server)
+    app = provider_app(bi.config())
+    status, body = call(app, bi.token())
+    assert status == 200, body
+    assert body["scopes"] == ["myapp:read", "myapp:write"]
+    assert body["user_id"] == "7a8cce58fd160449"
+    assert call(app, bi.token(aud=[bi.resource_server]))[0] == 200
+    assert call(app, bi.token(aud=bi.app_client))[0] == 200
+    # Cache-Control: max-age=600 -> the key set is fetched once
+    assert server.hits[bi.jwks_path] == 1
+
+
+def test_beyond_identity_refuses_a_jku_host_not_allowlisted(server: IssuerServer) -> None:
+    bi = BeyondIdentity(server)
+    app = provider_app(bi.config())
+    with IssuerServer() as attacker:
+        attacker.route("/jwks.json", bi.jwks_reply)  # even the right keys
+        for jku in (
+            f"http://localhost:{attacker.port}/jwks.json",
+            f"https://evil.example.com/{bi.jwks_path}",
+            f"https://127.0.0.1.evil.example.com/{bi.jwks_path}",
+            f"http://user@127.0.0.1:{server.port}{bi.jwks_path}",
+        ):
+            refused(app, bi.token(jku=jku))
+        for jku in (f"ftp://127.0.0.1/{bi.jwks_path}", "not a url", f"//127.0.0.1{bi.jwks_path}"):
+            refused(app, bi.raw_token({"jku": jku}))
+        refused(app, bi.token(jku=None))  # no jku at all
+        assert attacker.hits["/jwks.json"] == 0
+    assert server.hits[bi.jwks_path] == 0
+
+
+def test_beyond_identity_http_jku_needs_the_test_only_switch(server: IssuerServer) -> None:
+    bi = BeyondIdentity(server)
+    app = provider_app(bi.config(ALLOW_INSECURE_HTTP=False))
+    refused(app, bi.token())  # production: https on port 443 only
+    assert server.hits[bi.jwks_path] == 0
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"bi_r": "another-realm"},
+        {"bi_t": "another-tenant"},
+        {"bi_r": None},
+        {"aud": ["someone-else"]},
+        {"nbf": None},
+    ],
+    ids=["realm", "tenant", "no-realm", "audience", "no-nbf"],
+)
+def test_beyond_identity_claims_must_match_the_application(
+    server: IssuerServer, claims: dict[str, Any]
+) -> None:
+    bi = BeyondIdentity(server)
+    app = provider_app(bi.config())
+    assert call(app, bi.token())[0] == 200
+    refused(app, bi.token(**claims))
+
+
+def test_beyond_identity_nbf_and_exp(server: IssuerServer) -> None:
+    bi = BeyondIdentity(server)
+    app = provider_app(bi.config())
+    times = bi.times()
+    refused(
+        app, bi.token(nbf=times["iat"] + 3600, exp=times["iat"] + 7200), error="token_not_active"
+    )
+    past = times["iat"] - 7200
+    refused(app, bi.token(iat=past, nbf=past, exp=past + 3600), error="token_expired")
+
+
+@pytest.mark.parametrize("method", ["client_secret_basic", "bearer"])
+def test_beyond_identity_introspection(server: IssuerServer, method: str) -> None:
+    bi = BeyondIdentity(server)
+    extra: dict[str, Any] = {"INTROSPECTION_AUTH": method}
+    if method == "bearer":
+        extra["INTROSPECTION_TOKEN"] = bi.api_token
+    else:
+        extra.update(
+            INTROSPECTION_CLIENT_ID=bi.client_id, INTROSPECTION_CLIENT_SECRET=bi.client_secret
+        )
+    app = provider_app(bi.config(**extra))
+    token = bi.token()
+    status, body = call(app, token, "/introspected")
+    assert status == 200, body
+    request = bi.introspections[-1]
+    assert request.path == f"/v1/tenants/{bi.tenant}/realms/{bi.realm}/introspect"
+    expected = (
+        f"Bearer {bi.api_token}" if method == "bearer" else basic(bi.client_id, bi.client_secret)
+    )
+    assert request.headers["Authorization"] == expected
+    assert request.form()["token"] == token
+    refused(app, bi.token(bi_r="another-realm"), "/introspected")
+
+
+# -- Auth0 --------------------------------------------------------------------------
+
+
+def test_auth0_user_and_m2m_tokens(server: IssuerServer) -> None:
+    a0 = Auth0(server)
+    app = provider_app(a0.config())
+    status, body = call(app, a0.user_token())
+    assert status == 200, body
+    assert body["scopes"] == ["email", "openid", "profile", "read:messages", "write:messages"]
+    assert body["client_id"] == "spa-client-id"
+    assert body["organization_id"] == "org_Hd5g7kL2mN8pQ1rS"
+    assert body["user_id"] == "auth0|64b7f2d0c1a2b3c4d5e6f7a8"
+    status, body = call(app, a0.m2m_token())
+    assert status == 200, body
+    assert (body["client_id"], body["user_id"], body["scopes"]) == (
+        "m2m-client-id",
+        None,
+        ["read:reports"],
+    )
+    assert server.hits["/.well-known/jwks.json"] == 1
+
+
+def test_auth0_pitfalls(server: IssuerServer) -> None:
+    a0 = Auth0(server)
+    app = provider_app(a0.config())
+    refused(app, a0.user_token(aud="spa-client-id"))  # an ID token's audience
+    refused(app, a0.user_token(iss=a0.issuer.rstrip("/")))  # Auth0's iss ends with '/'
+    refused(app, a0.user_token(aud=["https://other-api.example.com"]))
+
+
+# -- Okta ---------------------------------------------------------------------------
+
+
+def test_okta_custom_authorization_server(server: IssuerServer) -> None:
+    okta = Okta(server)
+    app = provider_app(
+        okta.config(
+            INTROSPECTION_CLIENT_ID=okta.client_id, INTROSPECTION_CLIENT_SECRET=okta.client_secret
+        )
+    )
+    status, body = call(app, okta.token())
+    assert status == 200, body
+    assert body["scopes"] == ["email", "openid", "orders:read"]
+    assert body["client_id"] == "0oa1b2c3d4e5f6g7h8i9"
+    assert body["user_id"] == "alice@example.com"
+    m2m = okta.token(sub="0oa1b2c3d4e5f6g7h8i9", uid=None, scp=["orders:read"])
+    assert call(app, m2m)[1]["user_id"] is None
+    refused(app, okta.token(cid=None))  # an ID token has no cid
+    assert server.hits["/oauth2/default/v1/keys"] == 1
+    token = okta.token()
+    assert call(app, token, "/introspected")[0] == 200
+    assert okta.introspections[-1].path == "/oauth2/default/v1/introspect"
+
+
+# -- Microsoft Entra ID -------------------------------------------------------------------
+
+
+def test_entra_multi_tenant_tokens(server: IssuerServer) -> None:
+    entra = EntraID(server)
+    app = provider_app(entra.config())
+    status, body = call(app, entra.v2_token())
+    assert status == 200, body
+    assert body["organization_id"] == entra.home
+    assert body["scopes"] == ["Orders.Read", "access_as_user"]
+    assert body["client_id"] == "0ce8a2f0-2c0d-4f1b-bd3e-7c9a0b4f3e21"
+    assert body["user_id"] == "AAAAAAAAAAAAAAAAAAAAAIkzqFVrSaSaFHy782bbtaQ"
+    assert body["issuer"] == f"{server.url}/{entra.home}/v2.0"
+    status, body = call(app, entra.v2_token(entra.partner))
+    assert (status, body["organization_id"]) == (200, entra.partner)
+    status, body = call(app, entra.app_token())
+    assert (status, body["scopes"], body["user_id"]) == (200, ["Orders.Read.All"], None)
+    status, body = call(app, entra.v1_token())
+    assert status == 200, body
+    assert body["client_id"] == "1950a258-227b-4e31-a9cf-717495945fc2"
+    assert body["scopes"] == ["user_impersonation"]
+
+
+def test_entra_token_from_another_tenant_is_refused(server: IssuerServer) -> None:
+    entra = EntraID(server)
+    app = provider_app(entra.config())
+    refused(app, entra.v2_token(entra.stranger))
+    refused(app, entra.v1_token(entra.stranger))
+    assert (
+        call(provider_app(entra.config(ALLOWED_TENANTS="*")), entra.v2_token(entra.stranger))[0]
+        == 200
+    )
+
+
+@pytest.mark.parametrize(
+    "iss",
+    [
+        "{url}/{stranger}/v2.0",  # tid says home, iss names another tenant
+        "{url}/{home}/extra/v2.0",
+        "{url}/{home}/v2.0/",
+        "{url}/{{tenantid}}/v2.0",  # the template itself
+        "{url}/../v2.0",
+        "{url}/%2E%2E/v2.0",
+        "{url}/a%2Fb/v2.0",
+        "{url}/{home}/v2.0?x=1",
+        "{url}//v2.0",
+    ],
+)
+def test_entra_iss_must_match_the_template_and_the_tid(server: IssuerServer, iss: str) -> None:
+    entra = EntraID(server)
+    app = provider_app(entra.config(ALLOWED_TENANTS="*"))
+    forged = iss.format(url=server.url, home=entra.home, stranger=entra.stranger)
+    refused(app, entra.v2_token(iss=forged))
+
+
+def test_entra_key_sources_stay_bounded(server: IssuerServer) -> None:
+    entra = EntraID(server)
+    app = provider_app(entra.config(ALLOWED_TENANTS="*"))
+    tenants = [f"00000000-0000-0000-0000-{n:012d}" for n in range(40)]
+    for tid in tenants:
+        assert call(app, entra.v2_token(tid))[0] == 200
+        assert call(app, entra.v1_token(tid))[0] == 200
+    state = get_state(app)
+    with app.app_context():
+        names = sorted(s.issuer for s in state.keys.status())
+    assert names == sorted([entra.v1, entra.v2])  # one source per configured template
+    assert server.hits["/common/discovery/v2.0/keys"] == 2  # once per template, not per tenant
+    # an issuer that is not configured never causes a fetch
+    refused(app, entra.v2_token(iss=f"{server.url}/{entra.home}/v3.0"))
+    assert server.hits["/common/discovery/v2.0/keys"] == 2
+
+
+def test_entra_single_tenant_needs_no_tenant_list(server: IssuerServer) -> None:
+    entra = EntraID(server)
+    issuer = f"{server.url}/{entra.home}/v2.0"
+    app = provider_app(entra.config(ISSUER=issuer, ALLOWED_TENANTS=None))
+    assert call(app, entra.v2_token())[0] == 200
+    refused(app, entra.v2_token(entra.partner))
+
+
+# -- Keycloak -----------------------------------------------------------------------------
+
+
+def test_keycloak_user_service_account_and_id_token(server: IssuerServer) -> None:
+    kc = Keycloak(server)
+    app = provider_app(
+        kc.config(
+            INTROSPECTION_CLIENT_ID=kc.client_id, INTROSPECTION_CLIENT_SECRET=kc.client_secret
+        )
+    )
+    status, body = call(app, kc.token())
+    assert status == 200, body
+    assert body["scopes"] == ["openid", "orders:read", "profile"]
+    assert body["client_id"] == "web-app"
+    assert body["user_id"] == "f:0a1b2c3d:alice"
+    status, body = call(app, kc.service_account_token())
+    assert (status, body["client_id"], body["user_id"]) == (200, "batch", None)
+    refused(app, kc.id_token())  # same keys and issuer, typ ID
+    assert server.hits["/realms/acme/protocol/openid-connect/certs"] == 1
+    assert call(app, kc.token(), "/introspected")[0] == 200
+    assert kc.introspections[-1].path == "/realms/acme/protocol/openid-connect/token/introspect"
+
+
+def test_keycloak_roles_and_organization_through_dotted_claim_paths(server: IssuerServer) -> None:
+    kc = Keycloak(server)
+    app = provider_app(
+        kc.config(
+            CLAIM_MAP={
+                "scopes": ["scope", "realm_access.roles"],
+                "organization_id": ["organization.id"],
+            }
+        )
+    )
+    status, body = call(
+        app, kc.token(organization={"id": "acme-corp", "name": "ACME"}), "/scoped/orders-admin"
+    )
+    assert status == 200, body
+    assert "orders-admin" in body["scopes"] and "orders:read" in body["scopes"]
+    assert body["organization_id"] == "acme-corp"
+    assert body["client_id"] == "web-app"  # the profile's other mappings stay
+    refused(app, kc.token(), "/org", "missing_organization_context")
+
+
+# -- Cognito ------------------------------------------------------------------------------
+
+
+def test_cognito_access_tokens_and_pitfalls(server: IssuerServer) -> None:
+    cg = Cognito(server)
+    app = provider_app(cg.config())
+    status, body = call(app, cg.access_token())
+    assert status == 200, body
+    assert body["client_id"] == cg.app_client
+    assert body["scopes"] == ["aws.cognito.signin.user.admin", "orders/read"]
+    assert body["user_id"] == "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
+    m2m = cg.access_token(sub=cg.app_client, username=None, scope="orders/read")
+    assert call(app, m2m)[1]["user_id"] is None
+    refused(app, cg.id_token())
+    refused(app, cg.access_token(client_id="another-app-client"))
+    refused(app, cg.access_token(token_use="id"))
+    assert server.hits[f"/{cg.pool}/.well-known/jwks.json"] == 1
+
+
+# -- claims checks ---------------------------------------------------------------------------
+
+
+def test_claims_check_refuses_with_401_or_the_error_it_raises(
+    server: IssuerServer,
+) -> None:
+    sk = Scalekit(server)
+    ext = OAuthVerify()
+    seen: list[Mapping[str, Any]] = []
+
+    @ext.claims_check
+    def only_billing(claims: Mapping[str, Any]) -> bool:
+        seen.append(claims)
+        return bool(claims.get("custom_claims", {}).get("service_name") == "billing-worker")
+
+    @ext.claims_check
+    def no_admin_from_m2m(claims: Mapping[str, Any]) -> None:
+        if "admin" in claims.get("scopes", []):
+            raise InsufficientScopeError(scopes=["admin"], reason="m2m clients never get admin")
+
+    @ext.claims_check
+    def explodes(claims: Mapping[str, Any]) -> None:
+        if claims.get("oid") == "org_boom":
+            raise KeyError("bug in the check")
+
+    app = provider_app(sk.config(), ext=ext)
+    assert call(app, sk.m2m_token())[0] == 200
+    assert seen[-1]["oid"] == "org_59615193906282635"
+    refused(app, sk.m2m_token(custom_claims={"service_name": "other"}))
+    response = app.test_client().get("/whoami", headers=auth_header(sk.m2m_token(scopes=["admin"])))
+    assert response.status_code == 403
+    assert response.get_json()["error"] == "insufficient_scope"
+    refused(app, sk.m2m_token(oid="org_boom"))  # a failing check refuses, never a 500
+
+
+def test_claims_checks_run_only_on_verified_claims(server: IssuerServer) -> None:
+    sk = Scalekit(server)
+    ext = OAuthVerify()
+    calls: list[str] = []
+
+    @ext.claims_check
+    def record(claims: Mapping[str, Any]) -> bool:
+        calls.append(str(claims.get("sub")))
+        return True
+
+    app = provider_app(sk.config(), ext=ext)
+    forger = TokenIssuer(issuer=sk.issuer)
+    forger.add_key("RS256", kid="snk_58327480989122566")
+    forger.current_kid = "snk_58327480989122566"
+    forged = forger.mint(
+        {"iss": sk.issuer, "sub": "forged", "aud": sk.audience, **sk.times()}, typ="JWT"
+    )
+    refused(app, forged)  # bad signature
+    refused(app, sk.m2m_token(exp=1), error="token_expired")
+    refused(app, sk.m2m_token(aud="nope"))
+    assert calls == []
+    assert call(app, sk.m2m_token())[0] == 200
+    assert calls == ["m2morg_69038819013296423"]
+
+
+def test_claims_check_runs_on_introspection_answers(server: IssuerServer) -> None:
+    st = SuperTokens(server)
+    ext = OAuthVerify()
+
+    @ext.claims_check
+    def public_tenant(claims: Mapping[str, Any]) -> bool:
+        return claims.get("tId") == "public"
+
+    app = provider_app(st.config(), ext=ext)
+    assert call(app, st.token(), "/introspected")[0] == 200
+    refused(app, st.token(tId="tenant-b"), "/introspected")
+
+
+def test_required_claim_values_compare_types_strictly(server: IssuerServer) -> None:
+    okta = Okta(server)
+    app = provider_app(okta.config(REQUIRED_CLAIM_VALUES={"ver": 1, "uid": "00u1a2b3c4d5e6f7g8h9"}))
+    assert call(app, okta.token())[0] == 200
+    refused(app, okta.token(ver=True))
+    refused(app, okta.token(ver="1"))
+    refused(app, okta.token(ver=1.0))
+    refused(app, okta.token(uid="00u-other"))
+
+
+# -- generic: discovery, and Authlib's own authorization server ------------------------
+
+
+def test_generic_profile_discovers_the_keys(server: IssuerServer) -> None:
+    issuer = TokenIssuer()
+    issuer.serve(server)
+    app = provider_app(
+        {
+            "OAUTH_VERIFY_ISSUER": issuer.issuer,
+            "OAUTH_VERIFY_AUDIENCE": "api",
+            "OAUTH_VERIFY_PROVIDER": "generic",
+        }
+    )
+    token = issuer.mint(scopes=["read:users"], organization_id="org_1")
+    status, body = call(app, token)
+    assert status == 200, body
+    assert body["organization_id"] == "org_1"
+    assert server.hits["/.well-known/openid-configuration"] == 1
+    assert server.hits["/jwks"] == 1
+
+
+class _AuthlibClient:
+    """A registered OAuth client of the Authlib authorization server."""
+
+    def __init__(self, client_id: str, secret: str, scopes: set[str]) -> None:
+        self.client_id = client_id
+        self.secret = secret
+        self.scopes = scopes
+
+    def get_client_id(self) -> str:
+        return self.client_id
+
+    def get_default_redirect_uri(self) -> None:
+        return None
+
+    def get_allowed_scope(self, scope: str) -> str:
+        return " ".join(s for s in scope.split() if s in self.scopes)
+
+    def check_redirect_uri(self, redirect_uri: str) -> bool:
+        return False
+
+    def check_client_secret(self, client_secret: str) -> bool:
+        return client_secret == self.secret
+
+    def check_endpoint_auth_method(self, method: str, endpoint: str) -> bool:
+        return method == "client_secret_basic"
+
+    def check_response_type(self, response_type: str) -> bool:
+        return False
+
+    def check_grant_type(self, grant_type: str) -> bool:
+        return grant_type == "client_credentials"
+
+
+@pytest.fixture
+def authlib_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Callable[[], None]]]:
+    """Authlib's authorization server issuing RFC 9068 JWT access tokens over HTTP."""
+    from authlib.integrations.flask_oauth2 import AuthorizationServer
+    from authlib.oauth2.rfc6749 import grants
+    from authlib.oauth2.rfc9068 import JWTBearerTokenGenerator
+
+    monkeypatch.setenv("AUTHLIB_INSECURE_TRANSPORT", "1")  # http on 127.0.0.1 only
+    key = RSAKey.generate_key(2048, parameters={"kid": "authlib-key-1", "use": "sig"})
+    clients = {
+        "reports": _AuthlibClient("reports", "reports-secret", {"read:users", "write:users"})
+    }
+    as_app = Flask("authlib_as")
+    http = make_server("127.0.0.1", 0, as_app, threaded=True)
+    issuer = f"http://127.0.0.1:{http.server_port}"
+
+    class Generator(JWTBearerTokenGenerator):  # type: ignore[misc]
+        def get_jwks(self) -> KeySet:
+            return KeySet([key])
+
+        def get_audiences(self, client: Any, user: Any, scope: str) -> str:
+            return "https://api.example.com"
+
+        def get_extra_claims(
+            self, client: Any, grant_type: str, user: Any, scope: str
+        ) -> dict[str, Any]:
+            return {"organization_id": "org_authlib"}
+
+    server = AuthorizationServer(
+        as_app, query_client=clients.get, save_token=lambda token, request: None
+    )
+    server.register_grant(grants.ClientCredentialsGrant)
+    server.register_token_generator("default", Generator(issuer=issuer))
+
+    @as_app.post("/token")
+    def token() -> Any:
+        return server.create_token_response()
+
+    @as_app.get("/.well-known/oauth-authorization-server")
+    def metadata() -> dict[str, Any]:
+        return {
+            "issuer": issuer,
+            "token_endpoint": f"{issuer}/token",
+            "jwks_uri": f"{issuer}/jwks",
+            "grant_types_supported": ["client_credentials"],
+        }
+
+    @as_app.get("/jwks")
+    def jwks() -> dict[str, Any]:
+        return dict(KeySet([key]).as_dict(private=False))
+
+    thread = threading.Thread(target=http.serve_forever, daemon=True)
+    thread.start()
+    yield issuer, http.shutdown
+    http.shutdown()
+    thread.join(timeout=10)
+
+
+def test_authlib_authorization_server_rfc9068_tokens_with_discovery(
+    authlib_server: tuple[str, Callable[[], None]],
+) -> None:
+    from authlib.integrations.requests_client import OAuth2Session
+
+    issuer, _stop = authlib_server
+    app = provider_app(
+        {"OAUTH_VERIFY_ISSUER": issuer, "OAUTH_VERIFY_AUDIENCE": "https://api.example.com"}
+    )
+    with OAuth2Session("reports", "reports-secret", scope="read:users admin") as client:
+        fetched = client.fetch_token(f"{issuer}/token", grant_type="client_credentials")
+    token = fetched["access_token"]
+    status, body = call(app, token, "/scoped/read:users")
+    assert status == 200, body
+    assert body["subject"] == "reports"
+    assert body["client_id"] == "reports"
+    assert body["scopes"] == ["read:users"]  # "admin" was not granted
+    assert body["organization_id"] == "org_authlib"
+    assert body["user_id"] is None  # client credentials: the client is the subject
+    assert (
+        app.test_client().get("/scoped/write:users", headers=auth_header(token)).status_code == 403
+    )
+    other = provider_app({"OAUTH_VERIFY_ISSUER": issuer, "OAUTH_VERIFY_AUDIENCE": "another-api"})
+    refused(other, token)
