@@ -1,0 +1,622 @@
+"""Fault injection: the issuer, the cache and introspection misbehave for real.
+
+Every fault is produced by a real server on 127.0.0.1 (an
+:class:`IssuerServer` that holds, fails, flaps or answers garbage; a raw
+socket server that trickles its body or never answers; a real
+``redis-server`` that is stopped, flushed or replaced by a black hole). For
+each fault the documented outcome must hold (DESIGN.md, ``docs/keys.rst``):
+
+* keys already known (warm) -> requests keep succeeding on the last good keys;
+* nothing known yet (cold) -> 503 ``temporarily_unavailable`` with
+  ``Retry-After``, never a 500;
+* a cache outage is a cache miss, never a failed request;
+
+and no request waits longer than the configured budget. ``HTTP_TIMEOUT`` is
+set short here; the elapsed time around each request is compared with that
+budget plus a margin. That is a bound on hanging (a correctness property),
+not a performance goal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask_caching import Cache
+from werkzeug.test import TestResponse
+
+from flask_oauth_verify import OAuthVerify
+from flask_oauth_verify.testing import IssuerServer, Reply, Request, TokenIssuer, auth_header
+
+from .conftest import FakeClock, RedisServer, add_views, free_port
+
+CONNECT, READ = 0.25, 0.5
+#: One outgoing call may take at most connect + read (the fetch deadline).
+BUDGET = CONNECT + READ
+#: Scheduling slack on a loaded CI machine; far below any real hang.
+MARGIN = 2.0
+REDIS_TIMEOUT = 0.3
+TTL = 600
+#: Far enough to pass the soft TTL (with its jitter) and the refresh cooldown.
+STALE = TTL + 60
+
+
+# -- servers that misbehave at the socket level -----------------------------------
+
+
+class RawServer:
+    """A TCP server on 127.0.0.1 whose connection handling a test scripts.
+
+    :param handle: called in its own thread with each accepted connection
+        and the server's stop event.
+    """
+
+    def __init__(self, handle: Callable[[socket.socket, threading.Event], None]) -> None:
+        self._handle = handle
+        self.stop = threading.Event()
+        self.connections = 0
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self._sock.settimeout(0.1)
+        self.port = int(self._sock.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._open: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            self._open.append(conn)
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            self._handle(conn, self.stop)
+
+    def close(self) -> None:
+        self.stop.set()
+        self._thread.join(timeout=5)
+        for conn in self._open:
+            conn.close()
+        self._sock.close()
+
+
+def black_hole(conn: socket.socket, stop: threading.Event) -> None:
+    """Accept and never answer (a hung Redis or issuer)."""
+    stop.wait(30)
+
+
+def trickle(conn: socket.socket, stop: threading.Event) -> None:
+    """Answer 200 with a JSON content type, then one byte every 50 ms, forever."""
+    conn.recv(65536)
+    conn.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\n\r\n"
+    )
+    while not stop.wait(0.05):  # the fault itself: a server that trickles
+        conn.sendall(b" ")
+
+
+@pytest.fixture
+def raw_server() -> Iterator[
+    Callable[[Callable[[socket.socket, threading.Event], None]], RawServer]
+]:
+    servers: list[RawServer] = []
+
+    def start(handle: Callable[[socket.socket, threading.Event], None]) -> RawServer:
+        server = RawServer(handle)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+# -- helpers ----------------------------------------------------------------------
+
+
+def fault_app(
+    config: dict[str, Any],
+    clock: FakeClock,
+    *,
+    cache_config: dict[str, Any] | None = None,
+    name: str = "faults",
+) -> Flask:
+    """An app with short timeouts, the core test views and (optionally) Redis."""
+    app = Flask(name)
+    app.config.update(
+        TESTING=True,
+        OAUTH_VERIFY_HTTP_TIMEOUT=(CONNECT, READ),
+        OAUTH_VERIFY_JWKS_CACHE_TTL=TTL,
+        **config,
+    )
+    cache = None
+    if cache_config is not None:
+        app.config.update(cache_config)
+        cache = Cache(app)
+    OAuthVerify().init_app(app, cache=cache, clock=clock)
+    add_views(app)
+    return app
+
+
+def redis_cache(url: str) -> dict[str, Any]:
+    """Flask-Caching settings for a Redis backend with socket timeouts."""
+    return {
+        "CACHE_TYPE": "RedisCache",
+        "CACHE_REDIS_URL": url,
+        "CACHE_OPTIONS": {
+            "socket_timeout": REDIS_TIMEOUT,
+            "socket_connect_timeout": REDIS_TIMEOUT,
+        },
+    }
+
+
+def timed(app: Flask, token: str) -> tuple[TestResponse, float]:
+    """GET /protected with ``token``; return the response and the seconds it took."""
+    started = time.monotonic()
+    response = app.test_client().get("/protected", headers=auth_header(token))
+    return response, time.monotonic() - started
+
+
+def assert_ok(response: TestResponse) -> None:
+    assert response.status_code == 200, response.get_json()
+    assert response.get_json()["subject"] == "user_1"
+
+
+def assert_unavailable(response: TestResponse) -> None:
+    """The documented 503: JSON body, challenge and ``Retry-After``."""
+    assert response.status_code == 503, response.get_json()
+    assert response.get_json()["error"] == "temporarily_unavailable"
+    assert response.headers["WWW-Authenticate"].startswith("Bearer realm=")
+    retry_after = response.headers.get("Retry-After", "")
+    assert retry_after.isdigit() and int(retry_after) >= 1
+
+
+def concurrently(count: int, call: Callable[[], tuple[TestResponse, float]]) -> list[Any]:
+    """Run ``call`` in ``count`` threads at once; return their results."""
+    results: list[Any] = []
+    lock = threading.Lock()
+    start = threading.Barrier(count)
+
+    def worker() -> None:
+        start.wait()
+        result = call()
+        with lock:
+            results.append(result)
+
+    threads = [threading.Thread(target=worker) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=4 * BUDGET + 4 * MARGIN)
+    assert len(results) == count, "a request hung"
+    return results
+
+
+@pytest.fixture
+def issuer(served_tokens: TokenIssuer) -> TokenIssuer:
+    return served_tokens
+
+
+def server_of(tokens: TokenIssuer) -> IssuerServer:
+    assert tokens.server is not None
+    return tokens.server
+
+
+# -- the issuer is slow -------------------------------------------------------------
+
+
+def test_slow_issuer_cold_gives_503_within_the_budget(
+    issuer: TokenIssuer, clock: FakeClock
+) -> None:
+    server_of(issuer).hold("/jwks")
+    app = fault_app(issuer.config(), clock)
+    response, elapsed = timed(app, issuer.mint())
+    assert_unavailable(response)
+    assert elapsed <= BUDGET + MARGIN
+
+
+def test_slow_issuer_cold_concurrent_requests_share_one_wait(
+    issuer: TokenIssuer, clock: FakeClock
+) -> None:
+    server = server_of(issuer)
+    server.hold("/jwks")
+    app = fault_app(issuer.config(), clock)
+    token = issuer.mint()
+    results = concurrently(8, lambda: timed(app, token))
+    for response, elapsed in results:
+        assert_unavailable(response)
+        assert elapsed <= BUDGET + MARGIN
+    assert server.hits["/jwks"] <= 2  # a single flight, not one fetch per request
+
+
+def test_slow_issuer_warm_keeps_serving_last_good_keys(
+    issuer: TokenIssuer, clock: FakeClock
+) -> None:
+    server = server_of(issuer)
+    app = fault_app(issuer.config(), clock)
+    token = issuer.mint(expires_in=10 * 86400)
+    assert_ok(timed(app, token)[0])
+    server.hold("/jwks")
+    clock.advance(STALE)
+    results = concurrently(8, lambda: timed(app, token))
+    for response, elapsed in results:
+        assert_ok(response)
+        assert elapsed <= BUDGET + MARGIN
+    # After the failed refresh, requests neither wait nor refetch for a while.
+    response, elapsed = timed(app, token)
+    assert_ok(response)
+    assert elapsed <= MARGIN
+    assert server.hits["/jwks"] == 2
+
+
+def test_slow_discovery_cold_gives_503_within_two_budgets(
+    issuer: TokenIssuer, clock: FakeClock
+) -> None:
+    server = server_of(issuer)
+    server.hold("/.well-known/openid-configuration")
+    server.hold("/.well-known/oauth-authorization-server")
+    config = issuer.config()
+    del config["OAUTH_VERIFY_JWKS_URI"]  # discover it
+    app = fault_app(config, clock)
+    response, elapsed = timed(app, issuer.mint())
+    assert_unavailable(response)
+    assert elapsed <= 2 * BUDGET + MARGIN
+
+
+def test_trickling_issuer_is_cut_at_the_deadline(
+    issuer: TokenIssuer,
+    clock: FakeClock,
+    raw_server: Callable[[Callable[[socket.socket, threading.Event], None]], RawServer],
+) -> None:
+    slow = raw_server(trickle)
+    app = fault_app(issuer.config(JWKS_URI=f"{slow.url}/jwks"), clock)
+    response, elapsed = timed(app, issuer.mint())
+    assert_unavailable(response)
+    assert elapsed <= BUDGET + MARGIN
+
+
+def test_issuer_that_accepts_and_never_answers(
+    issuer: TokenIssuer,
+    clock: FakeClock,
+    raw_server: Callable[[Callable[[socket.socket, threading.Event], None]], RawServer],
+) -> None:
+    hole = raw_server(black_hole)
+    app = fault_app(issuer.config(JWKS_URI=f"{hole.url}/jwks"), clock)
+    response, elapsed = timed(app, issuer.mint())
+    assert_unavailable(response)
+    assert elapsed <= BUDGET + MARGIN
+
+
+# -- the issuer is down -----------------------------------------------------------
+
+
+def test_issuer_down_cold_gives_503_and_opens_the_circuit(
+    issuer: TokenIssuer, clock: FakeClock
+) -> None:
+    app = fault_app(issuer.config(JWKS_URI=f"http://127.0.0.1:{free_port()}/jwks"), clock)
+    token = issuer.mint()
+    for _ in range(8):
+        response, elapsed = timed(app, token)
+        assert_unavailable(response)
+        assert elapsed <= BUDGET + MARGIN
+    # The circuit is open now: the client is told to come back after it resets.
+    response, _ = timed(app, token)
+    assert 1 <= int(response.headers["Retry-After"]) <= 31
+
+
+def test_issuer_down_warm_serves_last_good_keys_until_max_staleness(
+    issuer: TokenIssuer, clock: FakeClock
+) -> None:
+    server = server_of(issuer)
+    app = fault_app(issuer.config(), clock)
+    token = issuer.mint(expires_in=10 * 86400)
+    assert_ok(timed(app, token)[0])
+    server.close()
+    for _ in range(5):
+        clock.advance(STALE)
+        response, elapsed = timed(app, token)
+        assert_ok(response)
+        assert elapsed <= BUDGET + MARGIN
+    # A kid that the last good set does not hold is refused, not a 503.
+    unknown = issuer.mint(headers={"kid": "rotated-while-down"}, expires_in=10 * 86400)
+    response, elapsed = timed(app, unknown)
+    assert response.status_code == 401
+    assert response.get_json()["error"] == "invalid_token"
+    assert elapsed <= BUDGET + MARGIN
+    # Past JWKS_MAX_STALENESS (24 h) the old keys are no longer trusted.
+    clock.advance(86400)
+    response, elapsed = timed(app, token)
+    assert_unavailable(response)
+    assert elapsed <= BUDGET + MARGIN
+
+
+# -- the issuer flaps or answers garbage ------------------------------------------
+
+
+def test_flapping_issuer(issuer: TokenIssuer, clock: FakeClock) -> None:
+    server = server_of(issuer)
+    replies = [
+        lambda: Reply(200, issuer.jwks()),
+        lambda: Reply(500, {"error": "server_error"}),
+        lambda: Reply(200, b"<html>maintenance</html>", {"Content-Type": "text/html"}),
+        lambda: Reply(503, "busy"),
+        lambda: Reply(200, b'{"keys": [', {"Content-Type": "application/json"}),
+    ]
+    calls = iter(range(10**6))
+
+    def flapping(_request: Request) -> Reply:
+        return replies[next(calls) % len(replies)]()
+
+    server.route("/jwks", flapping)
+    app = fault_app(issuer.config(), clock)
+    token = issuer.mint(expires_in=10 * 86400)
+    assert_ok(timed(app, token)[0])  # fetch #1 succeeds
+    for _ in range(12):
+        clock.advance(STALE)
+        response, elapsed = timed(app, token)
+        assert_ok(response)
+        assert elapsed <= BUDGET + MARGIN
+    # A rotation is picked up by the first successful fetch after it.
+    new_kid = issuer.rotate()
+    fresh = issuer.mint(expires_in=10 * 86400)
+    accepted = False
+    for _ in range(2 * len(replies)):
+        clock.advance(STALE)
+        response, elapsed = timed(app, fresh)
+        assert elapsed <= BUDGET + MARGIN
+        assert response.status_code in (200, 401), response.get_json()
+        if response.status_code == 200:
+            accepted = True
+            break
+    assert accepted, f"the new key {new_kid} was never accepted"
+    assert_ok(timed(app, token)[0])  # the old key is still published
+
+
+GARBAGE = {
+    "not JSON": Reply(200, b"\x00\xffgarbage", {"Content-Type": "application/json"}),
+    "HTML page": Reply(200, b"<html><body>login</body></html>", {"Content-Type": "text/html"}),
+    "truncated JSON": Reply(200, b'{"keys": [{"kty": "RSA"', {"Content-Type": "application/json"}),
+    "JSON array": Reply(200, [1, 2, 3]),
+    "keys not a list": Reply(200, {"keys": "all of them"}),
+    "private key material": Reply(
+        200, {"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "x", "alg": "HS256"}]}
+    ),
+    "HTTP 500": Reply(500, {"error": "server_error"}),
+    "HTTP 404": Reply(404, {"error": "not_found"}),
+    "redirect to another origin": Reply(302, b"", {"Location": "http://127.0.0.2:9/jwks"}),
+    "redirect loop": Reply(302, b"", {"Location": "/jwks"}),
+    "huge body": Reply(200, {"keys": [], "pad": "x" * (2 * 1024 * 1024)}),
+    "deeply nested JSON": Reply(
+        200, b"[" * 100_000 + b"]" * 100_000, {"Content-Type": "application/json"}
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(GARBAGE))
+def test_garbage_from_the_issuer_cold(issuer: TokenIssuer, clock: FakeClock, kind: str) -> None:
+    server_of(issuer).route("/jwks", GARBAGE[kind])
+    app = fault_app(issuer.config(), clock)
+    response, elapsed = timed(app, issuer.mint())
+    assert_unavailable(response)
+    assert elapsed <= BUDGET + MARGIN
+
+
+@pytest.mark.parametrize("kind", list(GARBAGE))
+def test_garbage_from_the_issuer_warm(issuer: TokenIssuer, clock: FakeClock, kind: str) -> None:
+    server = server_of(issuer)
+    app = fault_app(issuer.config(), clock)
+    token = issuer.mint(expires_in=10 * 86400)
+    assert_ok(timed(app, token)[0])
+    server.route("/jwks", GARBAGE[kind])
+    for _ in range(3):
+        clock.advance(STALE)
+        response, elapsed = timed(app, token)
+        assert_ok(response)
+        assert elapsed <= BUDGET + MARGIN
+    assert server.hits["/jwks"] >= 2  # the garbage really was fetched
+
+
+def test_empty_key_set_refuses_tokens_without_503(issuer: TokenIssuer, clock: FakeClock) -> None:
+    """A reachable issuer that publishes no usable key: the token is invalid."""
+    server_of(issuer).route("/jwks", Reply(200, {"keys": []}))
+    app = fault_app(issuer.config(), clock)
+    response, elapsed = timed(app, issuer.mint())
+    assert response.status_code == 401
+    assert response.get_json()["error"] == "invalid_token"
+    assert elapsed <= BUDGET + MARGIN
+
+
+# -- Redis misbehaves -------------------------------------------------------------
+
+
+def test_redis_down_warm_and_cold(
+    issuer: TokenIssuer, clock: FakeClock, redis_url: str, redis_server: RedisServer
+) -> None:
+    warm = fault_app(issuer.config(), clock, cache_config=redis_cache(redis_url), name="warm")
+    token = issuer.mint(expires_in=10 * 86400)
+    assert_ok(timed(warm, token)[0])
+    redis_server.stop()
+    try:
+        cold = fault_app(issuer.config(), clock, cache_config=redis_cache(redis_url), name="cold")
+        for app in (warm, cold, warm, cold):
+            response, elapsed = timed(app, token)
+            assert_ok(response)
+            assert elapsed <= BUDGET + 2 * REDIS_TIMEOUT + MARGIN
+        clock.advance(STALE)  # a refresh is due while Redis is down
+        for app in (warm, cold):
+            response, elapsed = timed(app, token)
+            assert_ok(response)
+            assert elapsed <= BUDGET + 4 * REDIS_TIMEOUT + MARGIN
+    finally:
+        redis_server.start()
+    response, _ = timed(warm, token)  # and after Redis is back
+    assert_ok(response)
+
+
+def test_redis_that_never_answers(
+    issuer: TokenIssuer,
+    clock: FakeClock,
+    raw_server: Callable[[Callable[[socket.socket, threading.Event], None]], RawServer],
+) -> None:
+    hole = raw_server(black_hole)
+    app = fault_app(issuer.config(), clock, cache_config=redis_cache(f"redis://{hole.url[7:]}/0"))
+    token = issuer.mint(expires_in=10 * 86400)
+    for _ in range(3):
+        response, elapsed = timed(app, token)
+        assert_ok(response)
+        assert elapsed <= BUDGET + 4 * REDIS_TIMEOUT + MARGIN
+    clock.advance(STALE)
+    response, elapsed = timed(app, token)
+    assert_ok(response)
+    assert elapsed <= BUDGET + 4 * REDIS_TIMEOUT + MARGIN
+    assert hole.connections >= 1  # the black hole really was asked
+
+
+def test_redis_flushed_mid_run(
+    issuer: TokenIssuer, clock: FakeClock, redis_url: str, redis_server: RedisServer
+) -> None:
+    """Two workers share Redis; a FLUSHALL mid-run loses nothing that matters."""
+    server = server_of(issuer)
+    workers = [
+        fault_app(issuer.config(), clock, cache_config=redis_cache(redis_url), name=f"w{i}")
+        for i in range(2)
+    ]
+    token = issuer.mint(expires_in=10 * 86400)
+    for app in workers:
+        assert_ok(timed(app, token)[0])
+    assert server.hits["/jwks"] == 1  # the second worker used the shared copy
+    redis_server.flush()
+    for app in workers:
+        assert_ok(timed(app, token)[0])
+    clock.advance(STALE)
+    redis_server.flush()
+    for app in workers:
+        assert_ok(timed(app, token)[0])
+    # A rotation right after a flush: the new kid is fetched and shared again.
+    issuer.rotate()
+    redis_server.flush()
+    fresh = issuer.mint(expires_in=10 * 86400)
+    for app in workers:
+        clock.advance(1)  # the workers share one fake clock; real fetches differ in time
+        response, elapsed = timed(app, fresh)
+        assert_ok(response)
+        assert elapsed <= BUDGET + MARGIN
+    assert server.hits["/jwks"] <= 5
+
+
+def test_redis_restarted_mid_run(
+    issuer: TokenIssuer, clock: FakeClock, redis_url: str, redis_server: RedisServer
+) -> None:
+    app = fault_app(issuer.config(), clock, cache_config=redis_cache(redis_url))
+    token = issuer.mint(expires_in=10 * 86400)
+    assert_ok(timed(app, token)[0])
+    for _ in range(2):
+        redis_server.stop()
+        try:
+            clock.advance(STALE)
+            response, elapsed = timed(app, token)
+            assert_ok(response)
+            assert elapsed <= BUDGET + 4 * REDIS_TIMEOUT + MARGIN
+        finally:
+            redis_server.start()
+        clock.advance(STALE)
+        response, elapsed = timed(app, token)
+        assert_ok(response)
+        assert elapsed <= BUDGET + 4 * REDIS_TIMEOUT + MARGIN
+
+
+# -- introspection misbehaves -----------------------------------------------------
+
+
+def introspection_config(issuer: TokenIssuer, endpoint: str, **extra: Any) -> dict[str, Any]:
+    client_id, secret = issuer.introspection_credentials
+    settings: dict[str, Any] = {
+        "STRATEGY": "introspection",
+        "INTROSPECTION_ENDPOINT": endpoint,
+        "INTROSPECTION_CLIENT_ID": client_id,
+        "INTROSPECTION_CLIENT_SECRET": secret,
+        **extra,
+    }
+    return issuer.config(**settings)
+
+
+def test_introspection_endpoint_down(issuer: TokenIssuer, clock: FakeClock) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}/introspect"
+    app = fault_app(introspection_config(issuer, endpoint), clock)
+    token = issuer.mint_opaque()
+    for _ in range(7):  # past the circuit breaker's threshold
+        response, elapsed = timed(app, token)
+        assert_unavailable(response)
+        assert elapsed <= BUDGET + MARGIN
+
+
+def test_introspection_endpoint_slow(issuer: TokenIssuer, clock: FakeClock) -> None:
+    server = server_of(issuer)
+    server.hold("/introspect")
+    app = fault_app(introspection_config(issuer, f"{server.url}/introspect"), clock)
+    token = issuer.mint_opaque()
+    results = concurrently(4, lambda: timed(app, token))
+    for response, elapsed in results:
+        assert_unavailable(response)
+        assert elapsed <= BUDGET + MARGIN
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(500, {"error": "server_error"}),
+        Reply(200, b"<html>oops</html>", {"Content-Type": "text/html"}),
+        Reply(200, b"not json", {"Content-Type": "application/json"}),
+        Reply(200, [True]),
+        Reply(200, {"active": True, "pad": "x" * (2 * 1024 * 1024)}),
+        Reply(401, {"error": "invalid_client"}),
+    ],
+    ids=["500", "html", "not-json", "array", "huge", "401"],
+)
+def test_introspection_endpoint_garbage(
+    issuer: TokenIssuer, clock: FakeClock, reply: Reply
+) -> None:
+    server = server_of(issuer)
+    server.route("/introspect", reply)
+    app = fault_app(introspection_config(issuer, f"{server.url}/introspect"), clock)
+    response, elapsed = timed(app, issuer.mint_opaque())
+    assert_unavailable(response)
+    assert elapsed <= BUDGET + MARGIN
+
+
+def test_introspection_down_does_not_affect_jwts_under_auto(
+    issuer: TokenIssuer, clock: FakeClock
+) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}/introspect"
+    app = fault_app(introspection_config(issuer, endpoint, STRATEGY="auto"), clock)
+    response, _ = timed(app, issuer.mint())
+    assert_ok(response)  # a JWT goes to the JWKS path
+    response, elapsed = timed(app, issuer.mint_opaque())
+    assert_unavailable(response)  # an opaque token needs the endpoint
+    assert elapsed <= BUDGET + MARGIN
+
+
+def test_inactive_answer_is_401_not_503(issuer: TokenIssuer, clock: FakeClock) -> None:
+    server = server_of(issuer)
+    app = fault_app(introspection_config(issuer, f"{server.url}/introspect"), clock)
+    token = issuer.mint_opaque()
+    assert_ok(timed(app, token)[0])
+    issuer.revoke(token)
+    response, _ = timed(app, token)
+    assert response.status_code == 401
+    assert response.get_json()["error"] == "invalid_token"
+    assert json.loads(response.data)["message"]
