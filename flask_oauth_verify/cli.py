@@ -29,7 +29,6 @@ from collections.abc import Mapping
 from typing import Any, TypeGuard
 
 import click
-from flask import current_app
 from flask.cli import with_appcontext
 
 from .claims import claim_path
@@ -71,7 +70,7 @@ def _duration(seconds: float) -> str:
         return f"{minutes} min"
     hours, minutes = divmod(minutes, 60)
     if hours < 48:
-        return f"{hours} h {minutes} min"
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
     return f"{hours // 24} days"
 
 
@@ -636,7 +635,8 @@ def _print_key_set(entry: Mapping[str, Any]) -> None:
         age = entry["age_seconds"]
         when = "never fetched" if age is None else f"fetched {_duration(age)} ago"
         fresh = ", fresh" if entry["fresh"] else ", due for refresh"
-        click.echo(f"  source: {entry['source'] or '(unknown)'} ({when}{fresh if age else ''})")
+        fresh = "" if age is None else fresh
+        click.echo(f"  source: {entry['source'] or '(unknown)'} ({when}{fresh})")
     if entry["error"]:
         click.echo(f"  error: {entry['error']}")
     if not entry["keys"]:
@@ -740,7 +740,7 @@ def mint_command(
     from .testing import TokenIssuer
 
     state = get_state()
-    issuer = current_app.config.get("OAUTH_VERIFY_DEV_ISSUER")
+    issuer = state.settings.raw.get("DEV_ISSUER")
     if not isinstance(issuer, TokenIssuer):
         click.echo(
             "Refusing to mint: this app declares no development issuer. Set "

@@ -2,19 +2,19 @@
 
 Every decision the extension takes is one *event*:
 
-=========================  =======  ==========================================
-event                      level    when
-=========================  =======  ==========================================
-``token_validated``        INFO     a token passed every check
-``token_validation_failed`` WARNING a token was refused (``reason`` says why)
-``missing_token``          INFO     a protected view was called without one
-``insufficient_scope``     WARNING  a valid token lacks a required scope
-``missing_context``        WARNING  a valid token lacks the organization/user
-``keys_refreshed``         INFO     a key set was fetched
-``keys_refresh_failed``    WARNING  fetching a key set failed
-``stale_keys_served``      WARNING  the last good keys are used in an outage
-``introspection_failed``   ERROR    the introspection endpoint failed
-=========================  =======  ==========================================
+=============================  =======  ==========================================
+event                          level    when
+=============================  =======  ==========================================
+``token_validated``            INFO     a token passed every check
+``token_validation_failed``    WARNING  a token was refused (``reason`` says why)
+``missing_token``              INFO     a protected view was called without one
+``insufficient_scope``         WARNING  a valid token lacks a required scope
+``missing_context``            WARNING  a valid token lacks the organization/user
+``keys_refreshed``             INFO     a key set was fetched
+``keys_refresh_failed``        WARNING  fetching a key set failed
+``stale_keys_served``          WARNING  the last good keys are used in an outage
+``introspection_failed``       ERROR    the introspection endpoint failed
+=============================  =======  ==========================================
 
 (503 refusals are logged at ERROR.) Each record goes to the
 ``flask_oauth_verify.security`` logger with its fields in ``extra`` — both as

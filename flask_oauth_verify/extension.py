@@ -332,6 +332,17 @@ def _protected_response_headers(response: Response) -> Response:
 def _init_optional_features(app: Flask, state: _AppState) -> None:
     """Wire the operations features the settings turn on (metrics, health)."""
     state.events.sender = app
+    dev_issuer = state.settings.raw.get("DEV_ISSUER")
+    if dev_issuer is not None:
+        from .testing import TokenIssuer
+
+        if not isinstance(dev_issuer, TokenIssuer):
+            from .config import ConfigurationError
+
+            raise ConfigurationError(
+                "OAUTH_VERIFY_DEV_ISSUER must be a flask_oauth_verify.testing.TokenIssuer "
+                "(development configurations only)."
+            )
     if state.settings.metrics:
         import importlib.util
 

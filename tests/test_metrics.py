@@ -1,0 +1,260 @@
+"""Prometheus metrics: counts after a scripted mix of requests, per-app registries."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from flask import Flask
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from flask_oauth_verify import ConfigurationError, OAuthVerify
+from flask_oauth_verify.metrics import DURATION_BUCKETS, metrics_registry
+from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer, auth_header
+
+from .conftest import FakeClock, make_app
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    value = registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def test_counts_after_a_scripted_mix_of_requests(tokens: TokenIssuer, clock: FakeClock) -> None:
+    app = make_app(tokens.config(METRICS=True), clock=clock)
+    client = app.test_client()
+    now = clock()
+    good = tokens.mint(now=now, scopes=["read:users"], custom_claims={"client_type": "m2m"})
+    unscoped = tokens.mint(now=now)
+    expired = tokens.mint(now=now - 7200, expires_in=60)
+    future = tokens.mint(now=now + 3600)
+    script = [
+        ("/protected", good, 200),
+        ("/protected", good, 200),  # a token-cache hit counts as well
+        ("/read", good, 200),
+        ("/read", unscoped, 403),
+        ("/protected", expired, 401),
+        ("/protected", expired, 401),
+        ("/protected", future, 401),
+        ("/protected", good + "x", 401),
+        ("/protected", None, 401),
+    ]
+    for path, token, status in script:
+        headers = auth_header(token) if token else {}
+        assert client.get(path, headers=headers).status_code == status
+
+    registry = metrics_registry(app)
+    jwks = {"strategy": "jwks"}
+    assert (
+        sample(registry, "token_validations_total", status="valid", token_type="m2m", **jwks) == 3
+    )
+    assert (
+        sample(registry, "token_validations_total", status="valid", token_type="unknown", **jwks)
+        == 1
+    )
+    assert (
+        sample(
+            registry,
+            "token_validations_total",
+            status="token_expired",
+            token_type="unknown",
+            **jwks,
+        )
+        == 2
+    )
+    assert (
+        sample(
+            registry,
+            "token_validations_total",
+            status="token_not_active",
+            token_type="unknown",
+            **jwks,
+        )
+        == 1
+    )
+    assert (
+        sample(
+            registry,
+            "token_validations_total",
+            status="invalid_token",
+            token_type="unknown",
+            **jwks,
+        )
+        == 1
+    )
+    assert (
+        sample(
+            registry,
+            "token_validations_total",
+            status="missing_token",
+            token_type="unknown",
+            **jwks,
+        )
+        == 1
+    )
+    assert sample(registry, "token_authorization_denials_total", error="insufficient_scope") == 1
+    # every request that carried a token was timed, the one without was not
+    assert sample(registry, "token_validation_duration_seconds_count") == 8
+    assert sample(registry, "token_validation_duration_seconds_bucket", le="+Inf") == 8
+    assert sample(registry, "token_validation_duration_seconds_sum") > 0
+    assert sample(registry, "token_key_set_keys", issuer=tokens.issuer) == 1
+    # a label never comes from an unverified token
+    families = {f.name: f for f in registry.collect()}
+    label_names = {name for s in families["token_validations"].samples for name in s.labels}
+    assert "client_id" not in label_names
+
+
+def test_histogram_buckets_span_a_tenth_of_a_millisecond_to_half_a_second() -> None:
+    assert DURATION_BUCKETS[0] == 0.0001
+    assert DURATION_BUCKETS[-1] == 0.5
+    assert list(DURATION_BUCKETS) == sorted(DURATION_BUCKETS)
+
+
+def test_client_id_label_is_opt_in(tokens: TokenIssuer, clock: FakeClock) -> None:
+    app = make_app(tokens.config(METRICS=True, METRICS_CLIENT_ID_LABEL=True), clock=clock)
+    client = app.test_client()
+    client.get("/protected", headers=auth_header(tokens.mint(now=clock(), client_id="svc-a")))
+    client.get("/protected", headers=auth_header(tokens.mint(now=clock(), client_id="svc-b")))
+    forged = tokens.mint(now=clock(), client_id="attacker-chosen") + "x"
+    client.get("/protected", headers=auth_header(forged))
+    registry = metrics_registry(app)
+    labels = {"strategy": "jwks", "token_type": "unknown"}
+    assert (
+        sample(registry, "token_validations_total", status="valid", client_id="svc-a", **labels)
+        == 1
+    )
+    assert (
+        sample(registry, "token_validations_total", status="valid", client_id="svc-b", **labels)
+        == 1
+    )
+    assert (
+        sample(registry, "token_validations_total", status="invalid_token", client_id="", **labels)
+        == 1
+    )
+    exposed = "".join(str(s.labels) for f in registry.collect() for s in f.samples)
+    assert "attacker-chosen" not in exposed
+
+
+def test_key_fetches_failures_stale_and_age(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    app = make_app(served_tokens.config(METRICS=True), clock=clock)
+    client = app.test_client()
+    token = served_tokens.mint(now=clock(), expires_in=7 * 86400)
+    assert client.get("/protected", headers=auth_header(token)).status_code == 200
+    registry = metrics_registry(app)
+    issuer = served_tokens.issuer
+    assert sample(registry, "token_key_fetches_total", issuer=issuer, outcome="success") == 1
+    assert sample(registry, "token_key_set_age_seconds", issuer=issuer) == 0
+
+    issuer_server.route("/jwks", Reply(503, "down"))
+    clock.advance(900)  # past the 600 s TTL
+    assert client.get("/protected", headers=auth_header(token)).status_code == 200
+    assert sample(registry, "token_key_fetches_total", issuer=issuer, outcome="failure") == 1
+    assert sample(registry, "token_stale_keys_served_total", issuer=issuer) == 1
+    assert sample(registry, "token_key_set_age_seconds", issuer=issuer) == 900
+    # inside the retry cooldown no further fetch is attempted or counted
+    assert client.get("/protected", headers=auth_header(token)).status_code == 200
+    assert sample(registry, "token_key_fetches_total", issuer=issuer, outcome="failure") == 1
+
+
+def test_introspection_failures_by_kind(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    config = served_tokens.config(
+        METRICS=True,
+        STRATEGY="introspection",
+        INTROSPECTION_ENDPOINT=f"{issuer_server.url}/introspect",
+        INTROSPECTION_CLIENT_ID="resource-server",
+        INTROSPECTION_CLIENT_SECRET="rs-secret",
+    )
+    app = make_app(config, clock=clock)
+    client = app.test_client()
+    token = served_tokens.mint_opaque()
+    issuer_server.route("/introspect", Reply(500, "boom"))
+    assert client.get("/protected", headers=auth_header(token)).status_code == 503
+    registry = metrics_registry(app)
+    assert sample(registry, "token_introspections_total", outcome="server_error") == 1
+    assert (
+        sample(
+            registry,
+            "token_validations_total",
+            status="temporarily_unavailable",
+            strategy="introspection",
+            token_type="unknown",
+        )
+        == 1
+    )
+
+
+def test_introspection_calls_and_cache_hits_from_events(tokens: TokenIssuer) -> None:
+    """The introspection client reports calls and cache hits as events."""
+    app = make_app(tokens.config(METRICS=True))
+    events = app.extensions["oauth_verify"].events
+    events.emit("introspection_request", {"outcome": "active"})
+    events.emit("introspection_request", {"outcome": "inactive"})
+    events.emit("introspection_request", {"outcome": "<script>"})
+    events.emit("introspection_cache_hit", {})
+    registry = metrics_registry(app)
+    assert sample(registry, "token_introspections_total", outcome="active") == 1
+    assert sample(registry, "token_introspections_total", outcome="inactive") == 1
+    assert sample(registry, "token_introspections_total", outcome="other") == 1
+    assert sample(registry, "token_introspection_cache_hits_total") == 1
+
+
+def test_two_apps_in_one_process_do_not_collide(tokens: TokenIssuer, clock: FakeClock) -> None:
+    first = make_app(tokens.config(METRICS=True), clock=clock, name="first")
+    second = make_app(tokens.config(METRICS=True), clock=clock, name="second")
+    first.test_client().get("/protected", headers=auth_header(tokens.mint(now=clock())))
+    labels = {"status": "valid", "strategy": "jwks", "token_type": "unknown"}
+    assert sample(metrics_registry(first), "token_validations_total", **labels) == 1
+    assert sample(metrics_registry(second), "token_validations_total", **labels) == 0
+    # nothing lands in the process-wide default registry unless asked for
+    assert REGISTRY.get_sample_value("token_validations_total", labels) is None
+
+
+def test_a_shared_registry_is_refused_by_the_second_app(tokens: TokenIssuer) -> None:
+    shared = CollectorRegistry()
+    config = tokens.config(METRICS=True, METRICS_REGISTRY=shared)
+    make_app(config, name="first")
+    with pytest.raises(ConfigurationError, match="OAUTH_VERIFY_METRICS_REGISTRY"):
+        make_app(config, name="second")
+    with pytest.raises(ConfigurationError, match="CollectorRegistry"):
+        make_app(tokens.config(METRICS=True, METRICS_REGISTRY="default"), name="third")
+
+
+def test_endpoint_serves_the_registry(tokens: TokenIssuer, clock: FakeClock) -> None:
+    app = make_app(tokens.config(METRICS=True, METRICS_ENDPOINT="/internal/metrics"), clock=clock)
+    client = app.test_client()
+    client.get("/protected", headers=auth_header(tokens.mint(now=clock())))
+    response = client.get("/internal/metrics")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(response.get_data(as_text=True))}
+    valid = [s for s in families["token_validations"].samples if s.name.endswith("_total")]
+    assert [(s.labels["status"], s.value) for s in valid] == [("valid", 1.0)]
+    assert "token_validation_duration_seconds" in families
+    assert client.get("/metrics").status_code == 404  # only the configured path
+
+
+def test_metrics_off_imports_nothing_and_registers_nothing() -> None:
+    code = (
+        "import sys\n"
+        "from flask import Flask\n"
+        "from flask_oauth_verify import OAuthVerify\n"
+        "from flask_oauth_verify.testing import TokenIssuer\n"
+        "app = Flask('off')\n"
+        "app.config.update(TokenIssuer().config())\n"
+        "OAuthVerify(app)\n"
+        "assert 'prometheus_client' not in sys.modules, 'imported'\n"
+        "assert 'flask_oauth_verify.metrics' not in sys.modules\n"
+        "assert not any(r.rule == '/metrics' for r in app.url_map.iter_rules())\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)  # noqa: S603
+
+
+def test_registry_of_an_app_without_metrics_raises(app: Flask) -> None:
+    with pytest.raises(RuntimeError, match="OAUTH_VERIFY_METRICS is off"):
+        OAuthVerify().metrics_registry(app)
