@@ -376,10 +376,13 @@ def _is_jwk_set(value: Any) -> bool:
 
 def _static_jwks(value: Any) -> Mapping[str, Any] | None:
     """``JWKS``: one JWK Set, or a mapping ``{issuer: JWK Set}`` for several issuers."""
-    if value is None or _is_jwk_set(value):
-        return value
-    if isinstance(value, Mapping) and value and all(_is_jwk_set(s) for s in value.values()):
-        return value
+    if value is None:
+        return None
+    if _is_jwk_set(value) or (
+        isinstance(value, Mapping) and value and all(_is_jwk_set(s) for s in value.values())
+    ):
+        jwks: Mapping[str, Any] = value
+        return jwks
     raise ConfigurationError(
         f"{_key('JWKS')} must be a JWK Set {{'keys': [...]}} or a mapping "
         "{issuer: {'keys': [...]}}."
