@@ -6,6 +6,7 @@ Public names; see the documentation for the full contract.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from .config import ConfigurationError, Settings
 from .context import AuthContext, current_auth, get_auth
@@ -30,6 +31,9 @@ from .errors import (
     UpstreamError,
 )
 from .extension import OAuthVerify
+
+if TYPE_CHECKING:  # imported lazily at run time: SQLAlchemy is optional
+    from .tenancy import org_scoped, user_scoped
 
 __version__ = "0.1.0"
 

@@ -298,6 +298,14 @@ def _primary_column(statement: Any, name: str) -> Any:
     )
 
 
+def _check_statement(statement: object) -> None:
+    if not isinstance(statement, Query | Select | Update | Delete):
+        raise TypeError(
+            f"org_scoped()/user_scoped() take a select(), update(), delete() or Query, "
+            f"not {type(statement).__name__}."
+        )
+
+
 def _add_criteria(statement: S, criterion: ColumnElement[bool], marker: str | None) -> S:
     if isinstance(statement, Query):
         query: Query[Any] = statement
@@ -308,15 +316,62 @@ def _add_criteria(statement: S, criterion: ColumnElement[bool], marker: str | No
         else:
             query = query.filter(criterion)
         return query  # type: ignore[return-value]
-    if not isinstance(statement, Select | Update | Delete):
-        raise TypeError(
-            f"org_scoped()/user_scoped() take a select(), update(), delete() or Query, "
-            f"not {type(statement).__name__}."
-        )
-    scoped = statement.where(criterion)
+    _check_statement(statement)
+    scoped: Any = statement.where(criterion)  # type: ignore[attr-defined]
     if marker is not None:
         scoped = scoped.execution_options(**{_SCOPED_BY_HELPER: marker})
-    return scoped  # type: ignore[return-value]
+    return scoped  # type: ignore[no-any-return]
+
+
+#: mapper -> attribute key of its organization column, for the criteria lambda
+_KEYS_LOCK = threading.Lock()
+_TENANT_KEYS: weakref.WeakKeyDictionary[Mapper[Any], str] = weakref.WeakKeyDictionary()
+
+
+def _tenant_column(entity: Any) -> Any:
+    """The organization column of ``entity`` (a mapped class or an alias of one)."""
+    # ``__mapper__`` also reaches through aliases and SQLAlchemy's wrapper
+    mapper = getattr(entity, "__mapper__", None) or inspect(entity).mapper
+    return getattr(entity, _TENANT_KEYS[mapper])
+
+
+def _criteria(cls: Any, organization: str) -> Any:
+    # A lambda, so that SQLAlchemy re-targets it to aliases of ``cls``; the
+    # closure variable ``organization`` becomes a bound parameter of the
+    # cached statement, never a literal baked into the cache.
+    return with_loader_criteria(
+        cls, lambda entity: _tenant_column(entity) == organization, include_aliases=True
+    )
+
+
+def _register_tenants(found: tuple[tuple[Any, str], ...]) -> None:
+    with _KEYS_LOCK:
+        for cls, key in found:
+            known = _TENANT_KEYS.setdefault(inspect(cls), key)
+            if known != key:
+                raise TenantScopingError(
+                    f"{cls.__name__} is scoped by two columns ({known!r} and {key!r})."
+                )
+
+
+def _registry_tenants(reg: registry, name: str) -> tuple[tuple[Any, str], ...]:
+    """Every class of ``reg`` with a column ``name``, with its attribute key."""
+    found = tuple(
+        (m.class_, key)
+        for m in sorted(reg.mappers, key=lambda m: (m.class_.__module__, m.class_.__qualname__))
+        if (key := _mapper_column_key(m, name)) is not None
+    )
+    _register_tenants(found)
+    return found
+
+
+def _with_joined_criteria(statement: S, column: Any, name: str, organization: str) -> S:
+    """Scope every other entity of an ORM statement too (joins, subqueries, loads)."""
+    mapper = getattr(getattr(column, "parent", None), "mapper", None)
+    if not isinstance(mapper, Mapper) or not isinstance(statement, Select | Query):
+        return statement
+    tenants = _registry_tenants(mapper.registry, name)
+    return statement.options(*[_criteria(cls, organization) for cls, _key in tenants])  # type: ignore[return-value]
 
 
 def org_scoped(statement: S, column: Any = None) -> S:
@@ -330,9 +385,11 @@ def org_scoped(statement: S, column: Any = None) -> S:
     :param statement: the statement or query to scope.
     :param column: the column to compare, e.g. ``Task.organization_id``;
         by default the column named ``OAUTH_VERIFY_ORGANIZATION_COLUMN``
-        (``organization_id``) of the statement's primary (first) entity.
-        Joined entities are not filtered: scope them in the join condition,
-        or use :func:`enable_tenant_scoping`, which scopes every entity.
+        (``organization_id``) of the statement's primary (first) entity;
+        in an ORM statement every other mapped class of the same registry
+        with that column is then scoped too, wherever it appears (a join's
+        ``ON`` clause, subqueries, eager and lazy loads of the results).
+        An explicit ``column`` adds exactly one ``WHERE`` and nothing else.
     :raises MissingOrganizationContext: inside a request without an
         organization (401 ``missing_organization_context``).
     :raises TenantContextError: outside a request without an organization.
@@ -340,13 +397,14 @@ def org_scoped(statement: S, column: Any = None) -> S:
 
     .. versionadded:: 0.1.0
     """
+    _check_statement(statement)
     organization = current_organization_id()
-    target = (
-        column
-        if column is not None
-        else _primary_column(statement, _configured_column("organization"))
-    )
-    return _add_criteria(statement, target == organization, organization)
+    if column is not None:
+        return _add_criteria(statement, column == organization, organization)
+    name = _configured_column("organization")
+    target = _primary_column(statement, name)
+    scoped = _add_criteria(statement, target == organization, organization)
+    return _with_joined_criteria(scoped, target, name, organization)
 
 
 def user_scoped(statement: S, column: Any = None) -> S:
@@ -364,6 +422,7 @@ def user_scoped(statement: S, column: Any = None) -> S:
 
     .. versionadded:: 0.1.0
     """
+    _check_statement(statement)
     user = current_user_id()
     target = (
         column if column is not None else _primary_column(statement, _configured_column("user"))
@@ -419,26 +478,6 @@ def _column_name_of(key: Any) -> str | None:
 
 def _literal(value: Any) -> Any:
     return value.value if isinstance(value, BindParameter) else value
-
-
-#: mapper -> attribute key of its organization column, for the criteria lambda
-_TENANT_KEYS: weakref.WeakKeyDictionary[Mapper[Any], str] = weakref.WeakKeyDictionary()
-
-
-def _tenant_column(entity: Any) -> Any:
-    """The organization column of ``entity`` (a mapped class or an alias of one)."""
-    # ``__mapper__`` also reaches through aliases and SQLAlchemy's wrapper
-    mapper = getattr(entity, "__mapper__", None) or inspect(entity).mapper
-    return getattr(entity, _TENANT_KEYS[mapper])
-
-
-def _criteria(cls: Any, organization: str) -> Any:
-    # A lambda, so that SQLAlchemy re-targets it to aliases of ``cls``; the
-    # closure variable ``organization`` becomes a bound parameter of the
-    # cached statement, never a literal baked into the cache.
-    return with_loader_criteria(
-        cls, lambda entity: _tenant_column(entity) == organization, include_aliases=True
-    )
 
 
 def _foreign(value: Any, organization: str) -> bool:
@@ -527,13 +566,8 @@ class TenantScoping:
             found = tuple(
                 (m.class_, key) for m in ordered if (key := self.tenant_key(m)) is not None
             )
+            _register_tenants(found)
             with self._lock:
-                for cls, key in found:
-                    known = _TENANT_KEYS.setdefault(inspect(cls), key)
-                    if known != key:
-                        raise TenantScopingError(
-                            f"{cls.__name__} is scoped by two columns ({known!r}, {key!r})."
-                        )
                 if len(self._tenants) > 16:
                     self._tenants.clear()
                 self._tenants[mappers] = found
@@ -845,7 +879,8 @@ def enable_tenant_scoping(
         :class:`TenantScopingError` rather than unscoped data.
     :param models: restrict scoping to subclasses of a mixin or base class,
         to one ``registry``, or to an iterable of classes (default: every
-        mapped class with the column).
+        mapped class with the column — of ``db.Model``'s registry for a
+        Flask-SQLAlchemy ``db``, of every registry otherwise).
     :returns: the :class:`TenantScoping`; its ``disable()`` removes it.
     :raises RuntimeError: when scoping is already enabled on ``target``.
     :raises TypeError: for an unsupported target.
@@ -853,6 +888,9 @@ def enable_tenant_scoping(
     .. versionadded:: 0.1.0
     """
     event_target = _event_target(target)
+    model = getattr(target, "Model", None)  # Flask-SQLAlchemy: its own models
+    if models is None and isinstance(getattr(model, "registry", None), registry):
+        models = model.registry  # type: ignore[union-attr]
     scoping = TenantScoping(
         event_target, column=column or _configured_column("organization"), models=models
     )
