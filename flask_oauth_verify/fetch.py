@@ -7,8 +7,9 @@
   most three; a redirect to another origin is an error;
 * ``http://`` only to loopback hosts unless ``ALLOW_INSECURE_HTTP``;
 * status 200 (or 304 to a conditional GET) and a JSON body only: a body
-  whose ``Content-Type`` is neither a JSON type nor ``text/plain`` (a login
-  page, an error page of a proxy) is refused before it is read;
+  labelled HTML, XML or anything else that is not JSON, plain text or
+  octets (a login page, an error page of a proxy) is refused before it is
+  read, and the body must decode as JSON;
 * the body read in chunks and refused past ``OAUTH_VERIFY_HTTP_MAX_BYTES``
   (512 KiB; counted after decompression);
 * a circuit breaker per origin: after ``CIRCUIT_BREAKER_FAILURES``
@@ -149,6 +150,7 @@ class CircuitBreaker:
 class _Call(Generic[T]):
     def __init__(self) -> None:
         self.done = threading.Event()
+        self.followers = 0
         self.value: T | None = None
         self.error: BaseException | None = None
 
@@ -172,6 +174,11 @@ class SingleFlight(Generic[T]):
         """Whether a call for ``key`` is under way."""
         return key in self._calls
 
+    def followers(self, key: Hashable) -> int:
+        """How many callers wait for the call of ``key`` under way."""
+        call = self._calls.get(key)
+        return 0 if call is None else call.followers
+
     def run(self, key: Hashable, function: Callable[[], T], *, timeout: float) -> T:
         """Run ``function`` once for all concurrent callers of ``key``.
 
@@ -185,6 +192,8 @@ class SingleFlight(Generic[T]):
             leader = call is None
             if call is None:
                 call = self._calls[key] = _Call()
+            else:
+                call.followers += 1
         if not leader:
             if not call.done.wait(timeout):
                 raise TimeoutError("the call under way did not finish in time")
@@ -208,7 +217,18 @@ class SingleFlight(Generic[T]):
         self._calls = {}
 
 
-_JSON_TYPES = ("application/json", "text/plain", "text/json")
+#: Media types a JSON document may come with. Static hosting (object
+#: stores, CDNs) often labels a ``jwks.json`` file as plain text or octets;
+#: HTML (a login or error page), XML, images and the like are refused.
+_JSON_TYPES = frozenset(
+    {
+        "application/json",
+        "text/json",
+        "text/plain",
+        "application/octet-stream",
+        "binary/octet-stream",
+    }
+)
 
 
 def _is_json_type(content_type: str | None) -> bool:

@@ -560,7 +560,7 @@ class KeyStore:
         ttl = record.get("ttl")
         if not isinstance(fetched_at, int | float) or not isinstance(ttl, int | float):
             return False
-        if source.keys is not None and fetched_at <= source.fetched_at:
+        if source.keys is not None and fetched_at < source.fetched_at:
             return False
         if now - fetched_at > self._max_staleness:
             return False
@@ -568,6 +568,8 @@ class KeyStore:
             keys = self._parse(record.get("jwks"))
         except KeySetError:
             return False
+        if keys is source.keys and fetched_at == source.fetched_at:
+            return False  # the very copy we have (clocks may tick coarsely)
         self._install(source, keys, record)
         return True
 

@@ -1,0 +1,291 @@
+"""The fetch policy against a real HTTP server on 127.0.0.1.
+
+Timeouts, redirects, status and content checks, size cap, circuit breaker and
+the single-flight helper every fetcher of the package shares.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from flask_oauth_verify.config import Settings
+from flask_oauth_verify.fetch import CircuitBreaker, Fetcher, FetchError, SingleFlight
+from flask_oauth_verify.testing import IssuerServer, Reply, Request
+
+from .conftest import FakeClock, free_port
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` until it holds (a condition, not a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def make_fetcher(clock: FakeClock | None = None, **options: Any) -> Fetcher:
+    config = {
+        "OAUTH_VERIFY_ISSUER": "https://issuer.example.test",
+        "OAUTH_VERIFY_AUDIENCE": "api",
+        "OAUTH_VERIFY_HTTP_TIMEOUT": (0.5, 0.5),
+        **{f"OAUTH_VERIFY_{k}": v for k, v in options.items()},
+    }
+    settings = Settings.from_config(config)
+    return Fetcher(settings, clock) if clock is not None else Fetcher(settings)
+
+
+@pytest.fixture
+def fetcher() -> Fetcher:
+    return make_fetcher()
+
+
+def test_json_document_is_decoded(fetcher: Fetcher, issuer_server: IssuerServer) -> None:
+    issuer_server.route("/doc", Reply(200, {"keys": []}, {"ETag": '"v1"'}))
+    result = fetcher.get_json(issuer_server.url + "/doc")
+    assert result.status == 200
+    assert result.data == {"keys": []}
+    assert result.header("etag") == '"v1"'
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/jwk-set+json", "application/json; charset=utf-8", "text/plain"]
+)
+def test_json_media_types_are_accepted(
+    fetcher: Fetcher, issuer_server: IssuerServer, content_type: str
+) -> None:
+    issuer_server.route("/doc", Reply(200, b'{"keys": []}', {"Content-Type": content_type}))
+    assert fetcher.get_json(issuer_server.url + "/doc").data == {"keys": []}
+
+
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        (Reply(500, {"error": "boom"}), "HTTP status 500"),
+        (Reply(404, {"error": "nope"}), "HTTP status 404"),
+        (Reply(202, {"keys": []}), "HTTP status 202"),
+        (Reply(200, b"\x00garbage{"), "the response is not JSON"),
+        (Reply(200, b'{"keys": [', {"Content-Type": "application/json"}), "not JSON"),
+        (Reply(200, b"<html>login</html>", {"Content-Type": "text/html"}), "not JSON"),
+        (Reply(200, b"[" * 100000, {"Content-Type": "application/json"}), "not JSON"),
+        (Reply(200, b"x" * (600 * 1024)), "response larger than"),
+    ],
+)
+def test_bad_answers_are_fetch_errors(
+    fetcher: Fetcher, issuer_server: IssuerServer, reply: Reply, reason: str
+) -> None:
+    issuer_server.route("/doc", reply)
+    with pytest.raises(FetchError) as caught:
+        fetcher.get_json(issuer_server.url + "/doc")
+    assert reason in caught.value.reason
+
+
+def test_size_cap_is_configurable(issuer_server: IssuerServer) -> None:
+    fetcher = make_fetcher(HTTP_MAX_BYTES=2048)
+    issuer_server.route("/small", Reply(200, {"pad": "x" * 1000}))
+    issuer_server.route("/big", Reply(200, {"pad": "x" * 3000}))
+    assert fetcher.get_json(issuer_server.url + "/small").data["pad"] == "x" * 1000
+    with pytest.raises(FetchError, match="larger than 2048"):
+        fetcher.get_json(issuer_server.url + "/big")
+
+
+def test_a_hanging_server_times_out(fetcher: Fetcher, issuer_server: IssuerServer) -> None:
+    issuer_server.hold("/doc")
+    with pytest.raises(FetchError, match="timed out"):
+        fetcher.get_json(issuer_server.url + "/doc")
+    assert issuer_server.hits["/doc"] == 1
+
+
+def test_a_closed_port_is_a_connection_failure(fetcher: Fetcher) -> None:
+    with pytest.raises(FetchError, match="connection failed"):
+        fetcher.get_json(f"http://127.0.0.1:{free_port()}/doc")
+
+
+def test_plain_http_to_another_host_is_refused_without_a_request(fetcher: Fetcher) -> None:
+    with pytest.raises(FetchError, match="insecure"):
+        fetcher.get_json("http://keys.example.com/jwks")
+
+
+def test_same_origin_redirects_are_followed(fetcher: Fetcher, issuer_server: IssuerServer) -> None:
+    issuer_server.route("/old", Reply(301, b"", {"Location": "/new"}))
+    issuer_server.route("/new", Reply(200, {"ok": True}))
+    assert fetcher.get_json(issuer_server.url + "/old").data == {"ok": True}
+
+
+def test_redirect_to_another_origin_is_refused(
+    fetcher: Fetcher, issuer_server: IssuerServer
+) -> None:
+    with IssuerServer() as elsewhere:
+        elsewhere.route("/jwks", Reply(200, {"keys": []}))
+        issuer_server.route("/jwks", Reply(302, b"", {"Location": elsewhere.url + "/jwks"}))
+        with pytest.raises(FetchError, match="another origin"):
+            fetcher.get_json(issuer_server.url + "/jwks")
+        assert elsewhere.hits["/jwks"] == 0
+
+
+def test_redirect_loops_stop(fetcher: Fetcher, issuer_server: IssuerServer) -> None:
+    issuer_server.route("/loop", Reply(302, b"", {"Location": "/loop"}))
+    with pytest.raises(FetchError, match="too many redirects"):
+        fetcher.get_json(issuer_server.url + "/loop")
+    assert issuer_server.hits["/loop"] == 4
+
+
+def test_not_modified_is_returned_to_conditional_gets(
+    fetcher: Fetcher, issuer_server: IssuerServer
+) -> None:
+    def conditional(request: Request) -> Reply:
+        if request.headers.get("If-None-Match") == '"v1"':
+            return Reply(304, b"", {"ETag": '"v1"'})
+        return Reply(200, {"keys": []}, {"ETag": '"v1"'})
+
+    issuer_server.route("/jwks", conditional)
+    url = issuer_server.url + "/jwks"
+    assert fetcher.get_json(url).status == 200
+    result = fetcher.get_json(url, headers={"If-None-Match": '"v1"'})
+    assert (result.status, result.data) == (304, None)
+
+
+# -- circuit breaker ------------------------------------------------------------
+
+
+def test_breaker_opens_then_lets_one_trial_through() -> None:
+    clock = FakeClock(1000.0)
+    breaker = CircuitBreaker(failures=2, reset=30, clock=clock)
+    assert breaker.allow()
+    breaker.record_failure()
+    assert breaker.allow() and not breaker.is_open
+    breaker.record_failure()
+    assert breaker.is_open and not breaker.allow()
+    assert breaker.retry_after() == 31
+    clock.advance(20)
+    assert breaker.retry_after() == 11
+    clock.advance(10)
+    assert breaker.allow(), "half-open: one trial call"
+    assert not breaker.allow(), "only one trial at a time"
+    breaker.record_failure()
+    assert breaker.is_open, "a failed trial re-opens the circuit"
+    clock.advance(30)
+    assert breaker.allow()
+    breaker.record_success()
+    assert breaker.allow() and breaker.allow()
+    assert breaker.retry_after() == 1
+
+
+def test_fetcher_stops_calling_a_failing_origin(issuer_server: IssuerServer) -> None:
+    clock = FakeClock()
+    fetcher = make_fetcher(clock, CIRCUIT_BREAKER_FAILURES=3, CIRCUIT_BREAKER_RESET=30)
+    issuer_server.route("/doc", Reply(503, {"error": "down"}))
+    url = issuer_server.url + "/doc"
+    for _ in range(3):
+        with pytest.raises(FetchError, match="HTTP status 503"):
+            fetcher.get_json(url)
+    for _ in range(5):
+        with pytest.raises(FetchError, match="circuit open"):
+            fetcher.get_json(url)
+    assert issuer_server.hits["/doc"] == 3, "an open circuit makes no request"
+    # Another path of the same origin shares the circuit.
+    with pytest.raises(FetchError, match="circuit open"):
+        fetcher.get_json(issuer_server.url + "/other")
+    issuer_server.route("/doc", Reply(200, {"ok": True}))
+    clock.advance(31)
+    assert fetcher.get_json(url).data == {"ok": True}
+    assert not fetcher.breaker(url).is_open
+
+
+def test_client_errors_do_not_open_the_circuit(issuer_server: IssuerServer) -> None:
+    fetcher = make_fetcher(CIRCUIT_BREAKER_FAILURES=2)
+    url = issuer_server.url + "/missing"
+    for _ in range(4):
+        with pytest.raises(FetchError, match="404"):
+            fetcher.get_json(url)
+    assert issuer_server.hits["/missing"] == 4
+
+
+# -- single flight ---------------------------------------------------------------
+
+
+def test_single_flight_shares_one_call() -> None:
+    flight: SingleFlight[int] = SingleFlight()
+    started = threading.Event()
+    release = threading.Event()
+    calls: list[int] = []
+    results: list[int] = []
+
+    def slow() -> int:
+        calls.append(1)
+        started.set()
+        release.wait(10)
+        return 42
+
+    leader = threading.Thread(target=lambda: results.append(flight.run("k", slow, timeout=10)))
+    leader.start()
+    assert started.wait(10)
+    assert flight.running("k")
+    followers = [
+        threading.Thread(target=lambda: results.append(flight.run("k", slow, timeout=10)))
+        for _ in range(5)
+    ]
+    for thread in followers:
+        thread.start()
+    assert wait_until(lambda: flight.followers("k") == 5)
+    release.set()
+    for thread in [leader, *followers]:
+        thread.join(10)
+    assert results == [42] * 6
+    assert len(calls) == 1
+    assert not flight.running("k")
+
+
+def test_single_flight_followers_get_the_leaders_error() -> None:
+    flight: SingleFlight[int] = SingleFlight()
+    entered = threading.Event()
+    release = threading.Event()
+    errors: list[FetchError] = []
+
+    def failing() -> int:
+        entered.set()
+        release.wait(10)
+        raise FetchError("timed out")
+
+    def call() -> None:
+        try:
+            flight.run("k", failing, timeout=10)
+        except FetchError as exc:
+            errors.append(exc)
+
+    leader = threading.Thread(target=call)
+    leader.start()
+    assert entered.wait(10)
+    follower = threading.Thread(target=call)
+    follower.start()
+    assert wait_until(lambda: flight.followers("k") == 1)
+    release.set()
+    leader.join(10)
+    follower.join(10)
+    assert [e.reason for e in errors] == ["timed out", "timed out"]
+    assert errors[0] is not errors[1], "each caller raises its own exception object"
+
+
+def test_single_flight_follower_timeout() -> None:
+    flight: SingleFlight[int] = SingleFlight()
+    entered = threading.Event()
+    release = threading.Event()
+
+    def stuck() -> int:
+        entered.set()
+        release.wait(10)
+        return 1
+
+    leader = threading.Thread(target=lambda: flight.run("k", stuck, timeout=10))
+    leader.start()
+    assert entered.wait(10)
+    with pytest.raises(TimeoutError):
+        flight.run("k", stuck, timeout=0.01)
+    release.set()
+    leader.join(10)

@@ -1,0 +1,186 @@
+"""JWK Set parsing and filtering (RFC 7517): what is trusted, what is refused."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from joserfc import jws
+from joserfc.jwk import ECKey, OKPKey, RSAKey
+
+from flask_oauth_verify.keys import KeySetError, content_hash, parse_key_set
+from flask_oauth_verify.testing import TokenIssuer
+
+
+def _b64(value: int) -> str:
+    raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@pytest.fixture(scope="module")
+def rsa_jwk() -> dict[str, Any]:
+    key = RSAKey.generate_key(2048)
+    public = key.as_dict(private=False)
+    public.update({"kid": "rsa-1", "use": "sig", "alg": "RS256"})
+    return public
+
+
+@pytest.fixture(scope="module")
+def ec_jwk() -> dict[str, Any]:
+    public = ECKey.generate_key("P-256").as_dict(private=False)
+    public.update({"kid": "ec-1"})
+    return public
+
+
+@pytest.fixture(scope="module")
+def ed_jwk() -> dict[str, Any]:
+    public = OKPKey.generate_key("Ed25519").as_dict(private=False)
+    public.update({"kid": "ed-1"})
+    return public
+
+
+def _short_rsa_jwk() -> dict[str, Any]:
+    # cryptography, not joserfc: joserfc warns about generating short keys.
+    private = rsa.generate_private_key(65537, 1024)  # noqa: S505 - the point of the test
+    numbers = private.public_key().public_numbers()
+    return {"kty": "RSA", "kid": "short", "n": _b64(numbers.n), "e": _b64(numbers.e)}
+
+
+ALL = ("RS256", "PS256", "ES256", "EdDSA")
+
+
+def test_a_mixed_set_is_prepared_per_key_type(
+    rsa_jwk: dict[str, Any], ec_jwk: dict[str, Any], ed_jwk: dict[str, Any]
+) -> None:
+    keys = parse_key_set({"keys": [rsa_jwk, ec_jwk, ed_jwk]}, ALL)
+    assert keys.kids == ("rsa-1", "ec-1", "ed-1")
+    assert keys.skipped == ()
+    rsa_key, ec_key, ed_key = (keys.get(k) for k in keys.kids)
+    assert rsa_key is not None and ec_key is not None and ed_key is not None
+    # The RSA key declares RS256: it is bound to RS256 only, never to PS256.
+    assert set(rsa_key.verifiers) == {"RS256"}
+    assert set(ec_key.verifiers) == {"ES256"}
+    assert set(ed_key.verifiers) == {"EdDSA"}
+    assert rsa_key.size == 2048
+
+
+def test_prepared_verifier_checks_real_signatures() -> None:
+    issuer = TokenIssuer(alg="ES256")
+    keys = parse_key_set(issuer.jwks(), ("ES256",))
+    token = issuer.mint(scopes=["a"])
+    header, payload, signature = token.split(".")
+    key = keys.get(issuer.current_kid)
+    assert key is not None
+    verify = key.verifier("ES256")
+    assert verify is not None
+    raw_signature = base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4))
+    assert verify(f"{header}.{payload}".encode(), raw_signature)
+    assert not verify(f"{header}.{payload}x".encode(), raw_signature)
+    # A signature made by another key of the same type does not verify.
+    other = ECKey.generate_key("P-256")
+    forged = jws.serialize_compact({"alg": "ES256"}, b"x", other)
+    forged_header, forged_payload, forged_sig = forged.split(".")
+    raw_forged = base64.urlsafe_b64decode(forged_sig + "=" * (-len(forged_sig) % 4))
+    assert not verify(f"{forged_header}.{forged_payload}".encode(), raw_forged)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"use": "enc"}, "use='enc'"),
+        ({"key_ops": ["encrypt"]}, "key_ops"),
+        ({"key_ops": "verify"}, "key_ops"),
+        ({"alg": "RS512"}, "not allowed"),
+        ({"alg": "ES256"}, "fits no allowed alg"),
+        ({"kty": "XYZ"}, "fits no allowed alg"),
+        ({"n": "!!!not-base64!!!"}, "unreadable"),
+        ({"e": 12}, "unreadable"),
+        ({"kid": 7}, "kid is not a string"),
+    ],
+)
+def test_unfit_keys_are_skipped_with_a_reason(
+    rsa_jwk: dict[str, Any], ec_jwk: dict[str, Any], change: dict[str, Any], reason: str
+) -> None:
+    bad = {**rsa_jwk, **change}
+    keys = parse_key_set({"keys": [bad, ec_jwk]}, ("RS256", "ES256"))
+    assert keys.kids == ("ec-1",), "the good key stays usable"
+    assert len(keys.skipped) == 1
+    assert reason in keys.skipped[0]
+
+
+def test_short_rsa_keys_are_skipped(rsa_jwk: dict[str, Any]) -> None:
+    keys = parse_key_set({"keys": [_short_rsa_jwk(), rsa_jwk]}, ("RS256",))
+    assert keys.kids == ("rsa-1",)
+    assert "1024 bits" in keys.skipped[0]
+
+
+def test_ec_key_on_another_curve_is_skipped(ec_jwk: dict[str, Any]) -> None:
+    p384 = ECKey.generate_key("P-384").as_dict(private=False)
+    p384["kid"] = "p384"
+    keys = parse_key_set({"keys": [p384, ec_jwk]}, ("ES256",))
+    assert keys.kids == ("ec-1",)
+    assert keys.skipped and keys.skipped[0].startswith("p384")
+
+
+def test_not_a_member_object_is_skipped(rsa_jwk: dict[str, Any]) -> None:
+    keys = parse_key_set({"keys": ["nope", 3, rsa_jwk]}, ("RS256",))
+    assert keys.kids == ("rsa-1",)
+    assert len(keys.skipped) == 2
+
+
+@pytest.mark.parametrize("member", ["d", "p", "q", "dp", "dq", "qi", "oth"])
+def test_a_set_with_private_material_is_refused_whole(
+    rsa_jwk: dict[str, Any], ec_jwk: dict[str, Any], member: str
+) -> None:
+    leaked = {**rsa_jwk, member: "AQAB"}
+    with pytest.raises(KeySetError, match="private"):
+        parse_key_set({"keys": [ec_jwk, leaked]}, ("RS256", "ES256"))
+
+
+def test_a_symmetric_key_is_private_material(ec_jwk: dict[str, Any]) -> None:
+    with pytest.raises(KeySetError, match="private"):
+        parse_key_set({"keys": [ec_jwk, {"kty": "oct", "k": "c2VjcmV0"}]}, ("ES256",))
+
+
+def test_a_real_private_jwk_is_refused() -> None:
+    private = RSAKey.generate_key(2048).as_dict(private=True)
+    with pytest.raises(KeySetError):
+        parse_key_set({"keys": [private]}, ("RS256",))
+
+
+def test_duplicate_kids_are_refused(rsa_jwk: dict[str, Any], ec_jwk: dict[str, Any]) -> None:
+    twin = {**ec_jwk, "kid": "rsa-1"}
+    with pytest.raises(KeySetError, match="duplicate kid"):
+        parse_key_set({"keys": [rsa_jwk, twin]}, ("RS256", "ES256"))
+
+
+@pytest.mark.parametrize(
+    "document", [None, [], "keys", {"keys": "x"}, {"keys": {}}, {"key": []}, {"keys": [{1}]}]
+)
+def test_documents_that_are_not_a_jwk_set_are_refused(document: Any) -> None:
+    with pytest.raises(KeySetError):
+        parse_key_set(document, ("RS256",))
+
+
+def test_lookup_by_kid_and_without_kid(rsa_jwk: dict[str, Any], ec_jwk: dict[str, Any]) -> None:
+    one = parse_key_set({"keys": [rsa_jwk]}, ("RS256",))
+    assert one.get(None) is one.get("rsa-1")
+    assert one.get("other") is None
+    two = parse_key_set({"keys": [rsa_jwk, ec_jwk]}, ("RS256", "ES256"))
+    assert two.get(None) is None, "without a kid, several keys are ambiguous"
+
+
+def test_content_hash_ignores_member_order(rsa_jwk: dict[str, Any]) -> None:
+    reordered = dict(reversed(list(rsa_jwk.items())))
+    assert content_hash({"keys": [rsa_jwk]}) == content_hash({"keys": [reordered]})
+    assert content_hash({"keys": [rsa_jwk]}) != content_hash({"keys": []})
+    keys = parse_key_set({"keys": [rsa_jwk]}, ("RS256",))
+    assert keys.content_hash == content_hash({"keys": [reordered]})
+
+
+def test_an_empty_set_parses_to_no_keys() -> None:
+    keys = parse_key_set({"keys": []}, ("RS256",))
+    assert keys.kids == ()
+    assert keys.get("x") is None
