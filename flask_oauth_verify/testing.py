@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote_plus, urlsplit
 
 from joserfc import jwt
 from joserfc.errors import SecurityWarning
@@ -238,6 +238,15 @@ class TokenIssuer:
         self.opaque: dict[str, dict[str, Any]] = {}
         self._revoked: set[str] = set()
         self.introspection_credentials: tuple[str, str] = ("resource-server", "rs-secret")
+        #: The one client-authentication method the introspection endpoint
+        #: accepts (``client_secret_basic``, ``client_secret_post``,
+        #: ``bearer``, ``none``); ``None`` accepts Basic or post.
+        self.introspection_auth: str | None = None
+        #: The token accepted with ``introspection_auth = "bearer"``.
+        self.introspection_bearer: str = "introspect-scope-token"
+        #: The one body format accepted (``"form"`` or ``"json"``); ``None``
+        #: accepts both.
+        self.introspection_body: str | None = None
         self.server: IssuerServer | None = None
 
     # -- keys -----------------------------------------------------------------
@@ -390,8 +399,11 @@ class TokenIssuer:
         from joserfc.jwk import KeySet
 
         try:
-            keys = KeySet([key for _alg, key in self._keys.values()])
-            decoded = jwt.decode(token, keys, algorithms=self.algorithms)
+            # the published set: each key carries its kid, as the token header does
+            keys = KeySet.import_key_set(self.jwks())  # type: ignore[arg-type]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SecurityWarning)
+                decoded = jwt.decode(token, keys, algorithms=self.algorithms)
         except (JoseError, ValueError):
             return None
         return dict(decoded.claims)
@@ -422,18 +434,58 @@ class TokenIssuer:
         }
 
     def _introspection_handler(self, request: Request) -> Reply:
-        client_id, secret = self.introspection_credentials
-        expected = "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()
-        form = request.form()
-        authorised = request.headers.get("Authorization") == expected or (
-            form.get("client_id") == client_id and form.get("client_secret") == secret
-        )
-        if not authorised:
-            return Reply(401, {"error": "invalid_client"})
-        token = form.get("token")
-        if token is None:
-            body = request.json()
-            token = body.get("token") if isinstance(body, dict) else None
-        if not token:
+        """RFC 7662 §2: check the client authentication and body, then answer."""
+        content_type = _header(request, "Content-Type").split(";")[0].strip().lower()
+        is_json = content_type == "application/json"
+        wanted = self.introspection_body
+        if (wanted == "json" and not is_json) or (
+            wanted == "form" and content_type != "application/x-www-form-urlencoded"
+        ):
+            return Reply(400, {"error": "invalid_request", "error_description": "body format"})
+        body = request.json() if is_json else request.form()
+        params: dict[str, Any] = body if isinstance(body, dict) else {}
+        if not self._introspection_client_ok(_header(request, "Authorization"), params):
+            return Reply(401, {"error": "invalid_client"}, {"WWW-Authenticate": "Basic"})
+        token = params.get("token")
+        if not isinstance(token, str) or not token:
             return Reply(400, {"error": "invalid_request"})
         return Reply(200, self.introspect(token))
+
+    def _introspection_client_ok(self, authorization: str, params: Mapping[str, Any]) -> bool:
+        method = self.introspection_auth
+        if method == "bearer":
+            return authorization == f"Bearer {self.introspection_bearer}"
+        if method == "none":
+            return True
+        client_id, secret = self.introspection_credentials
+        basic = _basic_credentials(authorization) == (client_id, secret)
+        post = params.get("client_id") == client_id and params.get("client_secret") == secret
+        # RFC 6749 §2.3: a client MUST NOT use more than one method per request.
+        if method == "client_secret_basic":
+            return basic and "client_secret" not in params
+        if method == "client_secret_post":
+            return post and not authorization
+        return basic or post
+
+
+def _header(request: Request, name: str) -> str:
+    """A request header, looked up case-insensitively ("" when absent)."""
+    for key, value in request.headers.items():
+        if key.lower() == name.lower():
+            return value
+    return ""
+
+
+def _basic_credentials(authorization: str) -> tuple[str, str] | None:
+    """Decode ``Basic`` credentials (RFC 7617; RFC 6749 §2.3.1 form-decoding)."""
+    scheme, _, encoded = authorization.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded, validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    if not sep:
+        return None
+    return unquote_plus(user), unquote_plus(password)

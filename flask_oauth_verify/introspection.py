@@ -1,0 +1,451 @@
+"""OAuth 2.0 Token Introspection client (RFC 7662).
+
+For opaque (reference) tokens, and for JWTs on routes where revocation must
+take effect at once (``strategy="both"``), the authorization server is asked
+whether the token is active:
+
+* ``POST`` to ``INTROSPECTION_ENDPOINT`` (else the ``introspection_endpoint``
+  of the issuer's discovery metadata) with ``token=…&token_type_hint=
+  access_token`` as a form (RFC 7662 §2.1), or ``{"token": …}`` as JSON for
+  the providers that want that (``INTROSPECTION_BODY = "json"``);
+* the resource server authenticates with ``client_secret_basic`` (default),
+  ``client_secret_post``, a bearer token (``INTROSPECTION_AUTH = "bearer"``)
+  or not at all (``"none"``), through Authlib's client-authentication
+  helpers (:class:`authlib.oauth2.auth.ClientAuth`,
+  :func:`authlib.oauth2.rfc6750.add_bearer_token`);
+* the request goes through the app's one fetch policy
+  (:class:`~flask_oauth_verify.fetch.Fetcher`: timeouts, size cap, redirects,
+  circuit breaker), shared with key fetching.
+
+The answer is handled strictly: only the JSON boolean ``true`` in ``active``
+makes a token active (``"true"``, ``1`` or a missing member are inactive).
+``iss``, ``aud``, ``exp``, ``nbf``, ``iat``, ``token_type`` and
+``token_use`` are checked like JWT claims when present; ``exp`` and ``aud``
+are optional (RFC 7662 §2.2) unless listed in ``REQUIRED_CLAIMS``.
+
+Every failure to get an answer — timeout, refused or dropped connection,
+5xx, a body that is not a JSON object, 401/403 (our credentials are wrong),
+any other 4xx (our request is wrong), an open circuit, no endpoint — is an
+:class:`~flask_oauth_verify.errors.UpstreamError` (503 with ``Retry-After``)
+and an ERROR log record that says which: a misconfigured resource server
+must never look like a client with a bad token.
+
+Results are cached only when ``INTROSPECTION_CACHE_TTL`` > 0, under the
+SHA-256 of the token, for at most ``min(TTL, exp - now)``; inactive answers
+only when ``INTROSPECTION_NEGATIVE_CACHE_TTL`` > 0. Concurrent requests for
+the same token in one process share one call (single flight).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+from urllib.parse import parse_qsl, quote
+
+from authlib.oauth2.auth import ClientAuth
+from authlib.oauth2.rfc6750 import add_bearer_token
+
+from .cache import SharedCache, cache_key
+from .config import Settings
+from .discovery import Discovery
+from .errors import InvalidTokenError, UpstreamError
+from .fetch import Fetcher, FetchError
+from .verification import JWTVerifier
+
+__all__ = ["ACCESS_TOKEN_TYPES", "Introspector"]
+
+logger = logging.getLogger("flask_oauth_verify.introspection")
+
+EventSink = Callable[[str, Mapping[str, Any]], None]
+
+#: ``token_type`` values (compared case-insensitively) that an access token
+#: presented as a bearer token may carry. A refresh token, an ID token or a
+#: sender-constrained (``DPoP``) token is refused.
+ACCESS_TOKEN_TYPES = frozenset(
+    {"bearer", "access_token", "urn:ietf:params:oauth:token-type:access_token"}
+)
+#: ``token_use`` values (ORY Hydra, Cognito style) that mean an access token.
+_ACCESS_TOKEN_USES = frozenset({"access_token", "access"})
+
+#: Seconds clients are told to wait after a failure that a retry may cure.
+_RETRY_TRANSIENT = 5
+#: ... and after one that needs an operator (credentials, endpoint URL).
+_RETRY_MISCONFIGURED = 30
+#: Minimum seconds between two ERROR records for the same kind of failure
+#: when the circuit is open (one record per failed call otherwise).
+_LOG_INTERVAL = 10.0
+
+
+class _Failure(NamedTuple):
+    """Why no answer could be had: ``kind`` for metrics, ``detail`` for logs."""
+
+    kind: str
+    detail: str
+    retry_after: int
+
+
+class _Flight:
+    """One introspection call in progress, shared by concurrent requests."""
+
+    __slots__ = ("done", "failure", "response")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.response: Mapping[str, Any] | None = None
+        self.failure: _Failure | None = None
+
+
+def _classify(exc: FetchError) -> tuple[str, str, int]:
+    """Map a fetch failure to ``(kind, what to tell the operator, retry_after)``."""
+    status = exc.status
+    reason = exc.reason
+    if status in (401, 403):
+        return (
+            "credentials_rejected",
+            f"the endpoint refused our client authentication (HTTP {status}); check "
+            "OAUTH_VERIFY_INTROSPECTION_AUTH, _CLIENT_ID, _CLIENT_SECRET / _TOKEN",
+            _RETRY_MISCONFIGURED,
+        )
+    if status is not None and 400 <= status < 500:
+        return (
+            "request_rejected",
+            f"the endpoint rejected our request (HTTP {status}); check "
+            "OAUTH_VERIFY_INTROSPECTION_ENDPOINT and OAUTH_VERIFY_INTROSPECTION_BODY",
+            _RETRY_MISCONFIGURED,
+        )
+    if reason.startswith(("redirect", "too many redirects", "insecure")):
+        return (
+            "redirect_refused",
+            f"{reason}; point OAUTH_VERIFY_INTROSPECTION_ENDPOINT at the final URL",
+            _RETRY_MISCONFIGURED,
+        )
+    if status is not None and status >= 500:
+        return "server_error", f"the endpoint failed (HTTP {status})", _RETRY_TRANSIENT
+    if reason.startswith("the response is not JSON"):
+        return "invalid_response", "the endpoint answered with a non-JSON body", _RETRY_TRANSIENT
+    if reason.startswith("timed out"):
+        return "timeout", "the endpoint did not answer in time (HTTP_TIMEOUT)", _RETRY_TRANSIENT
+    if reason.startswith("circuit open"):
+        return "circuit_open", f"not calling the endpoint: {reason}", _RETRY_TRANSIENT
+    if reason.startswith(("connection failed", "reading the body failed")):
+        return "unreachable", f"the endpoint is unreachable ({reason})", _RETRY_TRANSIENT
+    return "fetch_failed", reason, _RETRY_TRANSIENT
+
+
+class Introspector:
+    """Asks the authorization server whether a token is active (RFC 7662).
+
+    One per app, created by the extension on first use.
+
+    :param settings: the app's settings (``INTROSPECTION_*`` keys).
+    :param cache: the shared cache (results, when caching is on).
+    :param fetcher: the app's fetch policy, shared with key fetching.
+    :param discovery: finds ``introspection_endpoint`` when not configured.
+    :param verifier: checks the response's claims like a JWT's.
+    :param clock: wall-clock seconds (tests pass a fake clock).
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        cache: SharedCache,
+        fetcher: Fetcher,
+        discovery: Discovery,
+        verifier: JWTVerifier,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.cache = cache
+        self.fetcher = fetcher
+        self.discovery = discovery
+        self.verifier = verifier
+        self.clock = clock
+        #: Receives security events ``(name, fields)``; set by the extension.
+        self.on_event: EventSink | None = None
+        self._flights: dict[str, _Flight] = {}
+        self._flights_lock = threading.Lock()
+        self._last_logged: dict[str, float] = {}
+        connect, read = settings.http_timeout
+        # A follower waits for the leader's call: discovery plus the POST,
+        # each bounded by the fetch policy's overall deadline.
+        self._follower_wait = 2 * (connect + read) + 1.0
+
+    # -- the public call ------------------------------------------------------
+
+    def introspect(self, token: str, now: float) -> Mapping[str, Any]:
+        """Return the claims of the active ``token``'s introspection response.
+
+        :param token: the access token from the request (never logged).
+        :param now: the current time, seconds since the epoch.
+        :raises InvalidTokenError: (or a subclass) when the token is inactive
+            or the response's claims fail a check.
+        :raises UpstreamError: when the endpoint gives no usable answer.
+        """
+        if len(token) > self.settings.max_token_bytes:
+            raise InvalidTokenError(
+                reason=f"token longer than {self.settings.max_token_bytes} bytes"
+            )
+        key = cache_key("introspection", token)
+        response = self._cached(key, now)
+        if response is None:
+            response = self._single_flight(key, token, now)
+        else:
+            self._emit("introspection_cache_hit", {})
+        return self._check(response, now)
+
+    # -- checks -----------------------------------------------------------------
+
+    def _check(self, response: Mapping[str, Any], now: float) -> Mapping[str, Any]:
+        """Apply RFC 7662 §2.2 strictly, then the JWT claim checks."""
+        active = response.get("active")
+        if active is not True:
+            if active is None or active is False:
+                raise InvalidTokenError(reason="introspection: the token is not active")
+            # "true", 1, ... : a sloppy or hostile answer is never "active".
+            raise InvalidTokenError(reason="introspection: 'active' is not the JSON boolean true")
+        if "iss" in response:
+            # exact match against the configured issuers, as for a JWT
+            self.verifier.unverified_issuer(response)
+        self._check_token_type(response)
+        self.verifier.check_claims(response, now, require_exp=False, require_audience=False)
+        return response
+
+    @staticmethod
+    def _check_token_type(response: Mapping[str, Any]) -> None:
+        token_type = response.get("token_type")
+        if token_type is not None and (
+            not isinstance(token_type, str) or token_type.lower() not in ACCESS_TOKEN_TYPES
+        ):
+            raise InvalidTokenError(
+                reason=f"introspection: token_type {str(token_type)[:40]!r} is not an access token"
+            )
+        token_use = response.get("token_use")
+        if token_use is not None and (
+            not isinstance(token_use, str) or token_use.lower() not in _ACCESS_TOKEN_USES
+        ):
+            raise InvalidTokenError(
+                reason=f"introspection: token_use {str(token_use)[:40]!r} is not an access token"
+            )
+
+    # -- caching ------------------------------------------------------------------
+
+    @property
+    def caching(self) -> bool:
+        """Whether any result (active or inactive) is cached."""
+        return (
+            self.settings.introspection_cache_ttl > 0
+            or self.settings.introspection_negative_cache_ttl > 0
+        )
+
+    def _cached(self, key: str, now: float) -> Mapping[str, Any] | None:
+        if not self.caching:
+            return None
+        entry = self.cache.get(key)
+        if not isinstance(entry, dict):
+            return None
+        until = entry.get("until")
+        response = entry.get("response")
+        if not isinstance(until, int | float) or not isinstance(response, dict):
+            return None
+        if now >= until:
+            # The backend's own expiry runs on the real clock; ours decides.
+            self.cache.delete(key)
+            return None
+        return response
+
+    def _store(self, key: str, response: Mapping[str, Any], now: float) -> None:
+        if response.get("active") is True:
+            ttl = self.settings.introspection_cache_ttl
+            exp = response.get("exp")
+            if isinstance(exp, int | float) and not isinstance(exp, bool):
+                # Never remember an answer past the token's own expiry.
+                ttl = min(ttl, exp - now)
+            stored: Mapping[str, Any] = response
+        else:
+            ttl = self.settings.introspection_negative_cache_ttl
+            stored = {"active": False}
+        if ttl <= 0:
+            return
+        self.cache.set(key, {"until": now + ttl, "response": dict(stored)}, ttl)
+
+    # -- single flight ------------------------------------------------------------
+
+    def _single_flight(self, key: str, token: str, now: float) -> Mapping[str, Any]:
+        with self._flights_lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[key] = _Flight()
+        if not leader:
+            self._emit("introspection_coalesced", {})
+            if not flight.done.wait(self._follower_wait):
+                raise self._upstream(
+                    _Failure(
+                        "timeout",
+                        "a concurrent introspection call of the same token did not finish",
+                        _RETRY_TRANSIENT,
+                    ),
+                    log=False,
+                )
+        else:
+            try:
+                flight.response, flight.failure = self._call(token)
+                if flight.response is not None:
+                    active = flight.response.get("active") is True
+                    self._emit(
+                        "introspection_request", {"outcome": "active" if active else "inactive"}
+                    )
+                    if self.caching:
+                        self._store(key, flight.response, now)
+            except BaseException:
+                flight.failure = _Failure("internal", "the introspection call raised", 1)
+                raise
+            finally:
+                with self._flights_lock:
+                    self._flights.pop(key, None)
+                flight.done.set()
+        if flight.response is None:
+            failure = flight.failure or _Failure("internal", "no outcome", 1)
+            raise self._upstream(failure, log=leader)
+        return flight.response
+
+    # -- the HTTP call ------------------------------------------------------------
+
+    def _call(self, token: str) -> tuple[Mapping[str, Any] | None, _Failure | None]:
+        """POST the token; return ``(response, None)`` or ``(None, failure)``."""
+        try:
+            url = self._endpoint()
+        except _Misconfigured as exc:
+            return None, exc.failure
+        try:
+            headers, auth_params = self._client_auth(url)
+        except _Misconfigured as exc:
+            return None, exc.failure
+        headers["Accept"] = "application/json"
+        try:
+            if self.settings.introspection_body == "json":
+                result = self.fetcher.post(
+                    url, json_body={"token": token, **auth_params}, headers=headers
+                )
+            else:
+                form = {"token": token, "token_type_hint": "access_token", **auth_params}
+                result = self.fetcher.post(url, data=form, headers=headers)
+        except FetchError as exc:
+            kind, detail, retry = _classify(exc)
+            if kind == "circuit_open":
+                retry = self.fetcher.breaker(url).retry_after()
+            return None, _Failure(kind, detail, retry)
+        if not isinstance(result.data, dict):
+            return None, _Failure(
+                "invalid_response", "the endpoint's JSON answer is not an object", _RETRY_TRANSIENT
+            )
+        return result.data, None
+
+    def _endpoint(self) -> str:
+        """The introspection endpoint: configured, else from discovery.
+
+        :raises _Misconfigured: when it cannot be had.
+        """
+        configured = self.settings.introspection_endpoint
+        if configured is not None:
+            return configured
+        reasons = []
+        for issuer in self.settings.issuers:
+            try:
+                found = self.discovery.endpoint(issuer, "introspection_endpoint")
+            except FetchError as exc:
+                reasons.append(f"{issuer}: {exc.reason}")
+                continue
+            if found is not None:
+                return found
+            reasons.append(f"{issuer}: metadata has no introspection_endpoint")
+        raise _Misconfigured(
+            _Failure(
+                "no_endpoint",
+                "no introspection endpoint: set OAUTH_VERIFY_INTROSPECTION_ENDPOINT or "
+                "publish introspection_endpoint in discovery (" + "; ".join(reasons) + ")",
+                _RETRY_TRANSIENT,
+            )
+        )
+
+    def _client_auth(self, url: str) -> tuple[dict[str, str], dict[str, str]]:
+        """Headers and body parameters that authenticate us (RFC 7662 §2.1)."""
+        settings = self.settings
+        method = settings.introspection_auth
+        headers: dict[str, str] = {}
+        if method == "bearer":
+            if not settings.introspection_token:
+                raise _Misconfigured(_needs("OAUTH_VERIFY_INTROSPECTION_TOKEN", method))
+            _uri, headers, _body = add_bearer_token(settings.introspection_token, url, headers, "")
+            return dict(headers), {}
+        client_id = settings.introspection_client_id
+        secret = settings.introspection_client_secret
+        if method == "none":
+            if not client_id:
+                return headers, {}
+            auth = ClientAuth(client_id, None, "none")
+        elif not client_id or not secret:
+            raise _Misconfigured(
+                _needs("OAUTH_VERIFY_INTROSPECTION_CLIENT_ID and _CLIENT_SECRET", method)
+            )
+        elif method == "client_secret_basic":
+            # RFC 6749 §2.3.1: form-encode both before the Basic encoding
+            # (Authlib's encoder does not, its server decodes).
+            auth = ClientAuth(quote(client_id, safe=""), quote(secret, safe=""), method)
+        else:
+            auth = ClientAuth(client_id, secret, method)
+        _uri, headers, body = auth.prepare("POST", url, headers, "")
+        params = dict(parse_qsl(body or "", keep_blank_values=True))
+        return dict(headers), params
+
+    # -- failures -----------------------------------------------------------------
+
+    def _upstream(self, failure: _Failure, *, log: bool) -> UpstreamError:
+        if log and self._should_log(failure.kind):
+            logger.error(
+                "Token introspection failed (%s): %s. Answering 503; this is not a "
+                "problem with the client's token.",
+                failure.kind,
+                failure.detail,
+            )
+        if log:
+            self._emit("introspection_failed", {"kind": failure.kind, "reason": failure.detail})
+        return UpstreamError(
+            reason=f"introspection {failure.kind}: {failure.detail}",
+            retry_after=failure.retry_after,
+        )
+
+    def _should_log(self, kind: str) -> bool:
+        if kind != "circuit_open":
+            return True
+        now = time.monotonic()
+        last = self._last_logged.get(kind)
+        if last is not None and now - last < _LOG_INTERVAL:
+            return False
+        self._last_logged[kind] = now
+        return True
+
+    def _emit(self, event: str, fields: Mapping[str, Any]) -> None:
+        if self.on_event is not None:
+            self.on_event(event, fields)
+
+
+class _Misconfigured(Exception):
+    """The call cannot be made at all (no endpoint, missing credentials)."""
+
+    def __init__(self, failure: _Failure) -> None:
+        super().__init__(failure.detail)
+        self.failure = failure
+
+
+def _needs(what: str, method: str) -> _Failure:
+    return _Failure(
+        "misconfigured",
+        f"OAUTH_VERIFY_INTROSPECTION_AUTH = {method!r} needs {what}",
+        _RETRY_MISCONFIGURED,
+    )
