@@ -203,7 +203,13 @@ class SecurityEvents:
 
     def enabled(self, level: int = logging.INFO) -> bool:
         """Whether :meth:`validated` has anything to do (log, signal or metrics)."""
-        return self.metrics is not None or self.wants("token_validated", level)
+        # Called once per verified request: no further calls, no lookups.
+        return (
+            self.metrics is not None
+            or self.logger.isEnabledFor(level)
+            or bool(security_event.receivers)
+            or bool(token_validated.receivers)
+        )
 
     # -- emitting -------------------------------------------------------------
 

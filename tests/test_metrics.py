@@ -189,19 +189,37 @@ def test_introspection_failures_by_kind(
     )
 
 
-def test_introspection_calls_and_cache_hits_from_events(tokens: TokenIssuer) -> None:
-    """The introspection client reports calls and cache hits as events."""
-    app = make_app(tokens.config(METRICS=True))
-    events = app.extensions["oauth_verify"].events
-    events.emit("introspection_request", {"outcome": "active"})
-    events.emit("introspection_request", {"outcome": "inactive"})
-    events.emit("introspection_request", {"outcome": "<script>"})
-    events.emit("introspection_cache_hit", {})
+def test_introspection_calls_and_cache_hits(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    config = served_tokens.config(
+        METRICS=True,
+        STRATEGY="introspection",
+        INTROSPECTION_CLIENT_ID="resource-server",
+        INTROSPECTION_CLIENT_SECRET="rs-secret",
+        INTROSPECTION_CACHE_TTL=60,
+    )
+    app = make_app(config, clock=clock)
+    client = app.test_client()
+    active = served_tokens.mint_opaque()
+    revoked = served_tokens.mint_opaque()
+    served_tokens.revoke(revoked)
+    for token, status in [(active, 200), (active, 200), (active, 200), (revoked, 401)]:
+        assert client.get("/protected", headers=auth_header(token)).status_code == status
     registry = metrics_registry(app)
     assert sample(registry, "token_introspections_total", outcome="active") == 1
     assert sample(registry, "token_introspections_total", outcome="inactive") == 1
-    assert sample(registry, "token_introspections_total", outcome="other") == 1
-    assert sample(registry, "token_introspection_cache_hits_total") == 1
+    assert sample(registry, "token_introspection_cache_hits_total") == 2
+    assert issuer_server.hits["/introspect"] == 2
+    labels = {"strategy": "introspection", "token_type": "unknown"}
+    assert sample(registry, "token_validations_total", status="valid", **labels) == 3
+    assert sample(registry, "token_validations_total", status="invalid_token", **labels) == 1
+
+
+def test_introspection_outcome_label_is_bounded(tokens: TokenIssuer) -> None:
+    app = make_app(tokens.config(METRICS=True))
+    app.extensions["oauth_verify"].events.emit("introspection_request", {"outcome": "<x>"})
+    assert sample(metrics_registry(app), "token_introspections_total", outcome="other") == 1
 
 
 def test_two_apps_in_one_process_do_not_collide(tokens: TokenIssuer, clock: FakeClock) -> None:
