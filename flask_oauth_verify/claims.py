@@ -19,7 +19,8 @@ def claim_path(claims: Mapping[str, Any], path: str) -> Any:
         return claims.get(path)
     value: Any = claims
     for part in path.split("."):
-        if not isinstance(value, Mapping):
+        # type() first: an ABC isinstance check costs a microsecond per step.
+        if value is None or (type(value) is not dict and not isinstance(value, Mapping)):
             return None
         value = value.get(part)
     return value

@@ -1,0 +1,644 @@
+"""Side-by-side cost of verifying a bearer token in one Flask request.
+
+Builds the same route several ways and runs them interleaved in one
+process, through Flask's test client:
+
+* ``unprotected``      - the route alone (the baseline of every pair);
+* ``ours, first-seen`` - this package, a token it has never seen;
+* ``ours, repeated``   - this package, the same token again (cache hit);
+* ``PyJWT decorator``  - a hand-written, tutorial-style PyJWT decorator
+  (public key parsed once at start-up);
+* ``Authlib``          - ``ResourceProtector`` + ``JWTBearerTokenValidator``
+  (``authlib.oauth2.rfc9068``), key set imported per request as its
+  ``get_jwks()`` documentation shows;
+* ``minimal cached``   - header read, SHA-256, dict lookup, expiry check,
+  ``g`` set (the least a per-process cache of verified tokens can cost);
+* the raw-crypto floor: one ``cryptography`` signature verify, and
+  base64url + JSON + that verify.
+
+Each round measures every variant once in a shuffled order; the added cost
+of a variant is the median over rounds of (variant - unprotected) in the
+same round, and is printed as a multiple of the median raw verify of the
+same run. Then: key sets of 1 and 100 keys, 1 and 10 issuers, tokens of
+~0.5 KB and ~8 KB; introspection cache hit vs miss against a local server;
+resident memory per 10,000 cached tokens and per cached key set.
+
+Run: ``.venv/bin/python benchmarks/bench_verify.py`` (``--help`` for options).
+Needs the ``bench`` extra (PyJWT). Nothing here is a test: no assertion on
+timings, only figures printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import functools
+import gc
+import hashlib
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+import tracemalloc
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Run from a checkout without installing the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jwt as pyjwt
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from flask import Flask, g, jsonify, request
+from flask.testing import FlaskClient
+
+from flask_oauth_verify import OAuthVerify, require_token
+from flask_oauth_verify.extension import get_state
+from flask_oauth_verify.keys import parse_key_set
+from flask_oauth_verify.testing import IssuerServer, TokenIssuer
+
+ALGORITHMS = ("RS256", "PS256", "ES256", "EdDSA")
+AUDIENCE = "api.example.test"
+ROUTE = "/api/users"
+
+Request = Callable[[int], int]  # round index -> elapsed ns
+
+#: The clock of every measurement: CPU time of this thread by default, so that
+#: other processes on the machine (preemption) do not show up as our cost;
+#: ``--clock wall`` switches to ``perf_counter_ns``.
+CLOCKS = {"cpu": time.thread_time_ns, "wall": time.perf_counter_ns}
+clock = CLOCKS["cpu"]
+
+
+# -- timing ------------------------------------------------------------------
+
+
+def timed_get(client: FlaskClient, headers: dict[str, str] | None) -> int:
+    """One request through the test client; elapsed ns (checked 200)."""
+    start = clock()
+    response = client.get(ROUTE, headers=headers)
+    elapsed = clock() - start
+    if response.status_code != 200:
+        raise SystemExit(
+            f"benchmark route answered {response.status_code}: {response.data[:200]!r}"
+        )
+    return elapsed
+
+
+@dataclass
+class Variant:
+    """One way of serving the route: a name and a request function."""
+
+    name: str
+    run: Request
+    samples: list[int] = field(default_factory=list)
+    kind: str = "request"  # "request" (paired with the baseline) or "raw"
+
+
+def interleave(variants: list[Variant], baseline: Variant, rounds: int, warmup: int = 50) -> None:
+    """Run every variant once per round, in a shuffled order."""
+    everyone = [baseline, *variants]
+    rng = random.Random(1234)
+    for index in range(-warmup, rounds):
+        order = everyone[:]
+        rng.shuffle(order)
+        for variant in order:
+            elapsed = variant.run(index + warmup)
+            if index >= 0:
+                variant.samples.append(elapsed)
+
+
+def added_cost(variant: Variant, baseline: Variant) -> float:
+    """Median of paired differences (µs); raw variants are their own median."""
+    if variant.kind == "raw":
+        return statistics.median(variant.samples) / 1000
+    pairs = [v - b for v, b in zip(variant.samples, baseline.samples, strict=True)]
+    return statistics.median(pairs) / 1000
+
+
+# -- the routes ----------------------------------------------------------------
+
+
+def base_app(name: str) -> Flask:
+    app = Flask(name)
+    app.config["TESTING"] = True
+    return app
+
+
+def unprotected_app() -> Flask:
+    app = base_app("unprotected")
+
+    @app.get(ROUTE)
+    def users() -> Any:
+        return jsonify(organization_id=None)
+
+    return app
+
+
+def ours_app(config: dict[str, Any], name: str = "ours") -> Flask:
+    app = base_app(name)
+    app.config.update(config)
+    OAuthVerify(app)
+
+    @app.get(ROUTE)
+    @require_token
+    def users() -> Any:
+        return jsonify(organization_id=g.auth.organization_id)
+
+    with app.app_context():
+        get_state(app).keys.prefetch()
+    return app
+
+
+def pyjwt_app(issuer: TokenIssuer, alg: str) -> Flask:
+    """The tutorial decorator: key parsed once, ``jwt.decode`` per request."""
+    app = base_app("pyjwt")
+    public_key = pyjwt.PyJWK(issuer.jwks()["keys"][0]).key
+    iss = issuer.issuer
+
+    def token_required(view: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            auth = request.headers.get("Authorization", "")
+            if not auth.startswith("Bearer "):
+                return jsonify(error="unauthorized"), 401
+            try:
+                g.claims = pyjwt.decode(
+                    auth[7:], public_key, algorithms=[alg], audience=AUDIENCE, issuer=iss
+                )
+            except pyjwt.InvalidTokenError:
+                return jsonify(error="invalid_token"), 401
+            return view(*args, **kwargs)
+
+        return wrapper
+
+    @app.get(ROUTE)
+    @token_required
+    def users() -> Any:
+        return jsonify(organization_id=g.claims.get("oid"))
+
+    return app
+
+
+def authlib_app(issuer: TokenIssuer) -> Flask:
+    """Authlib's documented resource server: the key set imported per request."""
+    from authlib.integrations.flask_oauth2 import ResourceProtector, current_token
+    from authlib.oauth2.rfc9068 import JWTBearerTokenValidator
+
+    jwks = issuer.jwks()
+    # Authlib 1.9 warns on every request that import_any_key is deprecated;
+    # silence the output (the warning machinery still runs, as in any app).
+    warnings.filterwarnings("ignore", module="authlib")
+    warnings.filterwarnings("ignore", message=".*import_key_set.*")
+
+    class Validator(JWTBearerTokenValidator):  # type: ignore[misc]
+        def get_jwks(self) -> dict[str, Any]:
+            return jwks
+
+    require_oauth = ResourceProtector()
+    require_oauth.register_token_validator(Validator(issuer.issuer, AUDIENCE))
+    app = base_app("authlib")
+
+    @app.get(ROUTE)
+    @require_oauth()
+    def users() -> Any:
+        return jsonify(organization_id=current_token.get("oid"))
+
+    return app
+
+
+def minimal_cached_app(issuer: TokenIssuer, alg: str) -> Flask:
+    """The least a cache of verified tokens can do per hit."""
+    app = base_app("minimal-cached")
+    public_key = pyjwt.PyJWK(issuer.jwks()["keys"][0]).key
+    cache: dict[bytes, tuple[float, dict[str, Any]]] = {}
+
+    def cached(view: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            token = request.headers.get("Authorization", "")[7:]
+            digest = hashlib.sha256(token.encode()).digest()
+            entry = cache.get(digest)
+            if entry is None or entry[0] <= time.time():
+                claims = pyjwt.decode(
+                    token, public_key, algorithms=[alg], audience=AUDIENCE, issuer=issuer.issuer
+                )
+                entry = cache[digest] = (claims["exp"], claims)
+            g.auth = entry[1]
+            return view(*args, **kwargs)
+
+        return wrapper
+
+    @app.get(ROUTE)
+    @cached
+    def users() -> Any:
+        return jsonify(organization_id=g.auth.get("oid"))
+
+    return app
+
+
+# -- the raw-crypto floor --------------------------------------------------------
+
+
+def b64url_decode(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def raw_verifier(issuer: TokenIssuer, alg: str) -> Callable[[bytes, bytes], None]:
+    """One ``cryptography`` verify of a JWS signature, nothing else."""
+    public = issuer.key().public_key  # joserfc key -> cryptography public key
+    if isinstance(public, rsa.RSAPublicKey):
+        pad: padding.AsymmetricPadding = (
+            padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
+            if alg == "PS256"
+            else padding.PKCS1v15()
+        )
+        return lambda message, signature: public.verify(signature, message, pad, hashes.SHA256())
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        ecdsa = ec.ECDSA(hashes.SHA256())
+        return lambda message, der: public.verify(der, message, ecdsa)
+    assert isinstance(public, ed25519.Ed25519PublicKey)
+    return lambda message, signature: public.verify(signature, message)
+
+
+def jws_signature(alg: str, raw: bytes) -> bytes:
+    """The signature as ``cryptography`` takes it (DER for ECDSA)."""
+    if alg.startswith("ES"):
+        half = len(raw) // 2
+        return encode_dss_signature(
+            int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big")
+        )
+    return raw
+
+
+def raw_variants(issuer: TokenIssuer, alg: str, token: str) -> tuple[Variant, Variant]:
+    verify = raw_verifier(issuer, alg)
+    header, payload, signature = token.split(".")
+    message = f"{header}.{payload}".encode()
+    sig = jws_signature(alg, b64url_decode(signature))
+
+    def one_verify(_index: int) -> int:
+        start = clock()
+        verify(message, sig)
+        return clock() - start
+
+    def parse_and_verify(_index: int) -> int:
+        start = clock()
+        h, p, s = token.split(".")
+        json.loads(b64url_decode(h))
+        json.loads(b64url_decode(p))
+        verify(f"{h}.{p}".encode(), jws_signature(alg, b64url_decode(s)))
+        return clock() - start
+
+    return (
+        Variant("raw: one signature verify", one_verify, kind="raw"),
+        Variant("floor: base64url + JSON + one verify", parse_and_verify, kind="raw"),
+    )
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def fresh(client: FlaskClient, tokens: list[str]) -> Request:
+    """A request with a token this client's app has not seen (one per round)."""
+    headers = [bearer(t) for t in tokens]
+    return lambda index: timed_get(client, headers[index])
+
+
+def repeated(client: FlaskClient, token: str) -> Request:
+    headers = bearer(token)
+    return lambda _index: timed_get(client, headers)
+
+
+def mint_many(issuer: TokenIssuer, count: int, **claims: Any) -> list[str]:
+    return [issuer.mint(**typical_claims(), **claims) for _ in range(count)]
+
+
+def typical_claims() -> dict[str, Any]:
+    return {"scopes": ["read:users", "write:users"], "organization_id": "org_42"}
+
+
+def ours_config(issuer: TokenIssuer, alg: str, **extra: Any) -> dict[str, Any]:
+    return issuer.config(audience=AUDIENCE, ALGORITHMS=[alg], **extra)
+
+
+@dataclass
+class Table:
+    """Rows of (label, µs, ratio-to-raw, note)."""
+
+    title: str
+    raw_us: float
+    rows: list[tuple[str, float, str]] = field(default_factory=list)
+
+    def add(self, label: str, micros: float, note: str = "") -> None:
+        self.rows.append((label, micros, note))
+
+    def print(self) -> None:
+        print(f"\n{self.title}")
+        print(f"  (x raw = multiple of one raw verify, {self.raw_us:.1f} µs in this run)")
+        width = max(len(label) for label, _, _ in self.rows) + 2
+        print(f"  {'added to one Flask request':<{width}}{'median µs':>11}{'x raw':>9}  note")
+        for label, micros, note in self.rows:
+            print(f"  {label:<{width}}{micros:>11.1f}{micros / self.raw_us:>9.2f}  {note}")
+
+
+# -- sections -----------------------------------------------------------------
+
+
+def bench_algorithm(alg: str, rounds: int, server: IssuerServer) -> Table:
+    issuer = TokenIssuer(alg=alg, audience=AUDIENCE)
+    issuer.serve(server)
+    tokens = mint_many(issuer, rounds + 60)
+    token = tokens[0]
+    ours = ours_app(ours_config(issuer, alg)).test_client()
+    ours_hit = ours_app(ours_config(issuer, alg), "ours-hit").test_client()
+    baseline = Variant("unprotected", repeated(unprotected_app().test_client(), token))
+    raw, floor = raw_variants(issuer, alg, token)
+    variants = [
+        raw,
+        floor,
+        Variant("ours, first-seen token", fresh(ours, tokens)),
+        Variant("ours, repeated token (cache hit)", repeated(ours_hit, token)),
+        Variant("PyJWT decorator", fresh(pyjwt_app(issuer, alg).test_client(), tokens)),
+        Variant(
+            "minimal cached decorator, hit",
+            repeated(minimal_cached_app(issuer, alg).test_client(), token),
+        ),
+    ]
+    authlib = authlib_app(issuer).test_client()
+    authlib_note = ""
+    if authlib.get(ROUTE, headers=bearer(token)).status_code == 200:
+        variants.append(Variant("Authlib ResourceProtector", fresh(authlib, tokens)))
+    else:
+        authlib_note = (
+            f"Authlib JWTBearerTokenValidator refuses {alg} (not in joserfc's recommended set)"
+        )
+    interleave(variants, baseline, rounds)
+    table = Table(
+        f"{alg}: {len(token)}-byte token, {rounds} rounds "
+        f"(baseline: unprotected route {statistics.median(baseline.samples) / 1000:.1f} µs)",
+        added_cost(raw, baseline),
+    )
+    for variant in variants:
+        table.add(variant.name, added_cost(variant, baseline))
+    if authlib_note:
+        table.add("Authlib ResourceProtector", float("nan"), authlib_note)
+    return table
+
+
+def bench_scaling(rounds: int, server: IssuerServer) -> Table:
+    """Key sets of 1 and 100 keys, 1 and 10 issuers, tokens of 0.5 and 8 KB (RS256)."""
+    alg = "RS256"
+    main = TokenIssuer(alg=alg, audience=AUDIENCE)
+    main.serve(server)
+    small = mint_many(main, rounds + 60)
+    big = mint_many(main, rounds + 60, groups=[f"group-{i:05d}" for i in range(520)])
+    # 100 keys: the signing key among 99 others, served by a second server.
+    hundred = IssuerServer()
+    many_keys = main.jwks()["keys"] + [
+        {**TokenIssuer(alg=alg).jwks()["keys"][0], "kid": f"other-{i}"} for i in range(99)
+    ]
+    random.Random(7).shuffle(many_keys)
+    hundred.route("/jwks", lambda _r: _reply({"keys": many_keys}))
+    # 10 issuers: nine more, each with its own served key set.
+    others = [TokenIssuer(alg=alg, audience=AUDIENCE) for _ in range(9)]
+    other_servers = [IssuerServer() for _ in others]
+    for other, other_server in zip(others, other_servers, strict=True):
+        other.serve(other_server)
+    issuers = [o.issuer for o in others] + [main.issuer]
+    uris = {o.issuer: f"{o.issuer}/jwks" for o in others} | {main.issuer: f"{main.issuer}/jwks"}
+    apps = {
+        "1 key, 1 issuer": ours_config(main, alg),
+        "100 keys": ours_config(main, alg, JWKS_URI=f"{hundred.url}/jwks"),
+        "10 issuers": {
+            **ours_config(main, alg),
+            "OAUTH_VERIFY_ISSUER": issuers,
+            "OAUTH_VERIFY_JWKS_URI": uris,
+        },
+    }
+    baseline = Variant("unprotected", repeated(unprotected_app().test_client(), small[0]))
+    raw, _floor = raw_variants(main, alg, small[0])
+    variants = [raw]
+    for label, config in apps.items():
+        first = ours_app(config, label).test_client()
+        hit = ours_app(config, label + " hit").test_client()
+        variants.append(Variant(f"{label}: first-seen", fresh(first, small)))
+        variants.append(Variant(f"{label}: repeated", repeated(hit, small[0])))
+    big_first = ours_app(ours_config(main, alg), "big").test_client()
+    big_hit = ours_app(ours_config(main, alg), "big hit").test_client()
+    variants.append(Variant(f"{len(big[0])}-byte token: first-seen", fresh(big_first, big)))
+    variants.append(Variant(f"{len(big[0])}-byte token: repeated", repeated(big_hit, big[0])))
+    big_base = Variant("unprotected, big header", repeated(unprotected_app().test_client(), big[0]))
+    interleave([*variants, big_base], baseline, rounds)
+    table = Table(
+        f"Scaling, RS256 ({len(small[0])}-byte tokens unless said), ours, {rounds} rounds",
+        added_cost(raw, baseline),
+    )
+    for variant in variants[1:]:
+        if "byte token" in variant.name:
+            table.add(
+                variant.name, added_cost(variant, big_base), "vs unprotected with the same header"
+            )
+        else:
+            table.add(variant.name, added_cost(variant, baseline))
+    for s in [hundred, *other_servers]:
+        s.close()
+    return table
+
+
+def _reply(body: Any) -> Any:
+    from flask_oauth_verify.testing import Reply
+
+    return Reply(200, body)
+
+
+def bench_introspection(rounds: int, server: IssuerServer) -> Table | str:
+    """Introspection: cache hit vs miss, and our own time on a miss."""
+    try:
+        import flask_oauth_verify.introspection  # noqa: F401
+    except ImportError:
+        return "introspection: flask_oauth_verify.introspection is not available; skipped"
+    import requests
+
+    issuer = TokenIssuer(audience=AUDIENCE)
+    issuer.serve(server)
+    client_id, secret = issuer.introspection_credentials
+    config = issuer.config(
+        audience=AUDIENCE,
+        STRATEGY="introspection",
+        INTROSPECTION_CLIENT_ID=client_id,
+        INTROSPECTION_CLIENT_SECRET=secret,
+        INTROSPECTION_CACHE_TTL=300,
+    )
+    opaque = [issuer.mint_opaque(**typical_claims()) for _ in range(rounds + 60)]
+    miss = ours_app(config, "intro-miss").test_client()
+    hit = ours_app(config, "intro-hit").test_client()
+    session = requests.Session()
+    endpoint = f"{issuer.issuer}/introspect"
+
+    def round_trip(index: int) -> int:
+        start = clock()
+        response = session.post(
+            endpoint,
+            data={"token": opaque[index], "token_type_hint": "access_token"},
+            auth=(client_id, secret),
+            headers={"Accept": "application/json"},
+            timeout=5,
+        )
+        response.json()
+        return clock() - start
+
+    baseline = Variant("unprotected", repeated(unprotected_app().test_client(), opaque[0]))
+    trip = Variant("one round trip to the endpoint (requests.Session)", round_trip, kind="raw")
+    variants = [
+        trip,
+        Variant("introspection, cache miss", fresh(miss, opaque)),
+        Variant("introspection, cache hit", repeated(hit, opaque[0])),
+    ]
+    # the JWT floor of the same run, for the ratio column
+    jwt_token = issuer.mint(**typical_claims())
+    raw, _ = raw_variants(issuer, "RS256", jwt_token)
+    variants.insert(0, raw)
+    interleave(variants, baseline, rounds)
+    table = Table(
+        f"Introspection against a local IssuerServer, {rounds} rounds", added_cost(raw, baseline)
+    )
+    for variant in variants[1:]:
+        table.add(variant.name, added_cost(variant, baseline))
+    own = added_cost(variants[2], baseline) - added_cost(trip, baseline)
+    table.add("our own time on a miss (miss - round trip)", own)
+    return table
+
+
+# -- memory -------------------------------------------------------------------
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextmanager
+def measured() -> Iterator[dict[str, int]]:
+    """RSS and traced-allocation deltas of the block."""
+    out: dict[str, int] = {}
+    gc.collect()
+    tracemalloc.start()
+    rss = rss_bytes()
+    traced = tracemalloc.get_traced_memory()[0]
+    yield out
+    gc.collect()
+    out["rss"] = rss_bytes() - rss
+    out["traced"] = tracemalloc.get_traced_memory()[0] - traced
+    tracemalloc.stop()
+
+
+def bench_memory(count: int) -> list[str]:
+    lines = []
+    issuer = TokenIssuer(alg="EdDSA", audience=AUDIENCE)  # cheap to mint; entry size is alg-free
+    app = ours_app(ours_config(issuer, "EdDSA"), "memory")
+    state = get_state(app)
+    tokens = mint_many(issuer, count)
+    with app.app_context():
+        state.authenticate(tokens[0])
+        state.token_cache.clear()
+        with measured() as delta:
+            for token in tokens:
+                state.authenticate(token)
+    assert len(state.token_cache) == min(count, state.settings.token_cache_size)
+    per = count / 10_000
+    lines.append(
+        f"token cache: {len(state.token_cache)} entries; per 10,000 cached tokens: "
+        f"RSS +{delta['rss'] / per / 2**20:.1f} MiB, traced allocations "
+        f"+{delta['traced'] / per / 2**20:.1f} MiB ({delta['traced'] / count:.0f} B per token)"
+    )
+    for size, alg in ((1, "RS256"), (100, "RS256")):
+        keys = [TokenIssuer(alg=alg).jwks()["keys"][0] for _ in range(size)]
+        jwks = {"keys": [{**k, "kid": f"k{i}"} for i, k in enumerate(keys)]}
+        sets = []
+        repeat = 50 if size == 1 else 5
+        with measured() as delta:
+            for _ in range(repeat):
+                sets.append(parse_key_set(jwks, (alg,)))
+        lines.append(
+            f"parsed key set of {size} RSA-2048 key(s): "
+            f"RSS +{delta['rss'] / repeat / 1024:.0f} KiB, "
+            f"traced +{delta['traced'] / repeat / 1024:.0f} KiB per cached set"
+        )
+    return lines
+
+
+# -- main ---------------------------------------------------------------------
+
+
+def machine() -> str:
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next(
+                line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")
+            )
+    except (OSError, StopIteration):
+        pass
+    python = platform.python_version()
+    return f"{os.cpu_count()} CPUs ({model}), Python {python}, {platform.platform()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2000, help="paired rounds per table")
+    parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    parser.add_argument(
+        "--sections",
+        default="algorithms,scaling,introspection,memory",
+        help="comma-separated: algorithms, scaling, introspection, memory",
+    )
+    parser.add_argument("--memory-tokens", type=int, default=10_000)
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="cpu",
+        help="cpu: this thread's CPU time (default); wall: perf_counter",
+    )
+    args = parser.parse_args(argv)
+    global clock
+    clock = CLOCKS[args.clock]
+    sections = set(args.sections.split(","))
+    print(f"machine: {machine()}")
+    print(f"clock: {args.clock} ({'thread CPU time' if args.clock == 'cpu' else 'perf_counter'})")
+    server = IssuerServer()
+    try:
+        if "algorithms" in sections:
+            for alg in args.algorithms.split(","):
+                bench_algorithm(alg, args.rounds, IssuerServer()).print()
+        if "scaling" in sections:
+            bench_scaling(args.rounds, server).print()
+        if "introspection" in sections:
+            result = bench_introspection(args.rounds, IssuerServer())
+            print(result if isinstance(result, str) else "", end="")
+            if isinstance(result, Table):
+                result.print()
+        if "memory" in sections:
+            print("\nMemory")
+            for line in bench_memory(args.memory_tokens):
+                print(f"  {line}")
+    finally:
+        server.close()
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
