@@ -411,6 +411,21 @@ def test_per_route_strategies_on_a_jwks_app(issuer: TokenIssuer) -> None:
     assert response.json is not None and response.json["error"] == "insufficient_scope"
 
 
+def test_async_view_with_introspection(issuer: TokenIssuer) -> None:
+    app = make_app(intro_config(issuer, STRATEGY="jwks"))
+
+    @app.get("/async")
+    @require_scope("read:users", strategy="introspection")
+    async def async_view() -> dict[str, Any]:
+        return {"subject": g.auth.subject, "strategy": g.auth.strategy}
+
+    token = issuer.mint_opaque(subject="user_async", scopes=["read:users"])
+    response = app.test_client().get("/async", headers=auth_header(token))
+    assert response.json == {"subject": "user_async", "strategy": "introspection"}
+    issuer.revoke(token)
+    assert_401(app.test_client().get("/async", headers=auth_header(token)))
+
+
 def test_auto_sends_jwts_to_jwks_and_opaque_tokens_to_introspection(
     issuer: TokenIssuer,
 ) -> None:
