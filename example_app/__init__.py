@@ -18,6 +18,7 @@ from flask_oauth_verify import OAuthVerify
 
 from . import dev_issuer
 from .api import api
+from .logging_setup import configure_security_log
 from .models import db, seed
 
 cache = Cache()
@@ -41,6 +42,9 @@ def create_app(config: dict[str, Any] | None = None, *, instance_path: str | Non
         OAUTH_VERIFY_AUDIENCE="example-api",
         OAUTH_VERIFY_SECURITY_HEADERS=True,
         OAUTH_VERIFY_HEALTH_ROUTE=True,
+        OAUTH_VERIFY_METRICS=True,
+        OAUTH_VERIFY_METRICS_ENDPOINT="/metrics",
+        OAUTH_VERIFY_PREFETCH_KEYS=True,
     )
     app.config.from_prefixed_env("EXAMPLE")  # e.g. EXAMPLE_OAUTH_VERIFY_ISSUER=...
     if config:
@@ -52,8 +56,11 @@ def create_app(config: dict[str, Any] | None = None, *, instance_path: str | Non
         issuer = dev_issuer.load_dev_issuer(app.instance_path, base_url)
         app.config.setdefault("OAUTH_VERIFY_ISSUER", issuer.issuer)
         app.config.setdefault("OAUTH_VERIFY_JWKS", issuer.jwks())
+        app.config.setdefault("OAUTH_VERIFY_DEV_ISSUER", issuer)  # `flask oauth-verify mint`
         dev_issuer.register(app, issuer)
 
+    if not app.testing:
+        configure_security_log()
     cache.init_app(app)
     db.init_app(app)
     oauth.init_app(app, cache=cache)

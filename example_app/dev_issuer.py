@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from flask import Blueprint, Flask, jsonify
+from flask import Blueprint, Flask, Response, jsonify
 from joserfc.jwk import RSAKey
 
 from flask_oauth_verify.testing import TokenIssuer
@@ -43,12 +43,12 @@ def dev_issuer_blueprint(issuer: TokenIssuer) -> Blueprint:
     blueprint = Blueprint("dev_issuer", __name__, url_prefix=DEV_ISSUER_PATH)
 
     @blueprint.get("/.well-known/openid-configuration")
-    def metadata() -> object:
+    def metadata() -> Response:
         base = issuer.issuer
         return jsonify(issuer=base, jwks_uri=f"{base}/jwks", token_endpoint=None)
 
     @blueprint.get("/jwks")
-    def jwks() -> object:
+    def jwks() -> Response:
         return jsonify(issuer.jwks())
 
     return blueprint

@@ -79,3 +79,20 @@ def test_dev_issuer_is_absent_unless_enabled(tmp_path: Path, tokens: TokenIssuer
     app = create_app(tokens.config(audience="example-api"), instance_path=str(tmp_path))
     assert "oauth_verify_dev_issuer" not in app.extensions
     assert app.test_client().get("/dev-issuer/jwks").status_code == 404
+
+
+def test_operations_features_are_on(example: Flask) -> None:
+    client = example.test_client()
+    client.get("/api/customers", headers=mint(example, "org_acme", ["customers:read"]))
+    client.get("/api/customers", headers=auth_header("not.a.token"))
+    health = client.get("/health/token-validation")
+    assert health.status_code == 200 and health.json is not None
+    assert health.json["status"] == "healthy"
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert "token_validations_total" in metrics
+    minted = example.test_cli_runner().invoke(
+        args=["oauth-verify", "mint", "--sub", "user_cli", "--scope", "customers:read"]
+    )
+    assert minted.exit_code == 0, minted.output
+    token = minted.output.strip().splitlines()[-1]
+    assert client.get("/api/me", headers=auth_header(token)).status_code == 200
