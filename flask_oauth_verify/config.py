@@ -161,6 +161,8 @@ class Settings:
     #: accepted placeholder values of templated issuers; ``None`` = any tenant
     allowed_tenants: tuple[str, ...] | None = None
     issuer_placeholder_claims: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: claims bound to the issuer (Beyond Identity bi_t/bi_r), see ISSUER_CLAIMS
+    issuer_claims: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     max_token_bytes: int = 16384
     token_locations: tuple[str, ...] = ("header",)
     realm: str = "api"
@@ -295,6 +297,7 @@ def _build(v: Mapping[str, Any]) -> Settings:
         allowed_client_ids=_as_tuple(v.get("ALLOWED_CLIENT_IDS"), "ALLOWED_CLIENT_IDS"),
         allowed_tenants=tenants,
         issuer_placeholder_claims=MappingProxyType(placeholder_claims),
+        issuer_claims=MappingProxyType(_issuer_claims(v.get("ISSUER_CLAIMS"))),
         max_token_bytes=int(
             _as_number(v.get("MAX_TOKEN_BYTES", 16384), "MAX_TOKEN_BYTES", minimum=64)
         ),
@@ -446,6 +449,14 @@ def _issuer_templates(
             "tenant ids to accept, or '*' to accept a token of any tenant."
         )
     return tenants, dict(claims)
+
+
+def _issuer_claims(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and k for k in value):
+        raise ConfigurationError(f"{_key('ISSUER_CLAIMS')} must map claim names to values.")
+    return {k: v for k, v in value.items() if v is not None}
 
 
 def _check_introspection_credentials(v: Mapping[str, Any], strategy: str, auth: str) -> None:

@@ -125,6 +125,10 @@ class IssuerMatcher:
         placeholders whose claim has another name (``tenantid`` -> ``tid``).
     :param allowed_tenants: the accepted placeholder values; ``None``
         accepts any tenant.
+    :param bound_claims: ``OAUTH_VERIFY_ISSUER_CLAIMS``, claims bound to the
+        issuer (Beyond Identity ``bi_t``/``bi_r``): a JWT must carry each with
+        exactly this value; an introspection answer, which comes from the
+        issuer's own endpoint, is checked for those it carries.
     """
 
     def __init__(
@@ -132,8 +136,10 @@ class IssuerMatcher:
         issuers: Iterable[str],
         placeholder_claims: Mapping[str, str] | None = None,
         allowed_tenants: Iterable[str] | None = None,
+        bound_claims: Mapping[str, Any] | None = None,
     ) -> None:
         issuers = tuple(issuers)
+        self._bound = tuple((bound_claims or {}).items())
         self.exact = frozenset(i for i in issuers if not is_template(i))
         self.templates = tuple(compile_template(i) for i in issuers if is_template(i))
         self._template_names = frozenset(t.template for t in self.templates)
@@ -157,14 +163,26 @@ class IssuerMatcher:
                 return template.template
         return None
 
-    def check(self, payload: Mapping[str, Any]) -> str:
+    def check(self, payload: Mapping[str, Any], *, answer: bool = False) -> str:
         """The configured issuer of ``payload`` after every issuer rule.
 
+        :param answer: ``payload`` is an introspection answer, not a JWT
+            (issuer-bound claims it omits are not required).
         :returns: the exact issuer, or the template the ``iss`` matched.
         :raises InvalidTokenError: when ``iss`` is missing, not configured,
             names a tenant other than its tenant claim, or a tenant that is
-            not allowed.
+            not allowed, or an issuer-bound claim differs.
         """
+        configured = self._match(payload)
+        for claim, expected in self._bound:
+            value = claim_path(payload, claim)
+            if value is None and answer:
+                continue
+            if type(value) is not type(expected) or value != expected:
+                raise _invalid(f"claim {claim!r} does not name this issuer's tenant/realm")
+        return configured
+
+    def _match(self, payload: Mapping[str, Any]) -> str:
         issuer = payload.get("iss")
         if not isinstance(issuer, str):
             raise _invalid("iss is missing or not a string")

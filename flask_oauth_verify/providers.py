@@ -16,8 +16,9 @@ How a profile is merged under the app's keys (:func:`apply_profile`):
   app does not set are rendered.
 * **Per issuer.** With several issuers, ``JWKS_URI`` becomes a mapping
   ``{issuer: uri}`` rendered for each issuer.
-* **Mappings merge entry by entry.** ``CLAIM_MAP``, ``REQUIRED_CLAIM_VALUES``
-  and ``ISSUER_PLACEHOLDER_CLAIMS`` of the app are laid over the profile's;
+* **Mappings merge entry by entry.** ``CLAIM_MAP``, ``REQUIRED_CLAIM_VALUES``,
+  ``ISSUER_PLACEHOLDER_CLAIMS`` and ``ISSUER_CLAIMS`` of the app are laid
+  over the profile's;
   an entry set to ``None`` removes the profile's entry. Every other key is
   replaced as a whole.
 * **Extra keys.** ``REQUIRE_EMAIL_VERIFIED = True`` adds
@@ -42,7 +43,12 @@ from urllib.parse import urlsplit
 __all__ = ["PROFILES", "Profile", "apply_profile", "profile_named"]
 
 #: Keys whose mapping values merge with the profile's entry by entry.
-MERGED_MAPPINGS = ("CLAIM_MAP", "REQUIRED_CLAIM_VALUES", "ISSUER_PLACEHOLDER_CLAIMS")
+MERGED_MAPPINGS = (
+    "CLAIM_MAP",
+    "REQUIRED_CLAIM_VALUES",
+    "ISSUER_PLACEHOLDER_CLAIMS",
+    "ISSUER_CLAIMS",
+)
 #: Keys rendered once per issuer (a mapping) when there are several issuers.
 PER_ISSUER_KEYS = ("JWKS_URI",)
 
@@ -174,8 +180,10 @@ PROFILES: Mapping[str, Profile] = _profiles(
             # Offline validation takes the key from the jku header, only from
             # the issuer's own host (auth-<region>.beyondidentity.com).
             "ALLOWED_JKU_HOSTS": ("{issuer_host}",),
-            "REQUIRED_CLAIMS": ("nbf", "bi_t", "bi_r"),
-            "REQUIRED_CLAIM_VALUES": {"bi_t": "{tenant}", "bi_r": "{realm}"},
+            "REQUIRED_CLAIMS": ("nbf",),
+            # bi_t/bi_r: required in a JWT; the realm's introspection answer
+            # may omit them (its iss, checked too, names tenant and realm).
+            "ISSUER_CLAIMS": {"bi_t": "{tenant}", "bi_r": "{realm}"},
             "CLAIM_MAP": {"scopes": ("scope",)},
             "USER_ID_RULE": beyond_identity_acts_for_user,
         },
@@ -205,8 +213,8 @@ PROFILES: Mapping[str, Profile] = _profiles(
         defaults={
             "JWKS_URI": "{issuer}/v1/keys",
             "INTROSPECTION_ENDPOINT": "{issuer}/v1/introspect",
-            "REQUIRED_CLAIMS": ("cid",),
-            "CLAIM_MAP": {"scopes": ("scp",), "client_id": ("cid",)},
+            # JWTs: scp array and cid; introspection answers: scope, client_id
+            "CLAIM_MAP": {"scopes": ("scp", "scope"), "client_id": ("cid", "client_id")},
         },
         issuer_params=r"https?://[^/]+/oauth2/(?P<authorization_server>[^/]+)/?$",
         issuer_must_match=(

@@ -144,9 +144,12 @@ class JWTVerifier:
         # Exact issuers only: a template is never matched literally.
         self._issuers = frozenset(i for i in settings.issuers if not is_template(i))
         self._issuer_matcher: IssuerMatcher | None = None
-        if len(self._issuers) != len(settings.issuers):
+        if len(self._issuers) != len(settings.issuers) or settings.issuer_claims:
             self._issuer_matcher = IssuerMatcher(
-                settings.issuers, settings.issuer_placeholder_claims, settings.allowed_tenants
+                settings.issuers,
+                settings.issuer_placeholder_claims,
+                settings.allowed_tenants,
+                settings.issuer_claims,
             )
         self._audiences = frozenset(settings.audiences)
         self._verify_audience = settings.verify_audience
@@ -193,14 +196,19 @@ class JWTVerifier:
         (:mod:`flask_oauth_verify.issuers`) the ``iss`` must match the whole
         template, each placeholder must equal its claim (``tid``) and be an
         allowed tenant, and the *template* is returned: it names the one key
-        source every tenant shares.
+        source every tenant shares. Claims bound to the issuer
+        (``ISSUER_CLAIMS``) must match too.
         """
-        issuer = payload.get("iss")
-        if isinstance(issuer, str) and issuer in self._issuers:
-            return issuer
-        if self._issuer_matcher is not None:
-            return self._issuer_matcher.check(payload)
-        raise _invalid("iss is not a configured issuer")
+        matcher = self._issuer_matcher
+        if matcher is None:
+            issuer = payload.get("iss")
+            if isinstance(issuer, str) and issuer in self._issuers:
+                return issuer
+            raise _invalid("iss is not a configured issuer")
+        # RFC 7662 answers carry "active" (the introspector calls us with
+        # one); RFC 9068 access tokens do not, so a JWT must carry every
+        # issuer-bound claim. Before the signature this only decides sooner.
+        return matcher.check(payload, answer=payload.get("active") is True)
 
     def verify(
         self, token: str, resolver: KeyResolver, now: float

@@ -133,7 +133,11 @@ class Emulator:
         claims = self.active.get(token or "")
         if claims is None or claims.get("exp", 0) <= time.time():
             return Reply(200, {"active": False})
-        return Reply(200, {"active": True, **claims})
+        return Reply(200, {"active": True, **self.answer_claims(claims)})
+
+    def answer_claims(self, claims: Mapping[str, Any]) -> dict[str, Any]:
+        """What the provider's active answer says about a token (all claims)."""
+        return dict(claims)
 
     def form_basic_introspection(self, request: Request) -> Reply:
         """RFC 7662 as most providers document it: a form, HTTP Basic."""
@@ -275,6 +279,10 @@ class VoxKey(Emulator):
         token = self.sign(claims)
         return Reply(200, {"access_token": token, "token_type": "Bearer", "expires_in": 900})
 
+    def answer_claims(self, claims: Mapping[str, Any]) -> dict[str, Any]:
+        """VoxKey's documented answer: sub, client_id, scope, exp, iat."""
+        return {k: claims[k] for k in ("sub", "client_id", "scope", "exp", "iat") if k in claims}
+
     def user_token(self, **overrides: Any) -> str:
         """A user's token for the API."""
         claims = {
@@ -344,6 +352,17 @@ class BeyondIdentity(Emulator):
         if authorization not in allowed:
             return Reply(401, {"error": "invalid_client"})
         return self.answer(request.form().get("token"))
+
+    #: the documented answer has no bi_t/bi_r; set True to include them
+    answer_has_targets = False
+
+    def answer_claims(self, claims: Mapping[str, Any]) -> dict[str, Any]:
+        """Beyond Identity's documented answer (no ``bi_t``/``bi_r``)."""
+        names = ["bi_ty", "iss", "sub", "aud", "exp", "nbf", "iat", "jti", "scope", "azp"]
+        names += ["bi_p", "bi_s", "bi_x"]
+        if self.answer_has_targets:
+            names += ["bi_t", "bi_r"]
+        return {k: claims[k] for k in names if k in claims}
 
     def token(self, *, jku: str | None = "", **overrides: Any) -> str:
         """An access token; ``jku`` defaults to the application's key set."""
@@ -418,6 +437,19 @@ class Okta(Emulator):
         super().__init__(server, "/oauth2/default", kid="zYp9xO8wq7vU6t5s4r3")
         server.route("/oauth2/default/v1/keys", self.jwks_reply)
         server.route("/oauth2/default/v1/introspect", self.form_basic_introspection)
+
+    def answer_claims(self, claims: Mapping[str, Any]) -> dict[str, Any]:
+        """Okta's introspection answer: RFC 7662 names (``scope``, ``client_id``)."""
+        answer = {
+            k: claims[k] for k in ("sub", "aud", "iss", "exp", "iat", "jti", "uid") if k in claims
+        }
+        answer.update(
+            scope=" ".join(claims.get("scp", [])),
+            client_id=claims.get("cid"),
+            username=claims.get("sub"),
+            token_type="Bearer",
+        )
+        return answer
 
     def token(self, **overrides: Any) -> str:
         """A user's access token (``scp`` array, ``cid``, ``uid``)."""
@@ -536,6 +568,15 @@ class Keycloak(Emulator):
         base = f"/realms/{self.realm}/protocol/openid-connect"
         server.route(f"{base}/certs", self.jwks_reply)
         server.route(f"{base}/token/introspect", self.form_basic_introspection)
+
+    def answer_claims(self, claims: Mapping[str, Any]) -> dict[str, Any]:
+        """Keycloak answers with the token's claims plus ``client_id``, ``username``."""
+        return {
+            **claims,
+            "client_id": claims.get("azp"),
+            "username": claims.get("preferred_username"),
+            "token_type": "Bearer",
+        }
 
     def token(self, **overrides: Any) -> str:
         """A user's access token (``typ: Bearer``)."""

@@ -236,7 +236,7 @@ def test_profile_specific_defaults() -> None:
         AUDIENCE="api",
     )
     assert bi.allowed_jku_hosts == ("auth-eu.beyondidentity.com",)
-    assert bi.required_claim_values == {"bi_t": "T1", "bi_r": "R1"}
+    assert bi.issuer_claims == {"bi_t": "T1", "bi_r": "R1"}
     assert bi.provider_params["tenant"] == "T1"
     cognito = settings(
         "cognito",
@@ -327,6 +327,12 @@ def test_profile_contradictions_fail_at_start_up_naming_the_key(
 ) -> None:
     with pytest.raises(ConfigurationError, match=named):
         settings(provider, issuer, **extra)
+
+
+@pytest.mark.parametrize("value", [["bi_t"], {"": "x"}, "bi_t"])
+def test_issuer_claims_must_be_a_mapping(value: Any) -> None:
+    with pytest.raises(ConfigurationError, match="OAUTH_VERIFY_ISSUER_CLAIMS"):
+        settings("generic", "https://issuer.example.com", AUDIENCE="a", ISSUER_CLAIMS=value)
 
 
 def test_voxkey_params_can_be_given_when_the_issuer_is_custom() -> None:
@@ -601,6 +607,18 @@ def test_beyond_identity_http_jku_needs_the_test_only_switch(server: IssuerServe
     assert server.hits[bi.jwks_path] == 0
 
 
+def test_beyond_identity_jku_sources_stay_bounded(server: IssuerServer) -> None:
+    bi = BeyondIdentity(server)
+    app = provider_app(bi.config())
+    for n in range(80):  # anyone can name any path of the allowlisted host
+        status, _body = call(app, bi.token(jku=f"{server.url}/v1/nothing-here/{n}"))
+        assert status in (401, 503)  # never accepted: there is no key set there
+    assert call(app, bi.token())[0] == 200  # the real key set is still admitted
+    sources = get_state(app).keys.status()
+    assert len(sources) <= 66
+    assert [s.source for s in sources if s.kids] == [bi.jku]
+
+
 @pytest.mark.parametrize(
     "claims",
     [
@@ -653,7 +671,16 @@ def test_beyond_identity_introspection(server: IssuerServer, method: str) -> Non
     )
     assert request.headers["Authorization"] == expected
     assert request.form()["token"] == token
+    assert body["scopes"] == ["myapp:read", "myapp:write"]
+    assert body["user_id"] == "7a8cce58fd160449"
+    # The documented answer carries no bi_t/bi_r: its iss names tenant and realm.
+    other_app = bi.issuer.replace(bi.realm, "another-realm")
+    refused(app, bi.token(iss=other_app, bi_r="another-realm"), "/introspected")
+    bi.answer_has_targets = True  # an answer that does carry them is checked
+    assert call(app, bi.token(), "/introspected")[0] == 200
     refused(app, bi.token(bi_r="another-realm"), "/introspected")
+    bi.active.clear()
+    refused(app, token, "/introspected")
 
 
 # -- Auth0 --------------------------------------------------------------------------
@@ -703,10 +730,16 @@ def test_okta_custom_authorization_server(server: IssuerServer) -> None:
     assert body["user_id"] == "alice@example.com"
     m2m = okta.token(sub="0oa1b2c3d4e5f6g7h8i9", uid=None, scp=["orders:read"])
     assert call(app, m2m)[1]["user_id"] is None
-    refused(app, okta.token(cid=None))  # an ID token has no cid
+    refused(app, okta.token(aud="0oa1b2c3d4e5f6g7h8i9", scp=None, nonce="n"))  # an ID token
     assert server.hits["/oauth2/default/v1/keys"] == 1
     token = okta.token()
-    assert call(app, token, "/introspected")[0] == 200
+    status, body = call(app, token, "/introspected")
+    assert status == 200, body
+    # the answer uses RFC 7662 names: scope (string) and client_id
+    assert (body["scopes"], body["client_id"]) == (
+        ["email", "openid", "orders:read"],
+        "0oa1b2c3d4e5f6g7h8i9",
+    )
     assert okta.introspections[-1].path == "/oauth2/default/v1/introspect"
 
 
