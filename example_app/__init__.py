@@ -57,6 +57,10 @@ def create_app(config: dict[str, Any] | None = None, *, instance_path: str | Non
         app.config.setdefault("OAUTH_VERIFY_ISSUER", issuer.issuer)
         app.config.setdefault("OAUTH_VERIFY_JWKS", issuer.jwks())
         app.config.setdefault("OAUTH_VERIFY_DEV_ISSUER", issuer)  # `flask oauth-verify mint`
+        client_id, secret = dev_issuer.INTROSPECTION_CLIENT
+        app.config.setdefault("OAUTH_VERIFY_INTROSPECTION_ENDPOINT", f"{issuer.issuer}/introspect")
+        app.config.setdefault("OAUTH_VERIFY_INTROSPECTION_CLIENT_ID", client_id)
+        app.config.setdefault("OAUTH_VERIFY_INTROSPECTION_CLIENT_SECRET", secret)
         dev_issuer.register(app, issuer)
 
     if not app.testing:

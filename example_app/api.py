@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flask import Blueprint, abort, g, request
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from flask_oauth_verify import (
     current_auth,
@@ -102,3 +102,33 @@ def my_projects() -> dict[str, object]:
         .where(Project.user_id == g.auth.user_id)
     ).all()
     return {"user_id": g.auth.user_id, "projects": [p.to_dict() for p in rows]}
+
+
+@api.get("/reports")
+@require_scope("reports:read", strategy="auto")
+@require_organization
+def reports() -> dict[str, object]:
+    """Accepts JWTs (verified locally) and opaque tokens (introspected)."""
+    count = db.session.scalar(
+        select(func.count(Customer.id)).where(Customer.organization_id == g.auth.organization_id)
+    )
+    return {"organization_id": g.auth.organization_id, "customers": count, "via": g.auth.strategy}
+
+
+@api.delete("/customers/<int:customer_id>")
+@require_scope("customers:write", strategy="both")
+@require_organization
+def delete_customer(customer_id: int) -> tuple[str, int]:
+    """Revocation-sensitive: the JWT is verified, then confirmed active."""
+    customer = db.session.scalars(
+        select(Customer).where(
+            Customer.id == customer_id, Customer.organization_id == g.auth.organization_id
+        )
+    ).first()
+    if customer is None:
+        abort(404)
+    for project in list(customer.projects):
+        db.session.delete(project)
+    db.session.delete(customer)
+    db.session.commit()
+    return "", 204

@@ -9,7 +9,7 @@ from flask_oauth_verify.testing import TokenIssuer
 
 PERSONAS = [
     ("org_acme user alice (read+write)", "user_alice", "org_acme",
-     ["customers:read", "customers:write", "projects:read"]),
+     ["customers:read", "customers:write", "projects:read", "reports:read"]),
     ("org_globex service (read)", "svc_reporting", "org_globex",
      ["customers:read", "projects:read"]),
     ("org_acme user with too few scopes", "user_carol", "org_acme", ["projects:read"]),
@@ -26,6 +26,14 @@ def banner(issuer: TokenIssuer, base_url: str) -> str:
         lines.append(f"TOKEN='{token}'")
         lines.append(f'curl -s {base_url}/api/customers -H "Authorization: Bearer $TOKEN"')
         lines.append("")
+    opaque = issuer.mint_opaque(subject="svc_billing", organization_id="org_globex",
+                                scopes=["reports:read"], audience="example-api")  # fmt: skip
+    lines.append("# an opaque token (introspected), then revoke it and try again: 401")
+    lines.append(f"OPAQUE='{opaque}'")
+    lines.append(f'curl -s {base_url}/api/reports -H "Authorization: Bearer $OPAQUE"')
+    lines.append(f'curl -s -X POST {base_url}/dev-issuer/revoke -d "token=$OPAQUE"')
+    lines.append(f'curl -s {base_url}/api/reports -H "Authorization: Bearer $OPAQUE"')
+    lines.append("")
     lines.append(f"curl -s {base_url}/api/customers   # no token: 401")
     lines.append(f"curl -s {base_url}/health/token-validation")
     return "\n".join(lines)

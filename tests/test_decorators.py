@@ -206,3 +206,10 @@ def test_require_scope_needs_scopes() -> None:
         require_scope()
     with pytest.raises(ValueError, match="without spaces"):
         require_scope("a b")
+
+
+def test_mistyped_strategy_fails_when_decorating() -> None:
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        require_token(strategy="jwk")
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        require_scope("a", strategy="introspect")

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from flask import Flask
+from werkzeug.serving import make_server
 
 from example_app import create_app
 from example_app.commands import banner
 from flask_oauth_verify.testing import TokenIssuer, auth_header
+
+from .conftest import free_port
 
 
 @pytest.fixture
@@ -68,10 +75,14 @@ def test_writes_land_in_the_callers_organization(example: Flask) -> None:
 
 def test_banner_tokens_work(example: Flask) -> None:
     text = banner(dev_issuer(example), "http://127.0.0.1:5000")
-    tokens = [line.split("'")[1] for line in text.splitlines() if line.startswith("TOKEN=")]
-    assert len(tokens) == 3
+    tokens = [
+        line.split("'")[1] for line in text.splitlines() if line.startswith(("TOKEN=", "OPAQUE="))
+    ]
+    assert len(tokens) == 3 + 1
     client = example.test_client()
-    statuses = [client.get("/api/customers", headers=auth_header(t)).status_code for t in tokens]
+    statuses = [
+        client.get("/api/customers", headers=auth_header(t)).status_code for t in tokens[:3]
+    ]
     assert statuses == [200, 200, 403]
 
 
@@ -81,18 +92,78 @@ def test_dev_issuer_is_absent_unless_enabled(tmp_path: Path, tokens: TokenIssuer
     assert app.test_client().get("/dev-issuer/jwks").status_code == 404
 
 
-def test_operations_features_are_on(example: Flask) -> None:
-    client = example.test_client()
-    client.get("/api/customers", headers=mint(example, "org_acme", ["customers:read"]))
-    client.get("/api/customers", headers=auth_header("not.a.token"))
-    health = client.get("/health/token-validation")
-    assert health.status_code == 200 and health.json is not None
-    assert health.json["status"] == "healthy"
-    metrics = client.get("/metrics").get_data(as_text=True)
-    assert "token_validations_total" in metrics
-    minted = example.test_cli_runner().invoke(
+@pytest.fixture
+def live_example(tmp_path: Path) -> Iterator[tuple[Flask, str]]:
+    """The example app served for real on 127.0.0.1 (introspection calls itself)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    previous = os.environ.get("EXAMPLE_BASE_URL")
+    os.environ["EXAMPLE_BASE_URL"] = base
+    try:
+        app = create_app({"EXAMPLE_DEV_ISSUER": True, "TESTING": True}, instance_path=str(tmp_path))
+    finally:
+        if previous is None:
+            os.environ.pop("EXAMPLE_BASE_URL", None)
+        else:
+            os.environ["EXAMPLE_BASE_URL"] = previous
+    server = make_server("127.0.0.1", port, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield app, base
+    server.shutdown()
+
+
+def test_opaque_tokens_are_introspected_and_revocation_is_immediate(
+    live_example: tuple[Flask, str],
+) -> None:
+    app, base = live_example
+    issuer = dev_issuer(app)
+    opaque = issuer.mint_opaque(
+        subject="svc", organization_id="org_globex", scopes=["reports:read"], audience="example-api"
+    )
+    reports = requests.get(f"{base}/api/reports", headers=auth_header(opaque), timeout=10)
+    assert reports.status_code == 200
+    assert reports.json()["via"] == "introspection"
+    requests.post(f"{base}/dev-issuer/revoke", data={"token": opaque}, timeout=10)
+    again = requests.get(f"{base}/api/reports", headers=auth_header(opaque), timeout=10)
+    assert again.status_code == 401
+
+
+def test_revocation_sensitive_route_checks_the_jwt_is_still_active(
+    live_example: tuple[Flask, str],
+) -> None:
+    app, base = live_example
+    headers = mint(app, "org_acme", ["customers:write", "customers:read"])
+    created = requests.post(
+        f"{base}/api/customers", json={"name": "Doomed"}, headers=headers, timeout=10
+    )
+    assert created.status_code == 201
+    token = headers["Authorization"].split()[1]
+    dev_issuer(app).revoke(token)
+    # the JWT alone still verifies (JWKS strategy) ...
+    assert requests.get(f"{base}/api/customers", headers=headers, timeout=10).status_code == 200
+    # ... but the revocation-sensitive route confirms with introspection
+    deleted = requests.delete(
+        f"{base}/api/customers/{created.json()['id']}", headers=headers, timeout=10
+    )
+    assert deleted.status_code == 401
+
+
+def test_operations_features_are_on(live_example: tuple[Flask, str]) -> None:
+    app, base = live_example
+    requests.get(
+        f"{base}/api/customers", headers=mint(app, "org_acme", ["customers:read"]), timeout=10
+    )
+    requests.get(f"{base}/api/customers", headers=auth_header("not.a.token"), timeout=10)
+    health = requests.get(f"{base}/health/token-validation", timeout=10)
+    assert health.status_code == 200, health.text
+    assert health.json()["status"] == "healthy"
+    metrics = requests.get(f"{base}/metrics", timeout=10).text
+    assert 'token_validations_total{status="invalid_token"' in metrics
+    minted = app.test_cli_runner().invoke(
         args=["oauth-verify", "mint", "--sub", "user_cli", "--scope", "customers:read"]
     )
     assert minted.exit_code == 0, minted.output
     token = minted.output.strip().splitlines()[-1]
-    assert client.get("/api/me", headers=auth_header(token)).status_code == 200
+    me = requests.get(f"{base}/api/me", headers=auth_header(token), timeout=10)
+    assert me.status_code == 200 and me.json()["subject"] == "user_cli"
