@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Callable, Iterable
 from time import perf_counter
 from typing import Any, TypeVar, overload
@@ -16,9 +17,11 @@ from typing import Any, TypeVar, overload
 from flask import g, request
 
 from .bearer import extract_token
+from .config import STRATEGIES
 from .context import AuthContext, set_auth
 from .errors import (
     InsufficientScopeError,
+    InvalidTokenError,
     MissingOrganizationContext,
     MissingTokenError,
     MissingUserContext,
@@ -35,11 +38,12 @@ __all__ = [
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+_logger = logging.getLogger("flask_oauth_verify")
 
 
 def _already_verified(strategy: str | None) -> AuthContext | None:
     """The context verified earlier in this request, if it satisfies ``strategy``."""
-    request_g = g._get_current_object()  # type: ignore[attr-defined]  # one proxy lookup
+    request_g = g._get_current_object()  # one proxy lookup
     done: set[str] | None = request_g.get("_oauth_verify_checked")
     if not done:
         return None
@@ -86,8 +90,15 @@ def verify_request(
         except OAuthVerifyError as exc:
             state.events.failed(exc, token, strategy=strategy, started=started)
             raise
+        except Exception as exc:  # noqa: BLE001 - fail closed, never a 500
+            # A bug or an input nobody anticipated: refuse the token (never let
+            # it through, never answer 500) and log loudly, without the token.
+            _logger.exception("Unexpected error while verifying a token; refused.")
+            refusal = InvalidTokenError(reason=f"internal error: {type(exc).__name__}")
+            state.events.failed(refusal, token, strategy=strategy, started=started)
+            raise refusal from None
         set_auth(context)
-        request_g = g._get_current_object()  # type: ignore[attr-defined]  # one proxy lookup
+        request_g = g._get_current_object()  # one proxy lookup
         done = request_g.get("_oauth_verify_checked") or set()
         done.add(strategy or state.settings.strategy)
         request_g._oauth_verify_checked = done
@@ -102,6 +113,12 @@ def verify_request(
         state.events.failed(error, None)
         raise error
     return context
+
+
+def _check_strategy(strategy: str | None) -> None:
+    """Refuse a mistyped per-route strategy when the view is decorated."""
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}.")
 
 
 def _wrap(view: F, check: Callable[[], Any]) -> F:
@@ -140,6 +157,7 @@ def require_token(
     :param strategy: per-route strategy, e.g. ``"introspection"`` or
         ``"both"`` for revocation-sensitive routes.
     """
+    _check_strategy(strategy)
 
     def decorator(inner: F) -> F:
         return _wrap(inner, lambda: verify_request(optional=optional, strategy=strategy))
@@ -158,6 +176,7 @@ def require_scope(
     403 ``insufficient_scope`` (naming the scopes) when a scope is missing.
     Scopes compare exactly.
     """
+    _check_strategy(strategy)
     if not scopes:
         raise ValueError("require_scope() needs at least one scope.")
     if not all(isinstance(s, str) and s and " " not in s for s in scopes):
