@@ -15,7 +15,8 @@ How a profile is merged under the app's keys (:func:`apply_profile`):
   every ``OAUTH_VERIFY_PROVIDER_PARAMS`` entry (which wins). Only keys the
   app does not set are rendered.
 * **Per issuer.** With several issuers, ``JWKS_URI`` becomes a mapping
-  ``{issuer: uri}`` rendered for each issuer.
+  ``{issuer: uri}`` rendered for each issuer (an app's own mapping merges
+  into it; a URL derived from a templated issuer is left out).
 * **Mappings merge entry by entry.** ``CLAIM_MAP``, ``REQUIRED_CLAIM_VALUES``,
   ``ISSUER_PLACEHOLDER_CLAIMS`` and ``ISSUER_CLAIMS`` of the app are laid
   over the profile's;
@@ -39,6 +40,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
+
+from .issuers import is_template
 
 __all__ = ["PROFILES", "Profile", "apply_profile", "profile_named"]
 
@@ -395,16 +398,32 @@ def apply_profile(given: Mapping[str, Any]) -> dict[str, Any]:
         )
     merged: dict[str, Any] = {}
     for key, value in profile.defaults.items():
-        if key in given and key not in MERGED_MAPPINGS:
+        mergeable = key in MERGED_MAPPINGS or (
+            key in PER_ISSUER_KEYS and isinstance(given.get(key), Mapping)
+        )
+        if key in given and not mergeable:
             continue
         if not issuers:
             continue  # config validation reports the missing ISSUER
-        if key in PER_ISSUER_KEYS and len(issuers) > 1:
-            merged[key] = {i: _render(value, f) for i, f in zip(issuers, per_issuer, strict=True)}
+        if key in PER_ISSUER_KEYS:
+            # A URL derived from a templated issuer would hold its
+            # placeholders: leave it out, so that the configuration error
+            # asks for the key set URL of the template.
+            rendered = {
+                i: _render(value, f)
+                for i, f in zip(issuers, per_issuer, strict=True)
+                if not (is_template(i) and "{issuer" in str(value))
+            }
+            if len(issuers) > 1:
+                merged[key] = rendered
+            elif rendered:
+                merged[key] = rendered[issuers[0]]
         else:
             merged[key] = _render(value, fields)
     for key, value in given.items():
-        if key in MERGED_MAPPINGS and key in merged:
+        if key in merged and (
+            key in MERGED_MAPPINGS or (key in PER_ISSUER_KEYS and isinstance(merged[key], Mapping))
+        ):
             merged[key] = _merge_mapping(merged[key], value, key)
         else:
             merged[key] = value

@@ -335,6 +335,27 @@ def test_issuer_claims_must_be_a_mapping(value: Any) -> None:
         settings("generic", "https://issuer.example.com", AUDIENCE="a", ISSUER_CLAIMS=value)
 
 
+def test_a_templated_issuer_asks_for_its_key_set_url() -> None:
+    with pytest.raises(ConfigurationError, match="needs OAUTH_VERIFY_JWKS_URI"):
+        settings(
+            "keycloak", "https://sso.example.com/realms/{realm}", AUDIENCE="a", ALLOWED_TENANTS="*"
+        )
+    s = settings(
+        "keycloak",
+        ["https://sso.example.com/realms/{realm}", "https://sso.example.com/realms/main"],
+        AUDIENCE="a",
+        ALLOWED_TENANTS=["t1"],
+        JWKS_URI={"https://sso.example.com/realms/{realm}": "https://sso.example.com/keys"},
+    )
+    assert (
+        s.jwks_uri_for("https://sso.example.com/realms/{realm}") == "https://sso.example.com/keys"
+    )
+    # the app's mapping merges into the profile's per-issuer URLs
+    assert s.jwks_uri_for("https://sso.example.com/realms/main") == (
+        "https://sso.example.com/realms/main/protocol/openid-connect/certs"
+    )
+
+
 def test_voxkey_params_can_be_given_when_the_issuer_is_custom() -> None:
     s = settings(
         "voxkey",
