@@ -121,13 +121,19 @@ def _acts_for_user(
 
 
 def build_context(
-    claims: Mapping[str, Any], settings: Settings, *, strategy: str = "jwks"
+    claims: Mapping[str, Any],
+    settings: Settings,
+    *,
+    strategy: str = "jwks",
+    owned: bool = False,
 ) -> AuthContext:
     """Map verified ``claims`` to an :class:`AuthContext`.
 
     :param claims: claims that passed every check.
     :param settings: gives the claim mappings and the user rule.
     :param strategy: ``"jwks"`` or ``"introspection"``.
+    :param owned: ``claims`` is a dict that nothing else holds (the verifier's
+        own parse): it is wrapped read-only without a copy.
     :raises InvalidTokenError: when a mapped claim has the wrong type.
     """
     mapping = settings.claim_map
@@ -135,6 +141,7 @@ def build_context(
     client_id = _first_string(claims, mapping["client_id"], "client_id")
     token_type = _first_string(claims, mapping["token_type"], "token_type")
     jti = claims.get("jti")
+    issuer = claims.get("iss")
     return AuthContext(
         subject=subject,
         client_id=client_id,
@@ -143,11 +150,11 @@ def build_context(
         user_id=subject if _acts_for_user(claims, subject, client_id, settings) else None,
         service_name=_first_string(claims, mapping["service_name"], "service_name"),
         token_type=token_type or "unknown",
-        issuer=claims.get("iss") if isinstance(claims.get("iss"), str) else None,
+        issuer=issuer if isinstance(issuer, str) else None,
         audience=_audience(claims.get("aud")),
         expires_at=_int_or_none(claims.get("exp")),
         issued_at=_int_or_none(claims.get("iat")),
-        claims=MappingProxyType(dict(claims)),
+        claims=MappingProxyType(claims if owned and type(claims) is dict else dict(claims)),
         strategy=strategy,
         token_id=jti if isinstance(jti, str) else None,
     )
@@ -155,7 +162,7 @@ def build_context(
 
 def set_auth(context: AuthContext | None) -> None:
     """Put ``context`` on ``g.auth`` (the one place that does)."""
-    g._get_current_object().auth = context  # type: ignore[attr-defined]  # skip the proxy
+    g._get_current_object().auth = context  # one context lookup, not the proxy's
 
 
 def get_auth() -> AuthContext:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flask import Flask, Response, current_app
@@ -111,8 +112,9 @@ class _AppState:
                 return cached.context
             self.token_cache.discard(digest)
         claims, key, header = self.verifier.verify(token, self.keys, now)
-        self.run_claims_checks(claims)
-        context = build_context(claims, self.settings, strategy="jwks")
+        if self.claims_checks:  # read-only to the checks: the context shares the dict
+            self.run_claims_checks(MappingProxyType(claims))
+        context = build_context(claims, self.settings, strategy="jwks", owned=True)
         nbf = claims.get("nbf")
         self.token_cache.put(
             digest,
@@ -120,7 +122,8 @@ class _AppState:
                 context=context,
                 expires_at=claims["exp"],
                 not_before=nbf if isinstance(nbf, int | float) else None,
-                issuer=claims["iss"],
+                # the key source the verifier used (a template's, for templated issuers)
+                issuer=self.verifier.unverified_issuer(claims),
                 header=header,
                 key=key,
             ),

@@ -1,0 +1,108 @@
+"""The app served by ``bench_gunicorn.py``: one route, protected four ways.
+
+Configured from the JSON file named by ``BENCH_CONFIG`` (issuer, audience,
+algorithm, public JWK Set), so every gunicorn worker builds the same app:
+
+* ``/open``     - unprotected;
+* ``/ours``     - ``@require_token`` of this package (static key set);
+* ``/pyjwt``    - a hand-written PyJWT decorator (key parsed once);
+* ``/authlib``  - Authlib ``ResourceProtector`` + ``JWTBearerTokenValidator``
+  (key set imported per request, as its documentation shows).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jwt as pyjwt
+from flask import Flask, g, jsonify, request
+
+from flask_oauth_verify import OAuthVerify, require_token
+
+
+def _pyjwt_required(config: dict[str, Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    public_key = pyjwt.PyJWK(config["jwks"]["keys"][0]).key
+
+    def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            auth = request.headers.get("Authorization", "")
+            if not auth.startswith("Bearer "):
+                return jsonify(error="unauthorized"), 401
+            try:
+                g.claims = pyjwt.decode(
+                    auth[7:],
+                    public_key,
+                    algorithms=[config["alg"]],
+                    audience=config["audience"],
+                    issuer=config["issuer"],
+                )
+            except pyjwt.InvalidTokenError:
+                return jsonify(error="invalid_token"), 401
+            return view(*args, **kwargs)
+
+        return wrapper
+
+    return decorator
+
+
+def _authlib_protector(config: dict[str, Any]) -> Any:
+    from authlib.integrations.flask_oauth2 import ResourceProtector
+    from authlib.oauth2.rfc9068 import JWTBearerTokenValidator
+
+    warnings.filterwarnings("ignore", message=".*import_key_set.*")
+    jwks = config["jwks"]
+
+    class Validator(JWTBearerTokenValidator):  # type: ignore[misc]
+        def get_jwks(self) -> dict[str, Any]:
+            return jwks
+
+    protector = ResourceProtector()
+    protector.register_token_validator(Validator(config["issuer"], config["audience"]))
+    return protector
+
+
+def create_app() -> Flask:
+    """Build the benchmark app from ``$BENCH_CONFIG``."""
+    config = json.loads(Path(os.environ["BENCH_CONFIG"]).read_text())
+    app = Flask("bench")
+    app.config.update(
+        OAUTH_VERIFY_ISSUER=config["issuer"],
+        OAUTH_VERIFY_AUDIENCE=config["audience"],
+        OAUTH_VERIFY_ALGORITHMS=[config["alg"]],
+        OAUTH_VERIFY_JWKS=config["jwks"],
+    )
+    OAuthVerify(app)
+    pyjwt_required = _pyjwt_required(config)
+    authlib = _authlib_protector(config)
+    from authlib.integrations.flask_oauth2 import current_token
+
+    @app.get("/open")
+    def open_route() -> Any:
+        return jsonify(organization_id=None)
+
+    @app.get("/ours")
+    @require_token
+    def ours() -> Any:
+        return jsonify(organization_id=g.auth.organization_id)
+
+    @app.get("/pyjwt")
+    @pyjwt_required
+    def with_pyjwt() -> Any:
+        return jsonify(organization_id=g.claims.get("oid"))
+
+    @app.get("/authlib")
+    @authlib()
+    def with_authlib() -> Any:
+        return jsonify(organization_id=current_token.get("oid"))
+
+    return app
