@@ -79,7 +79,9 @@ def _scopes(claims: Mapping[str, Any], paths: tuple[str, ...]) -> frozenset[str]
         if value is None:
             continue
         if isinstance(value, str):
-            found.update(value.split())
+            # RFC 6749 §3.3: scope-tokens are separated by SP only; a tab or a
+            # Unicode space is part of a (malformed) token, never a separator.
+            found.update(item for item in value.split(" ") if item)
         elif isinstance(value, list) and all(isinstance(item, str) for item in value):
             for item in value:
                 # a list element with a space would smuggle two scopes in one

@@ -16,8 +16,11 @@ the keys are generated in memory and minting is unrestricted.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import secrets
+import socket
+import sys
 import threading
 import time
 import uuid
@@ -111,6 +114,15 @@ class Request:
 Handler = Callable[[Request], Reply]
 
 
+class _QuietHTTPServer(ThreadingHTTPServer):
+    """A client that hangs up mid-answer (a timeout, a size cap) is no error."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
 class IssuerServer:
     """A real HTTP server on 127.0.0.1 whose routes a test controls.
 
@@ -133,6 +145,14 @@ class IssuerServer:
             def log_message(self, format: str, *args: Any) -> None:
                 return
 
+            def setup(self) -> None:
+                super().setup()
+                server._connections.add(self.connection)
+
+            def finish(self) -> None:
+                server._connections.discard(self.connection)
+                super().finish()
+
             def _serve(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
@@ -154,7 +174,9 @@ class IssuerServer:
             do_GET = _serve
             do_POST = _serve
 
-        self._httpd = ThreadingHTTPServer((host, 0), _Handler)
+        #: open keep-alive connections, cut by close() as a real outage would
+        self._connections: set[socket.socket] = set()
+        self._httpd = _QuietHTTPServer((host, 0), _Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self.url = f"http://{host}:{self.port}"
@@ -203,10 +225,13 @@ class IssuerServer:
             return self._cond.wait_for(lambda: self.hits[path] >= count, timeout=timeout)
 
     def close(self) -> None:
-        """Stop the server."""
+        """Stop the server and cut open connections (clients see it go down)."""
         self.release()
         self._httpd.shutdown()
         self._httpd.server_close()
+        for connection in list(self._connections):
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
     def __enter__(self) -> IssuerServer:
         return self

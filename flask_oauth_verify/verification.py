@@ -42,6 +42,10 @@ _REFUSED_HEADERS = ("crit", "b64", "enc", "zip")
 _MAX_KID_LENGTH = 512
 _HEADER_CACHE_SIZE = 512
 _BASE64_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+_B64URL_VALUES = {
+    c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+}
+_UNUSED_BITS = {2: 0x0F, 3: 0x03}  # segment length % 4 -> bits the last character must not set
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -74,6 +78,10 @@ def _b64decode(segment: str, what: str) -> bytes:
     """Strict base64url (RFC 7515 §2: no padding, URL-safe alphabet only)."""
     if "=" in segment or "+" in segment or "/" in segment or len(segment) % 4 == 1:
         raise _invalid(f"{what} is not base64url")
+    # Canonical only (RFC 4648 §3.5): the unused low bits of the last
+    # character must be zero, or one token would have many spellings.
+    if len(segment) % 4 and _B64URL_VALUES.get(segment[-1], 0) & _UNUSED_BITS[len(segment) % 4]:
+        raise _invalid(f"{what} is not canonical base64url")
     try:
         # bytes.translate is a C table lookup (str.translate with a dict is not).
         padded = segment.encode("ascii").translate(_BASE64_FROM_URLSAFE) + b"=" * (-len(segment) % 4)
@@ -117,7 +125,12 @@ def looks_like_jws(token: str) -> bool:
 
 
 def _is_number(value: Any) -> TypeGuard[float]:
-    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond the float range, e.g. 10**400
+        return False
 
 
 def _same_value(actual: Any, expected: Any) -> bool:
