@@ -60,11 +60,15 @@ class SharedCache:
         per-process cache.
     :param app: the app whose Flask-Caching backend to use; lets the cache
         work outside an app context (start-up prefetch, CLI).
+    :param retry: seconds a failed backend is left alone (``BACKEND_RETRY``).
     """
 
-    def __init__(self, cache: Any | None, *, app: Any | None = None) -> None:
+    def __init__(
+        self, cache: Any | None, *, app: Any | None = None, retry: float = BACKEND_RETRY
+    ) -> None:
         self._cache = cache
         self._app = app
+        self._retry = retry
         self._backend: Any | None = None
         self._local = SimpleCache(threshold=2000, default_timeout=0)
         self._lock = threading.Lock()
@@ -135,14 +139,14 @@ class SharedCache:
         self.last_error = f"{operation}: {type(exc).__name__}"
         with self._lock:
             was_up = self._down_until == 0.0
-            self._down_until = time.monotonic() + BACKEND_RETRY
+            self._down_until = time.monotonic() + self._retry
         if was_up:
             logger.warning(
                 "Cache backend failed (%s: %s); falling back to per-process caching, "
                 "retrying the backend every %.0f s.",
                 operation,
                 type(exc).__name__,
-                BACKEND_RETRY,
+                self._retry,
             )
 
     def _succeeded(self) -> None:

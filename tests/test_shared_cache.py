@@ -1,0 +1,489 @@
+"""One key cache for every worker: a real Redis, real worker processes.
+
+The in-process tests drive a Flask-Caching ``RedisCache`` with the fake
+clock. The multi-process tests start several real worker processes (plain
+processes each serving the app, and gunicorn with four workers) against one
+JWKS server and one Redis, and count what the JWKS server receives during
+bursts, a soft-TTL expiry, a key rotation, a flood of unknown kids and a
+Redis outage. The workers' clocks are advanced through a test-only route,
+so no test waits for real time to pass.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import requests
+from flask import Flask
+from flask_caching import Cache
+
+from flask_oauth_verify import OAuthVerify
+from flask_oauth_verify.cache import SharedCache, cache_key
+from flask_oauth_verify.extension import get_state
+from flask_oauth_verify.testing import IssuerServer, TokenIssuer, auth_header
+
+from .conftest import FakeClock, add_views, free_port
+
+if TYPE_CHECKING:
+    from .conftest import RedisServer
+
+JWKS = "/jwks"
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_OPTIONS = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}
+
+
+def redis_config(url: str) -> dict[str, Any]:
+    """Flask-Caching settings for a shared Redis, with socket timeouts."""
+    return {"CACHE_TYPE": "RedisCache", "CACHE_REDIS_URL": url, "CACHE_OPTIONS": REDIS_OPTIONS}
+
+
+@pytest.fixture
+def redis(redis_server: RedisServer, redis_url: str) -> Iterator[RedisServer]:
+    """The session Redis, running and empty; restarted if a test stopped it."""
+    yield redis_server
+    if redis_server.process is None:
+        redis_server.start()
+
+
+def redis_app(tokens: TokenIssuer, url: str, clock: FakeClock, **options: Any) -> Flask:
+    app = Flask(f"redis-{uuid.uuid4().hex[:6]}")
+    app.config.update(TESTING=True, **redis_config(url))
+    app.config.update(tokens.config(audience="api", HTTP_TIMEOUT=(0.5, 0.5), **options))
+    cache = Cache(app)
+    OAuthVerify().init_app(app, cache=cache, clock=clock)
+    add_views(app)
+    return app
+
+
+def status_of(app: Flask, token: str) -> int:
+    return app.test_client().get("/protected", headers=auth_header(token)).status_code
+
+
+# -- the shared cache over a real Redis ---------------------------------------------
+
+
+def test_round_trip_add_and_lock(redis: RedisServer) -> None:
+    app = Flask("roundtrip")
+    app.config.update(redis_config(redis.url))
+    shared = SharedCache(Cache(app), app=app)
+    assert shared.get("oauth_verify:t:a") is None
+    assert shared.set("oauth_verify:t:a", {"x": 1}, 60)
+    assert shared.get("oauth_verify:t:a") == {"x": 1}
+    assert shared.add("oauth_verify:t:b", 1, 60)
+    assert not shared.add("oauth_verify:t:b", 2, 60)
+    assert shared.lock("oauth_verify:t:lock", 10)
+    assert not shared.lock("oauth_verify:t:lock", 10), "held by us (or another worker)"
+    assert shared.locked("oauth_verify:t:lock", 10)
+    shared.unlock("oauth_verify:t:lock")
+    assert not shared.locked("oauth_verify:t:lock", 10)
+    assert shared.ping()
+    assert not shared.degraded
+
+
+def test_a_lock_whose_expiry_was_lost_is_broken(redis: RedisServer) -> None:
+    app = Flask("stale-lock")
+    app.config.update(redis_config(redis.url))
+    shared = SharedCache(Cache(app), app=app)
+    # cachelib's add is SETNX then EXPIRE: a worker dying in between leaves a
+    # lock without expiry. Its timestamp lets the others break it.
+    shared.backend.set("oauth_verify:t:lock", {"at": time.time() - 3600, "pid": 1}, timeout=0)
+    assert shared.lock("oauth_verify:t:lock", 10)
+    assert shared.locked("oauth_verify:t:lock", 10)
+
+
+def test_stopped_redis_is_a_miss_with_one_warning_then_recovers(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = Flask("outage")
+    app.config.update(redis_config(redis.url))
+    shared = SharedCache(Cache(app), app=app, retry=0)
+    shared.set("oauth_verify:t:k", "before", 60)
+    redis.stop()
+    with caplog.at_level(logging.WARNING, "flask_oauth_verify.cache"):
+        assert shared.get("oauth_verify:t:k") == "before", "this process's own copy"
+        assert shared.get("oauth_verify:t:missing") is None
+        assert not shared.set("oauth_verify:t:k2", "during", 60)
+        assert shared.get("oauth_verify:t:k2") == "during"
+        assert shared.add("oauth_verify:t:lock", 1, 60), "locks become per-process"
+        assert not shared.ping()
+    warnings = [r for r in caplog.records if "falling back to per-process" in r.message]
+    assert len(warnings) == 1
+    assert shared.last_error is not None
+    redis.start()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "flask_oauth_verify.cache"):
+        assert shared.set("oauth_verify:t:k3", "after", 60)
+    assert "recovered" in caplog.text
+    assert shared.last_error is None
+
+
+def test_a_failed_backend_is_left_alone_for_a_while(redis: RedisServer) -> None:
+    app = Flask("backoff")
+    app.config.update(redis_config(redis.url))
+    shared = SharedCache(Cache(app), app=app, retry=60)
+    redis.stop()
+    assert shared.get("oauth_verify:t:x") is None
+    assert shared.degraded
+    redis.start()
+    # Within the retry interval the backend is not called at all.
+    assert not shared.set("oauth_verify:t:x", 1, 60)
+    assert shared.get("oauth_verify:t:x") == 1
+
+
+def test_redis_without_socket_timeouts_is_reported(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = Flask("no-timeout")
+    app.config.update(CACHE_TYPE="RedisCache", CACHE_REDIS_URL=redis.url)
+    shared = SharedCache(Cache(app), app=app)
+    with caplog.at_level(logging.WARNING, "flask_oauth_verify.cache"):
+        shared.get("oauth_verify:t:x")
+    assert "socket_timeout" in caplog.text
+    caplog.clear()
+    configured = Flask("with-timeout")
+    configured.config.update(redis_config(redis.url))
+    with caplog.at_level(logging.WARNING, "flask_oauth_verify.cache"):
+        SharedCache(Cache(configured), app=configured).get("oauth_verify:t:x")
+    assert "socket_timeout" not in caplog.text
+
+
+# -- one process, Redis as the shared backend ---------------------------------------
+
+
+def test_apps_on_one_redis_share_one_copy(
+    redis: RedisServer, served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    first = redis_app(served_tokens, redis.url, clock)
+    second = redis_app(served_tokens, redis.url, clock)
+    assert status_of(first, served_tokens.mint()) == 200
+    assert status_of(second, served_tokens.mint()) == 200
+    assert issuer_server.hits[JWKS] == 1
+    # Raw set and metadata in Redis; parsed keys only in the process.
+    backend = next(iter(first.extensions["cache"].values()))
+    stored = backend.get(cache_key("jwks", served_tokens.issuer))
+    assert stored["jwks"] == served_tokens.jwks()
+    assert stored["uri"] == served_tokens.issuer + JWKS
+    served_tokens.rotate()
+    new = served_tokens.mint()
+    assert status_of(first, new) == 200
+    assert status_of(second, new) == 200
+    assert issuer_server.hits[JWKS] == 2
+
+
+def test_requests_keep_succeeding_with_redis_stopped(
+    redis: RedisServer,
+    served_tokens: TokenIssuer,
+    issuer_server: IssuerServer,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = redis_app(served_tokens, redis.url, clock)
+    token = served_tokens.mint(expires_in=7200)
+    assert status_of(app, token) == 200
+    redis.stop()
+    with caplog.at_level(logging.WARNING, "flask_oauth_verify"):
+        assert [status_of(app, token) for _ in range(5)] == [200] * 5
+        clock.advance(601)  # the refresh now needs the (stopped) cache
+        assert [status_of(app, token) for _ in range(5)] == [200] * 5
+        served_tokens.rotate()
+        assert status_of(app, served_tokens.mint(now=clock.now)) == 200
+    assert "falling back to per-process caching" in caplog.text
+    assert issuer_server.hits[JWKS] == 3
+    assert get_state(app).cache.degraded
+
+
+def test_a_flushed_redis_changes_nothing_until_the_ttl(
+    redis: RedisServer, served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    app = redis_app(served_tokens, redis.url, clock)
+    token = served_tokens.mint(expires_in=7200)
+    assert status_of(app, token) == 200
+    redis.flush()
+    assert [status_of(app, token) for _ in range(5)] == [200] * 5
+    assert issuer_server.hits[JWKS] == 1
+    clock.advance(601)
+    assert status_of(app, token) == 200
+    assert issuer_server.hits[JWKS] == 2
+
+
+# -- several worker processes --------------------------------------------------------
+
+
+#: The app every worker process serves, written to a file for the workers
+#: (plain processes and gunicorn) to import without the test suite.
+WORKER_SOURCE = '''
+import json
+import logging
+import os
+import time
+
+from flask import Flask, request
+from flask_caching import Cache
+
+from flask_oauth_verify import OAuthVerify, require_token
+
+
+class OffsetClock:
+    """Real time plus an offset the test moves forward through /_clock."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def __call__(self):
+        return time.time() + self.offset
+
+
+def create_app():
+    clock = OffsetClock()
+    app = Flask("worker")
+    app.config.update(json.loads(os.environ["WORKER_CONFIG"]))
+    OAuthVerify().init_app(app, cache=Cache(app), clock=clock)
+
+    @app.get("/protected")
+    @require_token
+    def protected():
+        return {"pid": os.getpid()}
+
+    @app.post("/_clock")
+    def advance():
+        clock.offset += float(request.args["advance"])
+        return {"pid": os.getpid(), "offset": clock.offset}
+
+    return app
+
+
+def serve(count):
+    """Fork ``count`` worker processes, each serving the app on its own port."""
+    import signal
+    import sys
+
+    from werkzeug.serving import make_server
+
+    children = []
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:  # a worker: build its own app after the fork, like gunicorn
+            server = make_server("127.0.0.1", 0, create_app(), threaded=True)
+            print(server.server_port, flush=True)  # the test waits for these lines
+            server.serve_forever()
+            os._exit(0)
+        children.append(pid)
+
+    def stop(*_args):
+        for child in children:
+            os.kill(child, signal.SIGTERM)
+        for child in children:
+            os.waitpid(child, 0)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    for child in children:
+        os.waitpid(child, 0)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    serve(int(os.environ.get("WORKERS", "1")))
+'''
+
+
+@pytest.fixture
+def worker_module(tmp_path: Path) -> Path:
+    """The directory holding ``oauth_worker.py`` (see :data:`WORKER_SOURCE`)."""
+    (tmp_path / "oauth_worker.py").write_text(WORKER_SOURCE)
+    return tmp_path
+
+
+def worker_env(config: dict[str, Any], directory: Path) -> dict[str, str]:
+    path = os.pathsep.join([str(directory), str(ROOT)])
+    return {**os.environ, "WORKER_CONFIG": json.dumps(config), "PYTHONPATH": path}
+
+
+class Workers:
+    """Several worker processes (forked from one parent) serving the worker app."""
+
+    def __init__(self, config: dict[str, Any], directory: Path, count: int) -> None:
+        self.log = directory / "workers.log"
+        self._log_file = self.log.open("w")
+        env = {**worker_env(config, directory), "WORKERS": str(count)}
+        self.process = subprocess.Popen(  # noqa: S603
+            [sys.executable, str(directory / "oauth_worker.py")],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=self._log_file,
+            text=True,
+        )
+        self.urls: list[str] = []
+        assert self.process.stdout is not None
+        for _ in range(count):
+            line = self.process.stdout.readline()
+            if not line.strip().isdigit():
+                self.stop()
+                raise RuntimeError(f"workers did not start: {self.log.read_text()}")
+            self.urls.append(f"http://127.0.0.1:{int(line)}")
+
+    def advance(self, seconds: float) -> None:
+        """Move every worker's clock forward."""
+        for url in self.urls:
+            requests.post(f"{url}/_clock", params={"advance": seconds}, timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.process.wait(30)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self._log_file.close()
+
+
+def burst(urls: list[str], token: str, per_url: int = 8) -> list[tuple[int, int | None]]:
+    """``per_url`` concurrent requests to each URL; (status, worker pid) each."""
+
+    def call(url: str) -> tuple[int, int | None]:
+        response = requests.get(url + "/protected", headers=auth_header(token), timeout=30)
+        pid = response.json().get("pid") if response.status_code == 200 else None
+        return response.status_code, pid
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(call, [u for u in urls for _ in range(per_url)]))
+
+
+def worker_config(tokens: TokenIssuer, redis_url: str) -> dict[str, Any]:
+    config = tokens.config(audience="api", HTTP_TIMEOUT=[1, 2])
+    config.update(redis_config(redis_url))
+    return config
+
+
+def random_kid_token(tokens: TokenIssuer) -> str:
+    return tokens.mint(headers={"kid": f"random-{uuid.uuid4().hex}"})
+
+
+@pytest.mark.slow
+def test_worker_processes_share_one_key_cache(
+    redis: RedisServer,
+    served_tokens: TokenIssuer,
+    issuer_server: IssuerServer,
+    worker_module: Path,
+) -> None:
+    config = worker_config(served_tokens, redis.url)
+    workers = Workers(config, worker_module, 4)
+    try:
+        urls = workers.urls
+        token = served_tokens.mint(expires_in=7200)
+
+        # Cold start: 32 concurrent requests over 4 processes, one fetch.
+        results = burst(urls, token)
+        assert [s for s, _ in results] == [200] * 32
+        assert len({pid for _, pid in results}) == 4
+        assert issuer_server.hits[JWKS] == 1
+
+        # Soft TTL over in every worker: one of them refreshes for all.
+        workers.advance(601)
+        assert [s for s, _ in burst(urls, token)] == [200] * 32
+        assert issuer_server.hits[JWKS] == 2
+
+        # Rotation mid-traffic: new tokens everywhere, one fetch, no failure.
+        served_tokens.rotate()
+        new = served_tokens.mint(expires_in=7200)
+        assert [s for s, _ in burst(urls, new)] == [200] * 32
+        assert [s for s, _ in burst(urls, token, per_url=2)] == [200] * 8
+        assert issuer_server.hits[JWKS] == 3
+
+        # A flood of unknown kids inside the cooldown: no fetch at all...
+        flood = [random_kid_token(served_tokens) for _ in range(25)]
+        statuses = [s for t in flood for s, _ in burst(urls, t, per_url=1)]
+        assert statuses == [401] * 100
+        assert issuer_server.hits[JWKS] == 3
+        # ...and after it, one forced fetch shared by every worker.
+        workers.advance(31)
+        statuses = [s for t in flood for s, _ in burst(urls, t, per_url=1)]
+        assert statuses == [401] * 100
+        assert issuer_server.hits[JWKS] == 4
+
+        # Redis stops mid-run: requests keep succeeding.
+        redis.stop()
+        assert [s for s, _ in burst(urls, new)] == [200] * 32
+        assert issuer_server.hits[JWKS] == 4
+        # A rotation during the outage: each worker fetches for itself.
+        workers.advance(31)
+        served_tokens.rotate()
+        newest = served_tokens.mint(expires_in=7200)
+        assert [s for s, _ in burst(urls, newest)] == [200] * 32
+        assert issuer_server.hits[JWKS] == 4 + len(urls)
+    finally:
+        workers.stop()
+    logs = workers.log.read_text()
+    assert "falling back to per-process caching" in logs
+    assert "Traceback" not in logs
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("gunicorn exited")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)  # polling a process start-up, not synchronising tests
+    raise RuntimeError("gunicorn did not start")
+
+
+@pytest.mark.slow
+def test_gunicorn_workers_share_one_key_cache(
+    redis: RedisServer,
+    served_tokens: TokenIssuer,
+    issuer_server: IssuerServer,
+    worker_module: Path,
+) -> None:
+    config = worker_config(served_tokens, redis.url)
+    config["OAUTH_VERIFY_PREFETCH_KEYS"] = True
+    port = free_port()
+    log = worker_module / "gunicorn.log"
+    with log.open("w") as log_file:
+        process = subprocess.Popen(  # noqa: S603
+            [
+                sys.executable, "-m", "gunicorn", "--workers", "4", "--preload",
+                "--graceful-timeout", "2", "--bind", f"127.0.0.1:{port}",
+                "oauth_worker:create_app()",
+            ],
+            cwd=worker_module,
+            env=worker_env(config, worker_module),
+            stdout=log_file,
+            stderr=log_file,
+        )  # fmt: skip
+        try:
+            _wait_for_port(port, process)
+            url = f"http://127.0.0.1:{port}"
+            # --preload: the master prefetched once; the forked workers use it.
+            assert issuer_server.hits[JWKS] == 1
+            token = served_tokens.mint(expires_in=7200)
+            results = burst([url], token, per_url=64)
+            assert [s for s, _ in results] == [200] * 64
+            assert issuer_server.hits[JWKS] == 1
+            served_tokens.rotate()
+            new = served_tokens.mint(expires_in=7200)
+            assert [s for s, _ in burst([url], new, per_url=64)] == [200] * 64
+            assert issuer_server.hits[JWKS] == 2
+            redis.stop()
+            assert [s for s, _ in burst([url], new, per_url=64)] == [200] * 64
+            assert [s for s, _ in burst([url], token, per_url=16)] == [200] * 16
+        finally:
+            process.send_signal(signal.SIGQUIT)  # gunicorn's quick shutdown
+            process.wait(30)
+    assert "Traceback" not in log.read_text()
