@@ -29,10 +29,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import logging
 import threading
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
 
 from flask import g, has_app_context, has_request_context
@@ -344,6 +345,12 @@ def _criteria(cls: Any, organization: str) -> Any:
     )
 
 
+@functools.lru_cache(maxsize=1024)
+def _criteria_options(tenants: tuple[tuple[Any, str], ...], organization: str) -> tuple[Any, ...]:
+    # The options are immutable: build them once per organization, not per query.
+    return tuple(_criteria(cls, organization) for cls, _key in tenants)
+
+
 def _register_tenants(found: tuple[tuple[Any, str], ...]) -> None:
     with _KEYS_LOCK:
         for cls, key in found:
@@ -371,7 +378,7 @@ def _with_joined_criteria(statement: S, column: Any, name: str, organization: st
     if not isinstance(mapper, Mapper) or not isinstance(statement, Select | Query):
         return statement
     tenants = _registry_tenants(mapper.registry, name)
-    return statement.options(*[_criteria(cls, organization) for cls, _key in tenants])  # type: ignore[return-value]
+    return statement.options(*_criteria_options(tenants, organization))  # type: ignore[return-value]
 
 
 def org_scoped(statement: S, column: Any = None) -> S:
@@ -527,8 +534,7 @@ class TenantScoping:
         self.target = target
         self.column = column
         self._models = models
-        self._lock = threading.Lock()
-        self._tenants: dict[frozenset[Mapper[Any]], tuple[tuple[Any, str], ...]] = {}
+        self._tenants: tuple[int, tuple[tuple[Any, str], ...]] | None = None
         self._keys: weakref.WeakKeyDictionary[Mapper[Any], str | None] = weakref.WeakKeyDictionary()
 
     # -- which classes are scoped
@@ -558,19 +564,22 @@ class TenantScoping:
 
         :raises TenantScopingError: when no mapped class has the column.
         """
-        registries = (self._models,) if isinstance(self._models, registry) else _all_registries()
-        mappers = frozenset(m for reg in registries for m in reg.mappers)
-        found = self._tenants.get(mappers)
-        if found is None:
+        generation = _MAPPER_GENERATION[0]
+        cached = self._tenants
+        if cached is not None and cached[0] == generation:
+            found = cached[1]
+        else:
+            if isinstance(self._models, registry):
+                registries: Iterable[registry] = (self._models,)
+            else:
+                registries = _all_registries()
+            mappers = {m for reg in registries for m in reg.mappers}
             ordered = sorted(mappers, key=lambda m: (m.class_.__module__, m.class_.__qualname__))
             found = tuple(
                 (m.class_, key) for m in ordered if (key := self.tenant_key(m)) is not None
             )
             _register_tenants(found)
-            with self._lock:
-                if len(self._tenants) > 16:
-                    self._tenants.clear()
-                self._tenants[mappers] = found
+            self._tenants = (generation, found)
         if not found:
             raise TenantScopingError(
                 f"enable_tenant_scoping(): no mapped class has a column named "
@@ -643,9 +652,7 @@ class TenantScoping:
                 # ORM bulk UPDATE by primary key ignores loader criteria.
                 self._check_primary_keys(state, organization)
                 return None
-        state.statement = state.statement.options(
-            *[_criteria(cls, organization) for cls, _key in tenants]
-        )
+        state.statement = state.statement.options(*_criteria_options(tenants, organization))
         if not (state.is_update or state.is_delete):
             # every loaded row is checked against this (see _on_load)
             state.update_execution_options(**{_EXPECTED_ORG: organization, _SCOPING: self})
@@ -829,6 +836,12 @@ def _on_load(target: Any, context: Any) -> None:
 _ENABLED: weakref.WeakKeyDictionary[Any, TenantScoping] = weakref.WeakKeyDictionary()
 _ENABLED_LOCK = threading.Lock()
 _LOAD_GUARD: list[bool] = []
+#: Bumped whenever a class is mapped: the cached tenant classes are rebuilt.
+_MAPPER_GENERATION = [0]
+
+
+def _mapper_added(*_args: Any) -> None:
+    _MAPPER_GENERATION[0] += 1
 
 
 def _event_target(target: Any, caller: str = "enable_tenant_scoping") -> Any:
@@ -900,6 +913,8 @@ def enable_tenant_scoping(
         _ENABLED[_identity(event_target)] = scoping
         if not _LOAD_GUARD:
             event.listen(Mapper, "load", _on_load)
+            event.listen(Mapper, "instrument_class", _mapper_added)
+            event.listen(Mapper, "after_configured", _mapper_added)
             _LOAD_GUARD.append(True)
     scoping._install()
     return scoping

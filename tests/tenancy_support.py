@@ -38,6 +38,7 @@ from sqlalchemy.orm import (
     selectinload,
     subqueryload,
 )
+from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.pool import StaticPool
 
 from flask_oauth_verify import require_token, require_user
@@ -170,13 +171,11 @@ def load(session: Session, data: Dataset) -> None:
         session.execute(insert(Task.__table__), [dataclasses.asdict(t) for t in data.tasks])
     if session.get_bind().dialect.name == "postgresql":
         # explicit ids do not advance the serial sequences
-        for table in ("ovt_plans", "ovt_projects", "ovt_tasks"):
-            session.execute(
-                text(
-                    f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
-                    f"(SELECT COALESCE(MAX(id), 0) + 1 FROM {table}), false)"
-                )
-            )
+        for model in (Plan, Project, Task):
+            table = model.__table__
+            following = select(func.coalesce(func.max(table.c.id), 0) + 1).scalar_subquery()
+            sequence = func.pg_get_serial_sequence(table.name, "id")
+            session.execute(select(func.setval(sequence, following, False)))
     session.commit()
 
 
@@ -256,6 +255,14 @@ class TenantApp:
     database: Database
     issuer: TokenIssuer
     data: Dataset = DATA
+    tokens: dict[tuple[str | None, str], str] = dataclasses.field(default_factory=dict)
+
+    def token(self, org: str | None, subject: str = "user_1") -> str:
+        """A (cached) token of ``org`` for ``subject``."""
+        key = (org, subject)
+        if key not in self.tokens:
+            self.tokens[key] = self.issuer.mint(organization_id=org, subject=subject)
+        return self.tokens[key]
 
     def session(self) -> Session:
         """A plain session on the app's engine: no scoping, for set-up and checks."""
@@ -563,7 +570,10 @@ def auto_delete_all_tasks() -> dict[str, Any]:
 @auto_views.post("/tasks/bulk-update")
 @require_token
 def auto_bulk_update_tasks() -> dict[str, Any]:
-    db.session.execute(update(Task), request.get_json())
+    try:
+        db.session.execute(update(Task), request.get_json())
+    except StaleDataError:
+        abort(404)  # a primary key that does not exist (SQLAlchemy's own check)
     db.session.commit()
     return {"ok": True}
 

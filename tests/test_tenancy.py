@@ -228,8 +228,9 @@ def assert_missing_organization(status: int, body: Any) -> None:
 @pytest.mark.parametrize(
     "path", ["/auto/projects", "/auto/projects-query", "/auto/plans", "/explicit/projects"]
 )
-def test_token_without_organization_gets_401(auto: TenantApp, path: str) -> None:
-    token = auto.issuer.mint(organization_id=None)
+@pytest.mark.parametrize("org", [None, ""])
+def test_token_without_organization_gets_401(auto: TenantApp, path: str, org: str | None) -> None:
+    token = auto.issuer.mint(organization_id=org)
     response = auto.app.test_client().get(path, headers=auth_header(token))
     assert_missing_organization(response.status_code, response.get_json())
     challenge = response.headers["WWW-Authenticate"]
@@ -625,6 +626,30 @@ def test_models_restricts_scoping_to_a_mixin(mixin_maker: sessionmaker[Session])
             assert session.scalars(select(Invoice.id)).all() == [1]
             assert [line.id for line in session.get(Invoice, 1).lines] == [1]  # type: ignore[union-attr]
             assert session.scalars(select(AuditEntry.id).order_by(AuditEntry.id)).all() == [1, 2]
+    finally:
+        scoping.disable()
+
+
+def test_a_class_mapped_later_is_scoped_too(mixin_maker: sessionmaker[Session]) -> None:
+    scoping = enable_tenant_scoping(mixin_maker, models=TenantMixin)
+    try:
+        with mixin_maker() as session, as_organization("a"):
+            assert session.scalars(select(Invoice.id)).all() == [1]
+
+        class LateBase(DeclarativeBase):
+            pass
+
+        class Receipt(TenantMixin, LateBase):
+            __tablename__ = "mx_receipts"
+            id: Mapped[int] = mapped_column(primary_key=True)
+
+        engine = mixin_maker.kw["bind"]
+        LateBase.metadata.create_all(engine)
+        with Session(engine) as plain:
+            plain.add_all([Receipt(id=1, organization_id="a"), Receipt(id=2, organization_id="b")])
+            plain.commit()
+        with mixin_maker() as session, as_organization("b"):
+            assert session.scalars(select(Receipt.id)).all() == [2]
     finally:
         scoping.disable()
 
