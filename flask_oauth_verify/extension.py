@@ -143,7 +143,7 @@ class _AppState:
         """
         for check in self.claims_checks:
             try:
-                outcome = check(claims)
+                outcome = check(MappingProxyType(claims))  # read-only for checks
             except OAuthVerifyError:
                 raise
             except Exception as exc:

@@ -210,7 +210,7 @@ class Introspector:
             raise InvalidTokenError(reason="introspection: 'active' is not the JSON boolean true")
         if "iss" in response:
             # exact match against the configured issuers, as for a JWT
-            self.verifier.unverified_issuer(response)
+            self.verifier.unverified_issuer(response, answer=True)
         self._check_token_type(response)
         self.verifier.check_claims(response, now, require_exp=False, require_audience=False)
         return response

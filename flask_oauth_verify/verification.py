@@ -202,7 +202,7 @@ class JWTVerifier:
             raise _invalid("kid is not a short string")
         return JWSHeader(alg=alg, kid=kid, typ=typ, raw=raw)
 
-    def unverified_issuer(self, payload: Mapping[str, Any]) -> str:
+    def unverified_issuer(self, payload: Mapping[str, Any], *, answer: bool = False) -> str:
         """The configured issuer of the payload's ``iss``, before any key lookup.
 
         An exact match returns ``iss``; for a templated issuer
@@ -211,6 +211,10 @@ class JWTVerifier:
         allowed tenant, and the *template* is returned: it names the one key
         source every tenant shares. Claims bound to the issuer
         (``ISSUER_CLAIMS``) must match too.
+
+        :param answer: ``True`` for an RFC 7662 introspection answer, which
+            need only carry the issuer-bound claims when it has them (its
+            ``iss`` already names them); a JWT must carry every one.
         """
         matcher = self._issuer_matcher
         if matcher is None:
@@ -218,10 +222,7 @@ class JWTVerifier:
             if isinstance(issuer, str) and issuer in self._issuers:
                 return issuer
             raise _invalid("iss is not a configured issuer")
-        # RFC 7662 answers carry "active" (the introspector calls us with
-        # one); RFC 9068 access tokens do not, so a JWT must carry every
-        # issuer-bound claim. Before the signature this only decides sooner.
-        return matcher.check(payload, answer=payload.get("active") is True)
+        return matcher.check(payload, answer=answer)
 
     def verify(
         self, token: str, resolver: KeyResolver, now: float
