@@ -808,3 +808,58 @@ def test_require_user(decorated_app: Flask, tokens: TokenIssuer) -> None:
         "message": MissingUserContext.default_description,
     }
     assert missing.headers["WWW-Authenticate"].startswith('Bearer realm="')
+
+
+class InheritBase(DeclarativeBase):
+    pass
+
+
+class Item(InheritBase):
+    __tablename__ = "inh_items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(20))
+    kind: Mapped[str] = mapped_column(String(10))
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "item"}  # noqa: RUF012
+
+
+class Book(Item):
+    """Joined-table inheritance: the organization column is on the base table."""
+
+    __tablename__ = "inh_books"
+    id: Mapped[int] = mapped_column(ForeignKey("inh_items.id"), primary_key=True)
+    title: Mapped[str] = mapped_column(String(20))
+    __mapper_args__ = {"polymorphic_identity": "book"}  # noqa: RUF012
+
+
+class Pen(Item):
+    """Single-table inheritance."""
+
+    __mapper_args__ = {"polymorphic_identity": "pen"}  # noqa: RUF012
+
+
+def test_inheritance_hierarchies_are_scoped() -> None:
+    engine = create_engine("sqlite://")
+    InheritBase.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add_all(
+            [
+                Book(organization_id="a", title="ba"),
+                Book(organization_id="b", title="bb"),
+                Pen(organization_id="a"),
+                Pen(organization_id="b"),
+            ]
+        )
+        session.commit()
+    maker = sessionmaker(engine)
+    scoping = enable_tenant_scoping(maker, models=InheritBase.registry)
+    try:
+        with maker() as session, as_organization("a"):
+            for model, kinds in ((Item, ["book", "pen"]), (Book, ["book"]), (Pen, ["pen"])):
+                rows = session.scalars(select(model).order_by(Item.id)).all()
+                assert [(r.kind, r.organization_id) for r in rows] == [(k, "a") for k in kinds]
+            session.add(Book(title="new"))
+            session.flush()
+            assert session.scalars(select(Book.organization_id)).all() == ["a", "a"]
+    finally:
+        scoping.disable()
+        engine.dispose()
