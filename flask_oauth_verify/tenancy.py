@@ -324,6 +324,18 @@ def _add_criteria(statement: S, criterion: ColumnElement[bool], marker: str | No
     return scoped  # type: ignore[no-any-return]
 
 
+#: Bumped whenever a class is mapped: cached lists of tenant classes are rebuilt.
+_MAPPER_GENERATION = [0]
+_REGISTRY_TENANTS: dict[tuple[int, str], tuple[int, registry, tuple[tuple[Any, str], ...]]] = {}
+
+
+def _mapper_added(*_args: Any) -> None:
+    _MAPPER_GENERATION[0] += 1
+
+
+event.listen(Mapper, "instrument_class", _mapper_added)
+event.listen(Mapper, "after_configured", _mapper_added)
+
 #: mapper -> attribute key of its organization column, for the criteria lambda
 _KEYS_LOCK = threading.Lock()
 _TENANT_KEYS: weakref.WeakKeyDictionary[Mapper[Any], str] = weakref.WeakKeyDictionary()
@@ -363,12 +375,18 @@ def _register_tenants(found: tuple[tuple[Any, str], ...]) -> None:
 
 def _registry_tenants(reg: registry, name: str) -> tuple[tuple[Any, str], ...]:
     """Every class of ``reg`` with a column ``name``, with its attribute key."""
+    key = (id(reg), name)
+    cached = _REGISTRY_TENANTS.get(key)
+    if cached is not None and cached[0] == _MAPPER_GENERATION[0] and cached[1] is reg:
+        return cached[2]
+    generation = _MAPPER_GENERATION[0]
     found = tuple(
-        (m.class_, key)
+        (m.class_, column)
         for m in sorted(reg.mappers, key=lambda m: (m.class_.__module__, m.class_.__qualname__))
-        if (key := _mapper_column_key(m, name)) is not None
+        if (column := _mapper_column_key(m, name)) is not None
     )
     _register_tenants(found)
+    _REGISTRY_TENANTS[key] = (generation, reg, found)
     return found
 
 
@@ -836,12 +854,6 @@ def _on_load(target: Any, context: Any) -> None:
 _ENABLED: weakref.WeakKeyDictionary[Any, TenantScoping] = weakref.WeakKeyDictionary()
 _ENABLED_LOCK = threading.Lock()
 _LOAD_GUARD: list[bool] = []
-#: Bumped whenever a class is mapped: the cached tenant classes are rebuilt.
-_MAPPER_GENERATION = [0]
-
-
-def _mapper_added(*_args: Any) -> None:
-    _MAPPER_GENERATION[0] += 1
 
 
 def _event_target(target: Any, caller: str = "enable_tenant_scoping") -> Any:
@@ -913,8 +925,6 @@ def enable_tenant_scoping(
         _ENABLED[_identity(event_target)] = scoping
         if not _LOAD_GUARD:
             event.listen(Mapper, "load", _on_load)
-            event.listen(Mapper, "instrument_class", _mapper_added)
-            event.listen(Mapper, "after_configured", _mapper_added)
             _LOAD_GUARD.append(True)
     scoping._install()
     return scoping
