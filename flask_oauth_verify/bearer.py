@@ -86,13 +86,31 @@ def extract_token(request: Request, settings: Settings) -> str | None:
     """
     environ = request.environ
     header = _from_header(environ)
-    query = _from_query(request, environ)
-    form = _from_form(request, environ)
+    # The common request has no query token and no body: two dict reads, no calls.
+    query = (
+        _from_query(request, environ) if "access_token" in environ.get("QUERY_STRING", "") else None
+    )
+    form = _from_form(request, environ) if environ.get("CONTENT_TYPE") else None
     if (header is not None) + (query is not None) + (form is not None) > 1:
         raise InvalidRequestError(reason="token sent in more than one way")
     # A token in a location that is not enabled counts as no token at all.
+    if header is not None and settings.token_locations[0] == "header":
+        token: str | None = header
+    else:
+        token = _enabled(settings.token_locations, header, query, form)
+    if token is None:
+        return None
+    if not _is_b64token(token):
+        raise InvalidTokenError(reason="token has characters outside the b64token syntax")
+    return token
+
+
+def _enabled(
+    locations: tuple[str, ...], header: str | None, query: str | None, form: str | None
+) -> str | None:
+    """The token from the first enabled location that has one."""
     token = None
-    for location in settings.token_locations:
+    for location in locations:
         if location == "header":
             token = header
         elif location == "query":
@@ -101,8 +119,4 @@ def extract_token(request: Request, settings: Settings) -> str | None:
             token = form
         if token is not None:
             break
-    if token is None:
-        return None
-    if not _is_b64token(token):
-        raise InvalidTokenError(reason="token has characters outside the b64token syntax")
     return token

@@ -41,9 +41,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 _logger = logging.getLogger("flask_oauth_verify")
 
 
-def _already_verified(strategy: str | None) -> AuthContext | None:
+def _already_verified(strategy: str | None, request_g: Any) -> AuthContext | None:
     """The context verified earlier in this request, if it satisfies ``strategy``."""
-    request_g = g._get_current_object()  # one proxy lookup
     done: set[str] | None = request_g.get("_oauth_verify_checked")
     if not done:
         return None
@@ -75,7 +74,8 @@ def verify_request(
     :raises OAuthVerifyError: the documented 400/401/403/503 errors.
     """
     state = get_state()
-    context = _already_verified(strategy)
+    request_g = g._get_current_object()  # one proxy lookup for the whole call
+    context = _already_verified(strategy, request_g)
     token: str | None = None
     if context is None:
         started = perf_counter() if state.events.timed else 0.0  # metrics only
@@ -98,7 +98,6 @@ def verify_request(
             state.events.failed(refusal, token, strategy=strategy, started=started)
             raise refusal from None
         set_auth(context)
-        request_g = g._get_current_object()  # one proxy lookup
         done = request_g.get("_oauth_verify_checked") or set()
         done.add(strategy or state.settings.strategy)
         request_g._oauth_verify_checked = done
