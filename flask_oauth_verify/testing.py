@@ -160,6 +160,7 @@ class IssuerServer:
                 request = Request(self.command, path, dict(self.headers), body)
                 reply = server._dispatch(request)
                 if reply is None:
+                    self.close_connection = True  # released: drop it, no answer
                     return
                 try:
                     self.send_response(reply.status)

@@ -336,13 +336,17 @@ def test_outage_after_warm_up_every_request_succeeds(
 def test_concurrent_cold_start_requests_share_one_failed_attempt(
     served_tokens: TokenIssuer, issuer_server: IssuerServer, route: JwksRoute, clock: FakeClock
 ) -> None:
-    app = build(served_tokens, clock)
+    app = build(served_tokens, clock, HTTP_TIMEOUT=(5, 5))
     issuer_server.hold(JWKS)
     token = served_tokens.mint()
     responses: list[TestResponse] = []
     threads = [threading.Thread(target=lambda: responses.append(get(app, token))) for _ in range(8)]
     for thread in threads:
         thread.start()
+    assert issuer_server.wait_for_hits(JWKS, 1)
+    flights = get_state(app).keys._flights
+    assert wait_until(lambda: flights.followers(served_tokens.issuer) == 7)
+    issuer_server.release(JWKS)  # the held request is dropped: the fetch fails
     for thread in threads:
         thread.join(10)
     assert len(responses) == 8
