@@ -1,4 +1,9 @@
-"""The example API: every route shows one feature of flask_oauth_verify."""
+"""The example API: every route shows one feature of flask_oauth_verify.
+
+No route filters by organization by hand: ``enable_tenant_scoping(db)`` (in
+``models.py``) adds the caller's organization to every ORM query and guards
+every write, so a forgotten filter cannot leak another tenant's rows.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,9 @@ from flask_oauth_verify import (
     require_scope,
     require_token,
     require_user,
+    user_scoped,
 )
+from flask_oauth_verify.tenancy import unscoped
 
 from .models import Customer, Project, db
 
@@ -30,6 +37,7 @@ def me() -> dict[str, object]:
         "organization_id": auth.organization_id,
         "scopes": sorted(auth.scopes),
         "token_type": auth.token_type,
+        "service_name": auth.service_name,
         "expires_at": auth.expires_at,
         "strategy": auth.strategy,
     }
@@ -39,12 +47,8 @@ def me() -> dict[str, object]:
 @require_scope("customers:read")
 @require_organization
 def list_customers() -> dict[str, object]:
-    """This organization's customers only."""
-    rows = db.session.scalars(
-        select(Customer)
-        .where(Customer.organization_id == g.auth.organization_id)
-        .order_by(Customer.id)
-    ).all()
+    """This organization's customers only (scoped automatically)."""
+    rows = db.session.scalars(select(Customer).order_by(Customer.id)).all()
     return {"organization_id": g.auth.organization_id, "customers": [c.to_dict() for c in rows]}
 
 
@@ -52,55 +56,62 @@ def list_customers() -> dict[str, object]:
 @require_scope("customers:read")
 @require_organization
 def get_customer(customer_id: int) -> dict[str, object]:
-    """One customer; another organization's customer is simply not found."""
-    customer = db.session.scalars(
-        select(Customer).where(
-            Customer.id == customer_id, Customer.organization_id == g.auth.organization_id
-        )
-    ).first()
+    """One customer with its projects; another organization's id is a 404."""
+    customer = db.session.get(Customer, customer_id)
     if customer is None:
         abort(404)
-    return customer.to_dict()
+    return {**customer.to_dict(), "projects": [p.to_dict() for p in customer.projects]}
 
 
 @api.post("/customers")
 @require_scope("customers:write")
 @require_organization
 def create_customer() -> tuple[dict[str, object], int]:
-    """Create a customer in the caller's organization."""
+    """Create a customer; the write guard stamps (or refuses) the organization."""
     payload = request.get_json(silent=True) or {}
     name = str(payload.get("name", "")).strip()
     if not name:
         return {"error": "invalid_request", "message": "name is required"}, 400
-    customer = Customer(organization_id=g.auth.organization_id, name=name)
+    customer = Customer(name=name)
+    if "organization_id" in payload:  # a client trying another tenant gets a 403
+        customer.organization_id = str(payload["organization_id"])
     db.session.add(customer)
     db.session.commit()
     return customer.to_dict(), 201
+
+
+@api.delete("/customers/<int:customer_id>")
+@require_scope("customers:write", strategy="both")
+@require_organization
+def delete_customer(customer_id: int) -> tuple[str, int]:
+    """Revocation-sensitive: the JWT is verified, then confirmed active."""
+    customer = db.session.get(Customer, customer_id)
+    if customer is None:
+        abort(404)
+    for project in list(customer.projects):
+        db.session.delete(project)
+    db.session.delete(customer)
+    db.session.commit()
+    return "", 204
 
 
 @api.get("/projects")
 @require_scope("projects:read")
 @require_organization
 def list_projects() -> dict[str, object]:
-    """This organization's projects."""
-    rows = db.session.scalars(
-        select(Project)
-        .where(Project.organization_id == g.auth.organization_id)
-        .order_by(Project.id)
+    """This organization's projects, joined with their customers."""
+    rows = db.session.execute(
+        select(Project, Customer.name).join(Project.customer).order_by(Project.id)
     ).all()
-    return {"projects": [p.to_dict() for p in rows]}
+    return {"projects": [{**p.to_dict(), "customer": name} for p, name in rows]}
 
 
 @api.get("/my-projects")
 @require_user
 @require_scope("projects:read")
 def my_projects() -> dict[str, object]:
-    """Projects owned by the calling user (user-delegated tokens only)."""
-    rows = db.session.scalars(
-        select(Project)
-        .where(Project.organization_id == g.auth.organization_id)
-        .where(Project.user_id == g.auth.user_id)
-    ).all()
+    """Projects owned by the calling user (explicit user_scoped helper)."""
+    rows = db.session.scalars(user_scoped(select(Project))).all()
     return {"user_id": g.auth.user_id, "projects": [p.to_dict() for p in rows]}
 
 
@@ -109,26 +120,20 @@ def my_projects() -> dict[str, object]:
 @require_organization
 def reports() -> dict[str, object]:
     """Accepts JWTs (verified locally) and opaque tokens (introspected)."""
-    count = db.session.scalar(
-        select(func.count(Customer.id)).where(Customer.organization_id == g.auth.organization_id)
-    )
+    count = db.session.scalar(select(func.count(Customer.id)))
     return {"organization_id": g.auth.organization_id, "customers": count, "via": g.auth.strategy}
 
 
-@api.delete("/customers/<int:customer_id>")
-@require_scope("customers:write", strategy="both")
-@require_organization
-def delete_customer(customer_id: int) -> tuple[str, int]:
-    """Revocation-sensitive: the JWT is verified, then confirmed active."""
-    customer = db.session.scalars(
-        select(Customer).where(
-            Customer.id == customer_id, Customer.organization_id == g.auth.organization_id
+@api.get("/admin/customer-counts")
+@require_scope("admin:read")
+def customer_counts() -> dict[str, object]:
+    """An audited cross-tenant read: the opt-out is explicit and logged."""
+    rows = db.session.execute(
+        unscoped(
+            select(Customer.organization_id, func.count(Customer.id)).group_by(
+                Customer.organization_id
+            ),
+            reason=f"admin report by {g.auth.subject}",
         )
-    ).first()
-    if customer is None:
-        abort(404)
-    for project in list(customer.projects):
-        db.session.delete(project)
-    db.session.delete(customer)
-    db.session.commit()
-    return "", 204
+    ).all()
+    return {"counts": {org: count for org, count in rows}}

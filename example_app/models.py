@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import ForeignKey, String
+from sqlalchemy import ForeignKey, String, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from flask_oauth_verify.tenancy import as_organization, enable_tenant_scoping, unscoped
 
 
 class Base(DeclarativeBase):
@@ -12,6 +14,9 @@ class Base(DeclarativeBase):
 
 
 db = SQLAlchemy(model_class=Base)
+#: Every ORM query of db.session is scoped to the caller's organization, and
+#: every flush is guarded: forgetting a filter cannot leak another tenant's rows.
+tenant_scoping = enable_tenant_scoping(db)
 
 
 class Customer(db.Model):  # type: ignore[name-defined,misc]
@@ -59,19 +64,23 @@ SEED = {
 def seed() -> None:
     """Create the tables and two organizations of data (idempotent)."""
     db.create_all()
-    if db.session.query(Customer).count():
+    existing = db.session.scalar(
+        unscoped(select(func.count()).select_from(Customer), reason="seed check")
+    )
+    if existing:
         return
     for org, (names, user) in SEED.items():
-        for index, name in enumerate(names):
-            customer = Customer(organization_id=org, name=name)
-            db.session.add(customer)
-            db.session.flush()
-            db.session.add(
-                Project(
-                    organization_id=org,
-                    customer_id=customer.id,
-                    user_id=user if index == 0 else None,
-                    name=f"{name} rollout",
+        # Outside a request there is no token: act as each organization in turn.
+        with as_organization(org):
+            for index, name in enumerate(names):
+                customer = Customer(name=name)  # organization_id stamped on flush
+                db.session.add(customer)
+                db.session.flush()
+                db.session.add(
+                    Project(
+                        customer_id=customer.id,
+                        user_id=user if index == 0 else None,
+                        name=f"{name} rollout",
+                    )
                 )
-            )
-    db.session.commit()
+            db.session.commit()

@@ -167,3 +167,40 @@ def test_operations_features_are_on(live_example: tuple[Flask, str]) -> None:
     token = minted.output.strip().splitlines()[-1]
     me = requests.get(f"{base}/api/me", headers=auth_header(token), timeout=10)
     assert me.status_code == 200 and me.json()["subject"] == "user_cli"
+
+
+def test_cross_tenant_write_and_missing_organization(example: Flask) -> None:
+    client = example.test_client()
+    acme = mint(example, "org_acme", ["customers:write", "customers:read"])
+    smuggled = client.post(
+        "/api/customers", json={"name": "Evil", "organization_id": "org_globex"}, headers=acme
+    )
+    assert smuggled.status_code == 403
+    assert smuggled.json is not None and smuggled.json["error"] == "cross_tenant_write"
+    no_org = auth_header(
+        dev_issuer(example).mint(
+            subject="user_x", scopes=["customers:read"], audience="example-api"
+        )
+    )
+    missing = client.get("/api/customers", headers=no_org)
+    assert missing.status_code == 401
+    assert missing.json is not None and missing.json["error"] == "missing_organization_context"
+    globex = client.get("/api/customers", headers=mint(example, "org_globex", ["customers:read"]))
+    assert globex.json is not None
+    assert "Evil" not in {c["name"] for c in globex.json["customers"]}
+
+
+def test_projects_join_and_admin_opt_out(example: Flask) -> None:
+    client = example.test_client()
+    projects = client.get("/api/projects", headers=mint(example, "org_globex", ["projects:read"]))
+    assert projects.json is not None
+    assert {p["organization_id"] for p in projects.json["projects"]} == {"org_globex"}
+    mine = client.get(
+        "/api/my-projects", headers=mint(example, "org_acme", ["projects:read"], "user_alice")
+    )
+    assert mine.json is not None
+    assert [p["user_id"] for p in mine.json["projects"]] == ["user_alice"]
+    counts = client.get(
+        "/api/admin/customer-counts", headers=mint(example, "org_acme", ["admin:read"])
+    )
+    assert counts.json is not None and set(counts.json["counts"]) == {"org_acme", "org_globex"}
