@@ -146,6 +146,7 @@ class Settings:
     audiences: tuple[str, ...]
     verify_audience: bool = True
     jwks_uris: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    jwks_uri_fallbacks: tuple[str, ...] = ()
     static_jwks: Mapping[str, Any] | None = None
     algorithms: tuple[str, ...] = ("RS256",)
     leeway: float = 30.0
@@ -285,6 +286,10 @@ def _build(v: Mapping[str, Any]) -> Settings:
         audiences=audiences,
         verify_audience=verify_audience,
         jwks_uris=MappingProxyType(jwks_uris),
+        jwks_uri_fallbacks=tuple(
+            check_url(uri, "JWKS_URI_FALLBACKS", allow_insecure_http=allow_http)
+            for uri in _as_tuple(v.get("JWKS_URI_FALLBACKS"), "JWKS_URI_FALLBACKS")
+        ),
         static_jwks=static_jwks,
         algorithms=algorithms,
         leeway=_as_number(v.get("LEEWAY", 30), "LEEWAY"),

@@ -469,7 +469,29 @@ class KeyStore:
         return keys
 
     def _fetch(self, source: _Source, now: float) -> dict[str, Any]:
-        uri = self._uri(source)
+        candidates = self._candidate_uris(source)
+        for uri in candidates[:-1]:
+            try:
+                return self._fetch_from(source, uri, now)
+            except FetchError as exc:
+                if exc.status != 404:
+                    raise
+                # Documented and SDK paths differ for some providers: a 404
+                # (not an outage) moves on to the next known location.
+        return self._fetch_from(source, candidates[-1], now)
+
+    def _candidate_uris(self, source: _Source) -> list[str]:
+        """The key set URL, then ``JWKS_URI_FALLBACKS`` (last working first)."""
+        primary = self._uri(source)
+        if source.jku is not None or not self.settings.jwks_uri_fallbacks:
+            return [primary]
+        known = [primary, *self.settings.jwks_uri_fallbacks]
+        if source.uri in known:
+            known.remove(source.uri)
+            known.insert(0, source.uri)
+        return list(dict.fromkeys(known))
+
+    def _fetch_from(self, source: _Source, uri: str, now: float) -> dict[str, Any]:
         headers = {"Accept": "application/jwk-set+json, application/json"}
         conditional = bool(source.etag and source.raw is not None and source.uri == uri)
         if conditional:

@@ -150,10 +150,12 @@ PROFILES: Mapping[str, Profile] = _profiles(
     Profile(
         "supertokens",
         defaults={
-            # The issuer is <API domain><apiBasePath> ("/auth" by default);
-            # SuperTokens serves both endpoints under it.
-            "JWKS_URI": "{issuer}/jwt/jwks.json",
-            "INTROSPECTION_ENDPOINT": "{issuer}/oauth/introspect",
+            # The issuer is <API domain><apiBasePath> ("/auth" by default).
+            # Keys: the documented <API domain>/authjwt/jwks.json, falling back
+            # (on 404) to the SDK's <API domain>/auth/jwt/jwks.json.
+            "JWKS_URI": "{api_domain}/authjwt/jwks.json",
+            "JWKS_URI_FALLBACKS": ("{api_domain}/auth/jwt/jwks.json", "{issuer}/jwt/jwks.json"),
+            "INTROSPECTION_ENDPOINT": "{api_domain}/auth/oauth/introspect",
             "INTROSPECTION_BODY": "json",
             "INTROSPECTION_AUTH": "none",
             "REQUIRED_CLAIMS": ("stt", "scp", "client_id"),
@@ -161,6 +163,8 @@ PROFILES: Mapping[str, Profile] = _profiles(
             "REQUIRED_CLAIM_VALUES": {"stt": 1},
             "CLAIM_MAP": {"scopes": ("scp",), "client_id": ("client_id",)},
         },
+        # <API domain> is the issuer without the default "/auth" base path.
+        issuer_params=r"(?P<api_domain>https?://.+?)(?:/auth)?/?$",
         description="SuperTokens OAuth2 provider (stt = 1 access tokens).",
     ),
     Profile(

@@ -65,11 +65,13 @@ def auth_fields(auth: AuthContext) -> dict[str, Any]:
     }
 
 
-def provider_app(config: Mapping[str, Any], *, ext: OAuthVerify | None = None) -> Flask:
+def provider_app(
+    config: Mapping[str, Any], *, ext: OAuthVerify | None = None, clock: Any = None
+) -> Flask:
     """An app with the extension and views using every decorator."""
     app = Flask("provider_app")
     app.config.update(TESTING=True, **config)
-    (ext or OAuthVerify()).init_app(app)
+    (ext or OAuthVerify()).init_app(app, clock=clock)
 
     @app.get("/whoami")
     @require_token
@@ -142,7 +144,7 @@ PRODUCTION = [
         "supertokens",
         "https://api.example.com/auth",
         {
-            "jwks": "https://api.example.com/auth/jwt/jwks.json",
+            "jwks": "https://api.example.com/authjwt/jwks.json",
             "introspection": "https://api.example.com/auth/oauth/introspect",
         },
     ),
@@ -484,6 +486,28 @@ def test_supertokens_oauth_token_passes_with_scp_scopes(server: IssuerServer) ->
     assert body["client_id"] == st.oauth_client
     assert body["user_id"] == "fa7a0841-b533-4478-95533-0fde890c3483"
     assert server.hits["/auth/jwt/jwks.json"] == 1
+    assert server.hits["/authjwt/jwks.json"] == 1  # the documented path, tried first
+
+
+def test_supertokens_keys_at_the_documented_path(server: IssuerServer) -> None:
+    st = SuperTokens(server)
+    server.routes.pop("/auth/jwt/jwks.json")
+    server.route("/authjwt/jwks.json", st.jwks_reply)
+    app = provider_app(st.config())
+    assert call(app, st.token())[0] == 200
+    assert call(app, st.token())[0] == 200
+    assert server.hits["/authjwt/jwks.json"] == 1
+    assert server.hits["/auth/jwt/jwks.json"] == 0
+
+
+def test_supertokens_fallback_is_remembered(server: IssuerServer, clock: Any) -> None:
+    st = SuperTokens(server)
+    app = provider_app(st.config(), clock=clock)
+    assert call(app, st.token())[0] == 200
+    clock.advance(700)  # past the soft TTL: refresh from the location that worked
+    assert call(app, st.token())[0] == 200
+    assert server.hits["/authjwt/jwks.json"] == 1
+    assert server.hits["/auth/jwt/jwks.json"] == 2
 
 
 @pytest.mark.parametrize(
