@@ -404,7 +404,7 @@ def bench_scaling(rounds: int, server: IssuerServer) -> Table:
     main = TokenIssuer(alg=alg, audience=AUDIENCE)
     main.serve(server)
     small = mint_many(main, rounds + 60)
-    big = mint_many(main, rounds + 60, groups=[f"group-{i:05d}" for i in range(520)])
+    big = mint_many(main, rounds + 60, groups=[f"group-{i:05d}" for i in range(390)])  # ~8 KB
     # 100 keys: the signing key among 99 others, served by a second server.
     hundred = IssuerServer()
     many_keys = main.jwks()["keys"] + [
@@ -441,6 +441,9 @@ def bench_scaling(rounds: int, server: IssuerServer) -> Table:
     variants.append(Variant(f"{len(big[0])}-byte token: first-seen", fresh(big_first, big)))
     variants.append(Variant(f"{len(big[0])}-byte token: repeated", repeated(big_hit, big[0])))
     big_base = Variant("unprotected, big header", repeated(unprotected_app().test_client(), big[0]))
+    _raw, big_floor = raw_variants(main, alg, big[0])
+    big_floor.name = f"floor: base64url + JSON + verify, {len(big[0])} B"
+    variants.append(big_floor)
     interleave([*variants, big_base], baseline, rounds)
     table = Table(
         f"Scaling, RS256 ({len(small[0])}-byte tokens unless said), ours, {rounds} rounds",
@@ -531,52 +534,71 @@ def rss_bytes() -> int:
 
 
 @contextmanager
-def measured() -> Iterator[dict[str, int]]:
-    """RSS and traced-allocation deltas of the block."""
+def measured(trace: bool) -> Iterator[dict[str, int]]:
+    """RSS delta of the block, or (``trace``) its net traced allocations.
+
+    Separate passes: tracemalloc's own bookkeeping would show up in RSS.
+    """
     out: dict[str, int] = {}
     gc.collect()
-    tracemalloc.start()
-    rss = rss_bytes()
-    traced = tracemalloc.get_traced_memory()[0]
+    if trace:
+        tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0] if trace else rss_bytes()
     yield out
     gc.collect()
-    out["rss"] = rss_bytes() - rss
-    out["traced"] = tracemalloc.get_traced_memory()[0] - traced
-    tracemalloc.stop()
+    out["delta"] = (tracemalloc.get_traced_memory()[0] if trace else rss_bytes()) - before
+    if trace:
+        tracemalloc.stop()
 
 
-def bench_memory(count: int) -> list[str]:
-    lines = []
-    issuer = TokenIssuer(alg="EdDSA", audience=AUDIENCE)  # cheap to mint; entry size is alg-free
-    app = ours_app(ours_config(issuer, "EdDSA"), "memory")
+def _fill_token_cache(
+    issuer: TokenIssuer, tokens: list[str], *, trace: bool, keep: list[Any]
+) -> tuple[int, int]:
+    """(entries, bytes) of a fresh app's token cache filled with ``tokens``."""
+    app = ours_app(ours_config(issuer, "EdDSA"), f"memory-{trace}")
+    keep.append(app)
     state = get_state(app)
-    tokens = mint_many(issuer, count)
     with app.app_context():
         state.authenticate(tokens[0])
         state.token_cache.clear()
-        with measured() as delta:
+        with measured(trace) as delta:
             for token in tokens:
                 state.authenticate(token)
-    assert len(state.token_cache) == min(count, state.settings.token_cache_size)
-    per = count / 10_000
-    lines.append(
-        f"token cache: {len(state.token_cache)} entries; per 10,000 cached tokens: "
-        f"RSS +{delta['rss'] / per / 2**20:.1f} MiB, traced allocations "
-        f"+{delta['traced'] / per / 2**20:.1f} MiB ({delta['traced'] / count:.0f} B per token)"
-    )
-    for size, alg in ((1, "RS256"), (100, "RS256")):
-        keys = [TokenIssuer(alg=alg).jwks()["keys"][0] for _ in range(size)]
-        jwks = {"keys": [{**k, "kid": f"k{i}"} for i, k in enumerate(keys)]}
-        sets = []
-        repeat = 50 if size == 1 else 5
-        with measured() as delta:
-            for _ in range(repeat):
-                sets.append(parse_key_set(jwks, (alg,)))
+    return len(state.token_cache), delta["delta"]
+
+
+def bench_memory(count: int) -> list[str]:
+    """Memory per parsed key set and per cached token (run first: RSS only grows)."""
+    lines = []
+    keep: list[Any] = []  # nothing measured is freed, so no pass reuses another's memory
+    key_sets = {}
+    for size in (1, 100):
+        keys = [TokenIssuer(alg="RS256").jwks()["keys"][0] for _ in range(size)]
+        key_sets[size] = {"keys": [{**k, "kid": f"k{i}"} for i, k in enumerate(keys)]}
+    figures: dict[tuple[int, bool], float] = {}
+    for trace in (False, True):
+        for size, jwks in key_sets.items():
+            repeat = 200 if size == 1 else 10
+            with measured(trace) as delta:
+                for _ in range(repeat):
+                    keep.append(parse_key_set(jwks, ("RS256",)))
+            figures[size, trace] = delta["delta"] / repeat / 1024
+    for size in key_sets:
         lines.append(
-            f"parsed key set of {size} RSA-2048 key(s): "
-            f"RSS +{delta['rss'] / repeat / 1024:.0f} KiB, "
-            f"traced +{delta['traced'] / repeat / 1024:.0f} KiB per cached set"
+            f"parsed key set of {size} RSA-2048 key(s): RSS +{figures[size, False]:.0f} KiB, "
+            f"traced +{figures[size, True]:.0f} KiB per cached set"
         )
+    issuer = TokenIssuer(alg="EdDSA", audience=AUDIENCE)  # cheap to mint; entry size is alg-free
+    tokens = mint_many(issuer, count)
+    entries, rss = _fill_token_cache(issuer, tokens, trace=False, keep=keep)
+    _entries, traced = _fill_token_cache(issuer, tokens, trace=True, keep=keep)
+    per = entries / 10_000
+    lines.insert(
+        0,
+        f"token cache ({entries} entries, {len(tokens[0])}-byte tokens): per 10,000 cached "
+        f"tokens RSS +{rss / per / 2**20:.1f} MiB; traced allocations "
+        f"+{traced / per / 2**20:.1f} MiB ({traced / entries:.0f} B per token)",
+    )
     return lines
 
 
@@ -620,6 +642,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"clock: {args.clock} ({'thread CPU time' if args.clock == 'cpu' else 'perf_counter'})")
     server = IssuerServer()
     try:
+        if "memory" in sections:  # first: freed memory is not given back to the OS
+            print("\nMemory")
+            for line in bench_memory(args.memory_tokens):
+                print(f"  {line}")
         if "algorithms" in sections:
             for alg in args.algorithms.split(","):
                 bench_algorithm(alg, args.rounds, IssuerServer()).print()
@@ -630,10 +656,6 @@ def main(argv: list[str] | None = None) -> int:
             print(result if isinstance(result, str) else "", end="")
             if isinstance(result, Table):
                 result.print()
-        if "memory" in sections:
-            print("\nMemory")
-            for line in bench_memory(args.memory_tokens):
-                print(f"  {line}")
     finally:
         server.close()
     sys.stdout.flush()

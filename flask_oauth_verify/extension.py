@@ -7,6 +7,7 @@ so one process can serve several apps with different settings, and one
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -22,7 +23,7 @@ from .errors import InvalidTokenError, OAuthVerifyError, default_error_response
 from .events import SecurityEvents
 from .fetch import Fetcher
 from .jwks import KeySetStatus, KeyStore
-from .token_cache import CachedToken, TokenCache, token_digest
+from .token_cache import CachedToken, TokenCache
 from .verification import JWTVerifier, looks_like_jws
 
 if TYPE_CHECKING:
@@ -103,11 +104,16 @@ class _AppState:
         raise ValueError(f"unknown strategy {chosen!r}")
 
     def _verify_jwt(self, token: str, now: float) -> AuthContext:
-        digest = token_digest(token)
+        digest = hashlib.sha256(token.encode()).digest()  # token_digest(), inlined
         cached = self.token_cache.get(digest)
         if cached is not None:
-            if cached.is_current(now, self.settings.leeway) and (
-                self.keys.resolve(cached.issuer, cached.header) is cached.key
+            # CachedToken.is_current(), inlined: exp and nbf on every hit, and the
+            # key that verified the token must still be its issuer's current key.
+            leeway = self.settings.leeway
+            if (
+                cached.expires_at + leeway > now
+                and (cached.not_before is None or cached.not_before - leeway <= now)
+                and self.keys.resolve(cached.issuer, cached.header) is cached.key
             ):
                 return cached.context
             self.token_cache.discard(digest)
