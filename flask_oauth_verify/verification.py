@@ -84,8 +84,8 @@ def _b64decode(segment: str, what: str) -> bytes:
         raise _invalid(f"{what} is not canonical base64url")
     try:
         # bytes.translate is a C table lookup (str.translate with a dict is not).
-        padded = segment.encode("ascii").translate(_BASE64_FROM_URLSAFE) + b"=" * (-len(segment) % 4)
-        return binascii.a2b_base64(padded, strict_mode=True)
+        standard = segment.encode("ascii").translate(_BASE64_FROM_URLSAFE)
+        return binascii.a2b_base64(standard + b"=" * (-len(segment) % 4), strict_mode=True)
     except (binascii.Error, ValueError):  # UnicodeEncodeError is a ValueError
         raise _invalid(f"{what} is not base64url") from None
 
