@@ -277,7 +277,8 @@ def serve(count):
         pid = os.fork()
         if pid == 0:  # a worker: build its own app after the fork, like gunicorn
             server = make_server("127.0.0.1", 0, create_app(), threaded=True)
-            print(server.server_port, flush=True)  # the test waits for these lines
+            # one write(2) per line: lines of concurrent children never interleave
+            os.write(1, f"{server.server_port}\n".encode())
             server.serve_forever()
             os._exit(0)
         children.append(pid)
@@ -333,7 +334,10 @@ class Workers:
             line = self.process.stdout.readline()
             if not line.strip().isdigit():
                 self.stop()
-                raise RuntimeError(f"workers did not start: {self.log.read_text()}")
+                raise RuntimeError(
+                    f"workers did not start (read {line!r}, exit {self.process.poll()}): "
+                    f"{self.log.read_text()}"
+                )
             self.urls.append(f"http://127.0.0.1:{int(line)}")
 
     def advance(self, seconds: float) -> None:
