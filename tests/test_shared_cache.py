@@ -278,7 +278,7 @@ def serve(count):
         if pid == 0:  # a worker: build its own app after the fork, like gunicorn
             server = make_server("127.0.0.1", 0, create_app(), threaded=True)
             # one write(2) per line: lines of concurrent children never interleave
-            os.write(1, f"{server.server_port}\n".encode())
+            os.write(1, f"{server.server_port}\\n".encode())
             server.serve_forever()
             os._exit(0)
         children.append(pid)
