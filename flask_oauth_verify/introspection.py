@@ -39,7 +39,6 @@ the same token in one process share one call (single flight).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -52,7 +51,7 @@ from .cache import SharedCache, cache_key
 from .config import Settings
 from .discovery import Discovery
 from .errors import InvalidTokenError, UpstreamError
-from .fetch import Fetcher, FetchError
+from .fetch import Fetcher, FetchError, SingleFlight
 from .verification import JWTVerifier
 
 __all__ = ["ACCESS_TOKEN_TYPES", "Introspector"]
@@ -85,17 +84,6 @@ class _Failure(NamedTuple):
     kind: str
     detail: str
     retry_after: int
-
-
-class _Flight:
-    """One introspection call in progress, shared by concurrent requests."""
-
-    __slots__ = ("done", "failure", "response")
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.response: Mapping[str, Any] | None = None
-        self.failure: _Failure | None = None
 
 
 def _classify(exc: FetchError) -> tuple[str, str, int]:
@@ -167,8 +155,9 @@ class Introspector:
         self.clock = clock
         #: Receives security events ``(name, fields)``; set by the extension.
         self.on_event: EventSink | None = None
-        self._flights: dict[str, _Flight] = {}
-        self._flights_lock = threading.Lock()
+        self._flights: SingleFlight[tuple[Mapping[str, Any] | None, _Failure | None]] = (
+            SingleFlight()
+        )
         self._last_logged: dict[str, float] = {}
         connect, read = settings.http_timeout
         # A follower waits for the leader's call: discovery plus the POST,
@@ -276,43 +265,35 @@ class Introspector:
     # -- single flight ------------------------------------------------------------
 
     def _single_flight(self, key: str, token: str, now: float) -> Mapping[str, Any]:
-        with self._flights_lock:
-            flight = self._flights.get(key)
-            leader = flight is None
-            if flight is None:
-                flight = self._flights[key] = _Flight()
-        if not leader:
+        led: list[bool] = []  # set by the call when this request is the leader
+
+        def call() -> tuple[Mapping[str, Any] | None, _Failure | None]:
+            led.append(True)
+            response, failure = self._call(token)
+            if response is not None:
+                active = response.get("active") is True
+                self._emit("introspection_request", {"outcome": "active" if active else "inactive"})
+                if self.caching:
+                    self._store(key, response, now)
+            return response, failure
+
+        if self._flights.running(key):
             self._emit("introspection_coalesced", {})
-            if not flight.done.wait(self._follower_wait):
-                raise self._upstream(
-                    _Failure(
-                        "timeout",
-                        "a concurrent introspection call of the same token did not finish",
-                        _RETRY_TRANSIENT,
-                    ),
-                    log=False,
-                )
-        else:
-            try:
-                flight.response, flight.failure = self._call(token)
-                if flight.response is not None:
-                    active = flight.response.get("active") is True
-                    self._emit(
-                        "introspection_request", {"outcome": "active" if active else "inactive"}
-                    )
-                    if self.caching:
-                        self._store(key, flight.response, now)
-            except BaseException:
-                flight.failure = _Failure("internal", "the introspection call raised", 1)
-                raise
-            finally:
-                with self._flights_lock:
-                    self._flights.pop(key, None)
-                flight.done.set()
-        if flight.response is None:
-            failure = flight.failure or _Failure("internal", "no outcome", 1)
-            raise self._upstream(failure, log=leader)
-        return flight.response
+        try:
+            response, failure = self._flights.run(key, call, timeout=self._follower_wait)
+        except TimeoutError:
+            raise self._upstream(
+                _Failure(
+                    "timeout",
+                    "a concurrent introspection call of the same token did not finish",
+                    _RETRY_TRANSIENT,
+                ),
+                log=False,
+            ) from None
+        if response is None:
+            # Only the leader logs: one outage, one error record.
+            raise self._upstream(failure or _Failure("internal", "no outcome", 1), log=bool(led))
+        return response
 
     # -- the HTTP call ------------------------------------------------------------
 
