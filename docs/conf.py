@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.abspath(".."))
 
 project = "flask_oauth_verify"
 author = "flask_oauth_verify developers"
-copyright = "2026, flask_oauth_verify developers"  # noqa: A001
+copyright = "2026, flask_oauth_verify developers"
 release = "0.1.0"
 
 extensions = [
