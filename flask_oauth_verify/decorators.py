@@ -92,7 +92,7 @@ def verify_request(
         except OAuthVerifyError as exc:
             state.events.failed(exc, token, strategy=strategy, started=started)
             raise
-        except Exception as exc:  # noqa: BLE001 - fail closed, never a 500
+        except Exception as exc:  # fail closed, never a 500
             # A bug or an input nobody anticipated: refuse the token (never let
             # it through, never answer 500) and log loudly, without the token.
             _logger.exception("Unexpected error while verifying a token; refused.")
