@@ -34,12 +34,10 @@ def _is_b64token(token: str) -> bool:
     return bool(body) and not body.translate(None, _B64TOKEN_CHARS)
 
 
-def _from_header(environ: dict[str, Any]) -> str | None:
+def _from_header(value: str) -> str | None:
+    """The token of an ``Authorization`` header value (``None``: another scheme)."""
     # A WSGI server folds repeated headers into one environ entry joined by
     # ", "; such a value fails the single-token checks below (400).
-    value: str | None = environ.get("HTTP_AUTHORIZATION")
-    if value is None:
-        return None
     scheme, _, rest = value.strip().partition(" ")
     if scheme.lower() != "bearer":
         return None  # another scheme: no bearer token was sent
@@ -85,18 +83,22 @@ def extract_token(request: Request, settings: Settings) -> str | None:
     :raises InvalidTokenError: the token has characters a bearer token cannot have.
     """
     environ = request.environ
-    header = _from_header(environ)
-    # The common request has no query token and no body: two dict reads, no calls.
+    # The common request has a header token, no query token and no body: two
+    # dict reads decide that the query and the form need no parsing.
+    value: str | None = environ.get("HTTP_AUTHORIZATION")
+    header = _from_header(value) if value is not None else None
     query = (
         _from_query(request, environ) if "access_token" in environ.get("QUERY_STRING", "") else None
     )
     form = _from_form(request, environ) if environ.get("CONTENT_TYPE") else None
-    if (header is not None) + (query is not None) + (form is not None) > 1:
-        raise InvalidRequestError(reason="token sent in more than one way")
-    # A token in a location that is not enabled counts as no token at all.
-    if header is not None and settings.token_locations[0] == "header":
-        token: str | None = header
+    if query is None and form is None:
+        if header is None:
+            return None
+        token: str | None = header if "header" in settings.token_locations else None
     else:
+        if (header is not None) + (query is not None) + (form is not None) > 1:
+            raise InvalidRequestError(reason="token sent in more than one way")
+        # A token in a location that is not enabled counts as no token at all.
         token = _enabled(settings.token_locations, header, query, form)
     if token is None:
         return None

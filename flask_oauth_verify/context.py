@@ -15,11 +15,10 @@ from typing import Any, cast
 from flask import g, has_app_context
 from werkzeug.local import LocalProxy
 
-from .claims import claim_path
 from .config import Settings
 from .errors import InvalidTokenError
 
-__all__ = ["AuthContext", "build_context", "current_auth", "get_auth"]
+__all__ = ["AuthContext", "ContextBuilder", "build_context", "current_auth", "get_auth"]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
@@ -61,38 +60,6 @@ class AuthContext:
         return self.scopes.issuperset(scopes)
 
 
-def _first_string(claims: Mapping[str, Any], paths: tuple[str, ...], field: str) -> str | None:
-    for path in paths:
-        value = claim_path(claims, path)
-        if value is None:
-            continue
-        if isinstance(value, str):
-            return value
-        raise InvalidTokenError(reason=f"claim {path!r} ({field}) is not a string")
-    return None
-
-
-def _scopes(claims: Mapping[str, Any], paths: tuple[str, ...]) -> frozenset[str]:
-    found: set[str] = set()
-    for path in paths:
-        value = claim_path(claims, path)
-        if value is None:
-            continue
-        if isinstance(value, str):
-            # RFC 6749 §3.3: scope-tokens are separated by SP only; a tab or a
-            # Unicode space is part of a (malformed) token, never a separator.
-            found.update(item for item in value.split(" ") if item)
-        elif isinstance(value, list) and all(isinstance(item, str) for item in value):
-            for item in value:
-                # a list element with a space would smuggle two scopes in one
-                if not item or " " in item:
-                    raise InvalidTokenError(reason=f"claim {path!r} holds a malformed scope")
-                found.add(item)
-        else:
-            raise InvalidTokenError(reason=f"claim {path!r} (scopes) has the wrong type")
-    return frozenset(found)
-
-
 def _audience(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -110,38 +77,168 @@ def _int_or_none(value: Any) -> int | None:
 #: The string fields of the context, in the order their claims are checked.
 _STRING_FIELDS = ("subject", "client_id", "token_type", "organization_id", "service_name")
 
+#: A claim path prepared once: (first name, the names below it, the path).
+_Path = tuple[str, tuple[str, ...], str]
 
-def _string_fields(
-    claims: Mapping[str, Any], mapping: Mapping[str, tuple[str, ...]]
-) -> list[str | None]:
-    """:func:`_first_string` of every string field, in one call (hot path)."""
-    found: list[str | None] = []
-    for field in _STRING_FIELDS:
-        value: Any = None
-        for path in mapping[field]:
-            value = claims.get(path) if "." not in path else claim_path(claims, path)
+
+def _prepare_path(path: str) -> _Path:
+    head, *rest = path.split(".")
+    return head, tuple(rest), path
+
+
+def _descend(value: Any, names: tuple[str, ...]) -> Any:
+    """:func:`claim_path` below the first name (``value`` is not ``None``)."""
+    for name in names:
+        # type() first: an ABC isinstance check costs a microsecond per step.
+        if value is None or (type(value) is not dict and not isinstance(value, Mapping)):
+            return None
+        value = value.get(name)
+    return value
+
+
+# AuthContext without its dataclass __init__: a frozen dataclass sets each of
+# its 14 fields through object.__setattr__ (about 2 µs per context); the slot
+# descriptors set them directly. The result is the same frozen object.
+_new_object = object.__new__
+(
+    _set_subject,
+    _set_client_id,
+    _set_scopes,
+    _set_organization_id,
+    _set_user_id,
+    _set_service_name,
+    _set_token_type,
+    _set_issuer,
+    _set_audience,
+    _set_expires_at,
+    _set_issued_at,
+    _set_claims,
+    _set_strategy,
+    _set_token_id,
+) = (getattr(AuthContext, field.name).__set__ for field in dataclasses.fields(AuthContext))
+
+
+class ContextBuilder:
+    """Maps verified claims to an :class:`AuthContext` for one app's settings.
+
+    The claim map is prepared once (dotted paths split), so that building a
+    context is a handful of dict reads; :func:`build_context` keeps one per
+    :class:`Settings`.
+
+    :param settings: gives the claim mappings and the user rule.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        mapping = settings.claim_map
+        self.settings = settings
+        self._strings = tuple(
+            (field, tuple(_prepare_path(path) for path in mapping[field]))
+            for field in _STRING_FIELDS
+        )
+        self._scopes = tuple(_prepare_path(path) for path in mapping["scopes"])
+        self._user_rule = settings.user_id_rule
+        self._user_prefix = settings.user_id_prefix
+
+    def build(
+        self, claims: Mapping[str, Any], strategy: str = "jwks", owned: bool = False
+    ) -> AuthContext:
+        """Same as :func:`build_context` with this builder's settings."""
+        get = claims.get
+        found: list[Any] = []
+        for field, paths in self._strings:
+            value: Any = None
+            for head, below, path in paths:
+                value = get(head)
+                if below and value is not None:
+                    value = _descend(value, below)
+                if value is None:
+                    continue
+                if not isinstance(value, str):
+                    raise InvalidTokenError(reason=f"claim {path!r} ({field}) is not a string")
+                break
+            found.append(value)
+        subject, client_id, token_type, organization_id, service_name = found
+        context: AuthContext = _new_object(AuthContext)
+        _set_subject(context, subject)
+        _set_client_id(context, client_id)
+        _set_scopes(context, self._scopes_of(claims))
+        _set_organization_id(context, organization_id)
+        _set_user_id(context, subject if self._acts_for_user(claims, subject, client_id) else None)
+        _set_service_name(context, service_name)
+        _set_token_type(context, token_type or "unknown")
+        issuer = get("iss")
+        _set_issuer(context, issuer if isinstance(issuer, str) else None)
+        aud = get("aud")
+        _set_audience(context, (aud,) if type(aud) is str else _audience(aud))
+        exp = get("exp")
+        _set_expires_at(context, exp if type(exp) is int else _int_or_none(exp))
+        iat = get("iat")
+        _set_issued_at(context, iat if type(iat) is int else _int_or_none(iat))
+        _set_claims(
+            context, MappingProxyType(claims if owned and type(claims) is dict else dict(claims))
+        )
+        _set_strategy(context, strategy)
+        jti = get("jti")
+        _set_token_id(context, jti if isinstance(jti, str) else None)
+        return context
+
+    def _scopes_of(self, claims: Mapping[str, Any]) -> frozenset[str]:
+        found: set[str] = set()
+        for head, below, path in self._scopes:
+            value = claims.get(head)
+            if below and value is not None:
+                value = _descend(value, below)
             if value is None:
                 continue
-            if not isinstance(value, str):
-                raise InvalidTokenError(reason=f"claim {path!r} ({field}) is not a string")
-            break
-        found.append(value)
-    return found
+            if isinstance(value, str):
+                # RFC 6749 §3.3: scope-tokens are separated by SP only; a tab or a
+                # Unicode space is part of a (malformed) token, never a separator.
+                found.update(value.split(" "))
+                found.discard("")
+            elif isinstance(value, list):
+                malformed = False
+                for item in value:
+                    if not isinstance(item, str):
+                        raise InvalidTokenError(
+                            reason=f"claim {path!r} (scopes) has the wrong type"
+                        )
+                    # a list element with a space would smuggle two scopes in one
+                    if not item or " " in item:
+                        malformed = True
+                if malformed:
+                    raise InvalidTokenError(reason=f"claim {path!r} holds a malformed scope")
+                found.update(value)
+            else:
+                raise InvalidTokenError(reason=f"claim {path!r} (scopes) has the wrong type")
+        return frozenset(found)
+
+    def _acts_for_user(
+        self, claims: Mapping[str, Any], subject: str | None, client_id: str | None
+    ) -> bool:
+        if subject is None:
+            return False
+        if self._user_rule is not None:
+            return bool(self._user_rule(claims))
+        if self._user_prefix is not None:
+            return subject.startswith(self._user_prefix)
+        # Generic rule: a client-credentials token names the client as subject.
+        if claims.get("gty") == "client-credentials":
+            return False
+        return subject != client_id
 
 
-def _acts_for_user(
-    claims: Mapping[str, Any], subject: str | None, client_id: str | None, settings: Settings
-) -> bool:
-    if subject is None:
-        return False
-    if settings.user_id_rule is not None:
-        return bool(settings.user_id_rule(claims))
-    if settings.user_id_prefix is not None:
-        return subject.startswith(settings.user_id_prefix)
-    # Generic rule: a client-credentials token names the client as subject.
-    if claims.get("gty") == "client-credentials":
-        return False
-    return subject != client_id
+_BUILDERS: dict[int, ContextBuilder] = {}
+_MAX_BUILDERS = 64
+
+
+def context_builder(settings: Settings) -> ContextBuilder:
+    """The :class:`ContextBuilder` of ``settings`` (made once, then reused)."""
+    builder = _BUILDERS.get(id(settings))
+    if builder is None or builder.settings is not settings:
+        if len(_BUILDERS) >= _MAX_BUILDERS:
+            _BUILDERS.clear()
+        builder = _BUILDERS[id(settings)] = ContextBuilder(settings)
+    return builder
 
 
 def build_context(
@@ -160,40 +257,18 @@ def build_context(
         own parse): it is wrapped read-only without a copy.
     :raises InvalidTokenError: when a mapped claim has the wrong type.
     """
-    # Few calls on purpose: this runs for every first-seen token, where each
-    # Python call is a measurable share of the cost (see docs/performance.rst).
-    mapping = settings.claim_map
-    subject, client_id, token_type, organization_id, service_name = _string_fields(
-        claims, mapping
-    )
-    get = claims.get
-    jti = get("jti")
-    issuer = get("iss")
-    aud = get("aud")
-    exp = get("exp")
-    iat = get("iat")
-    return AuthContext(
-        subject=subject,
-        client_id=client_id,
-        scopes=_scopes(claims, mapping["scopes"]),
-        organization_id=organization_id,
-        user_id=subject if _acts_for_user(claims, subject, client_id, settings) else None,
-        service_name=service_name,
-        token_type=token_type or "unknown",
-        issuer=issuer if isinstance(issuer, str) else None,
-        audience=(aud,) if isinstance(aud, str) else _audience(aud),
-        expires_at=int(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None,
-        issued_at=int(iat) if isinstance(iat, int | float) and not isinstance(iat, bool) else None,
-        claims=MappingProxyType(claims if owned and type(claims) is dict else dict(claims)),
-        strategy=strategy,
-        token_id=jti if isinstance(jti, str) else None,
-    )
+    return context_builder(settings).build(claims, strategy, owned)
 
 
-def set_auth(context: AuthContext | None) -> None:
-    """Put ``context`` on ``g.auth`` (the one place that does)."""
+def set_auth(context: AuthContext | None, namespace: dict[str, Any] | None = None) -> None:
+    """Put ``context`` on ``g.auth`` (the one place that does).
+
+    :param namespace: ``g.__dict__`` when the caller already holds it.
+    """
     # Same as ``g.auth = context`` without the proxy and g's Python __setattr__.
-    g._get_current_object().__dict__["auth"] = context
+    if namespace is None:
+        namespace = g._get_current_object().__dict__
+    namespace["auth"] = context
 
 
 def get_auth() -> AuthContext:

@@ -77,34 +77,41 @@ def verify_request(
     # g's namespace dict: one proxy lookup for the whole call, and no Python-level
     # __setattr__/get per access (each is a measurable share of a cache hit).
     request_g: dict[str, Any] = g._get_current_object().__dict__
-    context = _already_verified(strategy, request_g)
+    context = (
+        _already_verified(strategy, request_g) if "_oauth_verify_checked" in request_g else None
+    )
     token: str | None = None
     if context is None:
-        started = perf_counter() if state.events.timed else 0.0  # metrics only
+        events = state.events
+        started = perf_counter() if events.timed else 0.0  # metrics only
         try:
             token = extract_token(request._get_current_object(), state.settings)  # type: ignore[attr-defined]
             if token is None:
                 if optional:
-                    set_auth(None)
+                    set_auth(None, request_g)
                     return None
                 raise MissingTokenError(reason="no bearer token in the request")
             context = state.authenticate(token, strategy)
         except OAuthVerifyError as exc:
-            state.events.failed(exc, token, strategy=strategy, started=started)
+            events.failed(exc, token, strategy=strategy, started=started)
             raise
         except Exception as exc:  # fail closed, never a 500
             # A bug or an input nobody anticipated: refuse the token (never let
             # it through, never answer 500) and log loudly, without the token.
             _logger.exception("Unexpected error while verifying a token; refused.")
             refusal = InvalidTokenError(reason=f"internal error: {type(exc).__name__}")
-            state.events.failed(refusal, token, strategy=strategy, started=started)
+            events.failed(refusal, token, strategy=strategy, started=started)
             raise refusal from None
-        set_auth(context)
-        done = request_g.get("_oauth_verify_checked") or set()
-        done.add(strategy or state.settings.strategy)
-        request_g["_oauth_verify_checked"] = done
-        if state.events.enabled():
-            state.events.validated(context, token, strategy=strategy, started=started)
+        set_auth(context, request_g)
+        done = request_g.get("_oauth_verify_checked")
+        if done is None:
+            request_g["_oauth_verify_checked"] = {strategy or state.settings.strategy}
+        else:
+            done.add(strategy or state.settings.strategy)
+        if events.enabled():
+            events.validated(context, token, strategy=strategy, started=started)
+    if not scopes:
+        return context
     wanted = tuple(scopes)
     if wanted and not context.has_scopes(*wanted, any_of=any_of):
         error = InsufficientScopeError(
@@ -161,7 +168,7 @@ def require_token(
     _check_strategy(strategy)
 
     def decorator(inner: F) -> F:
-        return _wrap(inner, lambda: verify_request(optional=optional, strategy=strategy))
+        return _wrap(inner, functools.partial(verify_request, optional=optional, strategy=strategy))
 
     if view is not None:
         return decorator(view)
@@ -184,7 +191,10 @@ def require_scope(
         raise ValueError("Scopes are non-empty strings without spaces.")
 
     def decorator(view: F) -> F:
-        return _wrap(view, lambda: verify_request(scopes=scopes, any_of=any_of, strategy=strategy))
+        return _wrap(
+            view,
+            functools.partial(verify_request, scopes=scopes, any_of=any_of, strategy=strategy),
+        )
 
     return decorator
 

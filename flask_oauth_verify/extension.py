@@ -17,7 +17,7 @@ from flask import Flask, Response, current_app
 
 from .cache import SharedCache
 from .config import Settings
-from .context import AuthContext, build_context
+from .context import AuthContext, ContextBuilder, build_context
 from .discovery import Discovery
 from .errors import InvalidTokenError, OAuthVerifyError, default_error_response
 from .events import SecurityEvents
@@ -55,6 +55,7 @@ class _AppState:
         self.discovery = Discovery(settings, self.cache, self.fetcher, clock)
         self.keys = KeyStore(settings, self.cache, self.fetcher, self.discovery, clock)
         self.verifier = JWTVerifier(settings)
+        self.context_builder = ContextBuilder(settings)
         self.token_cache = TokenCache(settings.token_cache_size)
         self.events = SecurityEvents()
         self.claims_checks: list[ClaimsCheck] = extension._claims_checks
@@ -108,32 +109,31 @@ class _AppState:
         cached = self.token_cache.get(digest)
         if cached is not None:
             # CachedToken.is_current(), inlined: exp and nbf on every hit, and the
-            # key that verified the token must still be its issuer's current key.
+            # key that verified the token must still be its issuer's current key:
+            # the same key set object within its soft TTL is exactly what
+            # KeyStore.resolve() would return it from; otherwise resolve again
+            # (which also runs the due refresh of a process that only sees hits).
             leeway = self.settings.leeway
-            if (
-                cached.expires_at + leeway > now
-                and (cached.not_before is None or cached.not_before - leeway <= now)
-                and self.keys.resolve(cached.issuer, cached.header) is cached.key
+            if cached.expires_at + leeway > now and (
+                cached.not_before is None or cached.not_before - leeway <= now
             ):
-                return cached.context
+                source = cached.source
+                if (
+                    source.keys is cached.key_set and now < source.fresh_until
+                ) or self.keys.resolve(cached.issuer, cached.header) is cached.key:
+                    return cached.context
             self.token_cache.discard(digest)
-        claims, key, header = self.verifier.verify(token, self.keys, now)
+        claims, key, header, issuer = self.verifier.verify_token(token, self.keys, now)
         if self.claims_checks:  # read-only to the checks: the context shares the dict
             self.run_claims_checks(MappingProxyType(claims))
-        context = build_context(claims, self.settings, strategy="jwks", owned=True)
-        nbf = claims.get("nbf")
-        self.token_cache.put(
-            digest,
-            CachedToken(
-                context=context,
-                expires_at=claims["exp"],
-                not_before=nbf if isinstance(nbf, int | float) else None,
-                # the key source the verifier used (a template's, for templated issuers)
-                issuer=self.verifier.unverified_issuer(claims),
-                header=header,
-                key=key,
-            ),
-        )
+        context = self.context_builder.build(claims, "jwks", True)
+        # the key source the verifier used (a template's, for templated issuers)
+        vouching = self.keys.vouching_source(issuer, header, key)
+        if vouching is not None:  # None: the key set changed meanwhile, don't cache
+            # claims passed the checks: exp is a number, nbf a number or None
+            exp, nbf = claims["exp"], claims.get("nbf")
+            entry = CachedToken(context, exp, nbf, issuer, header, key, *vouching)
+            self.token_cache.put(digest, entry)
         return context
 
     def _introspect(self, token: str, now: float) -> AuthContext:

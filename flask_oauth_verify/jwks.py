@@ -195,6 +195,10 @@ class KeyStore:
         self._flights: SingleFlight[PreparedKeySet] = SingleFlight()
         self._parsed: dict[str, PreparedKeySet] = {}
         self._static = _static_sets(settings)
+        self._static_sources = {
+            issuer: _Source(issuer=issuer, keys=keys, fresh_until=float("inf"))
+            for issuer, keys in self._static.items()
+        }
         self._jku_hosts = frozenset(h.lower() for h in settings.allowed_jku_hosts)
         self._issuers = IssuerMatcher(
             settings.issuers, settings.issuer_placeholder_claims, settings.allowed_tenants
@@ -229,6 +233,29 @@ class KeyStore:
             raise InvalidTokenError(reason="token has no kid and the key set has several keys")
         keys = self._refresh_for_kid(source, keys, header.kid)
         return self._from_set(keys, header, f"key set of {source.name}")
+
+    def vouching_source(
+        self, issuer: str, header: JWSHeader, key: PreparedKey
+    ) -> tuple[_Source, PreparedKeySet] | None:
+        """The key source whose current set gives ``key`` for ``header``, and that set.
+
+        For the verified-token cache, after :meth:`resolve` returned ``key``:
+        while the source's ``keys`` stay that same set object and ``now <
+        fresh_until``, :meth:`resolve` would return ``key`` again without any
+        other work, so a cache hit checks just that (and resolves otherwise,
+        which also drives the soft-TTL refresh). A static set is a source
+        that is always fresh. ``None`` when the set changed meanwhile.
+        """
+        if self._static:
+            static = self._static_sources.get(issuer)
+            if static is not None:
+                fixed = self._static[issuer]
+                return (static, fixed) if fixed.get(header.kid) is key else None
+        source = self._source(issuer, self._jku(header))
+        keys = source.keys  # read once: a refresh may swap it at any time
+        if keys is None or keys.get(header.kid) is not key:
+            return None
+        return source, keys
 
     @staticmethod
     def _from_set(keys: PreparedKeySet, header: JWSHeader, where: str) -> PreparedKey:

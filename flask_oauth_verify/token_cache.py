@@ -3,9 +3,10 @@
 Keyed by the SHA-256 digest of the token, never the token. An entry keeps the
 :class:`AuthContext` built for the token plus what is needed to re-check it on
 every hit: ``exp``/``nbf`` (with leeway) and the key that verified it, which
-must still be the current key of its issuer. The whole cache is emptied when
-a key set changes, so a key that leaves its set stops vouching for tokens at
-once. Eviction is first-in-first-out when full (``TOKEN_CACHE_SIZE``, 10 000
+must still be the current key of its issuer (checked as "the same key set
+object, still within its soft TTL", else resolved again). The whole cache is
+emptied when a key set changes, so a key that leaves its set stops vouching
+for tokens at once. Eviction is first-in-first-out when full (``TOKEN_CACHE_SIZE``, 10 000
 entries by default; 0 disables the cache).
 """
 
@@ -25,9 +26,20 @@ def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True, eq=False)
 class CachedToken:
-    """A verified token's context and what a hit must re-check."""
+    """A verified token's context and what a hit must re-check.
+
+    Not frozen (a frozen dataclass costs a call per field to build, on every
+    first-seen token); nothing changes an entry after it is stored.
+
+    :param source: the key source that vouched for ``key`` when the token
+        was verified (:meth:`KeyStore.vouching_source
+        <flask_oauth_verify.jwks.KeyStore.vouching_source>`), and
+        ``key_set`` its key set then. A hit is current while
+        ``source.keys is key_set`` and ``now < source.fresh_until``;
+        otherwise the key is resolved again.
+    """
 
     context: AuthContext
     expires_at: float
@@ -35,6 +47,8 @@ class CachedToken:
     issuer: str
     header: Any
     key: Any
+    source: Any = None
+    key_set: Any = None
 
     def is_current(self, now: float, leeway: float) -> bool:
         """Whether ``exp``/``nbf`` still allow the token at ``now``."""

@@ -46,6 +46,10 @@ _B64URL_VALUES = {
     c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 }
 _UNUSED_BITS = {2: 0x0F, 3: 0x03}  # segment length % 4 -> bits the last character must not set
+#: Integers strictly inside these bounds convert to finite floats (the fast
+#: claims check); anything outside takes the exact path (:func:`_is_number`).
+_INT_HIGH = 2**1023
+_INT_LOW = -_INT_HIGH
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -171,6 +175,8 @@ class JWTVerifier:
         self._required_values = tuple(settings.required_claim_values.items())
         self._client_ids = frozenset(settings.allowed_client_ids)
         self._client_paths = settings.claim_map["client_id"]
+        # Required claims, values and client ids are rare: skip them as a whole.
+        self._extra_checks = bool(self._required or self._required_values or self._client_ids)
         self._headers: dict[str, JWSHeader] = {}
 
     def header(self, segment: str) -> JWSHeader:
@@ -235,24 +241,67 @@ class JWTVerifier:
         :raises InvalidTokenError: (or a subclass) when the token is not valid.
         :raises UpstreamError: when keys cannot be had at all.
         """
+        claims, key, header, _issuer = self.verify_token(token, resolver, now)
+        return claims, key, header
+
+    def verify_token(
+        self, token: str, resolver: KeyResolver, now: float
+    ) -> tuple[dict[str, Any], PreparedKey, JWSHeader, str]:
+        """Same as :meth:`verify`, plus the configured issuer the key came from.
+
+        The issuer is what :meth:`unverified_issuer` returned (the template,
+        for a templated issuer): the key source of the token.
+        """
         if len(token) > self._max_bytes:
             raise _invalid(f"token longer than {self._max_bytes} bytes")
         if token.count(".") != 2:
             raise _invalid("not a compact JWS (three segments)")
         header_segment, payload_segment, signature_segment = token.split(".")
-        header = self.header(header_segment)
+        header = self._headers.get(header_segment) or self.header(header_segment)
         payload = _json_object(_b64decode(payload_segment, "payload"), "payload")
         issuer = self.unverified_issuer(payload)
         key = resolver.resolve(issuer, header)
-        verify = key.verifier(header.alg)
+        verify = key.verifiers.get(header.alg)  # PreparedKey.verifier(), inlined
         if verify is None:
             raise _invalid(f"key {key.kid!r} is not usable with {header.alg}")
         signature = _b64decode(signature_segment, "signature")
         signing_input = token[: len(header_segment) + 1 + len(payload_segment)].encode("ascii")
         if not verify(signing_input, signature):
             raise _invalid("signature does not verify")
-        self.check_claims(payload, now)
-        return payload, key, header
+        self._check_jwt_claims(payload, now)
+        return payload, key, header, issuer
+
+    def _check_jwt_claims(self, claims: Mapping[str, Any], now: float) -> None:
+        """:meth:`check_claims` of a JWT, with a fast path for the usual token.
+
+        The usual token has integer ``exp``/``nbf``/``iat`` and a string
+        ``aud``; when every one of those passes here, the outcome is the one
+        :meth:`check_claims` would reach. Anything else (a float, a bool, a
+        huge integer, a failed check) goes through :meth:`check_claims`,
+        which names the exact reason.
+        """
+        get = claims.get
+        exp = get("exp")
+        nbf = get("nbf")
+        iat = get("iat")
+        leeway = self._leeway
+        if not (
+            type(exp) is int
+            and _INT_LOW < exp < _INT_HIGH
+            and exp + leeway > now
+            and (nbf is None or (type(nbf) is int and _INT_LOW < nbf < _INT_HIGH))
+            and (nbf is None or nbf - leeway <= now)
+            and (iat is None or (type(iat) is int and _INT_LOW < iat < _INT_HIGH))
+            and (iat is None or iat - leeway <= now)
+        ):
+            self.check_claims(claims, now)
+            return
+        if self._verify_audience:
+            aud = get("aud")
+            if type(aud) is not str or aud not in self._audiences:
+                self._check_audience(aud)
+        if self._extra_checks:
+            self._check_extra(claims)
 
     def check_claims(
         self,
@@ -283,6 +332,11 @@ class JWTVerifier:
         self.check_time_claims(claims, now)
         if self._verify_audience and (require_audience or "aud" in claims):
             self._check_audience(claims.get("aud"))
+        if self._extra_checks:
+            self._check_extra(claims)
+
+    def _check_extra(self, claims: Mapping[str, Any]) -> None:
+        """Required claims, required values and allowed client ids."""
         for name in self._required:
             if claim_path(claims, name) is None:
                 raise _invalid(f"required claim {name!r} is missing")

@@ -1,0 +1,309 @@
+"""The fast paths of verification give the same answers as the general ones.
+
+The verified-token cache checks a hit against its key source (same key set
+object, within its soft TTL) instead of resolving the key again; a JWT's
+usual claims take a fast check; :class:`ContextBuilder` maps claims with
+prepared paths. Each must behave exactly like the general path it shortcuts.
+No timings here: the figures live in ``benchmarks/`` and the docs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flask_oauth_verify.claims import claim_path
+from flask_oauth_verify.config import Settings
+from flask_oauth_verify.context import AuthContext, ContextBuilder, build_context
+from flask_oauth_verify.errors import InvalidTokenError, OAuthVerifyError
+from flask_oauth_verify.extension import get_state
+from flask_oauth_verify.testing import IssuerServer, TokenIssuer
+from flask_oauth_verify.verification import JWTVerifier
+
+from .conftest import FakeClock, make_app
+from .test_jwks import JWKS, JwksRoute, build, get
+
+# -- the verified-token cache against its key source ---------------------------
+
+
+@pytest.fixture
+def jwks_route(served_tokens: TokenIssuer, issuer_server: IssuerServer) -> JwksRoute:
+    """The controllable ``/jwks`` route of :mod:`tests.test_jwks`."""
+    route = JwksRoute(served_tokens)
+    issuer_server.route(JWKS, route)
+    return route
+
+
+def test_a_process_that_only_sees_hits_still_refreshes_its_keys(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer, jwks_route: JwksRoute, clock: FakeClock
+) -> None:
+    app = build(served_tokens, clock)
+    token = served_tokens.mint(expires_in=7200, now=clock.now)
+    assert get(app, token).status_code == 200
+    fetched = issuer_server.hits[JWKS]
+    for _ in range(5):
+        assert get(app, token).status_code == 200
+    assert issuer_server.hits[JWKS] == fetched, "hits within the soft TTL fetch nothing"
+    clock.advance(601)  # past JWKS_CACHE_TTL (600 s, less jitter)
+    assert get(app, token).status_code == 200
+    assert issuer_server.hits[JWKS] == fetched + 1, "the first hit past the TTL refreshes"
+    for _ in range(5):
+        assert get(app, token).status_code == 200
+    assert issuer_server.hits[JWKS] == fetched + 1
+    assert len(get_state(app).token_cache) == 1
+
+
+def test_a_hit_after_a_rotation_that_keeps_its_key(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer, jwks_route: JwksRoute, clock: FakeClock
+) -> None:
+    app = build(served_tokens, clock)
+    old = served_tokens.mint(expires_in=7200, now=clock.now)
+    assert get(app, old).status_code == 200
+    served_tokens.rotate()  # the old key stays published
+    clock.advance(601)
+    assert get(app, old).status_code == 200, "verified again with the key still in the set"
+    new = served_tokens.mint(expires_in=7200, now=clock.now)
+    assert get(app, new).status_code == 200
+    assert len(get_state(app).token_cache) == 2
+
+
+def test_an_outage_beyond_max_staleness_stops_cached_tokens(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer, jwks_route: JwksRoute, clock: FakeClock
+) -> None:
+    from flask_oauth_verify.testing import Reply
+
+    app = build(served_tokens, clock, JWKS_MAX_STALENESS=1200)
+    token = served_tokens.mint(expires_in=7200, now=clock.now)
+    assert get(app, token).status_code == 200
+    jwks_route.reply = Reply(500, {"error": "down"})
+    clock.advance(601)
+    assert get(app, token).status_code == 200, "the last good keys are served"
+    clock.advance(1200)
+    response = get(app, token)
+    assert response.status_code == 503, "no usable keys: a cached token is not served either"
+
+
+def test_static_key_set_hits(tokens: TokenIssuer) -> None:
+    app = make_app(tokens.config(audience="api"))
+    token = tokens.mint()
+    for _ in range(3):
+        assert get(app, token).status_code == 200
+    assert len(get_state(app).token_cache) == 1
+    stranger = TokenIssuer(issuer=tokens.issuer, audience="api")
+    stranger.current_kid = tokens.current_kid  # same kid, another key
+    stranger._keys = {tokens.current_kid: stranger._keys[next(iter(stranger._keys))]}
+    assert get(app, stranger.mint()).status_code == 401
+
+
+# -- the JWT claims check: fast path == general path ---------------------------
+
+NOW = 1_800_000_000.0
+
+times = st.one_of(
+    st.none(),
+    st.integers(min_value=int(NOW) - 200, max_value=int(NOW) + 200),
+    st.sampled_from([2**1023 - 1, 2**1023, 2**1024, -(2**1023), 10**400, -(10**400), 0, -1]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=NOW - 200, max_value=NOW + 200),
+    st.booleans(),
+    st.text(max_size=3),
+)
+audiences = st.one_of(
+    st.none(),
+    st.sampled_from(["api", "other", ""]),
+    st.lists(st.sampled_from(["api", "other", 1]), max_size=3),
+    st.integers(),
+)
+
+
+def _outcome(check: Any, claims: Mapping[str, Any]) -> tuple[str, str] | None:
+    try:
+        check(claims, NOW)
+    except OAuthVerifyError as exc:
+        return type(exc).__name__, exc.reason or ""
+    return None
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"REQUIRED_CLAIMS": ["sub"], "ALLOWED_CLIENT_IDS": ["client-1"]}, {"LEEWAY": 30}],
+)
+@settings(max_examples=300, deadline=None)
+@given(exp=times, nbf=times, iat=times, aud=audiences, sub=st.sampled_from([None, "u"]))
+def test_fast_claims_check_agrees_with_check_claims(
+    extra: dict[str, Any], exp: Any, nbf: Any, iat: Any, aud: Any, sub: Any
+) -> None:
+    config = {
+        "OAUTH_VERIFY_ISSUER": "https://issuer.example.test",
+        "OAUTH_VERIFY_AUDIENCE": "api",
+        "OAUTH_VERIFY_JWKS": {"keys": []},
+        **{f"OAUTH_VERIFY_{k}": v for k, v in extra.items()},
+    }
+    verifier = JWTVerifier(Settings.from_config(config))
+    values = {"exp": exp, "nbf": nbf, "iat": iat, "aud": aud, "sub": sub, "client_id": "client-1"}
+    claims = {k: v for k, v in values.items() if v is not None}
+    expected = _outcome(verifier.check_claims, claims)
+    assert _outcome(verifier._check_jwt_claims, claims) == expected
+
+
+# -- ContextBuilder == the mapping rules, written plainly ----------------------
+
+
+def _reference(claims: Mapping[str, Any], settings: Settings, strategy: str) -> AuthContext:
+    """The documented mapping, one claim_path() at a time (slow and plain)."""
+    mapping = settings.claim_map
+    strings: dict[str, str | None] = {}
+    for field in ("subject", "client_id", "token_type", "organization_id", "service_name"):
+        strings[field] = None
+        for path in mapping[field]:
+            value = claim_path(claims, path)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise InvalidTokenError(reason=f"claim {path!r} ({field}) is not a string")
+            strings[field] = value
+            break
+    scopes: set[str] = set()
+    for path in mapping["scopes"]:
+        value = claim_path(claims, path)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            scopes.update(item for item in value.split(" ") if item)
+        elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+            if any(not item or " " in item for item in value):
+                raise InvalidTokenError(reason=f"claim {path!r} holds a malformed scope")
+            scopes.update(value)
+        else:
+            raise InvalidTokenError(reason=f"claim {path!r} (scopes) has the wrong type")
+    subject, client_id = strings["subject"], strings["client_id"]
+    if subject is None:
+        user = False
+    elif settings.user_id_rule is not None:
+        user = bool(settings.user_id_rule(claims))
+    elif settings.user_id_prefix is not None:
+        user = subject.startswith(settings.user_id_prefix)
+    else:
+        user = claims.get("gty") != "client-credentials" and subject != client_id
+
+    def number(value: Any) -> int | None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        return int(value)
+
+    aud = claims.get("aud")
+    iss, jti = claims.get("iss"), claims.get("jti")
+    return AuthContext(
+        subject=subject,
+        client_id=client_id,
+        scopes=frozenset(scopes),
+        organization_id=strings["organization_id"],
+        user_id=subject if user else None,
+        service_name=strings["service_name"],
+        token_type=strings["token_type"] or "unknown",
+        issuer=iss if isinstance(iss, str) else None,
+        audience=()
+        if aud is None
+        else (aud,)
+        if isinstance(aud, str)
+        else tuple(a for a in aud if isinstance(a, str)),
+        expires_at=number(claims.get("exp")),
+        issued_at=number(claims.get("iat")),
+        claims=dict(claims),
+        strategy=strategy,
+        token_id=jti if isinstance(jti, str) else None,
+    )
+
+
+scalars = st.one_of(
+    st.none(), st.sampled_from(["a", "b c", "", " x", "org"]), st.integers(), st.booleans()
+)
+scope_values = st.one_of(
+    scalars,
+    st.lists(st.sampled_from(["read", "write", "", "a b", 3]), max_size=3),
+)
+nested = st.one_of(
+    st.none(),
+    st.dictionaries(st.sampled_from(["service_name", "client_type", "org"]), scalars, max_size=3),
+    st.integers(),
+)
+claim_sets = st.fixed_dictionaries(
+    {},
+    optional={
+        "sub": scalars,
+        "client_id": scalars,
+        "azp": scalars,
+        "cid": scalars,
+        "scope": scope_values,
+        "scopes": scope_values,
+        "scp": scope_values,
+        "oid": scalars,
+        "org_id": scalars,
+        "gty": st.sampled_from(["client-credentials", "password"]),
+        "custom_claims": nested,
+        "iss": scalars,
+        "aud": st.one_of(st.none(), st.sampled_from(["api"]), st.lists(scalars, max_size=2)),
+        "exp": st.one_of(st.integers(), st.floats(min_value=0, max_value=2e9), st.booleans()),
+        "iat": st.one_of(st.integers(), st.floats(min_value=0, max_value=2e9)),
+        "jti": scalars,
+    },
+)
+CLAIM_MAPS: list[dict[str, Any]] = [
+    {},
+    {"USER_ID_PREFIX": "a"},
+    {"CLAIM_MAP": {"organization_id": ["custom_claims.org", "oid"], "scopes": ["scp"]}},
+    {"USER_ID_RULE": lambda claims: "gty" in claims},
+]
+
+
+@pytest.mark.parametrize("extra", CLAIM_MAPS)
+@settings(max_examples=300, deadline=None)
+@given(claims=claim_sets, strategy=st.sampled_from(["jwks", "introspection"]))
+def test_context_builder_follows_the_mapping_rules(
+    extra: dict[str, Any], claims: dict[str, Any], strategy: str
+) -> None:
+    config = {
+        "OAUTH_VERIFY_ISSUER": "https://issuer.example.test",
+        "OAUTH_VERIFY_AUDIENCE": "api",
+        "OAUTH_VERIFY_JWKS": {"keys": []},
+        **{f"OAUTH_VERIFY_{k}": v for k, v in extra.items()},
+    }
+    settings_ = Settings.from_config(config)
+    try:
+        expected: AuthContext | str = _reference(claims, settings_, strategy)
+    except InvalidTokenError as exc:
+        expected = exc.reason or ""
+    try:
+        built: AuthContext | str = ContextBuilder(settings_).build(dict(claims), strategy, True)
+    except InvalidTokenError as exc:
+        built = exc.reason or ""
+    assert built == expected
+    if isinstance(built, AuthContext):
+        assert build_context(claims, settings_, strategy=strategy) == built
+        assert hash(built) == hash(expected) if _hashable(built) else True
+
+
+def _hashable(context: AuthContext) -> bool:
+    try:
+        hash(context)
+    except TypeError:
+        return False
+    return True
+
+
+def test_a_built_context_is_frozen(tokens: TokenIssuer) -> None:
+    settings_ = Settings.from_config(tokens.config(audience="api"))
+    context = build_context(tokens.claims(scopes=["read"], organization_id="org"), settings_)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        context.subject = "someone else"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        context.claims["sub"] = "someone else"  # type: ignore[index]
+    assert dataclasses.replace(context, subject="x").subject == "x"
+    assert context.scopes == {"read"} and context.organization_id == "org"
+    assert "claims" not in repr(context) and not math.isnan(context.expires_at or 0)
