@@ -548,9 +548,9 @@ def inspect_command(
 
 
 def _fingerprint(token: str) -> str:
-    from .events import token_fingerprint
+    from .events import short_token_hash
 
-    return token_fingerprint(token)
+    return short_token_hash(token)
 
 
 def _verdict(report: _Report, verified: bool) -> None:

@@ -63,8 +63,8 @@ __all__ = [
     "missing_context",
     "missing_token",
     "security_event",
+    "short_token_hash",
     "stale_keys_served",
-    "token_fingerprint",
     "token_validated",
     "token_validation_failed",
 ]
@@ -114,7 +114,7 @@ _MAX_FIELD = 128
 _MAX_HEADER_SEGMENT = 2048
 
 
-def token_fingerprint(token: str) -> str:
+def short_token_hash(token: str) -> str:
     """A short, non-reversible identifier of a token for logs (12 hex chars).
 
     :param token: the bearer token.
@@ -275,7 +275,7 @@ class SecurityEvents:
         fields["strategy"] = context.strategy
         if token is not None:
             fields["kid"] = _unverified_kid(token)
-            fields["token_hash"] = token_fingerprint(token)
+            fields["token_hash"] = short_token_hash(token)
         self.emit("token_validated", fields, logging.INFO)
 
     def failed(
@@ -318,7 +318,7 @@ class SecurityEvents:
                 fields["scopes"] = sorted(context.scopes)
         if token is not None:
             fields["kid"] = _unverified_kid(token)
-            fields["token_hash"] = token_fingerprint(token)
+            fields["token_hash"] = short_token_hash(token)
         self.emit(event, fields, level)
 
 

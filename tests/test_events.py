@@ -19,7 +19,7 @@ from flask_oauth_verify.events import (
     SECURITY_LOGGER,
     keys_refresh_failed,
     security_event,
-    token_fingerprint,
+    short_token_hash,
     token_validated,
     token_validation_failed,
 )
@@ -128,7 +128,7 @@ def test_each_rejection_is_logged_with_its_precise_reason_and_no_token(
         assert record.status == 401  # type: ignore[attr-defined]
         assert words in record.reason, (error, record.reason)  # type: ignore[attr-defined]
         assert words in record.getMessage()
-        assert record.token_hash == token_fingerprint(token)  # type: ignore[attr-defined]
+        assert record.token_hash == short_token_hash(token)  # type: ignore[attr-defined]
         assert record.path == "/protected"  # type: ignore[attr-defined]
         assert_no_token(record, token)
 
@@ -189,7 +189,7 @@ def test_validated_record_has_who_what_where(
     assert fields["organization_id"] == "org_1"
     assert fields["kid"] == tokens.current_kid
     assert fields["jti"] == claims["jti"]
-    assert fields["token_hash"] == token_fingerprint(token)
+    assert fields["token_hash"] == short_token_hash(token)
     assert fields["ip"] == "127.0.0.1"
     assert fields["user_agent"] == "billing-job/2.1"
     assert (fields["method"], fields["path"]) == ("GET", "/protected")
