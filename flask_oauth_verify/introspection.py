@@ -155,6 +155,9 @@ class Introspector:
         self.clock = clock
         #: Receives security events ``(name, fields)``; set by the extension.
         self.on_event: EventSink | None = None
+        #: Per-process copies of cached answers: key -> (until, response).
+        self._memo: dict[str, tuple[float, Mapping[str, Any]]] = {}
+        self._memo_size = settings.token_cache_size
         self._flights: SingleFlight[tuple[Mapping[str, Any] | None, _Failure | None]] = (
             SingleFlight()
         )
@@ -234,6 +237,14 @@ class Introspector:
     def _cached(self, key: str, now: float) -> Mapping[str, Any] | None:
         if not self.caching:
             return None
+        remembered = self._memo.get(key)
+        if remembered is not None:
+            # This process's copy of a cached answer, with the same deadline:
+            # a hit skips the shared backend's round trip and unpickling,
+            # and never outlives what the shared cache would allow.
+            if now < remembered[0]:
+                return remembered[1]
+            self._memo.pop(key, None)
         entry = self.cache.get(key)
         if not isinstance(entry, dict):
             return None
@@ -245,7 +256,19 @@ class Introspector:
             # The backend's own expiry runs on the real clock; ours decides.
             self.cache.delete(key)
             return None
+        self._remember(key, until, response)
         return response
+
+    def _remember(self, key: str, until: float, response: Mapping[str, Any]) -> None:
+        """Keep a cached answer in this process until ``until`` (bounded FIFO)."""
+        memo = self._memo
+        while len(memo) >= self._memo_size > 0:
+            try:
+                del memo[next(iter(memo))]
+            except (KeyError, StopIteration, RuntimeError):
+                break
+        if self._memo_size > 0:
+            memo[key] = (until, response)
 
     def _store(self, key: str, response: Mapping[str, Any], now: float) -> None:
         if response.get("active") is True:
@@ -261,6 +284,7 @@ class Introspector:
         if ttl <= 0:
             return
         self.cache.set(key, {"until": now + ttl, "response": dict(stored)}, ttl)
+        self._remember(key, now + ttl, dict(stored))
 
     # -- single flight ------------------------------------------------------------
 

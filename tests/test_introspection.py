@@ -730,3 +730,41 @@ def test_concurrent_requests_for_different_tokens_stay_apart(issuer: TokenIssuer
     assert results[0][0] == 200
     assert results[0][1]["subject"] == "user_live"
     assert results[1][0] == 401
+
+
+def test_a_worker_reusing_a_shared_answer_keeps_its_original_deadline(
+    issuer: TokenIssuer, clock: FakeClock, redis_url: str
+) -> None:
+    """Worker B adopts worker A's cached answer only until A's deadline.
+
+    Each process keeps a copy of cached answers (so a hit skips the shared
+    backend); the copy must never extend the revocation latency beyond
+    ``INTROSPECTION_CACHE_TTL`` counted from the call that produced it.
+    """
+
+    def worker(name: str) -> Flask:
+        app = Flask(name)
+        app.config.update(
+            TESTING=True,
+            CACHE_TYPE="RedisCache",
+            CACHE_REDIS_URL=redis_url,
+            CACHE_OPTIONS={"socket_timeout": 1, "socket_connect_timeout": 1},
+            **intro_config(issuer, INTROSPECTION_CACHE_TTL=60),
+        )
+        OAuthVerify().init_app(app, cache=Cache(app), clock=clock)
+        add_views(app)
+        return app
+
+    first, second = worker("worker_a").test_client(), worker("worker_b").test_client()
+    token = issuer.mint_opaque()
+    assert first.get("/protected", headers=auth_header(token)).status_code == 200
+    issuer.revoke(token)
+    clock.advance(40)
+    # B has never seen the token: it adopts A's answer from Redis, no call.
+    assert second.get("/protected", headers=auth_header(token)).status_code == 200
+    assert hits(issuer) == 1
+    clock.advance(19)
+    assert second.get("/protected", headers=auth_header(token)).status_code == 200
+    clock.advance(1)  # 60 s after A's call: both copies are over
+    assert_401(second.get("/protected", headers=auth_header(token)))
+    assert_401(first.get("/protected", headers=auth_header(token)))
