@@ -8,6 +8,7 @@ so one process can serve several apps with different settings, and one
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -60,6 +61,7 @@ class _AppState:
         self.events = SecurityEvents()
         self.claims_checks: list[ClaimsCheck] = extension._claims_checks
         self._introspector: Introspector | None = None
+        self._lazy_lock = threading.Lock()
         self._health: HealthChecker | None = None
         self.keys.on_keys_changed = self.token_cache.clear
         self.keys.on_event = self.events.emit
@@ -68,12 +70,20 @@ class _AppState:
     def introspector(self) -> Introspector:
         """The RFC 7662 client (created on first use)."""
         if self._introspector is None:
-            from .introspection import Introspector
+            with self._lazy_lock:  # one client per app, even under a first burst
+                if self._introspector is None:
+                    from .introspection import Introspector
 
-            self._introspector = Introspector(
-                self.settings, self.cache, self.fetcher, self.discovery, self.verifier, self.clock
-            )
-            self._introspector.on_event = self.events.emit
+                    introspector = Introspector(
+                        self.settings,
+                        self.cache,
+                        self.fetcher,
+                        self.discovery,
+                        self.verifier,
+                        self.clock,
+                    )
+                    introspector.on_event = self.events.emit
+                    self._introspector = introspector
         return self._introspector
 
     @property
