@@ -90,9 +90,11 @@ class _AppState:
     def health(self) -> HealthChecker:
         """The health checker (created on first use)."""
         if self._health is None:
-            from .health import HealthChecker
+            with self._lazy_lock:
+                if self._health is None:
+                    from .health import HealthChecker
 
-            self._health = HealthChecker(self)
+                    self._health = HealthChecker(self)
         return self._health
 
     def authenticate(self, token: str, strategy: str | None = None) -> AuthContext:
