@@ -122,7 +122,7 @@ class ContextBuilder:
     """Maps verified claims to an :class:`AuthContext` for one app's settings.
 
     The claim map is prepared once (dotted paths split), so that building a
-    context is a handful of dict reads; :func:`build_context` keeps one per
+    context is a handful of dict reads; each app state keeps one per
     :class:`Settings`.
 
     :param settings: gives the claim mappings and the user rule.
@@ -227,20 +227,6 @@ class ContextBuilder:
         return subject != client_id
 
 
-_BUILDERS: dict[int, ContextBuilder] = {}
-_MAX_BUILDERS = 64
-
-
-def context_builder(settings: Settings) -> ContextBuilder:
-    """The :class:`ContextBuilder` of ``settings`` (made once, then reused)."""
-    builder = _BUILDERS.get(id(settings))
-    if builder is None or builder.settings is not settings:
-        if len(_BUILDERS) >= _MAX_BUILDERS:
-            _BUILDERS.clear()
-        builder = _BUILDERS[id(settings)] = ContextBuilder(settings)
-    return builder
-
-
 def build_context(
     claims: Mapping[str, Any],
     settings: Settings,
@@ -257,7 +243,9 @@ def build_context(
         own parse): it is wrapped read-only without a copy.
     :raises InvalidTokenError: when a mapped claim has the wrong type.
     """
-    return context_builder(settings).build(claims, strategy, owned)
+    # Apps keep one ContextBuilder per app state; this one-off helper is for
+    # callers outside the hot path (the CLI, tests).
+    return ContextBuilder(settings).build(claims, strategy, owned)
 
 
 def set_auth(context: AuthContext | None, namespace: dict[str, Any] | None = None) -> None:

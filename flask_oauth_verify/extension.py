@@ -18,7 +18,7 @@ from flask import Flask, Response, current_app
 
 from .cache import SharedCache
 from .config import Settings
-from .context import AuthContext, ContextBuilder, build_context
+from .context import AuthContext, ContextBuilder
 from .discovery import Discovery
 from .errors import InvalidTokenError, OAuthVerifyError, default_error_response
 from .events import SecurityEvents
@@ -117,10 +117,10 @@ class _AppState:
         raise ValueError(f"unknown strategy {chosen!r}")
 
     def _verify_jwt(self, token: str, now: float) -> AuthContext:
-        digest = hashlib.sha256(token.encode()).digest()  # token_digest(), inlined
+        digest = hashlib.sha256(token.encode()).digest()  # the cache key: never the token
         cached = self.token_cache.get(digest)
         if cached is not None:
-            # CachedToken.is_current(), inlined: exp and nbf on every hit, and the
+            # exp and nbf are re-checked on every hit, and the
             # key that verified the token must still be its issuer's current key:
             # the same key set object within its soft TTL is exactly what
             # KeyStore.resolve() would return it from; otherwise resolve again
@@ -136,8 +136,8 @@ class _AppState:
                     return cached.context
             self.token_cache.discard(digest)
         claims, key, header, issuer = self.verifier.verify_token(token, self.keys, now)
-        if self.claims_checks:  # read-only to the checks: the context shares the dict
-            self.run_claims_checks(MappingProxyType(claims))
+        if self.claims_checks:
+            self.run_claims_checks(claims)  # read-only to the checks
         context = self.context_builder.build(claims, "jwks", True)
         # the key source the verifier used (a template's, for templated issuers)
         vouching = self.keys.vouching_source(issuer, header, key)
@@ -151,7 +151,7 @@ class _AppState:
     def _introspect(self, token: str, now: float) -> AuthContext:
         claims = self.introspector.introspect(token, now)
         self.run_claims_checks(claims)
-        return build_context(claims, self.settings, strategy="introspection")
+        return self.context_builder.build(claims, "introspection", False)
 
     def run_claims_checks(self, claims: Mapping[str, Any]) -> None:
         """Run the app's ``@claims_check`` functions on verified claims.

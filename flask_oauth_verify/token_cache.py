@@ -13,17 +13,11 @@ entries by default; 0 disables the cache).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from typing import Any
 
 from .context import AuthContext
 
-__all__ = ["CachedToken", "TokenCache", "token_digest"]
-
-
-def token_digest(token: str) -> bytes:
-    """SHA-256 of the token: the cache key."""
-    return hashlib.sha256(token.encode()).digest()
+__all__ = ["CachedToken", "TokenCache"]
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -49,12 +43,6 @@ class CachedToken:
     key: Any
     source: Any = None
     key_set: Any = None
-
-    def is_current(self, now: float, leeway: float) -> bool:
-        """Whether ``exp``/``nbf`` still allow the token at ``now``."""
-        if self.expires_at + leeway <= now:
-            return False
-        return self.not_before is None or self.not_before - leeway <= now
 
 
 class TokenCache:
