@@ -11,12 +11,13 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable, Iterable
+from hashlib import sha256
 from time import perf_counter
 from typing import Any, TypeVar, overload
 
 from flask import g, request
 
-from .bearer import extract_token
+from .bearer import extract_token, is_b64token, plain_header_token
 from .config import STRATEGIES
 from .context import AuthContext, set_auth
 from .errors import (
@@ -27,7 +28,7 @@ from .errors import (
     MissingUserContext,
     OAuthVerifyError,
 )
-from .extension import get_state
+from .extension import _AppState, get_state
 
 __all__ = [
     "require_organization",
@@ -50,6 +51,26 @@ def _already_verified(strategy: str | None, request_g: dict[str, Any]) -> AuthCo
     if strategy is None or strategy in done or "both" in done:
         return context if isinstance(context, AuthContext) else None
     return None
+
+
+def _from_plain_header(state: _AppState, token: str, strategy: str | None) -> AuthContext | None:
+    """The usual request's context: a verified-token cache hit, or a verification.
+
+    ``token`` comes from :func:`~flask_oauth_verify.bearer.plain_header_token`.
+    A cache hit needs no other check: only tokens that passed
+    :func:`~flask_oauth_verify.bearer.extract_token` are ever cached. On a
+    miss, a ``b64token`` is exactly what ``extract_token`` would return, so it
+    is verified at once, reusing the digest; anything else returns ``None``
+    (the caller takes the general path, which names the problem).
+    """
+    chosen = strategy or state.settings.strategy
+    if chosen != "jwks" and chosen != "auto":
+        return None  # introspection and "both" do not end at the JWT cache
+    digest = sha256(token.encode()).digest()  # the cache key: never the token
+    context = state.cached_context(digest, state.clock())
+    if context is not None or not is_b64token(token):
+        return context
+    return state.authenticate(token, strategy, digest=digest)
 
 
 def verify_request(
@@ -83,15 +104,19 @@ def verify_request(
     token: str | None = None
     if context is None:
         events = state.events
-        started = perf_counter() if events.timed else 0.0  # metrics only
+        started = perf_counter() if events.metrics is not None else 0.0  # metrics only
         try:
-            token = extract_token(request._get_current_object(), state.settings)  # type: ignore[attr-defined]
-            if token is None:
-                if optional:
-                    set_auth(None, request_g)
-                    return None
-                raise MissingTokenError(reason="no bearer token in the request")
-            context = state.authenticate(token, strategy)
+            current = request._get_current_object()  # type: ignore[attr-defined]
+            token = plain_header_token(current.environ) if state.header_tokens else None
+            context = _from_plain_header(state, token, strategy) if token is not None else None
+            if context is None:
+                token = extract_token(current, state.settings)
+                if token is None:
+                    if optional:
+                        set_auth(None, request_g)
+                        return None
+                    raise MissingTokenError(reason="no bearer token in the request")
+                context = state.authenticate(token, strategy)
         except OAuthVerifyError as exc:
             events.failed(exc, token, strategy=strategy, started=started)
             raise

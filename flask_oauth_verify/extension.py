@@ -63,6 +63,9 @@ class _AppState:
         self._introspector: Introspector | None = None
         self._lazy_lock = threading.Lock()
         self._health: HealthChecker | None = None
+        #: Whether header tokens count (``TOKEN_LOCATIONS``): the fast path
+        #: of :func:`~flask_oauth_verify.decorators.verify_request` reads them.
+        self.header_tokens = "header" in settings.token_locations
         self.keys.on_keys_changed = self.token_cache.clear
         self.keys.on_event = self.events.emit
 
@@ -97,9 +100,14 @@ class _AppState:
                     self._health = HealthChecker(self)
         return self._health
 
-    def authenticate(self, token: str, strategy: str | None = None) -> AuthContext:
+    def authenticate(
+        self, token: str, strategy: str | None = None, *, digest: bytes | None = None
+    ) -> AuthContext:
         """Verify ``token`` with ``strategy`` (the app's default when None).
 
+        :param digest: the token's SHA-256 when the caller already looked it
+            up in the verified-token cache (:meth:`cached_context`) and
+            missed; the lookup is not repeated.
         :raises OAuthVerifyError: when the token is refused.
         """
         chosen = strategy or self.settings.strategy
@@ -107,34 +115,47 @@ class _AppState:
             chosen = "jwks" if looks_like_jws(token) else "introspection"
         now = self.clock()
         if chosen == "jwks":
-            return self._verify_jwt(token, now)
+            return self._verify_jwt(token, now, digest)
         if chosen == "introspection":
             return self._introspect(token, now)
         if chosen == "both":
-            context = self._verify_jwt(token, now)
+            context = self._verify_jwt(token, now, digest)
             self._introspect(token, now)  # still active? (revocation)
             return context
         raise ValueError(f"unknown strategy {chosen!r}")
 
-    def _verify_jwt(self, token: str, now: float) -> AuthContext:
-        digest = hashlib.sha256(token.encode()).digest()  # the cache key: never the token
+    def cached_context(self, digest: bytes, now: float) -> AuthContext | None:
+        """The cached context of the token with SHA-256 ``digest``, if still good.
+
+        ``exp`` and ``nbf`` are re-checked on every hit, and the key that
+        verified the token must still be its issuer's current key: the same
+        key set object within its soft TTL is exactly what
+        :meth:`KeyStore.resolve() <flask_oauth_verify.jwks.KeyStore.resolve>`
+        would return it from; otherwise the key is resolved again (which
+        also runs the due refresh of a process that only sees hits). An
+        entry that fails is dropped.
+        """
         cached = self.token_cache.get(digest)
-        if cached is not None:
-            # exp and nbf are re-checked on every hit, and the
-            # key that verified the token must still be its issuer's current key:
-            # the same key set object within its soft TTL is exactly what
-            # KeyStore.resolve() would return it from; otherwise resolve again
-            # (which also runs the due refresh of a process that only sees hits).
-            leeway = self.settings.leeway
-            if cached.expires_at + leeway > now and (
-                cached.not_before is None or cached.not_before - leeway <= now
-            ):
-                source = cached.source
-                if (
-                    source.keys is cached.key_set and now < source.fresh_until
-                ) or self.keys.resolve(cached.issuer, cached.header) is cached.key:
-                    return cached.context
-            self.token_cache.discard(digest)
+        if cached is None:
+            return None
+        leeway = self.settings.leeway
+        if cached.expires_at + leeway > now and (
+            cached.not_before is None or cached.not_before - leeway <= now
+        ):
+            source = cached.source
+            if (source.keys is cached.key_set and now < source.fresh_until) or self.keys.resolve(
+                cached.issuer, cached.header
+            ) is cached.key:
+                return cached.context
+        self.token_cache.discard(digest)
+        return None
+
+    def _verify_jwt(self, token: str, now: float, digest: bytes | None = None) -> AuthContext:
+        if digest is None:
+            digest = hashlib.sha256(token.encode()).digest()  # the cache key: never the token
+            context = self.cached_context(digest, now)
+            if context is not None:
+                return context
         claims, key, header, issuer = self.verifier.verify_token(token, self.keys, now)
         if self.claims_checks:
             self.run_claims_checks(claims)  # read-only to the checks

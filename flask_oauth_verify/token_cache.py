@@ -54,13 +54,12 @@ class TokenCache:
     def __init__(self, size: int) -> None:
         self.size = size
         self._entries: dict[bytes, CachedToken] = {}
+        #: The entry for a digest, if any (the dict's own ``get``: no Python
+        #: frame on the hot path; :meth:`clear` empties this same dict).
+        self.get = self._entries.get
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    def get(self, digest: bytes) -> CachedToken | None:
-        """The entry for ``digest``, if any."""
-        return self._entries.get(digest)
 
     def put(self, digest: bytes, entry: CachedToken) -> None:
         """Store ``entry``, evicting the oldest entry when full."""
@@ -80,4 +79,4 @@ class TokenCache:
 
     def clear(self) -> None:
         """Empty the cache (a key set changed)."""
-        self._entries = {}
+        self._entries.clear()

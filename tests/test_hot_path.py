@@ -15,15 +15,17 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+from flask import Flask
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flask_oauth_verify import current_auth, require_token
 from flask_oauth_verify.claims import claim_path
 from flask_oauth_verify.config import Settings
 from flask_oauth_verify.context import AuthContext, ContextBuilder, build_context
 from flask_oauth_verify.errors import InvalidTokenError, OAuthVerifyError
 from flask_oauth_verify.extension import get_state
-from flask_oauth_verify.testing import IssuerServer, TokenIssuer
+from flask_oauth_verify.testing import IssuerServer, TokenIssuer, auth_header
 from flask_oauth_verify.verification import JWTVerifier
 
 from .conftest import FakeClock, make_app
@@ -99,6 +101,102 @@ def test_static_key_set_hits(tokens: TokenIssuer) -> None:
     stranger.current_kid = tokens.current_kid  # same kid, another key
     stranger._keys = {tokens.current_kid: stranger._keys[next(iter(stranger._keys))]}
     assert get(app, stranger.mint()).status_code == 401
+
+
+# -- the plain-header fast path of verify_request == extract_token -------------
+
+
+def _cached(app: Flask, token: str) -> None:
+    assert get(app, token).status_code == 200
+    assert len(get_state(app).token_cache) == 1, "the token is in the verified-token cache"
+
+
+#: (Authorization header with TOKEN for the token, query, form) -> status, error
+UNUSUAL_REQUESTS = [
+    ("Bearer TOKEN", {"access_token": "x"}, None, 400, "invalid_request"),
+    ("Bearer TOKEN", {"access_token": "TOKEN"}, None, 400, "invalid_request"),
+    ("Bearer TOKEN", None, {"access_token": "x"}, 400, "invalid_request"),
+    ("Bearer TOKEN, Bearer other", None, None, 400, "invalid_request"),
+    ("Bearer TOKEN extra", None, None, 400, "invalid_request"),
+    ("Basic TOKEN", None, None, 401, "unauthorized"),
+    ("Bearer  TOKEN", None, None, 200, None),
+    ("bearer TOKEN", None, None, 200, None),
+    ("BEARER TOKEN", None, None, 200, None),
+    ("Bearer TOKEN ", None, None, 200, None),
+]
+
+
+@pytest.mark.parametrize(("header", "query", "form", "status", "error"), UNUSUAL_REQUESTS)
+def test_a_cached_token_in_an_unusual_request_gets_the_general_answer(
+    tokens: TokenIssuer,
+    header: str,
+    query: dict[str, str] | None,
+    form: dict[str, str] | None,
+    status: int,
+    error: str | None,
+) -> None:
+    app = make_app(tokens.config(audience="api"))
+
+    @app.post("/protected")
+    @require_token
+    def protected_post() -> dict[str, object]:
+        return {"subject": current_auth.subject}
+
+    token = tokens.mint()
+    _cached(app, token)
+    response = app.test_client().open(
+        "/protected",
+        method="POST" if form else "GET",
+        headers={"Authorization": header.replace("TOKEN", token)},
+        query_string={k: v.replace("TOKEN", token) for k, v in (query or {}).items()},
+        data=form,
+    )
+    assert response.status_code == status, response.get_json()
+    body = response.get_json()
+    if error is not None:
+        assert body["error"] == error
+    else:
+        assert body["subject"] == "user_1"
+
+
+def test_a_cached_header_token_does_not_count_where_headers_are_not_read(
+    tokens: TokenIssuer,
+) -> None:
+    app = make_app(tokens.config(audience="api", TOKEN_LOCATIONS=["query"]))
+    token = tokens.mint()
+    client = app.test_client()
+    assert client.get("/protected", query_string={"access_token": token}).status_code == 200
+    assert len(get_state(app).token_cache) == 1
+    response = client.get("/protected", headers=auth_header(token))
+    assert response.status_code == 401, "a header token is no token with TOKEN_LOCATIONS=query"
+    assert response.get_json()["error"] == "unauthorized", "no token at all"
+
+
+def test_a_cached_jwt_still_goes_to_introspection_on_a_both_route(
+    served_tokens: TokenIssuer,
+) -> None:
+    tokens = served_tokens
+    client_id, secret = tokens.introspection_credentials
+    app = make_app(
+        tokens.config(
+            audience="api",
+            INTROSPECTION_CLIENT_ID=client_id,
+            INTROSPECTION_CLIENT_SECRET=secret,
+        )
+    )
+
+    @app.get("/revocable")
+    @require_token(strategy="both")
+    def revocable() -> dict[str, object]:
+        return {"ok": True}
+
+    token = tokens.mint()
+    _cached(app, token)
+    assert app.test_client().get("/revocable", headers=auth_header(token)).status_code == 200
+    tokens.revoke(token)
+    assert get(app, token).status_code == 200, "the jwks route serves the cached token"
+    response = app.test_client().get("/revocable", headers=auth_header(token))
+    assert response.status_code == 401, "the introspection half still runs on every request"
 
 
 # -- the JWT claims check: fast path == general path ---------------------------
