@@ -54,20 +54,17 @@ def _already_verified(strategy: str | None, request_g: dict[str, Any]) -> AuthCo
 
 
 def _from_plain_header(state: _AppState, token: str, strategy: str | None) -> AuthContext | None:
-    """The usual request's context: a verified-token cache hit, or a verification.
+    """The usual request's context: a cache hit, or a verification.
 
     ``token`` comes from :func:`~flask_oauth_verify.bearer.plain_header_token`.
     A cache hit needs no other check: only tokens that passed
     :func:`~flask_oauth_verify.bearer.extract_token` are ever cached. On a
     miss, a ``b64token`` is exactly what ``extract_token`` would return, so it
-    is verified at once, reusing the digest; anything else returns ``None``
-    (the caller takes the general path, which names the problem).
+    is authenticated at once, reusing the digest; anything else returns
+    ``None`` (the caller takes the general path, which names the problem).
     """
-    chosen = strategy or state.settings.strategy
-    if chosen != "jwks" and chosen != "auto":
-        return None  # introspection and "both" do not end at the JWT cache
     digest = sha256(token.encode()).digest()  # the cache key: never the token
-    context = state.cached_context(digest, state.clock())
+    context = state.cached_context(token, digest, strategy)
     if context is not None or not is_b64token(token):
         return context
     return state.authenticate(token, strategy, digest=digest)

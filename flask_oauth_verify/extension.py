@@ -11,6 +11,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable, Mapping
+from logging import DEBUG
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -24,7 +25,7 @@ from .errors import InvalidTokenError, OAuthVerifyError, default_error_response
 from .events import SecurityEvents
 from .fetch import Fetcher
 from .jwks import KeySetStatus, KeyStore
-from .token_cache import CachedToken, TokenCache
+from .token_cache import CachedToken, IntrospectedToken, TokenCache
 from .verification import JWTVerifier, looks_like_jws
 
 if TYPE_CHECKING:
@@ -57,7 +58,11 @@ class _AppState:
         self.keys = KeyStore(settings, self.cache, self.fetcher, self.discovery, clock)
         self.verifier = JWTVerifier(settings)
         self.context_builder = ContextBuilder(settings)
-        self.token_cache = TokenCache(settings.token_cache_size)
+        self.token_cache: TokenCache[CachedToken] = TokenCache(settings.token_cache_size)
+        #: Contexts of active introspection answers, while their cached answer holds.
+        self.introspected: TokenCache[IntrospectedToken] = TokenCache(
+            settings.token_cache_size if _caches_answers(settings) else 0
+        )
         self.events = SecurityEvents()
         self.claims_checks: list[ClaimsCheck] = extension._claims_checks
         self._introspector: Introspector | None = None
@@ -105,27 +110,54 @@ class _AppState:
     ) -> AuthContext:
         """Verify ``token`` with ``strategy`` (the app's default when None).
 
-        :param digest: the token's SHA-256 when the caller already looked it
-            up in the verified-token cache (:meth:`cached_context`) and
-            missed; the lookup is not repeated.
+        A token seen before is answered from the per-process caches
+        (:mod:`flask_oauth_verify.token_cache`) while they hold.
+
+        :param digest: the token's SHA-256, when the caller has it already.
         :raises OAuthVerifyError: when the token is refused.
         """
         chosen = strategy or self.settings.strategy
         if chosen == "auto":
             chosen = "jwks" if looks_like_jws(token) else "introspection"
+        if digest is None:
+            digest = hashlib.sha256(token.encode()).digest()  # the cache key: never the token
         now = self.clock()
         if chosen == "jwks":
-            return self._verify_jwt(token, now, digest)
+            return self._jwt_hit(digest, now) or self._verify_jwt(token, digest, now)
         if chosen == "introspection":
-            return self._introspect(token, now)
+            return self._introspection_hit(digest, now) or self._introspect(token, digest, now)
         if chosen == "both":
-            context = self._verify_jwt(token, now, digest)
-            self._introspect(token, now)  # still active? (revocation)
+            context = self._jwt_hit(digest, now) or self._verify_jwt(token, digest, now)
+            # still active? (revocation)
+            if self._introspection_hit(digest, now) is None:
+                self._introspect(token, digest, now)
             return context
         raise ValueError(f"unknown strategy {chosen!r}")
 
-    def cached_context(self, digest: bytes, now: float) -> AuthContext | None:
-        """The cached context of the token with SHA-256 ``digest``, if still good.
+    def cached_context(
+        self, token: str, digest: bytes, strategy: str | None = None
+    ) -> AuthContext | None:
+        """The context of a token seen before, from the caches alone, else ``None``.
+
+        What :meth:`authenticate` would return for ``token`` (SHA-256
+        ``digest``) without verifying or introspecting anything; ``None``
+        when the caches cannot answer for ``strategy``.
+        """
+        chosen = strategy or self.settings.strategy
+        now = self.clock()
+        if chosen == "auto":
+            chosen = "jwks" if looks_like_jws(token) else "introspection"
+        if chosen == "jwks":
+            return self._jwt_hit(digest, now)
+        if chosen == "introspection":
+            return self._introspection_hit(digest, now)
+        context = self._jwt_hit(digest, now)  # "both": both caches must answer
+        if context is None or self._introspection_hit(digest, now) is None:
+            return None
+        return context
+
+    def _jwt_hit(self, digest: bytes, now: float) -> AuthContext | None:
+        """The verified-token cache's context for ``digest``, if still good.
 
         ``exp`` and ``nbf`` are re-checked on every hit, and the key that
         verified the token must still be its issuer's current key: the same
@@ -150,12 +182,7 @@ class _AppState:
         self.token_cache.discard(digest)
         return None
 
-    def _verify_jwt(self, token: str, now: float, digest: bytes | None = None) -> AuthContext:
-        if digest is None:
-            digest = hashlib.sha256(token.encode()).digest()  # the cache key: never the token
-            context = self.cached_context(digest, now)
-            if context is not None:
-                return context
+    def _verify_jwt(self, token: str, digest: bytes, now: float) -> AuthContext:
         claims, key, header, issuer = self.verifier.verify_token(token, self.keys, now)
         if self.claims_checks:
             self.run_claims_checks(claims)  # read-only to the checks
@@ -169,10 +196,29 @@ class _AppState:
             self.token_cache.put(digest, entry)
         return context
 
-    def _introspect(self, token: str, now: float) -> AuthContext:
-        claims = self.introspector.introspect(token, now)
+    def _introspection_hit(self, digest: bytes, now: float) -> AuthContext | None:
+        """The context of a cached active introspection answer, if still good."""
+        cached = self.introspected.get(digest)
+        if cached is None:
+            return None
+        if now < cached.reuse_until:
+            events = self.events
+            if events.metrics is not None or events.wants("introspection_cache_hit", DEBUG):
+                self.introspector.note_cache_hit()
+            return cached.context
+        self.introspected.discard(digest)
+        return None
+
+    def _introspect(self, token: str, digest: bytes, now: float) -> AuthContext:
+        claims, reuse_until = self.introspector.introspect_until(token, now)
         self.run_claims_checks(claims)
-        return self.context_builder.build(claims, "introspection", False)
+        context = self.context_builder.build(claims, "introspection", False)
+        if reuse_until is not None:
+            exp = claims.get("exp")
+            if isinstance(exp, int | float) and not isinstance(exp, bool):
+                reuse_until = min(reuse_until, exp + self.settings.leeway)
+            self.introspected.put(digest, IntrospectedToken(context, reuse_until))
+        return context
 
     def run_claims_checks(self, claims: Mapping[str, Any]) -> None:
         """Run the app's ``@claims_check`` functions on verified claims.
@@ -203,6 +249,11 @@ class _AppState:
         if self.settings.security_headers:
             _add_security_headers(response)
         return response
+
+
+def _caches_answers(settings: Settings) -> bool:
+    """Whether active introspection answers are cached (and so their contexts)."""
+    return settings.introspection_cache_ttl > 0
 
 
 def _add_security_headers(response: Response) -> None:

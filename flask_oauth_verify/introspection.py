@@ -178,6 +178,15 @@ class Introspector:
             or the response's claims fail a check.
         :raises UpstreamError: when the endpoint gives no usable answer.
         """
+        return self.introspect_until(token, now)[0]
+
+    def introspect_until(self, token: str, now: float) -> tuple[Mapping[str, Any], float | None]:
+        """:meth:`introspect`, plus until when this process may reuse the answer.
+
+        :returns: the checked claims, and the deadline of the cached answer
+            (``None`` when it is not cached: caching off, or a concurrent
+            call's answer this process did not keep).
+        """
         if len(token) > self.settings.max_token_bytes:
             raise InvalidTokenError(
                 reason=f"token longer than {self.settings.max_token_bytes} bytes"
@@ -188,7 +197,13 @@ class Introspector:
             response = self._single_flight(key, token, now)
         else:
             self._emit("introspection_cache_hit", {})
-        return self._check(response, now)
+        checked = self._check(response, now)
+        remembered = self._memo.get(key)
+        return checked, remembered[0] if remembered is not None else None
+
+    def note_cache_hit(self) -> None:
+        """Count an answer served from the per-process context cache."""
+        self._emit("introspection_cache_hit", {})
 
     # -- checks -----------------------------------------------------------------
 

@@ -8,16 +8,24 @@ object, still within its soft TTL", else resolved again). The whole cache is
 emptied when a key set changes, so a key that leaves its set stops vouching
 for tokens at once. Eviction is first-in-first-out when full (``TOKEN_CACHE_SIZE``, 10 000
 entries by default; 0 disables the cache).
+
+Introspected tokens have a cache of the same shape and size
+(:class:`IntrospectedToken` entries): the context built from an active
+answer, reused until the answer's own cache deadline (never past ``exp``),
+so that a hit costs what a verified JWT's hit costs. It exists only when
+introspection answers are cached (``INTROSPECTION_CACHE_TTL`` > 0).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from .context import AuthContext
 
-__all__ = ["CachedToken", "TokenCache"]
+__all__ = ["CachedToken", "IntrospectedToken", "TokenCache"]
+
+E = TypeVar("E")
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -45,15 +53,30 @@ class CachedToken:
     key_set: Any = None
 
 
-class TokenCache:
-    """A bounded FIFO mapping of token digest -> :class:`CachedToken`.
+@dataclasses.dataclass(slots=True, eq=False)
+class IntrospectedToken:
+    """The context of an active introspection answer, and until when it holds.
+
+    :param context: built from the answer after every check passed.
+    :param reuse_until: the cached answer's deadline, capped at ``exp`` plus
+        the leeway: a hit needs ``now < reuse_until`` and nothing else
+        (``nbf``/``iat`` passed once stay passed).
+    """
+
+    context: AuthContext
+    reuse_until: float
+
+
+class TokenCache(Generic[E]):
+    """A bounded FIFO mapping of token digest -> entry (:class:`CachedToken`,
+    :class:`IntrospectedToken`).
 
     :param size: the maximum number of entries; 0 disables the cache.
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._entries: dict[bytes, CachedToken] = {}
+        self._entries: dict[bytes, E] = {}
         #: The entry for a digest, if any (the dict's own ``get``: no Python
         #: frame on the hot path; :meth:`clear` empties this same dict).
         self.get = self._entries.get
@@ -61,7 +84,7 @@ class TokenCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, digest: bytes, entry: CachedToken) -> None:
+    def put(self, digest: bytes, entry: E) -> None:
         """Store ``entry``, evicting the oldest entry when full."""
         if self.size <= 0:
             return

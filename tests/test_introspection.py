@@ -256,6 +256,33 @@ def test_cache_ttl_never_outlives_the_token(issuer: TokenIssuer, clock: FakeCloc
     assert hits(issuer) == 2
 
 
+def test_a_repeated_opaque_token_reuses_its_context_until_the_answer_expires(
+    issuer: TokenIssuer, clock: FakeClock
+) -> None:
+    app = Flask("context-reuse")
+    app.config.update(TESTING=True, **intro_config(issuer, INTROSPECTION_CACHE_TTL=60))
+    oauth = OAuthVerify()
+    oauth.init_app(app, clock=clock)
+    add_views(app)
+    checked: list[str] = []
+
+    @oauth.claims_check
+    def remember(claims: Mapping[str, Any]) -> bool:
+        checked.append(claims["sub"])
+        return True
+
+    client = app.test_client()
+    token = issuer.mint_opaque(subject="user_a", expires_in=3600, now=clock.now)
+    for _ in range(3):
+        response = client.get("/protected", headers=auth_header(token))
+        assert response.status_code == 200
+        assert response.json is not None and response.json["subject"] == "user_a"
+    assert (hits(issuer), checked) == (1, ["user_a"]), "built once, reused twice"
+    clock.advance(60)  # the cached answer's deadline
+    assert client.get("/protected", headers=auth_header(token)).status_code == 200
+    assert (hits(issuer), checked) == (2, ["user_a", "user_a"]), "asked and built again"
+
+
 def test_inactive_answers_cached_only_with_a_negative_ttl(
     issuer: TokenIssuer, clock: FakeClock
 ) -> None:
