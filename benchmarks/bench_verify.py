@@ -487,6 +487,11 @@ def bench_introspection(rounds: int, server: IssuerServer) -> Table | str:
     )
     opaque = [issuer.mint_opaque(**typical_claims()) for _ in range(rounds + 60)]
     miss = ours_app(config, "intro-miss").test_client()
+    # Our own time, measured directly: the same miss with the endpoint's
+    # answer handed over without HTTP (everything else runs as in a miss).
+    no_http_app = ours_app(config, "intro-no-http")
+    _answer_without_http(get_state(no_http_app).fetcher, issuer)
+    no_http = no_http_app.test_client()
     hit = ours_app(config, "intro-hit").test_client()
     session = requests.Session()
     endpoint = f"{issuer.issuer}/introspect"
@@ -508,12 +513,17 @@ def bench_introspection(rounds: int, server: IssuerServer) -> Table | str:
     variants = [
         trip,
         Variant("introspection, cache miss", fresh(miss, opaque)),
+        Variant(
+            "introspection, cache miss, answer handed over without HTTP", fresh(no_http, opaque)
+        ),
         Variant("introspection, cache hit", repeated(hit, opaque[0])),
     ]
-    # the JWT floor of the same run, for the ratio column
+    # the JWT floor of the same run, for the ratio column, and a JWT cache hit
     jwt_token = issuer.mint(**typical_claims())
     raw, _ = raw_variants(issuer, "RS256", jwt_token)
     variants.insert(0, raw)
+    jwt_hit = ours_app(ours_config(issuer, "RS256"), "intro-jwt-hit").test_client()
+    variants.append(Variant("JWT, verified-token cache hit", repeated(jwt_hit, jwt_token)))
     interleave(variants, baseline, rounds)
     table = Table(
         f"Introspection against a local IssuerServer, {rounds} rounds", added_cost(raw, baseline)
@@ -523,6 +533,18 @@ def bench_introspection(rounds: int, server: IssuerServer) -> Table | str:
     own = added_cost(variants[2], baseline) - added_cost(trip, baseline)
     table.add("our own time on a miss (miss - round trip)", own)
     return table
+
+
+def _answer_without_http(fetcher: Any, issuer: TokenIssuer) -> None:
+    """Make ``fetcher.post`` return the endpoint's answer at once (no HTTP)."""
+    from flask_oauth_verify.fetch import HTTPResult
+
+    headers = {"Content-Type": "application/json"}
+
+    def post(_url: str, *, data: Any = None, **_ignored: Any) -> HTTPResult:
+        return HTTPResult(200, headers, issuer.introspect(data["token"]))
+
+    fetcher.post = post
 
 
 # -- memory -------------------------------------------------------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import os
 import threading
@@ -44,6 +45,8 @@ __all__ = ["CircuitBreaker", "FetchError", "Fetcher", "HTTPResult", "SingleFligh
 _MAX_REDIRECTS = 3
 _USER_AGENT = "flask-oauth-verify"
 _CHUNK = 16384
+#: URLs remembered as allowed by :func:`check_url` (endpoints, key sets).
+_CHECKED_URLS = 256
 
 T = TypeVar("T")
 
@@ -250,6 +253,7 @@ class Fetcher:
         self._clock = clock
         self._session = self._new_session()
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._checked_urls: set[str] = set()
         self._lock = threading.Lock()
         # A pre-forking server (gunicorn --preload) forks after init_app:
         # pooled connections must not be shared between processes.
@@ -395,10 +399,14 @@ class Fetcher:
         raise FetchError("too many redirects")
 
     def _check_scheme(self, url: str) -> None:
+        if url in self._checked_urls:
+            return  # the verdict depends on the URL and fixed settings only
         try:
             check_url(url, "HTTP", allow_insecure_http=self.settings.allow_insecure_http)
         except ConfigurationError:
             raise FetchError(f"insecure or invalid URL refused ({_origin(url)})") from None
+        if len(self._checked_urls) < _CHECKED_URLS:
+            self._checked_urls.add(url)
 
     def _read_body(self, response: requests.Response, deadline: float) -> bytes:
         limit = self.settings.http_max_bytes
@@ -433,6 +441,7 @@ def _reset_after_fork(ref: weakref.ReferenceType[Fetcher]) -> None:
         fetcher._lock = threading.Lock()
 
 
+@functools.lru_cache(maxsize=256)
 def _origin(url: str) -> str:
     try:
         parts = urlsplit(url)

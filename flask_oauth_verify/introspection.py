@@ -162,6 +162,7 @@ class Introspector:
             SingleFlight()
         )
         self._last_logged: dict[str, float] = {}
+        self._auth_by_url: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
         connect, read = settings.http_timeout
         # A follower waits for the leader's call: discovery plus the POST,
         # each bounded by the fetch policy's overall deadline.
@@ -343,10 +344,9 @@ class Introspector:
         except _Misconfigured as exc:
             return None, exc.failure
         try:
-            headers, auth_params = self._client_auth(url)
+            headers, auth_params = self._prepared_auth(url)
         except _Misconfigured as exc:
             return None, exc.failure
-        headers["Accept"] = "application/json"
         try:
             if self.settings.introspection_body == "json":
                 result = self.fetcher.post(
@@ -392,6 +392,21 @@ class Introspector:
                 _RETRY_TRANSIENT,
             )
         )
+
+    def _prepared_auth(self, url: str) -> tuple[dict[str, str], dict[str, str]]:
+        """:meth:`_client_auth` of ``url`` plus ``Accept``, prepared once per URL.
+
+        The credentials are fixed settings, so the headers and body
+        parameters are too; each call gets its own copies.
+        """
+        prepared = self._auth_by_url.get(url)
+        if prepared is None:
+            headers, params = self._client_auth(url)
+            headers["Accept"] = "application/json"
+            prepared = (headers, params)
+            if len(self._auth_by_url) < 16:  # the endpoint, or a few discovered ones
+                self._auth_by_url[url] = prepared
+        return dict(prepared[0]), dict(prepared[1])
 
     def _client_auth(self, url: str) -> tuple[dict[str, str], dict[str, str]]:
         """Headers and body parameters that authenticate us (RFC 7662 §2.1)."""
