@@ -96,26 +96,36 @@ def _descend(value: Any, names: tuple[str, ...]) -> Any:
     return value
 
 
-# AuthContext without its dataclass __init__: a frozen dataclass sets each of
-# its 14 fields through object.__setattr__ (about 2 µs per context); the slot
-# descriptors set them directly. The result is the same frozen object.
-_new_object = object.__new__
-(
-    _set_subject,
-    _set_client_id,
-    _set_scopes,
-    _set_organization_id,
-    _set_user_id,
-    _set_service_name,
-    _set_token_type,
-    _set_issuer,
-    _set_audience,
-    _set_expires_at,
-    _set_issued_at,
-    _set_claims,
-    _set_strategy,
-    _set_token_id,
-) = (getattr(AuthContext, field.name).__set__ for field in dataclasses.fields(AuthContext))
+class _Building:
+    """An :class:`AuthContext` under construction: the same slots, no frozen guard.
+
+    A frozen dataclass sets each of its 14 fields through
+    ``object.__setattr__`` (about 2 µs per context, on every first-seen
+    token); here the fields are plain slot stores, and the finished object
+    becomes an :class:`AuthContext` by ``__class__`` assignment, which Python
+    allows between classes of the same layout. The result is the same frozen
+    object as ``AuthContext(...)`` builds (``tests/test_hot_path.py``).
+    """
+
+    __slots__ = AuthContext.__slots__
+
+    subject: str | None
+    client_id: str | None
+    scopes: frozenset[str]
+    organization_id: str | None
+    user_id: str | None
+    service_name: str | None
+    token_type: str
+    issuer: str | None
+    audience: tuple[str, ...]
+    expires_at: int | None
+    issued_at: int | None
+    claims: Mapping[str, Any]
+    strategy: str
+    token_id: str | None
+
+
+_new_building = object.__new__
 
 
 class ContextBuilder:
@@ -158,29 +168,30 @@ class ContextBuilder:
                 break
             found.append(value)
         subject, client_id, token_type, organization_id, service_name = found
-        context: AuthContext = _new_object(AuthContext)
-        _set_subject(context, subject)
-        _set_client_id(context, client_id)
-        _set_scopes(context, self._scopes_of(claims))
-        _set_organization_id(context, organization_id)
-        _set_user_id(context, subject if self._acts_for_user(claims, subject, client_id) else None)
-        _set_service_name(context, service_name)
-        _set_token_type(context, token_type or "unknown")
+        context: Any = _new_building(_Building)
+        context.subject = subject
+        context.client_id = client_id
+        context.scopes = self._scopes_of(claims)
+        context.organization_id = organization_id
+        context.user_id = subject if self._acts_for_user(claims, subject, client_id) else None
+        context.service_name = service_name
+        context.token_type = token_type or "unknown"
         issuer = get("iss")
-        _set_issuer(context, issuer if isinstance(issuer, str) else None)
+        context.issuer = issuer if isinstance(issuer, str) else None
         aud = get("aud")
-        _set_audience(context, (aud,) if type(aud) is str else _audience(aud))
+        context.audience = (aud,) if type(aud) is str else _audience(aud)
         exp = get("exp")
-        _set_expires_at(context, exp if type(exp) is int else _int_or_none(exp))
+        context.expires_at = exp if type(exp) is int else _int_or_none(exp)
         iat = get("iat")
-        _set_issued_at(context, iat if type(iat) is int else _int_or_none(iat))
-        _set_claims(
-            context, MappingProxyType(claims if owned and type(claims) is dict else dict(claims))
+        context.issued_at = iat if type(iat) is int else _int_or_none(iat)
+        context.claims = MappingProxyType(
+            claims if owned and type(claims) is dict else dict(claims)
         )
-        _set_strategy(context, strategy)
+        context.strategy = strategy
         jti = get("jti")
-        _set_token_id(context, jti if isinstance(jti, str) else None)
-        return context
+        context.token_id = jti if isinstance(jti, str) else None
+        context.__class__ = AuthContext  # frozen from here on
+        return context  # type: ignore[no-any-return]
 
     def _scopes_of(self, claims: Mapping[str, Any]) -> frozenset[str]:
         found: set[str] = set()

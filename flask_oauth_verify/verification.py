@@ -27,8 +27,9 @@ import binascii
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
-from typing import Any, Protocol, TypeGuard
+from collections.abc import Callable, Mapping
+from json.scanner import make_scanner
+from typing import Any, Protocol, TypeGuard, cast
 
 from .claims import claim_path
 from .config import Settings
@@ -109,10 +110,22 @@ def _refuse_constant(name: str) -> Any:
 _DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
 
 
+# The decoder's scanner, called directly for the usual text (an object from
+# the first character to the last): the same parse as _DECODER.decode()
+# without its two whitespace regex matches; anything else takes decode().
+_SCAN: Callable[[str, int], tuple[Any, int]] = make_scanner(cast(Any, _DECODER))
+
+
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
         # RFC 7519 §7.2: the JSON is UTF-8 (no other encoding, no BOM).
-        value = _DECODER.decode(data.decode("utf-8"))
+        text = data.decode("utf-8")
+        try:
+            value, end = _SCAN(text, 0)
+        except StopIteration:  # leading whitespace, or not JSON at all
+            end = -1
+        if end != len(text):  # ditto, or trailing whitespace / extra data
+            value = _DECODER.decode(text)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise _invalid(f"{what} is not a JSON object without duplicate members") from None
     if not isinstance(value, dict):

@@ -398,6 +398,7 @@ def _hashable(context: AuthContext) -> bool:
 def test_a_built_context_is_frozen(tokens: TokenIssuer) -> None:
     settings_ = Settings.from_config(tokens.config(audience="api"))
     context = build_context(tokens.claims(scopes=["read"], organization_id="org"), settings_)
+    assert type(context) is AuthContext, "built as a _Building, finished as an AuthContext"
     with pytest.raises(dataclasses.FrozenInstanceError):
         context.subject = "someone else"  # type: ignore[misc]
     with pytest.raises(TypeError):
