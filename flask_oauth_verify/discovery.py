@@ -48,6 +48,8 @@ __all__ = ["Discovery", "metadata_urls"]
 logger = logging.getLogger("flask_oauth_verify.discovery")
 
 _JITTER = 0.1
+#: Metadata URLs remembered as accepted by the fetch policy (a few per issuer).
+_ACCEPTED_URLS = 64
 _RECHECK = 1.0
 
 
@@ -109,6 +111,7 @@ class Discovery:
         self.fetcher = fetcher
         self.clock = clock
         self._local: dict[str, _Entry] = {}
+        self._accepted_urls: set[str] = set()
         self._flights: SingleFlight[Mapping[str, Any]] = SingleFlight()
         self._lock_timeout = 2 * fetcher.budget + 2
         #: issuer -> the last discovery error of this process (for status).
@@ -151,12 +154,15 @@ class Discovery:
             return None
         if not isinstance(value, str):
             raise FetchError(f"metadata member {name} is not a string")
+        if value in self._accepted_urls:
+            return value  # the verdict depends on the URL and fixed settings only
         try:
-            return check_url(
-                value, name.upper(), allow_insecure_http=self.settings.allow_insecure_http
-            )
+            check_url(value, name.upper(), allow_insecure_http=self.settings.allow_insecure_http)
         except ConfigurationError as exc:
             raise FetchError(str(exc)) from None
+        if len(self._accepted_urls) < _ACCEPTED_URLS:
+            self._accepted_urls.add(value)
+        return value
 
     def refresh(self, issuer: str) -> Mapping[str, Any]:
         """Fetch the metadata of ``issuer`` now (operations: a forced refresh).

@@ -151,8 +151,12 @@ class CircuitBreaker:
 
 
 class _Call(Generic[T]):
+    __slots__ = ("done", "error", "followers", "value")
+
     def __init__(self) -> None:
-        self.done = threading.Event()
+        # Created by the first follower (under the flight's lock): a call
+        # nobody waits for, the usual case, costs no Event.
+        self.done: threading.Event | None = None
         self.followers = 0
         self.value: T | None = None
         self.error: BaseException | None = None
@@ -197,8 +201,11 @@ class SingleFlight(Generic[T]):
                 call = self._calls[key] = _Call()
             else:
                 call.followers += 1
+                if call.done is None:
+                    call.done = threading.Event()
+                done = call.done
         if not leader:
-            if not call.done.wait(timeout):
+            if not done.wait(timeout):
                 raise TimeoutError("the call under way did not finish in time")
             if call.error is not None:
                 raise copy.copy(call.error)
@@ -211,7 +218,9 @@ class SingleFlight(Generic[T]):
         finally:
             with self._lock:
                 del self._calls[key]
-            call.done.set()
+                event = call.done  # every follower of this call has made it by now
+            if event is not None:
+                event.set()
         return call.value
 
     def reset(self) -> None:
