@@ -62,12 +62,23 @@ def _from_plain_header(state: _AppState, token: str, strategy: str | None) -> Au
     miss, a ``b64token`` is exactly what ``extract_token`` would return, so it
     is authenticated at once, reusing the digest; anything else returns
     ``None`` (the caller takes the general path, which names the problem).
+    ``tests/test_hot_path.py`` compares both paths' answers request by request.
     """
     digest = sha256(token.encode()).digest()  # the cache key: never the token
     context = state.cached_context(token, digest, strategy)
-    if context is not None or not is_b64token(token):
+    if context is not None:
         return context
-    return state.authenticate(token, strategy, digest=digest)
+    if (strategy or state.settings.strategy) != "jwks":
+        return state.authenticate(token, strategy, digest=digest) if is_b64token(token) else None
+    # A JWT route: a compact JWS that verifies is a b64token (base64url
+    # segments and dots), so the syntax check is needed only on a refusal, to
+    # give extract_token's own answer to a token that is not one.
+    try:
+        return state.authenticate(token, strategy, digest=digest)
+    except OAuthVerifyError:
+        if is_b64token(token):
+            raise
+        return None
 
 
 def verify_request(

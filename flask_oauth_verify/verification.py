@@ -43,10 +43,12 @@ _REFUSED_HEADERS = ("crit", "b64", "enc", "zip")
 _MAX_KID_LENGTH = 512
 _HEADER_CACHE_SIZE = 512
 _BASE64_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
+#: The value of each base64url character, by its byte (the canonical check).
 _B64URL_VALUES = {
-    c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+    c: i for i, c in enumerate(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 }
-_UNUSED_BITS = {2: 0x0F, 3: 0x03}  # segment length % 4 -> bits the last character must not set
+#: Segment length % 4 -> (bits the last character must not set, padding).
+_LAST_CHARACTER = {2: (0x0F, b"=="), 3: (0x03, b"=")}
 #: Integers strictly inside these bounds convert to finite floats (the fast
 #: claims check); anything outside takes the exact path (:func:`_is_number`).
 _INT_HIGH = 2**1023
@@ -81,17 +83,26 @@ def _invalid(reason: str) -> InvalidTokenError:
 
 def _b64decode(segment: str, what: str) -> bytes:
     """Strict base64url (RFC 7515 §2: no padding, URL-safe alphabet only)."""
-    if "=" in segment or "+" in segment or "/" in segment or len(segment) % 4 == 1:
-        raise _invalid(f"{what} is not base64url")
-    # Canonical only (RFC 4648 §3.5): the unused low bits of the last
-    # character must be zero, or one token would have many spellings.
-    if len(segment) % 4 and _B64URL_VALUES.get(segment[-1], 0) & _UNUSED_BITS[len(segment) % 4]:
-        raise _invalid(f"{what} is not canonical base64url")
     try:
-        # bytes.translate is a C table lookup (str.translate with a dict is not).
-        standard = segment.encode("ascii").translate(_BASE64_FROM_URLSAFE)
-        return binascii.a2b_base64(standard + b"=" * (-len(segment) % 4), strict_mode=True)
-    except (binascii.Error, ValueError):  # UnicodeEncodeError is a ValueError
+        raw = segment.encode("ascii")
+    except UnicodeEncodeError:
+        raise _invalid(f"{what} is not base64url") from None
+    # bytes.translate is a C table lookup (str.translate with a dict is not);
+    # deleting "+", "/" and "=" first shows whether the segment had any.
+    standard = raw.translate(_BASE64_FROM_URLSAFE, b"+/=")
+    remainder = len(raw) % 4
+    if len(standard) != len(raw) or remainder == 1:
+        raise _invalid(f"{what} is not base64url")
+    if remainder:
+        # Canonical only (RFC 4648 §3.5): the unused low bits of the last
+        # character must be zero, or one token would have many spellings.
+        unused, padding = _LAST_CHARACTER[remainder]
+        if _B64URL_VALUES.get(raw[-1], 0) & unused:
+            raise _invalid(f"{what} is not canonical base64url")
+        standard += padding
+    try:
+        return binascii.a2b_base64(standard, strict_mode=True)
+    except (binascii.Error, ValueError):
         raise _invalid(f"{what} is not base64url") from None
 
 

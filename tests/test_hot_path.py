@@ -159,6 +159,55 @@ def test_a_cached_token_in_an_unusual_request_gets_the_general_answer(
         assert body["subject"] == "user_1"
 
 
+def _header_cases(tokens: TokenIssuer) -> list[str]:
+    """Authorization values around a valid token: each takes the fast path first."""
+    good = tokens.mint()
+    header, payload, signature = good.split(".")
+    expired = tokens.mint(expires_in=-3600)
+    return [
+        f"Bearer {good}",
+        f"bearer {good}",
+        f"Bearer {good} extra",
+        f"Bearer {good}\t",
+        f"Bearer {header}.{payload}.{signature[:-2]}é",
+        f"Bearer {header}.{payload}.{signature[:-1]}~",
+        f"Bearer {header}.{payload}.{signature}=",
+        f"Bearer {header}.{payload}.{signature}==",
+        f"Bearer {header}.{payload}.sig nature",
+        f"Bearer {header}.{payload}",
+        f"Bearer {header}..{signature}",
+        f"Bearer {expired}",
+        "Bearer a.b.c",
+        "Bearer opaque-token",
+        "Bearer ",
+        "Bearer  ",
+        "Bearer \x00",
+    ]
+
+
+@pytest.mark.parametrize("strategy", ["jwks", "auto", "both"])
+def test_the_plain_header_fast_path_answers_like_the_general_path(
+    served_tokens: TokenIssuer, strategy: str
+) -> None:
+    client_id, secret = served_tokens.introspection_credentials
+    config = served_tokens.config(
+        audience="api",
+        STRATEGY=strategy,
+        INTROSPECTION_CLIENT_ID=client_id,
+        INTROSPECTION_CLIENT_SECRET=secret,
+    )
+    fast = make_app(config, name="fast")
+    general = make_app(config, name="general")
+    get_state(general).header_tokens = False  # extract_token for every request
+    for value in _header_cases(served_tokens):
+        answers = []
+        for app in (fast, general):
+            response = app.test_client().get("/protected", headers={"Authorization": value})
+            challenge = response.headers.get("WWW-Authenticate")
+            answers.append((response.status_code, response.get_json(), challenge))
+        assert answers[0] == answers[1], value
+
+
 def test_a_cached_header_token_does_not_count_where_headers_are_not_read(
     tokens: TokenIssuer,
 ) -> None:
