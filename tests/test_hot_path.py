@@ -9,6 +9,7 @@ No timings here: the figures live in ``benchmarks/`` and the docs.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import math
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from flask_oauth_verify.context import AuthContext, ContextBuilder, build_contex
 from flask_oauth_verify.errors import InvalidTokenError, OAuthVerifyError
 from flask_oauth_verify.extension import get_state
 from flask_oauth_verify.testing import IssuerServer, TokenIssuer, auth_header
-from flask_oauth_verify.verification import JWTVerifier
+from flask_oauth_verify.verification import JWTVerifier, _b64decode
 
 from .conftest import FakeClock, make_app
 from .test_jwks import JWKS, JwksRoute, build, get
@@ -246,6 +247,37 @@ def test_a_cached_jwt_still_goes_to_introspection_on_a_both_route(
     assert get(app, token).status_code == 200, "the jwks route serves the cached token"
     response = app.test_client().get("/revocable", headers=auth_header(token))
     assert response.status_code == 401, "the introspection half still runs on every request"
+
+
+# -- base64url: the one-translate check == the definition ---------------------
+
+
+def _canonical_base64url(segment: str) -> bytes | None:
+    """RFC 7515 §2 base64url, written plainly: unpadded, and the one spelling."""
+    if any(c in segment for c in "+/=") or len(segment) % 4 == 1:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except ValueError:
+        return None
+    return raw if base64.urlsafe_b64encode(raw).rstrip(b"=").decode() == segment else None
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.text(
+        alphabet=st.sampled_from(
+            "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_+/=. é\x00~"
+        ),
+        max_size=14,
+    )
+)
+def test_base64url_decoding_is_strict_and_canonical(segment: str) -> None:
+    try:
+        decoded: bytes | None = _b64decode(segment, "segment")
+    except InvalidTokenError:
+        decoded = None
+    assert decoded == _canonical_base64url(segment)
 
 
 # -- the JWT claims check: fast path == general path ---------------------------
