@@ -12,6 +12,8 @@ unprotected route:
 * ``ours, fresh tokens``     - ``/ours``, a token never seen before on every request;
 * ``ours, repeated token``   - ``/ours``, one token again and again (cache hits);
 * ``PyJWT decorator``        - ``/pyjwt`` with fresh tokens;
+* ``minimal cached decorator`` - ``/minimal``, one token again and again (the
+  reference for the repeated-token goal);
 * ``Authlib``                - ``/authlib`` with fresh tokens.
 
 Run: ``.venv/bin/python benchmarks/bench_gunicorn.py`` (``--help`` for options).
@@ -262,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         "ours, fresh tokens": ("/ours", None, None),  # a new slice per round
         "ours, repeated token": ("/ours", None, repeated),
         "PyJWT decorator, fresh tokens": ("/pyjwt", shared, None),
+        "minimal cached decorator, repeated token": ("/minimal", None, repeated),
         "Authlib, fresh tokens": ("/authlib", shared, None),
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -274,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         server = start_gunicorn(config_path, port, args.workers)
         try:
-            for path in ("/open", "/ours", "/pyjwt", "/authlib"):
+            for path in ("/open", "/ours", "/pyjwt", "/authlib", "/minimal"):
                 for _ in range(4):  # every worker imports and warms up
                     status = get(port, path, None if path == "/open" else repeated)
                     if status != 200:
@@ -292,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                     rps, total, bad = load(port, path, tokens, fixed, args)
                     used_up = tokens is not None and total >= len(tokens)
                     note = "  (token pool used up: stopped early)" if used_up else ""
-                    print(f"  round {round_index + 1}: {name:32s} {rps:8.1f} req/s "
+                    print(f"  round {round_index + 1}: {name:42s} {rps:8.1f} req/s "
                           f"({total} requests, {bad} non-200){note}", flush=True)  # fmt: skip
                     if bad:
                         raise SystemExit(f"{name}: {bad} requests were refused")
@@ -306,10 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{'wrk -t1 -c' + str(args.connections) if use_wrk else 'python threads'}, "
         f"{args.rounds} rounds of {args.duration} s, median"
     )
-    print(f"  {'route':34s}{'req/s':>10}{'vs unprotected':>16}")
+    print(f"  {'route':44s}{'req/s':>10}{'vs unprotected':>16}")
     for name, values in results.items():
         median = statistics.median(values)
-        print(f"  {name:34s}{median:>10.1f}{median / base:>16.2f}")
+        print(f"  {name:44s}{median:>10.1f}{median / base:>16.2f}")
     return 0
 
 
