@@ -570,6 +570,38 @@ def bench_introspection(rounds: int, server: IssuerServer) -> Table | str:
     return table
 
 
+def bench_introspection_own(rounds: int, server: IssuerServer) -> Table:
+    """Our own time on an introspection miss, alone with the unprotected route.
+
+    The miss with the answer handed over without HTTP, interleaved with the
+    baseline only (no other variant cools the caches between them).
+    """
+    issuer = TokenIssuer(audience=AUDIENCE)
+    issuer.serve(server)
+    client_id, secret = issuer.introspection_credentials
+    config = issuer.config(
+        audience=AUDIENCE,
+        STRATEGY="introspection",
+        INTROSPECTION_CLIENT_ID=client_id,
+        INTROSPECTION_CLIENT_SECRET=secret,
+        INTROSPECTION_CACHE_TTL=300,
+    )
+    opaque = [issuer.mint_opaque(**typical_claims()) for _ in range(rounds + 60)]
+    app = ours_app(config, "intro-own")
+    _answer_without_http(get_state(app).fetcher, issuer)
+    jwt_token = issuer.mint(**typical_claims())
+    raw, _ = raw_variants(issuer, "RS256", jwt_token)
+    baseline = Variant("unprotected", repeated(unprotected_app().test_client(), opaque[0]))
+    miss = Variant("introspection miss, answer without HTTP", fresh(app.test_client(), opaque))
+    interleave([raw, miss], baseline, rounds)
+    table = Table(
+        f"Our own time on an introspection miss, alone, {rounds} rounds",
+        added_cost(raw, baseline),
+    )
+    table.add(miss.name, added_cost(miss, baseline))
+    return table
+
+
 def _answer_without_http(fetcher: Any, issuer: TokenIssuer) -> None:
     """Make ``fetcher.post`` return the endpoint's answer at once (no HTTP)."""
     from flask_oauth_verify.fetch import HTTPResult
@@ -681,8 +713,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
     parser.add_argument(
         "--sections",
-        default="algorithms,scaling,introspection,memory",
-        help="comma-separated: algorithms, scaling, introspection, memory",
+        default="algorithms,scaling,introspection,introspection-own,memory",
+        help="comma-separated: algorithms, scaling, introspection, introspection-own, memory",
     )
     parser.add_argument("--memory-tokens", type=int, default=10_000)
     parser.add_argument(
@@ -708,6 +740,8 @@ def main(argv: list[str] | None = None) -> int:
                 bench_algorithm(alg, args.rounds, IssuerServer()).print()
         if "scaling" in sections:
             bench_scaling(args.rounds, server).print()
+        if "introspection-own" in sections:
+            bench_introspection_own(args.rounds, IssuerServer()).print()
         if "introspection" in sections:
             result = bench_introspection(args.rounds, IssuerServer())
             print(result if isinstance(result, str) else "", end="")
