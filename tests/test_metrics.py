@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import requests
 from flask import Flask
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -14,7 +20,8 @@ from flask_oauth_verify import ConfigurationError, OAuthVerify
 from flask_oauth_verify.metrics import DURATION_BUCKETS, metrics_registry
 from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer, auth_header
 
-from .conftest import FakeClock, make_app
+from .conftest import FakeClock, free_port, make_app
+from .test_shared_cache import wait_for_port
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
@@ -276,3 +283,94 @@ def test_metrics_off_imports_nothing_and_registers_nothing() -> None:
 def test_registry_of_an_app_without_metrics_raises(app: Flask) -> None:
     with pytest.raises(RuntimeError, match="OAUTH_VERIFY_METRICS is off"):
         OAuthVerify().metrics_registry(app)
+
+
+# -- several gunicorn workers (PROMETHEUS_MULTIPROC_DIR) -----------------------
+
+MULTIPROCESS_APP = """
+import json
+import os
+
+from flask import Flask
+
+from flask_oauth_verify import OAuthVerify, require_token
+
+
+def create_app():
+    app = Flask("metrics-worker")
+    app.config.update(json.loads(os.environ["WORKER_CONFIG"]))
+    OAuthVerify(app)
+
+    @app.get("/protected")
+    @require_token
+    def protected():
+        return {"pid": os.getpid()}
+
+    return app
+"""
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """``token_validations_total`` by status, from one scrape of ``/metrics``."""
+    families = text_string_to_metric_families(requests.get(url, timeout=10).text)
+    counts: dict[str, float] = {}
+    for family in families:
+        for sample_ in family.samples:
+            if sample_.name == "token_validations_total":
+                status = sample_.labels["status"]
+                counts[status] = counts.get(status, 0.0) + sample_.value
+    return counts
+
+
+@pytest.mark.slow
+def test_gunicorn_workers_report_one_aggregated_count(tokens: TokenIssuer, tmp_path: Path) -> None:
+    (tmp_path / "metrics_worker.py").write_text(MULTIPROCESS_APP)
+    multiproc = tmp_path / "prometheus"
+    multiproc.mkdir()
+    config = tokens.config(audience="api", METRICS=True, METRICS_ENDPOINT=True)
+    env = {
+        **os.environ,
+        "WORKER_CONFIG": json.dumps(config),
+        "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path]),
+    }
+    port = free_port()
+    log = tmp_path / "gunicorn.log"
+    with log.open("w") as log_file:
+        process = subprocess.Popen(  # noqa: S603
+            [
+                sys.executable, "-m", "gunicorn", "--workers", "2", "--graceful-timeout", "2",
+                "--bind", f"127.0.0.1:{port}", "metrics_worker:create_app()",
+            ],
+            cwd=tmp_path, env=env, stdout=log_file, stderr=log_file,
+        )  # fmt: skip
+        try:
+            wait_for_port(port, process)
+            base = f"http://127.0.0.1:{port}"
+            good, bad = tokens.mint(), tokens.mint() + "x"
+
+            def call(token: str) -> tuple[int, int | None]:
+                response = requests.get(base + "/protected", headers=auth_header(token), timeout=30)
+                pid = response.json().get("pid") if response.status_code == 200 else None
+                return response.status_code, pid
+
+            valid = 0
+            pids: set[int | None] = set()
+            with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+                # Until both workers have booted and served (a start-up, bounded).
+                for _ in range(50):
+                    warm = list(pool.map(call, [good] * 8))
+                    valid += sum(status == 200 for status, _ in warm)
+                    pids |= {pid for _, pid in warm}
+                    if len(pids - {None}) == 2:
+                        break
+                assert len(pids - {None}) == 2, "both workers served"
+                results = list(pool.map(call, [good] * 40 + [bad] * 10))
+            assert sorted(status for status, _ in results) == [200] * 40 + [401] * 10
+            valid += 40
+            for _ in range(6):  # whichever worker answers the scrape sees every worker's counts
+                assert _scrape(base + "/metrics") == {"valid": valid, "invalid_token": 10.0}
+        finally:
+            process.send_signal(signal.SIGQUIT)
+            process.wait(30)
+    assert "Traceback" not in log.read_text()

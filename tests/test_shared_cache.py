@@ -435,7 +435,8 @@ def test_worker_processes_share_one_key_cache(
     assert "Traceback" not in logs
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
+def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
+    """Wait until a started server process accepts connections on ``port``."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -472,7 +473,7 @@ def test_gunicorn_workers_share_one_key_cache(
             stderr=log_file,
         )  # fmt: skip
         try:
-            _wait_for_port(port, process)
+            wait_for_port(port, process)
             url = f"http://127.0.0.1:{port}"
             # --preload: the master prefetched once; the forked workers use it.
             assert issuer_server.hits[JWKS] == 1
