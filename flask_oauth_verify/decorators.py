@@ -74,7 +74,7 @@ def _from_plain_header(state: _AppState, token: str, strategy: str | None) -> Au
     # segments and dots), so the syntax check is needed only on a refusal, to
     # give extract_token's own answer to a token that is not one.
     try:
-        return state.authenticate(token, strategy, digest=digest)
+        return state.authenticate(token, strategy, digest=digest, missed=True)
     except OAuthVerifyError:
         if is_b64token(token):
             raise

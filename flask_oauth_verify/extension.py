@@ -106,7 +106,12 @@ class _AppState:
         return self._health
 
     def authenticate(
-        self, token: str, strategy: str | None = None, *, digest: bytes | None = None
+        self,
+        token: str,
+        strategy: str | None = None,
+        *,
+        digest: bytes | None = None,
+        missed: bool = False,
     ) -> AuthContext:
         """Verify ``token`` with ``strategy`` (the app's default when None).
 
@@ -114,6 +119,9 @@ class _AppState:
         (:mod:`flask_oauth_verify.token_cache`) while they hold.
 
         :param digest: the token's SHA-256, when the caller has it already.
+        :param missed: the caller has just found no entry for ``digest`` in
+            the verified-token cache (:meth:`cached_context`, ``"jwks"``):
+            the JWT is verified without looking again.
         :raises OAuthVerifyError: when the token is refused.
         """
         chosen = strategy or self.settings.strategy
@@ -123,6 +131,8 @@ class _AppState:
             digest = hashlib.sha256(token.encode()).digest()  # the cache key: never the token
         now = self.clock()
         if chosen == "jwks":
+            if missed:
+                return self._verify_jwt(token, digest, now)
             return self._jwt_hit(digest, now) or self._verify_jwt(token, digest, now)
         if chosen == "introspection":
             return self._introspection_hit(digest, now) or self._introspect(token, digest, now)

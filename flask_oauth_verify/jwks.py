@@ -251,7 +251,10 @@ class KeyStore:
             if static is not None:
                 fixed = self._static[issuer]
                 return (static, fixed) if fixed.get(header.kid) is key else None
-        source = self._source(issuer, self._jku(header))
+        # resolve() has just made the source of an exact issuer without jku.
+        source = None if self._jku_hosts else self._sources.get((issuer, None))
+        if source is None:
+            source = self._source(issuer, self._jku(header))
         keys = source.keys  # read once: a refresh may swap it at any time
         if keys is None or keys.get(header.kid) is not key:
             return None

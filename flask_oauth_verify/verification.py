@@ -283,7 +283,11 @@ class JWTVerifier:
         header_segment, payload_segment, signature_segment = token.split(".")
         header = self._headers.get(header_segment) or self.header(header_segment)
         payload = _json_object(_b64decode(payload_segment, "payload"), "payload")
-        issuer = self.unverified_issuer(payload)
+        issuer = payload.get("iss")  # unverified_issuer(), its usual case inlined
+        if self._issuer_matcher is not None or type(issuer) is not str:
+            issuer = self.unverified_issuer(payload)
+        elif issuer not in self._issuers:
+            raise _invalid("iss is not a configured issuer")
         key = resolver.resolve(issuer, header)
         verify = key.verifiers.get(header.alg)  # PreparedKey.verifier(), inlined
         if verify is None:
