@@ -35,7 +35,6 @@ import argparse
 import base64
 import functools
 import gc
-import hashlib
 import json
 import os
 import platform
@@ -44,7 +43,6 @@ import statistics
 import sys
 import time
 import tracemalloc
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -54,12 +52,12 @@ from typing import Any
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jwt as pyjwt
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from flask import Flask, g, jsonify, request
 from flask.testing import FlaskClient
+from gunicorn_app import authlib_protector, minimal_cached, pyjwt_required
 
 from flask_oauth_verify import OAuthVerify, require_token
 from flask_oauth_verify.extension import get_state
@@ -159,27 +157,15 @@ def ours_app(config: dict[str, Any], name: str = "ours") -> Flask:
     return app
 
 
+def competitor_config(issuer: TokenIssuer, alg: str) -> dict[str, Any]:
+    """What the other verifiers of ``gunicorn_app`` are built from."""
+    return {"jwks": issuer.jwks(), "alg": alg, "audience": AUDIENCE, "issuer": issuer.issuer}
+
+
 def pyjwt_app(issuer: TokenIssuer, alg: str) -> Flask:
     """The tutorial decorator: key parsed once, ``jwt.decode`` per request."""
     app = base_app("pyjwt")
-    public_key = pyjwt.PyJWK(issuer.jwks()["keys"][0]).key
-    iss = issuer.issuer
-
-    def token_required(view: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(view)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            auth = request.headers.get("Authorization", "")
-            if not auth.startswith("Bearer "):
-                return jsonify(error="unauthorized"), 401
-            try:
-                g.claims = pyjwt.decode(
-                    auth[7:], public_key, algorithms=[alg], audience=AUDIENCE, issuer=iss
-                )
-            except pyjwt.InvalidTokenError:
-                return jsonify(error="invalid_token"), 401
-            return view(*args, **kwargs)
-
-        return wrapper
+    token_required = pyjwt_required(competitor_config(issuer, alg))
 
     @app.get(ROUTE)
     @token_required
@@ -189,23 +175,11 @@ def pyjwt_app(issuer: TokenIssuer, alg: str) -> Flask:
     return app
 
 
-def authlib_app(issuer: TokenIssuer) -> Flask:
+def authlib_app(issuer: TokenIssuer, alg: str) -> Flask:
     """Authlib's documented resource server: the key set imported per request."""
-    from authlib.integrations.flask_oauth2 import ResourceProtector, current_token
-    from authlib.oauth2.rfc9068 import JWTBearerTokenValidator
+    from authlib.integrations.flask_oauth2 import current_token
 
-    jwks = issuer.jwks()
-    # Authlib 1.9 warns on every request that import_any_key is deprecated;
-    # silence the output (the warning machinery still runs, as in any app).
-    warnings.filterwarnings("ignore", module="authlib")
-    warnings.filterwarnings("ignore", message=".*import_key_set.*")
-
-    class Validator(JWTBearerTokenValidator):  # type: ignore[misc]
-        def get_jwks(self) -> dict[str, Any]:
-            return jwks
-
-    require_oauth = ResourceProtector()
-    require_oauth.register_token_validator(Validator(issuer.issuer, AUDIENCE))
+    require_oauth = authlib_protector(competitor_config(issuer, alg))
     app = base_app("authlib")
 
     @app.get(ROUTE)
@@ -219,24 +193,7 @@ def authlib_app(issuer: TokenIssuer) -> Flask:
 def minimal_cached_app(issuer: TokenIssuer, alg: str) -> Flask:
     """The least a cache of verified tokens can do per hit."""
     app = base_app("minimal-cached")
-    public_key = pyjwt.PyJWK(issuer.jwks()["keys"][0]).key
-    cache: dict[bytes, tuple[float, dict[str, Any]]] = {}
-
-    def cached(view: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(view)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            token = request.headers.get("Authorization", "")[7:]
-            digest = hashlib.sha256(token.encode()).digest()
-            entry = cache.get(digest)
-            if entry is None or entry[0] <= time.time():
-                claims = pyjwt.decode(
-                    token, public_key, algorithms=[alg], audience=AUDIENCE, issuer=issuer.issuer
-                )
-                entry = cache[digest] = (claims["exp"], claims)
-            g.auth = entry[1]
-            return view(*args, **kwargs)
-
-        return wrapper
+    cached = minimal_cached(competitor_config(issuer, alg))
 
     @app.get(ROUTE)
     @cached
@@ -412,7 +369,7 @@ def bench_algorithm(alg: str, rounds: int, server: IssuerServer) -> Table:
             repeated(minimal_cached_app(issuer, alg).test_client(), token),
         ),
     ]
-    authlib = authlib_app(issuer).test_client()
+    authlib = authlib_app(issuer, alg).test_client()
     authlib_note = ""
     if authlib.get(ROUTE, headers=bearer(token)).status_code == 200:
         variants.append(Variant("Authlib ResourceProtector", fresh(authlib, tokens)))

@@ -33,7 +33,8 @@ from flask import Flask, g, jsonify, request
 from flask_oauth_verify import OAuthVerify, require_token
 
 
-def _pyjwt_required(config: dict[str, Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def pyjwt_required(config: dict[str, Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A tutorial-style PyJWT decorator (key parsed once, ``jwt.decode`` per request)."""
     public_key = pyjwt.PyJWK(config["jwks"]["keys"][0]).key
 
     def decorator(view: Callable[..., Any]) -> Callable[..., Any]:
@@ -59,7 +60,8 @@ def _pyjwt_required(config: dict[str, Any]) -> Callable[[Callable[..., Any]], Ca
     return decorator
 
 
-def _minimal_cached(config: dict[str, Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def minimal_cached(config: dict[str, Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The least a per-process cache of verified tokens can do per hit."""
     public_key = pyjwt.PyJWK(config["jwks"]["keys"][0]).key
     cache: dict[bytes, tuple[float, dict[str, Any]]] = {}
 
@@ -86,10 +88,14 @@ def _minimal_cached(config: dict[str, Any]) -> Callable[[Callable[..., Any]], Ca
     return decorator
 
 
-def _authlib_protector(config: dict[str, Any]) -> Any:
+def authlib_protector(config: dict[str, Any]) -> Any:
+    """Authlib's ``ResourceProtector`` with the key set imported per request."""
     from authlib.integrations.flask_oauth2 import ResourceProtector
     from authlib.oauth2.rfc9068 import JWTBearerTokenValidator
 
+    # Authlib 1.9 warns on every request that import_any_key is deprecated;
+    # silence the output (the warning machinery still runs, as in any app).
+    warnings.filterwarnings("ignore", module="authlib")
     warnings.filterwarnings("ignore", message=".*import_key_set.*")
     jwks = config["jwks"]
 
@@ -113,9 +119,9 @@ def create_app() -> Flask:
         OAUTH_VERIFY_JWKS=config["jwks"],
     )
     OAuthVerify(app)
-    pyjwt_required = _pyjwt_required(config)
-    authlib = _authlib_protector(config)
-    minimal_cached = _minimal_cached(config)
+    require_pyjwt = pyjwt_required(config)
+    authlib = authlib_protector(config)
+    require_minimal_cache = minimal_cached(config)
     from authlib.integrations.flask_oauth2 import current_token
 
     @app.get("/open")
@@ -128,12 +134,12 @@ def create_app() -> Flask:
         return jsonify(organization_id=g.auth.organization_id)
 
     @app.get("/pyjwt")
-    @pyjwt_required
+    @require_pyjwt
     def with_pyjwt() -> Any:
         return jsonify(organization_id=g.claims.get("oid"))
 
     @app.get("/minimal")
-    @minimal_cached
+    @require_minimal_cache
     def with_minimal_cache() -> Any:
         return jsonify(organization_id=g.auth.get("oid"))
 
