@@ -189,11 +189,6 @@ class SecurityEvents:
 
     # -- cheap checks for the hot path ----------------------------------------
 
-    @property
-    def timed(self) -> bool:
-        """Whether the caller should measure the validation time (metrics on)."""
-        return self.metrics is not None
-
     def wants(self, event: str, level: int = logging.INFO) -> bool:
         """Whether a record of ``event`` would be logged or heard by a receiver."""
         if self.logger.isEnabledFor(level) or security_event.receivers:
