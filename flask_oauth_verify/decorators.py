@@ -64,6 +64,8 @@ def _from_plain_header(state: _AppState, token: str, strategy: str | None) -> Au
     ``None`` (the caller takes the general path, which names the problem).
     ``tests/test_hot_path.py`` compares both paths' answers request by request.
     """
+    if len(token) > state.settings.max_token_bytes:
+        return None  # never hashed: the general path refuses it
     digest = sha256(token.encode()).digest()  # the cache key: never the token
     context = state.cached_context(token, digest, strategy)
     if context is not None:

@@ -124,6 +124,10 @@ class _AppState:
             the JWT is verified without looking again.
         :raises OAuthVerifyError: when the token is refused.
         """
+        if len(token) > self.settings.max_token_bytes:  # before any hashing or parsing
+            raise InvalidTokenError(
+                reason=f"token longer than {self.settings.max_token_bytes} bytes"
+            )
         chosen = strategy or self.settings.strategy
         if chosen == "auto":
             chosen = "jwks" if looks_like_jws(token) else "introspection"

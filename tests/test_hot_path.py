@@ -183,6 +183,8 @@ def _header_cases(tokens: TokenIssuer) -> list[str]:
         "Bearer ",
         "Bearer  ",
         "Bearer \x00",
+        f"Bearer {header}.{payload}.{signature}{'A' * 16384}",
+        "Bearer " + "A" * 20000,
     ]
 
 
