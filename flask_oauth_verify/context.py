@@ -107,22 +107,7 @@ class _Building:
     object as ``AuthContext(...)`` builds (``tests/test_hot_path.py``).
     """
 
-    __slots__ = AuthContext.__slots__
-
-    subject: str | None
-    client_id: str | None
-    scopes: frozenset[str]
-    organization_id: str | None
-    user_id: str | None
-    service_name: str | None
-    token_type: str
-    issuer: str | None
-    audience: tuple[str, ...]
-    expires_at: int | None
-    issued_at: int | None
-    claims: Mapping[str, Any]
-    strategy: str
-    token_id: str | None
+    __slots__ = AuthContext.__slots__  # the same names in the same order
 
 
 _new_building = object.__new__

@@ -128,9 +128,7 @@ class _AppState:
             raise InvalidTokenError(
                 reason=f"token longer than {self.settings.max_token_bytes} bytes"
             )
-        chosen = strategy or self.settings.strategy
-        if chosen == "auto":
-            chosen = "jwks" if looks_like_jws(token) else "introspection"
+        chosen = self._strategy_for(token, strategy)
         if digest is None:
             digest = hashlib.sha256(token.encode()).digest()  # the cache key: never the token
         now = self.clock()
@@ -157,10 +155,8 @@ class _AppState:
         ``digest``) without verifying or introspecting anything; ``None``
         when the caches cannot answer for ``strategy``.
         """
-        chosen = strategy or self.settings.strategy
+        chosen = self._strategy_for(token, strategy)
         now = self.clock()
-        if chosen == "auto":
-            chosen = "jwks" if looks_like_jws(token) else "introspection"
         if chosen == "jwks":
             return self._jwt_hit(digest, now)
         if chosen == "introspection":
@@ -169,6 +165,13 @@ class _AppState:
         if context is None or self._introspection_hit(digest, now) is None:
             return None
         return context
+
+    def _strategy_for(self, token: str, strategy: str | None) -> str:
+        """The strategy that applies to ``token``: ``auto`` decided by its shape."""
+        chosen = strategy or self.settings.strategy
+        if chosen == "auto":
+            return "jwks" if looks_like_jws(token) else "introspection"
+        return chosen
 
     def _jwt_hit(self, digest: bytes, now: float) -> AuthContext | None:
         """The verified-token cache's context for ``digest``, if still good.
