@@ -11,13 +11,12 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable, Iterable
-from hashlib import sha256
 from time import perf_counter
 from typing import Any, TypeVar, overload
 
 from flask import g, request
 
-from .bearer import extract_token, is_b64token, plain_header_token
+from .bearer import extract_token, plain_header_token
 from .config import STRATEGIES
 from .context import AuthContext, set_auth
 from .errors import (
@@ -28,7 +27,7 @@ from .errors import (
     MissingUserContext,
     OAuthVerifyError,
 )
-from .extension import _AppState, get_state
+from .extension import get_state
 
 __all__ = [
     "require_organization",
@@ -51,36 +50,6 @@ def _already_verified(strategy: str | None, request_g: dict[str, Any]) -> AuthCo
     if strategy is None or strategy in done or "both" in done:
         return context if isinstance(context, AuthContext) else None
     return None
-
-
-def _from_plain_header(state: _AppState, token: str, strategy: str | None) -> AuthContext | None:
-    """The usual request's context: a cache hit, or a verification.
-
-    ``token`` comes from :func:`~flask_oauth_verify.bearer.plain_header_token`.
-    A cache hit needs no other check: only tokens that passed
-    :func:`~flask_oauth_verify.bearer.extract_token` are ever cached. On a
-    miss, a ``b64token`` is exactly what ``extract_token`` would return, so it
-    is authenticated at once, reusing the digest; anything else returns
-    ``None`` (the caller takes the general path, which names the problem).
-    ``tests/test_hot_path.py`` compares both paths' answers request by request.
-    """
-    if len(token) > state.settings.max_token_bytes:
-        return None  # never hashed: the general path refuses it
-    digest = sha256(token.encode()).digest()  # the cache key: never the token
-    context = state.cached_context(token, digest, strategy)
-    if context is not None:
-        return context
-    if (strategy or state.settings.strategy) != "jwks":
-        return state.authenticate(token, strategy, digest=digest) if is_b64token(token) else None
-    # A JWT route: a compact JWS that verifies is a b64token (base64url
-    # segments and dots), so the syntax check is needed only on a refusal, to
-    # give extract_token's own answer to a token that is not one.
-    try:
-        return state.authenticate(token, strategy, digest=digest, missed=True)
-    except OAuthVerifyError:
-        if is_b64token(token):
-            raise
-        return None
 
 
 def verify_request(
@@ -118,7 +87,7 @@ def verify_request(
         try:
             current = request._get_current_object()  # type: ignore[attr-defined]
             token = plain_header_token(current.environ) if state.header_tokens else None
-            context = _from_plain_header(state, token, strategy) if token is not None else None
+            context = state.header_context(token, strategy) if token is not None else None
             if context is None:
                 token = extract_token(current, state.settings)
                 if token is None:

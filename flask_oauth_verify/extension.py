@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from flask import Flask, Response, current_app
 
+from .bearer import is_b64token
 from .cache import SharedCache
 from .config import Settings
 from .context import AuthContext, ContextBuilder
@@ -71,6 +72,8 @@ class _AppState:
         #: Whether header tokens count (``TOKEN_LOCATIONS``): the fast path
         #: of :func:`~flask_oauth_verify.decorators.verify_request` reads them.
         self.header_tokens = "header" in settings.token_locations
+        self._max_token_bytes = settings.max_token_bytes
+        self._strategy = settings.strategy
         self.keys.on_keys_changed = self.token_cache.clear
         self.keys.on_event = self.events.emit
 
@@ -111,7 +114,6 @@ class _AppState:
         strategy: str | None = None,
         *,
         digest: bytes | None = None,
-        missed: bool = False,
     ) -> AuthContext:
         """Verify ``token`` with ``strategy`` (the app's default when None).
 
@@ -119,9 +121,6 @@ class _AppState:
         (:mod:`flask_oauth_verify.token_cache`) while they hold.
 
         :param digest: the token's SHA-256, when the caller has it already.
-        :param missed: the caller has just found no entry for ``digest`` in
-            the verified-token cache (:meth:`cached_context`, ``"jwks"``):
-            the JWT is verified without looking again.
         :raises OAuthVerifyError: when the token is refused.
         """
         if len(token) > self.settings.max_token_bytes:  # before any hashing or parsing
@@ -133,8 +132,6 @@ class _AppState:
             digest = hashlib.sha256(token.encode()).digest()  # the cache key: never the token
         now = self.clock()
         if chosen == "jwks":
-            if missed:
-                return self._verify_jwt(token, digest, now)
             return self._jwt_hit(digest, now) or self._verify_jwt(token, digest, now)
         if chosen == "introspection":
             return self._introspection_hit(digest, now) or self._introspect(token, digest, now)
@@ -145,6 +142,44 @@ class _AppState:
                 self._introspect(token, digest, now)
             return context
         raise ValueError(f"unknown strategy {chosen!r}")
+
+    def header_context(self, token: str, strategy: str | None = None) -> AuthContext | None:
+        """The context of the usual request's token, or ``None``: take the general path.
+
+        ``token`` comes from :func:`~flask_oauth_verify.bearer.plain_header_token`
+        (``Authorization: Bearer <token>``, no query token, no body). A cache
+        hit needs no other check: only tokens that passed
+        :func:`~flask_oauth_verify.bearer.extract_token` are ever cached. On
+        a miss, a ``b64token`` is exactly what ``extract_token`` would return,
+        so it is authenticated at once, reusing the digest; anything else
+        returns ``None`` (the general path names the problem).
+        ``tests/test_hot_path.py`` compares both paths' answers request by
+        request.
+
+        :raises OAuthVerifyError: when the token is refused.
+        """
+        if len(token) > self._max_token_bytes:
+            return None  # never hashed: the general path refuses it
+        digest = hashlib.sha256(token.encode()).digest()  # the cache key: never the token
+        chosen = strategy or self._strategy
+        if chosen != "jwks" and self._strategy_for(token, chosen) != "jwks":
+            context = self.cached_context(token, digest, strategy)
+            if context is not None:
+                return context
+            return self.authenticate(token, strategy, digest=digest) if is_b64token(token) else None
+        now = self.clock()
+        context = self._jwt_hit(digest, now)
+        if context is not None:
+            return context
+        # A compact JWS that verifies is a b64token (base64url segments and
+        # dots), so the syntax check is needed only on a refusal, to give
+        # extract_token's own answer to a token that is not one.
+        try:
+            return self._verify_jwt(token, digest, now)
+        except OAuthVerifyError:
+            if is_b64token(token):
+                raise
+            return None
 
     def cached_context(
         self, token: str, digest: bytes, strategy: str | None = None
@@ -183,6 +218,9 @@ class _AppState:
         would return it from; otherwise the key is resolved again (which
         also runs the due refresh of a process that only sees hits). An
         entry that fails is dropped.
+
+        :raises InvalidTokenError: the key is no longer in its issuer's set.
+        :raises UpstreamError: the issuer's keys cannot be had at all.
         """
         cached = self.token_cache.get(digest)
         if cached is None:
@@ -192,25 +230,31 @@ class _AppState:
             cached.not_before is None or cached.not_before - leeway <= now
         ):
             source = cached.source
-            if (source.keys is cached.key_set and now < source.fresh_until) or self.keys.resolve(
-                cached.issuer, cached.header
-            ) is cached.key:
+            if source.keys is cached.key_set and now < source.fresh_until:
                 return cached.context
+            try:
+                if self.keys.resolve(cached.issuer, cached.header) is cached.key:
+                    return cached.context
+            except InvalidTokenError:  # the key left its set
+                self.token_cache.discard(digest)
+                raise
         self.token_cache.discard(digest)
         return None
 
     def _verify_jwt(self, token: str, digest: bytes, now: float) -> AuthContext:
-        claims, key, header, issuer = self.verifier.verify_token(token, self.keys, now)
+        claims, header, issuer, (key, source, key_set) = self.verifier.verify_token(
+            token, self.keys, now
+        )
         if self.claims_checks:
             self.run_claims_checks(claims)  # read-only to the checks
         context = self.context_builder.build(claims, "jwks", True)
-        # the key source the verifier used (a template's, for templated issuers)
-        vouching = self.keys.vouching_source(issuer, header, key)
-        if vouching is not None:  # None: the key set changed meanwhile, don't cache
-            # claims passed the checks: exp is a number, nbf a number or None
-            exp, nbf = claims["exp"], claims.get("nbf")
-            entry = CachedToken(context, exp, nbf, issuer, header, key, *vouching)
-            self.token_cache.put(digest, entry)
+        # claims passed the checks: exp is a number, nbf a number or None.
+        # If the key set changes meanwhile, the entry's hit check notices
+        # (source.keys is no longer key_set) and resolves the key again.
+        entry = CachedToken(
+            context, claims["exp"], claims.get("nbf"), issuer, header, key, source, key_set
+        )
+        self.token_cache.put(digest, entry)
         return context
 
     def _introspection_hit(self, digest: bytes, now: float) -> AuthContext | None:

@@ -218,47 +218,43 @@ class KeyStore:
         :raises InvalidTokenError: no such key (after at most one refresh).
         :raises UpstreamError: no keys can be had for the issuer at all.
         """
-        if self._static:
-            static = self._static.get(issuer)
-            if static is not None:
-                return self._from_set(static, header, "static key set")
-        source = self._source(issuer, self._jku(header))
-        keys = source.keys
-        if keys is None or self.clock() >= source.fresh_until:
-            keys = self._current(source)
-        key = keys.get(header.kid)
-        if key is not None:
-            return key
-        if header.kid is None:
-            raise InvalidTokenError(reason="token has no kid and the key set has several keys")
-        keys = self._refresh_for_kid(source, keys, header.kid)
-        return self._from_set(keys, header, f"key set of {source.name}")
+        return self.resolve_vouched(issuer, header)[0]
 
-    def vouching_source(
-        self, issuer: str, header: JWSHeader, key: PreparedKey
-    ) -> tuple[_Source, PreparedKeySet] | None:
-        """The key source whose current set gives ``key`` for ``header``, and that set.
+    def resolve_vouched(
+        self, issuer: str, header: JWSHeader
+    ) -> tuple[PreparedKey, _Source, PreparedKeySet]:
+        """:meth:`resolve`, plus the key source and the key set that gave the key.
 
-        For the verified-token cache, after :meth:`resolve` returned ``key``:
-        while the source's ``keys`` stay that same set object and ``now <
-        fresh_until``, :meth:`resolve` would return ``key`` again without any
-        other work, so a cache hit checks just that (and resolves otherwise,
-        which also drives the soft-TTL refresh). A static set is a source
-        that is always fresh. ``None`` when the set changed meanwhile.
+        For the verified-token cache: while ``source.keys`` stays that same
+        set object and ``now < source.fresh_until``, :meth:`resolve` would
+        return the same key without any other work, so a cache hit checks
+        just that (and resolves again otherwise, which also drives the
+        soft-TTL refresh of a process that only sees hits). A static set is
+        a source that is always fresh.
+
+        :raises InvalidTokenError: no such key (after at most one refresh).
+        :raises UpstreamError: no keys can be had for the issuer at all.
         """
         if self._static:
             static = self._static_sources.get(issuer)
             if static is not None:
                 fixed = self._static[issuer]
-                return (static, fixed) if fixed.get(header.kid) is key else None
-        # resolve() has just made the source of an exact issuer without jku.
+                return self._from_set(fixed, header, "static key set"), static, fixed
+        # The usual case, an exact issuer without jku, is one dict lookup.
         source = None if self._jku_hosts else self._sources.get((issuer, None))
         if source is None:
             source = self._source(issuer, self._jku(header))
         keys = source.keys  # read once: a refresh may swap it at any time
-        if keys is None or keys.get(header.kid) is not key:
-            return None
-        return source, keys
+        if keys is None or self.clock() >= source.fresh_until:
+            keys = self._current(source)
+        kid = header.kid
+        key = keys.by_kid.get(kid) if kid is not None else keys.get(None)
+        if key is not None:
+            return key, source, keys
+        if kid is None:
+            raise InvalidTokenError(reason="token has no kid and the key set has several keys")
+        keys = self._refresh_for_kid(source, keys, kid)
+        return self._from_set(keys, header, f"key set of {source.name}"), source, keys
 
     @staticmethod
     def _from_set(keys: PreparedKeySet, header: JWSHeader, where: str) -> PreparedKey:

@@ -36,8 +36,8 @@ class CachedToken:
     first-seen token); nothing changes an entry after it is stored.
 
     :param source: the key source that vouched for ``key`` when the token
-        was verified (:meth:`KeyStore.vouching_source
-        <flask_oauth_verify.jwks.KeyStore.vouching_source>`), and
+        was verified (:meth:`KeyStore.resolve_vouched
+        <flask_oauth_verify.jwks.KeyStore.resolve_vouched>`), and
         ``key_set`` its key set then. A hit is current while
         ``source.keys is key_set`` and ``now < source.fresh_until``;
         otherwise the key is resolved again.

@@ -37,7 +37,7 @@ from .errors import InvalidTokenError, TokenExpired, TokenNotActive
 from .issuers import IssuerMatcher, is_template
 from .keys import PreparedKey
 
-__all__ = ["JWSHeader", "JWTVerifier", "KeyResolver", "looks_like_jws"]
+__all__ = ["JWSHeader", "JWTVerifier", "KeyResolver", "Vouched", "looks_like_jws"]
 
 _REFUSED_HEADERS = ("crit", "b64", "enc", "zip")
 _MAX_KID_LENGTH = 512
@@ -65,11 +65,17 @@ class JWSHeader:
     raw: Mapping[str, Any]
 
 
+#: What a resolver returns: the key, then two values that vouch for it, opaque
+#: to the verifier (the key store's source and key set: what a hit of the
+#: verified-token cache re-checks).
+Vouched = tuple[PreparedKey, Any, Any]
+
+
 class KeyResolver(Protocol):
     """Finds the verification key of an issuer (implemented by the key store)."""
 
-    def resolve(self, issuer: str, header: JWSHeader) -> PreparedKey:
-        """Return the key for ``header`` from ``issuer``'s key set.
+    def resolve_vouched(self, issuer: str, header: JWSHeader) -> Vouched:
+        """Return the key for ``header`` from ``issuer``'s key set, and what vouches for it.
 
         :raises InvalidTokenError: when no such key exists.
         :raises UpstreamError: when the keys cannot be had at all.
@@ -265,13 +271,15 @@ class JWTVerifier:
         :raises InvalidTokenError: (or a subclass) when the token is not valid.
         :raises UpstreamError: when keys cannot be had at all.
         """
-        claims, key, header, _issuer = self.verify_token(token, resolver, now)
-        return claims, key, header
+        claims, header, _issuer, vouched = self.verify_token(token, resolver, now)
+        return claims, vouched[0], header
 
     def verify_token(
         self, token: str, resolver: KeyResolver, now: float
-    ) -> tuple[dict[str, Any], PreparedKey, JWSHeader, str]:
-        """Same as :meth:`verify`, plus the configured issuer the key came from.
+    ) -> tuple[dict[str, Any], JWSHeader, str, Vouched]:
+        """Same as :meth:`verify`: the claims, the header, the configured issuer
+        the key came from, and the resolver's answer (the key and what vouches
+        for it).
 
         The issuer is what :meth:`unverified_issuer` returned (the template,
         for a templated issuer): the key source of the token.
@@ -288,7 +296,8 @@ class JWTVerifier:
             issuer = self.unverified_issuer(payload)
         elif issuer not in self._issuers:
             raise _invalid("iss is not a configured issuer")
-        key = resolver.resolve(issuer, header)
+        vouched = resolver.resolve_vouched(issuer, header)
+        key = vouched[0]
         verify = key.verifiers.get(header.alg)  # PreparedKey.verifier(), inlined
         if verify is None:
             raise _invalid(f"key {key.kid!r} is not usable with {header.alg}")
@@ -297,7 +306,7 @@ class JWTVerifier:
         if not verify(signing_input, signature):
             raise _invalid("signature does not verify")
         self._check_jwt_claims(payload, now)
-        return payload, key, header, issuer
+        return payload, header, issuer, vouched
 
     def _check_jwt_claims(self, claims: Mapping[str, Any], now: float) -> None:
         """:meth:`check_claims` of a JWT, with a fast path for the usual token.

@@ -76,6 +76,29 @@ def test_a_hit_after_a_rotation_that_keeps_its_key(
     assert len(get_state(app).token_cache) == 2
 
 
+def test_an_entry_stored_against_a_replaced_key_set_is_checked_again(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer, jwks_route: JwksRoute, clock: FakeClock
+) -> None:
+    # The race the entry's key_set guards against: a refresh swaps the set
+    # (and empties the cache) while a request verifies with the old key,
+    # whose entry is then stored after the emptying. Replayed here by
+    # putting the old entry back after the refresh.
+    app = build(served_tokens, clock)
+    token = served_tokens.mint(expires_in=7200, now=clock.now)
+    assert get(app, token).status_code == 200
+    state = get_state(app)
+    [(digest, entry)] = list(state.token_cache._entries.items())
+    served_tokens.rotate(drop_old=True)  # the key of `token` leaves the set
+    with app.app_context():
+        state.keys.refresh(served_tokens.issuer)
+    assert len(state.token_cache) == 0, "a changed key set empties the cache"
+    state.token_cache.put(digest, entry)
+    assert entry.source.keys is not entry.key_set
+    response = get(app, token)
+    assert response.status_code == 401, "the key left its set: the stale entry is refused"
+    assert len(state.token_cache) == 0, "and dropped"
+
+
 def test_an_outage_beyond_max_staleness_stops_cached_tokens(
     served_tokens: TokenIssuer, issuer_server: IssuerServer, jwks_route: JwksRoute, clock: FakeClock
 ) -> None:
