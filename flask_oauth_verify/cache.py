@@ -24,19 +24,22 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from cachelib import SimpleCache
 from flask_caching import Cache
 
-__all__ = ["BACKEND_RETRY", "SharedCache", "cache_key"]
+__all__ = ["BACKEND_RETRY", "LOCAL_CACHE_SIZE", "LocalCache", "SharedCache", "cache_key"]
 
 logger = logging.getLogger("flask_oauth_verify.cache")
 
 #: Seconds a failed backend is left alone before it is tried again.
 BACKEND_RETRY = 5.0
+#: Entries of the per-process cache (the default backend and the fallback).
+LOCAL_CACHE_SIZE = 2000
 _POLL = 0.02
 
 
@@ -50,6 +53,83 @@ def cache_key(kind: str, value: str) -> str:
 def _seconds(timeout: float) -> int:
     # Redis wants whole seconds; never 0 (which means "forever").
     return max(1, math.ceil(timeout))
+
+
+class LocalCache:
+    """A bounded per-process cache with expiry: the default backend and the fallback.
+
+    Takes the calls of a cachelib backend that :class:`SharedCache` makes
+    (``get``, ``set``, ``add``, ``delete``; a timeout of 0 never expires).
+    Values are stored pickled, so every ``get`` returns a copy, as from a
+    shared backend. Every call costs the same however full the cache is:
+    when it holds ``size`` entries, a write drops the oldest write
+    (cachelib's ``SimpleCache`` sorts all its entries on every write once
+    full, which made each introspection miss cost a millisecond with a few
+    thousand tokens in flight).
+
+    :param size: the maximum number of entries.
+    :param clock: monotonic seconds (tests pass a controllable clock).
+    """
+
+    def __init__(
+        self, size: int = LOCAL_CACHE_SIZE, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.size = max(1, size)
+        self._clock = clock
+        #: key -> (expiry on the clock, or 0.0 for never; the pickled value),
+        #: in the order of their last write.
+        self._entries: dict[str, tuple[float, bytes]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> Any:
+        """The value of ``key``, or ``None`` when absent or expired."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] and entry[0] <= self._clock():
+            with self._lock:
+                if self._entries.get(key) is entry:
+                    del self._entries[key]
+            return None
+        # Bytes this object pickled itself, in this process: nothing untrusted.
+        return pickle.loads(entry[1])  # noqa: S301
+
+    def set(self, key: str, value: Any, timeout: float = 0) -> bool:
+        """Store ``value`` for ``timeout`` seconds (0: until dropped)."""
+        entry = self._entry(value, timeout)
+        with self._lock:
+            self._write(key, entry)
+        return True
+
+    def add(self, key: str, value: Any, timeout: float = 0) -> bool:
+        """Store ``value`` only if ``key`` is absent or expired."""
+        entry = self._entry(value, timeout)
+        with self._lock:
+            current = self._entries.get(key)
+            if current is not None and (not current[0] or current[0] > self._clock()):
+                return False
+            self._write(key, entry)
+        return True
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; whether it was there."""
+        with self._lock:
+            return self._entries.pop(key, None) is not None
+
+    def _entry(self, value: Any, timeout: float) -> tuple[float, bytes]:
+        expires = self._clock() + timeout if timeout > 0 else 0.0
+        return expires, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+
+    def _write(self, key: str, entry: tuple[float, bytes]) -> None:
+        """Store ``entry`` as the newest write (the caller holds the lock)."""
+        entries = self._entries
+        entries.pop(key, None)
+        while len(entries) >= self.size:
+            del entries[next(iter(entries))]
+        entries[key] = entry
 
 
 class SharedCache:
@@ -70,7 +150,7 @@ class SharedCache:
         self._app = app
         self._retry = retry
         self._backend: Any | None = None
-        self._local = SimpleCache(threshold=2000, default_timeout=0)
+        self._local = LocalCache()
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._checked_options = False
