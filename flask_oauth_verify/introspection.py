@@ -299,7 +299,10 @@ class Introspector:
             stored = {"active": False}
         if ttl <= 0:
             return
-        self.cache.set(key, {"until": now + ttl, "response": dict(stored)}, ttl)
+        # Without a shared backend only this process reads the answer, and
+        # its memo (below) holds it already, unless TOKEN_CACHE_SIZE is 0.
+        if self.cache.is_shared or self._memo_size <= 0:
+            self.cache.set(key, {"until": now + ttl, "response": dict(stored)}, ttl)
         self._remember(key, now + ttl, dict(stored))
 
     # -- single flight ------------------------------------------------------------

@@ -241,6 +241,25 @@ def test_revoked_token_refused_once_the_cache_ttl_has_passed(
     assert hits(issuer) == 2
 
 
+@pytest.mark.parametrize("token_cache_size", [10_000, 0])
+def test_answers_are_cached_without_a_cache_backend(
+    issuer: TokenIssuer, clock: FakeClock, token_cache_size: int
+) -> None:
+    # Without a backend the answer lives in this process: in the
+    # introspector's memo, or (TOKEN_CACHE_SIZE = 0: no memo) in the
+    # per-process LocalCache; either way for the TTL on our clock.
+    config = intro_config(issuer, INTROSPECTION_CACHE_TTL=60, TOKEN_CACHE_SIZE=token_cache_size)
+    client = make_app(config, clock=clock).test_client()
+    token = issuer.mint_opaque(expires_in=3600, now=clock.now)
+    for _ in range(3):
+        assert client.get("/protected", headers=auth_header(token)).status_code == 200
+    assert hits(issuer) == 1
+    issuer.revoke(token)
+    clock.advance(60)
+    assert_401(client.get("/protected", headers=auth_header(token)))
+    assert hits(issuer) == 2
+
+
 def test_cache_ttl_never_outlives_the_token(issuer: TokenIssuer, clock: FakeClock) -> None:
     config = intro_config(issuer, INTROSPECTION_CACHE_TTL=300, LEEWAY=0)
     client = make_app(config, clock=clock).test_client()
