@@ -21,6 +21,7 @@ request. A warning is logged when a Redis client without them is found.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -45,8 +46,6 @@ _POLL = 0.02
 
 def cache_key(kind: str, value: str) -> str:
     """``oauth_verify:<kind>:<sha256(value)>`` — never the value itself."""
-    import hashlib
-
     return f"oauth_verify:{kind}:{hashlib.sha256(value.encode()).hexdigest()}"
 
 

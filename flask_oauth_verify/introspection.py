@@ -261,6 +261,8 @@ class Introspector:
             if now < remembered[0]:
                 return remembered[1]
             self._memo.pop(key, None)
+        if not self._answers_in_cache():
+            return None
         entry = self.cache.get(key)
         if not isinstance(entry, dict):
             return None
@@ -274,6 +276,14 @@ class Introspector:
             return None
         self._remember(key, until, response)
         return response
+
+    def _answers_in_cache(self) -> bool:
+        """Whether answers go to the cache as well as to this process's memo.
+
+        Without a shared backend only this process would read them, and its
+        memo holds them already, unless ``TOKEN_CACHE_SIZE`` is 0 (no memo).
+        """
+        return self.cache.is_shared or self._memo_size <= 0
 
     def _remember(self, key: str, until: float, response: Mapping[str, Any]) -> None:
         """Keep a cached answer in this process until ``until`` (bounded FIFO)."""
@@ -299,9 +309,7 @@ class Introspector:
             stored = {"active": False}
         if ttl <= 0:
             return
-        # Without a shared backend only this process reads the answer, and
-        # its memo (below) holds it already, unless TOKEN_CACHE_SIZE is 0.
-        if self.cache.is_shared or self._memo_size <= 0:
+        if self._answers_in_cache():
             self.cache.set(key, {"until": now + ttl, "response": dict(stored)}, ttl)
         self._remember(key, now + ttl, dict(stored))
 
