@@ -101,23 +101,10 @@ def _mint_chunk(args: tuple[dict[str, Any], str, str, int]) -> list[str]:
 
     private, alg, kid, count = args
     key = JWKRegistry.import_key(private)
-    now = int(time.time())
     header = {"alg": alg, "kid": kid, "typ": "at+jwt"}
     tokens = []
     for _ in range(count):
-        claims = {
-            "iss": ISSUER,
-            "aud": AUDIENCE,
-            "sub": "user_1",
-            "client_id": "client-1",
-            "iat": now,
-            "nbf": now,
-            "exp": now + 3600,
-            "jti": uuid.uuid4().hex,
-            "scope": "read:users write:users",
-            "oid": "org_42",
-        }
-        tokens.append(jwt.encode(header, claims, key, algorithms=[alg]))
+        tokens.append(jwt.encode(header, _sample_claims(), key, algorithms=[alg]))
     return tokens
 
 
@@ -341,6 +328,7 @@ def _baseline(name: str, fixed: str | None) -> str:
 
 
 def _sample_claims() -> dict[str, Any]:
+    """Typical access-token claims, a new ``jti`` each call."""
     now = int(time.time())
     return {
         "iss": ISSUER,
