@@ -463,14 +463,8 @@ def _reply(body: Any) -> Any:
     return Reply(200, body)
 
 
-def bench_introspection(rounds: int, server: IssuerServer) -> Table | str:
-    """Introspection: cache hit vs miss, and our own time on a miss."""
-    try:
-        import flask_oauth_verify.introspection  # noqa: F401
-    except ImportError:
-        return "introspection: flask_oauth_verify.introspection is not available; skipped"
-    import requests
-
+def introspection_setup(server: IssuerServer) -> tuple[TokenIssuer, dict[str, Any]]:
+    """An issuer served by ``server`` and an introspecting app's config (answers cached)."""
     issuer = TokenIssuer(audience=AUDIENCE)
     issuer.serve(server)
     client_id, secret = issuer.introspection_credentials
@@ -481,6 +475,18 @@ def bench_introspection(rounds: int, server: IssuerServer) -> Table | str:
         INTROSPECTION_CLIENT_SECRET=secret,
         INTROSPECTION_CACHE_TTL=300,
     )
+    return issuer, config
+
+
+def bench_introspection(rounds: int, server: IssuerServer) -> Table | str:
+    """Introspection: cache hit vs miss, and our own time on a miss."""
+    try:
+        import flask_oauth_verify.introspection  # noqa: F401
+    except ImportError:
+        return "introspection: flask_oauth_verify.introspection is not available; skipped"
+    import requests
+
+    issuer, config = introspection_setup(server)
     opaque = [issuer.mint_opaque(**typical_claims()) for _ in range(rounds + 60)]
     miss = ours_app(config, "intro-miss").test_client()
     # Our own time, measured directly: the same miss with the endpoint's
@@ -497,7 +503,7 @@ def bench_introspection(rounds: int, server: IssuerServer) -> Table | str:
         response = session.post(
             endpoint,
             data={"token": opaque[index], "token_type_hint": "access_token"},
-            auth=(client_id, secret),
+            auth=issuer.introspection_credentials,
             headers={"Accept": "application/json"},
             timeout=5,
         )
@@ -538,16 +544,7 @@ def bench_introspection_own(rounds: int, server: IssuerServer) -> Table:
     baseline only (no other variant cools the caches between them), after
     ``FULL_CACHES`` other answers filled every per-process bound.
     """
-    issuer = TokenIssuer(audience=AUDIENCE)
-    issuer.serve(server)
-    client_id, secret = issuer.introspection_credentials
-    config = issuer.config(
-        audience=AUDIENCE,
-        STRATEGY="introspection",
-        INTROSPECTION_CLIENT_ID=client_id,
-        INTROSPECTION_CLIENT_SECRET=secret,
-        INTROSPECTION_CACHE_TTL=300,
-    )
+    issuer, config = introspection_setup(server)
     opaque = [issuer.mint_opaque(**typical_claims()) for _ in range(rounds + 60)]
     app = ours_app(config, "intro-own")
     _answer_without_http(get_state(app).fetcher, issuer)
