@@ -44,9 +44,14 @@ LOCAL_CACHE_SIZE = 2000
 _POLL = 0.02
 
 
-def cache_key(kind: str, value: str) -> str:
-    """``oauth_verify:<kind>:<sha256(value)>`` — never the value itself."""
-    return f"oauth_verify:{kind}:{hashlib.sha256(value.encode()).hexdigest()}"
+def cache_key(kind: str, value: str, digest: bytes | None = None) -> str:
+    """``oauth_verify:<kind>:<sha256(value)>`` — never the value itself.
+
+    :param digest: ``value``'s SHA-256, when the caller has it already.
+    """
+    if digest is None:
+        digest = hashlib.sha256(value.encode()).digest()
+    return f"oauth_verify:{kind}:{digest.hex()}"
 
 
 def _seconds(timeout: float) -> int:

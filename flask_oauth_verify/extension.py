@@ -271,7 +271,7 @@ class _AppState:
         return None
 
     def _introspect(self, token: str, digest: bytes, now: float) -> AuthContext:
-        claims, reuse_until = self.introspector.introspect_until(token, now)
+        claims, reuse_until = self.introspector.introspect_until(token, now, digest)
         self.run_claims_checks(claims)
         context = self.context_builder.build(claims, "introspection", False)
         if reuse_until is not None:

@@ -181,8 +181,12 @@ class Introspector:
         """
         return self.introspect_until(token, now)[0]
 
-    def introspect_until(self, token: str, now: float) -> tuple[Mapping[str, Any], float | None]:
+    def introspect_until(
+        self, token: str, now: float, digest: bytes | None = None
+    ) -> tuple[Mapping[str, Any], float | None]:
         """:meth:`introspect`, plus until when this process may reuse the answer.
+
+        :param digest: the token's SHA-256, when the caller has it already.
 
         :returns: the checked claims, and the deadline of the cached answer
             (``None`` when it is not cached: caching off, or a concurrent
@@ -192,7 +196,7 @@ class Introspector:
             raise InvalidTokenError(
                 reason=f"token longer than {self.settings.max_token_bytes} bytes"
             )
-        key = cache_key("introspection", token)
+        key = cache_key("introspection", token, digest)
         response = self._cached(key, now)
         if response is None:
             response = self._single_flight(key, token, now)

@@ -9,6 +9,7 @@ made to fail in each way the client must survive.
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import socket
 import threading
@@ -354,6 +355,8 @@ def test_results_never_leak_between_tokens(issuer: TokenIssuer, clock: FakeClock
             assert token not in key
             assert token not in repr(value)
     assert any("oauth_verify:introspection:" in key for key in stored)
+    # The key every worker and version shares: the token's SHA-256 in hex.
+    assert f"oauth_verify:introspection:{hashlib.sha256(second.encode()).hexdigest()}" in stored
 
 
 # -- strict handling of the response -------------------------------------------
