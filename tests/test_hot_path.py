@@ -43,12 +43,18 @@ def jwks_route(served_tokens: TokenIssuer, issuer_server: IssuerServer) -> JwksR
     return route
 
 
+def _verified_once(tokens: TokenIssuer, clock: FakeClock) -> tuple[Flask, str]:
+    """An app on the JWKS route and a two-hour token it has verified once."""
+    app = build(tokens, clock)
+    token = tokens.mint(expires_in=7200, now=clock.now)
+    assert get(app, token).status_code == 200
+    return app, token
+
+
 def test_a_process_that_only_sees_hits_still_refreshes_its_keys(
     served_tokens: TokenIssuer, issuer_server: IssuerServer, jwks_route: JwksRoute, clock: FakeClock
 ) -> None:
-    app = build(served_tokens, clock)
-    token = served_tokens.mint(expires_in=7200, now=clock.now)
-    assert get(app, token).status_code == 200
+    app, token = _verified_once(served_tokens, clock)
     fetched = issuer_server.hits[JWKS]
     for _ in range(5):
         assert get(app, token).status_code == 200
@@ -65,9 +71,7 @@ def test_a_process_that_only_sees_hits_still_refreshes_its_keys(
 def test_a_hit_after_a_rotation_that_keeps_its_key(
     served_tokens: TokenIssuer, issuer_server: IssuerServer, jwks_route: JwksRoute, clock: FakeClock
 ) -> None:
-    app = build(served_tokens, clock)
-    old = served_tokens.mint(expires_in=7200, now=clock.now)
-    assert get(app, old).status_code == 200
+    app, old = _verified_once(served_tokens, clock)
     served_tokens.rotate()  # the old key stays published
     clock.advance(601)
     assert get(app, old).status_code == 200, "verified again with the key still in the set"
@@ -83,9 +87,7 @@ def test_an_entry_stored_against_a_replaced_key_set_is_checked_again(
     # (and empties the cache) while a request verifies with the old key,
     # whose entry is then stored after the emptying. Replayed here by
     # putting the old entry back after the refresh.
-    app = build(served_tokens, clock)
-    token = served_tokens.mint(expires_in=7200, now=clock.now)
-    assert get(app, token).status_code == 200
+    app, token = _verified_once(served_tokens, clock)
     state = get_state(app)
     [(digest, entry)] = list(state.token_cache._entries.items())
     served_tokens.rotate(drop_old=True)  # the key of `token` leaves the set
