@@ -1,8 +1,10 @@
 """The authorization context of a request: :class:`AuthContext` on ``g.auth``.
 
-Only this module sets ``g.auth``, and only to a frozen :class:`AuthContext`
-built from claims that passed every check. The raw token is never stored in
-it, so it can never show up in ``repr()`` or in logs.
+Only :func:`set_auth` here (and, written out on the hot path,
+:func:`~flask_oauth_verify.verify_request`) sets ``g.auth``, and only to a
+frozen :class:`AuthContext` built from claims that passed every check. The
+raw token is never stored in it, so it can never show up in ``repr()`` or in
+logs.
 """
 
 from __future__ import annotations
@@ -245,7 +247,7 @@ def build_context(
 
 
 def set_auth(context: AuthContext | None, namespace: dict[str, Any] | None = None) -> None:
-    """Put ``context`` on ``g.auth`` (the one place that does).
+    """Put ``context`` on ``g.auth`` (verify_request writes the same line itself).
 
     :param namespace: ``g.__dict__`` when the caller already holds it.
     """

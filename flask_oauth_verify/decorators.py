@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from time import perf_counter
 from typing import Any, TypeVar, overload
 
-from flask import g, request
+from flask import current_app, g, request
 
 from .bearer import extract_token, plain_header_token
 from .config import STRATEGIES
@@ -27,7 +27,7 @@ from .errors import (
     MissingUserContext,
     OAuthVerifyError,
 )
-from .extension import get_state
+from .extension import EXTENSION_KEY, get_state
 
 __all__ = [
     "require_organization",
@@ -73,7 +73,20 @@ def verify_request(
     :returns: the :class:`AuthContext`, or ``None`` (optional, no token).
     :raises OAuthVerifyError: the documented 400/401/403/503 errors.
     """
-    state = get_state()
+    return _verify_request(tuple(scopes), any_of, optional, strategy)
+
+
+def _verify_request(
+    scopes: tuple[str, ...], any_of: bool, optional: bool, strategy: str | None
+) -> AuthContext | None:
+    """:func:`verify_request` with positional arguments (what the decorators call).
+
+    Every request of a protected view runs this, a cache hit included, so
+    it is written flat: one context lookup per proxy, the app state read
+    directly (:func:`get_state` only to raise its error), ``g.auth``
+    written out rather than through :func:`set_auth`.
+    """
+    state = current_app._get_current_object().extensions.get(EXTENSION_KEY) or get_state()  # type: ignore[attr-defined]
     # g's namespace dict: one proxy lookup for the whole call, and no Python-level
     # __setattr__/get per access (each is a measurable share of a cache hit).
     request_g: dict[str, Any] = g._get_current_object().__dict__
@@ -86,8 +99,7 @@ def verify_request(
         started = perf_counter() if events.metrics is not None else 0.0  # metrics only
         try:
             current = request._get_current_object()  # type: ignore[attr-defined]
-            token = plain_header_token(current.environ) if state.header_tokens else None
-            context = state.header_context(token, strategy) if token is not None else None
+            context = state.header_context(current.environ, strategy)
             if context is None:
                 token = extract_token(current, state.settings)
                 if token is None:
@@ -97,34 +109,44 @@ def verify_request(
                     raise MissingTokenError(reason="no bearer token in the request")
                 context = state.authenticate(token, strategy)
         except OAuthVerifyError as exc:
-            events.failed(exc, token, strategy=strategy, started=started)
+            events.failed(exc, token or _header_token(state), strategy=strategy, started=started)
             raise
         except Exception as exc:  # fail closed, never a 500
             # A bug or an input nobody anticipated: refuse the token (never let
             # it through, never answer 500) and log loudly, without the token.
             _logger.exception("Unexpected error while verifying a token; refused.")
             refusal = InvalidTokenError(reason=f"internal error: {type(exc).__name__}")
-            events.failed(refusal, token, strategy=strategy, started=started)
+            events.failed(
+                refusal, token or _header_token(state), strategy=strategy, started=started
+            )
             raise refusal from None
-        set_auth(context, request_g)
+        request_g["auth"] = context  # set_auth(), written out: every check passed
         done = request_g.get("_oauth_verify_checked")
         if done is None:
             request_g["_oauth_verify_checked"] = {strategy or state.settings.strategy}
         else:
             done.add(strategy or state.settings.strategy)
         if events.enabled():
-            events.validated(context, token, strategy=strategy, started=started)
+            events.validated(
+                context, token or _header_token(state), strategy=strategy, started=started
+            )
     if not scopes:
         return context
-    wanted = tuple(scopes)
-    if wanted and not context.has_scopes(*wanted, any_of=any_of):
+    if not context.has_scopes(*scopes, any_of=any_of):
         error = InsufficientScopeError(
-            scopes=wanted,
-            reason=f"token lacks {'any' if any_of else 'all'} of {list(wanted)}",
+            scopes=scopes,
+            reason=f"token lacks {'any' if any_of else 'all'} of {list(scopes)}",
         )
         state.events.failed(error, None)
         raise error
     return context
+
+
+def _header_token(state: Any) -> str | None:
+    """The plain header's token, for an event record (which logs only its hash)."""
+    if not state.header_tokens:
+        return None
+    return plain_header_token(request._get_current_object().environ)  # type: ignore[attr-defined]
 
 
 def _check_strategy(strategy: str | None) -> None:
@@ -172,7 +194,7 @@ def require_token(
     _check_strategy(strategy)
 
     def decorator(inner: F) -> F:
-        return _wrap(inner, functools.partial(verify_request, optional=optional, strategy=strategy))
+        return _wrap(inner, functools.partial(_verify_request, (), False, optional, strategy))
 
     if view is not None:
         return decorator(view)
@@ -197,7 +219,7 @@ def require_scope(
     def decorator(view: F) -> F:
         return _wrap(
             view,
-            functools.partial(verify_request, scopes=scopes, any_of=any_of, strategy=strategy),
+            functools.partial(_verify_request, scopes, any_of, False, strategy),
         )
 
     return decorator

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from flask import Flask, Response, current_app
 
-from .bearer import is_b64token
+from .bearer import is_b64token, plain_header_token
 from .cache import SharedCache
 from .config import Settings
 from .context import AuthContext, ContextBuilder
@@ -70,7 +70,7 @@ class _AppState:
         self._lazy_lock = threading.Lock()
         self._health: HealthChecker | None = None
         #: Whether header tokens count (``TOKEN_LOCATIONS``): the fast path
-        #: of :func:`~flask_oauth_verify.decorators.verify_request` reads them.
+        #: (:meth:`header_context`) reads them.
         self.header_tokens = "header" in settings.token_locations
         self._max_token_bytes = settings.max_token_bytes
         self._strategy = settings.strategy
@@ -143,12 +143,15 @@ class _AppState:
             return context
         raise ValueError(f"unknown strategy {chosen!r}")
 
-    def header_context(self, token: str, strategy: str | None = None) -> AuthContext | None:
+    def header_context(
+        self, environ: dict[str, Any], strategy: str | None = None
+    ) -> AuthContext | None:
         """The context of the usual request's token, or ``None``: take the general path.
 
-        ``token`` comes from :func:`~flask_oauth_verify.bearer.plain_header_token`
-        (``Authorization: Bearer <token>``, no query token, no body). A cache
-        hit needs no other check: only tokens that passed
+        The usual request carries ``Authorization: Bearer <token>``, no query
+        token and no body (:func:`~flask_oauth_verify.bearer.plain_header_token`
+        reads it from the WSGI ``environ``). A cache hit needs no other
+        check: only tokens that passed
         :func:`~flask_oauth_verify.bearer.extract_token` are ever cached. On
         a miss, a ``b64token`` is exactly what ``extract_token`` would return,
         so it is authenticated at once, reusing the digest; anything else
@@ -158,6 +161,9 @@ class _AppState:
 
         :raises OAuthVerifyError: when the token is refused.
         """
+        token = plain_header_token(environ) if self.header_tokens else None
+        if token is None:
+            return None
         if len(token) > self._max_token_bytes:
             return None  # never hashed: the general path refuses it
         digest = hashlib.sha256(token.encode()).digest()  # the cache key: never the token
