@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import multiprocessing
 import os
 import random
@@ -54,6 +55,9 @@ sys.path.insert(0, str(ROOT))
 from flask_oauth_verify.testing import TokenIssuer  # noqa: E402
 
 AUDIENCE = "api.example.test"
+#: Default fresh tokens per second of a run: above any rate seen on 2 cores
+#: (a run that uses its pool up before the end has no true wrk rate).
+TOKENS_PER_SECOND = 6000
 ISSUER = "https://issuer.example.test"
 
 WRK_SCRIPT = r"""
@@ -61,7 +65,7 @@ local tokens = {}
 local fixed = nil
 local path = "/"
 local i = 0
-local exhausted = false
+exhausted = false  -- a global: done() reads it through thread:get()
 
 function init(args)
   path = args[1]
@@ -88,6 +92,18 @@ end
 
 function response(status, headers, body)
   if exhausted then wrk.thread:stop() end
+end
+
+local threads = {}
+
+function setup(thread)
+  table.insert(threads, thread)
+end
+
+function done(summary, latency, requests)
+  for _, thread in ipairs(threads) do
+    if thread:get("exhausted") then print("token pool used up") end
+  end
 end
 """
 
@@ -171,7 +187,11 @@ def get(port: int, path: str, token: str | None) -> int:
 def run_wrk(
     port: int, path: str, tokens: list[str] | None, fixed: str | None, args: argparse.Namespace
 ) -> tuple[float, int, int]:
-    """(requests/s, requests, non-2xx) of one bounded wrk run."""
+    """(requests/s, requests, non-2xx) of one bounded wrk run.
+
+    wrk divides by the whole ``--duration`` even when the script stopped it
+    early, so a run whose token pool ran out has no true rate: it is refused.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp, "bench.lua")
         script.write_text(WRK_SCRIPT)
@@ -190,6 +210,12 @@ def run_wrk(
         out = subprocess.run(
             command, capture_output=True, text=True, check=True, timeout=args.duration + 60
         ).stdout
+    if "token pool used up" in out:
+        raise SystemExit(
+            f"{path}: the pool of {len(tokens or [])} fresh tokens ran out before "
+            f"{args.duration} s, so wrk's rate would be capped at tokens / duration; "
+            "rerun with a larger --tokens"
+        )
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
@@ -240,10 +266,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=4)
     parser.add_argument(
-        "--tokens", type=int, default=12000, help="fresh tokens per run of /ours (the count bound)"
+        "--tokens",
+        type=int,
+        default=None,
+        help=f"fresh tokens per run (default: {TOKENS_PER_SECOND} per s of --duration)",
     )
     parser.add_argument("--load", choices=["auto", "wrk", "python"], default="auto")
     args = parser.parse_args(argv)
+    if args.tokens is None:
+        args.tokens = math.ceil(args.duration * TOKENS_PER_SECOND)
     use_wrk = args.load == "wrk" or (args.load == "auto" and shutil.which("wrk") is not None)
     load = run_wrk if use_wrk else run_python
 

@@ -5,8 +5,8 @@ of percent between runs. This script runs each variant of the same route in
 its own process under ``valgrind --tool=callgrind`` and counts the machine
 instructions of ``--requests`` requests through Flask's test client (only
 the measured loop is counted: ``--toggle-collect`` on the ``functools.reduce``
-call that drives it), with ``PYTHONHASHSEED=0``. Counts repeat to within a
-fraction of a percent from run to run.
+call that drives it), with ``PYTHONHASHSEED=0``. Whole-request counts repeat
+to within about 1 % from run to run.
 
 Printed per variant: instructions per request minus the unprotected route's,
 and that as a multiple of one raw ``cryptography`` signature verify counted
