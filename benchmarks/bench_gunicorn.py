@@ -3,8 +3,10 @@
 Serves ``gunicorn_app.py`` (one route: unprotected, this package, a PyJWT
 decorator, Authlib) and drives it with ``wrk`` (``apt-get install -y wrk``)
 or, when wrk is missing, a bounded Python load generator. Every run is
-bounded in time (``--duration``) and count (the fresh-token pool: a run stops
-when its tokens are used up). Scenarios are interleaved over ``--rounds``;
+bounded in time (``--duration``) and count (the fresh-token pool, by default
+``TOKENS_PER_SECOND`` per second of ``--duration``: wrk divides by the whole
+duration, so a wrk run that uses its pool up is refused; the Python load
+generator stops and divides by the time it ran). Scenarios are interleaved over ``--rounds``;
 the table shows the median requests/s of each and the median over rounds of
 its ratio to the unprotected route sent the same requests in the same round
 (and the range of those ratios):
@@ -55,10 +57,10 @@ sys.path.insert(0, str(ROOT))
 from flask_oauth_verify.testing import TokenIssuer  # noqa: E402
 
 AUDIENCE = "api.example.test"
+ISSUER = "https://issuer.example.test"
 #: Default fresh tokens per second of a run: above any rate seen on 2 cores
 #: (a run that uses its pool up before the end has no true wrk rate).
 TOKENS_PER_SECOND = 6000
-ISSUER = "https://issuer.example.test"
 
 WRK_SCRIPT = r"""
 local tokens = {}
@@ -322,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                         start = round_index * args.tokens
                         tokens = fresh[start : start + args.tokens]
                     rps, total, bad = load(port, path, tokens, fixed, args)
+                    # Only the Python load generator gets here with its pool used up.
                     used_up = tokens is not None and total >= len(tokens)
                     note = "  (token pool used up: stopped early)" if used_up else ""
                     print(f"  round {round_index + 1}: {name:42s} {rps:8.1f} req/s "
