@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import copy
 import functools
 import gc
 import json
@@ -395,7 +396,7 @@ def bench_algorithm(alg: str, rounds: int, server: IssuerServer) -> Table:
 
 
 def bench_scaling(rounds: int, server: IssuerServer) -> Table:
-    """Key sets of 1 and 100 keys, 1 and 10 issuers, tokens of 0.5 and 8 KB (RS256)."""
+    """Key sets of 1 and 100 keys, 1 and 10 issuers, a full token cache, 0.5/8 KB tokens (RS256)."""
     alg = "RS256"
     main = TokenIssuer(alg=alg, audience=AUDIENCE)
     main.serve(server)
@@ -432,6 +433,8 @@ def bench_scaling(rounds: int, server: IssuerServer) -> Table:
         hit = ours_app(config, label + " hit").test_client()
         variants.append(Variant(f"{label}: first-seen", fresh(first, small)))
         variants.append(Variant(f"{label}: repeated", repeated(hit, small[0])))
+    full = full_cache_app(ours_config(main, alg), main)
+    variants.append(Variant("token cache full: first-seen", fresh(full.test_client(), small)))
     big_first = ours_app(ours_config(main, alg), "big").test_client()
     big_hit = ours_app(ours_config(main, alg), "big hit").test_client()
     variants.append(Variant(f"{len(big[0])}-byte token: first-seen", fresh(big_first, big)))
@@ -455,6 +458,22 @@ def bench_scaling(rounds: int, server: IssuerServer) -> Table:
     for s in [hundred, *other_servers]:
         s.close()
     return table
+
+
+def full_cache_app(config: dict[str, Any], issuer: TokenIssuer) -> Flask:
+    """Ours with its verified-token cache full and churned: every first-seen token evicts.
+
+    Three times the cache's size is written first, so the cache is measured
+    in its steady state, not just after it filled up.
+    """
+    app = ours_app(config, "full cache")
+    state = get_state(app)
+    with app.app_context():
+        state.authenticate(issuer.mint(**typical_claims()))
+    [entry] = list(state.token_cache._entries.values())
+    for _ in range(3 * state.token_cache.size):
+        state.token_cache.put(os.urandom(32), copy.copy(entry))
+    return app
 
 
 def _reply(body: Any) -> Any:

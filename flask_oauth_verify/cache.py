@@ -33,6 +33,8 @@ from typing import Any
 
 from flask_caching import Cache
 
+from .fifo import BoundedFifo
+
 __all__ = ["BACKEND_RETRY", "LOCAL_CACHE_SIZE", "LocalCache", "SharedCache", "cache_key"]
 
 logger = logging.getLogger("flask_oauth_verify.cache")
@@ -82,7 +84,7 @@ class LocalCache:
         self._clock = clock
         #: key -> (expiry on the clock, or 0.0 for never; the pickled value),
         #: in the order of their last write.
-        self._entries: dict[str, tuple[float, bytes]] = {}
+        self._entries: BoundedFifo[str, tuple[float, bytes]] = BoundedFifo(self.size)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -129,11 +131,7 @@ class LocalCache:
 
     def _write(self, key: str, entry: tuple[float, bytes]) -> None:
         """Store ``entry`` as the newest write (the caller holds the lock)."""
-        entries = self._entries
-        entries.pop(key, None)
-        while len(entries) >= self.size:
-            del entries[next(iter(entries))]
-        entries[key] = entry
+        self._entries.put(key, entry)
 
 
 class SharedCache:

@@ -52,6 +52,7 @@ from .config import Settings
 from .discovery import Discovery
 from .errors import InvalidTokenError, UpstreamError
 from .fetch import Fetcher, FetchError, SingleFlight
+from .fifo import BoundedFifo
 from .verification import JWTVerifier
 
 __all__ = ["ACCESS_TOKEN_TYPES", "Introspector"]
@@ -156,7 +157,9 @@ class Introspector:
         #: Receives security events ``(name, fields)``; set by the extension.
         self.on_event: EventSink | None = None
         #: Per-process copies of cached answers: key -> (until, response).
-        self._memo: dict[str, tuple[float, Mapping[str, Any]]] = {}
+        self._memo: BoundedFifo[str, tuple[float, Mapping[str, Any]]] = BoundedFifo(
+            settings.token_cache_size
+        )
         self._memo_size = settings.token_cache_size
         self._flights: SingleFlight[tuple[Mapping[str, Any] | None, _Failure | None]] = (
             SingleFlight()
@@ -291,14 +294,7 @@ class Introspector:
 
     def _remember(self, key: str, until: float, response: Mapping[str, Any]) -> None:
         """Keep a cached answer in this process until ``until`` (bounded FIFO)."""
-        memo = self._memo
-        while len(memo) >= self._memo_size > 0:
-            try:
-                del memo[next(iter(memo))]
-            except (KeyError, StopIteration, RuntimeError):
-                break
-        if self._memo_size > 0:
-            memo[key] = (until, response)
+        self._memo.put(key, (until, response))
 
     def _store(self, key: str, response: Mapping[str, Any], now: float) -> None:
         if response.get("active") is True:

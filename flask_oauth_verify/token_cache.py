@@ -6,7 +6,8 @@ every hit: ``exp``/``nbf`` (with leeway) and the key that verified it, which
 must still be the current key of its issuer (checked as "the same key set
 object, still within its soft TTL", else resolved again). The whole cache is
 emptied when a key set changes, so a key that leaves its set stops vouching
-for tokens at once. Eviction is first-in-first-out when full (``TOKEN_CACHE_SIZE``, 10 000
+for tokens at once. Eviction drops the oldest write when full, in O(1)
+(:class:`~flask_oauth_verify.fifo.BoundedFifo`; ``TOKEN_CACHE_SIZE``, 10 000
 entries by default; 0 disables the cache).
 
 Introspected tokens have a cache of the same shape and size
@@ -22,6 +23,7 @@ import dataclasses
 from typing import Any, Generic, TypeVar
 
 from .context import AuthContext
+from .fifo import BoundedFifo
 
 __all__ = ["CachedToken", "IntrospectedToken", "TokenCache"]
 
@@ -76,7 +78,7 @@ class TokenCache(Generic[E]):
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._entries: dict[bytes, E] = {}
+        self._entries: BoundedFifo[bytes, E] = BoundedFifo(size)
         #: The entry for a digest, if any (the dict's own ``get``: no Python
         #: frame on the hot path; :meth:`clear` empties this same dict).
         self.get = self._entries.get
@@ -86,15 +88,7 @@ class TokenCache(Generic[E]):
 
     def put(self, digest: bytes, entry: E) -> None:
         """Store ``entry``, evicting the oldest entry when full."""
-        if self.size <= 0:
-            return
-        entries = self._entries
-        while len(entries) >= self.size:
-            try:
-                del entries[next(iter(entries))]
-            except (KeyError, StopIteration, RuntimeError):
-                break
-        entries[digest] = entry
+        self._entries.put(digest, entry)
 
     def discard(self, digest: bytes) -> None:
         """Remove ``digest`` if present."""

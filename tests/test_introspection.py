@@ -261,6 +261,22 @@ def test_answers_are_cached_without_a_cache_backend(
     assert hits(issuer) == 2
 
 
+def test_introspection_answers_beyond_the_bound_are_asked_again(
+    issuer: TokenIssuer, clock: FakeClock
+) -> None:
+    config = intro_config(issuer, INTROSPECTION_CACHE_TTL=60, TOKEN_CACHE_SIZE=2)
+    client = make_app(config, clock=clock).test_client()
+    opaque = [issuer.mint_opaque(expires_in=3600, now=clock.now) for _ in range(3)]
+    for token in opaque:
+        assert client.get("/protected", headers=auth_header(token)).status_code == 200
+    assert hits(issuer) == 3
+    assert client.get("/protected", headers=auth_header(opaque[2])).status_code == 200
+    assert hits(issuer) == 3, "the newest answer is still held"
+    issuer.revoke(opaque[0])
+    assert_401(client.get("/protected", headers=auth_header(opaque[0])))
+    assert hits(issuer) == 4, "the oldest answer was dropped: the endpoint is asked again"
+
+
 def test_cache_ttl_never_outlives_the_token(issuer: TokenIssuer, clock: FakeClock) -> None:
     config = intro_config(issuer, INTROSPECTION_CACHE_TTL=300, LEEWAY=0)
     client = make_app(config, clock=clock).test_client()
