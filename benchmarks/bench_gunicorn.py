@@ -204,9 +204,8 @@ def run_wrk(
             extra = ["file", str(token_file)]
         elif fixed is not None:
             extra = ["fixed", fixed]
-        seconds = max(1, round(args.duration))
         command = [
-            "wrk", "-t1", f"-c{args.connections}", f"-d{seconds}s", "--timeout", "10s",
+            "wrk", "-t1", f"-c{args.connections}", f"-d{args.duration:.0f}s", "--timeout", "10s",
             "-s", str(script), f"http://127.0.0.1:{port}{path}", "--", path, *extra,
         ]  # fmt: skip
         out = subprocess.run(
@@ -275,10 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--load", choices=["auto", "wrk", "python"], default="auto")
     args = parser.parse_args(argv)
-    if args.tokens is None:
-        args.tokens = math.ceil(args.duration * TOKENS_PER_SECOND)
     use_wrk = args.load == "wrk" or (args.load == "auto" and shutil.which("wrk") is not None)
     load = run_wrk if use_wrk else run_python
+    if use_wrk:
+        args.duration = float(max(1, round(args.duration)))  # wrk runs whole seconds
+    if args.tokens is None:
+        args.tokens = math.ceil(args.duration * TOKENS_PER_SECOND)
 
     issuer = TokenIssuer(ISSUER, alg=args.alg, audience=AUDIENCE)
     print(f"minting {args.tokens * args.rounds} fresh {args.alg} tokens ...", flush=True)
