@@ -312,7 +312,11 @@ def main(argv: list[str] | None = None) -> int:
             for path in ("/open", "/ours", "/pyjwt", "/authlib", "/minimal"):
                 for _ in range(4):  # every worker imports and warms up
                     status = get(port, path, None if path == "/open" else repeated)
-                    if status != 200:
+                    if path == "/authlib" and status == 401:
+                        # Its validator takes only joserfc's recommended algorithms.
+                        print(f"  Authlib's JWTBearerTokenValidator refuses {args.alg}: not run")
+                        scenarios.pop("Authlib, fresh tokens", None)
+                    elif status != 200:
                         raise SystemExit(f"{path} answered {status} during warm-up")
             results: dict[str, list[float]] = {name: [] for name in scenarios}
             rng = random.Random(5)
