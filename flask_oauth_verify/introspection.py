@@ -160,7 +160,6 @@ class Introspector:
         self._memo: BoundedFifo[str, tuple[float, Mapping[str, Any]]] = BoundedFifo(
             settings.token_cache_size
         )
-        self._memo_size = settings.token_cache_size
         self._flights: SingleFlight[tuple[Mapping[str, Any] | None, _Failure | None]] = (
             SingleFlight()
         )
@@ -290,7 +289,7 @@ class Introspector:
         Without a shared backend only this process would read them, and its
         memo holds them already, unless ``TOKEN_CACHE_SIZE`` is 0 (no memo).
         """
-        return self.cache.is_shared or self._memo_size <= 0
+        return self.cache.is_shared or self._memo.size <= 0
 
     def _remember(self, key: str, until: float, response: Mapping[str, Any]) -> None:
         """Keep a cached answer in this process until ``until`` (bounded FIFO)."""
