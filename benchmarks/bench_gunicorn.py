@@ -3,13 +3,15 @@
 Serves ``gunicorn_app.py`` (one route: unprotected, this package, a PyJWT
 decorator, Authlib) and drives it with ``wrk`` (``apt-get install -y wrk``)
 or, when wrk is missing, a bounded Python load generator. Every run is
-bounded in time (``--duration``) and count (the fresh-token pool, by default
-``TOKENS_PER_SECOND`` per second of ``--duration``: wrk divides by the whole
-duration, so a wrk run that uses its pool up is refused; the Python load
-generator stops and divides by the time it ran). Scenarios are interleaved over ``--rounds``;
-the table shows the median requests/s of each and the median over rounds of
-its ratio to the unprotected route sent the same requests in the same round
-(and the range of those ratios):
+bounded in time (``--duration``, whole seconds with wrk) and count (the
+fresh-token pool, by default ``TOKENS_PER_SECOND`` per second of
+``--duration``: wrk divides by the whole duration, so a wrk run that uses its
+pool up is refused; the Python load generator stops and divides by the time
+it ran). An algorithm Authlib's validator refuses leaves Authlib out.
+Scenarios are interleaved over ``--rounds``; the table shows the median
+requests/s of each and the median over rounds of its ratio to the
+unprotected route sent the same requests in the same round (and the range of
+those ratios):
 
 * ``unprotected``            - ``/open``, sent the same requests as the
   protected routes (fresh tokens, or the one repeated token; ignored): the

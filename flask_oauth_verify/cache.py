@@ -80,12 +80,16 @@ class LocalCache:
     def __init__(
         self, size: int = LOCAL_CACHE_SIZE, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self.size = max(1, size)
         self._clock = clock
         #: key -> (expiry on the clock, or 0.0 for never; the pickled value),
         #: in the order of their last write.
-        self._entries: BoundedFifo[str, tuple[float, bytes]] = BoundedFifo(self.size)
+        self._entries: BoundedFifo[str, tuple[float, bytes]] = BoundedFifo(max(1, size))
         self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        """The maximum number of entries."""
+        return self._entries.size
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -77,11 +77,15 @@ class TokenCache(Generic[E]):
     """
 
     def __init__(self, size: int) -> None:
-        self.size = size
         self._entries: BoundedFifo[bytes, E] = BoundedFifo(size)
         #: The entry for a digest, if any (the dict's own ``get``: no Python
         #: frame on the hot path; :meth:`clear` empties this same dict).
         self.get = self._entries.get
+
+    @property
+    def size(self) -> int:
+        """The maximum number of entries (0: the cache is off)."""
+        return self._entries.size
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -1,10 +1,9 @@
 """The bounded FIFO behind every per-process cache, alone and in the app.
 
-(Introspection answers beyond the bound: ``tests/test_introspection.py``.)
-
-Bounded, the oldest write goes first, a rewrite is the newest write. (That a
-write costs the same however full the cache is, is measured in
-``benchmarks/bench_verify.py``'s scaling table, not asserted here.)
+Bounded, the oldest write goes first, a rewrite is the newest write.
+Introspection answers beyond the bound: ``tests/test_introspection.py``.
+That a write costs the same however full the cache is, is measured in
+``benchmarks/bench_verify.py``'s scaling table, not asserted here.
 """
 
 from __future__ import annotations
