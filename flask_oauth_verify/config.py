@@ -47,6 +47,10 @@ DEFAULT_CLAIM_MAP: Mapping[str, tuple[str, ...]] = MappingProxyType(
 )
 
 DEFAULT_TYPES = (None, "jwt", "at+jwt", "application/at+jwt")
+#: OpenID Connect defines these for ID tokens only (Core §3.1.3.6, §3.3.2.11):
+#: ``at_hash`` is the hash of the access token issued beside the ID token, so
+#: no access token can carry it. A token holding one is an ID token.
+DEFAULT_REFUSED_CLAIMS = ("at_hash", "c_hash")
 STRATEGIES = ("jwks", "introspection", "auto", "both")
 INTROSPECTION_AUTH_METHODS = ("client_secret_basic", "client_secret_post", "bearer", "none")
 TOKEN_LOCATIONS = ("header", "query", "form")
@@ -156,9 +160,14 @@ class Settings:
     claim_map: Mapping[str, tuple[str, ...]] = dataclasses.field(
         default_factory=lambda: DEFAULT_CLAIM_MAP
     )
-    user_id_prefix: str | None = None
+    #: one prefix or several; ``str.startswith`` takes either
+    user_id_prefix: str | tuple[str, ...] | None = None
     user_id_rule: Callable[[Mapping[str, Any]], bool] | None = None
     allowed_client_ids: tuple[str, ...] = ()
+    #: the token must name its client (per the ``client_id`` claim paths)
+    require_client_id: bool = False
+    #: claims only an ID token carries: a token holding one is refused
+    refused_claims: tuple[str, ...] = DEFAULT_REFUSED_CLAIMS
     #: accepted placeholder values of templated issuers; ``None`` = any tenant
     allowed_tenants: tuple[str, ...] | None = None
     issuer_placeholder_claims: Mapping[str, str] = dataclasses.field(default_factory=dict)
@@ -297,9 +306,11 @@ def _build(v: Mapping[str, Any]) -> Settings:
         required_claims=_as_tuple(v.get("REQUIRED_CLAIMS"), "REQUIRED_CLAIMS"),
         required_claim_values=MappingProxyType(dict(required_values)),
         claim_map=_claim_map(v.get("CLAIM_MAP")),
-        user_id_prefix=v.get("USER_ID_PREFIX"),
+        user_id_prefix=_user_id_prefix(v.get("USER_ID_PREFIX")),
         user_id_rule=user_rule,
         allowed_client_ids=_as_tuple(v.get("ALLOWED_CLIENT_IDS"), "ALLOWED_CLIENT_IDS"),
+        require_client_id=_as_bool(v.get("REQUIRE_CLIENT_ID", False), "REQUIRE_CLIENT_ID"),
+        refused_claims=_as_tuple(v.get("REFUSED_CLAIMS", DEFAULT_REFUSED_CLAIMS), "REFUSED_CLAIMS"),
         allowed_tenants=tenants,
         issuer_placeholder_claims=MappingProxyType(placeholder_claims),
         issuer_claims=MappingProxyType(_issuer_claims(v.get("ISSUER_CLAIMS"))),
@@ -359,6 +370,20 @@ def _build(v: Mapping[str, Any]) -> Settings:
         health_route=health or None,
         raw=MappingProxyType(dict(v)),
     )
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{_key(name)} must be True or False.")
+    return value
+
+
+def _user_id_prefix(value: Any) -> str | tuple[str, ...] | None:
+    """``USER_ID_PREFIX``: one prefix, or a list of them (any one marks a user)."""
+    if value is None or value == "":
+        return None
+    prefixes = _as_tuple(value, "USER_ID_PREFIX")
+    return prefixes[0] if len(prefixes) == 1 else prefixes
 
 
 def _algorithms(value: Any) -> tuple[str, ...]:

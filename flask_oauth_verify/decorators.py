@@ -54,7 +54,7 @@ def _already_verified(strategy: str | None, request_g: dict[str, Any]) -> AuthCo
 
 def verify_request(
     *,
-    scopes: Iterable[str] = (),
+    scopes: Iterable[str] | str = (),
     any_of: bool = False,
     optional: bool = False,
     strategy: str | None = None,
@@ -64,7 +64,8 @@ def verify_request(
     Verifies at most once per request (a second call with the same or a
     weaker strategy reuses the result), then checks ``scopes``.
 
-    :param scopes: scopes the token must hold (all, or one with ``any_of``).
+    :param scopes: scopes the token must hold (all, or one with ``any_of``);
+        a single string is one scope.
     :param any_of: accept a token holding any one of ``scopes``.
     :param optional: without a token, set ``g.auth = None`` and return
         ``None`` instead of refusing. A token that is sent is still verified.
@@ -73,7 +74,20 @@ def verify_request(
     :returns: the :class:`AuthContext`, or ``None`` (optional, no token).
     :raises OAuthVerifyError: the documented 400/401/403/503 errors.
     """
-    return _verify_request(tuple(scopes), any_of, optional, strategy)
+    return _verify_request(_scope_tuple(scopes), any_of, optional, strategy)
+
+
+def _scope_tuple(scopes: Iterable[str] | str) -> tuple[str, ...]:
+    """``scopes`` as a tuple of valid scopes (a lone string is one scope, never
+    its characters)."""
+    wanted = (scopes,) if isinstance(scopes, str) else tuple(scopes)
+    _check_scopes(wanted)
+    return wanted
+
+
+def _check_scopes(scopes: tuple[str, ...]) -> None:
+    if not all(isinstance(s, str) and s and " " not in s for s in scopes):
+        raise ValueError("Scopes are non-empty strings without spaces.")
 
 
 def _verify_request(
@@ -213,8 +227,7 @@ def require_scope(
     _check_strategy(strategy)
     if not scopes:
         raise ValueError("require_scope() needs at least one scope.")
-    if not all(isinstance(s, str) and s and " " not in s for s in scopes):
-        raise ValueError("Scopes are non-empty strings without spaces.")
+    _check_scopes(scopes)
 
     def decorator(view: F) -> F:
         return _wrap(

@@ -337,9 +337,10 @@ class Fetcher:
         try:
             result = self._send(method, url, headers, data, json_body, accept_not_modified)
         except FetchError as exc:
-            # 4xx answers are the server working as designed (our request or
-            # credentials are wrong); only outages count against the circuit.
-            if exc.status is not None and 400 <= exc.status < 500:
+            # An answer below 500 (a 4xx, a redirect we refuse, a 200 that is not
+            # JSON) is the server up and working as designed: our request or
+            # credentials are wrong. Only outages count against the circuit.
+            if exc.status is not None and exc.status < 500:
                 breaker.record_success()
             else:
                 breaker.record_failure()

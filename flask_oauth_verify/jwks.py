@@ -66,6 +66,9 @@ _RECHECK = 1.0
 _RETRY_AFTER = 5
 _PARSED_CACHE_SIZE = 64
 _MAX_DYNAMIC_SOURCES = 64
+#: First fetches of ``jku`` URLs never seen to serve keys, per issuer and per
+#: ``JWKS_REFRESH_COOLDOWN``: anyone can name any path of an allowlisted host.
+_NEW_JKU_FETCHES = 8
 
 #: Listener signature: (event name, fields). Set by the extension.
 EventSink = Callable[[str, Mapping[str, Any]], None]
@@ -125,6 +128,14 @@ class _Source:
 
     def key(self, kind: str) -> str:
         return cache_key(kind, self.name)
+
+
+def _answered(exc: Exception) -> bool:
+    """Whether the server answered (a key set error, or an HTTP status below 500)."""
+    if isinstance(exc, KeySetError):
+        return True
+    status = getattr(exc, "status", None)
+    return status is not None and status < 500
 
 
 def _max_age(result: HTTPResult) -> float | None:
@@ -206,6 +217,8 @@ class KeyStore:
         # A fetch may need discovery first: two budgets, plus parsing.
         self._wait = 2 * fetcher.budget + 2
         self._cooldown = settings.jwks_refresh_cooldown
+        #: issuer -> (window start, first fetches of unproven jku URLs in it)
+        self._new_jku: dict[str, tuple[float, int]] = {}
         for issuer in settings.issuers:
             if issuer not in self._static:
                 self._source(issuer, None)
@@ -468,11 +481,19 @@ class KeyStore:
     # -- fetching -----------------------------------------------------------------
 
     def _fetch_and_install(self, source: _Source, now: float, mode: str) -> PreparedKeySet:
+        unproven = source.jku is not None and source.keys is None
+        if unproven:
+            self._spend_new_jku(source, now)
         source.fetches += 1
         try:
             record = self._fetch(source, now)
             keys = self._parse(record["jwks"])
         except (FetchError, KeySetError) as exc:
+            if unproven and _answered(exc):
+                # The host answered, with something that is not a key set: the
+                # token names no key source (401), the issuer is not down (503).
+                source.last_error = str(exc)
+                raise InvalidTokenError(reason="jku does not serve a key set") from None
             return self._failed(source, now, str(exc))
         keep = self._max_staleness + record["ttl"]
         self.cache.set(source.key("jwks"), record, keep)
@@ -494,16 +515,36 @@ class KeyStore:
         )
         return keys
 
+    def _spend_new_jku(self, source: _Source, now: float) -> None:
+        """Count a first fetch of an unproven ``jku``; refuse beyond the budget.
+
+        Bounds the fetches that forged tokens can cause; a ``jku`` that once
+        served keys (in any worker: its shared copy is adopted before this)
+        is never counted.
+        """
+        with self._guard:
+            start, spent = self._new_jku.get(source.issuer, (now, 0))
+            if now - start >= self._cooldown:
+                start, spent = now, 0
+            if spent >= _NEW_JKU_FETCHES:
+                raise InvalidTokenError(reason="too many unknown jku URLs; try again later")
+            self._new_jku[source.issuer] = (start, spent + 1)
+
     def _fetch(self, source: _Source, now: float) -> dict[str, Any]:
         candidates = self._candidate_uris(source)
         for uri in candidates[:-1]:
+            # Documented and SDK paths differ for some providers: an answer that
+            # is not a key set (a 404, a login page, an error document; not an
+            # outage) moves on to the next known location.
             try:
-                return self._fetch_from(source, uri, now)
+                record = self._fetch_from(source, uri, now)
             except FetchError as exc:
-                if exc.status != 404:
+                if not _answered(exc):
                     raise
-                # Documented and SDK paths differ for some providers: a 404
-                # (not an outage) moves on to the next known location.
+                continue
+            jwks = record["jwks"]
+            if isinstance(jwks, Mapping) and isinstance(jwks.get("keys"), list):
+                return record
         return self._fetch_from(source, candidates[-1], now)
 
     def _candidate_uris(self, source: _Source) -> list[str]:

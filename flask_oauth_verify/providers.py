@@ -137,9 +137,11 @@ PROFILES: Mapping[str, Profile] = _profiles(
         defaults={
             "JWKS_URI": "{issuer}/keys",
             "INTROSPECTION_ENDPOINT": "{issuer}/oauth/introspect",
-            "USER_ID_PREFIX": "user_",
+            # Scalekit's user ids are usr_...; its guides' samples use user_...
+            "USER_ID_PREFIX": ("usr_", "user_"),
             "CLAIM_MAP": {
-                "scopes": ("scopes", "scope"),
+                # scopes: M2M clients; permissions: the RBAC of user tokens
+                "scopes": ("scopes", "scope", "permissions"),
                 "organization_id": ("oid", "organization_id"),
                 "service_name": ("custom_claims.service_name",),
                 "token_type": ("custom_claims.client_type",),
@@ -236,6 +238,9 @@ PROFILES: Mapping[str, Profile] = _profiles(
         defaults={
             "JWKS_URI": _MICROSOFT_COMMON_KEYS,
             "ISSUER_PLACEHOLDER_CLAIMS": {"tenantid": "tid", "tenant_id": "tid"},
+            # Access tokens always name their client (azp in v2.0, appid in
+            # v1.0); ID tokens never do, and can share issuer, keys and aud.
+            "REQUIRE_CLIENT_ID": True,
             "CLAIM_MAP": {
                 "scopes": ("scp", "roles"),
                 "client_id": ("azp", "appid"),

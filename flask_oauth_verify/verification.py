@@ -53,6 +53,8 @@ _LAST_CHARACTER = {2: (0x0F, b"=="), 3: (0x03, b"=")}
 #: claims check); anything outside takes the exact path (:func:`_is_number`).
 _INT_HIGH = 2**1023
 _INT_LOW = -_INT_HIGH
+#: ``claims.get(name, _ABSENT)``: tells a missing claim from ``"nbf": null``.
+_ABSENT: Any = object()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -85,6 +87,12 @@ class KeyResolver(Protocol):
 
 def _invalid(reason: str) -> InvalidTokenError:
     return InvalidTokenError(reason=reason)
+
+
+def _id_token(claim: str) -> InvalidTokenError:
+    return InvalidTokenError(
+        reason=f"claim {claim!r} marks an ID token, which is not an access token"
+    )
 
 
 def _b64decode(segment: str, what: str) -> bytes:
@@ -205,8 +213,12 @@ class JWTVerifier:
         self._required_values = tuple(settings.required_claim_values.items())
         self._client_ids = frozenset(settings.allowed_client_ids)
         self._client_paths = settings.claim_map["client_id"]
+        self._require_client = settings.require_client_id
+        self._refused = settings.refused_claims
         # Required claims, values and client ids are rare: skip them as a whole.
-        self._extra_checks = bool(self._required or self._required_values or self._client_ids)
+        self._extra_checks = bool(
+            self._required or self._required_values or self._client_ids or self._require_client
+        )
         self._headers: dict[str, JWSHeader] = {}
 
     def header(self, segment: str) -> JWSHeader:
@@ -319,17 +331,17 @@ class JWTVerifier:
         """
         get = claims.get
         exp = get("exp")
-        nbf = get("nbf")
-        iat = get("iat")
+        nbf = get("nbf", _ABSENT)  # "nbf": null is not an absent nbf: slow path
+        iat = get("iat", _ABSENT)
         leeway = self._leeway
         if not (
             type(exp) is int
             and _INT_LOW < exp < _INT_HIGH
             and exp + leeway > now
-            and (nbf is None or (type(nbf) is int and _INT_LOW < nbf < _INT_HIGH))
-            and (nbf is None or nbf - leeway <= now)
-            and (iat is None or (type(iat) is int and _INT_LOW < iat < _INT_HIGH))
-            and (iat is None or iat - leeway <= now)
+            and (nbf is _ABSENT or (type(nbf) is int and _INT_LOW < nbf < _INT_HIGH))
+            and (nbf is _ABSENT or nbf - leeway <= now)
+            and (iat is _ABSENT or (type(iat) is int and _INT_LOW < iat < _INT_HIGH))
+            and (iat is _ABSENT or iat - leeway <= now)
         ):
             self.check_claims(claims, now)
             return
@@ -337,6 +349,9 @@ class JWTVerifier:
             aud = get("aud")
             if type(aud) is not str or aud not in self._audiences:
                 self._check_audience(aud)
+        for name in self._refused:
+            if name in claims:
+                raise _id_token(name)
         if self._extra_checks:
             self._check_extra(claims)
 
@@ -369,6 +384,9 @@ class JWTVerifier:
         self.check_time_claims(claims, now)
         if self._verify_audience and (require_audience or "aud" in claims):
             self._check_audience(claims.get("aud"))
+        for name in self._refused:
+            if name in claims:
+                raise _id_token(name)
         if self._extra_checks:
             self._check_extra(claims)
 
@@ -382,17 +400,23 @@ class JWTVerifier:
                 raise _invalid(f"claim {name!r} does not have the required value")
         if self._client_ids:
             self._check_client(claims)
+        elif self._require_client and self._client_of(claims) is None:
+            raise _invalid("the token names no client (an ID token is not an access token)")
 
     def check_time_claims(self, claims: Mapping[str, Any], now: float) -> None:
-        """Check ``nbf`` and ``iat`` (when present) against ``now`` with leeway."""
-        nbf = claims.get("nbf")
-        if nbf is not None:
+        """Check ``nbf`` and ``iat`` (when present) against ``now`` with leeway.
+
+        A claim that is present must be a number: ``"nbf": null`` is refused,
+        not taken for a missing ``nbf``.
+        """
+        nbf = claims.get("nbf", _ABSENT)
+        if nbf is not _ABSENT:
             if not _is_number(nbf):
                 raise _invalid("nbf is not a number")
             if nbf - self._leeway > now:
                 raise TokenNotActive(reason="nbf is in the future")
-        iat = claims.get("iat")
-        if iat is not None:
+        iat = claims.get("iat", _ABSENT)
+        if iat is not _ABSENT:
             if not _is_number(iat):
                 raise _invalid("iat is not a number")
             if iat - self._leeway > now:
@@ -409,11 +433,14 @@ class JWTVerifier:
             raise _invalid("aud is missing or malformed")
         raise _invalid("aud names none of the configured audiences")
 
-    def _check_client(self, claims: Mapping[str, Any]) -> None:
+    def _client_of(self, claims: Mapping[str, Any]) -> str | None:
+        """The client id per the claim map (its first claim present), if a string."""
         for path in self._client_paths:
             value = claim_path(claims, path)
             if value is not None:
-                if isinstance(value, str) and value in self._client_ids:
-                    return
-                break
-        raise _invalid("client id is not an allowed client")
+                return value if isinstance(value, str) else None
+        return None
+
+    def _check_client(self, claims: Mapping[str, Any]) -> None:
+        if self._client_of(claims) not in self._client_ids:
+            raise _invalid("client id is not an allowed client")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
-from flask import Flask
+import logging
 
+import pytest
+from flask import Flask, g
+
+from flask_oauth_verify import require_token
 from flask_oauth_verify.testing import TokenIssuer
 
 from .conftest import make_app
@@ -98,3 +101,87 @@ def test_characters_outside_b64token_are_invalid_token(app: Flask, token: str) -
     )
     assert response.status_code == 401
     assert response.json is not None and response.json["error"] == "invalid_token"
+
+
+@pytest.mark.parametrize("second", ["Bearer {token}", "bearer {token}", "Bearer forged.token.x"])
+def test_a_bearer_header_after_another_scheme_is_400(
+    app: Flask, tokens: TokenIssuer, second: str
+) -> None:
+    """``Basic …`` then ``Bearer …``: two headers, folded by the server with ", "."""
+    folded = "Basic dXNlcjpwYXNz, " + second.format(token=tokens.mint())
+    client = app.test_client()
+    response = client.get("/protected", environ_overrides={"HTTP_AUTHORIZATION": folded})
+    assert response.status_code == 400
+    assert response.json is not None and response.json["error"] == "invalid_request"
+    assert 'error="invalid_request"' in response.headers["WWW-Authenticate"]
+
+
+def test_a_bearer_header_after_another_scheme_is_refused_on_optional_routes(
+    tokens: TokenIssuer,
+) -> None:
+    app = make_app(tokens.config())
+
+    @app.get("/maybe")
+    @require_token(optional=True)
+    def maybe() -> dict[str, object]:
+        return {"anonymous": g.auth is None}
+
+    folded = "Basic dXNlcjpwYXNz, Bearer forged.token.x"
+    response = app.test_client().get("/maybe", environ_overrides={"HTTP_AUTHORIZATION": folded})
+    assert response.status_code == 400
+    digest = 'Digest username="u", realm="r", nonce="n", response="x"'
+    plain = app.test_client().get("/maybe", headers={"Authorization": digest})
+    assert (plain.status_code, plain.json) == (200, {"anonymous": True})
+
+
+@pytest.mark.parametrize("name", ["access%5Ftoken", "access_%74oken", "%61ccess_token"])
+def test_a_percent_encoded_query_parameter_name_is_still_access_token(
+    app: Flask, tokens: TokenIssuer, name: str
+) -> None:
+    token = tokens.mint()
+    both = app.test_client().get(
+        f"/protected?{name}={token}", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert both.status_code == 400  # sent two ways, however the name is spelt
+    enabled = make_app(tokens.config(TOKEN_LOCATIONS=["header", "query"]), name="q")
+    assert enabled.test_client().get(f"/protected?{name}={token}").status_code == 200
+
+
+def test_a_form_body_over_the_apps_limit_does_not_hide_a_header_token(
+    tokens: TokenIssuer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Form tokens off (the default): a body too large to parse is the view's business."""
+    app = make_app(tokens.config())
+    app.config["MAX_CONTENT_LENGTH"] = 1024
+
+    @app.post("/upload")
+    @require_token
+    def upload() -> dict[str, object]:
+        return {"subject": g.auth.subject}
+
+    body = "field=" + "x" * 20_000
+    client = app.test_client()
+    response = client.post(
+        "/upload",
+        data=body,
+        content_type="application/x-www-form-urlencoded",
+        headers={"Authorization": f"Bearer {tokens.mint()}"},
+    )
+    assert (response.status_code, response.json) == (200, {"subject": "user_1"})
+    anonymous = client.post("/upload", data=body, content_type="application/x-www-form-urlencoded")
+    assert anonymous.status_code == 401
+    assert anonymous.json is not None and anonymous.json["error"] == "unauthorized"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_form_body_over_the_apps_limit_with_form_tokens_on_is_400(tokens: TokenIssuer) -> None:
+    app = make_app(tokens.config(TOKEN_LOCATIONS=["header", "form"]))
+    app.config["MAX_CONTENT_LENGTH"] = 1024
+    response = app.test_client().get(
+        "/protected",
+        data="access_token=" + "x" * 20_000,
+        content_type="application/x-www-form-urlencoded",
+    )
+    assert response.status_code == 400
+    assert response.json is not None and response.json["error"] == "invalid_request"
+    assert "WWW-Authenticate" in response.headers

@@ -28,6 +28,8 @@ def test_defaults_are_the_documented_safe_ones() -> None:
     assert s.strategy == "jwks"
     assert s.verify_audience is True
     assert None in s.allowed_types and "at+jwt" in s.allowed_types
+    assert s.refused_claims == ("at_hash", "c_hash")
+    assert s.require_client_id is False
 
 
 @pytest.mark.parametrize(
@@ -51,6 +53,9 @@ def test_defaults_are_the_documented_safe_ones() -> None:
         ({"VERIFY_AUDIENCE": "no"}, "OAUTH_VERIFY_VERIFY_AUDIENCE"),
         ({"CLAIM_MAP": {"tenant": ["x"]}}, "OAUTH_VERIFY_CLAIM_MAP"),
         ({"PROVIDER": "nobody"}, "OAUTH_VERIFY_PROVIDER"),
+        ({"REQUIRE_CLIENT_ID": "yes"}, "OAUTH_VERIFY_REQUIRE_CLIENT_ID"),
+        ({"REFUSED_CLAIMS": [""]}, "OAUTH_VERIFY_REFUSED_CLAIMS"),
+        ({"USER_ID_PREFIX": ["usr_", 3]}, "OAUTH_VERIFY_USER_ID_PREFIX"),
     ],
 )
 def test_bad_settings_fail_at_init_app_naming_the_key(overrides: dict[str, Any], key: str) -> None:
@@ -104,3 +109,9 @@ def test_provider_profile_fills_defaults_and_app_keys_win() -> None:
     assert s.jwks_uri_for("https://issuer.example.test") == "https://issuer.example.test/keys"
     s = settings(PROVIDER="scalekit", JWKS_URI="https://issuer.example.test/other")
     assert s.jwks_uri_for("https://issuer.example.test") == "https://issuer.example.test/other"
+
+
+def test_user_id_prefix_takes_one_prefix_or_several() -> None:
+    assert settings(USER_ID_PREFIX="user_").user_id_prefix == "user_"
+    several = settings(USER_ID_PREFIX=["usr_", "user_"]).user_id_prefix
+    assert several == ("usr_", "user_")

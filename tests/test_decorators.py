@@ -17,6 +17,8 @@ from flask_oauth_verify import (
 )
 from flask_oauth_verify.testing import TokenIssuer, auth_header
 
+from .conftest import make_app
+
 
 @pytest.fixture
 def scoped_app(tokens: TokenIssuer) -> Flask:
@@ -213,3 +215,25 @@ def test_mistyped_strategy_fails_when_decorating() -> None:
         require_token(strategy="jwk")
     with pytest.raises(ValueError, match="strategy must be one of"):
         require_scope("a", strategy="introspect")
+
+
+def test_verify_request_takes_a_lone_string_as_one_scope(tokens: TokenIssuer) -> None:
+    """``scopes="admin"`` is the scope ``admin``, never the scopes a, d, m, i, n."""
+    app = make_app(tokens.config())
+
+    @app.get("/admin")
+    def admin() -> str:
+        verify_request(scopes="admin", any_of=True)
+        return "ok"
+
+    assert get(app, "/admin", tokens.mint(scopes=["admin"]))[0] == 200
+    status, body = get(app, "/admin", tokens.mint(scopes=["a"]))
+    assert status == 403 and isinstance(body, dict) and body["error"] == "insufficient_scope"
+
+
+@pytest.mark.parametrize("scopes", [[""], ["read users"], [3]])
+def test_verify_request_refuses_malformed_scopes(tokens: TokenIssuer, scopes: object) -> None:
+    app = make_app(tokens.config())
+    context = app.test_request_context(headers=auth_header(tokens.mint()))
+    with context, pytest.raises(ValueError, match="Scopes"):
+        verify_request(scopes=scopes)  # type: ignore[arg-type]

@@ -249,15 +249,18 @@ def oracle(claims: dict[str, Any], iss: str, now: float) -> set[str]:
         errors.add("invalid_token")
     elif exp + LEEWAY <= now:
         errors.add("token_expired")
-    nbf = claims.get("nbf")
-    if nbf is not None:
+    # nbf and iat are optional, but one that is present (null included) must
+    # be a finite number.
+    if "nbf" in claims:
+        nbf = claims["nbf"]
         if not _is_number(nbf):
             errors.add("invalid_token")
         elif nbf - LEEWAY > now:
             errors.add("token_not_active")
-    iat = claims.get("iat")
-    if iat is not None and (not _is_number(iat) or iat - LEEWAY > now):
-        errors.add("invalid_token")
+    if "iat" in claims:
+        iat = claims["iat"]
+        if not _is_number(iat) or iat - LEEWAY > now:
+            errors.add("invalid_token")
     aud = claims.get("aud")
     if not (
         aud == "api"

@@ -32,9 +32,11 @@ from flask_oauth_verify import (
 )
 from flask_oauth_verify.context import AuthContext
 from flask_oauth_verify.extension import get_state
+from flask_oauth_verify.jwks import _NEW_JKU_FETCHES as NEW_JKU_FETCHES
 from flask_oauth_verify.providers import PROFILES, apply_profile, profile_named
-from flask_oauth_verify.testing import IssuerServer, TokenIssuer, auth_header
+from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer, auth_header
 
+from .conftest import FakeClock
 from .provider_emulators import (
     Auth0,
     BeyondIdentity,
@@ -278,7 +280,7 @@ def test_every_profile_key_is_overridable_key_by_key() -> None:
     assert s.user_id_prefix == "usr-"
     # A mapping merges entry by entry: the profile's scopes mapping stays.
     assert s.claim_map["organization_id"] == ("custom_claims.org",)
-    assert s.claim_map["scopes"] == ("scopes", "scope")
+    assert s.claim_map["scopes"] == ("scopes", "scope", "permissions")
 
 
 def test_required_claim_values_merge_and_none_removes_an_entry() -> None:
@@ -474,6 +476,53 @@ def test_scalekit_introspection(server: IssuerServer) -> None:
     refused(app, token, "/introspected")
 
 
+def test_scalekit_user_ids_of_both_documented_shapes(server: IssuerServer) -> None:
+    """Scalekit's user ids are ``usr_…``; its verification guide's samples use ``user_…``."""
+    sk = Scalekit(server)
+    app = provider_app(sk.config())
+    for subject in ("usr_987654321098765432", "user_69038819013296500"):
+        assert call(app, sk.user_token(sub=subject), "/me") == (200, {"user_id": subject})
+    refused(app, sk.user_token(sub="conn_1;google|1"), "/me", "missing_user_context")
+
+
+def test_scalekit_permissions_are_scopes(server: IssuerServer) -> None:
+    """User tokens carry RBAC ``permissions``; ``@require_scope`` checks them."""
+    sk = Scalekit(server)
+    app = provider_app(sk.config())
+    token = sk.user_token(scope=None, permissions=["projects:create", "projects:read"])
+    assert call(app, token, "/scoped/projects:create")[0] == 200
+    response = app.test_client().get("/scoped/tasks:assign", headers=auth_header(token))
+    assert response.status_code == 403
+
+
+def test_scalekit_id_token_is_refused(server: IssuerServer) -> None:
+    """The environment's ID token: same issuer, same keys, ``aud`` the client id.
+
+    Scalekit's ID tokens always carry ``at_hash`` and ``c_hash``, which no
+    access token can.
+    """
+    sk = Scalekit(server)
+    client = "skc_12205605011849527"
+    app = provider_app(sk.config(AUDIENCE=client))
+    assert call(app, sk.user_token(aud=[client]))[0] == 200  # the user's access token
+    id_token = sk.sign(
+        {
+            "iss": sk.issuer,
+            "azp": client,
+            "aud": [client],
+            "amr": ["conn_17576372041941092"],
+            "sub": "usr_987654321098765432",
+            "oid": "org_59615193906282635",
+            "at_hash": "HK6E_P6Dh8Y93mRNtsDB1Q",
+            "c_hash": "HK6E_P6Dh8Y93mRNtsDB1Q",
+            "email": "john.doe@acmecorp.com",
+            **sk.times(),
+        }
+    )
+    refused(app, id_token)
+    refused(app, id_token, "/org")
+
+
 # -- SuperTokens ------------------------------------------------------------------------
 
 
@@ -498,6 +547,26 @@ def test_supertokens_keys_at_the_documented_path(server: IssuerServer) -> None:
     assert call(app, st.token())[0] == 200
     assert server.hits["/authjwt/jwks.json"] == 1
     assert server.hits["/auth/jwt/jwks.json"] == 0
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        Reply(401, {"message": "unauthorised"}),
+        Reply(200, "<html>API docs</html>", {"Content-Type": "text/html"}),
+        Reply(200, {"status": "OK"}),
+    ],
+    ids=["401", "html-page", "json-not-a-key-set"],
+)
+def test_supertokens_fallback_when_the_documented_path_answers_something_else(
+    server: IssuerServer, answer: Reply
+) -> None:
+    """Whatever the unused documented path answers, the SDK path's keys are found."""
+    st = SuperTokens(server)
+    server.route("/authjwt/jwks.json", answer)
+    app = provider_app(st.config())
+    assert call(app, st.token())[0] == 200
+    assert server.hits["/auth/jwt/jwks.json"] == 1
 
 
 def test_supertokens_fallback_is_remembered(server: IssuerServer, clock: Any) -> None:
@@ -654,14 +723,40 @@ def test_beyond_identity_http_jku_needs_the_test_only_switch(server: IssuerServe
 
 def test_beyond_identity_jku_sources_stay_bounded(server: IssuerServer) -> None:
     bi = BeyondIdentity(server)
-    app = provider_app(bi.config())
-    for n in range(80):  # anyone can name any path of the allowlisted host
-        status, _body = call(app, bi.token(jku=f"{server.url}/v1/nothing-here/{n}"))
-        assert status in (401, 503)  # never accepted: there is no key set there
-    assert call(app, bi.token())[0] == 200  # the real key set is still admitted
+    clock = FakeClock()
+    app = provider_app(bi.config(), clock=clock)
+    forged = [f"/v1/nothing-here/{n}" for n in range(80)]
+    for path in forged:  # anyone can name any path of the allowlisted host
+        status, body = call(app, bi.token(jku=f"{server.url}{path}"))
+        # The host answers 404: the token names no key set (401), the issuer is up.
+        assert (status, body["error"]) == (401, "invalid_token")
+    # Only a bounded number of those paths were fetched in one cooldown.
+    fetched = sum(server.hits[path] for path in forged)
+    assert fetched == NEW_JKU_FETCHES
+    clock.advance(31)  # the next cooldown: the real key set is admitted
+    assert call(app, bi.token())[0] == 200
     sources = get_state(app).keys.status()
     assert len(sources) <= 66
     assert [s.source for s in sources if s.kids] == [bi.jku]
+
+
+def test_beyond_identity_forged_jku_pages_leave_the_issuer_available(
+    server: IssuerServer,
+) -> None:
+    """Pages of the issuer's host that are not key sets never trip its circuit.
+
+    A forged ``jku`` naming the host's HTML page used to count as an outage
+    of the host: a few of them opened the circuit breaker that introspection
+    and every real key set of that host share, and real tokens got 503.
+    """
+    bi = BeyondIdentity(server)
+    server.route("/landing", Reply(200, "<html>hi</html>", {"Content-Type": "text/html"}))
+    app = provider_app(bi.config(INTROSPECTION_AUTH="bearer", INTROSPECTION_TOKEN=bi.api_token))
+    for n in range(6):  # more than CIRCUIT_BREAKER_FAILURES (5)
+        status, body = call(app, bi.token(jku=f"{server.url}/landing?{n}"))
+        assert (status, body["error"]) == (401, "invalid_token")
+    assert call(app, bi.token())[0] == 200  # first fetch of the real key set
+    assert call(app, bi.token(), path="/introspected")[0] == 200
 
 
 @pytest.mark.parametrize(
@@ -809,6 +904,38 @@ def test_entra_multi_tenant_tokens(server: IssuerServer) -> None:
     assert status == 200, body
     assert body["client_id"] == "1950a258-227b-4e31-a9cf-717495945fc2"
     assert body["scopes"] == ["user_impersonation"]
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_entra_id_token_is_refused(server: IssuerServer, version: str) -> None:
+    """An ID token of the API's own app registration: same issuer, keys, ``aud``.
+
+    It names no client (access tokens carry ``azp`` or ``appid``), and may
+    carry the user's app ``roles``; it must not pass as an access token.
+    """
+    en = EntraID(server)
+    app = provider_app(en.config())
+    tid = en.home
+    issuer = (en.v2 if version == "v2" else en.v1).replace("{tenantid}", tid)
+    id_token = en.sign(
+        {
+            "aud": en.api_client,
+            "iss": issuer,
+            "oid": "00000000-0000-0000-66f3-3332eca7ea81",
+            "preferred_username": "alice@contoso.com",
+            "roles": ["Orders.Admin"],
+            "sub": "AAAAAAAAAAAAAAAAAAAAAIkzqFVrSaSaFHy782bbtaQ",
+            "tid": tid,
+            "nonce": "123523",
+            "ver": "2.0" if version == "v2" else "1.0",
+            **en.times(),
+        }
+    )
+    refused(app, id_token)
+    refused(app, id_token, "/org")
+    refused(app, id_token, "/scoped/Orders.Admin")
+    assert call(app, en.v2_token())[0] == 200
+    assert call(app, en.v1_token())[0] == 200
 
 
 def test_entra_token_from_another_tenant_is_refused(server: IssuerServer) -> None:

@@ -172,3 +172,43 @@ def test_each_algorithm_verifies_against_a_served_jwks(alg: str) -> None:
         assert server.hits["/jwks"] >= 1
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("name", ["nbf", "iat"])
+def test_a_null_time_claim_is_refused_not_taken_for_absent(
+    app: Flask, tokens: TokenIssuer, name: str
+) -> None:
+    payload = tokens.claims()
+    payload[name] = None
+    status, body, _ = call(app, tokens.mint(payload))
+    assert (status, body["error"]) == (401, "invalid_token")
+    assert body["message"]  # a JSON body, as every refusal
+    payload.pop(name)
+    assert call(app, tokens.mint(payload))[0] == 200  # absent is fine
+
+
+@pytest.mark.parametrize("claim", ["at_hash", "c_hash"])
+def test_an_id_token_claim_is_refused(app: Flask, tokens: TokenIssuer, claim: str) -> None:
+    """OpenID Connect puts at_hash/c_hash in ID tokens only; an ID token is no access token."""
+    payload = {**tokens.claims(), claim: "HK6E_P6Dh8Y93mRNtsDB1Q"}
+    status, body, _ = call(app, tokens.mint(payload))
+    assert (status, body["error"]) == (401, "invalid_token")
+
+
+def test_refused_claims_are_configurable(tokens: TokenIssuer) -> None:
+    lenient = make_app(tokens.config(REFUSED_CLAIMS=[]), name="lenient")
+    assert call(lenient, tokens.mint(at_hash="x"))[0] == 200
+    strict = make_app(tokens.config(REFUSED_CLAIMS=["nonce"]), name="strict")
+    assert call(strict, tokens.mint(nonce="n"))[0] == 401
+    assert call(strict, tokens.mint(at_hash="x"))[0] == 200  # the list replaces the default
+
+
+def test_require_client_id(tokens: TokenIssuer) -> None:
+    app = make_app(tokens.config(REQUIRE_CLIENT_ID=True))
+    assert call(app, tokens.mint(client_id="client-1"))[0] == 200
+    payload = tokens.claims()
+    for name in ("client_id", "azp", "cid"):
+        payload.pop(name, None)
+    status, body, _ = call(app, tokens.mint(payload))
+    assert (status, body["error"]) == (401, "invalid_token")
+    assert call(app, tokens.mint({**payload, "client_id": 7}))[0] == 401  # not a string
