@@ -48,9 +48,12 @@ from sqlalchemy.orm import (
     sessionmaker,
     with_loader_criteria,
 )
+from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.sql import util as sql_util
+from sqlalchemy.sql import visitors
 from sqlalchemy.sql.dml import Delete, Update
 from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement
+from sqlalchemy.sql.selectable import SelectBase
 
 from .context import AuthContext
 from .errors import MissingOrganizationContext, MissingUserContext, OAuthVerifyError
@@ -87,6 +90,11 @@ _SCOPED_BY_HELPER = "_oauth_verify_org_scoped"
 _EXPECTED_ORG = "_oauth_verify_expected_org"
 #: Our own check queries skip the listener.
 _INTERNAL = "_oauth_verify_internal"
+#: Set on ``from_statement()`` loads: a row must carry its organization.
+_FROM_STATEMENT = "_oauth_verify_from_statement"
+#: ``InstanceState.info`` key: (organization, identity key) the object was
+#: loaded for by a scoped statement, or inserted for by a guarded flush.
+_LOADED_FOR = "_oauth_verify_loaded_for"
 
 DEFAULT_ORGANIZATION_COLUMN = "organization_id"
 DEFAULT_USER_COLUMN = "user_id"
@@ -536,6 +544,55 @@ def _param_rows(state: ORMExecuteState) -> list[Mapping[str, Any]]:
     return list(params)
 
 
+def _pk_keys(mapper: Mapper[Any]) -> list[str]:
+    return [mapper.get_property_by_column(c).key for c in mapper.primary_key]
+
+
+def _pk_identities(mapper: Mapper[Any], rows: Iterable[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+    """The primary key of each row (all of them, or :class:`TenantScopingError`)."""
+    pk_keys = _pk_keys(mapper)
+    identities = []
+    for row in rows:
+        if not all(k in row for k in pk_keys):
+            raise TenantScopingError(
+                "A bulk UPDATE by primary key needs every primary key in each row."
+            )
+        identities.append(tuple(row[k] for k in pk_keys))
+    return identities
+
+
+def _expanded(mapper: Mapper[Any], row: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``row`` as the legacy bulk methods write it (synonyms, hybrids resolved)."""
+    try:
+        from sqlalchemy.orm.bulk_persistence import _expand_other_attrs
+    except ImportError:  # pragma: no cover - SQLAlchemy moved it
+        return row
+    copy = dict(row)
+    _expand_other_attrs(mapper, [copy])
+    return copy
+
+
+#: Session methods wrapped on a scoped target: the legacy bulk methods fire
+#: no event at all, and identity-map hits run no SQL to scope.
+_GUARDED_METHODS = (
+    "bulk_save_objects",
+    "bulk_insert_mappings",
+    "bulk_update_mappings",
+    "_identity_lookup",
+    "merge",
+)
+_NOT_SET: Any = object()
+
+
+def _session_owner(target: Any) -> Any:
+    """Where the sessions of an event target look their methods up."""
+    if isinstance(target, scoped_session):
+        target = target.session_factory
+    if isinstance(target, sessionmaker):
+        return target.class_
+    return target  # a Session class or instance
+
+
 class TenantScoping:
     """Automatic scoping installed on one session target.
 
@@ -554,6 +611,8 @@ class TenantScoping:
         self._models = models
         self._tenants: tuple[int, tuple[tuple[Any, str], ...]] | None = None
         self._keys: weakref.WeakKeyDictionary[Mapper[Any], str | None] = weakref.WeakKeyDictionary()
+        self._tables: tuple[int, dict[Any, str]] | None = None
+        self._saved: dict[str, Any] = {}
 
     # -- which classes are scoped
 
@@ -606,6 +665,10 @@ class TenantScoping:
         return found
 
     def _tenant_tables(self) -> dict[Any, str]:
+        generation = _MAPPER_GENERATION[0]
+        cached = self._tables
+        if cached is not None and cached[0] == generation:
+            return cached[1]
         tables: dict[Any, str] = {}
         for cls, key in self.tenant_classes():
             mapper = inspect(cls)
@@ -613,6 +676,7 @@ class TenantScoping:
             for table in mapper.tables:
                 if name in table.c:
                     tables[table] = name
+        self._tables = (generation, tables)
         return tables
 
     # -- set-up
@@ -620,6 +684,30 @@ class TenantScoping:
     def _install(self) -> None:
         event.listen(self.target, "do_orm_execute", self.on_execute)
         event.listen(self.target, "before_flush", self.on_flush)
+        event.listen(self.target, "pending_to_persistent", self.on_inserted)
+        owner = _session_owner(self.target)
+        for name in _GUARDED_METHODS:
+            self._saved[name] = vars(owner).get(name, _NOT_SET)
+            setattr(owner, name, self._guarded_method(owner, name))
+
+    def _guarded_method(self, owner: Any, name: str) -> Any:
+        guard = getattr(self, "_guard" + name if name.startswith("_") else "_guard_" + name)
+        if isinstance(owner, type):
+            original = getattr(owner, name)
+
+            @functools.wraps(original)
+            def method(session: Session, *args: Any, **kwargs: Any) -> Any:
+                return guard(original, session, *args, **kwargs)
+
+            return method
+        unbound = getattr(type(owner), name)
+        session_ref = weakref.ref(owner)
+
+        @functools.wraps(unbound)
+        def bound(*args: Any, **kwargs: Any) -> Any:
+            return guard(unbound, session_ref(), *args, **kwargs)
+
+        return bound
 
     def disable(self) -> None:
         """Remove the listeners from the target.
@@ -628,6 +716,14 @@ class TenantScoping:
         """
         event.remove(self.target, "do_orm_execute", self.on_execute)
         event.remove(self.target, "before_flush", self.on_flush)
+        event.remove(self.target, "pending_to_persistent", self.on_inserted)
+        owner = _session_owner(self.target)
+        for name, saved in self._saved.items():
+            if saved is _NOT_SET:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, saved)
+        self._saved.clear()
         with _ENABLED_LOCK:
             _ENABLED.pop(_identity(self.target), None)
 
@@ -663,7 +759,7 @@ class TenantScoping:
         tenants = self.tenant_classes()
         organization = current_organization_id()
         if state.is_insert:
-            return self._guard_insert(state, organization)
+            return self._guard_insert(state, tenants, organization)
         if state.is_update or state.is_delete:
             self._guard_dml(state, organization)
             if state.is_executemany:
@@ -673,7 +769,10 @@ class TenantScoping:
         state.statement = state.statement.options(*_criteria_options(tenants, organization))
         if not (state.is_update or state.is_delete):
             # every loaded row is checked against this (see _on_load)
-            state.update_execution_options(**{_EXPECTED_ORG: organization, _SCOPING: self})
+            guard = {_EXPECTED_ORG: organization, _SCOPING: self}
+            if isinstance(state.statement, FromStatement):
+                guard[_FROM_STATEMENT] = True
+            state.update_execution_options(**guard)
         return None
 
     def _check_core(self, state: ORMExecuteState) -> None:
@@ -698,12 +797,23 @@ class TenantScoping:
             return None
         return mapper, key, mapper.columns[key].name
 
-    def _guard_insert(self, state: ORMExecuteState, organization: str) -> Any:
+    def _guard_insert(
+        self, state: ORMExecuteState, tenants: tuple[tuple[Any, str], ...], organization: str
+    ) -> Any:
+        statement: Any = state.statement
+        value_rows = _value_rows(statement)
+        param_rows = _param_rows(state)
+        rows: list[Mapping[Any, Any]] = [*value_rows, *param_rows]
+        if statement.select is not None or any(
+            isinstance(v, ClauseElement) for row in rows for v in row.values()
+        ):
+            # subqueries in VALUES and the SELECT of INSERT … FROM SELECT
+            statement = statement.options(*_criteria_options(tenants, organization))
+            state.statement = statement
         subject = self._subject(state)
         if subject is None:
             return None
         mapper, key, name = subject
-        statement: Any = state.statement
         if statement.select is not None:
             raise TenantScopingError(
                 f"INSERT … FROM SELECT into tenant table of {mapper.class_.__name__} is not "
@@ -715,10 +825,7 @@ class TenantScoping:
                 f"An upsert into the tenant table of {mapper.class_.__name__} could update "
                 f"another organization's row; use unscoped(..., reason=...)."
             )
-        value_rows = _value_rows(statement)
-        param_rows = _param_rows(state)
         missing = 0
-        rows: list[Mapping[Any, Any]] = [*value_rows, *param_rows]
         for row in rows:
             value = row.get(key, row.get(name))
             if value is None:
@@ -753,29 +860,164 @@ class TenantScoping:
         if subject is None:
             return
         mapper, key, _name = subject
-        cls = mapper.class_
-        pk_keys = [mapper.get_property_by_column(c).key for c in mapper.primary_key]
-        identities = []
-        for row in _param_rows(state):
-            if not all(k in row for k in pk_keys):
-                raise TenantScopingError(
-                    "A bulk UPDATE by primary key needs every primary key in each row."
-                )
-            identities.append(tuple(row[k] for k in pk_keys))
+        self._check_identities(
+            state.session, mapper, key, _pk_identities(mapper, _param_rows(state)), organization
+        )
+
+    def _check_identities(
+        self,
+        session: Session,
+        mapper: Mapper[Any],
+        key: str,
+        identities: list[tuple[Any, ...]],
+        organization: str,
+        action: str = "update",
+    ) -> None:
+        """Refuse when a row with one of these primary keys belongs to another organization."""
         if not identities:
             return
+        cls = mapper.class_
+        pk_keys = _pk_keys(mapper)
         if len(pk_keys) == 1:
             match = getattr(cls, pk_keys[0]).in_([i[0] for i in identities])
         else:
             match = tuple_(*[getattr(cls, k) for k in pk_keys]).in_(identities)
-        foreign = state.session.execute(
-            select(func.count())
-            .select_from(cls)
-            .where(match, getattr(cls, key) != organization)
-            .execution_options(**{_INTERNAL: True})
-        ).scalar_one()
+        column = getattr(cls, key)
+        with session.no_autoflush:
+            foreign = session.execute(
+                select(func.count())
+                .select_from(cls)
+                .where(match, (column != organization) | column.is_(None))
+                .execution_options(**{_INTERNAL: True})
+            ).scalar_one()
         if foreign:
-            raise self._cross(mapper, organization, "another organization", "update")
+            raise self._cross(mapper, organization, "another organization", action)
+
+    # -- legacy bulk methods and identity-map look-ups (wrapped Session methods)
+
+    def _check_row_values(self, mapper: Mapper[Any], row: Mapping[Any, Any]) -> None:
+        """Refuse SQL expressions in a written row that read tenant tables unscoped."""
+        for value in row.values():
+            if isinstance(value, ClauseElement):
+                self._check_expression(mapper, value)
+
+    def _bulk_rows(
+        self, mapper: Mapper[Any], rows: list[Any], organization: str, *, update: bool
+    ) -> None:
+        key = self.tenant_key(mapper)
+        assert key is not None
+        name = mapper.columns[key].name
+        for row in rows:
+            expanded = _expanded(mapper, row)
+            present = [expanded[c] for c in {key, name} if c in expanded]
+            if not present and not update:
+                row[key] = organization  # stamped, like a new object in a flush
+            for value in present:
+                if _foreign(value, organization):
+                    raise self._cross(mapper, organization, value, "update" if update else "insert")
+
+    def _bulk_context(self) -> str:
+        self._check_settings()
+        return current_organization_id()
+
+    def _guard_mappings(
+        self, original: Any, session: Session, mapper: Any, mappings: Any, *args: Any, **kw: Any
+    ) -> Any:
+        """``bulk_insert_mappings`` / ``bulk_update_mappings`` of the current organization only.
+
+        Inserted rows are stamped or refused; updated rows may not change the
+        organization column, and their primary keys are checked in the database.
+        """
+        update = original.__name__ == "bulk_update_mappings"
+        rows = list(mappings)
+        target = inspect(mapper).mapper
+        for row in rows:
+            self._check_row_values(target, row)
+        key = self.tenant_key(target)
+        if rows and key is not None:
+            organization = self._bulk_context()
+            self._bulk_rows(target, rows, organization, update=update)
+            if update:
+                identities = _pk_identities(target, rows)
+                self._check_identities(session, target, key, identities, organization)
+        return original(session, mapper, rows, *args, **kw)
+
+    _guard_bulk_insert_mappings = _guard_bulk_update_mappings = _guard_mappings
+
+    def _guard_bulk_save_objects(
+        self, original: Any, session: Session, objects: Any, *args: Any, **kw: Any
+    ) -> Any:
+        """``Session.bulk_save_objects``: checked like a flush, updates in the database."""
+        objects = list(objects)
+        updates: dict[Mapper[Any], list[tuple[Any, ...]]] = {}
+        organization: str | None = None
+        for obj in objects:
+            state = inspect(obj)
+            mapper = state.mapper
+            self._check_row_values(mapper, state.dict)
+            key = self.tenant_key(mapper)
+            if key is None:
+                continue
+            if organization is None:
+                organization = self._bulk_context()
+            if state.key is None:
+                value = state.dict.get(key)
+                if value is None:
+                    setattr(obj, key, organization)
+                elif _foreign(value, organization):
+                    raise self._cross(mapper, organization, value, "insert")
+                continue
+            for value in (state.dict.get(key, _NOT_SET), state.committed_state.get(key, _NOT_SET)):
+                if value is not _NOT_SET and _foreign(value, organization):
+                    raise self._cross(mapper, organization, value, "update")
+            updates.setdefault(mapper, []).extend(_pk_identities(mapper, [state.dict]))
+        for mapper, identities in updates.items():
+            key = self.tenant_key(mapper)
+            assert key is not None and organization is not None
+            self._check_identities(session, mapper, key, identities, organization)
+        return original(session, objects, *args, **kw)
+
+    def _guard_identity_lookup(
+        self, original: Any, session: Session, mapper: Any, *args: Any, **kw: Any
+    ) -> Any:
+        """Identity-map look-ups (``Session.get``, many-to-one lazy loads): own rows only.
+
+        An object of another organization that sits in the identity map (an
+        :func:`as_organization` block earlier in the same session, an
+        :func:`unscoped` read) counts as absent, so SQLAlchemy loads the
+        primary key with the current organization's criteria instead.
+        """
+        found = original(session, mapper, *args, **kw)
+        if found is None or not hasattr(found, "_sa_instance_state"):
+            return found
+        state = inspect(found)
+        key = self.tenant_key(state.mapper)
+        if key is None:
+            return found
+        options = kw.get("execution_options") or {}
+        if options.get(BYPASS_OPTION) or options.get(_INTERNAL):
+            return found
+        organization = current_organization_id()
+        value = state.dict.get(key, _NOT_SET)
+        if value is _NOT_SET:
+            return None  # not known in memory: load it, scoped
+        return found if value == organization else None
+
+    def _guard_merge(
+        self, original: Any, session: Session, instance: Any, *args: Any, **kw: Any
+    ) -> Any:
+        """``Session.merge``: never into an object of another organization."""
+        merged = original(session, instance, *args, **kw)
+        state = inspect(merged)
+        key = self.tenant_key(state.mapper)
+        if key is None or state.key is None:
+            return merged
+        organization = current_organization_id()
+        history = state.attrs[key].history
+        for value in (*history.unchanged, *history.deleted):
+            if _foreign(value, organization):
+                raise self._cross(state.mapper, organization, value, "merge")
+        return merged
 
     @staticmethod
     def _cross(mapper: Any, organization: str, value: Any, action: str) -> CrossTenantWriteError:
@@ -790,6 +1032,30 @@ class TenantScoping:
 
     # -- flush
 
+    def _check_expression(self, mapper: Mapper[Any] | None, value: ClauseElement) -> None:
+        """Refuse a written SQL expression that reads tenant rows scoping cannot reach.
+
+        A flush and the legacy bulk methods compile the value as plain Core:
+        columns of the written row's own table (``count + 1``) are fine, a
+        subquery on a tenant table or a column of another tenant table is not.
+        """
+        tenant_tables = self._tenant_tables()
+        touched = {t for t in sql_util.find_tables(value, include_crud=True) if t in tenant_tables}
+        if not touched:
+            return
+        own = set(mapper.tables) if mapper is not None else set()
+        subqueries = [e for e in visitors.iterate(value) if isinstance(e, SelectBase)]
+        inside = {t for q in subqueries for t in sql_util.find_tables(q) if t in tenant_tables}
+        refused = sorted(t.name for t in (touched - own) | inside)
+        if refused:
+            owner = mapper.class_.__name__ if mapper is not None else "a row"
+            raise TenantScopingError(
+                f"A SQL expression written to {owner} reads tenant table(s) "
+                f"{', '.join(refused)}, which a flush or a legacy bulk method cannot scope; "
+                f"compute the value with a scoped query first, or use "
+                f"session.execute(update(...).values(...))."
+            )
+
     def on_flush(self, session: Session, flush_context: Any, instances: Any) -> None:
         """``before_flush``: stamp new rows; refuse writes to other organizations."""
         acting: list[str] = []
@@ -802,6 +1068,7 @@ class TenantScoping:
 
         for obj in list(session.new):
             state = inspect(obj)
+            self._check_row_values(state.mapper, state.dict)
             key = self.tenant_key(state.mapper)
             if key is None:
                 continue
@@ -812,8 +1079,13 @@ class TenantScoping:
                 raise self._cross(state.mapper, organization(), value, "insert")
         changed = [(obj, "update") for obj in session.dirty]
         changed += [(obj, "delete") for obj in session.deleted]
+        unverified: dict[tuple[Mapper[Any], str], list[tuple[Any, ...]]] = {}
         for obj, action in changed:
             state = inspect(obj)
+            for attribute in state.committed_state:
+                value = state.dict.get(attribute)
+                if isinstance(value, ClauseElement):
+                    self._check_expression(state.mapper, value)
             key = self.tenant_key(state.mapper)
             if key is None:
                 continue
@@ -823,14 +1095,33 @@ class TenantScoping:
             for value in (*history.added, *history.unchanged, *history.deleted):
                 if value != organization():
                     raise self._cross(state.mapper, organization(), value, action)
+            if state.key is not None and state.info.get(_LOADED_FOR) != (organization(), state.key):
+                # The in-memory value is not proof (make_transient_to_detached,
+                # merge(load=False)): the flush writes by primary key only.
+                unverified.setdefault((state.mapper, action), []).append(tuple(state.key[1]))
+        for (mapper, action), identities in unverified.items():
+            key = self.tenant_key(mapper)
+            assert key is not None
+            self._check_identities(session, mapper, key, identities, organization(), action)
+
+    def on_inserted(self, session: Session, obj: Any) -> None:
+        """``pending_to_persistent``: a row this session inserted is known to be ours."""
+        state = inspect(obj)
+        key = self.tenant_key(state.mapper)
+        if key is not None:
+            state.info[_LOADED_FOR] = (state.dict.get(key), state.key)
 
 
 #: Execution option carrying the scoping object to the load guard.
 _SCOPING = "_oauth_verify_scoping"
 
 
-def _on_load(target: Any, context: Any) -> None:
-    """Load guard: a row of another organization never becomes an object."""
+def _on_load(target: Any, context: Any, attrs: Any = None) -> None:
+    """Load guard: a row of another organization never becomes an object.
+
+    Also remembers, per object, the organization and identity it was loaded
+    for, so that the flush need not ask the database whose row it writes.
+    """
     options = getattr(context, "execution_options", None) or {}
     expected = options.get(_EXPECTED_ORG)
     scoping = options.get(_SCOPING)
@@ -838,7 +1129,11 @@ def _on_load(target: Any, context: Any) -> None:
         return
     state = inspect(target)
     key = scoping.tenant_key(state.mapper)
-    value = state.dict.get(key) if key is not None else None
+    if key is None:
+        return
+    value = state.dict.get(key)
+    if value is None and key not in state.dict and options.get(_FROM_STATEMENT):
+        value = "a row without its organization column"
     if value is not None and value != expected:
         name = state.mapper.class_.__name__
         logger.error(
@@ -846,9 +1141,12 @@ def _on_load(target: Any, context: Any) -> None:
             name, value, expected,
         )  # fmt: skip
         raise TenantScopingError(
-            f"A {name} row of another organization was loaded by a statement automatic "
-            f"scoping cannot see (e.g. from_statement()); refused."
+            f"A {name} row of another organization (or without its organization column) "
+            f"was loaded by a statement automatic scoping cannot see (e.g. "
+            f"from_statement()); refused."
         )
+    if value == expected:
+        state.info[_LOADED_FOR] = (expected, state.key)
 
 
 _ENABLED: weakref.WeakKeyDictionary[Any, TenantScoping] = weakref.WeakKeyDictionary()
@@ -887,7 +1185,12 @@ def enable_tenant_scoping(
     / ``delete()`` — and a ``before_flush`` write guard that gives new rows
     the current organization when unset and raises
     :class:`CrossTenantWriteError` before a row of another organization is
-    inserted, changed or deleted.
+    inserted, changed or deleted. Objects the flush did not see loaded for
+    the current organization are checked in the database first. The target's
+    legacy bulk methods (``bulk_insert_mappings``, ``bulk_update_mappings``,
+    ``bulk_save_objects``), which fire no event, are wrapped with the same
+    checks, and identity-map look-ups (``Session.get``, many-to-one lazy
+    loads) skip objects of another organization.
 
     With no organization (no verified ``g.auth.organization_id`` and no
     :func:`as_organization`), every ORM statement and every flush of a
@@ -925,6 +1228,7 @@ def enable_tenant_scoping(
         _ENABLED[_identity(event_target)] = scoping
         if not _LOAD_GUARD:
             event.listen(Mapper, "load", _on_load)
+            event.listen(Mapper, "refresh", _on_load)
             _LOAD_GUARD.append(True)
     scoping._install()
     return scoping

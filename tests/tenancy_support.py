@@ -587,6 +587,23 @@ def auto_bulk_insert_tasks() -> tuple[dict[str, Any], int]:
     return _rows(created), 201
 
 
+@auto_views.post("/tasks/legacy-bulk-update")
+@require_token
+def auto_legacy_bulk_update_tasks() -> dict[str, Any]:
+    """The pre-2.0 API: ``Session.bulk_update_mappings`` fires no session event."""
+    db.session.bulk_update_mappings(Task, request.get_json())
+    db.session.commit()
+    return {"ok": True}
+
+
+@auto_views.post("/tasks/legacy-bulk-insert")
+@require_token
+def auto_legacy_bulk_insert_tasks() -> tuple[dict[str, Any], int]:
+    db.session.bulk_insert_mappings(Task, request.get_json())
+    db.session.commit()
+    return {"ok": True}, 201
+
+
 # -- views: explicit helpers -------------------------------------------------------------
 
 explicit_views = Blueprint("explicit", __name__, url_prefix="/explicit")

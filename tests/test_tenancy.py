@@ -429,6 +429,22 @@ def test_bulk_insert_is_stamped_or_refused(auto: TenantApp) -> None:
     assert db_rows(auto, Task) == before
 
 
+def test_legacy_bulk_methods_are_guarded(auto: TenantApp) -> None:
+    before = db_rows(auto, Task)
+    for rows in ([{"id": 3, "title": "theirs"}], [{"id": 1, "organization_id": "org_b"}]):
+        status, body = call(auto, "POST", "/auto/tasks/legacy-bulk-update", "org_a", json=rows)
+        assert_refused(status, body)
+    rows = [{"id": 20, "project_id": 3, "title": "planted", "organization_id": "org_b"}]
+    assert_refused(*call(auto, "POST", "/auto/tasks/legacy-bulk-insert", "org_a", json=rows))
+    assert db_rows(auto, Task) == before
+    rows = [{"id": 1, "title": "mine"}]
+    assert call(auto, "POST", "/auto/tasks/legacy-bulk-update", "org_a", json=rows)[0] == 200
+    rows = [{"id": 20, "project_id": 1, "title": "stamped"}]
+    assert call(auto, "POST", "/auto/tasks/legacy-bulk-insert", "org_a", json=rows)[0] == 201
+    stored = {r[0]: r for r in db_rows(auto, Task)}
+    assert (stored[1][3], stored[20][1]) == ("mine", "org_a")
+
+
 def test_explicit_update_is_scoped(env: TenantApp) -> None:
     status, body = call(env, "POST", "/explicit/projects/rename-all", "org_b", json={"name": "Q"})
     assert (status, body["rowcount"]) == (200, len(DATA.projects_of("org_b")))
