@@ -33,7 +33,7 @@ from typing import Any
 
 from sqlalchemy import event, func, select
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.orm import ORMExecuteState, Session
+from sqlalchemy.orm import Session
 
 from .errors import MissingContextError
 from .tenancy import (
@@ -59,6 +59,7 @@ _SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$
 _SQL_TYPE = re.compile(r"^[A-Za-z_][A-Za-z0-9_ ]*$")
 #: ``connection.info`` key: the organization set in the current transaction.
 _INFO_KEY = "oauth_verify_rls_organization"
+_ENABLED_LOCK = threading.RLock()
 
 
 def _check_setting(setting: str) -> str:
@@ -154,33 +155,35 @@ class RowLevelSecurity:
         self.setting = _check_setting(setting)
 
     def _sync(self, connection: Any) -> None:
+        value = _current_or_empty()
+        if connection.info.get(_INFO_KEY) != value:
+            # recorded first: set_config() itself passes through the listener
+            connection.info[_INFO_KEY] = value
+            try:
+                set_rls_organization(connection, value, setting=self.setting)
+            except BaseException:
+                connection.info.pop(_INFO_KEY, None)
+                raise
+
+    def after_begin(self, session: Session, transaction: Any, connection: Any) -> None:
+        """Each new transaction starts with the current organization.
+
+        The connection is remembered for as long as it lives, so that every
+        statement on it — ORM, ``text()``, ``session.connection().execute()``,
+        a flush — first re-sets the value if the organization changed.
+        """
         if connection.dialect.name != "postgresql":
             raise TenantScopingError(
                 "Row-level security needs PostgreSQL, not " + connection.dialect.name
             )
-        value = _current_or_empty()
-        if connection.info.get(_INFO_KEY) != value:
-            set_rls_organization(connection, value, setting=self.setting)
-            connection.info[_INFO_KEY] = value
-
-    def after_begin(self, session: Session, transaction: Any, connection: Any) -> None:
-        """Each new transaction starts with the current organization."""
+        _watch(connection.engine)
         connection.info.pop(_INFO_KEY, None)  # a fresh transaction has no setting
+        with _ENABLED_LOCK:
+            _CONNECTIONS[connection] = self
         self._sync(connection)
-
-    def on_execute(self, state: ORMExecuteState) -> None:
-        """Re-set the value when the organization changed inside a transaction."""
-        arguments = {k: v for k, v in state.bind_arguments.items() if k in ("mapper", "clause")}
-        self._sync(state.session.connection(bind_arguments=arguments))
-
-    def before_flush(self, session: Session, flush_context: Any, instances: Any) -> None:
-        """Flushes write under the current organization too."""
-        self._sync(session.connection())
 
     def _install(self) -> None:
         event.listen(self.target, "after_begin", self.after_begin)
-        event.listen(self.target, "do_orm_execute", self.on_execute)
-        event.listen(self.target, "before_flush", self.before_flush)
 
     def disable(self) -> None:
         """Remove the listeners.
@@ -188,24 +191,61 @@ class RowLevelSecurity:
         .. versionadded:: 0.1.0
         """
         event.remove(self.target, "after_begin", self.after_begin)
-        event.remove(self.target, "do_orm_execute", self.on_execute)
-        event.remove(self.target, "before_flush", self.before_flush)
         with _ENABLED_LOCK:
             _ENABLED.pop(_identity(self.target), None)
+            for connection in [c for c, rls in _CONNECTIONS.items() if rls is self]:
+                del _CONNECTIONS[connection]
+
+
+#: Connections of session transactions begun under row-level security.
+_CONNECTIONS: weakref.WeakKeyDictionary[Any, RowLevelSecurity] = weakref.WeakKeyDictionary()
+_ENGINES: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+#: Statements that read no rows: not worth a set_config(), and one before
+#: ROLLBACK TO SAVEPOINT would be undone by it at once.
+_TRANSACTION_CONTROL = ("SAVEPOINT ", "RELEASE SAVEPOINT ", "ROLLBACK TO SAVEPOINT ")
+
+
+def _before_cursor_execute(connection: Any, cursor: Any, statement: str, *args: Any) -> None:
+    rls = _CONNECTIONS.get(connection)
+    if rls is not None and not statement.startswith(_TRANSACTION_CONTROL):
+        rls._sync(connection)
+
+
+def _forget(connection: Any, *args: Any) -> None:
+    # ROLLBACK (TO SAVEPOINT) undoes set_config(..., true): the value is unknown
+    connection.info.pop(_INFO_KEY, None)
+
+
+def _watch(engine: Any) -> None:
+    """Listen once to the Core events of ``engine`` (a dictionary look-up per statement)."""
+    if engine in _ENGINES:
+        return
+    with _ENABLED_LOCK:
+        if engine in _ENGINES:
+            return
+        # before_cursor_execute: before_execute misses exec_driver_sql()
+        event.listen(engine, "before_cursor_execute", _before_cursor_execute)
+        event.listen(engine, "rollback_savepoint", _forget)
+        event.listen(engine, "rollback", _forget)
+        event.listen(engine, "commit", _forget)
+        _ENGINES.add(engine)
 
 
 _ENABLED: weakref.WeakKeyDictionary[Any, RowLevelSecurity] = weakref.WeakKeyDictionary()
-_ENABLED_LOCK = threading.Lock()
 
 
 def enable_row_level_security(target: Any, *, setting: str = DEFAULT_SETTING) -> RowLevelSecurity:
     """Set ``setting`` from the current organization in every transaction of ``target``.
 
-    At the start of each transaction (``after_begin``), and again before a
-    statement or flush if the organization changed since (an
-    :func:`~flask_oauth_verify.tenancy.as_organization` block inside an
-    open transaction), runs :func:`set_rls_organization` on the
-    transaction's connection. Pair it with :func:`policy_statements` on
+    At the start of each transaction (``after_begin``), and again before any
+    statement on that connection — ORM, ``text()``,
+    ``session.connection().execute()``, a flush — if the organization
+    changed since (an :func:`~flask_oauth_verify.tenancy.as_organization`
+    block inside an open transaction) or a ``ROLLBACK TO SAVEPOINT`` undid
+    the setting, runs :func:`set_rls_organization` on the transaction's
+    connection. Pair it with :func:`policy_statements` on
     each tenant table and with
     :func:`~flask_oauth_verify.tenancy.enable_tenant_scoping`: the ORM
     scopes what it can see, PostgreSQL everything else.

@@ -254,6 +254,49 @@ def test_switching_organization_inside_a_transaction(
         session.rollback()
 
 
+def test_session_connection_follows_the_organization(
+    rls_maker: sessionmaker[Session], rls_database: RlsDatabase
+) -> None:
+    """``session.connection().execute()`` after an ``as_organization`` block."""
+    reset_rows(rls_database)
+    query = text("SELECT id FROM rls_docs ORDER BY id")
+    with rls_maker() as session, as_organization("org_a"):
+        with as_organization("org_b"):
+            assert session.scalars(query).all() == ids_of("org_b")
+        assert session.connection().execute(query).scalars().all() == ids_of("org_a")
+        with as_organization("org_b"):
+            raw = session.connection().exec_driver_sql("SELECT id FROM rls_docs ORDER BY id")
+            assert raw.scalars().all() == ids_of("org_b")
+
+
+def test_rollback_to_savepoint_does_not_keep_a_stale_setting(
+    rls_maker: sessionmaker[Session], rls_database: RlsDatabase
+) -> None:
+    """A savepoint per organization: ROLLBACK TO SAVEPOINT undoes set_config()."""
+    reset_rows(rls_database)
+    query = text("SELECT id FROM rls_docs ORDER BY id")
+    setting = text(f"SELECT current_setting('{DEFAULT_SETTING}', true)")
+    with rls_maker() as session:
+        for org in ("org_b", "org_a"):
+            with as_organization(org):
+                savepoint = session.begin_nested()
+                assert session.scalars(query).all() == ids_of(org)
+                savepoint.rollback()  # this organization's step failed
+        with as_organization("org_a"):
+            assert session.scalar(setting) == "org_a"
+            assert session.scalars(query).all() == ids_of("org_a")
+        with as_organization("org_b"):
+            assert session.connection().execute(query).scalars().all() == ids_of("org_b")
+    with rls_maker() as session, as_organization("org_a"):
+        savepoint = session.begin_nested()
+        assert session.scalars(query).all() == ids_of("org_a")  # SAVEPOINT at org_a
+        with as_organization("org_b"):
+            assert session.scalars(query).all() == ids_of("org_b")
+            savepoint.rollback()  # undoes set_config(): the setting is org_a again
+            assert session.scalar(setting) == "org_b"
+            assert session.scalars(query).all() == ids_of("org_b")
+
+
 def test_core_connection_with_explicit_setting(rls_database: RlsDatabase) -> None:
     reset_rows(rls_database)
     with rls_database.app_engine.begin() as connection:
