@@ -315,7 +315,17 @@ def _check_statement(statement: object) -> None:
         )
 
 
-def _add_criteria(statement: S, criterion: ColumnElement[bool], marker: str | None) -> S:
+def _org_marker(statement: Any, organization: str, column: Any) -> tuple[str, frozenset[Any]]:
+    """The organization and every table :func:`org_scoped` compared on ``statement``."""
+    table = getattr(column, "table", None)
+    tables = frozenset() if table is None else frozenset({table})
+    previous = getattr(statement, "get_execution_options", dict)().get(_SCOPED_BY_HELPER)
+    if isinstance(previous, tuple) and previous[0] == organization:
+        tables |= previous[1]
+    return organization, tables
+
+
+def _add_criteria(statement: S, criterion: ColumnElement[bool], marker: Any) -> S:
     if isinstance(statement, Query):
         query: Query[Any] = statement
         if query._limit_clause is not None or query._offset_clause is not None:
@@ -433,10 +443,12 @@ def org_scoped(statement: S, column: Any = None) -> S:
     _check_statement(statement)
     organization = current_organization_id()
     if column is not None:
-        return _add_criteria(statement, column == organization, organization)
+        marker = _org_marker(statement, organization, column)
+        return _add_criteria(statement, column == organization, marker)
     name = _configured_column("organization")
     target = _primary_column(statement, name)
-    scoped = _add_criteria(statement, target == organization, organization)
+    marker = _org_marker(statement, organization, target)
+    scoped = _add_criteria(statement, target == organization, marker)
     return _with_joined_criteria(scoped, target, name, organization)
 
 
@@ -783,8 +795,23 @@ class TenantScoping:
         if not touched:
             return  # text() and statements on other tables: see "Limits"
         marked = state.execution_options.get(_SCOPED_BY_HELPER)
-        if isinstance(statement, Select) and marked and marked == current_organization_id():
-            return
+        if isinstance(statement, Select) and marked and marked[0] == current_organization_id():
+            # org_scoped() compared these tables only: every other tenant
+            # table, and any in a subquery, would be read for every organization
+            left = sorted({t.name for t in found if t in tenant_tables and t not in marked[1]})
+            nested = [e for e in visitors.iterate(statement) if isinstance(e, SelectBase)]
+            left += sorted(
+                {t.name for q in nested[1:] for t in sql_util.find_tables(q) if t in tenant_tables}
+            )
+            if not left:
+                return
+            scoped = ", ".join(sorted(t.name for t in marked[1]))
+            raise TenantScopingError(
+                f"org_scoped() scoped this Core statement by {scoped} "
+                f"only; tenant table(s) {', '.join(sorted(set(left)))} (joined, or in a "
+                f"subquery) would be read for every organization. Scope each with "
+                f"org_scoped(stmt, table.c.{self.column}) or use the ORM entities."
+            )
         raise TenantScopingError(
             f"A Core statement on tenant table(s) {', '.join(touched)} cannot be scoped "
             f"automatically: use the ORM entities, org_scoped(), or unscoped(..., reason=...)."

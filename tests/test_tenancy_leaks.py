@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, ForeignKey, String, create_engine, event, insert, select, text
+from sqlalchemy import Engine, ForeignKey, String, create_engine, event, func, insert, select, text
 from sqlalchemy.exc import NoResultFound
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -32,6 +32,7 @@ from flask_oauth_verify.tenancy import (
     TenantScopingError,
     as_organization,
     enable_tenant_scoping,
+    org_scoped,
 )
 
 
@@ -402,3 +403,24 @@ def test_loaded_and_inserted_objects_are_written_without_a_check_query(
         detached.name = "from a form!"
         session.commit()  # checked in the database, and it is org_a's row
     assert stored_projects(engine)[0] == (1, "org_a", "from a form!", "a-secret")
+
+
+# -- F6: org_scoped() marks only the tables it compared -------------------------------------------
+
+
+def test_org_scoped_core_statement_must_scope_every_tenant_table(
+    maker: sessionmaker[Session],
+) -> None:
+    projects, tasks = TABLES["lk_projects"], TABLES["lk_tasks"]
+    joined = select(projects.c.name, tasks.c.title, tasks.c.organization_id).join(
+        tasks, tasks.c.project_id == projects.c.id
+    )
+    count_all = select(func.count()).select_from(tasks).correlate(None).scalar_subquery()
+    with maker() as session, as_organization("org_a"):
+        for statement in (org_scoped(joined), org_scoped(select(projects.c.name, count_all))):
+            with pytest.raises(TenantScopingError, match="lk_tasks"):
+                session.execute(statement)
+        both = org_scoped(org_scoped(joined), tasks.c.organization_id)
+        assert session.execute(both).all() == [("A-one", "a-task", "org_a")]
+        alone = org_scoped(select(projects.c.id).order_by(projects.c.id))
+        assert session.scalars(alone).all() == [1]
