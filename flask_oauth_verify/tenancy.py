@@ -319,7 +319,8 @@ def _org_marker(statement: Any, organization: str, column: Any) -> tuple[str, fr
     """The organization and every table :func:`org_scoped` compared on ``statement``."""
     table = getattr(column, "table", None)
     tables = frozenset() if table is None else frozenset({table})
-    previous = getattr(statement, "get_execution_options", dict)().get(_SCOPED_BY_HELPER)
+    options: Mapping[str, Any] = getattr(statement, "get_execution_options", dict)()
+    previous = options.get(_SCOPED_BY_HELPER)
     if isinstance(previous, tuple) and previous[0] == organization:
         tables |= previous[1]
     return organization, tables
