@@ -625,6 +625,9 @@ class TenantScoping:
         self._tenants: tuple[int, tuple[tuple[Any, str], ...]] | None = None
         self._keys: weakref.WeakKeyDictionary[Mapper[Any], str | None] = weakref.WeakKeyDictionary()
         self._tables: tuple[int, dict[Any, str]] | None = None
+        self._refused: tuple[int, dict[Mapper[Any], str]] | None = None
+        #: models= was db.Model's registry by default, not the caller's choice
+        self._implicit_models = False
         self._saved: dict[str, Any] = {}
 
     # -- which classes are scoped
@@ -676,6 +679,47 @@ class TenantScoping:
                 f"{self.column!r}, so nothing can be scoped. Check models= and column=."
             )
         return found
+
+    def _refused_mappers(self) -> dict[Mapper[Any], str]:
+        """Mapped classes scoping cannot make safe, with why (usually none).
+
+        * a class with the organization column that ``models`` left out only
+          because it belongs to another registry than ``db.Model``'s;
+        * a polymorphic base class (joined-table inheritance) without the
+          column whose subclass has it on its own table: a query of the base
+          loads the subclass's rows without their organization.
+        """
+        generation = _MAPPER_GENERATION[0]
+        cached = self._refused
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        self.tenant_classes()
+        refused: dict[Mapper[Any], str] = {}
+        for reg in _all_registries():
+            for mapper in reg.mappers:
+                key = self.tenant_key(mapper)
+                if key is None:
+                    if self._implicit_models and _mapper_column_key(mapper, self.column):
+                        refused[mapper] = (
+                            f"{mapper.class_.__name__} has the column {self.column!r} but is "
+                            f"not a model of this db (another declarative base); scoping "
+                            f"would skip it. Pass models= to enable_tenant_scoping()."
+                        )
+                    continue
+                for base in mapper.iterate_to_root():
+                    if base is not mapper and self.tenant_key(base) is None:
+                        refused[base] = (
+                            f"{base.class_.__name__} loads {mapper.class_.__name__} rows, whose "
+                            f"{self.column!r} is on the subclass table only; query "
+                            f"{mapper.class_.__name__} itself or put the column on the base table."
+                        )
+        self._refused = (generation, refused)
+        return refused
+
+    def _refuse(self, mapper: Mapper[Any], refused: dict[Mapper[Any], str]) -> None:
+        why = refused.get(mapper)
+        if why is not None:
+            raise TenantScopingError(why)
 
     def _tenant_tables(self) -> dict[Any, str]:
         generation = _MAPPER_GENERATION[0]
@@ -770,6 +814,10 @@ class TenantScoping:
             self._check_core(state)
             return None
         tenants = self.tenant_classes()
+        refused = self._refused_mappers()
+        if refused:
+            for mapper in state.all_mappers:
+                self._refuse(mapper, refused)
         organization = current_organization_id()
         if state.is_insert:
             return self._guard_insert(state, tenants, organization)
@@ -959,6 +1007,7 @@ class TenantScoping:
         update = original.__name__ == "bulk_update_mappings"
         rows = list(mappings)
         target = inspect(mapper).mapper
+        self._refuse(target, self._refused_mappers())
         for row in rows:
             self._check_row_values(target, row)
         key = self.tenant_key(target)
@@ -982,6 +1031,7 @@ class TenantScoping:
         for obj in objects:
             state = inspect(obj)
             mapper = state.mapper
+            self._refuse(mapper, self._refused_mappers())
             self._check_row_values(mapper, state.dict)
             key = self.tenant_key(mapper)
             if key is None:
@@ -1094,6 +1144,12 @@ class TenantScoping:
                 acting.append(current_organization_id())
             return acting[0]
 
+        refused = self._refused_mappers()
+        if refused:
+            for obj in (*session.new, *session.dirty, *session.deleted):
+                mapper = inspect(obj).mapper
+                if self.tenant_key(mapper) is None:  # not the inheritance case
+                    self._refuse(mapper, refused)
         for obj in list(session.new):
             state = inspect(obj)
             self._check_row_values(state.mapper, state.dict)
@@ -1245,11 +1301,13 @@ def enable_tenant_scoping(
     """
     event_target = _event_target(target)
     model = getattr(target, "Model", None)  # Flask-SQLAlchemy: its own models
-    if models is None and isinstance(getattr(model, "registry", None), registry):
+    implicit = models is None and isinstance(getattr(model, "registry", None), registry)
+    if implicit:
         models = model.registry  # type: ignore[union-attr]
     scoping = TenantScoping(
         event_target, column=column or _configured_column("organization"), models=models
     )
+    scoping._implicit_models = implicit
     with _ENABLED_LOCK:
         if _identity(event_target) in _ENABLED:
             raise RuntimeError("Tenant scoping is already enabled on this target.")

@@ -445,6 +445,18 @@ def test_legacy_bulk_methods_are_guarded(auto: TenantApp) -> None:
     assert (stored[1][3], stored[20][1]) == ("mine", "org_a")
 
 
+def test_tenant_model_of_another_registry_is_refused_not_skipped(auto: TenantApp) -> None:
+    """``enable_tenant_scoping(db)`` scopes ``db.Model``'s classes; others fail closed."""
+    with auto.app.app_context(), as_organization("org_a"):
+        with pytest.raises(TenantScopingError, match="another declarative base"):
+            db.session.execute(select(Invoice))
+        db.session.add(Invoice(id=1, organization_id="org_b"))
+        with pytest.raises(TenantScopingError, match="another declarative base"):
+            db.session.flush()
+        db.session.rollback()
+        assert [p.id for p in db.session.scalars(select(Project))] == [1, 2, 5]
+
+
 def test_explicit_update_is_scoped(env: TenantApp) -> None:
     status, body = call(env, "POST", "/explicit/projects/rename-all", "org_b", json={"name": "Q"})
     assert (status, body["rowcount"]) == (200, len(DATA.projects_of("org_b")))

@@ -424,3 +424,49 @@ def test_org_scoped_core_statement_must_scope_every_tenant_table(
         assert session.execute(both).all() == [("A-one", "a-task", "org_a")]
         alone = org_scoped(select(projects.c.id).order_by(projects.c.id))
         assert session.scalars(alone).all() == [1]
+
+
+# -- joined-table inheritance, the column on the subclass table only --------------------------
+
+
+class InheritBase(DeclarativeBase):
+    pass
+
+
+class Doc(InheritBase):
+    __tablename__ = "lk_docs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(10))
+    title: Mapped[str] = mapped_column(String(50))
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "doc"}  # noqa: RUF012
+
+
+class TenantDoc(Doc):
+    __tablename__ = "lk_tenant_docs"
+    id: Mapped[int] = mapped_column(ForeignKey("lk_docs.id"), primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(20))
+    __mapper_args__ = {"polymorphic_identity": "tdoc"}  # noqa: RUF012
+
+
+def test_base_class_of_a_subclass_only_tenant_column_is_refused(engine: Engine) -> None:
+    InheritBase.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add_all(
+            [
+                TenantDoc(id=1, title="A doc", organization_id="org_a"),
+                TenantDoc(id=2, title="org_b secret title", organization_id="org_b"),
+            ]
+        )
+        session.commit()
+    maker = sessionmaker(engine)
+    scoping = enable_tenant_scoping(maker, models=InheritBase.registry)
+    try:
+        with maker() as session, as_organization("org_a"):
+            assert [d.id for d in session.scalars(select(TenantDoc))] == [1]
+            with pytest.raises(TenantScopingError, match="subclass table"):
+                session.scalars(select(Doc)).all()
+            with pytest.raises(TenantScopingError, match="subclass table"):
+                session.get(Doc, 2)
+    finally:
+        scoping.disable()
+
