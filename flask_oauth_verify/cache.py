@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import pickle
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +45,8 @@ BACKEND_RETRY = 5.0
 #: Entries of the per-process cache (the default backend and the fallback).
 LOCAL_CACHE_SIZE = 2000
 _POLL = 0.02
+#: Names the machine in a lock, so that a lock of a dead local process is seen.
+_HOST = socket.gethostname()
 
 
 def cache_key(kind: str, value: str, digest: bytes | None = None) -> str:
@@ -308,21 +311,33 @@ class SharedCache:
         lost (cachelib's ``add`` is ``SETNX`` then ``EXPIRE``; a process may
         die in between) is broken once it is older than ``timeout``.
         """
-        value = {"at": time.time(), "pid": os.getpid()}
+        value = {"at": time.time(), "pid": os.getpid(), "host": _HOST}
         if self.add(key, value, timeout):
             return True
-        held = self.get(key)
-        at = held.get("at") if isinstance(held, dict) else None
-        if isinstance(at, int | float) and time.time() - at <= timeout:
+        if _live_lock(self.get(key), timeout):
             return False
-        self.delete(key)  # expired (or garbage): break it, then race fairly
+        self.delete(key)  # expired, its holder dead (or garbage): break it, race fairly
         return self.add(key, value, timeout)
 
     def locked(self, key: str, timeout: float) -> bool:
-        """Whether the lock ``key`` is held (and not older than ``timeout``)."""
+        """Whether the lock ``key`` is held: not older than ``timeout``, and not
+        by a process of this machine that has died (killed mid-fetch)."""
+        return _live_lock(self.get(key), timeout)
+
+    def take_abandoned(self, key: str, timeout: float) -> bool:
+        """Take the lock ``key`` only if its holder abandoned it, after a wait.
+
+        A holder that finished released the lock (its outcome, success or
+        failure, is then shared); one that died mid-fetch left it behind,
+        expired or naming a dead process of this machine. Only then does the
+        waiter take over.
+
+        :returns: whether the lock is now ours.
+        """
         held = self.get(key)
-        at = held.get("at") if isinstance(held, dict) else None
-        return isinstance(at, int | float) and time.time() - at <= timeout
+        if held is None or _live_lock(held, timeout):
+            return False
+        return self.lock(key, timeout)
 
     def unlock(self, key: str) -> None:
         """Release the lock ``key``."""
@@ -353,3 +368,24 @@ class SharedCache:
             return False
         self._succeeded()
         return ok
+
+
+def _live_lock(held: Any, timeout: float) -> bool:
+    """Whether a lock value names a holder that may still be working."""
+    at = held.get("at") if isinstance(held, dict) else None
+    if not isinstance(at, int | float) or time.time() - at > timeout:
+        return False
+    pid = held.get("pid")
+    if held.get("host") != _HOST or not isinstance(pid, int) or pid == os.getpid():
+        return True  # another machine's process (or ours): trust the expiry
+    return _process_alive(pid)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True

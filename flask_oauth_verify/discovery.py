@@ -226,7 +226,10 @@ class Discovery:
             entry = self._adopt_shared(issuer, self.clock())
             if entry is not None:
                 return entry.metadata
-            raise FetchError(self.last_error.get(issuer, "discovery by another worker failed"))
+            if not self.cache.take_abandoned(lock, self._lock_timeout):
+                raise FetchError(self.last_error.get(issuer, "discovery by another worker failed"))
+            # The holder died mid-fetch (its lock outlived it): fetch ourselves.
+            now = self.clock()
         try:
             entry = self._adopt_shared(issuer, now)
             if entry is not None and now < entry.fresh_until:

@@ -1,8 +1,9 @@
 """The one fetch policy shared by key, discovery and introspection requests.
 
 * connect/read timeouts (``OAUTH_VERIFY_HTTP_TIMEOUT``, 2 s / 5 s) and an
-  overall deadline of their sum, so no request waits longer than the budget,
-  however slowly a server trickles its answer;
+  overall deadline of their sum, enforced by a watchdog thread
+  (:mod:`~flask_oauth_verify.deadline`), so no request waits longer than the
+  budget, however slowly a server trickles its status line, headers or body;
 * redirects followed only within the same origin (scheme, host, port), at
   most three; a redirect to another origin is an error;
 * ``http://`` only to loopback hosts unless ``ALLOW_INSECURE_HTTP``;
@@ -39,6 +40,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 
 from .config import ConfigurationError, Settings, check_url
+from .deadline import DeadlineExpired, deadline, watched_session
 
 __all__ = ["CircuitBreaker", "FetchError", "Fetcher", "HTTPResult", "SingleFlight"]
 
@@ -271,7 +273,7 @@ class Fetcher:
 
     @staticmethod
     def _new_session() -> requests.Session:
-        session = requests.Session()
+        session = watched_session()
         session.headers["User-Agent"] = _USER_AGENT
         session.trust_env = False  # no proxies/netrc picked up implicitly
         return session
@@ -335,7 +337,9 @@ class Fetcher:
         if not breaker.allow():
             raise FetchError(f"circuit open for {_origin(url)}")
         try:
-            result = self._send(method, url, headers, data, json_body, accept_not_modified)
+            result = self._within_budget(
+                lambda: self._send(method, url, headers, data, json_body, accept_not_modified)
+            )
         except FetchError as exc:
             # An answer below 500 (a 4xx, a redirect we refuse, a 200 that is not
             # JSON) is the server up and working as designed: our request or
@@ -351,6 +355,19 @@ class Fetcher:
         breaker.record_success()
         return result
 
+    def _within_budget(self, send: Callable[[], HTTPResult]) -> HTTPResult:
+        """``send()``, cut off at the budget by the watchdog.
+
+        The socket timeouts bound each read; the watchdog bounds the whole
+        exchange, so a server trickling its status line, headers or body is
+        cut off too.
+        """
+        try:
+            with deadline(self.budget):
+                return send()
+        except DeadlineExpired:
+            raise FetchError("timed out") from None
+
     def _send(
         self,
         method: str,
@@ -361,11 +378,11 @@ class Fetcher:
         accept_not_modified: bool,
     ) -> HTTPResult:
         connect, read = self.settings.http_timeout
-        deadline = time.monotonic() + connect + read
+        ends_at = time.monotonic() + connect + read
         current = url
         for _ in range(_MAX_REDIRECTS + 1):
             self._check_scheme(current)
-            remaining = deadline - time.monotonic()
+            remaining = ends_at - time.monotonic()
             if remaining <= 0:
                 raise FetchError("timed out")
             try:
@@ -384,6 +401,8 @@ class Fetcher:
             except requests.ConnectionError as exc:
                 raise FetchError(f"connection failed: {type(exc).__name__}") from None
             except requests.RequestException as exc:
+                raise FetchError(f"request failed: {type(exc).__name__}") from None
+            except Exception as exc:  # e.g. a Location requests cannot parse
                 raise FetchError(f"request failed: {type(exc).__name__}") from None
             with response:
                 if response.is_redirect:
@@ -404,7 +423,7 @@ class Fetcher:
                 if not _is_json_type(content_type):
                     media = (content_type or "").split(";", 1)[0].strip()[:64]
                     raise FetchError(f"the response is not JSON (Content-Type {media})", status=200)
-                body = self._read_body(response, deadline)
+                body = self._read_body(response, ends_at)
                 return HTTPResult(status, dict(response.headers), _decode_json(body))
         raise FetchError("too many redirects")
 
@@ -418,7 +437,7 @@ class Fetcher:
         if len(self._checked_urls) < _CHECKED_URLS:
             self._checked_urls.add(url)
 
-    def _read_body(self, response: requests.Response, deadline: float) -> bytes:
+    def _read_body(self, response: requests.Response, ends_at: float) -> bytes:
         limit = self.settings.http_max_bytes
         declared = response.headers.get("Content-Length")
         if declared and declared.isdigit() and int(declared) > limit:
@@ -432,7 +451,7 @@ class Fetcher:
                     raise FetchError(
                         f"response larger than {limit} bytes", status=response.status_code
                     )
-                if time.monotonic() > deadline:
+                if time.monotonic() > ends_at:
                     raise FetchError("timed out")
                 chunks.append(chunk)
         except requests.RequestException as exc:

@@ -441,9 +441,17 @@ class KeyStore:
         if mode == "due" and source.keys is not None and self._usable(source, now):
             source.fresh_until = max(source.fresh_until, now + _RECHECK)
             return source.keys
-        self.cache.wait_unlocked(source.key("jwks-lock"), self._wait, wait=self._wait)
-        self._adopt_shared(source, self.clock())
-        return self._keys_or_raise(source, now, self._shared_error(source))
+        lock = source.key("jwks-lock")
+        self.cache.wait_unlocked(lock, self._wait, wait=self._wait)
+        if self._adopt_shared(source, self.clock()) or not self.cache.take_abandoned(
+            lock, self._wait
+        ):
+            return self._keys_or_raise(source, now, self._shared_error(source))
+        # The holder died mid-fetch (its lock outlived it): fetch ourselves.
+        try:
+            return self._fetch_and_install(source, self.clock(), mode)
+        finally:
+            self.cache.unlock(lock)
 
     def _forced_elsewhere(self, source: _Source, now: float) -> bool:
         """Whether any worker forced a refresh within the cooldown (else claim it)."""

@@ -109,6 +109,35 @@ def trickle(conn: socket.socket, stop: threading.Event) -> None:
         conn.sendall(b" ")
 
 
+def drip_headers(conn: socket.socket, stop: threading.Event) -> None:
+    """The status line and headers, one byte at a time: no read ever times out."""
+    conn.recv(65536)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+    for byte in head * 50:
+        if stop.wait(0.05):
+            return
+        conn.sendall(bytes([byte]))
+
+
+def drip_small_body(conn: socket.socket, stop: threading.Event) -> None:
+    """A body under the size cap, one byte every 50 ms: each read gets its byte."""
+    conn.recv(65536)
+    conn.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
+    )
+    while not stop.wait(0.05):
+        conn.sendall(b" ")
+
+
+def unparsable_redirect(conn: socket.socket, stop: threading.Event) -> None:
+    """A 302 whose Location requests cannot even build a request for."""
+    conn.recv(65536)
+    conn.sendall(
+        b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:99999/x\r\nContent-Length: 0\r\n\r\n"
+    )
+    stop.wait(5)
+
+
 @pytest.fixture
 def raw_server() -> Iterator[
     Callable[[Callable[[socket.socket, threading.Event], None]], RawServer]
@@ -287,6 +316,46 @@ def test_trickling_issuer_is_cut_at_the_deadline(
     response, elapsed = timed(app, issuer.mint())
     assert_unavailable(response)
     assert elapsed <= BUDGET + MARGIN
+
+
+@pytest.mark.parametrize("handle", [drip_headers, drip_small_body], ids=["headers", "body"])
+def test_dripping_issuer_is_cut_at_the_deadline(
+    issuer: TokenIssuer,
+    clock: FakeClock,
+    raw_server: Callable[[Callable[[socket.socket, threading.Event], None]], RawServer],
+    handle: Callable[[socket.socket, threading.Event], None],
+) -> None:
+    """A byte every 50 ms keeps every read alive; only the overall deadline ends it."""
+    slow = raw_server(handle)
+    app = fault_app(issuer.config(JWKS_URI=f"{slow.url}/jwks"), clock)
+    for _ in range(2):  # the stuck fetch must not wedge the next one either
+        response, elapsed = timed(app, issuer.mint())
+        assert_unavailable(response)
+        assert elapsed <= BUDGET + MARGIN
+
+
+def test_dripping_introspection_endpoint_is_cut_at_the_deadline(
+    issuer: TokenIssuer,
+    clock: FakeClock,
+    raw_server: Callable[[Callable[[socket.socket, threading.Event], None]], RawServer],
+) -> None:
+    slow = raw_server(drip_headers)
+    app = fault_app(introspection_config(issuer, f"{slow.url}/introspect"), clock)
+    response, elapsed = timed(app, issuer.mint_opaque())
+    assert_unavailable(response)
+    assert elapsed <= BUDGET + MARGIN
+
+
+def test_introspection_redirect_that_cannot_be_parsed_is_503(
+    issuer: TokenIssuer,
+    clock: FakeClock,
+    raw_server: Callable[[Callable[[socket.socket, threading.Event], None]], RawServer],
+) -> None:
+    """An upstream oddity, never a client with a bad token (it used to be 401)."""
+    odd = raw_server(unparsable_redirect)
+    app = fault_app(introspection_config(issuer, f"{odd.url}/introspect"), clock)
+    response, _elapsed = timed(app, issuer.mint_opaque())
+    assert_unavailable(response)
 
 
 def test_issuer_that_accepts_and_never_answers(

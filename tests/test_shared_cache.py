@@ -435,6 +435,47 @@ def test_worker_processes_share_one_key_cache(
     assert "Traceback" not in logs
 
 
+@pytest.mark.slow
+def test_a_worker_killed_mid_fetch_does_not_hold_the_others_back(
+    redis: RedisServer,
+    served_tokens: TokenIssuer,
+    issuer_server: IssuerServer,
+    worker_module: Path,
+    clock: FakeClock,
+) -> None:
+    """A worker killed while it holds the shared fetch lock (an OOM kill, a
+    gunicorn timeout) leaves the lock behind. A cold worker on the same Redis
+    used to wait out the lock's lifetime and answer 503 without asking the
+    issuer itself; it now sees the holder is gone and fetches."""
+    workers = Workers(worker_config(served_tokens, redis.url), worker_module, 1)
+    token = served_tokens.mint(expires_in=7200)
+    issuer_server.hold(JWKS)
+    stuck = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        url = workers.urls[0]
+        # Worker A takes the shared lock and hangs in its fetch...
+        stuck.submit(requests.get, url + "/protected", headers=auth_header(token), timeout=30)
+        assert issuer_server.wait_for_hits(JWKS, 1)
+        pid = requests.post(f"{url}/_clock", params={"advance": 0}, timeout=10).json()["pid"]
+        os.kill(pid, signal.SIGKILL)  # ...and dies there; its parent reaps it
+        assert workers.process.wait(30) == 0
+        lock = redis_app(served_tokens, redis.url, clock)
+        with lock.app_context():
+            held = get_state(lock).cache.get(cache_key("jwks-lock", served_tokens.issuer))
+        assert isinstance(held, dict) and held["pid"] == pid  # the lock outlived A
+        issuer_server.release(JWKS)
+        # Worker B, cold, same Redis: its lock wait would be 2 * 1 s + 2 s.
+        app_b = redis_app(served_tokens, redis.url, clock)
+        started = time.monotonic()
+        assert status_of(app_b, token) == 200
+        assert time.monotonic() - started < 4  # it did not wait the lock out
+        assert issuer_server.hits[JWKS] == 2  # A's fetch, then B's own
+    finally:
+        issuer_server.release(JWKS)
+        stuck.shutdown(wait=True)
+        workers.stop()
+
+
 def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
     """Wait until a started server process accepts connections on ``port``."""
     deadline = time.monotonic() + 60

@@ -469,4 +469,3 @@ def test_base_class_of_a_subclass_only_tenant_column_is_refused(engine: Engine) 
                 session.get(Doc, 2)
     finally:
         scoping.disable()
-

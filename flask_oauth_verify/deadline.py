@@ -1,0 +1,191 @@
+"""Wall-clock deadlines for outgoing requests, whatever the server trickles.
+
+A socket read timeout bounds the wait for *each* read, so a server that
+sends one byte a second (of its status line, its headers or its body) never
+trips it; urllib3 documents this and recommends a watcher thread. Here one
+daemon thread per process watches every request in flight: at a request's
+deadline it shuts its sockets down, and the blocked read fails at once.
+
+:func:`watched_session` builds a :class:`requests.Session` whose connection
+pools register each connection they use with the request being watched (a
+thread-local set by :func:`deadline`); requests outside a ``deadline``
+block are not watched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+__all__ = ["DeadlineExpired", "deadline", "watched_session"]
+
+
+class DeadlineExpired(Exception):
+    """The request ran past its deadline and its sockets were shut down."""
+
+
+class _Watch:
+    """One request in flight: its deadline and the connections it uses."""
+
+    __slots__ = ("at", "connections", "expired", "lock")
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+        self.connections: list[Any] = []
+        self.expired = False
+        self.lock = threading.Lock()
+
+    def add(self, connection: Any) -> None:
+        with self.lock:
+            self.connections.append(connection)
+            expired = self.expired
+        if expired:  # connected after the deadline fired: cut it too
+            _shut(connection)
+
+    def expire(self) -> None:
+        with self.lock:
+            self.expired = True
+            connections = list(self.connections)
+        for connection in connections:
+            _shut(connection)
+
+
+def _shut(connection: Any) -> None:
+    sock = getattr(connection, "sock", None)
+    if sock is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+#: How often the watcher looks at the requests in flight. Deadlines fire up
+#: to this late; registering a request never wakes a thread that is ticking.
+_TICK = 0.1
+
+
+class _Watchdog:
+    """The process's watcher thread (started lazily, again after a fork).
+
+    While requests are in flight it wakes every :data:`_TICK` seconds and
+    cuts those past their deadline; with none it sleeps until one is
+    registered. So a busy process pays a lock and a set insertion per
+    request, not a thread wake-up.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._watches: set[_Watch] = set()
+        self._pid = 0
+        self._idle = False
+
+    def watch(self, watch: _Watch) -> None:
+        with self._cond:
+            if self._pid != os.getpid():
+                self._start()
+            self._watches.add(watch)
+            if self._idle:
+                self._idle = False
+                self._cond.notify()
+
+    def unwatch(self, watch: _Watch) -> None:
+        with self._cond:
+            self._watches.discard(watch)
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: no thread, no request in flight, a fresh lock
+        (the parent's watcher may have held the old one at the fork)."""
+        self._cond = threading.Condition()
+        self._watches = set()
+        self._pid = 0
+        self._idle = False
+
+    def _start(self) -> None:
+        self._pid = os.getpid()
+        self._watches = set()
+        thread = threading.Thread(target=self._run, name="oauth-verify-deadlines", daemon=True)
+        thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                due = [w for w in self._watches if w.at <= now]
+                self._watches.difference_update(due)
+                if not due:
+                    self._idle = not self._watches
+                    self._cond.wait(None if self._idle else _TICK)
+            for watch in due:
+                watch.expire()
+
+
+_WATCHDOG = _Watchdog()
+os.register_at_fork(after_in_child=_WATCHDOG.reset_after_fork)
+_current = threading.local()
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[_Watch]:
+    """Watch the requests of this thread inside the block; cut them at ``seconds``.
+
+    :raises DeadlineExpired: instead of whatever the block raised once the
+        deadline fired (the read that was cut off). A block that completes
+        is never turned into an error.
+    """
+    watch = _Watch(time.monotonic() + seconds)
+    previous = getattr(_current, "watch", None)
+    _current.watch = watch
+    _WATCHDOG.watch(watch)
+    try:
+        yield watch
+    except Exception:
+        if watch.expired:
+            raise DeadlineExpired() from None
+        raise
+    finally:
+        _WATCHDOG.unwatch(watch)
+        _current.watch = previous
+
+
+def _register(connection: Any) -> None:
+    watch: _Watch | None = getattr(_current, "watch", None)
+    if watch is not None:
+        watch.add(connection)
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    def _make_request(self, conn: Any, *args: Any, **kwargs: Any) -> Any:
+        _register(conn)
+        return super()._make_request(conn, *args, **kwargs)
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    def _make_request(self, conn: Any, *args: Any, **kwargs: Any) -> Any:
+        _register(conn)
+        return super()._make_request(conn, *args, **kwargs)
+
+
+class _WatchedAdapter(HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _WatchedHTTPPool,
+            "https": _WatchedHTTPSPool,
+        }
+
+
+def watched_session() -> requests.Session:
+    """A session whose connections :func:`deadline` can cut off."""
+    session = requests.Session()
+    adapter = _WatchedAdapter()
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session

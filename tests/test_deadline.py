@@ -1,0 +1,68 @@
+"""The watchdog behind every outgoing request's overall deadline.
+
+End to end (servers that trickle their headers or body) in test_faults.py;
+here the parts a fault test cannot see.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import pytest
+
+from flask_oauth_verify.deadline import DeadlineExpired, deadline, watched_session
+
+
+def test_a_block_that_completes_is_never_an_error() -> None:
+    with deadline(0.001) as watch:
+        total = sum(range(1000))
+    assert total == 499500
+    assert watch.connections == []
+
+
+def test_a_dripping_server_is_cut_off_and_reported_as_expired() -> None:
+    """A byte every 50 ms: no read times out, the deadline still ends it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def drip() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" * 100:
+                if stop.wait(0.05):
+                    return
+                conn.sendall(bytes([byte]))
+
+    server = threading.Thread(target=drip, daemon=True)
+    server.start()
+    session = watched_session()
+    try:
+        with pytest.raises(DeadlineExpired), deadline(0.5) as watch:
+            session.get(f"http://127.0.0.1:{port}/", timeout=(1, 1))
+        assert watch.expired and len(watch.connections) == 1
+    finally:
+        stop.set()
+        server.join(5)
+        listener.close()
+        session.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_has_a_working_watchdog() -> None:
+    """The parent's watcher thread does not survive a fork; the child starts its own."""
+    with deadline(5):
+        pass  # the parent's watcher is running now
+    pid = os.fork()
+    if pid == 0:  # the child: a deadline must still fire
+        try:
+            with deadline(0.01) as watch:
+                threading.Event().wait(0.5)
+            os._exit(0 if watch.expired else 3)
+        except BaseException:
+            os._exit(4)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
