@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, cast
 
-from flask import g, has_app_context
+from flask import g, has_app_context, has_request_context, request
 from werkzeug.local import LocalProxy
 
 from .config import Settings
@@ -246,8 +246,22 @@ def build_context(
     return ContextBuilder(settings).build(claims, strategy, owned)
 
 
+#: The ``g`` key naming the request whose verification ``g.auth`` holds.
+#: ``g`` lives in the app context, and Flask reuses an app context that is
+#: already pushed (``app.app_context().push()`` at import, a test fixture)
+#: for every request of the thread: without this stamp, one request would
+#: see the ``g.auth`` of the one before.
+REQUEST_KEY = "_oauth_verify_request"
+
+
+def _this_request() -> Any:
+    """The current request object, or ``None`` outside a request."""
+    return request._get_current_object() if has_request_context() else None  # type: ignore[attr-defined]
+
+
 def set_auth(context: AuthContext | None, namespace: dict[str, Any] | None = None) -> None:
-    """Put ``context`` on ``g.auth`` (verify_request writes the same line itself).
+    """Put ``context`` on ``g.auth`` for this request (verify_request writes
+    the same lines itself).
 
     :param namespace: ``g.__dict__`` when the caller already holds it.
     """
@@ -255,6 +269,25 @@ def set_auth(context: AuthContext | None, namespace: dict[str, Any] | None = Non
     if namespace is None:
         namespace = g._get_current_object().__dict__
     namespace["auth"] = context
+    namespace[REQUEST_KEY] = _this_request()
+
+
+def request_auth() -> AuthContext | None:
+    """``g.auth`` if it was set for the current request, else ``None``.
+
+    Outside a request, only a context set outside any request counts (the
+    CLI, a job, a test): never the ``g.auth`` a finished request left in a
+    shared app context.
+    """
+    if not has_app_context():
+        return None
+    namespace = g._get_current_object().__dict__
+    context = namespace.get("auth")
+    if not isinstance(context, AuthContext):
+        return None
+    if namespace.get(REQUEST_KEY) is not _this_request():
+        return None  # left behind by an earlier request of a reused app context
+    return context
 
 
 def get_auth() -> AuthContext:
@@ -263,8 +296,8 @@ def get_auth() -> AuthContext:
     :raises RuntimeError: when no verification decorator ran in this request
         (or ``optional=True`` found no token).
     """
-    context = g.get("auth") if has_app_context() else None
-    if not isinstance(context, AuthContext):
+    context = request_auth()
+    if context is None:
         raise RuntimeError(
             "No verified token in this request: decorate the view with "
             "@require_token (or call verify_request()) first."
@@ -273,7 +306,7 @@ def get_auth() -> AuthContext:
 
 
 def _current_auth() -> AuthContext | None:
-    return cast("AuthContext | None", g.get("auth")) if has_app_context() else None
+    return request_auth()
 
 
 #: A proxy to ``g.auth``: the :class:`AuthContext` of the request, or ``None``.

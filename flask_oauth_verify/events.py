@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 from blinker import Namespace, Signal
 from flask import current_app, g, has_app_context, has_request_context, request
 
-from .context import AuthContext
+from .context import AuthContext, request_auth
 from .errors import InsufficientScopeError, OAuthVerifyError
 
 if TYPE_CHECKING:
@@ -307,8 +307,8 @@ class SecurityEvents:
             fields["required_scopes"] = list(error.scopes)
         if event != "token_validation_failed":
             # A token was verified earlier in this request: say whose it was.
-            context = g.get("auth") if has_app_context() else None
-            if isinstance(context, AuthContext):
+            context = request_auth()
+            if context is not None:
                 fields.update(_context_fields(context))
                 fields["scopes"] = sorted(context.scopes)
         if token is not None:

@@ -36,7 +36,7 @@ import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
 
-from flask import g, has_app_context, has_request_context
+from flask import has_app_context, has_request_context
 from sqlalchemy import Select, event, func, inspect, select, tuple_
 from sqlalchemy.orm import (
     Mapper,
@@ -55,7 +55,7 @@ from sqlalchemy.sql.dml import Delete, Update
 from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement
 from sqlalchemy.sql.selectable import SelectBase
 
-from .context import AuthContext
+from .context import AuthContext, request_auth
 from .errors import MissingOrganizationContext, MissingUserContext, OAuthVerifyError
 from .extension import get_state
 
@@ -184,11 +184,9 @@ def as_organization(organization_id: str, *, user_id: str | None = None) -> Iter
 
 
 def _verified_context() -> AuthContext | None:
-    if not has_app_context():
-        return None
-    context = g.get("auth")
-    # Only the decorators put an AuthContext on g.auth, after verification.
-    return context if isinstance(context, AuthContext) else None
+    # Only the decorators put an AuthContext on g.auth, after verification;
+    # request_auth() ignores one an earlier request left in a reused app context.
+    return request_auth()
 
 
 def _missing(kind: str) -> Exception:

@@ -237,3 +237,64 @@ def test_verify_request_refuses_malformed_scopes(tokens: TokenIssuer, scopes: ob
     context = app.test_request_context(headers=auth_header(tokens.mint()))
     with context, pytest.raises(ValueError, match="Scopes"):
         verify_request(scopes=scopes)  # type: ignore[arg-type]
+
+
+def test_a_reused_app_context_never_carries_auth_into_the_next_request(
+    tokens: TokenIssuer,
+) -> None:
+    """``app.app_context().push()`` at import: Flask reuses that context, and
+    ``g`` with it, for every request of the thread. The verification of one
+    request must not serve the next one."""
+    from flask_oauth_verify import (
+        MissingOrganizationContext,
+        current_auth,
+        get_auth,
+        require_organization,
+    )
+    from flask_oauth_verify.tenancy import current_organization_id
+
+    app = make_app(tokens.config())
+
+    @app.get("/org")
+    @require_organization
+    def org() -> dict[str, object]:
+        return {"organization_id": g.auth.organization_id}
+
+    @app.get("/whoami")
+    def whoami() -> dict[str, object]:  # not decorated: reads what this request verified
+        auth = current_auth._get_current_object()  # type: ignore[attr-defined]
+        try:
+            get_auth()
+            raised = False
+        except RuntimeError:
+            raised = True
+        try:  # what automatic tenant scoping would filter by
+            organization: str | None = current_organization_id()
+        except MissingOrganizationContext:  # fails closed: 401 in a request
+            organization = None
+        return {
+            "auth": None if auth is None else auth.subject,
+            "get_auth_raised": raised,
+            "organization": organization,
+        }
+
+    outer = app.app_context()
+    outer.push()
+    try:
+        client = app.test_client()
+        token = tokens.mint(organization_id="org_a")
+        first = client.get("/org", headers=auth_header(token))
+        assert (first.status_code, first.json) == (200, {"organization_id": "org_a"})
+        anonymous = client.get("/org")
+        assert anonymous.status_code == 401
+        assert anonymous.json is not None and anonymous.json["error"] == "unauthorized"
+        assert client.get("/whoami").json == {
+            "auth": None,
+            "get_auth_raised": True,
+            "organization": None,
+        }
+        # A stale marker must not stop the next request's own verification either.
+        other = tokens.mint(organization_id="org_b")
+        assert client.get("/org", headers=auth_header(other)).json == {"organization_id": "org_b"}
+    finally:
+        outer.pop()
