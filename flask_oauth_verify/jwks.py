@@ -50,6 +50,7 @@ from .config import ConfigurationError, Settings, _is_loopback
 from .discovery import Discovery
 from .errors import InvalidTokenError, UpstreamError
 from .fetch import Fetcher, FetchError, HTTPResult, SingleFlight
+from .fifo import BoundedFifo
 from .issuers import IssuerMatcher
 from .keys import KeySetError, PreparedKey, PreparedKeySet, content_hash, parse_key_set
 from .verification import JWSHeader
@@ -66,9 +67,8 @@ _RECHECK = 1.0
 _RETRY_AFTER = 5
 _PARSED_CACHE_SIZE = 64
 _MAX_DYNAMIC_SOURCES = 64
-#: First fetches of ``jku`` URLs never seen to serve keys, per issuer and per
-#: ``JWKS_REFRESH_COOLDOWN``: anyone can name any path of an allowlisted host.
-_NEW_JKU_FETCHES = 8
+#: How many refused ``jku`` URLs are remembered (each for a refresh cooldown).
+_REFUSED_JKU_URLS = 4096
 
 #: Listener signature: (event name, fields). Set by the extension.
 EventSink = Callable[[str, Mapping[str, Any]], None]
@@ -217,8 +217,9 @@ class KeyStore:
         # A fetch may need discovery first: two budgets, plus parsing.
         self._wait = 2 * fetcher.budget + 2
         self._cooldown = settings.jwks_refresh_cooldown
-        #: issuer -> (window start, first fetches of unproven jku URLs in it)
-        self._new_jku: dict[str, tuple[float, int]] = {}
+        #: jku URLs that never served keys and were answered with something
+        #: else -> when: refused without a fetch for a cooldown
+        self._refused_jku: BoundedFifo[str, float] = BoundedFifo(_REFUSED_JKU_URLS)
         for issuer in settings.issuers:
             if issuer not in self._static:
                 self._source(issuer, None)
@@ -309,6 +310,8 @@ class KeyStore:
         source = self._sources.get((issuer, jku))
         if source is not None:
             return source
+        if jku is not None and self._refused_lately(jku, self.clock()):
+            raise InvalidTokenError(reason="jku does not serve a key set")
         # A concrete issuer of a templated ISSUER shares the template's
         # source; an issuer that is not configured never gets one (and so
         # never causes a fetch), which keeps the number of sources bounded.
@@ -329,6 +332,12 @@ class KeyStore:
                 source = _Source(issuer=issuer, jku=jku)
                 self._sources[(issuer, jku)] = source
             return source
+
+    def _refused_lately(self, jku: str, now: float) -> bool:
+        """Whether ``jku`` (never seen to serve keys) was answered with no key
+        set within the cooldown: refused again without a fetch."""
+        refused = self._refused_jku.get(jku)
+        return refused is not None and now - refused < self._cooldown
 
     def _drop_failed_jku_sources(self) -> None:
         """Forget ``jku`` sources that never yielded keys (caller holds the guard).
@@ -490,8 +499,8 @@ class KeyStore:
 
     def _fetch_and_install(self, source: _Source, now: float, mode: str) -> PreparedKeySet:
         unproven = source.jku is not None and source.keys is None
-        if unproven:
-            self._spend_new_jku(source, now)
+        if unproven and self._refused_lately(str(source.jku), now):
+            raise InvalidTokenError(reason="jku does not serve a key set")
         source.fetches += 1
         try:
             record = self._fetch(source, now)
@@ -501,6 +510,7 @@ class KeyStore:
                 # The host answered, with something that is not a key set: the
                 # token names no key source (401), the issuer is not down (503).
                 source.last_error = str(exc)
+                self._refused_jku.put(str(source.jku), now)  # not asked again for a while
                 raise InvalidTokenError(reason="jku does not serve a key set") from None
             return self._failed(source, now, str(exc))
         keep = self._max_staleness + record["ttl"]
@@ -522,21 +532,6 @@ class KeyStore:
             trigger=mode,
         )
         return keys
-
-    def _spend_new_jku(self, source: _Source, now: float) -> None:
-        """Count a first fetch of an unproven ``jku``; refuse beyond the budget.
-
-        Bounds the fetches that forged tokens can cause; a ``jku`` that once
-        served keys (in any worker: its shared copy is adopted before this)
-        is never counted.
-        """
-        with self._guard:
-            start, spent = self._new_jku.get(source.issuer, (now, 0))
-            if now - start >= self._cooldown:
-                start, spent = now, 0
-            if spent >= _NEW_JKU_FETCHES:
-                raise InvalidTokenError(reason="too many unknown jku URLs; try again later")
-            self._new_jku[source.issuer] = (start, spent + 1)
 
     def _fetch(self, source: _Source, now: float) -> dict[str, Any]:
         candidates = self._candidate_uris(source)
