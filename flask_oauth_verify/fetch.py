@@ -41,6 +41,7 @@ import requests
 
 from .config import ConfigurationError, Settings, check_url
 from .deadline import DeadlineExpired, deadline, watched_session
+from .strictjson import STRICT_DECODER
 
 __all__ = ["CircuitBreaker", "FetchError", "Fetcher", "HTTPResult", "SingleFlight"]
 
@@ -481,7 +482,9 @@ def _origin(url: str) -> str:
 
 
 def _decode_json(body: bytes) -> Any:
+    """The body as strict JSON: a member named twice (which parsers resolve
+    differently) or ``NaN`` make it "not JSON"."""
     try:
-        return json.loads(body)
+        return STRICT_DECODER.decode(body.decode(json.detect_encoding(body)))
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise FetchError("the response is not JSON", status=200) from None

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import binascii
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Mapping
 from json.scanner import make_scanner
@@ -36,6 +35,7 @@ from .config import Settings
 from .errors import InvalidTokenError, TokenExpired, TokenNotActive
 from .issuers import IssuerMatcher, is_template
 from .keys import PreparedKey
+from .strictjson import STRICT_DECODER
 
 __all__ = ["JWSHeader", "JWTVerifier", "KeyResolver", "Vouched", "looks_like_jws"]
 
@@ -120,19 +120,7 @@ def _b64decode(segment: str, what: str) -> bytes:
         raise _invalid(f"{what} is not base64url") from None
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        raise ValueError("duplicate member")
-    return result
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-# One decoder for every token: json.loads() with hooks builds a new one per call.
-_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
+_DECODER = STRICT_DECODER
 
 
 # The decoder's scanner, called directly for the usual text (an object from

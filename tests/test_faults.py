@@ -653,8 +653,11 @@ def test_introspection_endpoint_slow(issuer: TokenIssuer, clock: FakeClock) -> N
         Reply(200, [True]),
         Reply(200, {"active": True, "pad": "x" * (2 * 1024 * 1024)}),
         Reply(401, {"error": "invalid_client"}),
+        # a member named twice: parsers disagree on which one wins
+        Reply(200, b'{"active": false, "active": true}', {"Content-Type": "application/json"}),
+        Reply(200, b'{"active": true, "exp": NaN}', {"Content-Type": "application/json"}),
     ],
-    ids=["500", "html", "not-json", "array", "huge", "401"],
+    ids=["500", "html", "not-json", "array", "huge", "401", "duplicate-member", "nan"],
 )
 def test_introspection_endpoint_garbage(
     issuer: TokenIssuer, clock: FakeClock, reply: Reply
