@@ -35,6 +35,7 @@ How a profile is merged under the app's keys (:func:`apply_profile`):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -42,6 +43,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .issuers import is_template
+
+logger = logging.getLogger("flask_oauth_verify")
 
 __all__ = ["PROFILES", "Profile", "apply_profile", "profile_named"]
 
@@ -72,6 +75,9 @@ class Profile:
         ``issuer_params`` is a configuration error with this explanation.
     :param required_keys: keys the app must set, with the reason.
     :param aliases: other accepted spellings of ``name``.
+    :param issuer_doubts: (pattern, explanation) pairs: an issuer matching a
+        pattern is accepted but logged as a warning, because no token of the
+        provider carries such an ``iss`` (every token would be refused).
     """
 
     name: str
@@ -82,6 +88,7 @@ class Profile:
     issuer_must_match: str | None = None
     required_keys: Mapping[str, str] = dataclasses.field(default_factory=dict)
     aliases: tuple[str, ...] = ()
+    issuer_doubts: tuple[tuple[str, str], ...] = ()
 
 
 # -- user rules (which tokens act for a user) ---------------------------------
@@ -216,6 +223,13 @@ PROFILES: Mapping[str, Profile] = _profiles(
             },
         },
         description="Auth0 APIs (scope + RBAC permissions, org_id, azp).",
+        issuer_doubts=(
+            (
+                r"https://[^/]+$",
+                "Auth0 access tokens carry iss 'https://<domain>/' with a trailing "
+                "slash; without it every token is refused",
+            ),
+        ),
     ),
     Profile(
         "okta",
@@ -250,6 +264,14 @@ PROFILES: Mapping[str, Profile] = _profiles(
         },
         aliases=("entra", "entra-id", "azure_ad", "azure-ad", "azure", "microsoft"),
         description="Microsoft Entra ID (v1 and v2 tokens, multi-tenant templates).",
+        issuer_doubts=(
+            (
+                r"https://[^/]+/(common|organizations|consumers)(/v2\.0)?/?$",
+                "no token carries this iss (tokens name their tenant); for a "
+                "multi-tenant API use the template "
+                "https://login.microsoftonline.com/{tenantid}/v2.0 with ALLOWED_TENANTS",
+            ),
+        ),
     ),
     Profile(
         "keycloak",
@@ -382,6 +404,19 @@ def _merge_mapping(base: Any, override: Any, key: str) -> Any:
     return merged
 
 
+def _warn_about_doubtful_issuers(profile: Profile, issuers: list[str]) -> None:
+    """Log the issuers that no token of the provider can carry (start-up only)."""
+    for pattern, why in profile.issuer_doubts:
+        for issuer in issuers:
+            if re.match(pattern, issuer):
+                logger.warning(
+                    "OAUTH_VERIFY_ISSUER %r looks wrong for provider %r: %s.",
+                    issuer,
+                    profile.name,
+                    why,
+                )
+
+
 def apply_profile(given: Mapping[str, Any]) -> dict[str, Any]:
     """Merge the profile named by ``PROVIDER`` under the keys ``given``.
 
@@ -438,6 +473,7 @@ def apply_profile(given: Mapping[str, Any]) -> dict[str, Any]:
             merged[key] = value
     _email_verified(merged)
     _check_profile_keys(profile, given, merged)
+    _warn_about_doubtful_issuers(profile, issuers)
     merged["PROVIDER"] = profile.name
     merged["PROVIDER_PARAMS"] = {k: v for k, v in fields.items() if not k.startswith("issuer")}
     return merged

@@ -10,6 +10,7 @@ provider's own pitfalls.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -1274,3 +1275,23 @@ def test_authlib_authorization_server_rfc9068_tokens_with_discovery(
     )
     other = provider_app({"OAUTH_VERIFY_ISSUER": issuer, "OAUTH_VERIFY_AUDIENCE": "another-api"})
     refused(other, token)
+
+
+@pytest.mark.parametrize(
+    ("provider", "issuer", "doubtful"),
+    [
+        ("auth0", "https://tenant.eu.auth0.com", True),
+        ("auth0", "https://tenant.eu.auth0.com/", False),
+        ("entra_id", "https://login.microsoftonline.com/common/v2.0", True),
+        ("entra_id", "https://login.microsoftonline.com/organizations/v2.0", True),
+        ("entra_id", "https://login.microsoftonline.com/{tenantid}/v2.0", False),
+    ],
+)
+def test_an_issuer_no_token_can_carry_is_a_warning_at_start_up(
+    provider: str, issuer: str, doubtful: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Accepted (it is not contradictory), but every token would be refused: say so."""
+    caplog.set_level(logging.WARNING, logger="flask_oauth_verify")
+    apply_profile({"PROVIDER": provider, "ISSUER": issuer, "AUDIENCE": "api"})
+    warned = [r for r in caplog.records if "looks wrong for provider" in r.getMessage()]
+    assert bool(warned) is doubtful
