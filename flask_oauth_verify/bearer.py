@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import string
 from typing import Any
+from urllib.parse import unquote
 
 from flask import Request
 from werkzeug.exceptions import RequestEntityTooLarge
@@ -34,10 +35,12 @@ _LATER_BEARER = re.compile(r",\s*bearer(?:\s|$)", re.IGNORECASE)
 def _may_name_access_token(query_string: str) -> bool:
     """Whether the raw query string may hold an ``access_token`` parameter.
 
-    A name can be percent-encoded (``access%5Ftoken``), so any ``%`` sends
-    the query to Werkzeug's parser, which decodes names.
+    A name can be percent-encoded (``access%5Ftoken``): a query with a ``%``
+    is decoded first (only then; most queries have none).
     """
-    return "access_token" in query_string or "%" in query_string
+    if "access_token" in query_string:
+        return True
+    return "%" in query_string and "access_token" in unquote(query_string)
 
 
 def is_b64token(token: str) -> bool:

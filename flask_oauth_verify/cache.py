@@ -164,6 +164,8 @@ class SharedCache:
         self._down_until = 0.0
         self._checked_options = False
         self.last_error: str | None = None
+        #: the value of each lock this process holds (lock key -> value)
+        self._held: dict[str, dict[str, Any]] = {}
 
     def bind_app(self, app: Any) -> None:
         """Use the Flask-Caching backend registered on ``app``."""
@@ -312,12 +314,18 @@ class SharedCache:
         die in between) is broken once it is older than ``timeout``.
         """
         value = {"at": time.time(), "pid": os.getpid(), "host": _HOST}
-        if self.add(key, value, timeout):
-            return True
-        if _live_lock(self.get(key), timeout):
-            return False
-        self.delete(key)  # expired, its holder dead (or garbage): break it, race fairly
-        return self.add(key, value, timeout)
+        # The backend keeps the value past its lifetime (``at`` + ``timeout``
+        # decides), so that a waiter can still see a lock that expired under
+        # a holder that died, and take it over (:meth:`take_abandoned`).
+        kept = 2 * timeout + 1
+        if not self.add(key, value, kept):
+            if _live_lock(self.get(key), timeout):
+                return False
+            self.delete(key)  # expired, its holder dead (or garbage): break it, race fairly
+            if not self.add(key, value, kept):
+                return False
+        self._held[key] = value
+        return True
 
     def locked(self, key: str, timeout: float) -> bool:
         """Whether the lock ``key`` is held: not older than ``timeout``, and not
@@ -340,8 +348,11 @@ class SharedCache:
         return self.lock(key, timeout)
 
     def unlock(self, key: str) -> None:
-        """Release the lock ``key``."""
-        self.delete(key)
+        """Release the lock ``key`` if it is still ours (not taken over after
+        it expired)."""
+        mine = self._held.pop(key, None)
+        if mine is None or self.get(key) == mine:
+            self.delete(key)
 
     def wait_unlocked(self, key: str, timeout: float, *, wait: float) -> bool:
         """Wait up to ``wait`` seconds for the lock ``key`` to be released.

@@ -380,9 +380,9 @@ def _as_bool(value: Any, name: str) -> bool:
 
 def _user_id_prefix(value: Any) -> str | tuple[str, ...] | None:
     """``USER_ID_PREFIX``: one prefix, or a list of them (any one marks a user)."""
-    if value is None or value == "":
+    prefixes = _as_tuple(value or None, "USER_ID_PREFIX")
+    if not prefixes:  # None, "" or []: the generic rule
         return None
-    prefixes = _as_tuple(value, "USER_ID_PREFIX")
     return prefixes[0] if len(prefixes) == 1 else prefixes
 
 

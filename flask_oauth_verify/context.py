@@ -10,6 +10,7 @@ logs.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, cast
@@ -254,9 +255,28 @@ def build_context(
 REQUEST_KEY = "_oauth_verify_request"
 
 
+#: The stamp of a context set outside any request (the CLI, a job, a test).
+_OUTSIDE = object()
+
+
 def _this_request() -> Any:
     """The current request object, or ``None`` outside a request."""
     return request._get_current_object() if has_request_context() else None  # type: ignore[attr-defined]
+
+
+def stamp(current: Any) -> Any:
+    """What :data:`REQUEST_KEY` holds for a context set in request ``current``
+    (``None``: outside a request). A weak reference: a finished request is
+    not kept alive by the ``g`` it leaves in a reused app context."""
+    return _OUTSIDE if current is None else weakref.ref(current)
+
+
+def stamped_for(namespace: Mapping[str, Any], current: Any) -> bool:
+    """Whether ``namespace`` (``g``'s) was stamped by request ``current``."""
+    mark = namespace.get(REQUEST_KEY)
+    if current is None:
+        return mark is _OUTSIDE
+    return isinstance(mark, weakref.ref) and mark() is current
 
 
 def set_auth(context: AuthContext | None, namespace: dict[str, Any] | None = None) -> None:
@@ -269,7 +289,7 @@ def set_auth(context: AuthContext | None, namespace: dict[str, Any] | None = Non
     if namespace is None:
         namespace = g._get_current_object().__dict__
     namespace["auth"] = context
-    namespace[REQUEST_KEY] = _this_request()
+    namespace[REQUEST_KEY] = stamp(_this_request())
 
 
 def request_auth() -> AuthContext | None:
@@ -285,7 +305,7 @@ def request_auth() -> AuthContext | None:
     context = namespace.get("auth")
     if not isinstance(context, AuthContext):
         return None
-    if namespace.get(REQUEST_KEY) is not _this_request():
+    if not stamped_for(namespace, _this_request()):
         return None  # left behind by an earlier request of a reused app context
     return context
 

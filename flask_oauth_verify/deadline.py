@@ -15,6 +15,7 @@ block are not watched.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -27,6 +28,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 __all__ = ["DeadlineExpired", "deadline", "watched_session"]
+
+logger = logging.getLogger("flask_oauth_verify")
 
 
 class DeadlineExpired(Exception):
@@ -50,6 +53,11 @@ class _Watch:
             expired = self.expired
         if expired:  # connected after the deadline fired: cut it too
             _shut(connection)
+
+    def release(self, connection: Any) -> None:
+        """``connection`` went back to its pool: another request may take it."""
+        with self.lock, contextlib.suppress(ValueError):
+            self.connections.remove(connection)
 
     def expire(self) -> None:
         with self.lock:
@@ -124,7 +132,10 @@ class _Watchdog:
                     self._idle = not self._watches
                     self._cond.wait(None if self._idle else _TICK)
             for watch in due:
-                watch.expire()
+                try:
+                    watch.expire()
+                except Exception:  # never let one odd socket stop the watcher
+                    logger.exception("Cutting off a request at its deadline failed")
 
 
 _WATCHDOG = _Watchdog()
@@ -161,16 +172,30 @@ def _register(connection: Any) -> None:
         watch.add(connection)
 
 
+def _release(connection: Any) -> None:
+    watch: _Watch | None = getattr(_current, "watch", None)
+    if watch is not None:
+        watch.release(connection)
+
+
 class _WatchedHTTPPool(HTTPConnectionPool):
     def _make_request(self, conn: Any, *args: Any, **kwargs: Any) -> Any:
         _register(conn)
         return super()._make_request(conn, *args, **kwargs)
+
+    def _put_conn(self, conn: Any) -> None:
+        _release(conn)
+        super()._put_conn(conn)
 
 
 class _WatchedHTTPSPool(HTTPSConnectionPool):
     def _make_request(self, conn: Any, *args: Any, **kwargs: Any) -> Any:
         _register(conn)
         return super()._make_request(conn, *args, **kwargs)
+
+    def _put_conn(self, conn: Any) -> None:
+        _release(conn)
+        super()._put_conn(conn)
 
 
 class _WatchedAdapter(HTTPAdapter):

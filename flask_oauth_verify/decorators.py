@@ -18,7 +18,7 @@ from flask import current_app, g, request
 
 from .bearer import extract_token, plain_header_token
 from .config import STRATEGIES
-from .context import REQUEST_KEY, AuthContext, set_auth
+from .context import REQUEST_KEY, AuthContext, set_auth, stamp, stamped_for
 from .errors import (
     InsufficientScopeError,
     InvalidTokenError,
@@ -48,7 +48,7 @@ def _already_verified(strategy: str | None, request_g: dict[str, Any]) -> AuthCo
     reused by each of them, ``g`` with it (see :data:`REQUEST_KEY`).
     """
     done: set[str] | None = request_g.get("_oauth_verify_checked")
-    if not done or request_g.get(REQUEST_KEY) is not request._get_current_object():  # type: ignore[attr-defined]
+    if not done or not stamped_for(request_g, request._get_current_object()):  # type: ignore[attr-defined]
         return None
     context = request_g.get("auth")
     if strategy is None or strategy in done or "both" in done:
@@ -140,11 +140,11 @@ def _verify_request(
             raise refusal from None
         request_g["auth"] = context  # set_auth(), written out: every check passed
         done = request_g.get("_oauth_verify_checked")
-        if done is not None and request_g.get(REQUEST_KEY) is current:
+        if done is not None and stamped_for(request_g, current):
             done.add(strategy or state.settings.strategy)
         else:  # the first check of this request
             request_g["_oauth_verify_checked"] = {strategy or state.settings.strategy}
-            request_g[REQUEST_KEY] = current
+            request_g[REQUEST_KEY] = stamp(current)
         if events.enabled():
             events.validated(
                 context, token or _header_token(state), strategy=strategy, started=started

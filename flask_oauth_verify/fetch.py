@@ -14,9 +14,11 @@
 * the body read in chunks and refused past ``OAUTH_VERIFY_HTTP_MAX_BYTES``
   (512 KiB; counted after decompression);
 * a circuit breaker per origin: after ``CIRCUIT_BREAKER_FAILURES``
-  consecutive failures (network errors, timeouts, 5xx, garbage), calls fail
+  consecutive outages (network errors, timeouts, 5xx, 408/429), calls fail
   at once for ``CIRCUIT_BREAKER_RESET`` seconds, then one trial call is let
-  through (half-open).
+  through (half-open). A wrong answer below 500 fails its call but is no
+  outage. Key set URLs named by a token (``jku``) get a breaker of their
+  own, so a forged one never closes the origin to the real ones.
 
 :class:`SingleFlight` lets concurrent callers share one call's outcome; the
 key store, discovery and introspection use it so that N threads waiting for
@@ -41,6 +43,7 @@ import requests
 
 from .config import ConfigurationError, Settings, check_url
 from .deadline import DeadlineExpired, deadline, watched_session
+from .fifo import BoundedFifo
 from .strictjson import STRICT_DECODER
 
 __all__ = ["CircuitBreaker", "FetchError", "Fetcher", "HTTPResult", "SingleFlight"]
@@ -50,6 +53,8 @@ _USER_AGENT = "flask-oauth-verify"
 _CHUNK = 16384
 #: URLs remembered as allowed by :func:`check_url` (endpoints, key sets).
 _CHECKED_URLS = 256
+#: Circuit breakers of single URLs kept (see :meth:`Fetcher.breaker`).
+_URL_BREAKERS = 1024
 
 T = TypeVar("T")
 
@@ -70,6 +75,12 @@ class FetchError(Exception):
         super().__init__(reason)
         self.reason = reason
         self.status = status
+
+    @property
+    def answered(self) -> bool:
+        """Whether the server answered, wrongly, rather than failed: a status
+        below 500 other than 408/429 ("come back later"). Not an outage."""
+        return self.status is not None and self.status < 500 and self.status not in (408, 429)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -265,6 +276,9 @@ class Fetcher:
         self._clock = clock
         self._session = self._new_session()
         self._breakers: dict[str, CircuitBreaker] = {}
+        #: breakers of single URLs (key sets named by a token's jku): bounded,
+        #: apart from the origins', so a flood of URLs never evicts those
+        self._url_breakers: BoundedFifo[str, CircuitBreaker] = BoundedFifo(_URL_BREAKERS)
         self._checked_urls: set[str] = set()
         self._lock = threading.Lock()
         # A pre-forking server (gunicorn --preload) forks after init_app:
@@ -285,26 +299,39 @@ class Fetcher:
         connect, read = self.settings.http_timeout
         return connect + read
 
-    def breaker(self, url: str) -> CircuitBreaker:
-        """The circuit breaker of ``url``'s origin."""
-        origin = _origin(url)
+    def breaker(self, url: str, *, per_url: bool = False) -> CircuitBreaker:
+        """The circuit breaker of ``url``'s origin, or with ``per_url`` of
+        ``url`` alone (a URL a token chose: its failures must not close the
+        origin to everyone else)."""
         with self._lock:
+            if per_url:
+                breaker = self._url_breakers.get(url)
+                if breaker is None:
+                    breaker = self._new_breaker()
+                    self._url_breakers.put(url, breaker)
+                return breaker
+            origin = _origin(url)
             breaker = self._breakers.get(origin)
             if breaker is None:
-                breaker = CircuitBreaker(
-                    self.settings.circuit_breaker_failures,
-                    self.settings.circuit_breaker_reset,
-                    self._clock,
-                )
-                self._breakers[origin] = breaker
+                breaker = self._breakers[origin] = self._new_breaker()
             return breaker
 
-    def get_json(self, url: str, *, headers: Mapping[str, str] | None = None) -> HTTPResult:
+    def _new_breaker(self) -> CircuitBreaker:
+        return CircuitBreaker(
+            self.settings.circuit_breaker_failures,
+            self.settings.circuit_breaker_reset,
+            self._clock,
+        )
+
+    def get_json(
+        self, url: str, *, headers: Mapping[str, str] | None = None, per_url: bool = False
+    ) -> HTTPResult:
         """GET ``url`` and decode a JSON body; 304 is returned with ``data=None``.
 
+        :param per_url: count failures on ``url``'s own breaker (see :meth:`breaker`).
         :raises FetchError: on any failure (network, status, size, JSON).
         """
-        return self.request("GET", url, headers=headers, accept_not_modified=True)
+        return self.request("GET", url, headers=headers, accept_not_modified=True, per_url=per_url)
 
     def post(
         self,
@@ -329,12 +356,13 @@ class Fetcher:
         data: Mapping[str, str] | None = None,
         json_body: Mapping[str, Any] | None = None,
         accept_not_modified: bool = False,
+        per_url: bool = False,
     ) -> HTTPResult:
         """Send one request under the policy; see the module docstring.
 
         :raises FetchError: on any failure, including an open circuit.
         """
-        breaker = self.breaker(url)
+        breaker = self.breaker(url, per_url=per_url)
         if not breaker.allow():
             raise FetchError(f"circuit open for {_origin(url)}")
         try:
@@ -345,7 +373,7 @@ class Fetcher:
             # An answer below 500 (a 4xx, a redirect we refuse, a 200 that is not
             # JSON) is the server up and working as designed: our request or
             # credentials are wrong. Only outages count against the circuit.
-            if exc.status is not None and exc.status < 500:
+            if exc.answered:
                 breaker.record_success()
             else:
                 breaker.record_failure()

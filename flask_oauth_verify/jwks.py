@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 import re
 import threading
@@ -130,12 +131,10 @@ class _Source:
         return cache_key(kind, self.name)
 
 
-def _answered(exc: Exception) -> bool:
-    """Whether the server answered (a key set error, or an HTTP status below 500)."""
-    if isinstance(exc, KeySetError):
-        return True
-    status = getattr(exc, "status", None)
-    return status is not None and status < 500
+def _answered(exc: FetchError | KeySetError) -> bool:
+    """Whether the server answered with something that is not a key set
+    (see :attr:`FetchError.answered`), rather than failed."""
+    return isinstance(exc, KeySetError) or exc.answered
 
 
 def _max_age(result: HTTPResult) -> float | None:
@@ -219,7 +218,7 @@ class KeyStore:
         self._cooldown = settings.jwks_refresh_cooldown
         #: jku URLs that never served keys and were answered with something
         #: else -> when: refused without a fetch for a cooldown
-        self._refused_jku: BoundedFifo[str, float] = BoundedFifo(_REFUSED_JKU_URLS)
+        self._refused_jku: BoundedFifo[str, tuple[float, bool]] = BoundedFifo(_REFUSED_JKU_URLS)
         for issuer in settings.issuers:
             if issuer not in self._static:
                 self._source(issuer, None)
@@ -310,8 +309,8 @@ class KeyStore:
         source = self._sources.get((issuer, jku))
         if source is not None:
             return source
-        if jku is not None and self._refused_lately(jku, self.clock()):
-            raise InvalidTokenError(reason="jku does not serve a key set")
+        if jku is not None:
+            self._check_refused_jku(jku, self.clock())
         # A concrete issuer of a templated ISSUER shares the template's
         # source; an issuer that is not configured never gets one (and so
         # never causes a fetch), which keeps the number of sources bounded.
@@ -333,11 +332,22 @@ class KeyStore:
                 self._sources[(issuer, jku)] = source
             return source
 
-    def _refused_lately(self, jku: str, now: float) -> bool:
-        """Whether ``jku`` (never seen to serve keys) was answered with no key
-        set within the cooldown: refused again without a fetch."""
+    def _check_refused_jku(self, jku: str, now: float) -> None:
+        """Refuse, without a fetch, a ``jku`` (never seen to serve keys) whose
+        fetch failed within the cooldown, the way it failed then."""
         refused = self._refused_jku.get(jku)
-        return refused is not None and now - refused < self._cooldown
+        if refused is not None and now - refused[0] < self._cooldown:
+            raise self._jku_refusal(jku, refused[1], refused[0])
+
+    def _jku_refusal(self, jku: str, answered: bool, at: float) -> Exception:
+        """401 when the host answered with no key set (the token names none);
+        503 when it did not answer (it may be down)."""
+        if answered:
+            return InvalidTokenError(reason="jku does not serve a key set")
+        retry = max(1, math.ceil(at + self._cooldown - self.clock()))
+        return UpstreamError(
+            reason="the key set at the token's jku is unreachable", retry_after=retry
+        )
 
     def _drop_failed_jku_sources(self) -> None:
         """Forget ``jku`` sources that never yielded keys (caller holds the guard).
@@ -499,19 +509,20 @@ class KeyStore:
 
     def _fetch_and_install(self, source: _Source, now: float, mode: str) -> PreparedKeySet:
         unproven = source.jku is not None and source.keys is None
-        if unproven and self._refused_lately(str(source.jku), now):
-            raise InvalidTokenError(reason="jku does not serve a key set")
+        if unproven:
+            self._check_refused_jku(str(source.jku), now)
         source.fetches += 1
         try:
             record = self._fetch(source, now)
             keys = self._parse(record["jwks"])
         except (FetchError, KeySetError) as exc:
-            if unproven and _answered(exc):
-                # The host answered, with something that is not a key set: the
-                # token names no key source (401), the issuer is not down (503).
+            if unproven:
+                # A URL chosen by the token that never served keys: remember the
+                # failure for a cooldown (no second fetch), share nothing.
                 source.last_error = str(exc)
-                self._refused_jku.put(str(source.jku), now)  # not asked again for a while
-                raise InvalidTokenError(reason="jku does not serve a key set") from None
+                answered = _answered(exc)
+                self._refused_jku.put(str(source.jku), (now, answered))
+                raise self._jku_refusal(str(source.jku), answered, now) from None
             return self._failed(source, now, str(exc))
         keep = self._max_staleness + record["ttl"]
         self.cache.set(source.key("jwks"), record, keep)
@@ -566,7 +577,7 @@ class KeyStore:
         conditional = bool(source.etag and source.raw is not None and source.uri == uri)
         if conditional:
             headers["If-None-Match"] = str(source.etag)
-        result = self.fetcher.get_json(uri, headers=headers)
+        result = self.fetcher.get_json(uri, headers=headers, per_url=source.jku is not None)
         if result.status == 304:
             if not conditional:
                 raise FetchError("304 Not Modified to an unconditional request")
@@ -635,7 +646,9 @@ class KeyStore:
         raise self._unavailable(source, reason or source.last_error or "no key set")
 
     def _unavailable(self, source: _Source, reason: str) -> UpstreamError:
-        breaker = self.fetcher.breaker(source.uri or source.jku or source.issuer)
+        breaker = self.fetcher.breaker(
+            source.uri or source.jku or source.issuer, per_url=source.jku is not None
+        )
         retry_after = breaker.retry_after() if breaker.is_open else _RETRY_AFTER
         return UpstreamError(
             reason=f"keys of {source.name} unavailable: {reason}", retry_after=retry_after
@@ -797,7 +810,9 @@ class KeyStore:
                     skipped=keys.skipped if keys else (),
                     fetched_at=source.fetched_at if keys else None,
                     expires_in=(source.fresh_until - now) if keys else None,
-                    circuit_open=self.fetcher.breaker(uri or source.issuer).is_open,
+                    circuit_open=self.fetcher.breaker(
+                        uri or source.issuer, per_url=source.jku is not None
+                    ).is_open,
                     fetches=source.fetches,
                 )
             )

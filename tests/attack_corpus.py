@@ -889,6 +889,8 @@ for _label, _outcome, _claims in (
     ("exp as an object", INVALID, {"exp": {"$gt": 0}}),
     ("nbf in the future", NOT_ACTIVE, {"nbf": "FUTURE"}),
     ("nbf as a string", INVALID, {"nbf": "0"}),
+    ("nbf null", INVALID, {"nbf": None}),
+    ("iat null", INVALID, {"iat": None}),
     ("nbf huge (10**400)", INVALID, {"nbf": 10**400}),
     ("iat in the future", INVALID, {"iat": "FUTURE"}),
     ("iat as a string", INVALID, {"iat": "now"}),

@@ -739,6 +739,22 @@ def test_beyond_identity_jku_sources_stay_bounded(server: IssuerServer) -> None:
     assert [s.source for s in sources if s.kids] == [bi.jku]
 
 
+def test_beyond_identity_forged_jku_outages_leave_the_issuer_available(
+    server: IssuerServer,
+) -> None:
+    """A forged ``jku`` naming a path of the host that fails (5xx) is an
+    outage of that URL alone: asked once per cooldown, on its own breaker."""
+    bi = BeyondIdentity(server)
+    server.route("/broken", Reply(502, "bad gateway"))
+    app = provider_app(bi.config(INTROSPECTION_AUTH="bearer", INTROSPECTION_TOKEN=bi.api_token))
+    for _ in range(10):  # more than CIRCUIT_BREAKER_FAILURES (5)
+        status, body = call(app, bi.token(jku=f"{server.url}/broken"))
+        assert (status, body["error"]) == (503, "temporarily_unavailable")
+    assert server.hits["/broken"] == 1
+    assert call(app, bi.token())[0] == 200  # the real key set, same origin
+    assert call(app, bi.token(), path="/introspected")[0] == 200
+
+
 def test_beyond_identity_forged_jku_pages_leave_the_issuer_available(
     server: IssuerServer,
 ) -> None:

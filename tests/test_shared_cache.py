@@ -104,6 +104,47 @@ def test_a_lock_whose_expiry_was_lost_is_broken(redis: RedisServer) -> None:
     assert shared.locked("oauth_verify:t:lock", 10)
 
 
+def test_an_expired_lock_stays_visible_so_a_waiter_can_take_it_over(
+    redis: RedisServer,
+) -> None:
+    """Redis keeps a lock past its lifetime: a waiter elsewhere must still see
+    the lock a dead holder left (its lifetime over) to take it over. With the
+    backend TTL equal to the lifetime the key vanished first, and the waiter
+    read "released by a holder that finished" and gave up (503)."""
+    import redis as redis_client
+
+    app = Flask("lock-ttl")
+    app.config.update(redis_config(redis.url))
+    shared = SharedCache(Cache(app), app=app)
+    assert shared.lock("oauth_verify:t:ttl", 5)
+    client = redis_client.Redis.from_url(redis.url)
+    (stored,) = client.keys("*oauth_verify:t:ttl")
+    assert client.ttl(stored) > 5  # outlives the lock's 5 s lifetime
+    # A holder on another machine, its lifetime over: a waiter takes over...
+    gone = {"at": time.time() - 6, "pid": 1, "host": "another-machine"}
+    shared.backend.set("oauth_verify:t:gone", gone, timeout=60)
+    assert shared.take_abandoned("oauth_verify:t:gone", 5)
+    # ...but never from a live holder, or after a release.
+    live = {"at": time.time(), "pid": 1, "host": "another-machine"}
+    shared.backend.set("oauth_verify:t:live", live, timeout=60)
+    assert not shared.take_abandoned("oauth_verify:t:live", 5)
+    assert not shared.take_abandoned("oauth_verify:t:released", 5)
+
+
+def test_unlock_never_releases_a_lock_taken_over_by_another_worker(
+    redis: RedisServer,
+) -> None:
+    app = Flask("lock-owner")
+    app.config.update(redis_config(redis.url))
+    shared = SharedCache(Cache(app), app=app)
+    assert shared.lock("oauth_verify:t:owner", 5)
+    # Our lock expired and another worker took it over meanwhile:
+    theirs = {"at": time.time(), "pid": 1, "host": "another-machine"}
+    shared.backend.set("oauth_verify:t:owner", theirs, timeout=60)
+    shared.unlock("oauth_verify:t:owner")
+    assert shared.get("oauth_verify:t:owner") == theirs
+
+
 def test_stopped_redis_is_a_miss_with_one_warning_then_recovers(
     redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
