@@ -33,7 +33,8 @@ _LATER_BEARER = re.compile(r",\s*bearer(?:\s|$)", re.IGNORECASE)
 
 def _spelling(char: str) -> str:
     """``char`` as a regex, plain or percent-encoded (either case of hex digit)."""
-    high, low = f"{ord(char):02x}"
+    code = f"{ord(char):02x}"
+    high, low = code[0], code[1]
     return f"(?:{re.escape(char)}|%{high}[{low.lower()}{low.upper()}])"
 
 

@@ -115,5 +115,6 @@ def test_user_id_prefix_takes_one_prefix_or_several() -> None:
     assert settings(USER_ID_PREFIX="user_").user_id_prefix == "user_"
     several = settings(USER_ID_PREFIX=["usr_", "user_"]).user_id_prefix
     assert several == ("usr_", "user_")
-    for none in ("", []):  # no prefix at all: the generic rule, as None
+    nothing: list[Any] = ["", []]
+    for none in nothing:  # no prefix at all: the generic rule, as None
         assert settings(USER_ID_PREFIX=none).user_id_prefix is None
