@@ -51,9 +51,9 @@ from sqlalchemy.orm import (
 from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql import visitors
-from sqlalchemy.sql.dml import Delete, Update
+from sqlalchemy.sql.dml import Delete, Update, UpdateBase
 from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement
-from sqlalchemy.sql.selectable import SelectBase
+from sqlalchemy.sql.selectable import AliasedReturnsRows, FromClause, SelectBase, TableClause
 
 from .context import AuthContext, request_auth
 from .errors import MissingOrganizationContext, MissingUserContext, OAuthVerifyError
@@ -82,8 +82,9 @@ S = TypeVar("S")
 #: scoping; its value is the (logged) reason. Set it with :func:`unscoped`.
 BYPASS_OPTION = "tenant_scoping_bypass"
 
-#: Marks a statement scoped by :func:`org_scoped` (value: the organization),
-#: so that a Core statement scoped by hand passes the automatic listener.
+#: Marks a statement scoped by :func:`org_scoped` (value: the organization and
+#: the ``(table or alias, column name)`` pairs it compared), so that a Core
+#: statement scoped by hand passes the automatic listener.
 _SCOPED_BY_HELPER = "_oauth_verify_org_scoped"
 #: Set by the listener on scoped statements: the organization every loaded
 #: row must belong to (checked by the load guard).
@@ -313,15 +314,27 @@ def _check_statement(statement: object) -> None:
         )
 
 
-def _org_marker(statement: Any, organization: str, column: Any) -> tuple[str, frozenset[Any]]:
-    """The organization and every table :func:`org_scoped` compared on ``statement``."""
-    table = getattr(column, "table", None)
-    tables = frozenset() if table is None else frozenset({table})
+def _compared(column: Any) -> frozenset[tuple[Any, str]]:
+    """The FROM object (table or alias) and column name ``column`` compares."""
+    element = getattr(column, "__clause_element__", None)
+    if callable(element):  # an ORM attribute, of a class or of an alias
+        column = element()
+    table, name = getattr(column, "table", None), getattr(column, "name", None)
+    if table is None or not isinstance(name, str):
+        return frozenset()
+    return frozenset({(table, name)})
+
+
+def _org_marker(
+    statement: Any, organization: str, column: Any
+) -> tuple[str, frozenset[tuple[Any, str]]]:
+    """The organization and every FROM object :func:`org_scoped` compared on ``statement``."""
+    compared = _compared(column)
     options: Mapping[str, Any] = getattr(statement, "get_execution_options", dict)()
     previous = options.get(_SCOPED_BY_HELPER)
     if isinstance(previous, tuple) and previous[0] == organization:
-        tables |= previous[1]
-    return organization, tables
+        compared |= previous[1]
+    return organization, compared
 
 
 def _add_criteria(statement: S, criterion: ColumnElement[bool], marker: Any) -> S:
@@ -583,6 +596,82 @@ def _expanded(mapper: Mapper[Any], row: Mapping[str, Any]) -> Mapping[str, Any]:
     return copy
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _CoreVerdict:
+    """What a Core statement reads of tenant tables (see :func:`_core_verdict`)."""
+
+    #: every tenant table read, by name
+    touched: tuple[str, ...]
+    #: tenant tables and aliases read with no org_scoped() comparison on them
+    unscoped: tuple[str, ...]
+    #: the organizations of the org_scoped() markers met (one, to pass)
+    organizations: frozenset[str]
+
+
+_NO_COMPARISON: frozenset[tuple[Any, str]] = frozenset()
+_STATEMENTS = (SelectBase, UpdateBase)
+
+
+def _marker_of(element: Any) -> tuple[str, frozenset[tuple[Any, str]]] | None:
+    options = getattr(element, "_execution_options", None) or {}
+    marker = options.get(_SCOPED_BY_HELPER)
+    if isinstance(element, Select) and isinstance(marker, tuple) and len(marker) == 2:
+        return marker
+    return None
+
+
+def _core_verdict(statement: Any, tenant_tables: Mapping[Any, str]) -> _CoreVerdict:
+    """Walk a Core statement once: which tenant tables it reads, and through what.
+
+    Every ``SELECT`` (the statement, a subquery, a CTE, a ``UNION`` member) is
+    a scope of its own. A tenant table, or an alias of one, read in a scope
+    passes only if that very FROM object was compared on its organization
+    column by :func:`org_scoped` on that scope's ``SELECT``; anything else is
+    read for every organization.
+    """
+    touched: set[str] = set()
+    unscoped: set[str] = set()
+    organizations: set[str] = set()
+    statements = [statement]
+    done: set[int] = set()
+    while statements:
+        current = statements.pop()
+        if id(current) in done:
+            continue
+        done.add(id(current))
+        marker = _marker_of(current)
+        scope = _NO_COMPARISON
+        if marker is not None:
+            organizations.add(marker[0])
+            scope = marker[1]
+        stack = list(current.get_children())
+        seen: set[int] = set()
+        while stack:
+            element = stack.pop()
+            if id(element) in seen:
+                continue
+            seen.add(id(element))
+            if isinstance(element, _STATEMENTS):
+                statements.append(element)  # a nested statement: a scope of its own
+                continue
+            if isinstance(element, FromClause):
+                base = element
+                while isinstance(base, AliasedReturnsRows) and isinstance(base.element, FromClause):
+                    base = base.element
+                if isinstance(base, TableClause):
+                    name = tenant_tables.get(base)
+                    if name is not None:
+                        touched.add(base.name)
+                        if (element, name) not in scope:
+                            alias = getattr(element, "name", base.name)
+                            unscoped.add(
+                                base.name if alias == base.name else f"{base.name} AS {alias}"
+                            )
+                    continue  # a table or an alias of one: nothing nested inside
+            stack.extend(element.get_children())
+    return _CoreVerdict(tuple(sorted(touched)), tuple(sorted(unscoped)), frozenset(organizations))
+
+
 #: Session methods wrapped on a scoped target: the legacy bulk methods fire
 #: no event at all, and identity-map hits run no SQL to scope.
 _GUARDED_METHODS = (
@@ -624,6 +713,10 @@ class TenantScoping:
         self._keys: weakref.WeakKeyDictionary[Mapper[Any], str | None] = weakref.WeakKeyDictionary()
         self._tables: tuple[int, dict[Any, str]] | None = None
         self._refused: tuple[int, dict[Mapper[Any], str]] | None = None
+        #: statement -> (mapper generation, verdict) of Core statements checked
+        self._verdicts: weakref.WeakKeyDictionary[Any, tuple[int, _CoreVerdict]] = (
+            weakref.WeakKeyDictionary()
+        )
         #: models= was db.Model's registry by default, not the caller's choice
         self._implicit_models = False
         self._saved: dict[str, Any] = {}
@@ -836,33 +929,40 @@ class TenantScoping:
 
     def _check_core(self, state: ORMExecuteState) -> None:
         statement: Any = state.statement
-        tenant_tables = self._tenant_tables()
-        found = sql_util.find_tables(statement, include_crud=True)
-        touched = sorted({t.name for t in found if t in tenant_tables})
-        if not touched:
+        verdict = self._core_verdict(statement)
+        if not verdict.touched:
             return  # text() and statements on other tables: see "Limits"
-        marked = state.execution_options.get(_SCOPED_BY_HELPER)
-        if isinstance(statement, Select) and marked and marked[0] == current_organization_id():
-            # org_scoped() compared these tables only: every other tenant
-            # table, and any in a subquery, would be read for every organization
-            left = sorted({t.name for t in found if t in tenant_tables and t not in marked[1]})
-            nested = [e for e in visitors.iterate(statement) if isinstance(e, SelectBase)]
-            left += sorted(
-                {t.name for q in nested[1:] for t in sql_util.find_tables(q) if t in tenant_tables}
-            )
-            if not left:
+        organization = current_organization_id()
+        if verdict.organizations == {organization}:
+            if not verdict.unscoped:
                 return
-            scoped = ", ".join(sorted(t.name for t in marked[1]))
             raise TenantScopingError(
-                f"org_scoped() scoped this Core statement by {scoped} "
-                f"only; tenant table(s) {', '.join(sorted(set(left)))} (joined, or in a "
-                f"subquery) would be read for every organization. Scope each with "
-                f"org_scoped(stmt, table.c.{self.column}) or use the ORM entities."
+                f"org_scoped() did not compare tenant table(s) {', '.join(verdict.unscoped)} "
+                f"of this Core statement (joined, aliased, or in a subquery or CTE), which "
+                f"would be read for every organization. Compare each table and alias with "
+                f"org_scoped(stmt, <table or alias>.c.{self.column}) on the select() that "
+                f"reads it, or use the ORM entities (scoped everywhere), or "
+                f"unscoped(..., reason=...)."
             )
         raise TenantScopingError(
-            f"A Core statement on tenant table(s) {', '.join(touched)} cannot be scoped "
-            f"automatically: use the ORM entities, org_scoped(), or unscoped(..., reason=...)."
+            f"A Core statement on tenant table(s) {', '.join(verdict.touched)} cannot be "
+            f"scoped automatically: use the ORM entities, org_scoped(), or "
+            f"unscoped(..., reason=...)."
         )
+
+    def _core_verdict(self, statement: Any) -> _CoreVerdict:
+        """:func:`_core_verdict`, remembered per statement object (statements are immutable)."""
+        tenant_tables = self._tenant_tables()
+        generation = _MAPPER_GENERATION[0]
+        try:
+            cached = self._verdicts.get(statement)
+        except TypeError:  # not weakly referenceable: not cached
+            return _core_verdict(statement, tenant_tables)
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        verdict = _core_verdict(statement, tenant_tables)
+        self._verdicts[statement] = (generation, verdict)
+        return verdict
 
     def _subject(self, state: ORMExecuteState) -> tuple[Mapper[Any], str, str] | None:
         mapper = state.bind_mapper

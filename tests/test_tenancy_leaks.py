@@ -426,6 +426,65 @@ def test_org_scoped_core_statement_must_scope_every_tenant_table(
         assert session.scalars(alone).all() == [1]
 
 
+def test_org_scoped_core_statement_must_scope_every_alias(
+    maker: sessionmaker[Session],
+) -> None:
+    projects = TABLES["lk_projects"]
+    p2 = projects.alias("p2")
+    others = select(projects.c.name, p2.c.secret).join(p2, p2.c.id != projects.c.id)
+    with maker() as session, as_organization("org_a"):
+        for statement in (
+            org_scoped(others),  # the alias resolves to the table it aliases
+            org_scoped(others, projects.c.organization_id),
+            org_scoped(select(p2.c.secret), projects.c.organization_id),  # alias only
+            org_scoped(select(projects.c.secret), projects.c.name),  # not the column
+        ):
+            with pytest.raises(TenantScopingError, match="did not compare"):
+                session.execute(statement)
+        same = select(projects.c.name, p2.c.secret).join(p2, p2.c.id == projects.c.id)
+        both = org_scoped(org_scoped(same), p2.c.organization_id)
+        assert session.execute(both).all() == [("A-one", "a-secret")]
+
+
+def test_org_scoped_subqueries_and_ctes_pass_when_scoped_themselves(
+    maker: sessionmaker[Session],
+) -> None:
+    projects, tasks = TABLES["lk_projects"], TABLES["lk_tasks"]
+    with as_organization("org_b"):
+        theirs = org_scoped(select(tasks.c.project_id)).scalar_subquery()
+    with maker() as session, as_organization("org_a"):
+        mine = org_scoped(select(tasks.c.project_id)).scalar_subquery()
+        statement = org_scoped(select(projects.c.name).where(projects.c.id.in_(mine)))
+        assert session.execute(statement).all() == [("A-one",)]
+        cte = org_scoped(select(projects.c.id, projects.c.secret)).cte("c")
+        joined = select(projects.c.name, cte.c.secret).join(cte, cte.c.id == projects.c.id)
+        assert session.execute(org_scoped(joined)).all() == [("A-one", "a-secret")]
+        unscoped_cte = select(projects.c.id, projects.c.secret).cte("u")
+        refused = [
+            select(projects.c.name).where(projects.c.id.in_(select(tasks.c.project_id))),
+            select(projects.c.name, unscoped_cte.c.secret).join(
+                unscoped_cte, unscoped_cte.c.id != projects.c.id
+            ),
+        ]
+        for statement in refused:
+            with pytest.raises(TenantScopingError, match="did not compare"):
+                session.execute(org_scoped(statement))
+        with pytest.raises(TenantScopingError, match="cannot be scoped"):
+            session.execute(org_scoped(select(projects.c.name).where(projects.c.id.in_(theirs))))
+
+
+def test_org_scoped_core_verdict_is_per_organization(maker: sessionmaker[Session]) -> None:
+    """The verdict is remembered per statement; the organization is checked every time."""
+    projects = TABLES["lk_projects"]
+    with maker() as session:
+        with as_organization("org_a"):
+            statement = org_scoped(select(projects.c.secret))
+            assert session.scalars(statement).all() == ["a-secret"]
+            assert session.scalars(statement).all() == ["a-secret"]
+        with as_organization("org_b"), pytest.raises(TenantScopingError, match="cannot be"):
+            session.execute(statement)
+
+
 # -- joined-table inheritance, the column on the subclass table only --------------------------
 
 
