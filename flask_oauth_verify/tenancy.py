@@ -839,7 +839,12 @@ class TenantScoping:
             setattr(owner, name, self._guarded_method(owner, name))
 
     def _guarded_method(self, owner: Any, name: str) -> Any:
-        guard = getattr(self, "_guard" + name if name.startswith("_") else "_guard_" + name)
+        if name in ("bulk_insert_mappings", "bulk_update_mappings"):
+            # the mode follows the name the guard is installed under, never
+            # the name of whatever the session class put there
+            guard: Any = functools.partial(self._guard_mappings, name == "bulk_update_mappings")
+        else:
+            guard = getattr(self, "_guard" + name if name.startswith("_") else "_guard_" + name)
         if isinstance(owner, type):
             original = getattr(owner, name)
 
@@ -1095,14 +1100,21 @@ class TenantScoping:
         return current_organization_id()
 
     def _guard_mappings(
-        self, original: Any, session: Session, mapper: Any, mappings: Any, *args: Any, **kw: Any
+        self,
+        update: bool,
+        original: Any,
+        session: Session,
+        mapper: Any,
+        mappings: Any,
+        *args: Any,
+        **kw: Any,
     ) -> Any:
         """``bulk_insert_mappings`` / ``bulk_update_mappings`` of the current organization only.
 
-        Inserted rows are stamped or refused; updated rows may not change the
-        organization column, and their primary keys are checked in the database.
+        Inserted rows are stamped or refused; updated rows are never stamped,
+        may not change the organization column, and their primary keys are
+        checked in the database.
         """
-        update = original.__name__ == "bulk_update_mappings"
         rows = list(mappings)
         target = inspect(mapper).mapper
         self._refuse(target, self._refused_mappers())
@@ -1116,8 +1128,6 @@ class TenantScoping:
                 identities = _pk_identities(target, rows)
                 self._check_identities(session, target, key, identities, organization)
         return original(session, mapper, rows, *args, **kw)
-
-    _guard_bulk_insert_mappings = _guard_bulk_update_mappings = _guard_mappings
 
     def _guard_bulk_save_objects(
         self, original: Any, session: Session, objects: Any, *args: Any, **kw: Any

@@ -223,6 +223,34 @@ def test_bulk_methods_are_guarded_on_a_session_instance(engine: Engine) -> None:
     assert stored_projects(engine) == original_projects()
 
 
+def _logged(method: Any) -> Any:
+    """A decorator written without functools.wraps: the wrapper is called "wrapper"."""
+
+    def wrapper(self: Session, *args: Any, **kwargs: Any) -> Any:
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+class WrappingSession(Session):
+    bulk_insert_mappings = _logged(Session.bulk_insert_mappings)
+    bulk_update_mappings = _logged(Session.bulk_update_mappings)
+
+
+def test_bulk_mappings_are_guarded_by_the_name_they_are_called_by(engine: Engine) -> None:
+    maker = sessionmaker(engine, class_=WrappingSession)
+    scoping = enable_tenant_scoping(maker, models=LeakBase.registry)
+    try:
+        with maker() as session, as_organization("org_a"):
+            with pytest.raises(CrossTenantWriteError):
+                session.bulk_update_mappings(Project, [{"id": 2, "name": "taken by org_a"}])
+            session.bulk_insert_mappings(Project, [{"id": 4, "name": "new", "secret": ""}])
+            session.commit()
+    finally:
+        scoping.disable()
+    assert stored_projects(engine) == [*original_projects(), (4, "org_a", "new", "")]
+
+
 # -- F2: SQL expressions inside INSERTs and flushes --------------------------------------------
 
 
