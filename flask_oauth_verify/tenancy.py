@@ -48,6 +48,7 @@ from sqlalchemy.orm import (
     sessionmaker,
     with_loader_criteria,
 )
+from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql import visitors
@@ -1184,8 +1185,10 @@ class TenantScoping:
         if options.get(BYPASS_OPTION) or options.get(_INTERNAL):
             return found
         organization = current_organization_id()
-        value = state.dict.get(key, _NOT_SET)
-        if value is _NOT_SET:
+        # the value as loaded, not as changed since (a change not yet
+        # flushed proves nothing about whose row it is)
+        value = state.committed_state.get(key, state.dict.get(key, _NOT_SET))
+        if value is _NOT_SET or value is NO_VALUE:
             return None  # not known in memory: load it, scoped
         return found if value == organization else None
 

@@ -346,6 +346,30 @@ def test_identity_map_never_returns_another_organizations_object(
             assert admin is kept[0]
 
 
+def test_identity_map_judges_an_object_by_its_loaded_organization(
+    maker: sessionmaker[Session],
+) -> None:
+    with maker() as session:
+        with as_organization("org_b"):
+            theirs = session.get(Project, 2)
+            assert theirs is not None
+            theirs.organization_id = "org_a"  # in memory only, never flushed
+        with as_organization("org_a"):
+            with session.no_autoflush:
+                assert session.get(Project, 2) is None
+                task = session.get(Task, 2, execution_options={BYPASS_OPTION: "test"})
+                assert task is not None and task.project is None  # many-to-one too
+            with pytest.raises(CrossTenantWriteError):
+                session.get(Project, 2)  # the autoflush refuses the move
+            session.rollback()
+        with as_organization("org_a"):
+            mine = session.get(Project, 1)
+            assert mine is not None
+            mine.organization_id = "org_b"  # not flushed: still org_a's row
+            with session.no_autoflush:
+                assert session.get(Project, 1) is mine
+
+
 def test_merge_into_another_organizations_object_is_refused(
     maker: sessionmaker[Session], engine: Engine
 ) -> None:
