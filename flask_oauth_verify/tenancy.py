@@ -36,6 +36,7 @@ import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
 
+import sqlalchemy
 from flask import has_app_context, has_request_context
 from sqlalchemy import Select, event, func, inspect, select, tuple_
 from sqlalchemy.orm import (
@@ -590,8 +591,14 @@ def _expanded(mapper: Mapper[Any], row: Mapping[str, Any]) -> Mapping[str, Any]:
     """``row`` as the legacy bulk methods write it (synonyms, hybrids resolved)."""
     try:
         from sqlalchemy.orm.bulk_persistence import _expand_other_attrs
-    except ImportError:  # pragma: no cover - SQLAlchemy moved it
-        return row
+    except ImportError:
+        # unchecked rows could move a row through a synonym: refuse instead
+        raise TenantScopingError(
+            f"The legacy bulk methods cannot be checked by tenant scoping with SQLAlchemy "
+            f"{sqlalchemy.__version__} (sqlalchemy.orm.bulk_persistence._expand_other_attrs "
+            f"is missing); refused. Use session.execute(insert(...)) / update(...) or a "
+            f"SQLAlchemy 2.0 or 2.1 release."
+        ) from None
     copy = dict(row)
     _expand_other_attrs(mapper, [copy])
     return copy

@@ -7,6 +7,9 @@ stored rows afterwards with a plain, unscoped connection.
 
 from __future__ import annotations
 
+import re
+import sys
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -249,6 +252,24 @@ def test_bulk_mappings_are_guarded_by_the_name_they_are_called_by(engine: Engine
     finally:
         scoping.disable()
     assert stored_projects(engine) == [*original_projects(), (4, "org_a", "new", "")]
+
+
+def test_bulk_mappings_fail_closed_without_sqlalchemys_row_expansion(
+    maker: sessionmaker[Session], engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the private helper that resolves synonyms, rows cannot be checked."""
+    import sqlalchemy
+
+    # as if a SQLAlchemy release had moved it: SQLAlchemy itself still works
+    moved = types.ModuleType("sqlalchemy.orm.bulk_persistence")
+    monkeypatch.setitem(sys.modules, "sqlalchemy.orm.bulk_persistence", moved)
+    with maker() as session, as_organization("org_a"):
+        with pytest.raises(TenantScopingError, match=re.escape(sqlalchemy.__version__)):
+            session.bulk_update_mappings(Project, [{"id": 1, "tenant": "org_b"}])
+        with pytest.raises(TenantScopingError, match="_expand_other_attrs"):
+            session.bulk_insert_mappings(Project, [{"id": 4, "name": "x", "tenant": "org_b"}])
+        session.commit()
+    assert stored_projects(engine) == original_projects()
 
 
 # -- F2: SQL expressions inside INSERTs and flushes --------------------------------------------
