@@ -57,7 +57,8 @@ DEFAULT_SETTING = "app.current_organization"
 
 _SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 _SQL_TYPE = re.compile(r"^[A-Za-z_][A-Za-z0-9_ ]*$")
-#: ``connection.info`` key: the organization set in the current transaction.
+#: ``connection.info`` key: the organization set, and the Core transaction it
+#: was set in (weakly).
 _INFO_KEY = "oauth_verify_rls_organization"
 _ENABLED_LOCK = threading.RLock()
 
@@ -156,9 +157,13 @@ class RowLevelSecurity:
 
     def _sync(self, connection: Any) -> None:
         value = _current_or_empty()
-        if connection.info.get(_INFO_KEY) != value:
+        # set_config(..., true) lasts as long as the Core transaction: a
+        # COMMIT or ROLLBACK (and the autobegin after it) makes it unknown
+        transaction = connection.get_transaction()
+        state = (value, None if transaction is None else weakref.ref(transaction))
+        if connection.info.get(_INFO_KEY) != state:
             # recorded first: set_config() itself passes through the listener
-            connection.info[_INFO_KEY] = value
+            connection.info[_INFO_KEY] = state
             try:
                 set_rls_organization(connection, value, setting=self.setting)
             except BaseException:
@@ -176,10 +181,12 @@ class RowLevelSecurity:
             raise TenantScopingError(
                 "Row-level security needs PostgreSQL, not " + connection.dialect.name
             )
-        _watch(connection.engine)
         connection.info.pop(_INFO_KEY, None)  # a fresh transaction has no setting
         with _ENABLED_LOCK:
+            watched = connection in _CONNECTIONS
             _CONNECTIONS[connection] = self
+        if not watched:
+            _watch(connection)
         self._sync(connection)
 
     def _install(self) -> None:
@@ -187,6 +194,10 @@ class RowLevelSecurity:
 
     def disable(self) -> None:
         """Remove the listeners.
+
+        New transactions of the target no longer get the setting; statements
+        on connections of transactions already begun no longer re-set it.
+        Nothing is left on the engines.
 
         .. versionadded:: 0.1.0
         """
@@ -199,7 +210,6 @@ class RowLevelSecurity:
 
 #: Connections of session transactions begun under row-level security.
 _CONNECTIONS: weakref.WeakKeyDictionary[Any, RowLevelSecurity] = weakref.WeakKeyDictionary()
-_ENGINES: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 #: Statements that read no rows: not worth a set_config(), and one before
@@ -209,28 +219,27 @@ _TRANSACTION_CONTROL = ("SAVEPOINT ", "RELEASE SAVEPOINT ", "ROLLBACK TO SAVEPOI
 
 def _before_cursor_execute(connection: Any, cursor: Any, statement: str, *args: Any) -> None:
     rls = _CONNECTIONS.get(connection)
-    if rls is not None and not statement.startswith(_TRANSACTION_CONTROL):
-        rls._sync(connection)
-
-
-def _forget(connection: Any, *args: Any) -> None:
-    # ROLLBACK (TO SAVEPOINT) undoes set_config(..., true): the value is unknown
-    connection.info.pop(_INFO_KEY, None)
-
-
-def _watch(engine: Any) -> None:
-    """Listen once to the Core events of ``engine`` (a dictionary look-up per statement)."""
-    if engine in _ENGINES:
+    if rls is None:
         return
-    with _ENABLED_LOCK:
-        if engine in _ENGINES:
-            return
-        # before_cursor_execute: before_execute misses exec_driver_sql()
-        event.listen(engine, "before_cursor_execute", _before_cursor_execute)
-        event.listen(engine, "rollback_savepoint", _forget)
-        event.listen(engine, "rollback", _forget)
-        event.listen(engine, "commit", _forget)
-        _ENGINES.add(engine)
+    if statement.startswith(_TRANSACTION_CONTROL):
+        if statement.startswith("ROLLBACK TO SAVEPOINT "):
+            # it undoes a set_config() since the savepoint: the value is unknown
+            connection.info.pop(_INFO_KEY, None)
+        return
+    rls._sync(connection)
+
+
+def _watch(connection: Any) -> None:
+    """Listen to the statements of this one ``Connection``, not of its engine.
+
+    Adding a listener to an engine while other threads run statements on it
+    is not safe in SQLAlchemy, and it would outlive
+    :meth:`RowLevelSecurity.disable`. The connection belongs to the session
+    whose transaction just began, in this thread; the listener goes with it.
+    ``before_cursor_execute`` also sees ``exec_driver_sql()``, which
+    ``before_execute`` misses.
+    """
+    event.listen(connection, "before_cursor_execute", _before_cursor_execute)
 
 
 _ENABLED: weakref.WeakKeyDictionary[Any, RowLevelSecurity] = weakref.WeakKeyDictionary()

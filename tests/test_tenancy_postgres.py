@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from flask import Flask, request
-from sqlalchemy import Engine, String, create_engine, select, text
+from sqlalchemy import Engine, String, create_engine, event, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ProgrammingError
@@ -25,6 +25,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from flask_oauth_verify import require_token
 from flask_oauth_verify.rls import (
     DEFAULT_SETTING,
+    _before_cursor_execute,
     enable_row_level_security,
     policy_statements,
     set_rls_organization,
@@ -295,6 +296,54 @@ def test_rollback_to_savepoint_does_not_keep_a_stale_setting(
             savepoint.rollback()  # undoes set_config(): the setting is org_a again
             assert session.scalar(setting) == "org_b"
             assert session.scalars(query).all() == ids_of("org_b")
+
+
+def test_rollback_to_savepoint_written_as_text_is_seen(
+    rls_maker: sessionmaker[Session], rls_database: RlsDatabase
+) -> None:
+    reset_rows(rls_database)
+    query = text("SELECT id FROM rls_docs ORDER BY id")
+    with rls_maker() as session, as_organization("org_a"):
+        session.execute(text("SAVEPOINT step"))  # taken at org_a
+        with as_organization("org_b"):
+            assert session.scalars(query).all() == ids_of("org_b")
+            session.execute(text("ROLLBACK TO SAVEPOINT step"))  # the setting is org_a again
+            assert session.scalars(query).all() == ids_of("org_b")
+
+
+def test_row_level_security_never_listens_on_the_engine(rls_database: RlsDatabase) -> None:
+    """Nothing is added to a shared engine at run time, so disable() leaves nothing behind.
+
+    (SQLAlchemy's listener lists are not safe to change while other threads
+    run statements on the engine.)
+    """
+    reset_rows(rls_database)
+    engine = create_engine(
+        rls_database.app_engine.url,
+        connect_args={"options": f"-csearch_path={rls_database.schema}"},
+    )
+    query = text("SELECT id FROM rls_docs ORDER BY id")
+    try:
+        with engine.connect() as connection:
+            maker = sessionmaker(connection)  # the connection outlives the sessions
+            rls = enable_row_level_security(maker)
+            try:
+                with as_organization("org_a"):
+                    with maker() as session:
+                        assert session.scalars(query).all() == ids_of("org_a")
+                        session.commit()
+                    # the session's transaction ended; the next one is set again
+                    assert connection.execute(query).scalars().all() == ids_of("org_a")
+                    connection.rollback()
+                    with maker() as session, as_organization("org_b"):
+                        assert session.scalars(query).all() == ids_of("org_b")
+                assert not event.contains(engine, "before_cursor_execute", _before_cursor_execute)
+            finally:
+                rls.disable()
+            with maker() as session, as_organization("org_a"):
+                assert session.scalars(query).all() == []  # disabled: no setting
+    finally:
+        engine.dispose()
 
 
 def test_core_connection_with_explicit_setting(rls_database: RlsDatabase) -> None:
