@@ -178,24 +178,24 @@ def _release(connection: Any) -> None:
         watch.release(connection)
 
 
-class _WatchedHTTPPool(HTTPConnectionPool):
+class _Watched:
+    """Pool mix-in: a connection is watched while a request uses it."""
+
     def _make_request(self, conn: Any, *args: Any, **kwargs: Any) -> Any:
         _register(conn)
-        return super()._make_request(conn, *args, **kwargs)
+        return super()._make_request(conn, *args, **kwargs)  # type: ignore[misc]
 
     def _put_conn(self, conn: Any) -> None:
         _release(conn)
-        super()._put_conn(conn)
+        super()._put_conn(conn)  # type: ignore[misc]
 
 
-class _WatchedHTTPSPool(HTTPSConnectionPool):
-    def _make_request(self, conn: Any, *args: Any, **kwargs: Any) -> Any:
-        _register(conn)
-        return super()._make_request(conn, *args, **kwargs)
+class _WatchedHTTPPool(_Watched, HTTPConnectionPool):
+    pass
 
-    def _put_conn(self, conn: Any) -> None:
-        _release(conn)
-        super()._put_conn(conn)
+
+class _WatchedHTTPSPool(_Watched, HTTPSConnectionPool):
+    pass
 
 
 class _WatchedAdapter(HTTPAdapter):
