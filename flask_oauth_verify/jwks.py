@@ -216,8 +216,9 @@ class KeyStore:
         # A fetch may need discovery first: two budgets, plus parsing.
         self._wait = 2 * fetcher.budget + 2
         self._cooldown = settings.jwks_refresh_cooldown
-        #: jku URLs that never served keys and were answered with something
-        #: else -> when: refused without a fetch for a cooldown
+        #: jku URLs whose fetch failed while they had never served keys ->
+        #: (when, whether the host answered): refused again, without a
+        #: fetch, for a cooldown
         self._refused_jku: BoundedFifo[str, tuple[float, bool]] = BoundedFifo(_REFUSED_JKU_URLS)
         for issuer in settings.issuers:
             if issuer not in self._static:
@@ -337,9 +338,9 @@ class KeyStore:
         fetch failed within the cooldown, the way it failed then."""
         refused = self._refused_jku.get(jku)
         if refused is not None and now - refused[0] < self._cooldown:
-            raise self._jku_refusal(jku, refused[1], refused[0])
+            raise self._jku_refusal(refused[1], refused[0])
 
-    def _jku_refusal(self, jku: str, answered: bool, at: float) -> Exception:
+    def _jku_refusal(self, answered: bool, at: float) -> Exception:
         """401 when the host answered with no key set (the token names none);
         503 when it did not answer (it may be down)."""
         if answered:
@@ -522,7 +523,7 @@ class KeyStore:
                 source.last_error = str(exc)
                 answered = _answered(exc)
                 self._refused_jku.put(str(source.jku), (now, answered))
-                raise self._jku_refusal(str(source.jku), answered, now) from None
+                raise self._jku_refusal(answered, now) from None
             return self._failed(source, now, str(exc))
         keep = self._max_staleness + record["ttl"]
         self.cache.set(source.key("jwks"), record, keep)
