@@ -318,7 +318,7 @@ def _build(v: Mapping[str, Any]) -> Settings:
             _as_number(v.get("MAX_TOKEN_BYTES", 16384), "MAX_TOKEN_BYTES", minimum=64)
         ),
         token_locations=locations,
-        realm=str(v.get("REALM", "api")),
+        realm=_realm(v.get("REALM", "api")),
         jwks_cache_ttl=_as_number(v.get("JWKS_CACHE_TTL", 600), "JWKS_CACHE_TTL", minimum=1),
         jwks_min_ttl=_as_number(v.get("JWKS_MIN_TTL", 60), "JWKS_MIN_TTL"),
         jwks_max_ttl=_as_number(
@@ -370,6 +370,16 @@ def _build(v: Mapping[str, Any]) -> Settings:
         health_route=health or None,
         raw=MappingProxyType(dict(v)),
     )
+
+
+def _realm(value: Any) -> str:
+    """``REALM``: it goes into every ``WWW-Authenticate`` header, which must
+    encode as Latin-1; printable ASCII keeps it readable everywhere."""
+    if not isinstance(value, str) or not value or not all(" " <= c <= "~" for c in value):
+        raise ConfigurationError(
+            f"{_key('REALM')} must be a non-empty string of printable ASCII characters."
+        )
+    return value
 
 
 def _as_bool(value: Any, name: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import re
 from collections.abc import Callable, Iterable
 from time import perf_counter
 from typing import Any, TypeVar, overload
@@ -89,9 +90,18 @@ def _scope_tuple(scopes: Iterable[str] | str) -> tuple[str, ...]:
     return wanted
 
 
+#: RFC 6749 §3.3 scope-token: printable ASCII but space, ``"`` and ``\``.
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+
+
 def _check_scopes(scopes: tuple[str, ...]) -> None:
-    if not all(isinstance(s, str) and s and " " not in s for s in scopes):
-        raise ValueError("Scopes are non-empty strings without spaces.")
+    """Refuse, when the view is decorated, a scope no token can carry (it
+    would also break the ``WWW-Authenticate`` header that names it)."""
+    if not all(isinstance(s, str) and _SCOPE_TOKEN.fullmatch(s) for s in scopes):
+        raise ValueError(
+            "Scopes are non-empty strings without spaces, of RFC 6749 scope "
+            "characters (printable ASCII, no '\"' or '\\')."
+        )
 
 
 def _verify_request(

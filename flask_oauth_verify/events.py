@@ -49,6 +49,9 @@ from flask import current_app, g, has_app_context, has_request_context, request
 from .context import AuthContext, request_auth
 from .errors import InsufficientScopeError, OAuthVerifyError
 
+#: For the library's own faults (a receiver that raised), not security events.
+_logger = logging.getLogger("flask_oauth_verify")
+
 if TYPE_CHECKING:
     from .metrics import Metrics
 
@@ -243,9 +246,9 @@ class SecurityEvents:
             return
         sender = current_app._get_current_object() if has_app_context() else self.sender  # type: ignore[attr-defined]
         if signal.receivers:
-            signal.send(sender, record=dict(record))
+            _send_isolated(signal, sender, record=dict(record))
         if security_event.receivers:
-            security_event.send(sender, event=event, record=dict(record))
+            _send_isolated(security_event, sender, event=event, record=dict(record))
 
     def validated(
         self,
@@ -315,6 +318,20 @@ class SecurityEvents:
             fields["kid"] = _unverified_kid(token)
             fields["token_hash"] = short_token_hash(token)
         self.emit(event, fields, level)
+
+
+def _send_isolated(signal: Signal, sender: Any, **fields: Any) -> None:
+    """``signal.send()``, each receiver on its own: a receiver that raises
+    (a blocklist whose Redis is down) is logged and the others still run.
+    The request's own outcome never depends on a receiver."""
+    for receiver in signal.receivers_for(sender):
+        try:
+            receiver(sender, **fields)
+        except Exception:
+            _logger.exception(
+                "A receiver of %s raised; ignored (the request goes on).",
+                getattr(signal, "name", "a signal"),
+            )
 
 
 def _elapsed(started: float | None) -> float | None:

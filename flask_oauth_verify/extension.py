@@ -377,7 +377,7 @@ class OAuthVerify:
         state = _AppState(self, settings, cache or self.cache, clock or time.time)
         app.extensions[EXTENSION_KEY] = state
         state.cache.bind_app(app)  # reach Flask-Caching outside an app context
-        app.register_error_handler(OAuthVerifyError, state.error_response)
+        _register_error_handler(app, state.error_response)
         if settings.security_headers:
             app.after_request(_protected_response_headers)
         from .cli import cli
@@ -477,6 +477,35 @@ class OAuthVerify:
         from .metrics import metrics_registry
 
         return metrics_registry(app)
+
+
+#: Every status an :class:`OAuthVerifyError` answers with.
+_ERROR_STATUSES = (400, 401, 403, 503)
+
+
+def _register_error_handler(app: Flask, handler: Callable[[Any], Response]) -> None:
+    """The default response for the whole :class:`OAuthVerifyError` tree.
+
+    ``register_error_handler(OAuthVerifyError, …)`` would file it under the
+    base class's own code (401) only: Flask looks handlers up by the raised
+    error's status first, so a 400, 403 or 503 refusal would reach an app's
+    generic ``@app.errorhandler(Exception)`` (a 500) or Flask's HTML page
+    instead. So it is filed under every status of the tree; a handler the
+    app registers for a subclass (``TokenExpired``) still wins, being more
+    specific.
+    """
+    codes = set(_ERROR_STATUSES) | {
+        code for cls in _subclasses(OAuthVerifyError) if isinstance(code := cls.code, int)
+    }
+    for code in codes:
+        app.error_handler_spec[None][code][OAuthVerifyError] = handler
+
+
+def _subclasses(cls: type[OAuthVerifyError]) -> set[type[OAuthVerifyError]]:
+    found: set[type[OAuthVerifyError]] = set(cls.__subclasses__())
+    for sub in list(found):
+        found |= _subclasses(sub)
+    return found
 
 
 def _protected_response_headers(response: Response) -> Response:

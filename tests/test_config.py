@@ -54,6 +54,8 @@ def test_defaults_are_the_documented_safe_ones() -> None:
         ({"CLAIM_MAP": {"tenant": ["x"]}}, "OAUTH_VERIFY_CLAIM_MAP"),
         ({"PROVIDER": "nobody"}, "OAUTH_VERIFY_PROVIDER"),
         ({"REQUIRE_CLIENT_ID": "yes"}, "OAUTH_VERIFY_REQUIRE_CLIENT_ID"),
+        ({"REALM": "API — prod"}, "OAUTH_VERIFY_REALM"),
+        ({"REALM": "api\r\nX-Injected: 1"}, "OAUTH_VERIFY_REALM"),
         ({"REFUSED_CLAIMS": [""]}, "OAUTH_VERIFY_REFUSED_CLAIMS"),
         ({"USER_ID_PREFIX": ["usr_", 3]}, "OAUTH_VERIFY_USER_ID_PREFIX"),
     ],

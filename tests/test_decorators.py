@@ -231,7 +231,7 @@ def test_verify_request_takes_a_lone_string_as_one_scope(tokens: TokenIssuer) ->
     assert status == 403 and isinstance(body, dict) and body["error"] == "insufficient_scope"
 
 
-@pytest.mark.parametrize("scopes", [[""], ["read users"], [3]])
+@pytest.mark.parametrize("scopes", [[""], ["read users"], [3], ["读取:users"], ['a"b'], ["a\\b"]])
 def test_verify_request_refuses_malformed_scopes(tokens: TokenIssuer, scopes: object) -> None:
     app = make_app(tokens.config())
     context = app.test_request_context(headers=auth_header(tokens.mint()))
@@ -298,3 +298,13 @@ def test_a_reused_app_context_never_carries_auth_into_the_next_request(
         assert client.get("/org", headers=auth_header(other)).json == {"organization_id": "org_b"}
     finally:
         outer.pop()
+
+
+@pytest.mark.parametrize("scope", ["读取:users", "read\tusers", 'say"hi'])
+def test_require_scope_refuses_a_scope_no_token_can_carry(scope: str) -> None:
+    """RFC 6749 scope-tokens are printable ASCII: anything else would also
+    break the WWW-Authenticate header of every 403 (Latin-1 only)."""
+    from flask_oauth_verify import require_scope
+
+    with pytest.raises(ValueError, match="RFC 6749"):
+        require_scope(scope)

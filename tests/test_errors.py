@@ -111,3 +111,59 @@ def test_errors_are_httpexceptions_handled_without_the_extension() -> None:
     assert response.status_code == 401
     assert response.json is not None and response.json["error"] == "invalid_token"
     assert response.headers["WWW-Authenticate"].startswith("Bearer ")
+
+
+def _refusals(app: Flask, tokens: TokenIssuer) -> dict[int, object]:
+    """One refusal of each status the tree answers with: 400, 401, 403, 503."""
+    from flask_oauth_verify import require_scope
+
+    @app.get("/admin")
+    @require_scope("admin")
+    def admin() -> str:
+        return "ok"
+
+    client = app.test_client()
+    return {
+        400: client.get("/protected", headers={"Authorization": "Bearer "}),
+        401: client.get("/protected"),
+        403: client.get("/admin", headers=auth_header(tokens.mint(scopes=["read:users"]))),
+    }
+
+
+@pytest.mark.parametrize("generic", [Exception, 500, "HTTPException"])
+def test_every_status_of_the_tree_gets_the_librarys_response(
+    tokens: TokenIssuer, generic: object
+) -> None:
+    """An app's generic handler must not take over 400/403/503 refusals: the
+    handler was filed under the base class's 401 alone, so a 403 reached
+    ``@app.errorhandler(Exception)`` and came back as a 500."""
+    from werkzeug.exceptions import HTTPException
+
+    app = make_app(tokens.config(REALM="my-realm"))
+    key = HTTPException if generic == "HTTPException" else generic
+
+    @app.errorhandler(key)  # type: ignore[arg-type]
+    def boom(_error: Exception) -> tuple[str, int]:
+        return "generic handler", 500
+
+    for status, response in _refusals(app, tokens).items():
+        assert response.status_code == status  # type: ignore[attr-defined]
+        assert response.is_json  # type: ignore[attr-defined]
+        challenge = response.headers["WWW-Authenticate"]  # type: ignore[attr-defined]
+        assert 'realm="my-realm"' in challenge
+
+
+def test_a_503_gets_the_librarys_response_under_a_generic_handler(
+    served_tokens: TokenIssuer,
+) -> None:
+    issuer = served_tokens
+    app = make_app(issuer.config(JWKS_URI="http://127.0.0.1:9/jwks", REALM="my-realm"))
+
+    @app.errorhandler(Exception)
+    def boom(_error: Exception) -> tuple[str, int]:
+        return "generic handler", 500
+
+    response = app.test_client().get("/protected", headers=auth_header(issuer.mint()))
+    assert response.status_code == 503 and response.is_json
+    assert "Retry-After" in response.headers
+    assert 'realm="my-realm"' in response.headers["WWW-Authenticate"]

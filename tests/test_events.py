@@ -328,3 +328,32 @@ def test_nothing_is_built_when_logging_and_signals_are_off(
     assert client.get("/protected").status_code == 401
     expired = tokens.mint(now=clock() - 7200, expires_in=60)
     assert client.get("/protected", headers=auth_header(expired)).status_code == 401
+
+
+def test_a_receiver_that_raises_changes_no_answer(
+    tokens: TokenIssuer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A receiver that fails (the documented blocklist, its Redis down) is
+    logged and ignored: a valid token still gets 200, a bad one 401, never
+    a 500, and the other receivers still run."""
+    app = make_app(tokens.config())
+    seen: list[str] = []
+
+    def broken(_sender: Any, **_fields: Any) -> None:
+        raise ConnectionError("blocklist store down")
+
+    def recorder(_sender: Any, **fields: Any) -> None:
+        seen.append(fields["event"])
+
+    with (
+        token_validated.connected_to(broken, app),
+        token_validation_failed.connected_to(broken, app),
+        security_event.connected_to(broken, app),
+        security_event.connected_to(recorder, app),
+    ):
+        client = app.test_client()
+        assert client.get("/protected", headers=auth_header(tokens.mint())).status_code == 200
+        refused = client.get("/protected", headers=auth_header(tokens.mint() + "x"))
+        assert refused.status_code == 401
+    assert seen == ["token_validated", "token_validation_failed"]
+    assert any("raised; ignored" in r.getMessage() for r in caplog.records)
