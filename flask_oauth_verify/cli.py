@@ -90,7 +90,16 @@ def _is_number(value: Any) -> TypeGuard[float]:
 
 def _b64json(segment: str) -> Any:
     padded = segment + "=" * (-len(segment) % 4)
-    return json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+    try:
+        return json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+    except RecursionError:  # thousands of nested brackets: refused, not a traceback
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _printable(text: str) -> str:
+    """``text`` from a token, with any control or non-printable character
+    escaped: nothing a token holds can move the terminal's cursor."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def _read_token(token: str | None) -> str:
@@ -135,8 +144,8 @@ def _explain_header(raw: Mapping[str, Any], reason: str, state: _AppState) -> st
         return "alg is 'none': the token is unsigned, and unsigned tokens are never accepted."
     if isinstance(alg, str) and alg.startswith("HS"):
         return (
-            f"The token is signed with {alg}, an HMAC (shared-secret) algorithm; this API "
-            f"verifies public-key signatures only ({allowed}, OAUTH_VERIFY_ALGORITHMS). "
+            f"The token is signed with {_printable(alg)}, an HMAC (shared-secret) algorithm; "
+            f"this API verifies public-key signatures only ({allowed}, OAUTH_VERIFY_ALGORITHMS). "
             "An HMAC token here is a misconfigured issuer or an algorithm-confusion attack."
         )
     if not isinstance(alg, str) or alg not in settings.algorithms:
@@ -408,14 +417,14 @@ def _check_claims(
 def _check_scopes(
     report: _Report, context: AuthContext, scopes: tuple[str, ...], any_of: bool
 ) -> None:
-    held = " ".join(sorted(context.scopes)) or "(none)"
+    held = " ".join(_printable(scope) for scope in sorted(context.scopes)) or "(none)"
     if not scopes:
         report.step(_INFO, "scopes", held)
         return
     if context.has_scopes(*scopes, any_of=any_of):
         report.step(_PASS, "scopes", f"holds {' '.join(scopes)} (token has: {held})")
         return
-    missing = [s for s in scopes if s not in context.scopes]
+    missing = [s for s in scopes if s not in context.scopes]  # the view's: RFC 6749 text
     need = "any one of" if any_of else "all of"
     report.step(
         _FAIL,

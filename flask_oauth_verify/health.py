@@ -31,6 +31,7 @@ import logging
 import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from flask import Flask, Response, jsonify
 
@@ -150,7 +151,7 @@ class HealthChecker:
             seen.add(status.issuer)
             entry: dict[str, Any] = {
                 "issuer": status.issuer,
-                "source": status.source,
+                "source": _public_url(status.source),
                 "keys": len(status.kids),
                 "age_seconds": None if status.age is None else round(status.age, 1),
             }
@@ -235,13 +236,17 @@ class HealthChecker:
             return {"status": "unavailable", "error": exc.reason}
         fetcher = self.state.fetcher
         if fetcher.breaker(url).is_open:
-            return {"status": "unreachable", "endpoint": url, "error": "circuit breaker open"}
+            return {
+                "status": "unreachable",
+                "endpoint": _public_url(url),
+                "error": "circuit breaker open",
+            }
         try:
             fetcher.request("GET", url, headers={"Accept": "application/json"})
         except FetchError as exc:
             if exc.status is None or exc.status >= 500:
-                return {"status": "unreachable", "endpoint": url, "error": exc.reason}
-        return {"status": "ok", "endpoint": url}
+                return {"status": "unreachable", "endpoint": _public_url(url), "error": exc.reason}
+        return {"status": "ok", "endpoint": _public_url(url)}
 
 
 def register_health_route(app: Flask, state: _AppState, rule: str) -> None:
@@ -262,3 +267,19 @@ def register_health_route(app: Flask, state: _AppState, rule: str) -> None:
         return response
 
     app.add_url_rule(rule, "oauth_verify_health", token_validation_health, methods=["GET"])
+
+
+def _public_url(url: str | None) -> str | None:
+    """``url`` fit for an anonymous caller: without user-info, query or
+    fragment, where a configured URL may carry a credential."""
+    if url is None or "://" not in url:
+        return url  # "static", or nothing yet
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(unparsable URL)"
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}{port}{parts.path}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -323,3 +324,31 @@ def test_a_bad_development_issuer_fails_at_init(tokens: TokenIssuer) -> None:
 
     with pytest.raises(ConfigurationError, match="OAUTH_VERIFY_DEV_ISSUER"):
         make_app({**tokens.config(), "OAUTH_VERIFY_DEV_ISSUER": "yes please"})
+
+
+def _segment(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).rstrip(b"=").decode()
+
+
+def test_inspect_never_prints_a_tokens_control_characters(
+    tokens: TokenIssuer, clock: FakeClock
+) -> None:
+    """A forged alg with terminal escapes could overwrite the verdict line."""
+    app = make_app(tokens.config(), clock=clock)
+    forged = "HS256\r\x1b[2K\x1b[1AResult: VALID\x1b[8m"
+    header = _segment(json.dumps({"alg": forged, "typ": "JWT"}))
+    token = f"{header}.{_segment(json.dumps({'sub': 'x'}))}.c2lnbmF0dXJl"
+    result = inspect(app, token)
+    assert result.exit_code == 1
+    assert "\x1b" not in result.output and "\r" not in result.output
+    assert verdict(result).startswith("Result: REJECTED")
+
+
+def test_inspect_refuses_deeply_nested_json_with_a_sentence(
+    tokens: TokenIssuer, clock: FakeClock
+) -> None:
+    app = make_app(tokens.config(), clock=clock)
+    token = f"{_segment('[' * 5000)}.{_segment('{}')}.c2lnbmF0dXJl"
+    result = inspect(app, token)
+    assert result.exit_code == 1, result.output
+    assert verdict(result).startswith("Result: REJECTED")

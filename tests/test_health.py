@@ -231,3 +231,26 @@ def test_discovered_introspection_endpoint(
 def test_bad_probe_interval_fails_at_init(tokens: TokenIssuer, interval: object) -> None:
     with pytest.raises(ConfigurationError, match="OAUTH_VERIFY_HEALTH_PROBE_INTERVAL"):
         make_app(tokens.config(HEALTH_ROUTE=True, HEALTH_PROBE_INTERVAL=interval))
+
+
+def test_urls_with_credentials_are_shown_without_them(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    """The route answers anonymous callers: a credential in a configured URL
+    (user-info, an API key in the query) must not be in its answer."""
+    host = issuer_server.url.split("://", 1)[1]
+    config = served_tokens.config(
+        HEALTH_ROUTE=True,
+        JWKS_URI=f"http://keys:KEY-PASS@{host}/jwks?api_key=KEY-K",
+        INTROSPECTION_ENDPOINT=f"http://rs:INTRO-PASS@{host}/introspect?key=INTRO-K",
+        INTROSPECTION_CLIENT_ID="resource-server",
+        INTROSPECTION_CLIENT_SECRET="rs-secret",
+    )
+    app = make_app(config, clock=clock)
+    response = app.test_client().get(ROUTE)
+    text = response.get_data(as_text=True)
+    for secret in ("KEY-PASS", "KEY-K", "INTRO-PASS", "INTRO-K", "rs-secret"):
+        assert secret not in text
+    body = response.get_json()
+    assert body["checks"]["keys"]["issuers"][0]["source"] == f"{issuer_server.url}/jwks"
+    assert body["checks"]["introspection"]["endpoint"] == f"{issuer_server.url}/introspect"
