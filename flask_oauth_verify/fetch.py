@@ -77,6 +77,11 @@ class FetchError(Exception):
         self.status = status
 
     @property
+    def circuit_open(self) -> bool:
+        """Whether no request was sent: the origin's circuit is open."""
+        return self.reason.startswith("circuit open")
+
+    @property
     def answered(self) -> bool:
         """Whether the server answered, wrongly, rather than failed: a status
         below 500 other than 408/429 ("come back later"). Not an outage."""

@@ -524,6 +524,8 @@ class KeyStore:
                 answered = _answered(exc)
                 self._refused_jku.put(str(source.jku), (now, answered))
                 raise self._jku_refusal(answered, now) from None
+            if isinstance(exc, FetchError) and exc.circuit_open:
+                return self._refused_by_circuit(source, now, str(exc))
             return self._failed(source, now, str(exc))
         keep = self._max_staleness + record["ttl"]
         self.cache.set(source.key("jwks"), record, keep)
@@ -638,6 +640,21 @@ class KeyStore:
         source.keys = None
         logger.error("No keys for %s: %s", source.name, reason)
         raise self._unavailable(source, reason)
+
+    def _refused_by_circuit(self, source: _Source, now: float, reason: str) -> PreparedKeySet:
+        """No fetch was made (the circuit is open): serve what we have, else 503.
+
+        Not a failed refresh: no event, no metric, no shared marker, no log
+        line per request — the failures that opened the circuit were each
+        reported, and a request flood must not multiply them.
+        """
+        if source.keys is not None and self._usable(source, now):
+            retry = max(self._cooldown, _RECHECK)
+            bound = source.fetched_at + self._max_staleness
+            source.fresh_until = max(source.fresh_until, min(now + retry, bound))
+            return source.keys
+        last = f"{source.last_error}; " if source.last_error else ""
+        raise self._unavailable(source, last + reason)
 
     def _keys_or_raise(
         self, source: _Source, now: float, reason: str | None = None

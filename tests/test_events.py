@@ -357,3 +357,28 @@ def test_a_receiver_that_raises_changes_no_answer(
         assert refused.status_code == 401
     assert seen == ["token_validated", "token_validation_failed"]
     assert any("raised; ignored" in r.getMessage() for r in caplog.records)
+
+
+def test_an_open_circuit_is_not_reported_as_a_failed_refresh_per_request(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issuer down, no keys: each refused request is one security event; the
+    refreshes the open circuit never sent are not reported as failures (they
+    were: three log records per request, and a fetch-failure count of every
+    request instead of the fetches made)."""
+    issuer_server.route("/jwks", Reply(500, "down"))
+    app = make_app(served_tokens.config(CIRCUIT_BREAKER_FAILURES=2))
+    failed: list[dict[str, Any]] = []
+
+    def count(_sender: Any, record: dict[str, Any]) -> None:
+        failed.append(record)
+
+    with keys_refresh_failed.connected_to(count, app):
+        client = app.test_client()
+        for _ in range(10):
+            response = client.get("/protected", headers=auth_header(served_tokens.mint()))
+            assert response.status_code == 503
+    assert issuer_server.hits["/jwks"] == 2
+    assert len(failed) == 2  # one per fetch made
+    no_keys = [r for r in caplog.records if r.getMessage().startswith("No keys for")]
+    assert len(no_keys) == 2
