@@ -757,8 +757,7 @@ def mint_command(
             "it will refuse this token.",
             err=True,
         )
-    extra = dict(_parse_claim(text) for text in claims)
-    token = issuer.mint(
+    payload = issuer.claims(
         subject=subject,
         audience=audience or (state.settings.audiences[0] if state.settings.audiences else None),
         scopes=scopes or None,
@@ -766,7 +765,10 @@ def mint_command(
         expires_in=expires_in,
         now=state.clock(),
         client_id=client_id,
-        **extra,
     )
+    # --claim entries are claims, whatever their name ("subject", "kid" and
+    # "headers" are claims here, never arguments of mint()).
+    payload.update(_parse_claim(text) for text in claims)
+    token = issuer.mint(payload)
     click.echo(f"minted by {issuer.issuer}, kid {issuer.current_kid}", err=True)
     click.echo(token)

@@ -352,3 +352,22 @@ def test_inspect_refuses_deeply_nested_json_with_a_sentence(
     result = inspect(app, token)
     assert result.exit_code == 1, result.output
     assert verdict(result).startswith("Result: REJECTED")
+
+
+def test_mint_claims_are_claims_whatever_their_name(tokens: TokenIssuer, clock: FakeClock) -> None:
+    """``--claim subject=…``, ``kid=…``, ``typ=…`` or ``headers=…`` name claims,
+    never arguments of ``TokenIssuer.mint`` (they crashed it, or changed the
+    token's header)."""
+    app = make_app({**tokens.config(), "OAUTH_VERIFY_DEV_ISSUER": tokens}, clock=clock)
+    extra = ["subject=x", "kid=nope", "typ=JWT", 'headers={"x5u": "https://evil"}', "now=1"]
+    args = ["oauth-verify", "mint", "--sub", "user_42"]
+    for claim in extra:
+        args += ["--claim", claim]
+    result = app.test_cli_runner().invoke(args=args)
+    assert result.exit_code == 0, result.output
+    token = result.stdout.strip()
+    decoded = jwt.decode(token, tokens.key())
+    assert decoded.claims["sub"] == "user_42"
+    for name in ("subject", "kid", "typ", "headers", "now"):
+        assert name in decoded.claims
+    assert "x5u" not in decoded.header and decoded.header["kid"] == tokens.current_kid
