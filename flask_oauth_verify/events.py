@@ -343,15 +343,22 @@ def _summary(record: Mapping[str, Any]) -> str:
     parts: list[str] = []
     reason = record.get("reason")
     if reason:
-        parts.append(f": {reason}")
+        parts.append(f": {_one_line(str(reason))}")
     details = [
-        f"{name}={record[name]}"
+        f"{name}={_one_line(str(record[name]))}"
         for name in ("error", "status", "issuer", "subject", "client_id", "organization_id")
         if record.get(name) is not None
     ]
     if details:
         parts.append(" (" + ", ".join(details) + ")")
     return "".join(parts)
+
+
+def _one_line(text: str) -> str:
+    """``text`` (claims of a verified token, an issuer's words) fit for a
+    plain-text log line: control characters escaped, so no value can start
+    a forged line or move a terminal's cursor."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {

@@ -382,3 +382,17 @@ def test_an_open_circuit_is_not_reported_as_a_failed_refresh_per_request(
     assert len(failed) == 2  # one per fetch made
     no_keys = [r for r in caplog.records if r.getMessage().startswith("No keys for")]
     assert len(no_keys) == 2
+
+
+def test_a_claim_cannot_forge_a_log_line(
+    tokens: TokenIssuer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Claims of a verified token go into the plain-text message escaped."""
+    caplog.set_level(logging.INFO, logger=SECURITY_LOGGER)
+    app = make_app(tokens.config())
+    forged = "user_1\nWARNING token_validated: admin login\x1b[2K"
+    token = tokens.mint(subject=forged)
+    assert app.test_client().get("/protected", headers=auth_header(token)).status_code == 200
+    [line] = [r.getMessage() for r in caplog.records if "token_validated" in r.getMessage()]
+    assert "\n" not in line and "\x1b" not in line
+    assert "user_1\\nWARNING" in line
