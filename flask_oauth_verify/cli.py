@@ -36,6 +36,7 @@ from .config import STRATEGIES
 from .context import AuthContext
 from .discovery import metadata_urls
 from .errors import OAuthVerifyError, UpstreamError
+from .events import one_line
 from .extension import _AppState, get_state
 from .fetch import FetchError
 from .keys import PreparedKey, PreparedKeySet
@@ -96,12 +97,6 @@ def _b64json(segment: str) -> Any:
         raise ValueError("JSON nested too deeply") from None
 
 
-def _printable(text: str) -> str:
-    """``text`` from a token, with any control or non-printable character
-    escaped: nothing a token holds can move the terminal's cursor."""
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
-
-
 def _read_token(token: str | None) -> str:
     if token is None or token == "-":  # noqa: S105 - "-" means standard input
         token = sys.stdin.readline()
@@ -144,7 +139,7 @@ def _explain_header(raw: Mapping[str, Any], reason: str, state: _AppState) -> st
         return "alg is 'none': the token is unsigned, and unsigned tokens are never accepted."
     if isinstance(alg, str) and alg.startswith("HS"):
         return (
-            f"The token is signed with {_printable(alg)}, an HMAC (shared-secret) algorithm; "
+            f"The token is signed with {one_line(alg)}, an HMAC (shared-secret) algorithm; "
             f"this API verifies public-key signatures only ({allowed}, OAUTH_VERIFY_ALGORITHMS). "
             "An HMAC token here is a misconfigured issuer or an algorithm-confusion attack."
         )
@@ -417,7 +412,7 @@ def _check_claims(
 def _check_scopes(
     report: _Report, context: AuthContext, scopes: tuple[str, ...], any_of: bool
 ) -> None:
-    held = " ".join(_printable(scope) for scope in sorted(context.scopes)) or "(none)"
+    held = " ".join(one_line(scope) for scope in sorted(context.scopes)) or "(none)"
     if not scopes:
         report.step(_INFO, "scopes", held)
         return

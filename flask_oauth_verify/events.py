@@ -343,9 +343,9 @@ def _summary(record: Mapping[str, Any]) -> str:
     parts: list[str] = []
     reason = record.get("reason")
     if reason:
-        parts.append(f": {_one_line(str(reason))}")
+        parts.append(f": {one_line(str(reason))}")
     details = [
-        f"{name}={_one_line(str(record[name]))}"
+        f"{name}={one_line(str(record[name]))}"
         for name in ("error", "status", "issuer", "subject", "client_id", "organization_id")
         if record.get(name) is not None
     ]
@@ -354,10 +354,11 @@ def _summary(record: Mapping[str, Any]) -> str:
     return "".join(parts)
 
 
-def _one_line(text: str) -> str:
-    """``text`` (claims of a verified token, an issuer's words) fit for a
-    plain-text log line: control characters escaped, so no value can start
-    a forged line or move a terminal's cursor."""
+def one_line(text: str) -> str:
+    """``text`` from outside (a token's claims, an issuer's words) fit for a
+    plain-text log line or a terminal: control and other non-printable
+    characters escaped, so no value can start a forged line or move the
+    cursor."""
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
