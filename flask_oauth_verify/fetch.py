@@ -345,12 +345,16 @@ class Fetcher:
         data: Mapping[str, str] | None = None,
         json_body: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
+        per_url: bool = False,
     ) -> HTTPResult:
         """POST a form or JSON body to ``url`` and decode the JSON answer.
 
+        :param per_url: count failures on ``url``'s own breaker (see :meth:`breaker`).
         :raises FetchError: on any failure (network, status, size, JSON).
         """
-        return self.request("POST", url, data=data, json_body=json_body, headers=headers)
+        return self.request(
+            "POST", url, data=data, json_body=json_body, headers=headers, per_url=per_url
+        )
 
     def request(
         self,

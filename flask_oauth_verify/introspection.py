@@ -15,7 +15,9 @@ whether the token is active:
   :func:`authlib.oauth2.rfc6750.add_bearer_token`);
 * the request goes through the app's one fetch policy
   (:class:`~flask_oauth_verify.fetch.Fetcher`: timeouts, size cap, redirects,
-  circuit breaker), shared with key fetching.
+  circuit breaker); the endpoint has a circuit breaker of its own, so
+  tokens that make it fail (anyone can send opaque tokens) never close the
+  origin to key fetching.
 
 The answer is handled strictly: only the JSON boolean ``true`` in ``active``
 makes a token active (``"true"``, ``1`` or a missing member are inactive).
@@ -360,15 +362,15 @@ class Introspector:
         try:
             if self.settings.introspection_body == "json":
                 result = self.fetcher.post(
-                    url, json_body={"token": token, **auth_params}, headers=headers
+                    url, json_body={"token": token, **auth_params}, headers=headers, per_url=True
                 )
             else:
                 form = {"token": token, "token_type_hint": "access_token", **auth_params}
-                result = self.fetcher.post(url, data=form, headers=headers)
+                result = self.fetcher.post(url, data=form, headers=headers, per_url=True)
         except FetchError as exc:
             kind, detail, retry = _classify(exc)
             if kind == "circuit_open":
-                retry = self.fetcher.breaker(url).retry_after()
+                retry = self.fetcher.breaker(url, per_url=True).retry_after()
             return None, _Failure(kind, detail, retry)
         if not isinstance(result.data, dict):
             return None, _Failure(

@@ -692,3 +692,23 @@ def test_inactive_answer_is_401_not_503(issuer: TokenIssuer, clock: FakeClock) -
     assert response.status_code == 401
     assert response.get_json()["error"] == "invalid_token"
     assert json.loads(response.data)["message"]
+
+
+def test_a_failing_introspection_endpoint_never_closes_the_origin_to_key_fetching(
+    issuer: TokenIssuer, clock: FakeClock
+) -> None:
+    """Anyone can send opaque tokens: an introspection endpoint that fails for
+    them opens its own circuit, not the one the same origin's key set uses."""
+    server = server_of(issuer)
+    server.route("/introspect", Reply(502, "bad gateway"))
+    app = fault_app(
+        introspection_config(issuer, f"{server.url}/introspect", STRATEGY="auto"), clock
+    )
+    for _ in range(8):  # past CIRCUIT_BREAKER_FAILURES
+        response, _elapsed = timed(app, issuer.mint_opaque())
+        assert_unavailable(response)
+    assert server.hits["/introspect"] == 5  # its circuit opened
+    assert server.hits["/jwks"] == 0
+    response, _elapsed = timed(app, issuer.mint())  # a JWT: keys fetched cold
+    assert_ok(response)
+    assert server.hits["/jwks"] == 1
