@@ -17,8 +17,9 @@
   consecutive outages (network errors, timeouts, 5xx, 408/429), calls fail
   at once for ``CIRCUIT_BREAKER_RESET`` seconds, then one trial call is let
   through (half-open). A wrong answer below 500 fails its call but is no
-  outage. Key set URLs named by a token (``jku``) get a breaker of their
-  own, so a forged one never closes the origin to the real ones.
+  outage. The introspection endpoint and each key set URL named by a token
+  (``jku``) get a breaker of their own (:meth:`Fetcher.breaker`), so what a
+  token makes fail never closes the origin to the rest.
 
 :class:`SingleFlight` lets concurrent callers share one call's outcome; the
 key store, discovery and introspection use it so that N threads waiting for
@@ -36,7 +37,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Hashable, Mapping
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import requests
@@ -57,6 +58,8 @@ _CHECKED_URLS = 256
 _URL_BREAKERS = 1024
 
 T = TypeVar("T")
+#: Which circuit breaker guards a request (see :meth:`Fetcher.breaker`).
+BreakerScope = Literal["origin", "endpoint", "token"]
 
 
 class FetchError(Exception):
@@ -304,21 +307,27 @@ class Fetcher:
         connect, read = self.settings.http_timeout
         return connect + read
 
-    def breaker(self, url: str, *, per_url: bool = False) -> CircuitBreaker:
-        """The circuit breaker of ``url``'s origin, or with ``per_url`` of
-        ``url`` alone (a URL a token chose: its failures must not close the
-        origin to everyone else)."""
+    def breaker(self, url: str, *, scope: BreakerScope = "origin") -> CircuitBreaker:
+        """The circuit breaker that guards a request to ``url``.
+
+        :param scope: ``"origin"`` (keys, discovery): one per origin;
+            ``"endpoint"``: ``url``'s own, for a configured endpoint that
+            tokens make fail (introspection), so it never closes the origin
+            to key fetching; ``"token"``: ``url``'s own, for a URL a token
+            chose (``jku``), kept in a bounded store so a flood of them evicts
+            only their like.
+        """
         with self._lock:
-            if per_url:
+            if scope == "token":
                 breaker = self._url_breakers.get(url)
                 if breaker is None:
                     breaker = self._new_breaker()
                     self._url_breakers.put(url, breaker)
                 return breaker
-            origin = _origin(url)
-            breaker = self._breakers.get(origin)
+            key = url if scope == "endpoint" else _origin(url)
+            breaker = self._breakers.get(key)
             if breaker is None:
-                breaker = self._breakers[origin] = self._new_breaker()
+                breaker = self._breakers[key] = self._new_breaker()
             return breaker
 
     def _new_breaker(self) -> CircuitBreaker:
@@ -329,14 +338,18 @@ class Fetcher:
         )
 
     def get_json(
-        self, url: str, *, headers: Mapping[str, str] | None = None, per_url: bool = False
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        breaker: BreakerScope = "origin",
     ) -> HTTPResult:
         """GET ``url`` and decode a JSON body; 304 is returned with ``data=None``.
 
-        :param per_url: count failures on ``url``'s own breaker (see :meth:`breaker`).
+        :param breaker: which circuit breaker guards the call (see :meth:`breaker`).
         :raises FetchError: on any failure (network, status, size, JSON).
         """
-        return self.request("GET", url, headers=headers, accept_not_modified=True, per_url=per_url)
+        return self.request("GET", url, headers=headers, accept_not_modified=True, breaker=breaker)
 
     def post(
         self,
@@ -345,15 +358,15 @@ class Fetcher:
         data: Mapping[str, str] | None = None,
         json_body: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
-        per_url: bool = False,
+        breaker: BreakerScope = "origin",
     ) -> HTTPResult:
         """POST a form or JSON body to ``url`` and decode the JSON answer.
 
-        :param per_url: count failures on ``url``'s own breaker (see :meth:`breaker`).
+        :param breaker: which circuit breaker guards the call (see :meth:`breaker`).
         :raises FetchError: on any failure (network, status, size, JSON).
         """
         return self.request(
-            "POST", url, data=data, json_body=json_body, headers=headers, per_url=per_url
+            "POST", url, data=data, json_body=json_body, headers=headers, breaker=breaker
         )
 
     def request(
@@ -365,14 +378,15 @@ class Fetcher:
         data: Mapping[str, str] | None = None,
         json_body: Mapping[str, Any] | None = None,
         accept_not_modified: bool = False,
-        per_url: bool = False,
+        breaker: BreakerScope = "origin",
     ) -> HTTPResult:
         """Send one request under the policy; see the module docstring.
 
+        :param breaker: which circuit breaker guards the call (see :meth:`breaker`).
         :raises FetchError: on any failure, including an open circuit.
         """
-        breaker = self.breaker(url, per_url=per_url)
-        if not breaker.allow():
+        circuit = self.breaker(url, scope=breaker)
+        if not circuit.allow():
             raise FetchError(f"circuit open for {_origin(url)}")
         try:
             result = self._within_budget(
@@ -383,14 +397,14 @@ class Fetcher:
             # JSON) is the server up and working as designed: our request or
             # credentials are wrong. Only outages count against the circuit.
             if exc.answered:
-                breaker.record_success()
+                circuit.record_success()
             else:
-                breaker.record_failure()
+                circuit.record_failure()
             raise
         except Exception:
-            breaker.record_failure()
+            circuit.record_failure()
             raise
-        breaker.record_success()
+        circuit.record_success()
         return result
 
     def _within_budget(self, send: Callable[[], HTTPResult]) -> HTTPResult:

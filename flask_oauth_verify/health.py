@@ -235,14 +235,14 @@ class HealthChecker:
         except FetchError as exc:
             return {"status": "unavailable", "error": exc.reason}
         fetcher = self.state.fetcher
-        if fetcher.breaker(url, per_url=True).is_open:
+        if fetcher.breaker(url, scope="endpoint").is_open:
             return {
                 "status": "unreachable",
                 "endpoint": _public_url(url),
                 "error": "circuit breaker open",
             }
         try:
-            fetcher.request("GET", url, headers={"Accept": "application/json"}, per_url=True)
+            fetcher.request("GET", url, headers={"Accept": "application/json"}, breaker="endpoint")
         except FetchError as exc:
             if exc.status is None or exc.status >= 500:
                 return {"status": "unreachable", "endpoint": _public_url(url), "error": exc.reason}

@@ -362,15 +362,18 @@ class Introspector:
         try:
             if self.settings.introspection_body == "json":
                 result = self.fetcher.post(
-                    url, json_body={"token": token, **auth_params}, headers=headers, per_url=True
+                    url,
+                    json_body={"token": token, **auth_params},
+                    headers=headers,
+                    breaker="endpoint",
                 )
             else:
                 form = {"token": token, "token_type_hint": "access_token", **auth_params}
-                result = self.fetcher.post(url, data=form, headers=headers, per_url=True)
+                result = self.fetcher.post(url, data=form, headers=headers, breaker="endpoint")
         except FetchError as exc:
             kind, detail, retry = _classify(exc)
             if kind == "circuit_open":
-                retry = self.fetcher.breaker(url, per_url=True).retry_after()
+                retry = self.fetcher.breaker(url, scope="endpoint").retry_after()
             return None, _Failure(kind, detail, retry)
         if not isinstance(result.data, dict):
             return None, _Failure(

@@ -50,7 +50,7 @@ from .cache import SharedCache, cache_key
 from .config import ConfigurationError, Settings, _is_loopback
 from .discovery import Discovery
 from .errors import InvalidTokenError, UpstreamError
-from .fetch import Fetcher, FetchError, HTTPResult, SingleFlight
+from .fetch import BreakerScope, Fetcher, FetchError, HTTPResult, SingleFlight
 from .fifo import BoundedFifo
 from .issuers import IssuerMatcher
 from .keys import KeySetError, PreparedKey, PreparedKeySet, content_hash, parse_key_set
@@ -129,6 +129,12 @@ class _Source:
 
     def key(self, kind: str) -> str:
         return cache_key(kind, self.name)
+
+
+def _scope(source: _Source) -> BreakerScope:
+    """The circuit breaker of a source's fetches: a ``jku`` (a URL a token
+    chose) has its own; an issuer's key set shares its origin's."""
+    return "token" if source.jku is not None else "origin"
 
 
 def _answered(exc: FetchError | KeySetError) -> bool:
@@ -580,7 +586,7 @@ class KeyStore:
         conditional = bool(source.etag and source.raw is not None and source.uri == uri)
         if conditional:
             headers["If-None-Match"] = str(source.etag)
-        result = self.fetcher.get_json(uri, headers=headers, per_url=source.jku is not None)
+        result = self.fetcher.get_json(uri, headers=headers, breaker=_scope(source))
         if result.status == 304:
             if not conditional:
                 raise FetchError("304 Not Modified to an unconditional request")
@@ -665,7 +671,7 @@ class KeyStore:
 
     def _unavailable(self, source: _Source, reason: str) -> UpstreamError:
         breaker = self.fetcher.breaker(
-            source.uri or source.jku or source.issuer, per_url=source.jku is not None
+            source.uri or source.jku or source.issuer, scope=_scope(source)
         )
         retry_after = breaker.retry_after() if breaker.is_open else _RETRY_AFTER
         return UpstreamError(
@@ -829,7 +835,7 @@ class KeyStore:
                     fetched_at=source.fetched_at if keys else None,
                     expires_in=(source.fresh_until - now) if keys else None,
                     circuit_open=self.fetcher.breaker(
-                        uri or source.issuer, per_url=source.jku is not None
+                        uri or source.issuer, scope=_scope(source)
                     ).is_open,
                     fetches=source.fetches,
                 )
