@@ -97,9 +97,9 @@ def _from_header(value: str) -> str | None:
     return token
 
 
-def _from_query(request: Request, environ: dict[str, Any]) -> str | None:
-    if not _may_name_access_token(environ.get("QUERY_STRING", "")):
-        return None
+def _from_query(request: Request) -> str | None:
+    """The ``access_token`` query parameter (the caller checked the raw query
+    may name one)."""
     values = request.args.getlist("access_token")
     if len(values) > 1:
         raise InvalidRequestError(reason="several access_token query parameters")
@@ -144,9 +144,7 @@ def extract_token(request: Request, settings: Settings) -> str | None:
     value: str | None = environ.get("HTTP_AUTHORIZATION")
     header = _from_header(value) if value is not None else None
     query = (
-        _from_query(request, environ)
-        if _may_name_access_token(environ.get("QUERY_STRING", ""))
-        else None
+        _from_query(request) if _may_name_access_token(environ.get("QUERY_STRING", "")) else None
     )
     form = (
         _from_form(request, environ, "form" in settings.token_locations)

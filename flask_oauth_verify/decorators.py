@@ -254,13 +254,13 @@ def require_scope(
 
 
 def _organization_check() -> None:
-    context = verify_request()
+    context = _verify_request((), False, False, None)  # verify_request(), no scopes
     if context is None or not context.organization_id:
         raise _with_event(MissingOrganizationContext(reason="token has no organization"))
 
 
 def _user_check() -> None:
-    context = verify_request()
+    context = _verify_request((), False, False, None)  # verify_request(), no scopes
     if context is None or not context.user_id:
         raise _with_event(MissingUserContext(reason="token does not act for a user"))
 
