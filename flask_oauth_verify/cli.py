@@ -632,9 +632,9 @@ def _print_key_set(entry: Mapping[str, Any]) -> None:
         when = "never fetched" if age is None else f"fetched {_duration(age)} ago"
         fresh = ", fresh" if entry["fresh"] else ", due for refresh"
         fresh = "" if age is None else fresh
-        click.echo(f"  source: {entry['source'] or '(unknown)'} ({when}{fresh})")
+        click.echo(f"  source: {one_line(entry['source'] or '(unknown)')} ({when}{fresh})")
     if entry["error"]:
-        click.echo(f"  error: {entry['error']}")
+        click.echo(f"  error: {one_line(entry['error'])}")
     if not entry["keys"]:
         click.echo("  no usable keys")
     for key in entry["keys"]:
@@ -644,7 +644,7 @@ def _print_key_set(entry: Mapping[str, Any]) -> None:
             f"algorithms {', '.join(key['algorithms'])}, thumbprint {key['thumbprint']}"
         )
     for skipped in entry["skipped"]:
-        click.echo(f"  skipped {skipped}")
+        click.echo(f"  skipped {one_line(skipped)}")
 
 
 # -- discover -----------------------------------------------------------------------
@@ -659,14 +659,14 @@ def _discover_issuer(state: _AppState, issuer: str) -> bool:
         metadata = state.discovery.metadata(issuer)
         click.echo("  metadata: found (tried in order: " + ", ".join(metadata_urls(issuer)) + ")")
     except FetchError as exc:
-        click.echo(f"  metadata: not available ({exc.reason})")
+        click.echo(f"  metadata: not available ({one_line(exc.reason)})")
     ok = True
     if settings.static_jwks is not None:
         click.echo("  jwks_uri: not used, static key set (OAUTH_VERIFY_JWKS)")
     elif settings.jwks_uri_for(issuer):
         click.echo(f"  jwks_uri: {settings.jwks_uri_for(issuer)} (OAUTH_VERIFY_JWKS_URI)")
     elif isinstance(metadata.get("jwks_uri"), str):
-        click.echo(f"  jwks_uri: {metadata['jwks_uri']} (discovered)")
+        click.echo(f"  jwks_uri: {one_line(metadata['jwks_uri'])} (discovered)")
     else:
         click.echo("  jwks_uri: NOT FOUND — set OAUTH_VERIFY_JWKS_URI or fix discovery")
         ok = settings.strategy == "introspection"
@@ -676,12 +676,13 @@ def _discover_issuer(state: _AppState, issuer: str) -> bool:
             "(OAUTH_VERIFY_INTROSPECTION_ENDPOINT)"
         )
     elif isinstance(metadata.get("introspection_endpoint"), str):
-        click.echo(f"  introspection_endpoint: {metadata['introspection_endpoint']} (discovered)")
+        endpoint = one_line(metadata["introspection_endpoint"])
+        click.echo(f"  introspection_endpoint: {endpoint} (discovered)")
     else:
         click.echo("  introspection_endpoint: not published")
     for name in ("token_endpoint", "revocation_endpoint", "userinfo_endpoint"):
         if isinstance(metadata.get(name), str):
-            click.echo(f"  {name}: {metadata[name]}")
+            click.echo(f"  {name}: {one_line(metadata[name])}")
     return ok
 
 

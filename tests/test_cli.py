@@ -291,6 +291,29 @@ def test_discover_without_metadata(tokens: TokenIssuer) -> None:
     assert "jwks_uri: NOT FOUND" in result.output
 
 
+def test_discover_and_keys_escape_what_the_issuer_publishes(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer
+) -> None:
+    """Issuer metadata and key sets are outside input: a terminal escape or a
+    newline in them must not reach the operator's terminal as such."""
+    forged = "\r\x1b[2Kjwks_uri: https://trusted.example/jwks (discovered)\n"
+    metadata = {**served_tokens.metadata(), "token_endpoint": forged}
+    metadata["revocation_endpoint"] = "https://x.example/\x1b]0;pwned\x07"
+    issuer_server.route("/.well-known/openid-configuration", Reply(200, metadata))
+    keys = served_tokens.jwks()["keys"] + [{"kty": "RSA", "kid": "bad\x1b[31m", "n": "AQAB"}]
+    issuer_server.route("/jwks", Reply(200, {"keys": keys}))
+    config = served_tokens.config()
+    config.pop("OAUTH_VERIFY_JWKS_URI")
+    app = make_app(config)
+    for command in ("discover", "keys"):
+        result = run(app, command)
+        assert result.exit_code == 0, result.output
+        assert "\x1b" not in result.output and "\r" not in result.output, command
+    result = run(app, "discover")
+    assert "token_endpoint: \\r\\x1b[2Kjwks_uri:" in result.output
+    assert sum(line.startswith("  jwks_uri:") for line in result.output.splitlines()) == 1
+
+
 # -- mint ------------------------------------------------------------------------
 
 
