@@ -33,13 +33,16 @@ and an ERROR log record that says which: a misconfigured resource server
 must never look like a client with a bad token.
 
 Results are cached only when ``INTROSPECTION_CACHE_TTL`` > 0, under the
-SHA-256 of the token, for at most ``min(TTL, exp - now)``; inactive answers
-only when ``INTROSPECTION_NEGATIVE_CACHE_TTL`` > 0. Concurrent requests for
+SHA-256 of the token and a hash of who was asked (the endpoint, or the
+issuers it is discovered from, and our client id), for at most
+``min(TTL, exp - now)``; inactive answers only when
+``INTROSPECTION_NEGATIVE_CACHE_TTL`` > 0. Concurrent requests for
 the same token in one process share one call (single flight).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -55,7 +58,7 @@ from .discovery import Discovery
 from .errors import InvalidTokenError, UpstreamError
 from .fetch import Fetcher, FetchError, SingleFlight
 from .fifo import BoundedFifo
-from .verification import JWTVerifier
+from .verification import JWTVerifier, finite_number
 
 __all__ = ["ACCESS_TOKEN_TYPES", "Introspector"]
 
@@ -167,6 +170,7 @@ class Introspector:
         )
         self._last_logged: dict[str, float] = {}
         self._auth_by_url: dict[str, tuple[dict[str, str], dict[str, str]]] = {}
+        self._kind = "introspection:" + answer_scope(settings)
         connect, read = settings.http_timeout
         # A follower waits for the leader's call: discovery plus the POST,
         # each bounded by the fetch policy's overall deadline.
@@ -200,7 +204,7 @@ class Introspector:
             raise InvalidTokenError(
                 reason=f"token longer than {self.settings.max_token_bytes} bytes"
             )
-        key = cache_key("introspection", token, digest)
+        key = cache_key(self._kind, token, digest)
         response = self._cached(key, now)
         if response is None:
             response = self._single_flight(key, token, now)
@@ -301,9 +305,11 @@ class Introspector:
         if response.get("active") is True:
             ttl = self.settings.introspection_cache_ttl
             exp = response.get("exp")
-            if isinstance(exp, int | float) and not isinstance(exp, bool):
+            if finite_number(exp):
                 # Never remember an answer past the token's own expiry.
                 ttl = min(ttl, exp - now)
+            elif "exp" in response:
+                return  # refused by the checks: nothing worth keeping
             stored: Mapping[str, Any] = response
         else:
             ttl = self.settings.introspection_negative_cache_ttl
@@ -483,6 +489,27 @@ class Introspector:
     def _emit(self, event: str, fields: Mapping[str, Any]) -> None:
         if self.on_event is not None:
             self.on_event(event, fields)
+
+
+def answer_scope(settings: Settings) -> str:
+    """A hash of who answers: the endpoint (or the issuers it is discovered
+    from), our client authentication method and client id.
+
+    Part of the cache key of an answer: apps that share a cache backend but
+    ask different authorization servers (or ask as different clients, which
+    servers may answer differently) never reuse each other's answers. An
+    answer that lacks ``iss`` (RFC 7662 §2.2 makes it optional) would
+    otherwise let a token of one server pass at an API of another.
+    """
+    who = "\n".join(
+        (
+            settings.introspection_endpoint or "",
+            *settings.issuers,
+            settings.introspection_auth,
+            settings.introspection_client_id or "",
+        )
+    )
+    return hashlib.sha256(who.encode()).hexdigest()[:16]
 
 
 class _Misconfigured(Exception):

@@ -37,7 +37,7 @@ from .issuers import IssuerMatcher, is_template
 from .keys import PreparedKey
 from .strictjson import STRICT_DECODER
 
-__all__ = ["JWSHeader", "JWTVerifier", "KeyResolver", "Vouched", "looks_like_jws"]
+__all__ = ["JWSHeader", "JWTVerifier", "KeyResolver", "Vouched", "finite_number", "looks_like_jws"]
 
 _REFUSED_HEADERS = ("crit", "b64", "enc", "zip")
 _MAX_KID_LENGTH = 512
@@ -154,13 +154,18 @@ def looks_like_jws(token: str) -> bool:
     return header.startswith("eyJ")
 
 
-def _is_number(value: Any) -> TypeGuard[float]:
+def finite_number(value: Any) -> TypeGuard[float]:
+    """Whether ``value`` is a JSON number a float can hold (not a bool, not
+    infinite, not an integer beyond the float range such as ``10**400``)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
     try:
         return math.isfinite(value)
     except OverflowError:  # an int beyond the float range, e.g. 10**400
         return False
+
+
+_is_number = finite_number
 
 
 def _same_value(actual: Any, expected: Any) -> bool:

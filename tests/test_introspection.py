@@ -25,7 +25,7 @@ from werkzeug.test import TestResponse
 
 from flask_oauth_verify import OAuthVerify, require_scope, require_token
 from flask_oauth_verify.extension import get_state
-from flask_oauth_verify.introspection import Introspector
+from flask_oauth_verify.introspection import Introspector, answer_scope
 from flask_oauth_verify.testing import IssuerServer, Reply, Request, TokenIssuer, auth_header
 
 from .conftest import FakeClock, add_views, free_port, make_app
@@ -371,8 +371,11 @@ def test_results_never_leak_between_tokens(issuer: TokenIssuer, clock: FakeClock
             assert token not in key
             assert token not in repr(value)
     assert any("oauth_verify:introspection:" in key for key in stored)
-    # The key every worker and version shares: the token's SHA-256 in hex.
-    assert f"oauth_verify:introspection:{hashlib.sha256(second.encode()).hexdigest()}" in stored
+    # The key every worker and version shares: who answers, then the
+    # token's SHA-256 in hex.
+    scope = answer_scope(get_state(app).settings)
+    digest = hashlib.sha256(second.encode()).hexdigest()
+    assert f"oauth_verify:introspection:{scope}:{digest}" in stored
 
 
 # -- strict handling of the response -------------------------------------------
@@ -833,3 +836,85 @@ def test_a_worker_reusing_a_shared_answer_keeps_its_original_deadline(
     clock.advance(1)  # 60 s after A's call: both copies are over
     assert_401(second.get("/protected", headers=auth_header(token)))
     assert_401(first.get("/protected", headers=auth_header(token)))
+
+
+def _redis_app(name: str, config: dict[str, Any], redis_url: str) -> Flask:
+    app = Flask(name)
+    app.config.update(
+        TESTING=True,
+        CACHE_TYPE="RedisCache",
+        CACHE_REDIS_URL=redis_url,
+        CACHE_OPTIONS={"socket_timeout": 1, "socket_connect_timeout": 1},
+        **config,
+    )
+    OAuthVerify().init_app(app, cache=Cache(app))
+    add_views(app)
+    return app
+
+
+def _without_iss_and_aud(tokens: TokenIssuer) -> None:
+    """Answer like VoxKey's documented response: no ``iss``, no ``aud``."""
+
+    def answer(request: Request) -> Reply:
+        body = tokens.introspect(request.form()["token"])
+        body.pop("iss", None)
+        body.pop("aud", None)
+        return Reply(200, body)
+
+    server_of(tokens).route(INTROSPECT, answer)
+
+
+def test_apis_of_other_servers_sharing_redis_never_reuse_each_others_answers(
+    redis_url: str,
+) -> None:
+    # Two APIs, each trusting its own authorization server, one Redis. An
+    # answer without "iss" (optional, RFC 7662 §2.2) cached by API A must
+    # not let A's token into API B, whose server has never heard of it.
+    servers = [IssuerServer(), IssuerServer()]
+    try:
+        a_tokens, b_tokens = TokenIssuer(alg="ES256"), TokenIssuer(alg="ES256")
+        for tokens, server in zip((a_tokens, b_tokens), servers, strict=True):
+            tokens.serve(server)
+            _without_iss_and_aud(tokens)
+        api_a = _redis_app("api_a", intro_config(a_tokens, INTROSPECTION_CACHE_TTL=60), redis_url)
+        api_b = _redis_app("api_b", intro_config(b_tokens, INTROSPECTION_CACHE_TTL=60), redis_url)
+        token = a_tokens.mint_opaque(subject="alice_of_a", scopes=["read:users"])
+        assert api_a.test_client().get("/protected", headers=auth_header(token)).status_code == 200
+        assert_401(api_b.test_client().get("/protected", headers=auth_header(token)))
+        assert (hits(a_tokens), hits(b_tokens)) == (1, 1), "B asked its own server"
+    finally:
+        for server in servers:
+            server.close()
+
+
+def test_apis_asking_as_other_clients_keep_their_answers_apart(
+    issuer: TokenIssuer, redis_url: str
+) -> None:
+    # A server may answer per calling client (RFC 7662 §4: it may refuse to
+    # reveal a token to a client it was not issued for): an answer obtained
+    # as one client is not reused for an API that authenticates as another.
+    issuer.introspection_auth = "none"  # the endpoint answers both clients
+    first = _redis_app("client_1", intro_config(issuer, INTROSPECTION_CACHE_TTL=60), redis_url)
+    issuer.introspection_credentials = ("other-resource-server", "other-secret")
+    second = _redis_app("client_2", intro_config(issuer, INTROSPECTION_CACHE_TTL=60), redis_url)
+    token = issuer.mint_opaque()
+    for client in (first.test_client(), second.test_client()):
+        assert client.get("/protected", headers=auth_header(token)).status_code == 200
+    assert hits(issuer) == 2
+    # ... while the same API's second worker shares the first one's answer.
+    again = _redis_app(
+        "client_2_worker", intro_config(issuer, INTROSPECTION_CACHE_TTL=60), redis_url
+    )
+    assert again.test_client().get("/protected", headers=auth_header(token)).status_code == 200
+    assert hits(issuer) == 2
+
+
+@pytest.mark.parametrize("exp", [10**400, -(10**400)], ids=["10**400", "-10**400"])
+def test_an_exp_beyond_the_float_range_is_refused_not_an_internal_error(
+    issuer: TokenIssuer, caplog: pytest.LogCaptureFixture, exp: int
+) -> None:
+    scripted(issuer, _set("exp", exp))
+    app = make_app(intro_config(issuer, INTROSPECTION_CACHE_TTL=60))
+    with caplog.at_level(logging.ERROR):
+        assert_401(app.test_client().get("/protected", headers=auth_header("some-token")))
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
