@@ -98,6 +98,8 @@ _FROM_STATEMENT = "_oauth_verify_from_statement"
 #: ``InstanceState.info`` key: (organization, identity key) the object was
 #: loaded for by a scoped statement, or inserted for by a guarded flush.
 _LOADED_FOR = "_oauth_verify_loaded_for"
+#: ``Session.info`` key: the organization the session last worked for.
+_SESSION_ORG = "_oauth_verify_session_organization"
 
 DEFAULT_ORGANIZATION_COLUMN = "organization_id"
 DEFAULT_USER_COLUMN = "user_id"
@@ -604,6 +606,34 @@ def _expanded(mapper: Mapper[Any], row: Mapping[str, Any]) -> Mapping[str, Any]:
     return copy
 
 
+class _TenantTables(dict[Any, str]):
+    """The tenant tables (``Table`` -> organization column name), also found by name.
+
+    A table object other than the mapped one — ``sqlalchemy.table("projects")``,
+    a ``Table`` of another ``MetaData`` or reflected — names the same rows:
+    it counts as the tenant table of that name (any schema when either has
+    none; names compared case-insensitively, as SQLite does).
+    """
+
+    def __init__(self, tables: Mapping[Any, str]) -> None:
+        super().__init__(tables)
+        self._names: dict[str, list[tuple[str | None, str]]] = {}
+        for table, column in tables.items():
+            self._names.setdefault(table.name.lower(), []).append((table.schema, column))
+
+    def get(self, table: Any, default: Any = None) -> Any:
+        found = super().get(table)
+        if found is not None or not isinstance(table, TableClause):
+            return default if found is None else found
+        for schema, column in self._names.get(table.name.lower(), ()):
+            if schema is None or table.schema is None or schema == table.schema:
+                return column
+        return default
+
+    def __contains__(self, table: object) -> bool:
+        return self.get(table) is not None
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _CoreVerdict:
     """What a Core statement reads of tenant tables (see :func:`_core_verdict`)."""
@@ -719,7 +749,7 @@ class TenantScoping:
         self._models = models
         self._tenants: tuple[int, tuple[tuple[Any, str], ...]] | None = None
         self._keys: weakref.WeakKeyDictionary[Mapper[Any], str | None] = weakref.WeakKeyDictionary()
-        self._tables: tuple[int, dict[Any, str]] | None = None
+        self._tables: tuple[int, _TenantTables] | None = None
         self._refused: tuple[int, dict[Mapper[Any], str]] | None = None
         #: statement -> (mapper generation, verdict) of Core statements checked
         self._verdicts: weakref.WeakKeyDictionary[Any, tuple[int, _CoreVerdict]] = (
@@ -820,18 +850,19 @@ class TenantScoping:
         if why is not None:
             raise TenantScopingError(why)
 
-    def _tenant_tables(self) -> dict[Any, str]:
+    def _tenant_tables(self) -> _TenantTables:
         generation = _MAPPER_GENERATION[0]
         cached = self._tables
         if cached is not None and cached[0] == generation:
             return cached[1]
-        tables: dict[Any, str] = {}
+        found: dict[Any, str] = {}
         for cls, key in self.tenant_classes():
             mapper = inspect(cls)
             name = mapper.columns[key].name
             for table in mapper.tables:
                 if name in table.c:
-                    tables[table] = name
+                    found[table] = name
+        tables = _TenantTables(found)
         self._tables = (generation, tables)
         return tables
 
@@ -923,6 +954,7 @@ class TenantScoping:
             for mapper in state.all_mappers:
                 self._refuse(mapper, refused)
         organization = current_organization_id()
+        _switch_organization(state.session, organization)
         if state.is_insert:
             return self._guard_insert(state, tenants, organization)
         if state.is_update or state.is_delete:
@@ -1181,6 +1213,12 @@ class TenantScoping:
         :func:`unscoped` read) counts as absent, so SQLAlchemy loads the
         primary key with the current organization's criteria instead.
         """
+        options = kw.get("execution_options") or {}
+        if not (options.get(BYPASS_OPTION) or options.get(_INTERNAL)):
+            with contextlib.suppress(MissingOrganizationContext, TenantContextError):
+                # a hit runs no SQL: relationships loaded for another
+                # organization are expired first
+                _switch_organization(session, current_organization_id())
         found = original(session, mapper, *args, **kw)
         if found is None or not hasattr(found, "_sa_instance_state"):
             return found
@@ -1188,7 +1226,6 @@ class TenantScoping:
         key = self.tenant_key(state.mapper)
         if key is None:
             return found
-        options = kw.get("execution_options") or {}
         if options.get(BYPASS_OPTION) or options.get(_INTERNAL):
             return found
         organization = current_organization_id()
@@ -1260,6 +1297,7 @@ class TenantScoping:
             if not acting:
                 self._check_settings()
                 acting.append(current_organization_id())
+                _switch_organization(session, acting[0])
             return acting[0]
 
         refused = self._refused_mappers()
@@ -1312,6 +1350,36 @@ class TenantScoping:
         key = self.tenant_key(state.mapper)
         if key is not None:
             state.info[_LOADED_FOR] = (state.dict.get(key), state.key)
+
+
+def _switch_organization(session: Session, organization: str) -> None:
+    """Forget the relationships a session loaded for another organization.
+
+    A loaded relationship is not reloaded by later statements: a shared
+    object (no organization column) whose tenant collection was loaded for
+    one organization would show that organization's rows to the next one
+    working with the same session — an ``as_organization`` block, or a
+    ``scoped_session`` (or Flask-SQLAlchemy's ``db.session`` under an
+    application context pushed for the whole process) not removed between
+    requests. When the organization changes, every loaded relationship
+    attribute of the identity map without unflushed changes is expired, so
+    that the next access loads it with the current organization's criteria.
+    """
+    previous = session.info.get(_SESSION_ORG)
+    session.info[_SESSION_ORG] = organization
+    if previous is None or previous == organization:
+        return
+    for state in session.identity_map.all_states():
+        obj = state.obj()
+        if obj is None:
+            continue
+        stale = [
+            prop.key
+            for prop in state.mapper.relationships
+            if prop.key in state.dict and not state.attrs[prop.key].history.has_changes()
+        ]
+        if stale:
+            session.expire(obj, stale)
 
 
 #: Execution option carrying the scoping object to the load guard.
