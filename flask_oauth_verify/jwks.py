@@ -121,6 +121,9 @@ class _Source:
     uri: str | None = None
     last_forced: float = float("-inf")
     last_error: str | None = None
+    #: With no keys to serve, no fetch before this time: set when the server
+    #: answered with no key set (an outage is the circuit breaker's to pace).
+    retry_at: float = float("-inf")
     fetches: int = 0
 
     @property
@@ -430,6 +433,11 @@ class KeyStore:
     def _refresh_locked(
         self, source: _Source, mode: str, kid: str | None, now: float
     ) -> PreparedKeySet:
+        if mode != "manual" and source.keys is None and now < source.retry_at:
+            # A fetch failed a moment ago and there is nothing to serve: refuse
+            # at once, so that a flood of requests is not a flood of fetches
+            # (an answer that is no key set does not open the circuit).
+            return self._keys_or_raise(source, now)
         if mode == "forced":
             if now - source.last_forced < self._cooldown:
                 return self._keys_or_raise(source, now)
@@ -490,16 +498,29 @@ class KeyStore:
         return False
 
     def _failed_elsewhere(self, source: _Source, now: float) -> bool:
-        """Whether another worker's refresh failed so recently that we wait too."""
-        if source.keys is None or not self._usable(source, now):
+        """Whether another worker's refresh failed so recently that we wait too.
+
+        With keys to serve, a due refresh waits the cooldown; with none (cold,
+        or past the staleness bound) a fetch waits :data:`_RECHECK` after an
+        answer that was no key set, so that the workers together fetch at
+        most once a second from such an issuer (it never opens the circuit).
+        """
+        warm = source.keys is not None and self._usable(source, now)
+        if not warm and source.keys is not None:
             return False
         attempt = self.cache.get(source.key("jwks-attempt"))
         if not isinstance(attempt, dict) or not attempt.get("error"):
             return False
         at = attempt.get("at")
-        retry = max(self._cooldown, _RECHECK)
+        retry = max(self._cooldown, _RECHECK) if warm else _RECHECK
         if not isinstance(at, int | float) or now - at >= retry:
             return False
+        if not warm:
+            if not attempt.get("answered"):
+                return False
+            source.last_error = str(attempt["error"])
+            source.retry_at = max(source.retry_at, at + retry)
+            return True
         source.last_error = str(attempt["error"])
         source.fresh_until = max(
             source.fresh_until, min(at + retry, source.fetched_at + self._max_staleness)
@@ -532,7 +553,7 @@ class KeyStore:
                 raise self._jku_refusal(answered, now) from None
             if isinstance(exc, FetchError) and exc.circuit_open:
                 return self._refused_by_circuit(source, now, str(exc))
-            return self._failed(source, now, str(exc))
+            return self._failed(source, now, str(exc), answered=_answered(exc))
         keep = self._max_staleness + record["ttl"]
         self.cache.set(source.key("jwks"), record, keep)
         self.cache.set(source.key("jwks-attempt"), {"at": now, "error": None}, keep)
@@ -621,12 +642,19 @@ class KeyStore:
             self._parsed[parsed.content_hash] = parsed
         return parsed
 
-    def _failed(self, source: _Source, now: float, reason: str) -> PreparedKeySet:
-        """A refresh failed: keep the last good keys while allowed, else 503."""
+    def _failed(
+        self, source: _Source, now: float, reason: str, *, answered: bool = False
+    ) -> PreparedKeySet:
+        """A refresh failed: keep the last good keys while allowed, else 503.
+
+        :param answered: the server answered, with no key set (a 4xx, an HTML
+            page, a set that cannot be used). That never opens the circuit,
+            so with no keys to serve the next fetch waits :data:`_RECHECK`
+            (in every worker): a flood of requests is not a flood of fetches.
+        """
         source.last_error = reason
-        self.cache.set(
-            source.key("jwks-attempt"), {"at": now, "error": reason}, self._max_staleness
-        )
+        attempt = {"at": now, "error": reason, "answered": answered}
+        self.cache.set(source.key("jwks-attempt"), attempt, self._max_staleness)
         self._emit("keys_refresh_failed", issuer=source.issuer, reason=reason)
         if source.keys is not None and self._usable(source, now):
             retry = max(self._cooldown, _RECHECK)
@@ -644,6 +672,8 @@ class KeyStore:
             )
             return source.keys
         source.keys = None
+        if answered:
+            source.retry_at = now + _RECHECK
         logger.error("No keys for %s: %s", source.name, reason)
         raise self._unavailable(source, reason)
 
