@@ -946,7 +946,7 @@ class TenantScoping:
             return None
         self._check_settings()
         if not state.is_orm_statement:
-            self._check_core(state)
+            self._check_core(state.statement)
             return None
         tenants = self.tenant_classes()
         refused = self._refused_mappers()
@@ -955,6 +955,12 @@ class TenantScoping:
                 self._refuse(mapper, refused)
         organization = current_organization_id()
         _switch_organization(state.session, organization)
+        if isinstance(state.statement, FromStatement):
+            inner: Any = state.statement.element
+            if inner._propagate_attrs.get("compile_state_plugin") != "orm":
+                # from_statement(<Core select/update/delete>): loader criteria
+                # never reach it, and rows of column entities are not guarded
+                self._check_core(inner)
         if state.is_insert:
             return self._guard_insert(state, tenants, organization)
         if state.is_update or state.is_delete:
@@ -972,8 +978,7 @@ class TenantScoping:
             state.update_execution_options(**guard)
         return None
 
-    def _check_core(self, state: ORMExecuteState) -> None:
-        statement: Any = state.statement
+    def _check_core(self, statement: Any) -> None:
         verdict = self._core_verdict(statement)
         if not verdict.touched:
             return  # text() and statements on other tables: see "Limits"

@@ -26,6 +26,7 @@ from sqlalchemy import (
     insert,
     select,
     table,
+    update,
 )
 from sqlalchemy.ext.associationproxy import association_proxy
 from sqlalchemy.orm import (
@@ -328,3 +329,44 @@ def test_flushed_expression_reading_a_lightweight_tenant_table_is_refused(
         task.title = select(light.c.name).limit(1).scalar_subquery()
         with pytest.raises(TenantScopingError):
             session.flush()
+
+
+# -- from_statement() of a Core statement ------------------------------------------------
+
+
+def stored_names(engine: Engine) -> list[str]:
+    with engine.connect() as connection:
+        return list(connection.execute(select(TABLES["p2_projects"].c.name)).scalars())
+
+
+def test_from_statement_of_a_core_statement_is_checked_like_one(
+    engine: Engine, maker: sessionmaker[Session]
+) -> None:
+    projects = TABLES["p2_projects"]
+    with maker() as session, as_organization("org_b"):
+        for statement in (
+            # column entities: no object for the load guard to check
+            select(Project.name).from_statement(select(projects)),
+            select(Project.name, Project.organization_id).from_statement(select(projects)),
+            # a write, through a select()
+            select(Project.name).from_statement(
+                update(projects).values(name="PWNED").returning(projects.c.name)
+            ),
+        ):
+            with pytest.raises(TenantScopingError):
+                session.execute(statement)
+        session.commit()
+        # scoped by hand, or ORM statements (scoped by the criteria), pass
+        scoped = org_scoped(select(projects), projects.c.organization_id)
+        rows = session.execute(select(Project.name).from_statement(scoped)).all()
+        assert rows == [("B-one",)]
+        rows = session.execute(select(Project.name).from_statement(select(Project.name))).all()
+        assert rows == [("B-one",)]
+        renamed = session.execute(
+            select(Project.name).from_statement(
+                update(Project).values(name="B-renamed").returning(Project.name)
+            )
+        ).all()
+        assert renamed == [("B-renamed",)]
+        session.commit()
+    assert stored_names(engine) == ["A-SECRET", "B-renamed"]
