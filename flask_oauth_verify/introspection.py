@@ -381,11 +381,23 @@ class Introspector:
             if kind == "circuit_open":
                 retry = self.fetcher.breaker(url, scope="endpoint").retry_after()
             return None, _Failure(kind, detail, retry)
-        if not isinstance(result.data, dict):
+        data = result.data
+        if not isinstance(data, dict):
             return None, _Failure(
                 "invalid_response", "the endpoint's JSON answer is not an object", _RETRY_TRANSIENT
             )
-        return result.data, None
+        error = data.get("error")
+        if "active" not in data and isinstance(error, str):
+            # An OAuth error response (RFC 6749 §5.2) sent with 200: our
+            # request was refused, which is not the client's token's fault.
+            return None, _Failure(
+                "request_rejected",
+                f"the endpoint answered the error {error[:40]!r} (with HTTP {result.status}); "
+                "check OAUTH_VERIFY_INTROSPECTION_AUTH, _CLIENT_ID, _CLIENT_SECRET and "
+                "OAUTH_VERIFY_INTROSPECTION_ENDPOINT",
+                _RETRY_MISCONFIGURED,
+            )
+        return data, None
 
     def _endpoint(self) -> str:
         """The introspection endpoint: configured, else from discovery.

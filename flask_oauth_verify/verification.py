@@ -10,7 +10,8 @@ come first and nothing from the payload is trusted before the signature is:
 2. the protected header: strict base64url, a JSON object without duplicate
    members, ``alg`` in the allowlist, no ``crit`` (we implement no
    extension, so every critical one is unknown, RFC 7515 §4.1.11), no
-   ``b64``/``enc``/``zip``, ``typ`` in the allowlist; ``jku``, ``x5u``,
+   ``b64``/``enc``/``zip``, no ``cty`` of ``JWT`` (a nested token),
+   ``typ`` in the allowlist; ``jku``, ``x5u``,
    ``jwk`` and ``x5c`` are never used to find a key;
 3. the unverified ``iss`` must be one of the configured issuers before any
    key is looked up or fetched (so a token cannot make us fetch anything);
@@ -40,6 +41,8 @@ from .strictjson import STRICT_DECODER
 __all__ = ["JWSHeader", "JWTVerifier", "KeyResolver", "Vouched", "finite_number", "looks_like_jws"]
 
 _REFUSED_HEADERS = ("crit", "b64", "enc", "zip")
+#: ``cty`` values (lower case) that mark a nested JWT (RFC 7519 §5.2).
+_NESTED_CTY = frozenset({"jwt", "application/jwt"})
 _MAX_KID_LENGTH = 512
 _HEADER_CACHE_SIZE = 512
 _BASE64_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
@@ -55,6 +58,11 @@ _INT_HIGH = 2**1023
 _INT_LOW = -_INT_HIGH
 #: ``claims.get(name, _ABSENT)``: tells a missing claim from ``"nbf": null``.
 _ABSENT: Any = object()
+#: Values (lower case) of a ``typ`` *claim* that name a token other than an
+#: access token: Keycloak signs its ID tokens (``"ID"``) with the access
+#: tokens' keys and answers introspection of its refresh (``"Refresh"``,
+#: ``"Offline"``) tokens with their claims; its access tokens say ``"Bearer"``.
+_OTHER_TOKEN_TYPS = frozenset({"id", "refresh", "offline", "logout"})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -168,6 +176,14 @@ def finite_number(value: Any) -> TypeGuard[float]:
 _is_number = finite_number
 
 
+def _check_typ_claim(typ: Any) -> None:
+    """Refuse a ``typ`` claim that names an ID, refresh or logout token."""
+    if type(typ) is str and typ.lower() in _OTHER_TOKEN_TYPS:
+        raise InvalidTokenError(
+            reason=f"claim 'typ' {typ[:16]!r} marks a token that is not an access token"
+        )
+
+
 def _same_value(actual: Any, expected: Any) -> bool:
     # 1 == True in Python; a claim that must be 1 must not accept true.
     if isinstance(expected, bool) or isinstance(actual, bool):
@@ -233,6 +249,11 @@ class JWTVerifier:
         for name in _REFUSED_HEADERS:
             if name in raw:
                 raise _invalid(f"header parameter {name!r} is not supported")
+        cty = raw.get("cty")
+        if isinstance(cty, str) and cty.lower() in _NESTED_CTY:
+            # RFC 7519 §5.2: the payload is another JWT. We verify no nested
+            # tokens: never read such a payload as this token's claims.
+            raise _invalid("cty says the payload is a nested JWT")
         typ = raw.get("typ")
         if typ is not None and not isinstance(typ, str):
             raise _invalid("typ is not a string")
@@ -345,6 +366,9 @@ class JWTVerifier:
         for name in self._refused:
             if name in claims:
                 raise _id_token(name)
+        typ = get("typ")
+        if typ is not None:
+            _check_typ_claim(typ)
         if self._extra_checks:
             self._check_extra(claims)
 
@@ -380,6 +404,9 @@ class JWTVerifier:
         for name in self._refused:
             if name in claims:
                 raise _id_token(name)
+        typ = claims.get("typ")
+        if typ is not None:
+            _check_typ_claim(typ)
         if self._extra_checks:
             self._check_extra(claims)
 

@@ -374,6 +374,17 @@ def _typ_token(typ: str) -> Callable[[Kit], str]:
     return lambda k: k.token(typ=typ)
 
 
+def _with_raw_member(k: Kit, name: str, raw: bytes) -> bytes:
+    """The valid claims with member ``name`` spelled exactly as ``raw``."""
+    return _json(k.claims(**{name: DROP}))[:-1] + f',"{name}":'.encode() + raw + b"}"
+
+
+def _json_serialized(token: str) -> str:
+    """The flattened JWS JSON serialization (RFC 7515 §7.2.2) of ``token``."""
+    protected, payload, signature = token.split(".")
+    return json.dumps({"protected": protected, "payload": payload, "signature": signature})
+
+
 def _claims_over(overrides: Mapping[str, Any]) -> Callable[[Kit], str]:
     return lambda k: k.token(k.claims(**overrides))
 
@@ -621,6 +632,22 @@ _add(
     INVALID,
     _bearer(lambda k: k.token(k.jwe(_json(k.claims())), cty="JWT")),
 )
+# cty JWT over plain claims: a verifier that honours cty would unwrap a nested
+# token, one that ignores it reads the claims; either way it is no access token.
+_add("cty JWT over claims", "jwe", INVALID, _bearer(lambda k: k.token(cty="JWT")))
+_add("cty application/jwt over claims", "jwe", INVALID, _bearer(lambda k: k.token(cty="jwt")))
+_add(
+    "JWS JSON serialization (flattened)",
+    "jwe",
+    BAD_REQUEST,
+    _bearer(lambda k: _json_serialized(k.token())),
+)
+_add(
+    "JWS JSON serialization, base64url-wrapped",
+    "jwe",
+    INVALID,
+    _bearer(lambda k: b64url(_json_serialized(k.token()))),
+)
 
 # Segment counts.
 _add("one segment", "segments", INVALID, _bearer(lambda k: k.token().split(".")[0]))
@@ -674,6 +701,41 @@ for _label, _raw in (
     ("invalid UTF-8", b'{"sub":"\xc3\x28"}'),
 ):  # fmt: skip
     _add(f"signed payload is {_label}", "json", INVALID, _bearer(_signed_payload(_raw)))
+for _label, _raw_exp in (
+    ("exp 1e400 (parses to infinity)", b"1e400"),
+    ("exp with 5000 digits", b"1" + b"0" * 5000),
+    ("exp -1e400", b"-1e400"),
+):  # fmt: skip
+    _add(
+        f"signed payload with {_label}",
+        "json",
+        INVALID,
+        _bearer(
+            lambda k, raw=_raw_exp: k.token(
+                _json(k.claims(exp=DROP))[:-1] + b',"exp":' + raw + b"}"
+            )
+        ),
+    )
+_add(
+    "signed payload deeply nested",
+    "json",
+    INVALID,
+    _bearer(
+        lambda k: k.token(_json(k.claims())[:-1] + b',"x":' + b"[" * 5000 + b"]" * 5000 + b"}")
+    ),
+)
+_add(
+    "signed payload with a UTF-8 BOM",
+    "json",
+    INVALID,
+    _bearer(lambda k: k.token(b"\xef\xbb\xbf" + _json(k.claims()))),
+)
+_add(
+    "signed payload in UTF-16",
+    "json",
+    INVALID,
+    _bearer(lambda k: k.token(json.dumps(k.claims()).encode("utf-16"))),
+)
 _add(
     "signed payload with trailing garbage",
     "json",
@@ -725,12 +787,20 @@ for _label, _kid in (
     ("NUL byte", "key\x00"), ("URL", "https://attacker.example/jwks"),
     ("shell", "$(curl attacker.example)"), ("empty", ""),
     ("huge", "k" * 600), ("very huge", "k" * 8000),
+    ("huge non-ASCII", "\u00e9" * 400), ("right-to-left override", "\u202ekey"),
 ):  # fmt: skip
     _add(f"kid {_label}", "kid", INVALID, _bearer(_attacker_kid(_kid)))
 _add("kid as an integer", "kid", INVALID, _bearer(lambda k: k.attacker_token(kid=1)))
 _add("kid as a list", "kid", INVALID, _bearer(lambda k: k.attacker_token(kid=[k.rsa_kid])))
 _add("kid as an object", "kid", INVALID, _bearer(lambda k: k.attacker_token(kid={"$ne": None})))
 _add("kid with trailing space", "kid", INVALID, _bearer(lambda k: k.token(kid=k.rsa_kid + " ")))
+_add(
+    "kid traversing to the real kid",
+    "kid",
+    INVALID,
+    _bearer(lambda k: k.token(kid=f"../{k.rsa_kid}")),
+)
+_add("kid null, real key", "kid", INVALID, _bearer(lambda k: k.token(kid=None)))
 _add("no kid, attacker key", "kid", INVALID, _bearer(lambda k: k.attacker_token(kid=DROP)))
 
 # Same kid, another key.
@@ -917,6 +987,21 @@ for _label, _outcome, _claims in (
     ("client_id as an object", INVALID, {"client_id": {"id": "client-1"}}),
     ("oid as a list", INVALID, {"oid": ["org_1", "org_2"]}),
     ("scope as a number", INVALID, {"scope": 7}),
+    ("sub as a list", INVALID, {"sub": ["user_1"]}),
+    ("client_id as a list", INVALID, {"client_id": ["client-1"]}),
+    ("oid as a number", INVALID, {"oid": 1}),
+    ("scope list with a number", INVALID, {"scope": ["read:users", 1]}),
+    ("exp as false", INVALID, {"exp": False}),
+    ("exp largest float", OK, {"exp": 1.7976931348623157e308}),
+    ("iat largest float", INVALID, {"iat": 1.7976931348623157e308}),
+    ("iss with a trailing space", INVALID, {"iss": "ISS "}),
+    ("iss with a trailing newline", INVALID, {"iss": "ISS\n"}),
+    # Keycloak: ID, refresh and logout tokens carry typ in the claims.
+    ("typ claim ID (Keycloak ID token)", INVALID, {"typ": "ID"}),
+    ("typ claim Refresh", INVALID, {"typ": "Refresh"}),
+    ("typ claim Offline", INVALID, {"typ": "offline"}),
+    ("typ claim Logout", INVALID, {"typ": "Logout"}),
+    ("typ claim Bearer", OK, {"typ": "Bearer"}),
 ):  # fmt: skip
 
     def _claims_token(k: Kit, over: dict[str, Any] = _claims) -> str:
@@ -931,6 +1016,8 @@ for _label, _outcome, _claims in (
                     "ISS-UPPER": k.iss.upper(),
                     "ISS/evil": k.iss + "/evil",
                     "ISS-PREFIX": k.iss[:-1],
+                    "ISS ": k.iss + " ",
+                    "ISS\n": k.iss + "\n",
                 }.get(value, value)
                 if isinstance(value, str)
                 else value

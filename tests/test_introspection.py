@@ -432,6 +432,11 @@ def _drop(*names: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
         (_set("token_type", "DPoP"), 401, "invalid_token"),
         (_set("token_type", "bearer"), 200, None),
         (_set("token_type", "urn:ietf:params:oauth:token-type:access_token"), 200, None),
+        # Keycloak answers for its refresh and ID tokens carry typ, not token_type.
+        (_set("typ", "Refresh"), 401, "invalid_token"),
+        (_set("typ", "Offline"), 401, "invalid_token"),
+        (_set("typ", "ID"), 401, "invalid_token"),
+        (_set("typ", "Bearer"), 200, None),
         (_set("token_use", "refresh_token"), 401, "invalid_token"),
         (_set("token_use", "access_token"), 200, None),
         (_set("scope", ["read:users"]), 200, None),
@@ -579,6 +584,20 @@ def test_wrong_credentials_are_a_503_that_names_the_settings(
     assert_503(response)
     assert "INTROSPECTION_CLIENT_SECRET" in caplog.text or "_CLIENT_SECRET" in caplog.text
     assert hits(issuer) == 1
+
+
+def test_an_oauth_error_answered_with_200_is_a_503_not_an_inactive_token(
+    issuer: TokenIssuer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No "active", an RFC 6749 §5.2 "error": the endpoint refused our
+    # request (a gateway that answers everything with 200), not the token.
+    server_of(issuer).route(
+        INTROSPECT, lambda _r: Reply(200, {"error": "invalid_client", "error_description": "x"})
+    )
+    app = make_app(intro_config(issuer))
+    with caplog.at_level(logging.ERROR, logger=LOGGER):
+        assert_503(app.test_client().get("/protected", headers=auth_header("some-token")))
+    assert "request_rejected" in caplog.text and "'invalid_client'" in caplog.text
 
 
 def test_wrong_body_format_is_a_503(issuer: TokenIssuer) -> None:
