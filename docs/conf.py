@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -19,7 +20,11 @@ extensions = [
 ]
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
-autodoc_mock_imports = ["prometheus_client"]
+# The docs build with only the [docs] extra installed: the SQLAlchemy extra
+# is mocked when it is missing (its type hints then render less precisely).
+autodoc_mock_imports = ["prometheus_client"] + [
+    name for name in ("sqlalchemy", "flask_sqlalchemy") if importlib.util.find_spec(name) is None
+]
 nitpicky = False
 intersphinx_mapping: dict[str, tuple[str, None]] = {}
 html_theme = "alabaster"
