@@ -31,7 +31,7 @@ import threading
 import weakref
 from typing import Any
 
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
@@ -151,9 +151,29 @@ class RowLevelSecurity:
     .. versionadded:: 0.1.0
     """
 
-    def __init__(self, target: Any, *, setting: str) -> None:
+    def __init__(self, target: Any, *, setting: str, allow_bypass_role: bool = False) -> None:
         self.target = target
         self.setting = _check_setting(setting)
+        self.allow_bypass_role = allow_bypass_role
+
+    def _check_role(self, connection: Any) -> None:
+        """Refuse a role PostgreSQL never applies policies to (once per DBAPI connection)."""
+        if self.allow_bypass_role:
+            return
+        info = connection.connection.info  # lives as long as the pooled connection
+        bypass = info.get(_ROLE_KEY)
+        if bypass is None:
+            row = connection.execute(_BYPASS_QUERY).one_or_none()
+            bypass = (row[0], bool(row[1])) if row is not None else ("?", False)
+            info[_ROLE_KEY] = bypass
+        if bypass[1]:
+            raise TenantScopingError(
+                f"Row-level security is enabled, but the database role {bypass[0]!r} is a "
+                f"superuser or has BYPASSRLS: PostgreSQL applies no policy to it, so SQL "
+                f"the ORM does not scope would read and write every organization. Connect "
+                f"the application as an ordinary role (NOSUPERUSER NOBYPASSRLS), or pass "
+                f"allow_bypass_role=True to enable_row_level_security() for an admin engine."
+            )
 
     def _sync(self, connection: Any) -> None:
         value = _current_or_empty()
@@ -182,6 +202,7 @@ class RowLevelSecurity:
                 "Row-level security needs PostgreSQL, not " + connection.dialect.name
             )
         connection.info.pop(_INFO_KEY, None)  # a fresh transaction has no setting
+        self._check_role(connection)
         with _ENABLED_LOCK:
             watched = connection in _CONNECTIONS
             _CONNECTIONS[connection] = self
@@ -207,6 +228,12 @@ class RowLevelSecurity:
             for connection in [c for c, rls in _CONNECTIONS.items() if rls is self]:
                 del _CONNECTIONS[connection]
 
+
+#: ``PoolProxiedConnection.info`` key: (role, whether policies skip it).
+_ROLE_KEY = "oauth_verify_rls_bypass_role"
+_BYPASS_QUERY = text(
+    "SELECT rolname, rolsuper OR rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user"
+)
 
 #: Connections of session transactions begun under row-level security.
 _CONNECTIONS: weakref.WeakKeyDictionary[Any, RowLevelSecurity] = weakref.WeakKeyDictionary()
@@ -245,7 +272,9 @@ def _watch(connection: Any) -> None:
 _ENABLED: weakref.WeakKeyDictionary[Any, RowLevelSecurity] = weakref.WeakKeyDictionary()
 
 
-def enable_row_level_security(target: Any, *, setting: str = DEFAULT_SETTING) -> RowLevelSecurity:
+def enable_row_level_security(
+    target: Any, *, setting: str = DEFAULT_SETTING, allow_bypass_role: bool = False
+) -> RowLevelSecurity:
     """Set ``setting`` from the current organization in every transaction of ``target``.
 
     At the start of each transaction (``after_begin``), and again before any
@@ -262,13 +291,19 @@ def enable_row_level_security(target: Any, *, setting: str = DEFAULT_SETTING) ->
     :param target: a ``Session`` (class or instance), ``sessionmaker``,
         ``scoped_session``, or a Flask-SQLAlchemy ``db``.
     :param setting: the setting the policies read.
+    :param allow_bypass_role: let transactions begin when the connection's
+        role is a superuser or has ``BYPASSRLS`` (policies never apply to
+        it). By default such a transaction raises
+        :class:`~flask_oauth_verify.tenancy.TenantScopingError` instead of
+        running with row-level security silently off; the role is checked
+        once per pooled connection.
     :returns: the :class:`RowLevelSecurity`; its ``disable()`` removes it.
     :raises RuntimeError: when already enabled on ``target``.
 
     .. versionadded:: 0.1.0
     """
     event_target = _event_target(target, "enable_row_level_security")
-    rls = RowLevelSecurity(event_target, setting=setting)
+    rls = RowLevelSecurity(event_target, setting=setting, allow_bypass_role=allow_bypass_role)
     with _ENABLED_LOCK:
         if _identity(event_target) in _ENABLED:
             raise RuntimeError("Row-level security is already enabled on this target.")

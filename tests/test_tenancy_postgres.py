@@ -369,6 +369,30 @@ def test_superuser_bypasses_policies(rls_database: RlsDatabase) -> None:
         assert len(connection.execute(text("SELECT id FROM rls_docs")).all()) == len(ROWS)
 
 
+def test_a_role_policies_never_apply_to_is_refused(rls_database: RlsDatabase) -> None:
+    """RLS on a superuser (or BYPASSRLS) connection would silently do nothing."""
+    reset_rows(rls_database)
+    maker = sessionmaker(rls_database.admin)
+    rls = enable_row_level_security(maker)
+    try:
+        with maker() as session, as_organization("org_a"):
+            with pytest.raises(TenantScopingError, match="superuser or has BYPASSRLS"):
+                session.execute(text("SELECT id FROM rls_docs"))
+            session.rollback()
+            # every transaction, not only the first one of the connection
+            with pytest.raises(TenantScopingError, match="superuser or has BYPASSRLS"):
+                session.execute(select(Doc.id))
+    finally:
+        rls.disable()
+    # an admin engine says so explicitly, and then sees every organization
+    rls = enable_row_level_security(maker, allow_bypass_role=True)
+    try:
+        with maker() as session, as_organization("org_a"):
+            assert len(session.execute(text("SELECT id FROM rls_docs")).all()) == len(ROWS)
+    finally:
+        rls.disable()
+
+
 def test_rls_and_automatic_scoping_together(
     rls_maker: sessionmaker[Session], rls_database: RlsDatabase
 ) -> None:
