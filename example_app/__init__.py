@@ -9,9 +9,10 @@ unset: the development issuer then does not exist at all.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
-from flask import Flask
+from flask import Flask, current_app
 from flask_caching import Cache
 
 from flask_oauth_verify import OAuthVerify
@@ -23,6 +24,17 @@ from .models import db, seed
 
 cache = Cache()
 oauth = OAuthVerify()
+
+
+@oauth.claims_check
+def organization_not_suspended(claims: Mapping[str, Any]) -> bool:
+    """A rule no setting expresses: tokens of a suspended organization are 401.
+
+    ``SUSPENDED_ORGANIZATIONS`` (``EXAMPLE_SUSPENDED_ORGANIZATIONS='["org_x"]'``
+    in the environment) lists them. The check sees verified claims only, and
+    its outcome is cached with the token, so it depends on the claims alone.
+    """
+    return claims.get("oid") not in current_app.config.get("SUSPENDED_ORGANIZATIONS", ())
 
 
 def create_app(config: dict[str, Any] | None = None, *, instance_path: str | None = None) -> Flask:

@@ -25,6 +25,12 @@ from .models import Customer, Project, db
 api = Blueprint("api", __name__, url_prefix="/api")
 
 
+@api.errorhandler(404)
+def not_found(_error: Exception) -> tuple[dict[str, str], int]:
+    """JSON, like every other answer of the API (another tenant's id lands here)."""
+    return {"error": "not_found", "message": "No such resource."}, 404
+
+
 @api.get("/me")
 @require_token
 def me() -> dict[str, object]:

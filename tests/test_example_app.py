@@ -204,3 +204,28 @@ def test_projects_join_and_admin_opt_out(example: Flask) -> None:
         "/api/admin/customer-counts", headers=mint(example, "org_acme", ["admin:read"])
     )
     assert counts.json is not None and set(counts.json["counts"]) == {"org_acme", "org_globex"}
+
+
+def test_another_organizations_id_is_a_json_404(example: Flask) -> None:
+    client = example.test_client()
+    acme = client.get("/api/customers", headers=mint(example, "org_acme", ["customers:read"]))
+    assert acme.json is not None
+    customer_id = acme.json["customers"][0]["id"]
+    other = client.get(
+        f"/api/customers/{customer_id}", headers=mint(example, "org_globex", ["customers:read"])
+    )
+    assert other.status_code == 404
+    assert other.json == {"error": "not_found", "message": "No such resource."}
+
+
+def test_claims_check_refuses_a_suspended_organization(tmp_path: Path) -> None:
+    app = create_app(
+        {"EXAMPLE_DEV_ISSUER": True, "TESTING": True, "SUSPENDED_ORGANIZATIONS": ["org_globex"]},
+        instance_path=str(tmp_path),
+    )
+    client = app.test_client()
+    suspended = client.get("/api/customers", headers=mint(app, "org_globex", ["customers:read"]))
+    assert suspended.status_code == 401
+    assert suspended.json is not None and suspended.json["error"] == "invalid_token"
+    active = client.get("/api/customers", headers=mint(app, "org_acme", ["customers:read"]))
+    assert active.status_code == 200
