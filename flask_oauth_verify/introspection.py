@@ -279,13 +279,21 @@ class Introspector:
         if not isinstance(entry, dict):
             return None
         until = entry.get("until")
+        at = entry.get("at")
         response = entry.get("response")
-        if not isinstance(until, int | float) or not isinstance(response, dict):
+        if not finite_number(until) or not finite_number(at) or not isinstance(response, dict):
             return None
+        # Another app sharing the backend (same endpoint and client) may
+        # cache for longer: reuse its answer only for our own TTL, counted
+        # from the call that produced it (and never from a future "at").
+        ttl = self._ttl_for(response)
         if now >= until:
             # The backend's own expiry runs on the real clock; ours decides.
             self.cache.delete(key)
             return None
+        until = min(until, at + ttl, now + ttl)
+        if now >= until:
+            return None  # over for us, not for the app that stored it
         self._remember(key, until, response)
         return response
 
@@ -300,6 +308,12 @@ class Introspector:
     def _remember(self, key: str, until: float, response: Mapping[str, Any]) -> None:
         """Keep a cached answer in this process until ``until`` (bounded FIFO)."""
         self._memo.put(key, (until, response))
+
+    def _ttl_for(self, response: Mapping[str, Any]) -> float:
+        """How long this app may reuse ``response`` (active or inactive)."""
+        if response.get("active") is True:
+            return self.settings.introspection_cache_ttl
+        return self.settings.introspection_negative_cache_ttl
 
     def _store(self, key: str, response: Mapping[str, Any], now: float) -> None:
         if response.get("active") is True:
@@ -317,7 +331,8 @@ class Introspector:
         if ttl <= 0:
             return
         if self._answers_in_cache():
-            self.cache.set(key, {"until": now + ttl, "response": dict(stored)}, ttl)
+            entry = {"until": now + ttl, "at": now, "response": dict(stored)}
+            self.cache.set(key, entry, ttl)
         self._remember(key, now + ttl, dict(stored))
 
     # -- single flight ------------------------------------------------------------

@@ -937,3 +937,41 @@ def test_an_exp_beyond_the_float_range_is_refused_not_an_internal_error(
     with caplog.at_level(logging.ERROR):
         assert_401(app.test_client().get("/protected", headers=auth_header("some-token")))
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_an_answer_cached_by_an_api_with_a_longer_ttl_is_reused_only_for_our_ttl(
+    issuer: TokenIssuer, clock: FakeClock, redis_url: str
+) -> None:
+    # Reports (TTL 300) and payments (TTL 5) ask the same endpoint as the
+    # same client and share a Redis: payments' documented revocation latency
+    # is its own TTL, whoever cached the answer.
+    def api(name: str, ttl: int) -> Flask:
+        app = Flask(name)
+        app.config.update(
+            TESTING=True,
+            CACHE_TYPE="RedisCache",
+            CACHE_REDIS_URL=redis_url,
+            CACHE_OPTIONS={"socket_timeout": 1, "socket_connect_timeout": 1},
+            **intro_config(
+                issuer, INTROSPECTION_CACHE_TTL=ttl, INTROSPECTION_NEGATIVE_CACHE_TTL=ttl
+            ),
+        )
+        OAuthVerify().init_app(app, cache=Cache(app), clock=clock)
+        add_views(app)
+        return app
+
+    reports, payments = api("reports", 300).test_client(), api("payments", 5).test_client()
+    token = issuer.mint_opaque(expires_in=3600, now=clock.now)
+    assert reports.get("/protected", headers=auth_header(token)).status_code == 200
+    assert payments.get("/protected", headers=auth_header(token)).status_code == 200
+    assert hits(issuer) == 1, "within both TTLs the shared answer serves both"
+    issuer.revoke(token)
+    clock.advance(5)
+    assert_401(payments.get("/protected", headers=auth_header(token)))
+    assert hits(issuer) == 2
+    # An inactive answer cached for 300 s holds for payments' 5 s only, too.
+    unknown = "unknown-token"
+    assert_401(reports.get("/protected", headers=auth_header(unknown)))
+    issuer.opaque[unknown] = issuer.claims(expires_in=3600, now=clock.now)
+    clock.advance(5)
+    assert payments.get("/protected", headers=auth_header(unknown)).status_code == 200
