@@ -103,6 +103,9 @@ def _classify(exc: FetchError) -> tuple[str, str, int]:
             "OAUTH_VERIFY_INTROSPECTION_AUTH, _CLIENT_ID, _CLIENT_SECRET / _TOKEN",
             _RETRY_MISCONFIGURED,
         )
+    if status in (408, 429):
+        # The server is up but busy (rate limit, request timeout): transient.
+        return "rate_limited", f"the endpoint is busy (HTTP {status})", _RETRY_TRANSIENT
     if status is not None and 400 <= status < 500:
         return (
             "request_rejected",

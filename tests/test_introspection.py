@@ -556,6 +556,9 @@ def test_both_app_wide_and_its_failure_modes(issuer: TokenIssuer) -> None:
         (Reply(403, {"error": "forbidden"}), "credentials_rejected"),
         (Reply(400, {"error": "invalid_request"}), "request_rejected"),
         (Reply(404, {"error": "not_found"}), "request_rejected"),
+        (Reply(200, {"error": "invalid_client"}), "request_rejected"),
+        (Reply(429, {"error": "slow_down"}, {"Retry-After": "1"}), "rate_limited"),
+        (Reply(408, b""), "rate_limited"),
         (Reply(302, b"", {"Location": "https://elsewhere.example.test/"}), "redirect_refused"),
     ],
 )
