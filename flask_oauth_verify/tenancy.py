@@ -98,6 +98,9 @@ _FROM_STATEMENT = "_oauth_verify_from_statement"
 #: ``InstanceState.info`` key: (organization, identity key) the object was
 #: loaded for by a scoped statement, or inserted for by a guarded flush.
 _LOADED_FOR = "_oauth_verify_loaded_for"
+#: ``InstanceState.info`` key: the organization a new object was added to
+#: the session for (``transient_to_pending``), if there was one.
+_ADDED_FOR = "_oauth_verify_added_for"
 #: ``Session.info`` key: the organization the session last worked for.
 _SESSION_ORG = "_oauth_verify_session_organization"
 
@@ -872,6 +875,7 @@ class TenantScoping:
         event.listen(self.target, "do_orm_execute", self.on_execute)
         event.listen(self.target, "before_flush", self.on_flush)
         event.listen(self.target, "pending_to_persistent", self.on_inserted)
+        event.listen(self.target, "transient_to_pending", self.on_added)
         owner = _session_owner(self.target)
         for name in _GUARDED_METHODS:
             self._saved[name] = vars(owner).get(name, _NOT_SET)
@@ -909,6 +913,7 @@ class TenantScoping:
         event.remove(self.target, "do_orm_execute", self.on_execute)
         event.remove(self.target, "before_flush", self.on_flush)
         event.remove(self.target, "pending_to_persistent", self.on_inserted)
+        event.remove(self.target, "transient_to_pending", self.on_added)
         owner = _session_owner(self.target)
         for name, saved in self._saved.items():
             if saved is _NOT_SET:
@@ -1319,6 +1324,11 @@ class TenantScoping:
                 continue
             value = state.dict.get(key)
             if value is None:
+                added_for = state.info.get(_ADDED_FOR)
+                if added_for is not None and added_for != organization():
+                    # added while acting for another organization: never
+                    # stamped with this one
+                    raise self._cross(state.mapper, organization(), added_for, "insert")
                 setattr(obj, key, organization())
             elif value != organization():
                 raise self._cross(state.mapper, organization(), value, "insert")
@@ -1348,6 +1358,20 @@ class TenantScoping:
             key = self.tenant_key(mapper)
             assert key is not None
             self._check_identities(session, mapper, key, identities, organization(), action)
+
+    def on_added(self, session: Session, obj: Any) -> None:
+        """``transient_to_pending``: remember whom a new object was added for.
+
+        A new object is written at the next flush, which may run for another
+        organization (a ``scoped_session`` not removed after a request that
+        added it, an ``as_organization`` block that ended): it must not be
+        stamped with that one.
+        """
+        state = inspect(obj)
+        if self.tenant_key(state.mapper) is None:
+            return
+        with contextlib.suppress(MissingOrganizationContext, TenantContextError):
+            state.info[_ADDED_FOR] = current_organization_id()
 
     def on_inserted(self, session: Session, obj: Any) -> None:
         """``pending_to_persistent``: a row this session inserted is known to be ours."""

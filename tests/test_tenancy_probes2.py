@@ -44,6 +44,7 @@ from sqlalchemy.pool import StaticPool
 
 from flask_oauth_verify import OAuthVerify, require_organization
 from flask_oauth_verify.tenancy import (
+    CrossTenantWriteError,
     TenantScopingError,
     as_organization,
     enable_tenant_scoping,
@@ -190,6 +191,42 @@ def test_unflushed_collection_changes_are_not_discarded_by_a_switch(
             ("b-task", "org_b"),
             ("new", "org_b"),
         ]
+
+
+def stored_tasks(engine: Engine) -> list[tuple[Any, ...]]:
+    with engine.connect() as connection:
+        table = TABLES["p2_tasks"]
+        return list(connection.execute(select(table).order_by(table.c.id)))
+
+
+def test_objects_added_for_one_organization_are_not_flushed_for_the_next(
+    engine: Engine, registry_session: scoped_session[Session]
+) -> None:
+    # a request of org_a adds rows and returns without commit or rollback
+    with as_organization("org_a"):
+        project = registry_session.scalars(
+            unscoped(select(Project).where(Project.id == 1), reason="test")
+        ).one()
+        project.tasks.append(Task(id=3, title="A-CONFIDENTIAL"))
+        registry_session.add(Task(id=4, project_id=1, title="A-CONFIDENTIAL-2"))
+    # the next request on the same thread-local session acts for org_b
+    with as_organization("org_b"):
+        with pytest.raises(CrossTenantWriteError):
+            registry_session.scalars(select(Project)).all()  # the autoflush
+        with pytest.raises(CrossTenantWriteError):
+            registry_session.commit()
+        registry_session.rollback()
+    assert [row[0] for row in stored_tasks(engine)] == [1, 2]
+    # added and flushed for the same organization: stamped as before
+    with as_organization("org_b"):
+        registry_session.add(Task(id=5, project_id=2, title="b-new"))
+    with as_organization("org_b"):
+        registry_session.commit()
+    # added outside any organization: stamped by the flush
+    registry_session.add(Task(id=6, project_id=2, title="b-later"))
+    with as_organization("org_b"):
+        registry_session.commit()
+    assert [(row[0], row[1]) for row in stored_tasks(engine)][2:] == [(5, "org_b"), (6, "org_b")]
 
 
 # -- Flask-SQLAlchemy: an application context pushed for the whole process --------------
