@@ -45,6 +45,8 @@ BACKEND_RETRY = 5.0
 #: Entries of the per-process cache (the default backend and the fallback).
 LOCAL_CACHE_SIZE = 2000
 _POLL = 0.02
+#: Seconds between two tries to release a lock the backend failed to release.
+_RELEASE_RETRY = 0.5
 #: Names the machine in a lock, so that a lock of a dead local process is seen.
 _HOST = socket.gethostname()
 
@@ -132,6 +134,16 @@ class LocalCache:
         with self._lock:
             return self._entries.pop(key, None) is not None
 
+    def delete_if(self, key: str, value: Any) -> bool:
+        """Remove ``key`` only while it holds ``value`` (a lock still ours)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            # Bytes this object pickled itself, in this process: nothing untrusted.
+            if entry is None or pickle.loads(entry[1]) != value:  # noqa: S301
+                return False
+            del self._entries[key]
+            return True
+
     def _entry(self, value: Any, timeout: float) -> tuple[float, bytes]:
         expires = self._clock() + timeout if timeout > 0 else 0.0
         return expires, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
@@ -164,8 +176,9 @@ class SharedCache:
         self._down_until = 0.0
         self._checked_options = False
         self.last_error: str | None = None
-        #: the value of each lock this process holds (lock key -> value)
-        self._held: dict[str, dict[str, Any]] = {}
+        #: each lock this process holds: lock key -> (its value, whether the
+        #: backend has it rather than the per-process cache, its lifetime)
+        self._held: dict[str, tuple[dict[str, Any], bool, float]] = {}
 
     def bind_app(self, app: Any) -> None:
         """Use the Flask-Caching backend registered on ``app``."""
@@ -283,16 +296,20 @@ class SharedCache:
 
     def add(self, key: str, value: Any, timeout: float) -> bool:
         """Store only if absent (a lock); on failure the per-process answer."""
+        return self._add(key, value, timeout)[0]
+
+    def _add(self, key: str, value: Any, timeout: float) -> tuple[bool, bool]:
+        """:meth:`add`, and whether the backend (not the local copy) answered."""
         seconds = _seconds(timeout)
-        if not self._usable():
-            return bool(self._local.add(key, value, timeout=seconds))
-        try:
-            added = bool(self.backend.add(key, value, timeout=seconds))
-        except Exception as exc:
-            self._failed("add", exc)
-            return bool(self._local.add(key, value, timeout=seconds))
-        self._succeeded()
-        return added
+        if self._usable():
+            try:
+                added = bool(self.backend.add(key, value, timeout=seconds))
+            except Exception as exc:
+                self._failed("add", exc)
+            else:
+                self._succeeded()
+                return added, True
+        return bool(self._local.add(key, value, timeout=seconds)), False
 
     def delete(self, key: str) -> None:
         """Remove ``key`` (errors ignored)."""
@@ -318,13 +335,15 @@ class SharedCache:
         # decides), so that a waiter can still see a lock that expired under
         # a holder that died, and take it over (:meth:`take_abandoned`).
         kept = 2 * timeout + 1
-        if not self.add(key, value, kept):
+        added, shared = self._add(key, value, kept)
+        if not added:
             if _live_lock(self.get(key), timeout):
                 return False
             self.delete(key)  # expired, its holder dead (or garbage): break it, race fairly
-            if not self.add(key, value, kept):
+            added, shared = self._add(key, value, kept)
+            if not added:
                 return False
-        self._held[key] = value
+        self._held[key] = (value, shared, timeout)
         return True
 
     def locked(self, key: str, timeout: float) -> bool:
@@ -349,10 +368,48 @@ class SharedCache:
 
     def unlock(self, key: str) -> None:
         """Release the lock ``key`` if it is still ours (not taken over after
-        it expired)."""
-        mine = self._held.pop(key, None)
-        if mine is None or self.get(key) == mine:
+        it expired), where it was taken: the backend or the per-process cache.
+
+        A lock the backend holds that cannot be released now (the backend
+        failed since it was taken) is released by a thread that tries every
+        :data:`_RELEASE_RETRY` seconds until the lock's lifetime is over:
+        left behind, it would make every other worker wait that whole
+        lifetime (twice the request budget) for a fetch that has finished.
+        """
+        held = self._held.pop(key, None)
+        if held is None:
             self.delete(key)
+            return
+        value, shared, timeout = held
+        if not shared:
+            self._local.delete_if(key, value)
+            return
+        if not (self._usable() and self._release(key, value)):
+            thread = threading.Thread(
+                target=self._release_later,
+                args=(key, value, time.monotonic() + timeout),
+                name="oauth-verify-unlock",
+                daemon=True,
+            )
+            thread.start()
+
+    def _release(self, key: str, value: dict[str, Any]) -> bool:
+        """Delete the backend's lock ``key`` if it holds ``value``; whether
+        the backend answered (called whatever :attr:`degraded` says)."""
+        try:
+            if self.backend.get(key) == value:
+                self.backend.delete(key)
+        except Exception as exc:
+            self._failed("unlock", exc)
+            return False
+        self._succeeded()
+        return True
+
+    def _release_later(self, key: str, value: dict[str, Any], until: float) -> None:
+        while time.monotonic() < until:
+            time.sleep(_RELEASE_RETRY)
+            if self._release(key, value):
+                return
 
     def wait_unlocked(self, key: str, timeout: float, *, wait: float) -> bool:
         """Wait up to ``wait`` seconds for the lock ``key`` to be released.

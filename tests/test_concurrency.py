@@ -7,16 +7,22 @@ the fake one of the other key-store tests, so nothing waits for real time.
 from __future__ import annotations
 
 import concurrent.futures
+import socket
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask
 from flask_caching import Cache
 
 from flask_oauth_verify import OAuthVerify
-from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer, auth_header
+from flask_oauth_verify.cache import cache_key
+from flask_oauth_verify.extension import get_state
+from flask_oauth_verify.testing import IssuerServer, Reply, Request, TokenIssuer, auth_header
 
-from .conftest import FakeClock, add_views, make_app
+from .conftest import FakeClock, RedisServer, add_views, make_app
 
 JWKS = "/jwks"
 REDIS_OPTIONS = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}
@@ -32,7 +38,8 @@ def redis_app(tokens: TokenIssuer, url: str, clock: FakeClock, **options: Any) -
     app.config.update(
         TESTING=True, CACHE_TYPE="RedisCache", CACHE_REDIS_URL=url, CACHE_OPTIONS=REDIS_OPTIONS
     )
-    app.config.update(tokens.config(audience="api", HTTP_TIMEOUT=(0.5, 0.5), **options))
+    options.setdefault("HTTP_TIMEOUT", (0.5, 0.5))
+    app.config.update(tokens.config(audience="api", **options))
     OAuthVerify().init_app(app, cache=Cache(app), clock=clock)
     add_views(app)
     return app
@@ -100,3 +107,62 @@ def test_cold_answer_without_a_key_set_is_shared_by_the_workers(
     for app in workers:
         assert set(burst(app, token, threads=4, each=3)) == {200}
     assert issuer_server.hits[JWKS] == 2
+
+
+# -- Redis stalls while a worker holds the fetch lock ------------------------------
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``condition`` (state in Redis, changed by another thread) until true."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def redis_command(server: RedisServer, *words: str) -> bytes:
+    command = f"*{len(words)}\r\n" + "".join(f"${len(w)}\r\n{w}\r\n" for w in words)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=2) as sock:
+        sock.sendall(command.encode())
+        return sock.recv(64)
+
+
+def test_a_lock_redis_could_not_release_is_released_when_it_answers(
+    served_tokens: TokenIssuer,
+    issuer_server: IssuerServer,
+    redis_server: RedisServer,
+    redis_url: str,
+) -> None:
+    """Redis stalls (a failover, a slow fork) while worker A fetches: A's
+    writes and its unlock fail, and the lock stayed in Redis for its whole
+    lifetime (twice the request budget): every other worker that needed the
+    keys (cold, or a new kid) waited that long for a fetch long finished. A
+    releases it as soon as Redis answers again."""
+    gate = threading.Event()
+
+    def held_jwks(_request: Request) -> Reply:
+        gate.wait(10)
+        return Reply(200, served_tokens.jwks())
+
+    issuer_server.route(JWKS, held_jwks)
+    clock = FakeClock()
+    # A 22 s lock lifetime: far longer than this test waits for the release.
+    options = {"HTTP_TIMEOUT": (5, 5)}
+    a, b = (redis_app(served_tokens, redis_url, clock, **options) for _ in range(2))
+    token = served_tokens.mint()
+    outcome: list[int] = []
+    first = threading.Thread(target=lambda: outcome.append(status(a, token)))
+    first.start()
+    assert issuer_server.wait_for_hits(JWKS, 1)
+    # Writes stall past the client's socket timeout (0.5 s), then Redis is back.
+    assert redis_command(redis_server, "CLIENT", "PAUSE", "1500", "WRITE").startswith(b"+OK")
+    gate.set()
+    first.join(10)
+    assert outcome == [200]
+    lock = cache_key("jwks-lock", served_tokens.issuer)
+    shared = get_state(b).cache
+    assert eventually(lambda: not shared.locked(lock, 22)), "the fetch lock outlived the fetch"
+    assert status(b, token) == 200
+    assert issuer_server.hits[JWKS] == 2  # A's copy never reached Redis: B fetched
