@@ -865,6 +865,17 @@ class TenantScoping:
             for table in mapper.tables:
                 if name in table.c:
                     found[table] = name
+        if self._models is None or isinstance(self._models, registry):
+            # unmapped tables of the same metadata with the column (a
+            # many-to-many secondary, a table used through Core only) hold
+            # tenant rows too: Core statements on them are checked alike
+            registries = (self._models,) if self._models is not None else _all_registries()
+            regs = [r for r in registries if isinstance(r, registry)]
+            mapped = {t for reg in regs for m in reg.mappers for t in m.tables}
+            for reg in regs:
+                for table in reg.metadata.tables.values():
+                    if table not in mapped and self.column in table.c:
+                        found.setdefault(table, self.column)
         tables = _TenantTables(found)
         self._tables = (generation, tables)
         return tables

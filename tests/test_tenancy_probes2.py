@@ -16,6 +16,7 @@ import pytest
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import (
+    Column,
     Engine,
     ForeignKey,
     MetaData,
@@ -87,12 +88,25 @@ class Task(ProbeBase):
     project: Mapped[Project] = relationship(back_populates="tasks")
 
 
+#: Unmapped, used through Core only, with the organization column.
+project_members = Table(
+    "p2_members",
+    ProbeBase.metadata,
+    Column("project_id", ForeignKey("p2_projects.id"), primary_key=True),
+    Column("member", String(50), primary_key=True),
+    Column("organization_id", String(20)),
+)
+
 TABLES = ProbeBase.metadata.tables
 ROWS: dict[str, list[dict[str, Any]]] = {
     "p2_plans": [{"id": 1, "name": "free"}],
     "p2_projects": [
         {"id": 1, "organization_id": "org_a", "name": "A-SECRET", "plan_id": 1},
         {"id": 2, "organization_id": "org_b", "name": "B-one", "plan_id": 1},
+    ],
+    "p2_members": [
+        {"project_id": 1, "member": "A-MEMBER", "organization_id": "org_a"},
+        {"project_id": 2, "member": "b-member", "organization_id": "org_b"},
     ],
     # task 2 is org_a's task on org_b's project 2 (a cross-organization reference)
     "p2_tasks": [
@@ -407,3 +421,19 @@ def test_from_statement_of_a_core_statement_is_checked_like_one(
         assert renamed == [("B-renamed",)]
         session.commit()
     assert stored_names(engine) == ["A-SECRET", "B-renamed"]
+
+
+def test_unmapped_table_with_the_organization_column_is_a_tenant_table(
+    engine: Engine, maker: sessionmaker[Session]
+) -> None:
+    with maker() as session, as_organization("org_b"):
+        for statement in (
+            select(project_members),
+            select(Project.name).from_statement(select(project_members)),
+        ):
+            with pytest.raises(TenantScopingError):
+                session.execute(statement)
+        with pytest.raises(TenantScopingError):
+            session.execute(insert(project_members).values(project_id=2, member="x"))
+        scoped = org_scoped(select(project_members.c.member), project_members.c.organization_id)
+        assert session.execute(scoped).scalars().all() == ["b-member"]
