@@ -34,6 +34,7 @@ from typing import Any
 
 from flask_caching import Cache
 
+from .deadline import reset_in_child
 from .fifo import BoundedFifo
 
 __all__ = ["BACKEND_RETRY", "LOCAL_CACHE_SIZE", "LocalCache", "SharedCache", "cache_key"]
@@ -89,6 +90,10 @@ class LocalCache:
         #: key -> (expiry on the clock, or 0.0 for never; the pickled value),
         #: in the order of their last write.
         self._entries: BoundedFifo[str, tuple[float, bytes]] = BoundedFifo(max(1, size))
+        self._lock = threading.Lock()
+        reset_in_child(self, LocalCache._after_fork)
+
+    def _after_fork(self) -> None:
         self._lock = threading.Lock()
 
     @property
@@ -179,6 +184,19 @@ class SharedCache:
         #: each lock this process holds: lock key -> (its value, whether the
         #: backend has it rather than the per-process cache, its lifetime)
         self._held: dict[str, tuple[dict[str, Any], bool, float]] = {}
+        reset_in_child(self, SharedCache._after_fork)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a lock no parent thread holds, and none of the
+        parent's fetch locks. Those it took in the per-process cache were
+        copied with it: left there, they would name a live process (the
+        parent) and the child would wait out their lifetime for a fetch that
+        is not its own."""
+        self._lock = threading.Lock()
+        held, self._held = self._held, {}
+        for key, (value, shared, _timeout) in held.items():
+            if not shared:
+                self._local.delete_if(key, value)
 
     def bind_app(self, app: Any) -> None:
         """Use the Flask-Caching backend registered on ``app``."""

@@ -20,16 +20,38 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-__all__ = ["DeadlineExpired", "deadline", "watched_session"]
+__all__ = ["DeadlineExpired", "deadline", "reset_in_child", "watched_session"]
 
 logger = logging.getLogger("flask_oauth_verify")
+
+
+_T = TypeVar("_T")
+
+
+def reset_in_child(owner: _T, reset: Callable[[_T], None]) -> None:
+    """Call ``reset(owner)`` in every process forked from this one, while
+    ``owner`` lives: locks, calls under way and pooled connections of the
+    parent are not the child's (gunicorn ``--preload``, ``multiprocessing``).
+
+    A lock held by a thread of the parent at the fork stays held forever in
+    the child, and a call under way has no thread left to finish it.
+    """
+    ref = weakref.ref(owner)
+
+    def in_child() -> None:
+        alive = ref()
+        if alive is not None:
+            reset(alive)
+
+    os.register_at_fork(after_in_child=in_child)
 
 
 class DeadlineExpired(Exception):

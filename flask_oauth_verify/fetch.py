@@ -32,10 +32,8 @@ import copy
 import dataclasses
 import functools
 import json
-import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import urljoin, urlsplit
@@ -43,7 +41,7 @@ from urllib.parse import urljoin, urlsplit
 import requests
 
 from .config import ConfigurationError, Settings, check_url
-from .deadline import DeadlineExpired, deadline, watched_session
+from .deadline import DeadlineExpired, deadline, reset_in_child, watched_session
 from .fifo import BoundedFifo
 from .strictjson import STRICT_DECODER
 
@@ -198,6 +196,9 @@ class SingleFlight(Generic[T]):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._calls: dict[Hashable, _Call[T]] = {}
+        # A child forked while a call ran would wait for (or keep serving
+        # around) a leader that does not exist in it, on every request.
+        reset_in_child(self, SingleFlight.reset)
 
     def running(self, key: Hashable) -> bool:
         """Whether a call for ``key`` is under way."""
@@ -291,8 +292,7 @@ class Fetcher:
         self._lock = threading.Lock()
         # A pre-forking server (gunicorn --preload) forks after init_app:
         # pooled connections must not be shared between processes.
-        ref = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: _reset_after_fork(ref))
+        reset_in_child(self, Fetcher._after_fork)
 
     @staticmethod
     def _new_session() -> requests.Session:
@@ -514,12 +514,12 @@ class Fetcher:
         """Close the pooled connections."""
         self._session.close()
 
-
-def _reset_after_fork(ref: weakref.ReferenceType[Fetcher]) -> None:
-    fetcher = ref()
-    if fetcher is not None:
-        fetcher._session = Fetcher._new_session()
-        fetcher._lock = threading.Lock()
+    def _after_fork(self) -> None:
+        """In a forked child: a new pool, and locks no parent thread holds."""
+        self._session = Fetcher._new_session()
+        self._lock = threading.Lock()
+        for breaker in [*self._breakers.values(), *self._url_breakers.values()]:
+            breaker._lock = threading.Lock()
 
 
 @functools.lru_cache(maxsize=256)

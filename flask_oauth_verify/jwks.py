@@ -48,6 +48,7 @@ from urllib.parse import urlsplit
 
 from .cache import SharedCache, cache_key
 from .config import ConfigurationError, Settings, _is_loopback
+from .deadline import reset_in_child
 from .discovery import Discovery
 from .errors import InvalidTokenError, UpstreamError
 from .fetch import BreakerScope, Fetcher, FetchError, HTTPResult, SingleFlight
@@ -211,6 +212,7 @@ class KeyStore:
         self.on_keys_changed: Callable[[], None] | None = None
         self._sources: dict[tuple[str, str | None], _Source] = {}
         self._guard = threading.Lock()
+        reset_in_child(self, KeyStore._after_fork)
         self._flights: SingleFlight[PreparedKeySet] = SingleFlight()
         self._parsed: dict[str, PreparedKeySet] = {}
         self._static = _static_sets(settings)
@@ -232,6 +234,10 @@ class KeyStore:
         for issuer in settings.issuers:
             if issuer not in self._static:
                 self._source(issuer, None)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a guard no parent thread holds."""
+        self._guard = threading.Lock()
 
     # -- the hot path -------------------------------------------------------
 

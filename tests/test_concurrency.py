@@ -7,6 +7,8 @@ the fake one of the other key-store tests, so nothing waits for real time.
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import os
 import socket
 import threading
 import time
@@ -14,6 +16,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from flask import Flask
 from flask_caching import Cache
 
@@ -166,3 +169,49 @@ def test_a_lock_redis_could_not_release_is_released_when_it_answers(
     assert eventually(lambda: not shared.locked(lock, 22)), "the fetch lock outlived the fetch"
     assert status(b, token) == 200
     assert issuer_server.hits[JWKS] == 2  # A's copy never reached Redis: B fetched
+
+
+# -- a fork while a fetch is under way ---------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_during_a_fetch_fetches_for_itself(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    """A process forked while one of its threads fetched keys (a
+    ``multiprocessing`` fork, a pre-fork server whose master runs threads)
+    inherited the call under way and the fetch lock, with no thread to finish
+    them: every request of the child waited for the lock's lifetime, then
+    503, forever. The child now has no call under way and no lock."""
+    gate = threading.Event()
+    first = threading.Lock()
+
+    def jwks(_request: Request) -> Reply:
+        if first.acquire(blocking=False):  # only the parent's fetch is held
+            gate.wait(10)
+        return Reply(200, served_tokens.jwks())
+
+    issuer_server.route(JWKS, jwks)
+    app = local_app(served_tokens, clock)
+    token = served_tokens.mint()
+    parent = threading.Thread(target=lambda: status(app, token))
+    parent.start()
+    assert issuer_server.wait_for_hits(JWKS, 1)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's fetch is not its own
+        try:
+            codes = [status(app, token) for _ in range(2)]
+            os.write(write, json.dumps(codes).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        with os.fdopen(read) as pipe:
+            codes = json.loads(pipe.read() or "null")
+        os.waitpid(pid, 0)
+    finally:
+        gate.set()
+        parent.join(10)
+    assert codes == [200, 200]
+    assert issuer_server.hits[JWKS] == 2
