@@ -430,17 +430,25 @@ class SharedCache:
                 return
 
     def wait_unlocked(self, key: str, timeout: float, *, wait: float) -> bool:
-        """Wait up to ``wait`` seconds for the lock ``key`` to be released.
+        """Wait up to ``wait`` seconds for the holder of the lock ``key`` to
+        finish: the lock released, or taken again (a new holder, a new fetch).
 
-        Polls the backend (every 20 ms): the holder is another process.
+        Polls the backend (every 20 ms): the holder is another process. The
+        wait ends with the fetch that was under way, not with the first
+        moment nobody holds the lock: a worker under load fetching again and
+        again (an issuer down) would otherwise keep the waiter for ``wait``.
 
-        :returns: whether the lock was released in time.
+        :returns: whether that holder finished in time.
         """
         deadline = time.monotonic() + wait
-        while self.locked(key, timeout):
+        held = self.get(key)
+        while _live_lock(held, timeout):
             if time.monotonic() >= deadline:
                 return False
             time.sleep(_POLL)
+            current = self.get(key)
+            if current != held:
+                return True
         return True
 
     def ping(self) -> bool:

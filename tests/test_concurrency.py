@@ -129,7 +129,16 @@ def redis_command(server: RedisServer, *words: str) -> bytes:
     command = f"*{len(words)}\r\n" + "".join(f"${len(w)}\r\n{w}\r\n" for w in words)
     with socket.create_connection(("127.0.0.1", server.port), timeout=2) as sock:
         sock.sendall(command.encode())
-        return sock.recv(64)
+        return sock.recv(65536)
+
+
+def redis_gets(server: RedisServer) -> int:
+    """How many GET commands the Redis server has run."""
+    stats = redis_command(server, "INFO", "commandstats").decode()
+    for line in stats.splitlines():
+        if line.startswith("cmdstat_get:"):
+            return int(line.split("calls=", 1)[1].split(",", 1)[0])
+    return 0
 
 
 def test_a_lock_redis_could_not_release_is_released_when_it_answers(
@@ -215,3 +224,44 @@ def test_a_child_forked_during_a_fetch_fetches_for_itself(
         parent.join(10)
     assert codes == [200, 200]
     assert issuer_server.hits[JWKS] == 2
+
+
+# -- a worker waiting for another worker's fetch -----------------------------------
+
+
+def test_a_worker_waits_for_one_fetch_of_another_not_for_a_free_lock(
+    served_tokens: TokenIssuer,
+    issuer_server: IssuerServer,
+    clock: FakeClock,
+    redis_server: RedisServer,
+    redis_url: str,
+) -> None:
+    """Cold worker B finds worker A fetching (the issuer is down). A, under
+    load, fails and fetches again at once, taking the lock back before B's
+    next poll. B waited until it saw the lock free, so for as long as A kept
+    fetching (up to the lock lifetime, 16 s by default), far past the
+    documented one request budget. It now waits for the fetch it found
+    under way, then answers with that fetch's failure."""
+    b = redis_app(served_tokens, redis_url, clock, HTTP_TIMEOUT=(5, 5))
+    cache = get_state(b).cache
+    lock = cache_key("jwks-lock", served_tokens.issuer)
+    attempt = cache_key("jwks-attempt", served_tokens.issuer)
+    elsewhere = {"pid": 1, "host": "another-machine"}
+    cache.set(lock, {"at": time.time(), **elsewhere}, 60)
+    outcome: list[int] = []
+    waiter = threading.Thread(target=lambda: outcome.append(status(b, served_tokens.mint())))
+    before = redis_gets(redis_server)
+    waiter.start()
+    # B polls the lock (a GET every 20 ms): it is waiting for A's fetch.
+    assert eventually(lambda: redis_gets(redis_server) >= before + 10)
+    # A's fetch fails; A's next request takes the lock again at once.
+    cache.set(attempt, {"at": clock(), "error": "timed out", "answered": False}, 60)
+    cache.set(lock, {"at": time.time() + 0.001, **elsewhere}, 60)
+    waiter.join(10)
+    try:
+        assert not waiter.is_alive(), "B kept waiting while A fetched again"
+        assert outcome == [503]
+        assert issuer_server.hits[JWKS] == 0  # B never fetched itself
+    finally:
+        cache.delete(lock)
+        waiter.join(30)
