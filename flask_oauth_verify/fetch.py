@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import threading
 import time
@@ -287,7 +288,7 @@ class Fetcher:
         self._breakers: dict[str, CircuitBreaker] = {}
         #: breakers of single URLs (key sets named by a token's jku): bounded,
         #: apart from the origins', so a flood of URLs never evicts those
-        self._url_breakers: BoundedFifo[str, CircuitBreaker] = BoundedFifo(_URL_BREAKERS)
+        self._url_breakers: BoundedFifo[bytes, CircuitBreaker] = BoundedFifo(_URL_BREAKERS)
         self._checked_urls: set[str] = set()
         self._lock = threading.Lock()
         # A pre-forking server (gunicorn --preload) forks after init_app:
@@ -319,10 +320,11 @@ class Fetcher:
         """
         with self._lock:
             if scope == "token":
-                breaker = self._url_breakers.get(url)
+                digest = hashlib.sha256(url.encode()).digest()  # URLs may be KiBs long
+                breaker = self._url_breakers.get(digest)
                 if breaker is None:
                     breaker = self._new_breaker()
-                    self._url_breakers.put(url, breaker)
+                    self._url_breakers.put(digest, breaker)
                 return breaker
             key = url if scope == "endpoint" else _origin(url)
             breaker = self._breakers.get(key)

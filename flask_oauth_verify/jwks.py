@@ -36,6 +36,7 @@ Policy (the operations guide in the docs, ``keys.rst``, explains each part):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import random
@@ -141,6 +142,12 @@ def _scope(source: _Source) -> BreakerScope:
     return "token" if source.jku is not None else "origin"
 
 
+def _url_digest(url: str) -> bytes:
+    """What a bounded memory of token-chosen URLs keys on: 32 bytes, however
+    long the URL (a flood of 10 KiB ``jku`` URLs kept 4,096 of them whole)."""
+    return hashlib.sha256(url.encode()).digest()
+
+
 def _answered(exc: FetchError | KeySetError) -> bool:
     """Whether the server answered with something that is not a key set
     (see :attr:`FetchError.answered`), rather than failed."""
@@ -230,7 +237,8 @@ class KeyStore:
         #: jku URLs whose fetch failed while they had never served keys ->
         #: (when, whether the host answered): refused again, without a
         #: fetch, for a cooldown
-        self._refused_jku: BoundedFifo[str, tuple[float, bool]] = BoundedFifo(_REFUSED_JKU_URLS)
+        #: (keyed by the URL's SHA-256: a token's jku may be 16 KiB long)
+        self._refused_jku: BoundedFifo[bytes, tuple[float, bool]] = BoundedFifo(_REFUSED_JKU_URLS)
         for issuer in settings.issuers:
             if issuer not in self._static:
                 self._source(issuer, None)
@@ -351,7 +359,7 @@ class KeyStore:
     def _check_refused_jku(self, jku: str, now: float) -> None:
         """Refuse, without a fetch, a ``jku`` (never seen to serve keys) whose
         fetch failed within the cooldown, the way it failed then."""
-        refused = self._refused_jku.get(jku)
+        refused = self._refused_jku.get(_url_digest(jku))
         if refused is not None and now - refused[0] < self._cooldown:
             raise self._jku_refusal(refused[1], refused[0])
 
@@ -555,7 +563,7 @@ class KeyStore:
                 # failure for a cooldown (no second fetch), share nothing.
                 source.last_error = str(exc)
                 answered = _answered(exc)
-                self._refused_jku.put(str(source.jku), (now, answered))
+                self._refused_jku.put(_url_digest(str(source.jku)), (now, answered))
                 raise self._jku_refusal(answered, now) from None
             if isinstance(exc, FetchError) and exc.circuit_open:
                 return self._refused_by_circuit(source, now, str(exc))

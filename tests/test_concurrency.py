@@ -7,11 +7,14 @@ the fake one of the other key-store tests, so nothing waits for real time.
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import json
+import logging
 import os
 import socket
 import threading
 import time
+import tracemalloc
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +26,14 @@ from flask_caching import Cache
 from flask_oauth_verify import OAuthVerify
 from flask_oauth_verify.cache import cache_key
 from flask_oauth_verify.extension import get_state
-from flask_oauth_verify.testing import IssuerServer, Reply, Request, TokenIssuer, auth_header
+from flask_oauth_verify.testing import (
+    IssuerServer,
+    Reply,
+    Request,
+    TokenIssuer,
+    auth_header,
+    b64url,
+)
 
 from .conftest import FakeClock, RedisServer, add_views, make_app
 
@@ -265,3 +275,49 @@ def test_a_worker_waits_for_one_fetch_of_another_not_for_a_free_lock(
     finally:
         cache.delete(lock)
         waiter.join(30)
+
+
+# -- memory under a flood of forged jku URLs ---------------------------------------
+
+
+def test_a_flood_of_long_jku_urls_keeps_no_url_whole(
+    served_tokens: TokenIssuer,
+    issuer_server: IssuerServer,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each refused ``jku`` is remembered for a cooldown (4,096 of them) and
+    has a circuit breaker (1,024): both kept the URL itself, so a flood of
+    forged tokens naming 11 KB paths of the allowlisted host grew each
+    process by about 65 MB (measured: RSS 51 -> 116 MB). They key on the
+    URL's digest now (51 -> 73 MB, most of it the header cache)."""
+    app = local_app(served_tokens, clock, ALLOWED_JKU_HOSTS=["127.0.0.1"], ALLOW_INSECURE_HTTP=True)
+    client = app.test_client()
+    caplog.set_level(logging.CRITICAL, "flask_oauth_verify")  # pytest keeps every record
+
+    def forged(count: int) -> None:
+        for _ in range(count):
+            jku = f"{issuer_server.url}/{uuid.uuid4().hex}{'a' * 11_000}"
+            header = {"alg": "RS256", "kid": "k", "jku": jku}
+            claims = {"iss": served_tokens.issuer, "aud": "api", "exp": 2_000_000_000}
+            token = f"{b64url(header)}.{b64url(claims)}.{'A' * 342}"
+            response = client.get("/protected", headers=auth_header(token))
+            assert response.status_code == 401
+        # the test server's own record of each request is not the app's memory
+        issuer_server.requests.clear()
+        issuer_server.hits.clear()
+
+    # Multiples of the header cache's size (512, emptied when full): it holds
+    # as many headers after each round, so its churn cancels out.
+    forged(512)
+    tracemalloc.start()
+    try:
+        forged(512)
+        gc.collect()  # refusals leave exception cycles behind
+        before = tracemalloc.get_traced_memory()[0]
+        forged(512)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 1_500_000, f"{grown} bytes kept for 512 more refused jku URLs"
