@@ -255,7 +255,7 @@ def parse_key_set(jwks: Any, algorithms: tuple[str, ...]) -> PreparedKeySet:
     :param jwks: the decoded JSON document ``{"keys": [...]}``.
     :param algorithms: the allowed algorithms (``OAUTH_VERIFY_ALGORITHMS``).
     :raises KeySetError: when the set is not a JWK Set, carries private
-        material or repeats a ``kid``.
+        material or gives two usable keys the same ``kid``.
     """
     if not isinstance(jwks, Mapping) or not isinstance(jwks.get("keys"), list):
         raise KeySetError("not a JWK Set (no 'keys' list)")
@@ -266,7 +266,6 @@ def parse_key_set(jwks: Any, algorithms: tuple[str, ...]) -> PreparedKeySet:
     by_kid: dict[str, PreparedKey] = {}
     keys: list[PreparedKey] = []
     skipped: list[str] = []
-    seen_kids: set[str] = set()
     for index, jwk in enumerate(jwks["keys"]):
         if not isinstance(jwk, Mapping):
             skipped.append(f"#{index}: not an object")
@@ -277,18 +276,18 @@ def parse_key_set(jwks: Any, algorithms: tuple[str, ...]) -> PreparedKeySet:
         if kid is not None and not isinstance(kid, str):
             skipped.append(f"#{index}: kid is not a string")
             continue
-        if kid is not None:
-            if kid in seen_kids:
-                raise KeySetError(f"duplicate kid {kid!r}")
-            seen_kids.add(kid)
         try:
             prepared = _prepare(jwk, algorithms)
         except ValueError as exc:
             skipped.append(f"{kid or '#' + str(index)}: {exc}")
             continue
-        keys.append(prepared)
+        # Only usable keys can clash: RFC 7517 §4.5 lets an encryption key
+        # (or a key of an algorithm not allowed here) share a signing key's kid.
         if kid is not None:
+            if kid in by_kid:
+                raise KeySetError(f"duplicate kid {kid!r}")
             by_kid[kid] = prepared
+        keys.append(prepared)
     return PreparedKeySet(
         by_kid=by_kid,
         keys=tuple(keys),

@@ -111,6 +111,16 @@ def test_keys_are_fetched_once_and_reused(
     assert issuer_server.hits[JWKS] == 1
 
 
+def test_a_signing_key_published_again_for_encryption_under_its_kid_verifies(
+    served_tokens: TokenIssuer, route: JwksRoute, clock: FakeClock
+) -> None:
+    """RFC 7517 §4.5 allows the same kid on a use=enc key: not a clash (was 503)."""
+    published = served_tokens.jwks()
+    published["keys"].append({**published["keys"][0], "use": "enc"})
+    route.reply = Reply(200, published)
+    assert get(build(served_tokens, clock), served_tokens.mint()).status_code == 200
+
+
 def test_soft_ttl_with_jitter(
     served_tokens: TokenIssuer, issuer_server: IssuerServer, route: JwksRoute, clock: FakeClock
 ) -> None:

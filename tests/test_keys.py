@@ -157,6 +157,22 @@ def test_duplicate_kids_are_refused(rsa_jwk: dict[str, Any], ec_jwk: dict[str, A
 
 
 @pytest.mark.parametrize(
+    "twin",
+    [{"use": "enc"}, {"key_ops": ["encrypt"]}, {"alg": "RSA-OAEP"}],
+    ids=["use-enc", "key_ops-encrypt", "alg-not-allowed"],
+)
+def test_a_kid_shared_with_a_key_that_is_not_used_is_no_clash(
+    rsa_jwk: dict[str, Any], twin: dict[str, Any]
+) -> None:
+    """RFC 7517 §4.5: an encryption key may share the signing key's kid."""
+    for order in ([rsa_jwk, {**rsa_jwk, **twin}], [{**rsa_jwk, **twin}, rsa_jwk]):
+        keys = parse_key_set({"keys": order}, ("RS256",))
+        key = keys.get("rsa-1")
+        assert key is not None and key.verifier("RS256") is not None
+        assert len(keys.keys) == 1 and len(keys.skipped) == 1
+
+
+@pytest.mark.parametrize(
     "document", [None, [], "keys", {"keys": "x"}, {"keys": {}}, {"key": []}, {"keys": [{1}]}]
 )
 def test_documents_that_are_not_a_jwk_set_are_refused(document: Any) -> None:
