@@ -11,6 +11,8 @@ every key the application sets wins.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -19,6 +21,75 @@ from urllib.parse import urlsplit
 __all__ = ["DEFAULT_CLAIM_MAP", "PREFIX", "ConfigurationError", "Settings"]
 
 PREFIX = "OAUTH_VERIFY_"
+
+logger = logging.getLogger("flask_oauth_verify")
+
+#: Every key this package reads (without the prefix); another ``OAUTH_VERIFY_``
+#: key is most likely a typo, which would silently leave a check off.
+KNOWN_KEYS = frozenset(
+    {
+        "ALGORITHMS",
+        "ALLOWED_CLIENT_IDS",
+        "ALLOWED_JKU_HOSTS",
+        "ALLOWED_TENANTS",
+        "ALLOWED_TYPES",
+        "ALLOW_INSECURE_HTTP",
+        "AUDIENCE",
+        "CIRCUIT_BREAKER_FAILURES",
+        "CIRCUIT_BREAKER_RESET",
+        "CLAIM_MAP",
+        "DEV_ISSUER",
+        "DISCOVERY_CACHE_TTL",
+        "HEALTH_PROBE_INTERVAL",
+        "HEALTH_REQUIRE_CACHE",
+        "HEALTH_ROUTE",
+        "HTTP_MAX_BYTES",
+        "HTTP_TIMEOUT",
+        "INTROSPECTION_AUTH",
+        "INTROSPECTION_BODY",
+        "INTROSPECTION_CACHE_TTL",
+        "INTROSPECTION_CLIENT_ID",
+        "INTROSPECTION_CLIENT_SECRET",
+        "INTROSPECTION_ENDPOINT",
+        "INTROSPECTION_NEGATIVE_CACHE_TTL",
+        "INTROSPECTION_TOKEN",
+        "ISSUER",
+        "ISSUER_CLAIMS",
+        "ISSUER_PLACEHOLDER_CLAIMS",
+        "JWKS",
+        "JWKS_CACHE_TTL",
+        "JWKS_MAX_STALENESS",
+        "JWKS_MAX_TTL",
+        "JWKS_MIN_TTL",
+        "JWKS_REFRESH_COOLDOWN",
+        "JWKS_URI",
+        "JWKS_URI_FALLBACKS",
+        "LEEWAY",
+        "MAX_TOKEN_BYTES",
+        "METRICS",
+        "METRICS_CLIENT_ID_LABEL",
+        "METRICS_ENDPOINT",
+        "METRICS_REGISTRY",
+        "ORGANIZATION_COLUMN",
+        "PREFETCH_KEYS",
+        "PROVIDER",
+        "PROVIDER_PARAMS",
+        "REALM",
+        "REFUSED_CLAIMS",
+        "REQUIRED_CLAIMS",
+        "REQUIRED_CLAIM_VALUES",
+        "REQUIRE_CLIENT_ID",
+        "REQUIRE_EMAIL_VERIFIED",
+        "SECURITY_HEADERS",
+        "STRATEGY",
+        "TOKEN_CACHE_SIZE",
+        "TOKEN_LOCATIONS",
+        "USER_COLUMN",
+        "USER_ID_PREFIX",
+        "USER_ID_RULE",
+        "VERIFY_AUDIENCE",
+    }
+)
 
 #: Algorithms this package can verify. HMAC and ``none`` are never accepted:
 #: a resource server that verifies with public keys must not accept a MAC.
@@ -228,6 +299,7 @@ class Settings:
         from .providers import apply_profile  # providers are data, read late
 
         given = {k[len(PREFIX) :]: v for k, v in config.items() if k.startswith(PREFIX)}
+        _warn_unknown(given)
         values = apply_profile(given)
         return _build(values)
 
@@ -236,8 +308,21 @@ class Settings:
         return self.jwks_uris.get(issuer)
 
 
+def _warn_unknown(given: Mapping[str, Any]) -> None:
+    """Warn about every ``OAUTH_VERIFY_`` key this package does not read: a
+    mistyped key (``REQUIRED_CLAIM_VALUE``) is otherwise silently ignored,
+    and the check it meant to turn on stays off. A warning, not an error:
+    an app may keep its own keys under the prefix."""
+    for name in sorted(set(given) - KNOWN_KEYS):
+        close = difflib.get_close_matches(name, KNOWN_KEYS, n=1)
+        hint = f"; did you mean {_key(close[0])}?" if close else ""
+        logger.warning(
+            "%s is not a setting of flask_oauth_verify and is ignored%s", _key(name), hint
+        )
+
+
 def _build(v: Mapping[str, Any]) -> Settings:
-    allow_http = bool(v.get("ALLOW_INSECURE_HTTP", False))
+    allow_http = as_bool(v.get("ALLOW_INSECURE_HTTP", False), "ALLOW_INSECURE_HTTP")
     issuers = _as_tuple(v.get("ISSUER"), "ISSUER")
     if not issuers:
         raise ConfigurationError(f"{_key('ISSUER')} is required: the issuer URL(s) to trust.")
@@ -309,7 +394,7 @@ def _build(v: Mapping[str, Any]) -> Settings:
         user_id_prefix=_user_id_prefix(v.get("USER_ID_PREFIX")),
         user_id_rule=user_rule,
         allowed_client_ids=_as_tuple(v.get("ALLOWED_CLIENT_IDS"), "ALLOWED_CLIENT_IDS"),
-        require_client_id=_as_bool(v.get("REQUIRE_CLIENT_ID", False), "REQUIRE_CLIENT_ID"),
+        require_client_id=as_bool(v.get("REQUIRE_CLIENT_ID", False), "REQUIRE_CLIENT_ID"),
         refused_claims=_as_tuple(v.get("REFUSED_CLAIMS", DEFAULT_REFUSED_CLAIMS), "REFUSED_CLAIMS"),
         allowed_tenants=tenants,
         issuer_placeholder_claims=MappingProxyType(placeholder_claims),
@@ -333,7 +418,7 @@ def _build(v: Mapping[str, Any]) -> Settings:
         discovery_cache_ttl=_as_number(
             v.get("DISCOVERY_CACHE_TTL", 6 * 3600), "DISCOVERY_CACHE_TTL", minimum=1
         ),
-        prefetch_keys=bool(v.get("PREFETCH_KEYS", False)),
+        prefetch_keys=as_bool(v.get("PREFETCH_KEYS", False), "PREFETCH_KEYS"),
         allowed_jku_hosts=_as_tuple(v.get("ALLOWED_JKU_HOSTS"), "ALLOWED_JKU_HOSTS"),
         http_timeout=_as_timeout(v.get("HTTP_TIMEOUT", (2.0, 5.0))),
         http_max_bytes=int(
@@ -364,9 +449,11 @@ def _build(v: Mapping[str, Any]) -> Settings:
         provider_params=MappingProxyType(dict(v.get("PROVIDER_PARAMS") or {})),
         organization_column=str(v.get("ORGANIZATION_COLUMN", "organization_id")),
         user_column=str(v.get("USER_COLUMN", "user_id")),
-        security_headers=bool(v.get("SECURITY_HEADERS", False)),
-        metrics=bool(v.get("METRICS", False)),
-        metrics_client_id_label=bool(v.get("METRICS_CLIENT_ID_LABEL", False)),
+        security_headers=as_bool(v.get("SECURITY_HEADERS", False), "SECURITY_HEADERS"),
+        metrics=as_bool(v.get("METRICS", False), "METRICS"),
+        metrics_client_id_label=as_bool(
+            v.get("METRICS_CLIENT_ID_LABEL", False), "METRICS_CLIENT_ID_LABEL"
+        ),
         health_route=health or None,
         raw=MappingProxyType(dict(v)),
     )
@@ -382,10 +469,30 @@ def _realm(value: Any) -> str:
     return value
 
 
-def _as_bool(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigurationError(f"{_key(name)} must be True or False.")
-    return value
+#: The spellings of a yes/no setting read from the environment as text.
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off", ""})
+
+
+def as_bool(value: Any, name: str) -> bool:
+    """A yes/no setting: ``True``/``False``, 0/1, or their usual spellings as
+    text (``"false"``, ``"0"``, ``"no"``, ``"off"``, ...), never Python's
+    truthiness (``bool("false")`` is ``True``).
+
+    :param name: the key without its prefix, for the error.
+    :raises ConfigurationError: for any other value.
+    """
+    if isinstance(value, bool):
+        return value
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    raise ConfigurationError(f"{_key(name)} must be True or False, not {value!r}.")
 
 
 def _user_id_prefix(value: Any) -> str | tuple[str, ...] | None:

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 from flask import Flask, Response, jsonify
 
-from .config import ConfigurationError
+from .config import ConfigurationError, as_bool
 from .errors import UpstreamError
 from .fetch import FetchError
 
@@ -97,7 +97,7 @@ class HealthChecker:
     def __init__(self, state: _AppState) -> None:
         self.state = state
         raw = state.settings.raw
-        self.require_cache = bool(raw.get("HEALTH_REQUIRE_CACHE", False))
+        self.require_cache = as_bool(raw.get("HEALTH_REQUIRE_CACHE", False), "HEALTH_REQUIRE_CACHE")
         interval = raw.get("HEALTH_PROBE_INTERVAL", _DEFAULT_PROBE_INTERVAL)
         if isinstance(interval, bool) or not isinstance(interval, int | float) or interval < 0:
             raise ConfigurationError(

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 from flask import Flask
 
 from flask_oauth_verify import ConfigurationError, OAuthVerify, Settings
+from flask_oauth_verify.config import KNOWN_KEYS
 
 BASE = {"OAUTH_VERIFY_ISSUER": "https://issuer.example.test", "OAUTH_VERIFY_AUDIENCE": "api"}
 
@@ -53,7 +57,9 @@ def test_defaults_are_the_documented_safe_ones() -> None:
         ({"VERIFY_AUDIENCE": "no"}, "OAUTH_VERIFY_VERIFY_AUDIENCE"),
         ({"CLAIM_MAP": {"tenant": ["x"]}}, "OAUTH_VERIFY_CLAIM_MAP"),
         ({"PROVIDER": "nobody"}, "OAUTH_VERIFY_PROVIDER"),
-        ({"REQUIRE_CLIENT_ID": "yes"}, "OAUTH_VERIFY_REQUIRE_CLIENT_ID"),
+        ({"REQUIRE_CLIENT_ID": "maybe"}, "OAUTH_VERIFY_REQUIRE_CLIENT_ID"),
+        ({"PREFETCH_KEYS": 2}, "OAUTH_VERIFY_PREFETCH_KEYS"),
+        ({"METRICS": "enabled"}, "OAUTH_VERIFY_METRICS"),
         ({"REALM": "API — prod"}, "OAUTH_VERIFY_REALM"),
         ({"REALM": "api\r\nX-Injected: 1"}, "OAUTH_VERIFY_REALM"),
         ({"REFUSED_CLAIMS": [""]}, "OAUTH_VERIFY_REFUSED_CLAIMS"),
@@ -92,6 +98,45 @@ def test_loopback_http_is_allowed_and_other_http_needs_the_flag() -> None:
     assert s.allow_insecure_http
 
 
+YES_NO = {
+    "ALLOW_INSECURE_HTTP": "allow_insecure_http",
+    "PREFETCH_KEYS": "prefetch_keys",
+    "SECURITY_HEADERS": "security_headers",
+    "METRICS": "metrics",
+    "METRICS_CLIENT_ID_LABEL": "metrics_client_id_label",
+    "REQUIRE_CLIENT_ID": "require_client_id",
+}
+
+
+@pytest.mark.parametrize("key", sorted(YES_NO))
+@pytest.mark.parametrize(
+    ("given", "meant"),
+    [
+        ("false", False),
+        ("False", False),
+        ("0", False),
+        ("no", False),
+        ("off", False),
+        (0, False),
+        ("true", True),
+        ("1", True),
+        (" YES ", True),
+        ("on", True),
+        (1, True),
+    ],
+)
+def test_yes_no_settings_read_text_from_the_environment_as_meant(
+    key: str, given: Any, meant: bool
+) -> None:
+    """``bool("false")`` is True: an environment variable must not turn a setting on."""
+    assert getattr(settings(**{key: given}), YES_NO[key]) is meant
+
+
+def test_insecure_http_written_as_false_text_does_not_allow_http() -> None:
+    with pytest.raises(ConfigurationError, match="OAUTH_VERIFY_ALLOW_INSECURE_HTTP"):
+        settings(ISSUER="http://issuer.internal", ALLOW_INSECURE_HTTP="false")
+
+
 def test_settings_are_immutable() -> None:
     s = settings()
     with pytest.raises(AttributeError):
@@ -120,3 +165,27 @@ def test_user_id_prefix_takes_one_prefix_or_several() -> None:
     nothing: list[Any] = ["", []]
     for none in nothing:  # no prefix at all: the generic rule, as None
         assert settings(USER_ID_PREFIX=none).user_id_prefix is None
+
+
+def test_the_known_keys_are_the_documented_ones() -> None:
+    """The typo warning's list and the configuration page name the same keys."""
+    page = (Path(__file__).parents[1] / "docs" / "configuration.rst").read_text()
+    documented = set(re.findall(r"^\.\. data:: OAUTH_VERIFY_(\w+)", page, re.M))
+    assert documented == KNOWN_KEYS
+
+
+def test_a_mistyped_key_is_warned_about_with_the_close_match(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="flask_oauth_verify"):
+        settings(REQUIRED_CLAIM_VALUE={"stt": 1}, LEEWAY=5)
+    [record] = caplog.records
+    message = record.getMessage()
+    assert "OAUTH_VERIFY_REQUIRED_CLAIM_VALUE is not a setting" in message
+    assert "did you mean OAUTH_VERIFY_REQUIRED_CLAIM_VALUES?" in message
+
+
+def test_known_keys_raise_no_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="flask_oauth_verify"):
+        settings(LEEWAY=5, TOKEN_CACHE_SIZE=10, PROVIDER="auth0", REALM="api")
+    assert not [r for r in caplog.records if "is not a setting" in r.getMessage()]
