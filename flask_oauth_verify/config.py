@@ -375,6 +375,18 @@ def _build(v: Mapping[str, Any]) -> Settings:
     health = v.get("HEALTH_ROUTE")
     if health is True:
         health = "/health/token-validation"
+    elif health is False:
+        health = None
+    elif health is not None and (not isinstance(health, str) or not health.startswith("/")):
+        raise ConfigurationError(
+            f"{_key('HEALTH_ROUTE')} must be a path starting with '/' (or True)."
+        )
+    metrics = as_bool(v.get("METRICS", False), "METRICS")
+    if v.get("METRICS_ENDPOINT") not in (None, False) and not metrics:
+        raise ConfigurationError(
+            f"{_key('METRICS_ENDPOINT')} is set but {_key('METRICS')} is not: set "
+            f"{_key('METRICS')} = True to record and serve metrics."
+        )
     return Settings(
         issuers=issuers,
         audiences=audiences,
@@ -450,7 +462,7 @@ def _build(v: Mapping[str, Any]) -> Settings:
         organization_column=str(v.get("ORGANIZATION_COLUMN", "organization_id")),
         user_column=str(v.get("USER_COLUMN", "user_id")),
         security_headers=as_bool(v.get("SECURITY_HEADERS", False), "SECURITY_HEADERS"),
-        metrics=as_bool(v.get("METRICS", False), "METRICS"),
+        metrics=metrics,
         metrics_client_id_label=as_bool(
             v.get("METRICS_CLIENT_ID_LABEL", False), "METRICS_CLIENT_ID_LABEL"
         ),
