@@ -17,7 +17,7 @@ import json
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
-from flask import Response
+from flask import Response, current_app, has_app_context
 from werkzeug.exceptions import HTTPException
 
 __all__ = [
@@ -86,9 +86,10 @@ class OAuthVerifyError(HTTPException):
         """Build the RFC 6750 ``WWW-Authenticate`` header value.
 
         :param realm: the protection space; falls back to the error's own
-            realm, then to ``"api"``.
+            realm, then to the current app's ``OAUTH_VERIFY_REALM``, then to
+            ``"api"``.
         """
-        parts = [f"realm={_quote(realm or self.realm or DEFAULT_REALM)}"]
+        parts = [f"realm={_quote(realm or self.realm or _app_realm() or DEFAULT_REALM)}"]
         if self.challenge_error is not None:
             parts.append(f"error={_quote(self.challenge_error)}")
             parts.append(f"error_description={_quote(str(self.description))}")
@@ -246,3 +247,14 @@ def default_error_response(error: OAuthVerifyError) -> Response:
     for name, value in error.get_headers():
         response.headers[name] = value
     return response
+
+
+def _app_realm() -> str | None:
+    """The current app's configured realm (a custom error handler that calls
+    :meth:`OAuthVerifyError.challenge` gets it without passing it)."""
+    if not has_app_context():
+        return None
+    state = current_app.extensions.get("oauth_verify")  # extension.EXTENSION_KEY
+    settings = getattr(state, "settings", None)
+    realm = getattr(settings, "realm", None)
+    return realm if isinstance(realm, str) else None

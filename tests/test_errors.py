@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from flask import Flask
@@ -98,6 +99,21 @@ def test_realm_comes_from_settings(tokens: TokenIssuer) -> None:
     app = make_app(tokens.config(REALM="billing"))
     response = app.test_client().get("/protected")
     assert response.headers["WWW-Authenticate"] == 'Bearer realm="billing"'
+
+
+def test_a_custom_handlers_challenge_names_the_apps_realm(tokens: TokenIssuer) -> None:
+    """``error.challenge()`` without an argument, in a handler of the app's own."""
+    app = make_app(tokens.config(REALM="billing"))
+
+    @app.errorhandler(TokenExpired)
+    def expired(error: TokenExpired) -> Any:
+        return {"custom": "expired"}, 401, {"WWW-Authenticate": error.challenge()}
+
+    response = app.test_client().get(
+        "/protected", headers=auth_header(tokens.mint(expires_in=-600))
+    )
+    assert response.headers["WWW-Authenticate"].startswith('Bearer realm="billing", ')
+    assert TokenExpired().challenge() == TokenExpired().challenge("api")  # outside any app
 
 
 def test_errors_are_httpexceptions_handled_without_the_extension() -> None:
