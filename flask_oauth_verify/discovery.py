@@ -262,14 +262,20 @@ class Discovery:
 
     def _fetch(self, issuer: str) -> Mapping[str, Any]:
         errors = []
+        # The status of the last answer: a server that answered every document
+        # wrongly (4xx, not JSON, another issuer) is no outage, and the error
+        # says so (FetchError.answered), so that callers pace their retries.
+        status: int | None = None
         for url in metadata_urls(issuer):
             try:
                 result = self.fetcher.get_json(url, headers={"Accept": "application/json"})
             except FetchError as exc:
                 errors.append(f"{url}: {exc.reason}")
+                status = exc.status
                 if _try_next(exc):
                     continue
                 break
+            status = result.status
             data = result.data
             if not isinstance(data, dict):
                 errors.append(f"{url}: not a JSON object")
@@ -280,4 +286,4 @@ class Discovery:
                 errors.append(f"{url}: metadata names another issuer")
                 continue
             return data
-        raise FetchError("discovery failed: " + "; ".join(errors))
+        raise FetchError("discovery failed: " + "; ".join(errors), status=status)

@@ -281,3 +281,45 @@ def test_keys_are_found_through_discovery_end_to_end(
     assert state.discovery.endpoint(served_tokens.issuer, "introspection_endpoint") == (
         served_tokens.issuer + "/introspect"
     )
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [Reply(404, {"error": "not found"}), Reply(200, b"<html>", {"Content-Type": "text/html"})],
+    ids=["404", "html"],
+)
+def test_an_issuer_answering_no_metadata_at_cold_start_is_asked_once_a_second(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock, answer: Reply
+) -> None:
+    """Such answers never open the circuit: without pacing, every request of a
+    cold worker was a discovery attempt (two documents each)."""
+    for path in (OIDC, RFC8414):
+        issuer_server.route(path, answer)
+    config = served_tokens.config(audience="api")
+    del config["OAUTH_VERIFY_JWKS_URI"]
+    client = make_app(config, clock=clock).test_client()
+    for _ in range(10):
+        response = client.get("/protected", headers=auth_header(served_tokens.mint()))
+        assert response.status_code == 503
+    assert (issuer_server.hits[OIDC], issuer_server.hits[RFC8414]) == (1, 1)
+
+    issuer_server.route(OIDC, Reply(200, metadata(served_tokens.issuer)))
+    clock.advance(1.1)
+    response = client.get("/protected", headers=auth_header(served_tokens.mint()))
+    assert response.status_code == 200
+    assert issuer_server.hits[OIDC] == 2
+
+
+def test_a_discovery_failure_says_whether_the_server_answered(
+    issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    issuer = issuer_server.url
+    issuer_server.route(OIDC, Reply(404, {}))
+    issuer_server.route(RFC8414, Reply(200, metadata("https://attacker.example")))
+    with pytest.raises(FetchError) as answered:
+        make_discovery(issuer, clock).metadata(issuer)
+    assert answered.value.answered
+    issuer_server.route(OIDC, Reply(503, {}))
+    with pytest.raises(FetchError) as outage:
+        make_discovery(issuer, clock).metadata(issuer)
+    assert not outage.value.answered
