@@ -18,9 +18,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import secrets
 import socket
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -33,7 +35,7 @@ from urllib.parse import parse_qs, unquote_plus, urlsplit
 
 from joserfc import jwt
 from joserfc.errors import SecurityWarning
-from joserfc.jwk import ECKey, Key, OKPKey, RSAKey
+from joserfc.jwk import ECKey, JWKRegistry, Key, OKPKey, RSAKey
 
 __all__ = ["IssuerServer", "Reply", "TokenIssuer", "auth_header"]
 
@@ -274,6 +276,54 @@ class TokenIssuer:
         #: accepts both.
         self.introspection_body: str | None = None
         self.server: IssuerServer | None = None
+
+    @classmethod
+    def persistent(
+        cls,
+        path: str | os.PathLike[str],
+        issuer: str = "https://issuer.example.test",
+        *,
+        alg: str = "RS256",
+        audience: str = "api",
+    ) -> TokenIssuer:
+        """An issuer whose signing key is kept in the file ``path`` (created,
+        owner-only, on first use), so that every process that builds it —
+        the app, ``flask oauth-verify mint``, a second worker — signs and
+        publishes the same key. A development issuer built at import without
+        it has a new key in each process, and a token minted by one is
+        unknown to the other.
+
+        :param path: the key file (a private JWK; never commit it).
+        :raises ValueError: when the file holds no private key for ``alg``.
+        """
+        made = cls(issuer, alg=alg, audience=audience)
+        if not os.path.exists(path):
+            key = made._keys[made.current_kid][1]
+            mine = {"alg": alg, "kid": made.current_kid, "key": key.as_dict(private=True)}
+            # Written whole beside it, then linked into place: a process
+            # starting at the same moment reads one whole key file or the other's.
+            folder = os.path.dirname(os.path.abspath(path))
+            os.makedirs(folder, exist_ok=True)  # e.g. a new app.instance_path
+            descriptor, draft = tempfile.mkstemp(dir=folder)
+            try:
+                with os.fdopen(descriptor, "w", encoding="utf-8") as written:  # mode 0600
+                    json.dump(mine, written)
+                os.link(draft, path)
+                return made
+            except FileExistsError:
+                pass  # another process was first: use its key
+            finally:
+                os.unlink(draft)
+        with open(path, encoding="utf-8") as stored:
+            data = json.load(stored)
+        if not isinstance(data, dict) or data.get("alg") != alg or "key" not in data:
+            raise ValueError(f"{os.fspath(path)!r} holds no {alg} key of a TokenIssuer")
+        stored_key = JWKRegistry.import_key(data["key"])
+        if not stored_key.is_private:
+            raise ValueError(f"{os.fspath(path)!r} holds no private key")
+        made.remove_key(made.current_kid)
+        made.current_kid = made.add_key(alg, kid=str(data["kid"]), key=stored_key)
+        return made
 
     # -- keys -----------------------------------------------------------------
 

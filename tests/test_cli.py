@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from flask import Flask
 from joserfc import jwt
 from joserfc.jwk import OctKey
 
-from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer, b64url
+from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer, auth_header, b64url
 
 from .conftest import FakeClock, free_port, make_app
 
@@ -340,6 +341,32 @@ def test_mint_with_the_development_issuer(tokens: TokenIssuer, clock: FakeClock)
     assert claims["iat"] == int(clock())
     checked = inspect(app, token, "--scope", "read:users")
     assert checked.exit_code == 0, checked.output
+
+
+def test_a_persistent_development_issuer_is_one_key_across_processes(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """The CLI process mints, the server process verifies: both build the
+    issuer from the key file (built at import without it, each process had
+    its own key and the minted token was refused)."""
+    key_file = tmp_path / "instance" / "dev-issuer-key.json"  # folder made too
+
+    def dev_app(name: str) -> Flask:
+        issuer = TokenIssuer.persistent(key_file, "https://dev-issuer.local")
+        config = {**issuer.config(), "OAUTH_VERIFY_DEV_ISSUER": issuer}
+        return make_app(config, clock=clock, name=name)
+
+    minting, serving = dev_app("cli"), dev_app("server")
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    result = minting.test_cli_runner().invoke(args=["oauth-verify", "mint", "--sub", "u1"])
+    assert result.exit_code == 0, result.output
+    token = result.stdout.strip()
+    response = serving.test_client().get("/protected", headers=auth_header(token))
+    assert response.status_code == 200, response.json
+
+    key_file.write_text(json.dumps({"alg": "ES256", "key": {}}))
+    with pytest.raises(ValueError, match="holds no RS256 key"):
+        TokenIssuer.persistent(key_file)
 
 
 def test_a_bad_development_issuer_fails_at_init(tokens: TokenIssuer) -> None:
