@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 from flask import Flask, Response, jsonify
 
 from .config import ConfigurationError, as_bool
+from .deadline import reset_in_child
 from .errors import UpstreamError
 from .fetch import FetchError
 
@@ -105,6 +106,13 @@ class HealthChecker:
             )
         self.probe_interval = float(interval)
         self._probe: tuple[float, dict[str, Any]] | None = None
+        # held for a whole probe (an HTTP call): a child forked meanwhile
+        # would wait for it forever
+        self._probe_lock = threading.Lock()
+        reset_in_child(self, HealthChecker._after_fork)
+
+    def _after_fork(self) -> None:
+        """In a forked child: a probe lock no parent thread holds."""
         self._probe_lock = threading.Lock()
 
     def check(self) -> HealthReport:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import threading
 from typing import Any
 
 import pytest
@@ -9,7 +12,7 @@ from flask import Flask
 from flask_caching import Cache
 
 from flask_oauth_verify import ConfigurationError, OAuthVerify
-from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer, auth_header
+from flask_oauth_verify.testing import IssuerServer, Reply, Request, TokenIssuer, auth_header
 
 from .conftest import FakeClock, RedisServer, free_port, make_app
 
@@ -210,6 +213,49 @@ def test_introspection_endpoint_probed_at_most_once_per_interval(
     served_tokens.serve(issuer_server)
     clock.advance(31)
     assert health(app)[0] == 200
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_during_a_probe_probes_for_itself(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    """The probe lock is held for the whole probe (an HTTP call): a process
+    forked while a thread probed inherited it held, with no thread to
+    release it, and every health request of the child hung."""
+    gate = threading.Event()
+    first = threading.Lock()
+
+    def introspect(_request: Request) -> Reply:
+        if first.acquire(blocking=False):  # only the parent's probe is held
+            gate.wait(10)
+        return Reply(405, {"error": "method_not_allowed"})
+
+    issuer_server.route("/introspect", introspect)
+    app = introspection_app(served_tokens, issuer_server, clock)
+    parent = threading.Thread(target=lambda: health(app))
+    parent.start()
+    assert issuer_server.wait_for_hits("/introspect", 1)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's probe is not its own
+        try:
+            codes: list[int] = []
+            child = threading.Thread(target=lambda: codes.append(health(app)[0]), daemon=True)
+            child.start()
+            child.join(10)
+            os.write(write, json.dumps(codes).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        with os.fdopen(read) as pipe:
+            codes = json.loads(pipe.read() or "null")
+        os.waitpid(pid, 0)
+    finally:
+        gate.set()
+        parent.join(10)
+    assert codes == [200], "the child's health check hung on the parent's probe lock"
+    assert issuer_server.hits["/introspect"] == 2
 
 
 def test_discovered_introspection_endpoint(
