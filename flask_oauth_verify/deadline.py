@@ -42,16 +42,33 @@ def reset_in_child(owner: _T, reset: Callable[[_T], None]) -> None:
     parent are not the child's (gunicorn ``--preload``, ``multiprocessing``).
 
     A lock held by a thread of the parent at the fork stays held forever in
-    the child, and a call under way has no thread left to finish it.
+    the child, and a call under way has no thread left to finish it. Owners
+    are reset in the order they asked; one that died is forgotten (the
+    process keeps no hook per owner).
     """
-    ref = weakref.ref(owner)
+    ref = weakref.ref(owner, _forget_owner)
+    _CHILD_RESETS[id(ref)] = (ref, reset)
 
-    def in_child() -> None:
-        alive = ref()
-        if alive is not None:
-            reset(alive)
 
-    os.register_at_fork(after_in_child=in_child)
+#: id of a weak reference to an owner -> (the reference, its reset), in the
+#: order :func:`reset_in_child` was called. Plain dict operations, atomic
+#: under the GIL: the weakref callback that removes an entry may run in any
+#: thread, at any allocation, so it must take no lock.
+_CHILD_RESETS: dict[int, tuple[weakref.ReferenceType[Any], Callable[[Any], None]]] = {}
+
+
+def _forget_owner(ref: weakref.ReferenceType[Any]) -> None:
+    _CHILD_RESETS.pop(id(ref), None)
+
+
+def _reset_owners_in_child() -> None:
+    for ref, reset in list(_CHILD_RESETS.copy().values()):
+        owner = ref()
+        if owner is not None:
+            reset(owner)
+
+
+os.register_at_fork(after_in_child=_reset_owners_in_child)
 
 
 class DeadlineExpired(Exception):

@@ -6,13 +6,20 @@ here the parts a fault test cannot see.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import threading
+import tracemalloc
 
 import pytest
 
-from flask_oauth_verify.deadline import DeadlineExpired, deadline, watched_session
+from flask_oauth_verify.deadline import (
+    DeadlineExpired,
+    deadline,
+    reset_in_child,
+    watched_session,
+)
 from flask_oauth_verify.testing import IssuerServer
 
 
@@ -80,3 +87,56 @@ def test_a_forked_child_has_a_working_watchdog() -> None:
             os._exit(4)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_objects_reset_in_a_child_leave_nothing_behind_when_they_die() -> None:
+    """Every key store, cache, single flight and fetcher asks to be reset in a
+    forked child. Each asked with a fork hook of its own, which the process
+    keeps for good: an app factory called again and again (a test suite, an
+    app per tenant) grew the process by about 3 KB an app, and every fork
+    ran all the dead hooks."""
+
+    class Owner:
+        pass
+
+    def reset(_owner: Owner) -> None:
+        pass
+
+    for _ in range(100):  # warm up whatever the first calls allocate
+        reset_in_child(Owner(), reset)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(5000):
+            reset_in_child(Owner(), reset)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 100_000, f"{grown} bytes kept for 5,000 dead owners"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_live_owners_are_reset_in_a_child_in_the_order_they_asked() -> None:
+    class Owner:
+        pass
+
+    first, second = Owner(), Owner()
+    names = {id(first): "first", id(second): "second"}
+    order: list[str] = []
+    reset_in_child(first, lambda owner: order.append(names[id(owner)]))
+    reset_in_child(second, lambda owner: order.append(names[id(owner)]))
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write, ",".join(order).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        seen = pipe.read()
+    os.waitpid(pid, 0)
+    assert seen == "first,second"
+    assert order == []  # never in the parent
