@@ -372,15 +372,7 @@ def _build(v: Mapping[str, Any]) -> Settings:
     if user_rule is not None and not callable(user_rule):
         raise ConfigurationError(f"{_key('USER_ID_RULE')} must be a callable(claims) -> bool.")
     tenants, placeholder_claims = _issuer_templates(v, issuers, jwks_uris, static_jwks)
-    health = v.get("HEALTH_ROUTE")
-    if health is True:
-        health = "/health/token-validation"
-    elif health is False:
-        health = None
-    elif health is not None and (not isinstance(health, str) or not health.startswith("/")):
-        raise ConfigurationError(
-            f"{_key('HEALTH_ROUTE')} must be a path starting with '/' (or True)."
-        )
+    health = route_setting(v.get("HEALTH_ROUTE"), "HEALTH_ROUTE", "/health/token-validation")
     metrics = as_bool(v.get("METRICS", False), "METRICS")
     if v.get("METRICS_ENDPOINT") not in (None, False) and not metrics:
         raise ConfigurationError(
@@ -466,7 +458,7 @@ def _build(v: Mapping[str, Any]) -> Settings:
         metrics_client_id_label=as_bool(
             v.get("METRICS_CLIENT_ID_LABEL", False), "METRICS_CLIENT_ID_LABEL"
         ),
-        health_route=health or None,
+        health_route=health,
         raw=MappingProxyType(dict(v)),
     )
 
@@ -478,6 +470,23 @@ def _realm(value: Any) -> str:
         raise ConfigurationError(
             f"{_key('REALM')} must be a non-empty string of printable ASCII characters."
         )
+    return value
+
+
+def route_setting(value: Any, name: str, default: str) -> str | None:
+    """A route setting: a path starting with ``/``, ``True`` for ``default``,
+    ``None`` or ``False`` for no route.
+
+    :param name: the key without its prefix, for the error.
+    :raises ConfigurationError: for any other value (Flask would refuse a
+        rule without the leading ``/`` with an error naming no key).
+    """
+    if value is None or value is False:
+        return None
+    if value is True:
+        return default
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ConfigurationError(f"{_key(name)} must be a path starting with '/' (or True).")
     return value
 
 

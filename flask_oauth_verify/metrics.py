@@ -48,7 +48,7 @@ from prometheus_client import generate_latest as _generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .config import ConfigurationError, Settings
+from .config import ConfigurationError, Settings, route_setting
 from .context import AuthContext
 from .errors import OAuthVerifyError
 from .verification import looks_like_jws
@@ -263,19 +263,6 @@ def _registry(raw: Mapping[str, Any]) -> CollectorRegistry:
     return given
 
 
-def _endpoint(raw: Mapping[str, Any]) -> str | None:
-    value = raw.get("METRICS_ENDPOINT")
-    if value is None or value is False:
-        return None
-    if value is True:
-        return "/metrics"
-    if not isinstance(value, str) or not value.startswith("/"):
-        raise ConfigurationError(
-            "OAUTH_VERIFY_METRICS_ENDPOINT must be a path starting with '/' (or True)."
-        )
-    return value
-
-
 def init_metrics(app: Flask, state: _AppState) -> Metrics:
     """Create the app's metrics, attach them to its events, add the endpoint.
 
@@ -286,7 +273,7 @@ def init_metrics(app: Flask, state: _AppState) -> Metrics:
     """
     raw = state.settings.raw
     registry = _registry(raw)
-    endpoint = _endpoint(raw)
+    endpoint = route_setting(raw.get("METRICS_ENDPOINT"), "METRICS_ENDPOINT", "/metrics")
     try:
         metrics = Metrics(state.settings, registry, state.keys.status)
     except ValueError as exc:
