@@ -313,6 +313,9 @@ class KeyStore:
         jku = header.raw.get("jku")
         if not isinstance(jku, str):
             raise InvalidTokenError(reason="jku is required by this profile")
+        if not jku.isascii():
+            # a URI is ASCII (RFC 3986); a lone surrogate cannot even be encoded
+            raise InvalidTokenError(reason="jku is not a URL")
         try:
             parts = urlsplit(jku)
             port = parts.port

@@ -714,6 +714,23 @@ def test_beyond_identity_refuses_a_jku_host_not_allowlisted(server: IssuerServer
     assert server.hits[bi.jwks_path] == 0
 
 
+def test_beyond_identity_refuses_a_jku_that_is_no_ascii_url_quietly(
+    server: IssuerServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A URI is ASCII (RFC 3986): a ``jku`` with a lone surrogate (the JSON
+    escape ``\\ud800``) could not be encoded to key the refused-URL memory and
+    each such token logged an ERROR with a traceback (a log flood); a
+    non-ASCII one was fetched."""
+    bi = BeyondIdentity(server)
+    app = provider_app(bi.config())
+    with caplog.at_level(logging.ERROR):
+        for path in ("/jwks\ud800", "/jwks\u00e9"):
+            refused(app, bi.raw_token({"jku": f"{server.url}{bi.jwks_path}{path}"}))
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert server.hits[bi.jwks_path] == 0
+    assert call(app, bi.token())[0] == 200
+
+
 def test_beyond_identity_http_jku_needs_the_test_only_switch(server: IssuerServer) -> None:
     bi = BeyondIdentity(server)
     app = provider_app(bi.config(ALLOW_INSECURE_HTTP=False))
