@@ -320,7 +320,7 @@ class Fetcher:
         """
         with self._lock:
             if scope == "token":
-                digest = hashlib.sha256(url.encode()).digest()  # URLs may be KiBs long
+                digest = url_digest(url)
                 breaker = self._url_breakers.get(digest)
                 if breaker is None:
                     breaker = self._new_breaker()
@@ -522,6 +522,13 @@ class Fetcher:
         self._lock = threading.Lock()
         for breaker in [*self._breakers.values(), *self._url_breakers.values()]:
             breaker._lock = threading.Lock()
+
+
+def url_digest(url: str) -> bytes:
+    """What a bounded memory of token-chosen URLs keys on (the ``jku``
+    breakers here, the key store's refused URLs): 32 bytes, however long the
+    URL (a flood of 10 KiB ``jku`` URLs kept thousands of them whole)."""
+    return hashlib.sha256(url.encode()).digest()
 
 
 @functools.lru_cache(maxsize=256)

@@ -36,7 +36,6 @@ Policy (the operations guide in the docs, ``keys.rst``, explains each part):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import random
@@ -52,7 +51,7 @@ from .config import ConfigurationError, Settings, _is_loopback
 from .deadline import reset_in_child
 from .discovery import Discovery
 from .errors import InvalidTokenError, UpstreamError
-from .fetch import BreakerScope, Fetcher, FetchError, HTTPResult, SingleFlight
+from .fetch import BreakerScope, Fetcher, FetchError, HTTPResult, SingleFlight, url_digest
 from .fifo import BoundedFifo
 from .issuers import IssuerMatcher
 from .keys import KeySetError, PreparedKey, PreparedKeySet, content_hash, parse_key_set
@@ -140,12 +139,6 @@ def _scope(source: _Source) -> BreakerScope:
     """The circuit breaker of a source's fetches: a ``jku`` (a URL a token
     chose) has its own; an issuer's key set shares its origin's."""
     return "token" if source.jku is not None else "origin"
-
-
-def _url_digest(url: str) -> bytes:
-    """What a bounded memory of token-chosen URLs keys on: 32 bytes, however
-    long the URL (a flood of 10 KiB ``jku`` URLs kept 4,096 of them whole)."""
-    return hashlib.sha256(url.encode()).digest()
 
 
 def _answered(exc: FetchError | KeySetError) -> bool:
@@ -362,7 +355,7 @@ class KeyStore:
     def _check_refused_jku(self, jku: str, now: float) -> None:
         """Refuse, without a fetch, a ``jku`` (never seen to serve keys) whose
         fetch failed within the cooldown, the way it failed then."""
-        refused = self._refused_jku.get(_url_digest(jku))
+        refused = self._refused_jku.get(url_digest(jku))
         if refused is not None and now - refused[0] < self._cooldown:
             raise self._jku_refusal(refused[1], refused[0])
 
@@ -566,7 +559,7 @@ class KeyStore:
                 # failure for a cooldown (no second fetch), share nothing.
                 source.last_error = str(exc)
                 answered = _answered(exc)
-                self._refused_jku.put(_url_digest(str(source.jku)), (now, answered))
+                self._refused_jku.put(url_digest(str(source.jku)), (now, answered))
                 raise self._jku_refusal(answered, now) from None
             if isinstance(exc, FetchError) and exc.circuit_open:
                 return self._refused_by_circuit(source, now, str(exc))
