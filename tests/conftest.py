@@ -7,14 +7,17 @@ service was really exercised.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flask import Flask
@@ -219,3 +222,28 @@ def postgres_url() -> str:
         need_service("PostgreSQL (OAUTH_VERIFY_TEST_POSTGRES_URL)")
         raise AssertionError("unreachable")
     return url
+
+
+def in_forked_child(work: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Fork; run ``work`` in the child (in a thread, for at most ``timeout``
+    seconds); return its result, which must be JSON, or ``None`` when it
+    raised or did not finish: a child that hangs fails the test, not the run.
+    """
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read)
+            result: list[Any] = []
+            runner = threading.Thread(target=lambda: result.append(work()), daemon=True)
+            runner.start()
+            runner.join(timeout)
+            if result:
+                os.write(write, json.dumps(result[0]).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        text = pipe.read()
+    os.waitpid(pid, 0)
+    return json.loads(text) if text else None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import gc
-import json
 import logging
 import os
 import socket
@@ -35,7 +34,7 @@ from flask_oauth_verify.testing import (
     b64url,
 )
 
-from .conftest import FakeClock, RedisServer, add_views, make_app
+from .conftest import FakeClock, RedisServer, add_views, in_forked_child, make_app
 
 JWKS = "/jwks"
 REDIS_OPTIONS = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}
@@ -216,19 +215,8 @@ def test_a_child_forked_during_a_fetch_fetches_for_itself(
     parent = threading.Thread(target=lambda: status(app, token))
     parent.start()
     assert issuer_server.wait_for_hits(JWKS, 1)
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: the parent's fetch is not its own
-        try:
-            codes = [status(app, token) for _ in range(2)]
-            os.write(write, json.dumps(codes).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    try:
-        with os.fdopen(read) as pipe:
-            codes = json.loads(pipe.read() or "null")
-        os.waitpid(pid, 0)
+    try:  # the child: the parent's fetch is not its own
+        codes = in_forked_child(lambda: [status(app, token) for _ in range(2)], timeout=60)
     finally:
         gate.set()
         parent.join(10)

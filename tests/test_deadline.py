@@ -22,6 +22,8 @@ from flask_oauth_verify.deadline import (
 )
 from flask_oauth_verify.testing import IssuerServer
 
+from .conftest import in_forked_child
+
 
 def test_a_block_that_completes_is_never_an_error() -> None:
     """Even when it outlives its deadline: only a read cut off is an error."""
@@ -127,16 +129,6 @@ def test_live_owners_are_reset_in_a_child_in_the_order_they_asked() -> None:
     order: list[str] = []
     reset_in_child(first, lambda owner: order.append(names[id(owner)]))
     reset_in_child(second, lambda owner: order.append(names[id(owner)]))
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.write(write, ",".join(order).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read) as pipe:
-        seen = pipe.read()
-    os.waitpid(pid, 0)
-    assert seen == "first,second"
+    seen = in_forked_child(lambda: list(order))
+    assert seen == ["first", "second"]
     assert order == []  # never in the parent

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from typing import Any
@@ -14,7 +13,7 @@ from flask_caching import Cache
 from flask_oauth_verify import ConfigurationError, OAuthVerify
 from flask_oauth_verify.testing import IssuerServer, Reply, Request, TokenIssuer, auth_header
 
-from .conftest import FakeClock, RedisServer, free_port, make_app
+from .conftest import FakeClock, RedisServer, free_port, in_forked_child, make_app
 
 ROUTE = "/health/token-validation"
 
@@ -235,22 +234,8 @@ def test_a_child_forked_during_a_probe_probes_for_itself(
     parent = threading.Thread(target=lambda: health(app))
     parent.start()
     assert issuer_server.wait_for_hits("/introspect", 1)
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: the parent's probe is not its own
-        try:
-            codes: list[int] = []
-            child = threading.Thread(target=lambda: codes.append(health(app)[0]), daemon=True)
-            child.start()
-            child.join(10)
-            os.write(write, json.dumps(codes).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    try:
-        with os.fdopen(read) as pipe:
-            codes = json.loads(pipe.read() or "null")
-        os.waitpid(pid, 0)
+    try:  # the child: the parent's probe is not its own
+        codes = in_forked_child(lambda: [health(app)[0]])
     finally:
         gate.set()
         parent.join(10)

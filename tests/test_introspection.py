@@ -833,17 +833,7 @@ def test_a_worker_reusing_a_shared_answer_keeps_its_original_deadline(
     """
 
     def worker(name: str) -> Flask:
-        app = Flask(name)
-        app.config.update(
-            TESTING=True,
-            CACHE_TYPE="RedisCache",
-            CACHE_REDIS_URL=redis_url,
-            CACHE_OPTIONS={"socket_timeout": 1, "socket_connect_timeout": 1},
-            **intro_config(issuer, INTROSPECTION_CACHE_TTL=60),
-        )
-        OAuthVerify().init_app(app, cache=Cache(app), clock=clock)
-        add_views(app)
-        return app
+        return _redis_app(name, intro_config(issuer, INTROSPECTION_CACHE_TTL=60), redis_url, clock)
 
     first, second = worker("worker_a").test_client(), worker("worker_b").test_client()
     token = issuer.mint_opaque()
@@ -860,7 +850,10 @@ def test_a_worker_reusing_a_shared_answer_keeps_its_original_deadline(
     assert_401(first.get("/protected", headers=auth_header(token)))
 
 
-def _redis_app(name: str, config: dict[str, Any], redis_url: str) -> Flask:
+def _redis_app(
+    name: str, config: dict[str, Any], redis_url: str, clock: FakeClock | None = None
+) -> Flask:
+    """One API (or worker) with its own app, sharing the Redis at ``redis_url``."""
     app = Flask(name)
     app.config.update(
         TESTING=True,
@@ -869,7 +862,7 @@ def _redis_app(name: str, config: dict[str, Any], redis_url: str) -> Flask:
         CACHE_OPTIONS={"socket_timeout": 1, "socket_connect_timeout": 1},
         **config,
     )
-    OAuthVerify().init_app(app, cache=Cache(app))
+    OAuthVerify().init_app(app, cache=Cache(app), clock=clock)
     add_views(app)
     return app
 
@@ -949,19 +942,10 @@ def test_an_answer_cached_by_an_api_with_a_longer_ttl_is_reused_only_for_our_ttl
     # same client and share a Redis: payments' documented revocation latency
     # is its own TTL, whoever cached the answer.
     def api(name: str, ttl: int) -> Flask:
-        app = Flask(name)
-        app.config.update(
-            TESTING=True,
-            CACHE_TYPE="RedisCache",
-            CACHE_REDIS_URL=redis_url,
-            CACHE_OPTIONS={"socket_timeout": 1, "socket_connect_timeout": 1},
-            **intro_config(
-                issuer, INTROSPECTION_CACHE_TTL=ttl, INTROSPECTION_NEGATIVE_CACHE_TTL=ttl
-            ),
+        config = intro_config(
+            issuer, INTROSPECTION_CACHE_TTL=ttl, INTROSPECTION_NEGATIVE_CACHE_TTL=ttl
         )
-        OAuthVerify().init_app(app, cache=Cache(app), clock=clock)
-        add_views(app)
-        return app
+        return _redis_app(name, config, redis_url, clock)
 
     reports, payments = api("reports", 300).test_client(), api("payments", 5).test_client()
     token = issuer.mint_opaque(expires_in=3600, now=clock.now)
