@@ -480,10 +480,9 @@ def apply_profile(given: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _email_verified(merged: dict[str, Any]) -> None:
-    wanted = merged.get("REQUIRE_EMAIL_VERIFIED", False)
-    if not isinstance(wanted, bool):
-        raise _error("OAUTH_VERIFY_REQUIRE_EMAIL_VERIFIED must be True or False.")
-    if wanted:
+    from .config import as_bool
+
+    if as_bool(merged.get("REQUIRE_EMAIL_VERIFIED", False), "REQUIRE_EMAIL_VERIFIED"):
         values = merged.get("REQUIRED_CLAIM_VALUES") or {}
         if isinstance(values, Mapping):
             merged["REQUIRED_CLAIM_VALUES"] = {**values, "email_verified": True}

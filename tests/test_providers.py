@@ -283,6 +283,18 @@ def test_every_profile_key_is_overridable_key_by_key() -> None:
     assert s.claim_map["scopes"] == ("scopes", "scope", "permissions")
 
 
+@pytest.mark.parametrize(("given", "required"), [("true", True), ("no", False)])
+def test_require_email_verified_reads_environment_text_like_every_yes_no_setting(
+    given: str, required: bool
+) -> None:
+    """The configuration page promises ``"true"``/``"no"``... for every yes/no
+    setting; this one, read by the profiles, refused them."""
+    st = settings(
+        "supertokens", "https://api.example.com/auth", AUDIENCE="api", REQUIRE_EMAIL_VERIFIED=given
+    )
+    assert ("email_verified" in st.required_claim_values) is required
+
+
 def test_required_claim_values_merge_and_none_removes_an_entry() -> None:
     st = settings(
         "supertokens",
@@ -323,7 +335,7 @@ def test_several_issuers_get_a_key_set_each() -> None:
         ("voxkey", "https://vox.example.com/realm-a", {"AUDIENCE": "a"}, "PROVIDER_PARAMS"),
         ("nobody", "https://issuer.example.com", {"AUDIENCE": "a"}, "OAUTH_VERIFY_PROVIDER"),
         ("supertokens", "https://api.example.com/auth",
-         {"AUDIENCE": "a", "REQUIRE_EMAIL_VERIFIED": "yes"}, "REQUIRE_EMAIL_VERIFIED"),
+         {"AUDIENCE": "a", "REQUIRE_EMAIL_VERIFIED": "maybe"}, "REQUIRE_EMAIL_VERIFIED"),
     ],
 )  # fmt: skip
 def test_profile_contradictions_fail_at_start_up_naming_the_key(
