@@ -340,6 +340,15 @@ def _bearer(build: Callable[[Kit], str], path: str = "/protected") -> Callable[[
     return lambda k: Kit.bearer(build(k), path)
 
 
+def _token_with_raw_exp(raw: bytes) -> Callable[[Kit], str]:
+    """A builder of signed tokens whose ``exp`` is the literal JSON text *raw*."""
+
+    def build(k: Kit) -> str:
+        return k.token(_json(k.claims(exp=DROP))[:-1] + b',"exp":' + raw + b"}")
+
+    return build
+
+
 def _swap_std_alphabet(token: str) -> str:
     head, payload, signature = token.split(".")
     return ".".join([head, payload, signature.replace("-", "+").replace("_", "/")])
@@ -710,11 +719,7 @@ for _label, _raw_exp in (
         f"signed payload with {_label}",
         "json",
         INVALID,
-        _bearer(
-            lambda k, raw=_raw_exp: k.token(
-                _json(k.claims(exp=DROP))[:-1] + b',"exp":' + raw + b"}"
-            )
-        ),
+        _bearer(_token_with_raw_exp(_raw_exp)),
     )
 _add(
     "signed payload deeply nested",

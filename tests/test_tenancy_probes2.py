@@ -166,7 +166,9 @@ def test_shared_objects_tenant_collection_is_reloaded_for_the_next_organization(
         assert [p.name for p in plan.projects] == ["A-SECRET"]
     with as_organization("org_b"):
         # an identity-map hit runs no SQL: it is checked all the same
-        assert list(registry_session.get(Plan, 1).project_names) == ["B-one"]
+        cached = registry_session.get(Plan, 1)
+        assert cached is not None
+        assert list(cached.project_names) == ["B-one"]
     for option in (selectinload(Plan.projects), joinedload(Plan.projects)):
         with as_organization("org_a"):
             registry_session.scalars(select(Plan).options(option)).unique().one()
@@ -323,7 +325,7 @@ def test_pushed_app_context_session_does_not_carry_collections_to_the_next_reque
     pushed_app: Flask, rsa_issuer: TokenIssuer
 ) -> None:
     client = pushed_app.test_client()
-    seen = {}
+    seen: dict[str, list[object]] = {}
     for org in ("org_a", "org_b", "org_a"):
         token = rsa_issuer.mint(organization_id=org, subject="user_1")
         response = client.get("/catalogues", headers={"Authorization": f"Bearer {token}"})
