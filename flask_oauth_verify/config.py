@@ -475,12 +475,19 @@ def _realm(value: Any) -> str:
 
 def route_setting(value: Any, name: str, default: str) -> str | None:
     """A route setting: a path starting with ``/``, ``True`` for ``default``,
-    ``None`` or ``False`` for no route.
+    ``None`` or ``False`` for no route; as text from the environment, the
+    yes/no spellings mean the same (``"off"`` or ``""`` is no route).
 
     :param name: the key without its prefix, for the error.
     :raises ConfigurationError: for any other value (Flask would refuse a
         rule without the leading ``/`` with an error naming no key).
     """
+    if isinstance(value, str) and not value.startswith("/"):
+        spelling = value.strip().lower()
+        if spelling in _TRUE:
+            return default
+        if spelling in _FALSE:
+            return None
     if value is None or value is False:
         return None
     if value is True:

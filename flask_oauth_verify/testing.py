@@ -304,11 +304,12 @@ class TokenIssuer:
             # starting at the same moment reads one whole key file or the other's.
             folder = os.path.dirname(os.path.abspath(path))
             os.makedirs(folder, exist_ok=True)  # e.g. a new app.instance_path
+            text = json.dumps(mine)
             descriptor, draft = tempfile.mkstemp(dir=folder)
             try:
                 with os.fdopen(descriptor, "w", encoding="utf-8") as written:  # mode 0600
-                    json.dump(mine, written)
-                os.link(draft, path)
+                    written.write(text)
+                _publish_new_file(draft, path, text)
                 return made
             except FileExistsError:
                 pass  # another process was first: use its key
@@ -565,3 +566,24 @@ def _basic_credentials(authorization: str) -> tuple[str, str] | None:
     if not sep:
         return None
     return unquote_plus(user), unquote_plus(password)
+
+
+def _publish_new_file(draft: str, path: str | os.PathLike[str], text: str) -> None:
+    """Put the whole file ``draft`` at ``path`` unless ``path`` exists.
+
+    A hard link is atomic; on a file system without them, ``path`` is
+    created exclusively (owner-only) and written, which a reader starting at
+    that very moment could see half-written.
+
+    :raises FileExistsError: when ``path`` already exists.
+    """
+    try:
+        os.link(draft, path)
+        return
+    except FileExistsError:
+        raise
+    except OSError:
+        pass  # no hard links here (some network and FAT file systems)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as written:
+        written.write(text)

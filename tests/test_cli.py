@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -367,6 +368,25 @@ def test_a_persistent_development_issuer_is_one_key_across_processes(
     key_file.write_text(json.dumps({"alg": "ES256", "key": {}}))
     with pytest.raises(ValueError, match="holds no RS256 key"):
         TokenIssuer.persistent(key_file)
+
+
+def test_a_persistent_issuer_without_hard_links_still_shares_one_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a file system without hard links the key file is created
+    exclusively instead: still owner-only, still one key for every process."""
+
+    def no_hard_links(source: object, target: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    key_file = tmp_path / "dev-issuer-key.json"
+    first = TokenIssuer.persistent(key_file, "https://dev-issuer.local")
+    second = TokenIssuer.persistent(key_file, "https://dev-issuer.local")
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    assert first.current_kid == second.current_kid
+    assert jwt.decode(first.mint(subject="u1"), second.key()).claims["sub"] == "u1"
+    assert [p.name for p in tmp_path.iterdir()] == ["dev-issuer-key.json"]  # no drafts left
 
 
 def test_a_bad_development_issuer_fails_at_init(tokens: TokenIssuer) -> None:

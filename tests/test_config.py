@@ -135,6 +135,25 @@ def test_yes_no_settings_read_text_from_the_environment_as_meant(
     assert getattr(settings(**{key: given}), YES_NO[key]) is meant
 
 
+@pytest.mark.parametrize(
+    ("given", "meant"),
+    [
+        ("", None),
+        ("off", None),
+        (" False ", None),
+        ("0", None),
+        ("true", "/health/token-validation"),
+        ("on", "/health/token-validation"),
+        ("/ops/auth", "/ops/auth"),
+    ],
+)
+def test_health_route_reads_text_from_the_environment_as_meant(
+    given: str, meant: str | None
+) -> None:
+    """``HEALTH_ROUTE=off`` in the environment is no route, not an error or a path."""
+    assert settings(HEALTH_ROUTE=given).health_route == meant
+
+
 def test_insecure_http_written_as_false_text_does_not_allow_http() -> None:
     with pytest.raises(ConfigurationError, match="OAUTH_VERIFY_ALLOW_INSECURE_HTTP"):
         settings(ISSUER="http://issuer.internal", ALLOW_INSECURE_HTTP="false")
