@@ -146,9 +146,12 @@ class ContextBuilder:
         for field, paths in self._strings:
             value: Any = None
             for head, below, path in paths:
-                value = get(head)
-                if below and value is not None:
-                    value = _descend(value, below)
+                if below:  # a claim of the whole name first (namespaced claims hold dots)
+                    value = get(path)
+                    if value is None and (value := get(head)) is not None:
+                        value = _descend(value, below)
+                else:
+                    value = get(head)
                 if value is None:
                     continue
                 if not isinstance(value, str):
@@ -184,9 +187,12 @@ class ContextBuilder:
     def _scopes_of(self, claims: Mapping[str, Any]) -> frozenset[str]:
         found: set[str] = set()
         for head, below, path in self._scopes:
-            value = claims.get(head)
-            if below and value is not None:
-                value = _descend(value, below)
+            if below:  # as in build(): the whole name, then the nested path
+                value = claims.get(path)
+                if value is None and (value := claims.get(head)) is not None:
+                    value = _descend(value, below)
+            else:
+                value = claims.get(head)
             if value is None:
                 continue
             if isinstance(value, str):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from flask import Flask, g
 
@@ -308,3 +310,36 @@ def test_require_scope_refuses_a_scope_no_token_can_carry(scope: str) -> None:
 
     with pytest.raises(ValueError, match="RFC 6749"):
         require_scope(scope)
+
+
+def test_a_claim_name_holding_dots_maps_whole_before_as_a_path(tokens: TokenIssuer) -> None:
+    """Namespaced claims (Auth0's ``https://example.com/org``) hold dots: the
+    claim of that exact name is read first, then the path into nested objects
+    (the views page's own CLAIM_MAP example found no organization)."""
+    app = make_app(
+        tokens.config(
+            CLAIM_MAP={
+                "organization_id": ["https://example.com/org", "org_id"],
+                "scopes": ["scp", "roles"],
+            },
+            REQUIRED_CLAIMS=["https://example.com/org"],
+        )
+    )
+
+    @app.get("/mapped")
+    @require_organization
+    def mapped() -> dict[str, object]:
+        return {"org": g.auth.organization_id, "scopes": sorted(g.auth.scopes)}
+
+    client = app.test_client()
+    namespaced: dict[str, Any] = {"https://example.com/org": "org_ns"}
+    token = tokens.mint(scp=["a"], roles=["r"], **namespaced)
+    response = client.get("/mapped", headers=auth_header(token))
+    assert response.status_code == 200, response.json
+    assert response.json == {"org": "org_ns", "scopes": ["a", "r"]}
+    # A nested object still answers a dotted path when no claim has that name.
+    nested = make_app(tokens.config(CLAIM_MAP={"organization_id": ["custom_claims.org"]}))
+    nested.add_url_rule("/mapped", view_func=mapped)
+    token = tokens.mint(custom_claims={"org": "org_nested"})
+    response = nested.test_client().get("/mapped", headers=auth_header(token))
+    assert response.json == {"org": "org_nested", "scopes": []}
