@@ -143,6 +143,9 @@ PROFILES: Mapping[str, Profile] = _profiles(
         "scalekit",
         defaults={
             "JWKS_URI": "{issuer}/keys",
+            # The M2M guide and the metadata name /keys; the verification
+            # guide's JWKS client uses /.well-known/jwks.
+            "JWKS_URI_FALLBACKS": ("{issuer}/.well-known/jwks",),
             "INTROSPECTION_ENDPOINT": "{issuer}/oauth/introspect",
             # Scalekit's user ids are usr_...; its guides' samples use user_...
             "USER_ID_PREFIX": ("usr_", "user_"),
