@@ -10,7 +10,7 @@
 * status 200 (or 304 to a conditional GET) and a JSON body only: a body
   labelled HTML, XML or anything else that is not JSON, plain text or
   octets (a login page, an error page of a proxy) is refused before it is
-  read, and the body must decode as JSON;
+  read, and the body must decode as strict JSON, nested at most 64 deep;
 * the body read in chunks and refused past ``OAUTH_VERIFY_HTTP_MAX_BYTES``
   (512 KiB; counted after decompression);
 * a circuit breaker per origin: after ``CIRCUIT_BREAKER_FAILURES``
@@ -51,6 +51,10 @@ __all__ = ["CircuitBreaker", "FetchError", "Fetcher", "HTTPResult", "SingleFligh
 _MAX_REDIRECTS = 3
 _USER_AGENT = "flask-oauth-verify"
 _CHUNK = 16384
+#: Arrays and objects a document may nest. Key sets, metadata and
+#: introspection answers nest a few levels; a document nested hundreds deep
+#: decodes, but cannot be pickled into the cache (RecursionError).
+_MAX_DEPTH = 64
 #: URLs remembered as allowed by :func:`check_url` (endpoints, key sets).
 _CHECKED_URLS = 256
 #: Circuit breakers of single URLs kept (see :meth:`Fetcher.breaker`).
@@ -543,8 +547,28 @@ def _origin(url: str) -> str:
 
 def _decode_json(body: bytes) -> Any:
     """The body as strict JSON: a member named twice (which parsers resolve
-    differently) or ``NaN`` make it "not JSON"."""
+    differently), ``NaN`` or nesting deeper than :data:`_MAX_DEPTH` make it
+    "not JSON"."""
     try:
-        return STRICT_DECODER.decode(body.decode(json.detect_encoding(body)))
+        data = STRICT_DECODER.decode(body.decode(json.detect_encoding(body)))
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise FetchError("the response is not JSON", status=200) from None
+    if _too_deep(data):
+        raise FetchError(
+            f"the response is not JSON (nested deeper than {_MAX_DEPTH} levels)", status=200
+        )
+    return data
+
+
+def _too_deep(data: Any) -> bool:
+    """Whether arrays and objects nest deeper than :data:`_MAX_DEPTH` (no recursion)."""
+    pending: list[tuple[Any, int]] = [(data, 1)] if isinstance(data, dict | list) else []
+    while pending:
+        value, depth = pending.pop()
+        children = value.values() if isinstance(value, dict) else value
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth >= _MAX_DEPTH:
+                    return True
+                pending.append((child, depth + 1))
+    return False

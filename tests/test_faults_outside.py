@@ -1,0 +1,100 @@
+"""Faults of the outside world, third pass: the gaps ``test_faults.py`` left.
+
+Real servers on 127.0.0.1 (an :class:`IssuerServer`, a real ``redis-server``)
+misbehave; every request must still get the documented 401/503 with a JSON
+body and a challenge, never a 500 or a hang, and the process must recover
+once the fault is over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import pytest
+
+from flask_oauth_verify.fetch import Fetcher, FetchError
+from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer
+
+from .conftest import FakeClock
+from .test_faults import (
+    BUDGET,
+    MARGIN,
+    assert_ok,
+    assert_unavailable,
+    fault_app,
+    introspection_config,
+    redis_cache,
+    server_of,
+    timed,
+)
+from .test_fetch import make_fetcher
+
+#: Deep enough that pickling the document for the cache fails
+#: (RecursionError), shallow enough that it decodes.
+TOO_DEEP = 600
+
+
+@pytest.fixture
+def issuer(served_tokens: TokenIssuer) -> TokenIssuer:
+    return served_tokens
+
+
+def nested(depth: int, member: str = "junk", **document: Any) -> bytes:
+    """``document`` as JSON with one more member holding ``depth`` nested arrays."""
+    text = json.dumps({**document, member: "@"})
+    return text.replace('"@"', "[" * depth + "]" * depth).encode()
+
+
+def json_reply(body: bytes) -> Reply:
+    return Reply(200, body, {"Content-Type": "application/json"})
+
+
+# -- documents nested too deep ----------------------------------------------------
+
+
+def test_a_document_nested_too_deep_is_not_json(issuer_server: IssuerServer) -> None:
+    fetcher: Fetcher = make_fetcher()
+    issuer_server.route("/deep", json_reply(nested(TOO_DEEP, keys=[])))
+    issuer_server.route("/fine", json_reply(nested(63, keys=[])))
+    with pytest.raises(FetchError, match="not JSON") as caught:
+        fetcher.get_json(issuer_server.url + "/deep")
+    assert caught.value.answered  # a wrong answer, not an outage
+    assert fetcher.get_json(issuer_server.url + "/fine").data["keys"] == []
+
+
+def test_a_deeply_nested_introspection_answer_is_503_not_401(
+    issuer: TokenIssuer, clock: FakeClock, redis_url: str
+) -> None:
+    """An answer that cannot be cached was an 'internal error': 401 for an
+    active token (and a traceback) instead of the endpoint's garbage 503."""
+    server = server_of(issuer)
+    token = issuer.mint_opaque()
+    answer = nested(TOO_DEEP, **issuer.introspect(token))
+    server.route("/introspect", json_reply(answer))
+    config = introspection_config(issuer, f"{server.url}/introspect", INTROSPECTION_CACHE_TTL=60)
+    app = fault_app(config, clock, cache_config=redis_cache(redis_url))
+    response, elapsed = timed(app, token)
+    assert_unavailable(response)
+    assert elapsed <= BUDGET + MARGIN
+    issuer.serve(server)  # the fault ends: the usual routes again
+    assert_ok(timed(app, token)[0])
+
+
+def test_a_deeply_nested_key_set_fails_like_garbage_without_a_traceback(
+    issuer: TokenIssuer, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = server_of(issuer)
+    server.route("/jwks", json_reply(nested(TOO_DEEP, **issuer.jwks())))
+    app = fault_app(issuer.config(), clock)
+    token = issuer.mint()
+    with caplog.at_level(logging.WARNING, logger="flask_oauth_verify"):
+        response, elapsed = timed(app, token)
+    assert_unavailable(response)
+    assert elapsed <= BUDGET + MARGIN
+    assert not [record for record in caplog.records if record.exc_info]
+    assert "not JSON" in caplog.text
+    server.route("/jwks", Reply(200, issuer.jwks()))  # the fault ends
+    clock.advance(2)  # past the one-second pause after an answer that is no key set
+    assert_ok(timed(app, token)[0])
