@@ -11,19 +11,34 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
+import re
+import textwrap
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
+from flask import Flask
 from joserfc import jwt
 from joserfc.jwk import OctKey
 
-from flask_oauth_verify.testing import IssuerServer, Reply, Request
+from flask_oauth_verify import OAuthVerify
+from flask_oauth_verify.testing import IssuerServer, Reply, Request, TokenIssuer, auth_header
 
 from .attack_corpus import _self_signed_cert
-from .provider_emulators import Auth0, Cognito, EntraID, Keycloak, Okta, Scalekit
+from .provider_emulators import (
+    Auth0,
+    BeyondIdentity,
+    Cognito,
+    EntraID,
+    Keycloak,
+    Okta,
+    Scalekit,
+    SuperTokens,
+    VoxKey,
+)
 from .test_providers import call, provider_app, refused
 
 
@@ -207,3 +222,195 @@ def test_scalekit_introspection_as_the_guide_writes_it(server: IssuerServer) -> 
     assert status == 200, body
     form = sk.introspections[-1].form()
     assert form["token"] == token
+
+
+# -- the provider pages' own code, as written -----------------------------------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "providers"
+
+
+def python_blocks(page: str, section: str) -> list[str]:
+    """The ``.. code-block:: python`` blocks under ``section`` of a provider page."""
+    text = (DOCS / page).read_text(encoding="utf-8")
+    if f"\n{section}\n" not in text:
+        return []
+    body = text.split(f"\n{section}\n", 1)[1]
+    body = re.split(r"\n[^\n]+\n-{3,}\n", body, maxsplit=1)[0]  # up to the next section
+    blocks = re.findall(r"\.\. code-block:: python\n\n((?:(?:   [^\n]*)?\n)+)", body + "\n")
+    return [textwrap.dedent(block) for block in blocks]
+
+
+def run_page_app(
+    page: str, replace: Mapping[str, str], extra: Mapping[str, Any] | None = None
+) -> Flask:
+    """Run the page's copy-paste app with its URLs pointed at the local server.
+
+    ``extra`` adds settings the page does not write (a test-only switch, a
+    key set URL the profile would take from the real provider).
+    """
+    (source,) = python_blocks(page, "Copy-paste app")
+    for production, local in replace.items():
+        assert production in source, (page, production)
+        source = source.replace(production, local)
+    source = source.replace("app.config.update(", "app.config.update(**EXTRA,", 1)
+    namespace: dict[str, Any] = {"__name__": f"docs_{page.replace('-', '_')[:-4]}"}
+    namespace["EXTRA"] = dict(extra or {})
+    exec(compile(source, str(DOCS / page), "exec"), namespace)  # noqa: S102 - our own docs
+    app = namespace["app"]
+    assert isinstance(app, Flask)
+    return app
+
+
+def send(app: Flask, token: str, path: str, method: str = "GET") -> tuple[int, dict[str, Any]]:
+    response = app.test_client().open(path, method=method, headers=auth_header(token))
+    return response.status_code, response.get_json() or {}
+
+
+def test_scalekit_page_app(server: IssuerServer) -> None:
+    sk = Scalekit(server)
+    app = run_page_app("scalekit.rst", {"https://your-env.scalekit.com": sk.issuer})
+    assert send(app, sk.m2m_token(), "/deploy", "POST") == (
+        200,
+        {"organization_id": "org_59615193906282635", "service": "billing-worker"},
+    )
+    assert send(app, sk.user_token(), "/customers")[0] == 200
+    assert send(app, sk.user_token(), "/projects") == (200, {"user_id": sk_user(sk)})
+    assert send(app, sk.m2m_token(), "/projects")[0] == 401
+    assert send(app, sk.user_token(), "/deploy", "POST")[0] == 403
+
+
+def sk_user(sk: Scalekit) -> str:
+    return str(_claims(sk.user_token())["sub"])
+
+
+def test_supertokens_page_app(server: IssuerServer) -> None:
+    st = SuperTokens(server)
+    app = run_page_app("supertokens.rst", {"https://api.example.com": server.url})
+    aud = [server.url]
+    token = st.token(aud=aud, client_id="<CLIENT_ID>")
+    status, body = send(app, token, "/posts")
+    assert (status, body.get("client")) == (200, "<CLIENT_ID>"), body
+    assert send(app, st.token(aud=aud), "/posts")[0] == 401  # another client
+    assert send(app, st.token(aud=aud, client_id="<CLIENT_ID>", stt=2), "/posts")[0] == 401
+    allowed = st.token(aud=aud, client_id="<CLIENT_ID>", scp=["delete:account"])
+    assert send(app, allowed, "/account", "DELETE")[0] == 200
+    assert isinstance(st.introspections[-1].json(), dict)  # strategy="both" asked
+
+
+def test_voxkey_page_app(server: IssuerServer) -> None:
+    vk = VoxKey(server)
+    app = run_page_app("voxkey.rst", {"https://your-domain.com": server.url})
+    status, body = send(app, vk.user_token(), "/api/posts")
+    assert (status, body.get("subject")) == (200, "user_abc123"), body
+    assert send(app, vk.user_token(scope="openid profile"), "/api/posts")[0] == 403
+
+
+def test_beyond_identity_page_app(server: IssuerServer) -> None:
+    bi = BeyondIdentity(server)
+    app = run_page_app(
+        "beyond-identity.rst",
+        {
+            "https://auth-us.beyondidentity.com": server.url,
+            "<client id>": bi.client_id,
+            "<client secret>": bi.client_secret,
+        },
+        {"OAUTH_VERIFY_ALLOW_INSECURE_HTTP": True},  # the emulator is plain http
+    )
+    assert send(app, bi.token(), "/items") == (200, {"user": "7a8cce58fd160449"})
+    assert send(app, bi.token(), "/payments", "POST")[0] == 200
+    assert bi.introspections, "the payments route introspects"
+    assert send(app, bi.token(scope="myapp:read"), "/payments", "POST")[0] == 403
+
+
+def test_auth0_page_app(server: IssuerServer) -> None:
+    a0 = Auth0(server)
+    app = run_page_app("auth0.rst", {"https://acme.eu.auth0.com/": a0.issuer})
+    assert send(app, a0.user_token(), "/messages") == (
+        200,
+        {"user": "auth0|64b7f2d0c1a2b3c4d5e6f7a8", "client": "spa-client-id"},
+    )
+    assert send(app, a0.user_token(), "/org/settings") == (
+        200,
+        {"organization_id": "org_Hd5g7kL2mN8pQ1rS"},
+    )
+    assert send(app, a0.m2m_token(), "/org/settings")[0] == 401
+
+
+def test_okta_page_app(server: IssuerServer) -> None:
+    okta = Okta(server)
+    app = run_page_app("okta.rst", {"https://dev-1234.okta.com": server.url})
+    assert send(app, okta.token(), "/orders") == (
+        200,
+        {"user": "alice@example.com", "okta_uid": "00u1a2b3c4d5e6f7g8h9"},
+    )
+
+
+def test_entra_page_app(server: IssuerServer) -> None:
+    entra = EntraID(server)
+    issuers = [entra.v2, entra.v1]
+    app = run_page_app(
+        "entra-id.rst",
+        {
+            "https://login.microsoftonline.com": server.url,
+            "https://sts.windows.net": f"{server.url}/sts.windows.net",
+        },
+        # the profile's key set is Microsoft's; the emulator serves its own
+        {"OAUTH_VERIFY_JWKS_URI": {issuer: entra.keys_url for issuer in issuers}},
+    )
+    assert send(app, entra.v2_token(), "/orders") == (
+        200,
+        {"tenant": entra.home, "user": "AAAAAAAAAAAAAAAAAAAAAIkzqFVrSaSaFHy782bbtaQ"},
+    )
+    assert send(app, entra.app_token(), "/orders") == (200, {"tenant": entra.home, "user": None})
+    assert send(app, entra.v1_token(scp="Orders.Read"), "/orders")[0] == 200
+    assert send(app, entra.v2_token(entra.partner), "/orders")[0] == 401  # not listed
+
+
+def test_keycloak_page_app(server: IssuerServer) -> None:
+    kc = Keycloak(server)
+    app = run_page_app("keycloak.rst", {"https://sso.example.com": server.url})
+    assert send(app, kc.token(), "/orders") == (
+        200,
+        {"user": "f:0a1b2c3d:alice", "client": "web-app"},
+    )
+    assert send(app, kc.token(), "/orders/7", "DELETE") == (200, {"deleted": 7})
+    reader = kc.token(realm_access={"roles": ["default-roles-acme"]})
+    assert send(app, reader, "/orders/7", "DELETE")[0] == 403
+
+
+def test_cognito_page_app(server: IssuerServer) -> None:
+    cg = Cognito(server)
+    app = run_page_app("cognito.rst", {"https://cognito-idp.eu-west-1.amazonaws.com": server.url})
+    assert send(app, cg.access_token(), "/orders") == (
+        200,
+        {"user": "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee", "groups": ["admins"]},
+    )
+    assert send(app, cg.id_token(), "/orders")[0] == 401
+
+
+def test_generic_page_app(server: IssuerServer) -> None:
+    issuer = TokenIssuer()
+    issuer.serve(server)
+    app = run_page_app(
+        "generic.rst",
+        {"https://auth.example.com": issuer.issuer, "https://api.example.com": "api"},
+    )
+    token = issuer.mint(scopes=["read:reports"], tenant={"id": "t-1"})
+    assert send(app, token, "/reports") == (200, {"client": "client-1", "organization_id": "t-1"})
+
+
+@pytest.mark.parametrize(
+    "page", sorted(p.name for p in DOCS.glob("*.rst") if p.name != "index.rst")
+)
+def test_every_settings_block_builds_an_app(server: IssuerServer, page: str) -> None:
+    """Each page's "Settings to write" block is a configuration init_app accepts."""
+    sections = ("Settings to write", "Single-tenant API", "Multi-tenant API: templated issuers")
+    blocks = [block for section in sections for block in python_blocks(page, section)]
+    assert blocks, page
+    for block in blocks:
+        namespace: dict[str, Any] = {}
+        exec(compile(block, str(DOCS / page), "exec"), namespace)  # noqa: S102 - our own docs
+        config = {k: v for k, v in namespace.items() if k.startswith("OAUTH_VERIFY_")}
+        app = Flask(f"settings_{page[:-4]}")
+        app.config.update(config)
+        OAuthVerify(app)  # no ConfigurationError
