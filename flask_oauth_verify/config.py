@@ -221,7 +221,7 @@ class Settings:
     audiences: tuple[str, ...]
     verify_audience: bool = True
     jwks_uris: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    jwks_uri_fallbacks: tuple[str, ...] = ()
+    jwks_uri_fallbacks: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     static_jwks: Mapping[str, Any] | None = None
     algorithms: tuple[str, ...] = ("RS256",)
     leeway: float = 30.0
@@ -307,6 +307,10 @@ class Settings:
         """The configured (not discovered) JWKS URI of ``issuer``, if any."""
         return self.jwks_uris.get(issuer)
 
+    def jwks_uri_fallbacks_for(self, issuer: str) -> tuple[str, ...]:
+        """The other locations of ``issuer``'s key set (``JWKS_URI_FALLBACKS``)."""
+        return self.jwks_uri_fallbacks.get(issuer, ())
+
 
 def _warn_unknown(given: Mapping[str, Any]) -> None:
     """Warn about every ``OAUTH_VERIFY_`` key this package does not read: a
@@ -384,9 +388,8 @@ def _build(v: Mapping[str, Any]) -> Settings:
         audiences=audiences,
         verify_audience=verify_audience,
         jwks_uris=MappingProxyType(jwks_uris),
-        jwks_uri_fallbacks=tuple(
-            check_url(uri, "JWKS_URI_FALLBACKS", allow_insecure_http=allow_http)
-            for uri in _as_tuple(v.get("JWKS_URI_FALLBACKS"), "JWKS_URI_FALLBACKS")
+        jwks_uri_fallbacks=MappingProxyType(
+            _jwks_uri_fallbacks(v.get("JWKS_URI_FALLBACKS"), issuers, allow_http)
         ),
         static_jwks=static_jwks,
         algorithms=algorithms,
@@ -565,6 +568,31 @@ def _static_jwks(value: Any) -> Mapping[str, Any] | None:
         f"{_key('JWKS')} must be a JWK Set {{'keys': [...]}} or a mapping "
         "{issuer: {'keys': [...]}}."
     )
+
+
+def _jwks_uri_fallbacks(
+    value: Any, issuers: tuple[str, ...], allow_http: bool
+) -> dict[str, tuple[str, ...]]:
+    """Per issuer: a key set is never looked for at another issuer's URLs."""
+    name = "JWKS_URI_FALLBACKS"
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        if len(issuers) > 1:
+            raise ConfigurationError(
+                f"{_key(name)} is one list but {_key('ISSUER')} lists several issuers; "
+                "give a mapping {issuer: [url, ...]}."
+            )
+        value = {issuers[0]: value} if issuers else {}
+    unknown = [iss for iss in value if iss not in issuers]
+    if unknown:
+        raise ConfigurationError(f"{_key(name)} names issuers not in {_key('ISSUER')}: {unknown}.")
+    return {
+        iss: tuple(
+            check_url(uri, name, allow_insecure_http=allow_http) for uri in _as_tuple(uris, name)
+        )
+        for iss, uris in value.items()
+    }
 
 
 def _jwks_uris(value: Any, issuers: tuple[str, ...], allow_http: bool) -> dict[str, str]:

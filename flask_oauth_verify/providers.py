@@ -16,7 +16,8 @@ How a profile is merged under the app's keys (:func:`apply_profile`):
   app does not set are rendered.
 * **Per issuer.** With several issuers, ``JWKS_URI`` becomes a mapping
   ``{issuer: uri}`` rendered for each issuer (an app's own mapping merges
-  into it; a URL derived from a templated issuer is left out).
+  into it; a URL derived from a templated issuer is left out), and
+  ``JWKS_URI_FALLBACKS`` a mapping ``{issuer: (uri, ...)}``.
 * **Mappings merge entry by entry.** ``CLAIM_MAP``, ``REQUIRED_CLAIM_VALUES``,
   ``ISSUER_PLACEHOLDER_CLAIMS`` and ``ISSUER_CLAIMS`` of the app are laid
   over the profile's;
@@ -56,7 +57,7 @@ MERGED_MAPPINGS = (
     "ISSUER_CLAIMS",
 )
 #: Keys rendered once per issuer (a mapping) when there are several issuers.
-PER_ISSUER_KEYS = ("JWKS_URI",)
+PER_ISSUER_KEYS = ("JWKS_URI", "JWKS_URI_FALLBACKS")
 
 
 @dataclasses.dataclass(frozen=True)

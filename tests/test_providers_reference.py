@@ -24,7 +24,7 @@ from flask import Flask
 from joserfc import jwt
 from joserfc.jwk import OctKey
 
-from flask_oauth_verify import OAuthVerify
+from flask_oauth_verify import ConfigurationError, OAuthVerify, Settings
 from flask_oauth_verify.testing import IssuerServer, Reply, Request, TokenIssuer, auth_header
 
 from .attack_corpus import _self_signed_cert
@@ -414,3 +414,52 @@ def test_every_settings_block_builds_an_app(server: IssuerServer, page: str) -> 
         app = Flask(f"settings_{page[:-4]}")
         app.config.update(config)
         OAuthVerify(app)  # no ConfigurationError
+
+
+# -- several issuers: each key set is looked for at its own issuer ---------------------
+
+
+def test_each_issuer_falls_back_to_its_own_key_paths() -> None:
+    """With two SuperTokens back ends, each falls back to *its own* SDK path.
+
+    The fallbacks were rendered from the first issuer only and used for
+    every issuer: the second issuer's key set was fetched from the first
+    issuer's host, so its tokens were checked with another issuer's keys
+    (and refused).
+    """
+    with IssuerServer() as one, IssuerServer() as two:
+        first, second = SuperTokens(one), SuperTokens(two)
+        app = provider_app(first.config(ISSUER=[first.issuer, second.issuer]))
+        assert call(app, first.token())[0] == 200
+        status, body = call(app, second.token())
+        assert (status, body.get("issuer")) == (200, second.issuer), body
+        assert one.hits["/auth/jwt/jwks.json"] == 1
+        assert two.hits["/auth/jwt/jwks.json"] == 1
+
+
+def test_fallbacks_of_several_issuers_are_given_per_issuer() -> None:
+    issuers = ["https://a.example.com", "https://b.example.com"]
+    base = {"OAUTH_VERIFY_ISSUER": issuers, "OAUTH_VERIFY_AUDIENCE": "api"}
+    with pytest.raises(ConfigurationError, match="JWKS_URI_FALLBACKS is one list"):
+        Settings.from_config(
+            {**base, "OAUTH_VERIFY_JWKS_URI_FALLBACKS": ["https://a.example.com/k"]}
+        )
+    with pytest.raises(ConfigurationError, match="names issuers not in"):
+        Settings.from_config(
+            {**base, "OAUTH_VERIFY_JWKS_URI_FALLBACKS": {"https://c.example.com": ["https://c/k"]}}
+        )
+    chosen = Settings.from_config(
+        {**base, "OAUTH_VERIFY_JWKS_URI_FALLBACKS": {issuers[1]: "https://b.example.com/k"}}
+    )
+    assert chosen.jwks_uri_fallbacks_for(issuers[0]) == ()
+    assert chosen.jwks_uri_fallbacks_for(issuers[1]) == ("https://b.example.com/k",)
+    one = Settings.from_config(
+        {
+            "OAUTH_VERIFY_PROVIDER": "scalekit",
+            "OAUTH_VERIFY_ISSUER": "https://env.scalekit.com",
+            "OAUTH_VERIFY_AUDIENCE": "api",
+        }
+    )
+    assert one.jwks_uri_fallbacks_for("https://env.scalekit.com") == (
+        "https://env.scalekit.com/.well-known/jwks",
+    )
