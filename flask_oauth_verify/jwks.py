@@ -604,9 +604,10 @@ class KeyStore:
     def _candidate_uris(self, source: _Source) -> list[str]:
         """The key set URL, then ``JWKS_URI_FALLBACKS`` (last working first)."""
         primary = self._uri(source)
-        if source.jku is not None or not self.settings.jwks_uri_fallbacks:
+        fallbacks = self.settings.jwks_uri_fallbacks_for(source.issuer)
+        if source.jku is not None or not fallbacks:
             return [primary]
-        known = [primary, *self.settings.jwks_uri_fallbacks]
+        known = [primary, *fallbacks]
         if source.uri in known:
             known.remove(source.uri)
             known.insert(0, source.uri)
