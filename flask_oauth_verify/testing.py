@@ -36,6 +36,7 @@ from urllib.parse import parse_qs, unquote_plus, urlsplit
 from joserfc import jwt
 from joserfc.errors import SecurityWarning
 from joserfc.jwk import ECKey, JWKRegistry, Key, OKPKey, RSAKey
+from joserfc.jws import JWSRegistry
 
 __all__ = ["IssuerServer", "Reply", "TokenIssuer", "auth_header"]
 
@@ -434,7 +435,9 @@ class TokenIssuer:
         :param claims: the exact claims; built by :meth:`claims` from
             ``options`` when omitted.
         :param kid: which key signs (the current key by default).
-        :param headers: extra or overriding protected-header members.
+        :param headers: extra or overriding protected-header members, any
+            name and any value (``crit``, a ``kid`` that is no string...):
+            the header is signed as given, never checked.
         :param typ: the ``typ`` header (``None`` leaves it out).
         """
         kid = kid or self.current_kid
@@ -444,10 +447,16 @@ class TokenIssuer:
         if typ is not None:
             header["typ"] = typ
         header.update(headers or {})
+        # Compact serialisation by hand: jwt.encode() adds typ "JWT" and
+        # refuses header members its registry does not know.
+        named = header["alg"]
+        algorithm = JWSRegistry.algorithms.get(named if isinstance(named, str) else alg)
+        signing_input = f"{b64url(header)}.{b64url(payload)}"
         with warnings.catch_warnings():
             # "EdDSA" is deprecated by RFC 9864 but still issued widely.
             warnings.simplefilter("ignore", SecurityWarning)
-            return jwt.encode(header, payload, key, algorithms=[header["alg"]])
+            signature = (algorithm or JWSRegistry.algorithms[alg]).sign(signing_input.encode(), key)
+        return f"{signing_input}.{b64url(signature)}"
 
     def mint_opaque(self, **options: Any) -> str:
         """An opaque (reference) token known to the introspection endpoint."""

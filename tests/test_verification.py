@@ -92,6 +92,31 @@ def test_access_token_types_are_accepted(app: Flask, tokens: TokenIssuer, typ: s
     assert call(app, tokens.mint(typ=typ))[0] == 200
 
 
+def _header_of(token: str) -> dict[str, Any]:
+    segment = token.split(".")[0]
+    header: dict[str, Any] = json.loads(
+        base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    )
+    return header
+
+
+def test_the_test_issuer_mints_any_header_it_is_asked_for(app: Flask, tokens: TokenIssuer) -> None:
+    """``typ=None`` leaves typ out (the signing library added "JWT", so the
+    typ-less case above was never run) and ``headers=`` takes any member, as
+    the testing page says: unknown names, ``crit``, a kid of the wrong type."""
+    untyped = tokens.mint(typ=None)
+    assert "typ" not in _header_of(untyped)
+    assert call(app, untyped)[0] == 200
+    custom = tokens.mint(headers={"x-trace": "abc"})
+    assert _header_of(custom)["x-trace"] == "abc"
+    assert call(app, custom)[0] == 200
+    for forged in ({"crit": ["exp"], "exp": 1}, {"kid": 123}):
+        token = tokens.mint(headers=forged)
+        assert _header_of(token).items() >= forged.items()
+        status, body, _ = call(app, token)
+        assert (status, body["error"]) == (401, "invalid_token")
+
+
 @pytest.mark.parametrize("typ", ["dpop+jwt", "id_token+jwt", "logout+jwt", "JWE"])
 def test_other_types_are_refused(app: Flask, tokens: TokenIssuer, typ: str) -> None:
     status, body, _ = call(app, tokens.mint(typ=typ))
