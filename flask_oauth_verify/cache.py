@@ -36,8 +36,17 @@ from flask_caching import Cache
 
 from .deadline import reset_in_child
 from .fifo import BoundedFifo
+from .verification import finite_number
 
-__all__ = ["BACKEND_RETRY", "LOCAL_CACHE_SIZE", "LocalCache", "SharedCache", "cache_key"]
+__all__ = [
+    "BACKEND_RETRY",
+    "CLOCK_SKEW",
+    "LOCAL_CACHE_SIZE",
+    "LocalCache",
+    "SharedCache",
+    "cache_key",
+    "shared_time",
+]
 
 logger = logging.getLogger("flask_oauth_verify.cache")
 
@@ -50,6 +59,9 @@ _POLL = 0.02
 _RELEASE_RETRY = 0.5
 #: Names the machine in a lock, so that a lock of a dead local process is seen.
 _HOST = socket.gethostname()
+#: Seconds another machine's clock may run ahead of this one's: a time in the
+#: shared cache later than that is not believed (see :func:`shared_time`).
+CLOCK_SKEW = 60.0
 
 
 def cache_key(kind: str, value: str, digest: bytes | None = None) -> str:
@@ -60,6 +72,21 @@ def cache_key(kind: str, value: str, digest: bytes | None = None) -> str:
     if digest is None:
         digest = hashlib.sha256(value.encode()).digest()
     return f"oauth_verify:{kind}:{digest.hex()}"
+
+
+def shared_time(value: Any, now: float) -> float | None:
+    """A time another worker stored in the shared cache, if it can be believed.
+
+    ``None`` unless ``value`` is a finite number not later than ``now`` plus
+    :data:`CLOCK_SKEW` (a time up to that far ahead counts as ``now``).
+    Believed, a time from the future (a foreign value under our key, a
+    machine whose clock is far ahead) would mark a copy fresh, a fetch lock
+    held or a cooldown running until then: for good, in every process that
+    read it, even once the value is gone.
+    """
+    if not finite_number(value) or value > now + CLOCK_SKEW:
+        return None
+    return min(float(value), now)
 
 
 def _seconds(timeout: float) -> int:
@@ -466,8 +493,9 @@ class SharedCache:
 
 def _live_lock(held: Any, timeout: float) -> bool:
     """Whether a lock value names a holder that may still be working."""
-    at = held.get("at") if isinstance(held, dict) else None
-    if not isinstance(at, int | float) or time.time() - at > timeout:
+    now = time.time()
+    at = shared_time(held.get("at"), now) if isinstance(held, dict) else None
+    if at is None or now - at > timeout:
         return False
     pid = held.get("pid")
     if held.get("host") != _HOST or not isinstance(pid, int) or pid == os.getpid():

@@ -39,7 +39,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .cache import SharedCache, cache_key
+from .cache import SharedCache, cache_key, shared_time
 from .config import ConfigurationError, Settings, check_url
 from .fetch import Fetcher, FetchError, SingleFlight
 
@@ -193,9 +193,9 @@ class Discovery:
         shared = self.cache.get(cache_key("discovery", issuer))
         if not isinstance(shared, dict):
             return entry
-        fetched_at = shared.get("fetched_at")
+        fetched_at = shared_time(shared.get("fetched_at"), now)
         metadata = shared.get("metadata")
-        if not isinstance(fetched_at, int | float) or not isinstance(metadata, dict):
+        if fetched_at is None or not isinstance(metadata, dict):
             return entry
         if metadata.get("issuer") != issuer or now - fetched_at > self.settings.jwks_max_staleness:
             return entry

@@ -46,7 +46,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from .cache import SharedCache, cache_key
+from .cache import SharedCache, cache_key, shared_time
 from .config import ConfigurationError, Settings, _is_loopback
 from .deadline import reset_in_child
 from .discovery import Discovery
@@ -55,7 +55,7 @@ from .fetch import BreakerScope, Fetcher, FetchError, HTTPResult, SingleFlight, 
 from .fifo import BoundedFifo
 from .issuers import IssuerMatcher
 from .keys import KeySetError, PreparedKey, PreparedKeySet, content_hash, parse_key_set
-from .verification import JWSHeader
+from .verification import JWSHeader, finite_number
 
 __all__ = ["KeySetStatus", "KeyStore"]
 
@@ -500,8 +500,8 @@ class KeyStore:
     def _forced_elsewhere(self, source: _Source, now: float) -> bool:
         """Whether any worker forced a refresh within the cooldown (else claim it)."""
         marker = self.cache.get(source.key("jwks-forced"))
-        at = marker.get("at") if isinstance(marker, dict) else None
-        if isinstance(at, int | float) and now - at < self._cooldown:
+        at = shared_time(marker.get("at"), now) if isinstance(marker, dict) else None
+        if at is not None and now - at < self._cooldown:
             source.last_forced = max(source.last_forced, at)
             return True
         self.cache.set(source.key("jwks-forced"), {"at": now}, self._cooldown + 60)
@@ -521,9 +521,9 @@ class KeyStore:
         attempt = self.cache.get(source.key("jwks-attempt"))
         if not isinstance(attempt, dict) or not attempt.get("error"):
             return False
-        at = attempt.get("at")
+        at = shared_time(attempt.get("at"), now)
         retry = max(self._cooldown, _RECHECK) if warm else _RECHECK
-        if not isinstance(at, int | float) or now - at >= retry:
+        if at is None or now - at >= retry:
             return False
         if not warm:
             if not attempt.get("answered"):
@@ -726,9 +726,9 @@ class KeyStore:
         record = self.cache.get(source.key("jwks"))
         if not isinstance(record, dict):
             return False
-        fetched_at = record.get("fetched_at")
+        fetched_at = shared_time(record.get("fetched_at"), now)
         ttl = record.get("ttl")
-        if not isinstance(fetched_at, int | float) or not isinstance(ttl, int | float):
+        if fetched_at is None or not finite_number(ttl):
             return False
         if source.keys is not None and fetched_at < source.fetched_at:
             return False
@@ -740,7 +740,7 @@ class KeyStore:
             return False
         if keys is source.keys and fetched_at == source.fetched_at:
             return False  # the very copy we have (clocks may tick coarsely)
-        self._install(source, keys, record)
+        self._install(source, keys, {**record, "fetched_at": fetched_at})
         return True
 
     def _install(self, source: _Source, keys: PreparedKeySet, record: Mapping[str, Any]) -> None:

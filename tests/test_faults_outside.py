@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import pytest
+from flask import Flask
 
+from flask_oauth_verify.cache import cache_key
 from flask_oauth_verify.fetch import Fetcher, FetchError
 from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer
 
-from .conftest import FakeClock
+from .conftest import FakeClock, RedisServer
 from .test_faults import (
     BUDGET,
     MARGIN,
+    STALE,
     assert_ok,
     assert_unavailable,
     fault_app,
@@ -98,3 +102,71 @@ def test_a_deeply_nested_key_set_fails_like_garbage_without_a_traceback(
     server.route("/jwks", Reply(200, issuer.jwks()))  # the fault ends
     clock.advance(2)  # past the one-second pause after an answer that is no key set
     assert_ok(timed(app, token)[0])
+
+
+# -- times from the future in the shared cache --------------------------------------
+
+#: Ten years ahead: a foreign value under our key, or a machine whose clock is wrong.
+FUTURE = 10 * 365 * 86400.0
+
+
+def shared_backend(app: Flask) -> Any:
+    """The Flask-Caching backend of ``app`` (a cachelib ``RedisCache``)."""
+    return next(iter(app.extensions["cache"].values()))
+
+
+def test_times_from_the_future_in_redis_are_not_believed(
+    issuer: TokenIssuer, clock: FakeClock, redis_url: str, redis_server: RedisServer
+) -> None:
+    """A key set 'fetched' in ten years was adopted as fresh until then, and a
+    forced refresh 'made' then held every later one off: once the values were
+    gone the process still never fetched again, so a key the issuer removed
+    stayed trusted and its new key was 401."""
+    server = server_of(issuer)
+    app = fault_app(issuer.config(), clock, cache_config=redis_cache(redis_url))
+    old = issuer.mint(expires_in=10 * 86400)
+    assert_ok(timed(app, old)[0])
+    backend = shared_backend(app)
+    later = clock() + FUTURE
+    record = backend.get(cache_key("jwks", issuer.issuer))
+    assert isinstance(record, dict)
+    backend.set(cache_key("jwks", issuer.issuer), {**record, "fetched_at": later}, timeout=0)
+    backend.set(cache_key("jwks-forced", issuer.issuer), {"at": later}, timeout=0)
+    backend.set(cache_key("jwks-attempt", issuer.issuer), {"at": later, "error": "x"}, timeout=0)
+    clock.advance(STALE)
+    assert_ok(timed(app, old)[0])  # a due refresh reads the record
+    unknown = timed(app, issuer.mint(headers={"kid": "unknown"}))[0]  # a forced refresh
+    assert unknown.status_code == 401, unknown.get_json()
+    # The fault ends; the issuer then drops the old key for a new one.
+    redis_server.flush()
+    issuer.rotate(drop_old=True)
+    clock.advance(STALE)
+    response, elapsed = timed(app, old)
+    assert response.status_code == 401, response.get_json()
+    assert elapsed <= BUDGET + MARGIN
+    assert_ok(timed(app, issuer.mint())[0])
+    assert server.hits["/jwks"] >= 2
+
+
+def test_a_fetch_lock_taken_in_the_future_is_broken(
+    issuer: TokenIssuer, clock: FakeClock, redis_url: str
+) -> None:
+    """A lock value with no expiry naming a time ten years ahead was 'live'
+    for ten years: every cold request waited for it, then was 503."""
+    app = fault_app(issuer.config(), clock, cache_config=redis_cache(redis_url))
+    lock = {"at": time.time() + FUTURE, "pid": 1, "host": "elsewhere"}
+    shared_backend(app).set(cache_key("jwks-lock", issuer.issuer), lock, timeout=0)
+    assert_ok(timed(app, issuer.mint())[0])
+
+
+def test_discovery_metadata_from_the_future_is_not_adopted(
+    issuer: TokenIssuer, clock: FakeClock, redis_url: str
+) -> None:
+    server = server_of(issuer)
+    config = {**issuer.config(), "OAUTH_VERIFY_JWKS_URI": None}
+    app = fault_app(config, clock, cache_config=redis_cache(redis_url))
+    stale = {**issuer.metadata(), "jwks_uri": f"{server.url}/gone"}
+    record = {"metadata": stale, "fetched_at": clock() + FUTURE}
+    shared_backend(app).set(cache_key("discovery", issuer.issuer), record, timeout=0)
+    assert_ok(timed(app, issuer.mint())[0])
+    assert server.hits["/gone"] == 0
