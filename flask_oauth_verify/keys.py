@@ -42,6 +42,8 @@ __all__ = ["KeySetError", "PreparedKey", "PreparedKeySet", "parse_key_set"]
 
 MIN_RSA_BITS = 2048
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+#: Public key members in base64url (RFC 7518 §6.2.1, §6.3.1; RFC 8037 §2).
+_BASE64URL_MEMBERS = ("n", "e", "x", "y")
 
 Verify = Callable[[bytes, bytes], bool]
 
@@ -211,6 +213,13 @@ def _prepare(jwk: Mapping[str, Any], allowed: tuple[str, ...]) -> PreparedKey:
     if not algs:
         raise ValueError(f"kty {jwk.get('kty')!r} / crv {jwk.get('crv')!r} fits no allowed alg")
     _check_rsa_size(jwk)
+    # Base64url has no padding (RFC 7515 §2), but Java's Base64.getUrlEncoder()
+    # pads: older SuperTokens cores, among others, publish n ending in '='.
+    # The key is the same either way; joserfc refuses the padded form.
+    jwk = {
+        name: value.rstrip("=") if name in _BASE64URL_MEMBERS and isinstance(value, str) else value
+        for name, value in jwk.items()
+    }
     try:
         key = JWKRegistry.import_key(dict(jwk))
         public = key.public_key

@@ -72,6 +72,33 @@ def _claims(token: str) -> dict[str, Any]:
     return dict(json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))))
 
 
+def java_base64url(number: int) -> str:
+    """What ``Base64.getUrlEncoder().encodeToString(big.toByteArray())`` writes:
+    a two's-complement sign byte (``0x00`` before a modulus with its top bit
+    set) and ``=`` padding."""
+    return base64.urlsafe_b64encode(number.to_bytes(number.bit_length() // 8 + 1, "big")).decode()
+
+
+# -- SuperTokens ----------------------------------------------------------------------
+
+
+def test_supertokens_key_set_of_a_java_core_with_padded_base64url(server: IssuerServer) -> None:
+    """Older SuperTokens cores publish ``n`` and ``e`` with Java's padded URL
+    encoder over ``BigInteger.toByteArray()``; every key was skipped as
+    unreadable and every token refused."""
+    st = SuperTokens(server)
+    private = st.signer.key().private_key
+    assert isinstance(private, rsa.RSAPrivateKey)
+    numbers = private.public_key().public_numbers()
+    n = java_base64url(numbers.n)
+    assert n.endswith("=") and n.startswith("A")  # the sign byte, the padding
+    key = published_key(st, n=n, e=java_base64url(numbers.e))
+    server.route("/auth/jwt/jwks.json", Reply(200, {"keys": [key]}))
+    app = provider_app(st.config())
+    status, body = call(app, st.token())
+    assert (status, body.get("client_id")) == (200, st.oauth_client), body
+
+
 # -- Microsoft Entra ID ---------------------------------------------------------------
 
 
