@@ -490,3 +490,14 @@ def test_fallbacks_of_several_issuers_are_given_per_issuer() -> None:
     assert one.jwks_uri_fallbacks_for("https://env.scalekit.com") == (
         "https://env.scalekit.com/.well-known/jwks",
     )
+
+
+def test_keycloak_organizations_as_the_keycloak_page_says(server: IssuerServer) -> None:
+    """The built-in organization claim is no string; a string claim of one's own is."""
+    kc = Keycloak(server)
+    app = provider_app(kc.config())
+    token = kc.token(organization=["acme"], org_id="acme")
+    assert call(app, token, "/org") == (200, {"organization_id": "acme"})
+    mapped = provider_app(kc.config(CLAIM_MAP={"organization_id": ["organization"]}))
+    refused(mapped, kc.token(organization=["acme"]), "/org")
+    refused(mapped, kc.token(organization={"acme": {"id": "42c3e46f"}}), "/org")
