@@ -14,7 +14,10 @@ Filtering (a key that fails is skipped and the reason recorded):
   (RSA -> RS*/PS*, EC P-256 -> ES256, ..., OKP Ed25519 -> EdDSA);
 * a key's own ``alg``, when present, must be one of the allowed algorithms
   and the only one it is used with;
-* RSA moduli shorter than 2048 bits are refused.
+* RSA moduli shorter than 2048 bits are refused;
+* an ``x5c`` chain, when present, must start with a certificate of the
+  very key the other members give (RFC 7517 §4.7: a key that says two
+  different things is refused, whichever of them was meant).
 
 A set that carries private key material, or two keys with the same ``kid``,
 is refused as a whole (:class:`KeySetError`): such a set is a
@@ -31,8 +34,9 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from joserfc.errors import JoseError
@@ -198,6 +202,28 @@ def _check_rsa_size(jwk: Mapping[str, Any]) -> None:
         raise ValueError(f"RSA key of {bits} bits (< {MIN_RSA_BITS})")
 
 
+def _spki(public: Any) -> bytes:
+    return bytes(
+        public.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+
+def _check_x5c(x5c: Any, public: Any) -> None:
+    """Refuse a key whose first ``x5c`` certificate holds another key."""
+    if not isinstance(x5c, list) or not x5c or not isinstance(x5c[0], str):
+        raise ValueError("x5c is not a list of certificates")
+    try:
+        der = base64.b64decode(x5c[0], validate=True)  # RFC 7517 §4.7: base64, not base64url
+        certified = x509.load_der_x509_certificate(der).public_key()
+        matches = _spki(certified) == _spki(public)
+    except (binascii.Error, ValueError, TypeError):
+        raise ValueError("x5c is not a certificate") from None
+    if not matches:
+        raise ValueError("x5c certifies another key")
+
+
 def _prepare(jwk: Mapping[str, Any], allowed: tuple[str, ...]) -> PreparedKey:
     """Import one public JWK; raise ValueError with the reason it is skipped."""
     use = jwk.get("use")
@@ -226,6 +252,8 @@ def _prepare(jwk: Mapping[str, Any], allowed: tuple[str, ...]) -> PreparedKey:
         thumbprint = key.thumbprint()
     except (JoseError, ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
         raise ValueError(f"unreadable key: {type(exc).__name__}") from None
+    if "x5c" in jwk:
+        _check_x5c(jwk["x5c"], public)
     verifiers: dict[str, Verify] = {}
     size = 0
     crv = jwk.get("crv")

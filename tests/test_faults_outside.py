@@ -8,18 +8,21 @@ once the fault is over.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 from flask import Flask
 
 from flask_oauth_verify.cache import cache_key
 from flask_oauth_verify.fetch import Fetcher, FetchError
 from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer
 
+from .attack_corpus import _self_signed_cert
 from .conftest import FakeClock, RedisServer
 from .test_faults import (
     BUDGET,
@@ -170,3 +173,41 @@ def test_discovery_metadata_from_the_future_is_not_adopted(
     shared_backend(app).set(cache_key("discovery", issuer.issuer), record, timeout=0)
     assert_ok(timed(app, issuer.mint())[0])
     assert server.hits["/gone"] == 0
+
+
+# -- key sets whose keys say two things ------------------------------------------------
+
+
+def x5c_of(private: rsa.RSAPrivateKey) -> str:
+    """``x5c[0]`` of a self-signed certificate for ``private``'s public key."""
+    return base64.b64encode(_self_signed_cert(private)).decode()
+
+
+@pytest.mark.parametrize("x5c", ["own", "another key's", "not base64", "not a certificate"])
+def test_a_key_whose_x5c_certifies_another_key_is_skipped(
+    issuer: TokenIssuer, clock: FakeClock, x5c: str
+) -> None:
+    """RFC 7517 §4.7: the first certificate MUST hold the key the other
+    members give. One that does not was used all the same."""
+    own = issuer.key().private_key
+    assert isinstance(own, rsa.RSAPrivateKey)
+    chain = {
+        "own": [x5c_of(own)],
+        "another key's": [x5c_of(rsa.generate_private_key(65537, 2048))],
+        "not base64": ["not base64!"],
+        "not a certificate": [base64.b64encode(b"\x30\x03\x02\x01\x01").decode()],
+    }[x5c]
+    published = issuer.jwks()
+    published["keys"][0]["x5c"] = chain
+    server_of(issuer).route("/jwks", Reply(200, published))
+    app = fault_app(issuer.config(), clock)
+    response, _elapsed = timed(app, issuer.mint())
+    if x5c == "own":
+        assert_ok(response)
+        return
+    assert response.status_code == 401, response.get_json()
+    assert response.get_json()["error"] == "invalid_token"
+    assert response.headers["WWW-Authenticate"].startswith("Bearer realm=")
+    (status,) = app.extensions["oauth_verify"].keys.status()
+    assert status.kids == ()
+    assert "x5c" in status.skipped[0]
