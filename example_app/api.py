@@ -74,7 +74,9 @@ def get_customer(customer_id: int) -> dict[str, object]:
 @require_organization
 def create_customer() -> tuple[dict[str, object], int]:
     """Create a customer; the write guard stamps (or refuses) the organization."""
-    payload = request.get_json(silent=True) or {}
+    payload = request.get_json(silent=True)
+    if not isinstance(payload, dict):  # not JSON, or a list, a string...
+        payload = {}
     name = str(payload.get("name", "")).strip()
     if not name:
         return {"error": "invalid_request", "message": "name is required"}, 400

@@ -229,3 +229,19 @@ def test_claims_check_refuses_a_suspended_organization(tmp_path: Path) -> None:
     assert suspended.json is not None and suspended.json["error"] == "invalid_token"
     active = client.get("/api/customers", headers=mint(app, "org_acme", ["customers:read"]))
     assert active.status_code == 200
+
+
+#: Testing, but an error in a view is the 500 a client gets, not an exception.
+AS_SERVED = {"EXAMPLE_DEV_ISSUER": True, "TESTING": True, "PROPAGATE_EXCEPTIONS": False}
+
+
+def test_a_body_that_is_no_json_object_is_a_400_not_a_500(tmp_path: Path) -> None:
+    """The never-500 rule holds for the example's own views (a JSON list or
+    string body raised AttributeError, a 500 with an HTML page)."""
+    app = create_app(AS_SERVED, instance_path=str(tmp_path))
+    client = app.test_client()
+    headers = mint(app, "org_acme", ["customers:write"])
+    for body in ([{"name": "Listed"}], "New Co", 3):
+        response = client.post("/api/customers", json=body, headers=headers)
+        assert response.status_code == 400, response.text
+        assert response.json == {"error": "invalid_request", "message": "name is required"}
