@@ -25,10 +25,23 @@ from .models import Customer, Project, db
 api = Blueprint("api", __name__, url_prefix="/api")
 
 
+#: The largest id the database stores (SQLite and PostgreSQL: 64-bit signed).
+MAX_ID = 2**63 - 1
+
+
 @api.errorhandler(404)
 def not_found(_error: Exception) -> tuple[dict[str, str], int]:
     """JSON, like every other answer of the API (another tenant's id lands here)."""
     return {"error": "not_found", "message": "No such resource."}, 404
+
+
+def customer_or_404(customer_id: int) -> Customer:
+    """This organization's customer ``customer_id``, else a 404 (also for an
+    id past the integer range, which the database driver cannot even send)."""
+    customer = db.session.get(Customer, customer_id) if customer_id <= MAX_ID else None
+    if customer is None:
+        abort(404)
+    return customer
 
 
 @api.get("/me")
@@ -63,9 +76,7 @@ def list_customers() -> dict[str, object]:
 @require_organization
 def get_customer(customer_id: int) -> dict[str, object]:
     """One customer with its projects; another organization's id is a 404."""
-    customer = db.session.get(Customer, customer_id)
-    if customer is None:
-        abort(404)
+    customer = customer_or_404(customer_id)
     return {**customer.to_dict(), "projects": [p.to_dict() for p in customer.projects]}
 
 
@@ -93,9 +104,7 @@ def create_customer() -> tuple[dict[str, object], int]:
 @require_organization
 def delete_customer(customer_id: int) -> tuple[str, int]:
     """Revocation-sensitive: the JWT is verified, then confirmed active."""
-    customer = db.session.get(Customer, customer_id)
-    if customer is None:
-        abort(404)
+    customer = customer_or_404(customer_id)
     for project in list(customer.projects):
         db.session.delete(project)
     db.session.delete(customer)

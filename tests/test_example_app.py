@@ -245,3 +245,20 @@ def test_a_body_that_is_no_json_object_is_a_400_not_a_500(tmp_path: Path) -> Non
         response = client.post("/api/customers", json=body, headers=headers)
         assert response.status_code == 400, response.text
         assert response.json == {"error": "invalid_request", "message": "name is required"}
+
+
+def test_an_id_past_the_database_integer_range_is_a_json_404(
+    live_example: tuple[Flask, str],
+) -> None:
+    """SQLite integers end at 2**63 - 1: a bigger id in the URL raised
+    OverflowError in the driver (a 500) on the read and the delete route."""
+    app, base = live_example
+    headers = mint(app, "org_acme", ["customers:read", "customers:write"])
+    for method in ("GET", "DELETE"):
+        response = requests.request(
+            method, f"{base}/api/customers/{2**63}", headers=headers, timeout=10
+        )
+        assert response.status_code == 404, response.text
+        assert response.json() == {"error": "not_found", "message": "No such resource."}
+    last = requests.get(f"{base}/api/customers/{2**63 - 1}", headers=headers, timeout=10)
+    assert last.status_code == 404, last.text
