@@ -7,8 +7,9 @@ every write, so a forgotten filter cannot leak another tenant's rows.
 
 from __future__ import annotations
 
-from flask import Blueprint, abort, g, request
+from flask import Blueprint, Response, abort, g, jsonify, request
 from sqlalchemy import func, select
+from werkzeug.exceptions import MethodNotAllowed
 
 from flask_oauth_verify import (
     current_auth,
@@ -29,10 +30,20 @@ api = Blueprint("api", __name__, url_prefix="/api")
 MAX_ID = 2**63 - 1
 
 
-@api.errorhandler(404)
+@api.app_errorhandler(404)
 def not_found(_error: Exception) -> tuple[dict[str, str], int]:
-    """JSON, like every other answer of the API (another tenant's id lands here)."""
+    """JSON, like every other answer of the API (another tenant's id lands here,
+    and so does a path no route matches)."""
     return {"error": "not_found", "message": "No such resource."}, 404
+
+
+@api.app_errorhandler(405)
+def method_not_allowed(error: MethodNotAllowed) -> Response:
+    """JSON too, with the ``Allow`` header naming the methods the route takes."""
+    response = jsonify(error="method_not_allowed", message="Method not allowed.")
+    response.status_code = 405
+    response.headers["Allow"] = ", ".join(error.valid_methods or ())
+    return response
 
 
 def customer_or_404(customer_id: int) -> Customer:

@@ -262,3 +262,17 @@ def test_an_id_past_the_database_integer_range_is_a_json_404(
         assert response.json() == {"error": "not_found", "message": "No such resource."}
     last = requests.get(f"{base}/api/customers/{2**63 - 1}", headers=headers, timeout=10)
     assert last.status_code == 404, last.text
+
+
+def test_unknown_paths_and_methods_answer_json(example: Flask) -> None:
+    """Every answer of the API is JSON: a path no route matches and a method a
+    route does not take were Werkzeug's HTML pages."""
+    client = example.test_client()
+    headers = mint(example, "org_acme", ["customers:read"])
+    missing = client.get("/api/no-such-thing", headers=headers)
+    assert missing.status_code == 404
+    assert missing.json == {"error": "not_found", "message": "No such resource."}
+    wrong = client.put("/api/customers", headers=headers)
+    assert wrong.status_code == 405
+    assert wrong.json == {"error": "method_not_allowed", "message": "Method not allowed."}
+    assert "GET" in wrong.headers["Allow"] and "POST" in wrong.headers["Allow"]
