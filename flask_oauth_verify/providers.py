@@ -145,8 +145,9 @@ PROFILES: Mapping[str, Profile] = _profiles(
         defaults={
             "JWKS_URI": "{issuer}/keys",
             # The M2M guide and the metadata name /keys; the verification
-            # guide's JWKS client uses /.well-known/jwks.
-            "JWKS_URI_FALLBACKS": ("{issuer}/.well-known/jwks",),
+            # guide's JWKS client uses /.well-known/jwks, the API-auth
+            # skill /.well-known/jwks.json.
+            "JWKS_URI_FALLBACKS": ("{issuer}/.well-known/jwks", "{issuer}/.well-known/jwks.json"),
             "INTROSPECTION_ENDPOINT": "{issuer}/oauth/introspect",
             # Scalekit's user ids are usr_...; its guides' samples use user_...
             "USER_ID_PREFIX": ("usr_", "user_"),
@@ -154,8 +155,10 @@ PROFILES: Mapping[str, Profile] = _profiles(
                 # scopes: M2M clients; permissions: the RBAC of user tokens
                 "scopes": ("scopes", "scope", "permissions"),
                 "organization_id": ("oid", "organization_id"),
-                "service_name": ("custom_claims.service_name",),
-                "token_type": ("custom_claims.client_type",),
+                # The verification guide nests custom claims in custom_claims;
+                # an API client's custom claims are also issued at the top level.
+                "service_name": ("custom_claims.service_name", "service_name"),
+                "token_type": ("custom_claims.client_type", "client_type"),
             },
         },
         description="Scalekit environments (M2M and user tokens).",

@@ -234,6 +234,39 @@ def test_scalekit_keys_at_the_well_known_path_of_the_verification_guide(
     assert (server.hits["/keys"], server.hits["/.well-known/jwks"]) == (1, 1)
 
 
+def test_scalekit_api_client_token_with_top_level_custom_claims(server: IssuerServer) -> None:
+    """An API client created with an ``audience`` and ``custom_claims``: its
+    tokens carry them at the top level; keys at ``/.well-known/jwks.json``
+    (the path of Scalekit's API-auth guide for agents)."""
+    sk = Scalekit(server)
+    server.routes.pop("/keys")
+    server.route("/.well-known/jwks.json", sk.jwks_reply)
+    app = provider_app(sk.config(AUDIENCE="deployment-api.acmecorp.com"))
+    claims = _claims(sk.m2m_token(aud=["deployment-api.acmecorp.com"]))
+    del claims["custom_claims"]
+    claims.update(
+        service_name="inventory-deployer",
+        client_type="ci",
+        github_repository="acmecorp/inventory-service",
+        environment="production_us",
+    )
+    status, body = call(app, sk.sign(claims))
+    assert status == 200, body
+    assert (body["service_name"], body["token_type"]) == ("inventory-deployer", "ci")
+    assert (body["organization_id"], body["user_id"]) == ("org_59615193906282635", None)
+    nested = sk.m2m_token(aud=["deployment-api.acmecorp.com"], service_name="top-level")
+    assert call(app, nested)[1]["service_name"] == "billing-worker"  # the guide's shape first
+    refused(app, sk.m2m_token())  # another API's audience
+    no_audience = _claims(sk.m2m_token())
+    del no_audience["aud"]  # a client created without an audience
+    refused(app, sk.sign(no_audience))
+    by_client = provider_app(
+        sk.config(AUDIENCE=None, VERIFY_AUDIENCE=False, ALLOWED_CLIENT_IDS=[claims["client_id"]])
+    )
+    assert call(by_client, sk.sign(no_audience))[0] == 200
+    refused(by_client, sk.sign({**no_audience, "client_id": "m2morg_another"}))
+
+
 def test_scalekit_introspection_as_the_guide_writes_it(server: IssuerServer) -> None:
     """The guide's request: a form with ``token`` and ``token_type_hint``."""
     sk = Scalekit(server)
@@ -489,6 +522,7 @@ def test_fallbacks_of_several_issuers_are_given_per_issuer() -> None:
     )
     assert one.jwks_uri_fallbacks_for("https://env.scalekit.com") == (
         "https://env.scalekit.com/.well-known/jwks",
+        "https://env.scalekit.com/.well-known/jwks.json",
     )
 
 
