@@ -99,6 +99,20 @@ def test_supertokens_key_set_of_a_java_core_with_padded_base64url(server: Issuer
     assert (status, body.get("client_id")) == (200, st.oauth_client), body
 
 
+def test_supertokens_token_of_a_client_that_asked_for_no_audience(server: IssuerServer) -> None:
+    """SuperTokens (Ory Hydra underneath) puts in ``aud`` only the audiences the
+    client asked for: none gives ``aud: []``, plus an ``ext`` object."""
+    st = SuperTokens(server)
+    token = st.token(aud=[], ext={}, gid="g-1", rsub="fa7a0841-b533-4478-95533-0fde890c3483")
+    refused(provider_app(st.config()), token)
+    by_client = provider_app(
+        st.config(AUDIENCE=None, VERIFY_AUDIENCE=False, ALLOWED_CLIENT_IDS=[st.oauth_client])
+    )
+    status, body = call(by_client, token)
+    assert (status, body.get("client_id")) == (200, st.oauth_client), body
+    refused(by_client, st.token(aud=[], client_id="stcl_another"))
+
+
 # -- Microsoft Entra ID ---------------------------------------------------------------
 
 
