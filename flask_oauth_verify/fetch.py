@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
@@ -59,6 +60,8 @@ _MAX_DEPTH = 64
 _CHECKED_URLS = 256
 #: Circuit breakers of single URLs kept (see :meth:`Fetcher.breaker`).
 _URL_BREAKERS = 1024
+
+logger = logging.getLogger("flask_oauth_verify")
 
 T = TypeVar("T")
 #: Which circuit breaker guards a request (see :meth:`Fetcher.breaker`).
@@ -407,9 +410,13 @@ class Fetcher:
             else:
                 circuit.record_failure()
             raise
-        except Exception:
+        except Exception as exc:
+            # Whatever else an answer made go wrong, here or in a library: a
+            # failed call like any other (a 503 to come), never an error of
+            # the caller (an introspection call's became a 401).
             circuit.record_failure()
-            raise
+            logger.exception("A request to %s failed unexpectedly", _origin(url))
+            raise FetchError(f"request failed: {type(exc).__name__}") from None
         circuit.record_success()
         return result
 
@@ -498,7 +505,7 @@ class Fetcher:
     def _read_body(self, response: requests.Response, ends_at: float) -> bytes:
         limit = self.settings.http_max_bytes
         declared = response.headers.get("Content-Length")
-        if declared and declared.isdigit() and int(declared) > limit:
+        if declared and declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise FetchError(f"response larger than {limit} bytes", status=response.status_code)
         chunks: list[bytes] = []
         size = 0

@@ -61,7 +61,7 @@ __all__ = ["KeySetStatus", "KeyStore"]
 
 logger = logging.getLogger("flask_oauth_verify.keys")
 
-_MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?", re.IGNORECASE)
+_MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?", re.IGNORECASE | re.ASCII)
 _JITTER = 0.1
 #: Seconds before a worker that saw another worker fetching looks again.
 _RECHECK = 1.0
@@ -159,7 +159,8 @@ def _max_age(result: HTTPResult) -> float | None:
     if match is None:
         return None
     age = result.header("Age") or ""
-    return float(match.group(1)) - (float(age) if age.isdigit() else 0.0)
+    # isdigit() alone takes '²' (a Latin-1 byte of a header), which float() refuses
+    return float(match.group(1)) - (float(age) if age.isascii() and age.isdigit() else 0.0)
 
 
 def _static_sets(settings: Settings) -> dict[str, PreparedKeySet]:

@@ -9,9 +9,13 @@ once the fault is over.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
+import socket
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -28,6 +32,7 @@ from .test_faults import (
     BUDGET,
     MARGIN,
     STALE,
+    RawServer,
     assert_ok,
     assert_unavailable,
     fault_app,
@@ -211,3 +216,60 @@ def test_a_key_whose_x5c_certifies_another_key_is_skipped(
     (status,) = app.extensions["oauth_verify"].keys.status()
     assert status.kids == ()
     assert "x5c" in status.skipped[0]
+
+
+# -- header values that only look like numbers --------------------------------------
+
+
+def answering(head: bytes, body: bytes) -> Callable[[socket.socket, threading.Event], None]:
+    """A raw server's handler: read the request, send ``head`` + ``body``, close."""
+
+    def handle(conn: socket.socket, _stop: threading.Event) -> None:
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\n" + head + b"Connection: close\r\n\r\n" + body)
+        conn.shutdown(socket.SHUT_RDWR)
+
+    return handle
+
+
+#: A Latin-1 byte that str.isdigit() takes for a digit ('²') and int() refuses.
+SUPERSCRIPT_TWO = b"\xb2"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"Cache-Control: max-age=600\r\nAge: " + SUPERSCRIPT_TWO + b"\r\n",
+        b"Content-Length: " + SUPERSCRIPT_TWO + b"\r\n",
+    ],
+    ids=["age", "content-length"],
+)
+def test_a_header_number_that_is_not_ascii_never_spoils_a_key_set(
+    issuer: TokenIssuer,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+    head: bytes,
+) -> None:
+    """It was an 'internal error' (a ValueError and its traceback): 503 for
+    a good key set, for as long as the issuer sent the header."""
+    body = json.dumps(issuer.jwks()).encode()
+    handler = answering(b"Content-Type: application/json\r\n" + head, body)
+    with contextlib.closing(RawServer(handler)) as server:
+        config = {**issuer.config(), "OAUTH_VERIFY_JWKS_URI": server.url + "/jwks"}
+        app = fault_app(config, clock)
+        with caplog.at_level(logging.WARNING, logger="flask_oauth_verify"):
+            assert_ok(timed(app, issuer.mint())[0])
+    assert not [record for record in caplog.records if record.exc_info]
+
+
+def test_a_content_length_that_is_not_ascii_from_the_introspection_endpoint(
+    issuer: TokenIssuer,
+    clock: FakeClock,
+) -> None:
+    """The ValueError reached the decorator's last resort: 401 for an active token."""
+    token = issuer.mint_opaque()
+    body = json.dumps(issuer.introspect(token)).encode()
+    head = b"Content-Type: application/json\r\nContent-Length: " + SUPERSCRIPT_TWO + b"\r\n"
+    with contextlib.closing(RawServer(answering(head, body))) as server:
+        app = fault_app(introspection_config(issuer, server.url + "/introspect"), clock)
+        assert_ok(timed(app, token)[0])
