@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
-from flask import Flask
+from flask import Flask, g
 from joserfc import jwt
 from joserfc.jwk import OctKey
 
-from flask_oauth_verify import ConfigurationError, OAuthVerify, Settings
+from flask_oauth_verify import ConfigurationError, OAuthVerify, Settings, require_token
 from flask_oauth_verify.testing import IssuerServer, Reply, Request, TokenIssuer, auth_header
 
 from .attack_corpus import _self_signed_cert
@@ -111,6 +111,34 @@ def test_supertokens_token_of_a_client_that_asked_for_no_audience(server: Issuer
     status, body = call(by_client, token)
     assert (status, body.get("client_id")) == (200, st.oauth_client), body
     refused(by_client, st.token(aud=[], client_id="stcl_another"))
+
+
+# -- VoxKey ---------------------------------------------------------------------------
+
+
+def test_voxkey_introspection_answer_names_no_audience(server: IssuerServer) -> None:
+    """VoxKey's documented answer has no ``aud``: introspection alone cannot tell
+    a token for another API of the realm; ``strategy="both"`` (as the page says)
+    checks the JWT's ``aud`` and then asks about revocation."""
+    vk = VoxKey(server)
+    app = provider_app(
+        vk.config(
+            INTROSPECTION_CLIENT_ID=vk.client_id, INTROSPECTION_CLIENT_SECRET=vk.client_secret
+        )
+    )
+
+    @app.get("/both")
+    @require_token(strategy="both")
+    def both() -> dict[str, Any]:
+        return {"subject": g.auth.subject}
+
+    other_api = vk.user_token(aud=f"{server.url}/api/v1/another-api")
+    assert call(app, other_api, "/introspected")[0] == 200  # nothing to compare
+    refused(app, other_api, "/both")
+    token = vk.user_token()
+    assert call(app, token, "/both") == (200, {"subject": "user_abc123"})
+    vk.active.pop(token)  # revoked
+    refused(app, token, "/both")
 
 
 # -- Microsoft Entra ID ---------------------------------------------------------------
