@@ -163,6 +163,19 @@ def _max_age(result: HTTPResult) -> float | None:
     return float(match.group(1)) - (float(age) if age.isascii() and age.isdigit() else 0.0)
 
 
+#: What an ``ETag`` may be to be sent back (``If-None-Match``): visible
+#: characters, spaces inside (RFC 9110 §8.8.3 allows fewer; servers send more).
+_ETAG = re.compile(r"[\x21-\x7e\x80-\xff][\x20-\x7e\x80-\xff]{0,1023}")
+
+
+def _etag(value: Any) -> str | None:
+    """An ``ETag`` that can be sent back, else ``None`` (an unconditional
+    fetch). A value from the shared cache that cannot be (a foreign value,
+    CR LF inside) failed every refresh of the process that adopted it, for
+    good: the ETag is only replaced by a refresh that works."""
+    return value if isinstance(value, str) and _ETAG.fullmatch(value) else None
+
+
 def _static_sets(settings: Settings) -> dict[str, PreparedKeySet]:
     """``OAUTH_VERIFY_JWKS`` parsed: one set, or a mapping issuer -> set."""
     static = settings.static_jwks
@@ -753,7 +766,7 @@ class KeyStore:
         source.raw = record.get("jwks")
         source.fetched_at = fetched_at
         source.ttl = ttl
-        source.etag = record.get("etag")
+        source.etag = _etag(record.get("etag"))
         source.uri = record.get("uri")
         source.fresh_until = min(fetched_at + ttl * (1 - jitter), fetched_at + self._max_staleness)
         if old is not None and old.content_hash != keys.content_hash:

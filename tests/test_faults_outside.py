@@ -273,3 +273,24 @@ def test_a_content_length_that_is_not_ascii_from_the_introspection_endpoint(
     with contextlib.closing(RawServer(answering(head, body))) as server:
         app = fault_app(introspection_config(issuer, server.url + "/introspect"), clock)
         assert_ok(timed(app, token)[0])
+
+
+def test_an_etag_in_redis_that_cannot_be_sent_back_is_dropped(
+    issuer: TokenIssuer, clock: FakeClock, redis_url: str, redis_server: RedisServer
+) -> None:
+    """Adopted, an ETag with CR LF inside made every conditional refresh of
+    the process fail before it was sent, for good: a rotation was never
+    picked up, even once the value was gone."""
+    app = fault_app(issuer.config(), clock, cache_config=redis_cache(redis_url))
+    assert_ok(timed(app, issuer.mint())[0])
+    backend = shared_backend(app)
+    record = backend.get(cache_key("jwks", issuer.issuer))
+    assert isinstance(record, dict)
+    clock.advance(STALE)
+    garbage = {**record, "etag": '"v1"\r\nX-Injected: 1', "fetched_at": clock()}
+    backend.set(cache_key("jwks", issuer.issuer), garbage, timeout=0)
+    assert_ok(timed(app, issuer.mint())[0])  # adopts the record
+    redis_server.flush()  # the fault ends
+    issuer.rotate(drop_old=True)
+    clock.advance(STALE)
+    assert_ok(timed(app, issuer.mint())[0])
