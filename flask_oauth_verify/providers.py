@@ -109,12 +109,19 @@ def entra_acts_for_user(claims: Mapping[str, Any]) -> bool:
 def keycloak_acts_for_user(claims: Mapping[str, Any]) -> bool:
     """Keycloak: service-account tokens name ``service-account-<client>``.
 
-    They also carry the ``client_id`` (``clientId`` before Keycloak 24)
-    claim of the service-account mapper, which user tokens do not.
+    The user name decides when there is one (``preferred_username``; an
+    introspection answer also has ``username``). Without it (the profile
+    scope removed), the ``client_id`` (``clientId`` before Keycloak 24)
+    claim of the service-account mapper marks a service account: user
+    tokens do not carry it. Introspection answers carry ``client_id`` for
+    every token, but always with the user name.
     """
-    username = claims.get("preferred_username")
-    if isinstance(username, str) and username.startswith("service-account-"):
-        return False
+    for name in ("preferred_username", "username"):
+        username = claims.get(name)
+        if isinstance(username, str):
+            return not username.startswith("service-account-") and isinstance(
+                claims.get("sub"), str
+            )
     if "client_id" in claims or "clientId" in claims:
         return False
     return isinstance(claims.get("sub"), str)

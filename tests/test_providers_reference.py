@@ -568,6 +568,26 @@ def test_fallbacks_of_several_issuers_are_given_per_issuer() -> None:
     )
 
 
+def test_keycloak_introspection_answer_keeps_the_user(server: IssuerServer) -> None:
+    """Keycloak's introspection answer adds ``client_id`` (and ``username``) for
+    every token: a user's token introspected lost its ``user_id``, because
+    ``client_id`` was taken for the service-account mapper's claim."""
+    kc = Keycloak(server)
+    app = provider_app(
+        kc.config(
+            INTROSPECTION_CLIENT_ID=kc.client_id, INTROSPECTION_CLIENT_SECRET=kc.client_secret
+        )
+    )
+    user, service = kc.token(), kc.service_account_token()
+    for path in ("/whoami", "/introspected"):
+        assert call(app, user, path)[1]["user_id"] == "f:0a1b2c3d:alice", path
+        assert call(app, service, path)[1]["user_id"] is None, path
+    # without the profile scope (no user name): the service-account mapper's claim decides
+    assert call(app, kc.token(preferred_username=None))[1]["user_id"] == "f:0a1b2c3d:alice"
+    bare_service = kc.token(preferred_username=None, clientId="batch", azp="batch")
+    assert call(app, bare_service)[1]["user_id"] is None
+
+
 def test_keycloak_organizations_as_the_keycloak_page_says(server: IssuerServer) -> None:
     """The built-in organization claim is no string; a string claim of one's own is."""
     kc = Keycloak(server)
