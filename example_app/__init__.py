@@ -1,9 +1,11 @@
 """A runnable multi-tenant API protected by flask_oauth_verify.
 
 ``./scripts/example`` runs it with an embedded development issuer and SQLite.
-In production, set ``OAUTH_VERIFY_ISSUER`` / ``OAUTH_VERIFY_AUDIENCE`` (and a
-provider profile) in the environment instead and leave ``EXAMPLE_DEV_ISSUER``
-unset: the development issuer then does not exist at all.
+In production, set ``EXAMPLE_OAUTH_VERIFY_ISSUER`` and
+``EXAMPLE_OAUTH_VERIFY_AUDIENCE`` (and ``EXAMPLE_OAUTH_VERIFY_PROVIDER``) in
+the environment instead — every ``EXAMPLE_``-prefixed variable is a setting,
+its prefix removed — and leave ``EXAMPLE_DEV_ISSUER`` unset: the development
+issuer then does not exist at all.
 """
 
 from __future__ import annotations

@@ -276,3 +276,23 @@ def test_unknown_paths_and_methods_answer_json(example: Flask) -> None:
     assert wrong.status_code == 405
     assert wrong.json == {"error": "method_not_allowed", "message": "Method not allowed."}
     assert "GET" in wrong.headers["Allow"] and "POST" in wrong.headers["Allow"]
+
+
+def test_the_production_setup_of_the_module_docstring_works(
+    tmp_path: Path, served_tokens: TokenIssuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The docstring said to set ``OAUTH_VERIFY_ISSUER`` in the environment,
+    which the app never reads (a ConfigurationError: no issuer); it reads
+    ``EXAMPLE_``-prefixed settings."""
+    import example_app
+
+    assert "``EXAMPLE_OAUTH_VERIFY_ISSUER``" in (example_app.__doc__ or "")
+    monkeypatch.delenv("EXAMPLE_DEV_ISSUER", raising=False)
+    monkeypatch.setenv("EXAMPLE_OAUTH_VERIFY_ISSUER", served_tokens.issuer)
+    monkeypatch.setenv("EXAMPLE_OAUTH_VERIFY_AUDIENCE", "orders-api")
+    app = create_app({"TESTING": True}, instance_path=str(tmp_path))
+    assert "oauth_verify_dev_issuer" not in app.extensions
+    token = served_tokens.mint(organization_id="org_acme", scopes=["customers:read"],
+                               audience="orders-api")  # fmt: skip
+    response = app.test_client().get("/api/customers", headers=auth_header(token))
+    assert response.status_code == 200, response.text
