@@ -767,7 +767,8 @@ class KeyStore:
         source.fetched_at = fetched_at
         source.ttl = ttl
         source.etag = _etag(record.get("etag"))
-        source.uri = record.get("uri")
+        uri = record.get("uri")  # a foreign value may be anything: the URL names a breaker
+        source.uri = uri if isinstance(uri, str) else None
         source.fresh_until = min(fetched_at + ttl * (1 - jitter), fetched_at + self._max_staleness)
         if old is not None and old.content_hash != keys.content_hash:
             added = sorted(set(keys.kids) - set(old.kids))

@@ -294,3 +294,24 @@ def test_an_etag_in_redis_that_cannot_be_sent_back_is_dropped(
     issuer.rotate(drop_old=True)
     clock.advance(STALE)
     assert_ok(timed(app, issuer.mint())[0])
+
+
+def test_a_key_set_url_in_redis_that_is_no_string_never_turns_a_503_into_a_401(
+    issuer: TokenIssuer, clock: FakeClock, redis_url: str
+) -> None:
+    server = server_of(issuer)
+    app = fault_app(issuer.config(), clock, cache_config=redis_cache(redis_url))
+    token = issuer.mint(expires_in=10 * 86400)
+    assert_ok(timed(app, token)[0])
+    backend = shared_backend(app)
+    record = backend.get(cache_key("jwks", issuer.issuer))
+    assert isinstance(record, dict)
+    clock.advance(STALE)
+    garbage = {**record, "uri": ["not", "a", "URL"], "fetched_at": clock()}
+    backend.set(cache_key("jwks", issuer.issuer), garbage, timeout=0)
+    assert_ok(timed(app, token)[0])  # adopts the record
+    server.route("/jwks", Reply(500, {"error": "down"}))
+    clock.advance(2 * 86400)  # past JWKS_MAX_STALENESS: nothing left to serve
+    response, elapsed = timed(app, token)
+    assert_unavailable(response)
+    assert elapsed <= BUDGET + MARGIN
