@@ -575,8 +575,8 @@ def _jwks_uri_fallbacks(
 ) -> dict[str, tuple[str, ...]]:
     """Per issuer: a key set is never looked for at another issuer's URLs."""
     name = "JWKS_URI_FALLBACKS"
-    if value is None:
-        return {}
+    if value is None or (isinstance(value, list | tuple) and not value):
+        return {}  # none: also how an app turns a profile's fallbacks off
     if not isinstance(value, Mapping):
         if len(issuers) > 1:
             raise ConfigurationError(

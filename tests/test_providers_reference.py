@@ -550,6 +550,10 @@ def test_fallbacks_of_several_issuers_are_given_per_issuer() -> None:
         Settings.from_config(
             {**base, "OAUTH_VERIFY_JWKS_URI_FALLBACKS": {"https://c.example.com": ["https://c/k"]}}
         )
+    nothing: tuple[list[str], tuple[str, ...]] = ([], ())
+    for none in nothing:  # a profile's fallbacks turned off, for every issuer
+        quiet = Settings.from_config({**base, "OAUTH_VERIFY_JWKS_URI_FALLBACKS": none})
+        assert quiet.jwks_uri_fallbacks_for(issuers[1]) == ()
     chosen = Settings.from_config(
         {**base, "OAUTH_VERIFY_JWKS_URI_FALLBACKS": {issuers[1]: "https://b.example.com/k"}}
     )
