@@ -504,9 +504,11 @@ def _live_lock(held: Any, timeout: float) -> bool:
 
 
 def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False  # no process: kill() would signal a process group instead
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: no pid is that large
         return False
     except OSError:  # EPERM: it exists, owned by someone else
         return True

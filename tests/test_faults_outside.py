@@ -22,7 +22,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from flask import Flask
 
-from flask_oauth_verify.cache import cache_key
+from flask_oauth_verify.cache import SharedCache, cache_key
 from flask_oauth_verify.fetch import Fetcher, FetchError
 from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer
 
@@ -315,3 +315,23 @@ def test_a_key_set_url_in_redis_that_is_no_string_never_turns_a_503_into_a_401(
     response, elapsed = timed(app, token)
     assert_unavailable(response)
     assert elapsed <= BUDGET + MARGIN
+
+
+def test_a_fetch_lock_naming_a_pid_beyond_any_is_broken(
+    issuer: TokenIssuer, clock: FakeClock, redis_url: str
+) -> None:
+    """A lock of this machine is checked with kill(pid, 0): a pid beyond any
+    raised OverflowError, each cold request a 503 and a traceback."""
+    app = fault_app(issuer.config(), clock, cache_config=redis_cache(redis_url))
+    lock = {"at": time.time(), "pid": 2**70, "host": socket.gethostname()}
+    shared_backend(app).set(cache_key("jwks-lock", issuer.issuer), lock, timeout=0)
+    assert_ok(timed(app, issuer.mint())[0])
+
+
+@pytest.mark.parametrize("pid", [0, -1])
+def test_a_lock_naming_a_process_group_is_not_held(pid: int) -> None:
+    """kill(0, 0) and kill(-1, 0) ask about process groups, which exist: such
+    a lock was 'held' by a live process for its whole lifetime."""
+    cache = SharedCache(None)
+    cache.set("lock", {"at": time.time(), "pid": pid, "host": socket.gethostname()}, 60)
+    assert not cache.locked("lock", 60)
