@@ -178,7 +178,9 @@ PROFILES: Mapping[str, Profile] = _profiles(
             # (on 404) to the SDK's <API domain>/auth/jwt/jwks.json.
             "JWKS_URI": "{api_domain}/authjwt/jwks.json",
             "JWKS_URI_FALLBACKS": ("{api_domain}/auth/jwt/jwks.json", "{issuer}/jwt/jwks.json"),
-            "INTROSPECTION_ENDPOINT": "{api_domain}/auth/oauth/introspect",
+            # <API domain>/auth/oauth/introspect with the default base path;
+            # the SDK serves it under any apiBasePath, which iss ends with.
+            "INTROSPECTION_ENDPOINT": "{issuer}/oauth/introspect",
             "INTROSPECTION_BODY": "json",
             "INTROSPECTION_AUTH": "none",
             "REQUIRED_CLAIMS": ("stt", "scp", "client_id"),

@@ -99,6 +99,22 @@ def test_supertokens_key_set_of_a_java_core_with_padded_base64url(server: Issuer
     assert (status, body.get("client_id")) == (200, st.oauth_client), body
 
 
+def test_supertokens_with_another_api_base_path(server: IssuerServer) -> None:
+    """``apiBasePath = "/identity"``: ``iss`` is ``<API domain>/identity``, the SDK
+    serves keys and introspection below it; the profile found the keys but
+    introspected at ``<API domain>/identity/auth/oauth/introspect`` (404: 503)."""
+    st = SuperTokens(server)
+    issuer = f"{server.url}/identity"
+    server.route("/identity/jwt/jwks.json", st.jwks_reply)
+    server.route("/identity/oauth/introspect", st.json_introspection)
+    app = provider_app(st.config(ISSUER=issuer))
+    token = st.token(iss=issuer)
+    assert call(app, token)[0] == 200
+    status, body = call(app, token, "/introspected")
+    assert (status, body.get("strategy")) == (200, "introspection"), body
+    assert st.introspections[-1].path == "/identity/oauth/introspect"
+
+
 def test_supertokens_token_of_a_client_that_asked_for_no_audience(server: IssuerServer) -> None:
     """SuperTokens (Ory Hydra underneath) puts in ``aud`` only the audiences the
     client asked for: none gives ``aud: []``, plus an ``ext`` object."""
