@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ from werkzeug.serving import make_server
 
 from example_app import create_app
 from example_app.commands import banner
+from example_app.logging_setup import JSONFormatter, configure_security_log
 from flask_oauth_verify.testing import TokenIssuer, auth_header
 
 from .conftest import free_port
@@ -296,3 +299,29 @@ def test_the_production_setup_of_the_module_docstring_works(
                                audience="orders-api")  # fmt: skip
     response = app.test_client().get("/api/customers", headers=auth_header(token))
     assert response.status_code == 200, response.text
+
+
+def test_security_events_are_json_lines_without_the_token(
+    example: Flask, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The example's security log: one JSON object per decision, never the token."""
+    logger = logging.getLogger("flask_oauth_verify.security")
+    others = [h for h in logger.handlers if not isinstance(h.formatter, JSONFormatter)]
+    monkeypatch.setattr(logger, "handlers", others)  # a fresh stderr handler for capsys
+    monkeypatch.setattr(logger, "level", logger.level)
+    configure_security_log()
+    configure_security_log()  # idempotent: still one line per event
+    client = example.test_client()
+    headers = mint(example, "org_acme", ["customers:read"], subject="user_logged")
+    token = headers["Authorization"].split()[1]
+    assert client.get("/api/customers", headers=headers).status_code == 200
+    forged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    assert client.get("/api/customers", headers=auth_header(forged)).status_code == 401
+    err = capsys.readouterr().err
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    validated = [e for e in events if e["event"] == "token_validated"]
+    failed = [e for e in events if e["event"] == "token_validation_failed"]
+    assert len(validated) == len(failed) == 1, events
+    assert validated[0]["subject"] == "user_logged" and validated[0]["path"] == "/api/customers"
+    assert failed[0]["error"] == "invalid_token" and failed[0]["status"] == 401
+    assert token not in err and forged not in err and token.split(".")[2] not in err
