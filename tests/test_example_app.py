@@ -325,3 +325,31 @@ def test_security_events_are_json_lines_without_the_token(
     assert validated[0]["subject"] == "user_logged" and validated[0]["path"] == "/api/customers"
     assert failed[0]["error"] == "invalid_token" and failed[0]["status"] == 401
     assert token not in err and forged not in err and token.split(".")[2] not in err
+
+
+def test_every_process_of_one_instance_folder_shares_the_dev_issuer(tmp_path: Path) -> None:
+    """Workers, CLI calls and restarts build their own app: the key and the
+    opaque/revoked tokens live in the instance folder, so they all agree."""
+    first = create_app({"EXAMPLE_DEV_ISSUER": True, "TESTING": True}, instance_path=str(tmp_path))
+    again = create_app({"EXAMPLE_DEV_ISSUER": True, "TESTING": True}, instance_path=str(tmp_path))
+    headers = mint(first, "org_acme", ["customers:read"])
+    assert again.test_client().get("/api/customers", headers=headers).status_code == 200
+    opaque = dev_issuer(first).mint_opaque(subject="svc", organization_id="org_acme")
+    assert dev_issuer(again).introspect(opaque)["active"] is True
+    dev_issuer(again).revoke(opaque)
+    assert dev_issuer(first).introspect(opaque) == {"active": False}
+    printed = again.test_cli_runner().invoke(args=["example-tokens", "--base-url", "http://x"])
+    assert printed.exit_code == 0, printed.output
+    assert "curl -s http://x/api/customers" in printed.output
+
+
+def test_example_tokens_refuses_without_the_dev_issuer(
+    tmp_path: Path, tokens: TokenIssuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("EXAMPLE_DEV_ISSUER", raising=False)
+    app = create_app(
+        {**tokens.config(audience="example-api"), "TESTING": True}, instance_path=str(tmp_path)
+    )
+    refused = app.test_cli_runner().invoke(args=["example-tokens"])
+    assert refused.exit_code != 0
+    assert "EXAMPLE_DEV_ISSUER=1" in refused.output
