@@ -137,6 +137,16 @@ def beyond_identity_acts_for_user(claims: Mapping[str, Any]) -> bool:
 
 _MICROSOFT_COMMON_KEYS = "https://login.microsoftonline.com/common/discovery/v2.0/keys"
 
+#: For providers whose ``iss`` never ends in ``/``: ``iss`` is compared
+#: exactly, so an issuer written with one refuses every token.
+_NO_TRAILING_SLASH = (
+    (
+        r".+/$",
+        "this provider's access tokens carry iss without a trailing slash; "
+        "with it every token is refused",
+    ),
+)
+
 
 def _profiles(*profiles: Profile) -> Mapping[str, Profile]:
     return MappingProxyType({p.name: p for p in profiles})
@@ -169,6 +179,7 @@ PROFILES: Mapping[str, Profile] = _profiles(
             },
         },
         description="Scalekit environments (M2M and user tokens).",
+        issuer_doubts=_NO_TRAILING_SLASH,
     ),
     Profile(
         "supertokens",
@@ -191,6 +202,7 @@ PROFILES: Mapping[str, Profile] = _profiles(
         # <API domain> is the issuer without the default "/auth" base path.
         issuer_params=r"(?P<api_domain>https?://.+?)(?:/auth)?/?$",
         description="SuperTokens OAuth2 provider (stt = 1 access tokens).",
+        issuer_doubts=_NO_TRAILING_SLASH,
     ),
     Profile(
         "voxkey",
@@ -202,6 +214,7 @@ PROFILES: Mapping[str, Profile] = _profiles(
         required_params=("domain", "realm"),
         issuer_params=r"(?P<domain>https?://[^/]+)/oauth2/(?P<realm>[^/]+)/?$",
         description="VoxKey realms (issuer = realm URL <domain>/oauth2/<realm>).",
+        issuer_doubts=_NO_TRAILING_SLASH,
     ),
     Profile(
         "beyond_identity",
@@ -227,6 +240,7 @@ PROFILES: Mapping[str, Profile] = _profiles(
         ),
         aliases=("beyondidentity", "beyond-identity"),
         description="Beyond Identity (jku-based offline validation, bi_t/bi_r).",
+        issuer_doubts=_NO_TRAILING_SLASH,
     ),
     Profile(
         "auth0",
@@ -262,6 +276,7 @@ PROFILES: Mapping[str, Profile] = _profiles(
             "the org authorization server are not meant to be validated by resource servers"
         ),
         description="Okta custom authorization servers (scp, cid).",
+        issuer_doubts=_NO_TRAILING_SLASH,
     ),
     Profile(
         "entra_id",
@@ -301,6 +316,7 @@ PROFILES: Mapping[str, Profile] = _profiles(
         },
         issuer_params=r"https?://[^/]+(?:/[^/]+)*/realms/(?P<realm>[^/]+)/?$",
         description="Keycloak realms (issuer <base>/realms/<realm>).",
+        issuer_doubts=_NO_TRAILING_SLASH,
     ),
     Profile(
         "cognito",
@@ -323,6 +339,7 @@ PROFILES: Mapping[str, Profile] = _profiles(
         },
         aliases=("aws_cognito", "aws-cognito"),
         description="AWS Cognito user pools (access tokens: client_id, token_use).",
+        issuer_doubts=_NO_TRAILING_SLASH,
     ),
 )
 

@@ -1330,6 +1330,15 @@ def test_authlib_authorization_server_rfc9068_tokens_with_discovery(
         ("entra_id", "https://login.microsoftonline.com/common/v2.0", True),
         ("entra_id", "https://login.microsoftonline.com/organizations/v2.0", True),
         ("entra_id", "https://login.microsoftonline.com/{tenantid}/v2.0", False),
+        ("entra_id", "https://sts.windows.net/{tenantid}/", False),  # v1: with the slash
+        ("scalekit", "https://your-env.scalekit.com/", True),
+        ("scalekit", "https://your-env.scalekit.com", False),
+        ("okta", "https://dev-1234.okta.com/oauth2/default/", True),
+        ("keycloak", "https://sso.example.com/realms/acme/", True),
+        ("keycloak", "https://sso.example.com/realms/acme", False),
+        ("cognito", "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbCdEf123/", True),
+        ("supertokens", "https://api.example.com/auth/", True),
+        ("voxkey", "https://your-domain.com/oauth2/6f1d2c3b/", True),
     ],
 )
 def test_an_issuer_no_token_can_carry_is_a_warning_at_start_up(
@@ -1337,6 +1346,6 @@ def test_an_issuer_no_token_can_carry_is_a_warning_at_start_up(
 ) -> None:
     """Accepted (it is not contradictory), but every token would be refused: say so."""
     caplog.set_level(logging.WARNING, logger="flask_oauth_verify")
-    apply_profile({"PROVIDER": provider, "ISSUER": issuer, "AUDIENCE": "api"})
+    apply_profile({"PROVIDER": provider, "ISSUER": issuer, **minimal(provider)})
     warned = [r for r in caplog.records if "looks wrong for provider" in r.getMessage()]
     assert bool(warned) is doubtful
