@@ -127,6 +127,18 @@ def keycloak_acts_for_user(claims: Mapping[str, Any]) -> bool:
     return isinstance(claims.get("sub"), str)
 
 
+def auth0_acts_for_user(claims: Mapping[str, Any]) -> bool:
+    """Auth0: a client-credentials token's subject is ``<client id>@clients``.
+
+    The Auth0 token profile also says ``gty: client-credentials``; the RFC
+    9068 profile names the client in ``client_id`` and may not.
+    """
+    subject = claims.get("sub")
+    if not isinstance(subject, str) or subject.endswith("@clients"):
+        return False
+    return claims.get("gty") != "client-credentials"
+
+
 def beyond_identity_acts_for_user(claims: Mapping[str, Any]) -> bool:
     """Beyond Identity: ``bi_p`` names an identity for tokens of a user."""
     principal = claims.get("bi_p")
@@ -251,6 +263,7 @@ PROFILES: Mapping[str, Profile] = _profiles(
                 "client_id": ("azp", "client_id"),
                 "organization_id": ("org_id",),
             },
+            "USER_ID_RULE": auth0_acts_for_user,
         },
         description="Auth0 APIs (scope + RBAC permissions, org_id, azp).",
         issuer_doubts=(

@@ -203,6 +203,31 @@ def test_auth0_default_profile_token_typ_jwt_and_x5c_keys(server: IssuerServer) 
     assert (status, body["user_id"], body["client_id"]) == (200, None, "m2m-client-id")
 
 
+def test_auth0_rfc9068_token_profile(server: IssuerServer) -> None:
+    """Auth0's "RFC 9068" access token profile: ``client_id`` instead of ``azp``,
+    ``typ: at+jwt``, ``jti``; a client-credentials token's subject is
+    ``<client id>@clients``, with no ``gty`` to say so."""
+    a0 = Auth0(server)
+    app = provider_app(a0.config())
+    times = a0.times()
+    user = {
+        "iss": a0.issuer,
+        "sub": "auth0|123456",
+        "aud": [a0.audience, f"{a0.issuer}userinfo"],
+        "client_id": "my_client_id",
+        "jti": "73WakrfVbNJBaAmhQtEeDv",
+        "scope": "openid profile read:patients read:admin",
+        **times,
+    }
+    status, body = call(app, a0.sign(user, typ="at+jwt"))
+    assert status == 200, body
+    assert (body["client_id"], body["user_id"]) == ("my_client_id", "auth0|123456")
+    machine = {**user, "sub": "my_client_id@clients", "aud": a0.audience, "scope": "read:admin"}
+    status, body = call(app, a0.sign(machine, typ="at+jwt"))
+    assert (status, body["user_id"], body["client_id"]) == (200, None, "my_client_id"), body
+    refused(app, a0.sign(machine, typ="at+jwt"), "/me", "missing_user_context")
+
+
 # -- Keycloak -------------------------------------------------------------------------
 
 
