@@ -6,7 +6,8 @@ Public names; see the documentation for the full contract.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from .config import ConfigurationError, Settings
 from .context import AuthContext, current_auth, get_auth
@@ -71,7 +72,22 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # SQLAlchemy is an optional extra: import the scoping helpers on first use.
     if name in ("org_scoped", "user_scoped"):
-        from . import tenancy
-
+        try:
+            from . import tenancy
+        except ImportError as missing:  # `import *` must work without the extra
+            return _needs_sqlalchemy(name, missing)
         return getattr(tenancy, name)
     raise AttributeError(f"module 'flask_oauth_verify' has no attribute {name!r}")
+
+
+def _needs_sqlalchemy(name: str, missing: ImportError) -> Callable[..., Any]:
+    """A stand-in for a scoping helper when SQLAlchemy is not installed: it
+    raises, when called, an ``ImportError`` naming the extra to install."""
+
+    def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise ImportError(
+            f"{name}() needs SQLAlchemy: pip install 'flask-oauth-verify[sqlalchemy]'"
+        ) from missing
+
+    unavailable.__name__ = unavailable.__qualname__ = name
+    return unavailable

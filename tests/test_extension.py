@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from flask import Flask
 from flask_caching import Cache
 
@@ -103,3 +106,30 @@ def test_cached_token_still_expires(tokens: TokenIssuer) -> None:
     response = client.get("/", headers=auth_header(token))
     assert response.status_code == 401 and response.json is not None
     assert response.json["error"] == "token_expired"
+
+
+WITHOUT_SQLALCHEMY = """
+import sys
+sys.modules["sqlalchemy"] = None  # as if the [sqlalchemy] extra were not installed
+from flask_oauth_verify import *
+assert OAuthVerify and require_organization
+try:
+    org_scoped(None)
+except ImportError as error:
+    print(error)
+"""
+
+
+def test_star_import_works_without_the_sqlalchemy_extra() -> None:
+    """``__all__`` names the scoping helpers; without SQLAlchemy ``import *``
+    must still work, and calling a helper names the extra to install."""
+    done = subprocess.run(  # noqa: S603 - this interpreter, fixed code
+        [sys.executable, "-c", WITHOUT_SQLALCHEMY],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "org_scoped() needs SQLAlchemy" in done.stdout
+    assert "flask-oauth-verify[sqlalchemy]" in done.stdout
