@@ -209,16 +209,10 @@ def test_auth0_rfc9068_token_profile(server: IssuerServer) -> None:
     ``<client id>@clients``, with no ``gty`` to say so."""
     a0 = Auth0(server)
     app = provider_app(a0.config())
-    times = a0.times()
-    user = {
-        "iss": a0.issuer,
-        "sub": "auth0|123456",
-        "aud": [a0.audience, f"{a0.issuer}userinfo"],
-        "client_id": "my_client_id",
-        "jti": "73WakrfVbNJBaAmhQtEeDv",
-        "scope": "openid profile read:patients read:admin",
-        **times,
-    }
+    user = _claims(a0.user_token(sub="auth0|123456", jti="73WakrfVbNJBaAmhQtEeDv"))
+    for auth0_only in ("azp", "permissions", "org_id"):
+        del user[auth0_only]
+    user["client_id"] = "my_client_id"
     status, body = call(app, a0.sign(user, typ="at+jwt"))
     assert status == 200, body
     assert (body["client_id"], body["user_id"]) == ("my_client_id", "auth0|123456")
