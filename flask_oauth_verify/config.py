@@ -117,7 +117,7 @@ DEFAULT_CLAIM_MAP: Mapping[str, tuple[str, ...]] = MappingProxyType(
     }
 )
 
-DEFAULT_TYPES = (None, "jwt", "at+jwt", "application/at+jwt")
+DEFAULT_TYPES = (None, "jwt", "application/jwt", "at+jwt", "application/at+jwt")
 #: OpenID Connect defines these for ID tokens only (Core §3.1.3.6, §3.3.2.11):
 #: ``at_hash`` is the hash of the access token issued beside the ID token, so
 #: no access token can carry it. A token holding one is an ID token.

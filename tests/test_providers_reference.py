@@ -222,6 +222,15 @@ def test_auth0_rfc9068_token_profile(server: IssuerServer) -> None:
     refused(app, a0.sign(machine, typ="at+jwt"), "/me", "missing_user_context")
 
 
+@pytest.mark.parametrize("typ", ["JWT", "jwt", "application/jwt", "at+jwt", "application/at+jwt"])
+def test_typ_with_or_without_the_media_type_prefix(server: IssuerServer, typ: str) -> None:
+    """``typ`` is a media type; ``application/`` may be written (RFC 7515 §4.1.9):
+    ``application/at+jwt`` was accepted but ``application/jwt`` refused."""
+    a0 = Auth0(server)
+    app = provider_app(a0.config())
+    assert call(app, a0.sign(_claims(a0.user_token()), typ=typ))[0] == 200
+
+
 # -- Keycloak -------------------------------------------------------------------------
 
 
