@@ -370,6 +370,33 @@ def test_scalekit_introspection_as_the_guide_writes_it(server: IssuerServer) -> 
     assert form["token"] == token
 
 
+# -- tokens for another API ------------------------------------------------------------
+
+
+def test_every_provider_refuses_a_token_for_another_api(server: IssuerServer) -> None:
+    """Same issuer, same keys, another ``aud``: 401 for every profile that checks
+    ``aud``; Cognito, which has none, checks the app client instead."""
+    other = "https://another-api.example.com"
+    sk, st, vk = Scalekit(server), SuperTokens(server), VoxKey(server)
+    refused(provider_app(sk.config()), sk.m2m_token(aud=[other]))
+    refused(provider_app(st.config()), st.token(aud=[other]))
+    refused(provider_app(vk.config()), vk.user_token(aud=other))
+    entra, kc, okta, cg = EntraID(server), Keycloak(server), Okta(server), Cognito(server)
+    app = provider_app(entra.config())
+    refused(app, entra.v2_token(aud="00000003-0000-0000-c000-000000000000"))  # Graph
+    refused(app, entra.v1_token(aud="https://graph.microsoft.com"))
+    refused(provider_app(kc.config()), kc.token(aud=["account"]))
+    refused(provider_app(okta.config()), okta.token(aud="api://another"))
+    refused(provider_app(cg.config()), cg.access_token(client_id="another-app-client"))
+    # the controls: each provider's own token passes on the same server
+    for control_app, token in (
+        (provider_app(st.config()), st.token()),
+        (provider_app(kc.config()), kc.token()),
+        (provider_app(cg.config()), cg.access_token()),
+    ):
+        assert call(control_app, token)[0] == 200
+
+
 # -- the provider pages' own code, as written -----------------------------------------
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "providers"
