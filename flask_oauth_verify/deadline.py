@@ -28,7 +28,13 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-__all__ = ["DeadlineExpired", "deadline", "reset_in_child", "watched_session"]
+__all__ = [
+    "DeadlineExpired",
+    "deadline",
+    "reset_in_child",
+    "reused_connection",
+    "watched_session",
+]
 
 logger = logging.getLogger("flask_oauth_verify")
 
@@ -78,13 +84,15 @@ class DeadlineExpired(Exception):
 class _Watch:
     """One request in flight: its deadline and the connections it uses."""
 
-    __slots__ = ("at", "connections", "expired", "lock")
+    __slots__ = ("at", "connections", "expired", "lock", "reused")
 
     def __init__(self, at: float) -> None:
         self.at = at
         self.connections: list[Any] = []
         self.expired = False
         self.lock = threading.Lock()
+        #: whether the last request went out on a connection already open
+        self.reused = False
 
     def add(self, connection: Any) -> None:
         with self.lock:
@@ -208,7 +216,16 @@ def deadline(seconds: float) -> Iterator[_Watch]:
 def _register(connection: Any) -> None:
     watch: _Watch | None = getattr(_current, "watch", None)
     if watch is not None:
+        # a socket already open is a kept-alive connection taken from the pool
+        watch.reused = getattr(connection, "sock", None) is not None
         watch.add(connection)
+
+
+def reused_connection() -> bool:
+    """Whether the last request of this thread's :func:`deadline` block went
+    out on a kept-alive connection (one the server may have closed since)."""
+    watch: _Watch | None = getattr(_current, "watch", None)
+    return watch is not None and watch.reused
 
 
 def _release(connection: Any) -> None:

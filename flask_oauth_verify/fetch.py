@@ -41,9 +41,16 @@ from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 import requests
+import urllib3
 
 from .config import ConfigurationError, Settings, check_url
-from .deadline import DeadlineExpired, deadline, reset_in_child, watched_session
+from .deadline import (
+    DeadlineExpired,
+    deadline,
+    reset_in_child,
+    reused_connection,
+    watched_session,
+)
 from .fifo import BoundedFifo
 from .strictjson import STRICT_DECODER
 
@@ -444,31 +451,11 @@ class Fetcher:
     ) -> HTTPResult:
         connect, read = self.settings.http_timeout
         ends_at = time.monotonic() + connect + read
+        sending = {"headers": dict(headers or {}), "data": data, "json": json_body}
         current = url
         for _ in range(_MAX_REDIRECTS + 1):
             self._check_scheme(current)
-            remaining = ends_at - time.monotonic()
-            if remaining <= 0:
-                raise FetchError("timed out")
-            try:
-                response = self._session.request(
-                    method,
-                    current,
-                    headers=dict(headers or {}),
-                    data=data,
-                    json=json_body,
-                    timeout=(min(connect, remaining), min(read, remaining)),
-                    allow_redirects=False,
-                    stream=True,
-                )
-            except requests.Timeout:
-                raise FetchError("timed out") from None
-            except requests.ConnectionError as exc:
-                raise FetchError(f"connection failed: {type(exc).__name__}") from None
-            except requests.RequestException as exc:
-                raise FetchError(f"request failed: {type(exc).__name__}") from None
-            except Exception as exc:  # e.g. a Location requests cannot parse
-                raise FetchError(f"request failed: {type(exc).__name__}") from None
+            response = self._open(method, current, sending, ends_at)
             with response:
                 if response.is_redirect:
                     target = urljoin(current, response.headers.get("Location", ""))
@@ -491,6 +478,43 @@ class Fetcher:
                 body = self._read_body(response, ends_at)
                 return HTTPResult(status, dict(response.headers), _decode_json(body))
         raise FetchError("too many redirects")
+
+    def _open(
+        self, method: str, url: str, sending: dict[str, Any], ends_at: float
+    ) -> requests.Response:
+        """Send the request and read the status line and headers.
+
+        Sent once more, on a new connection, when a kept-alive connection was
+        closed before any answer: the server closed it as we took it from the
+        pool (its idle timeout racing our request), which is no outage. Every
+        request here is safe to repeat (a GET, an introspection POST). A new
+        connection closed unanswered is a failure at once.
+        """
+        connect, read = self.settings.http_timeout
+        for again in (False, True):
+            remaining = ends_at - time.monotonic()
+            if remaining <= 0:
+                raise FetchError("timed out")
+            try:
+                return self._session.request(
+                    method,
+                    url,
+                    timeout=(min(connect, remaining), min(read, remaining)),
+                    allow_redirects=False,
+                    stream=True,
+                    **sending,
+                )
+            except requests.Timeout:
+                raise FetchError("timed out") from None
+            except requests.ConnectionError as exc:
+                if not again and reused_connection() and _closed_unanswered(exc):
+                    continue
+                raise FetchError(f"connection failed: {type(exc).__name__}") from None
+            except requests.RequestException as exc:
+                raise FetchError(f"request failed: {type(exc).__name__}") from None
+            except Exception as exc:  # e.g. a Location requests cannot parse
+                raise FetchError(f"request failed: {type(exc).__name__}") from None
+        raise FetchError("connection failed: closed before answering")
 
     def _check_scheme(self, url: str) -> None:
         if url in self._checked_urls:
@@ -533,6 +557,15 @@ class Fetcher:
         self._lock = threading.Lock()
         for breaker in [*self._breakers.values(), *self._url_breakers.values()]:
             breaker._lock = threading.Lock()
+
+
+def _closed_unanswered(exc: requests.ConnectionError) -> bool:
+    """Whether the connection was closed (or reset) before any answer."""
+    reason = exc.args[0] if exc.args else None
+    if isinstance(reason, urllib3.exceptions.ProtocolError) and len(reason.args) > 1:
+        reason = reason.args[1]
+    # http.client.RemoteDisconnected (closed before the status line) is one
+    return isinstance(reason, ConnectionResetError | BrokenPipeError)
 
 
 def url_digest(url: str) -> bytes:

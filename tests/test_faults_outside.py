@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import json
 import logging
 import socket
+import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -63,6 +66,16 @@ def json_reply(body: bytes) -> Reply:
     return Reply(200, body, {"Content-Type": "application/json"})
 
 
+def assert_cleanly_unavailable(app: Flask, token: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The documented 503 within the budget; no traceback, no token in the log."""
+    with caplog.at_level(logging.WARNING, logger="flask_oauth_verify"):
+        response, elapsed = timed(app, token)
+    assert_unavailable(response)
+    assert elapsed <= BUDGET + MARGIN
+    assert not [record for record in caplog.records if record.exc_info]
+    assert token not in caplog.text
+
+
 # -- documents nested too deep ----------------------------------------------------
 
 
@@ -101,11 +114,7 @@ def test_a_deeply_nested_key_set_fails_like_garbage_without_a_traceback(
     server.route("/jwks", json_reply(nested(TOO_DEEP, **issuer.jwks())))
     app = fault_app(issuer.config(), clock)
     token = issuer.mint()
-    with caplog.at_level(logging.WARNING, logger="flask_oauth_verify"):
-        response, elapsed = timed(app, token)
-    assert_unavailable(response)
-    assert elapsed <= BUDGET + MARGIN
-    assert not [record for record in caplog.records if record.exc_info]
+    assert_cleanly_unavailable(app, token, caplog)
     assert "not JSON" in caplog.text
     server.route("/jwks", Reply(200, issuer.jwks()))  # the fault ends
     clock.advance(2)  # past the one-second pause after an answer that is no key set
@@ -335,3 +344,203 @@ def test_a_lock_naming_a_process_group_is_not_held(pid: int) -> None:
     cache = SharedCache(None)
     cache.set("lock", {"at": time.time(), "pid": pid, "host": socket.gethostname()}, 60)
     assert not cache.locked("lock", 60)
+
+
+# -- answers that break HTTP in every way, then the fault ends ------------------------
+
+#: 50 MB of spaces: about 50 KB gzipped, far past HTTP_MAX_BYTES once inflated.
+INFLATED = 50 * 1024 * 1024
+_JSON = b"Content-Type: application/json\r\n"
+
+
+def _length(body: bytes) -> bytes:
+    return b"Content-Length: %d\r\n" % len(body)
+
+
+def _chunked(body: bytes, size: int = 0x4000) -> bytes:
+    parts = [
+        b"%x\r\n%s\r\n" % (len(body[i : i + size]), body[i : i + size])
+        for i in range(0, len(body), size)
+    ]
+    return b"".join(parts) + b"0\r\n\r\n"
+
+
+def _bombs() -> dict[str, bytes]:
+    gzipped = gzip.compress(b" " * INFLATED)
+    deflated = zlib.compress(b" " * INFLATED)
+    oversized = b" " * (600 * 1024)
+    return {
+        "gzip bomb": b"HTTP/1.1 200 OK\r\n"
+        + _JSON
+        + b"Content-Encoding: gzip\r\n"
+        + _length(gzipped)
+        + b"\r\n"
+        + gzipped,
+        "gzip bomb, no length": b"HTTP/1.1 200 OK\r\n"
+        + _JSON
+        + b"Content-Encoding: gzip\r\nConnection: close\r\n\r\n"
+        + gzipped,
+        "deflate bomb": b"HTTP/1.1 200 OK\r\n"
+        + _JSON
+        + b"Content-Encoding: deflate\r\n"
+        + _length(deflated)
+        + b"\r\n"
+        + deflated,
+        "gzip twice": b"HTTP/1.1 200 OK\r\n"
+        + _JSON
+        + b"Content-Encoding: gzip, gzip\r\nConnection: close\r\n\r\n"
+        + gzip.compress(gzipped),
+        "not gzip": b"HTTP/1.1 200 OK\r\n"
+        + _JSON
+        + b"Content-Encoding: gzip\r\nContent-Length: 10\r\n\r\n0123456789",
+        "chunked past the cap": b"HTTP/1.1 200 OK\r\n"
+        + _JSON
+        + b"Transfer-Encoding: chunked\r\n\r\n"
+        + _chunked(oversized),
+        "chunk size not hex": b"HTTP/1.1 200 OK\r\n"
+        + _JSON
+        + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n",
+        "HTTP/1.0 past the cap": b"HTTP/1.0 200 OK\r\n" + _JSON + b"\r\n" + oversized,
+        "length longer than the body": b"HTTP/1.1 200 OK\r\n"
+        + _JSON
+        + b"Content-Length: 5000\r\n\r\n"
+        + b'{"keys": [',
+        "two lengths": b"HTTP/1.1 200 OK\r\n"
+        + _JSON
+        + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\n"
+        + b"{}",
+        "103 early hints only": b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n",
+        "204": b"HTTP/1.1 204 No Content\r\n\r\n",
+        "HTTP/0.9": b'{"keys": []}',
+        "status line garbage": b"HTTP/1.1 abc OK\r\n\r\n",
+        "redirect to http elsewhere": b"HTTP/1.1 301 Moved\r\n"
+        + b"Location: http://keys.example.com/jwks\r\nContent-Length: 0\r\n\r\n",
+        "redirect to file": b"HTTP/1.1 302 Found\r\n"
+        + b"Location: file:///etc/passwd\r\nContent-Length: 0\r\n\r\n",
+        "redirect without location": b"HTTP/1.1 302 Found\r\nContent-Length: 0\r\n\r\n",
+        "200 headers": b"HTTP/1.1 200 OK\r\n"
+        + b"".join(b"X-%d: a\r\n" % i for i in range(200))
+        + b"Content-Length: 2\r\n\r\n{}",
+    }
+
+
+BOMBS = _bombs()
+
+
+class Switchable:
+    """A raw server's handler: the fault while ``faulty``, else the key set."""
+
+    def __init__(self, fault: Callable[[socket.socket], None], jwks: dict[str, Any]) -> None:
+        self.fault = fault
+        self.faulty = True
+        self.body = json.dumps(jwks).encode()
+
+    def __call__(self, conn: socket.socket, _stop: threading.Event) -> None:
+        conn.recv(65536)
+        if self.faulty:
+            self.fault(conn)
+            return
+        conn.sendall(b"HTTP/1.1 200 OK\r\n" + _JSON + _length(self.body) + b"\r\n" + self.body)
+
+
+def _send(answer: bytes) -> Callable[[socket.socket], None]:
+    def fault(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # the client may hang up on a bomb
+            conn.sendall(answer)
+        conn.shutdown(socket.SHUT_RDWR)
+
+    return fault
+
+
+def _reset_mid_body(conn: socket.socket) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\n" + _JSON + b"Content-Length: 5000\r\n\r\n" + b'{"keys": [')
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()  # RST
+
+
+def _close_without_answer(conn: socket.socket) -> None:
+    conn.close()
+
+
+FAULTS: dict[str, Callable[[socket.socket], None]] = {
+    **{name: _send(answer) for name, answer in BOMBS.items()},
+    "reset mid-body": _reset_mid_body,
+    "closed without an answer": _close_without_answer,
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_broken_answer_is_503_then_the_keys_come_when_it_ends(
+    issuer: TokenIssuer, clock: FakeClock, fault: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    handler = Switchable(FAULTS[fault], issuer.jwks())
+    with contextlib.closing(RawServer(handler)) as server:
+        config = {**issuer.config(), "OAUTH_VERIFY_JWKS_URI": server.url + "/jwks"}
+        app = fault_app(config, clock)
+        token = issuer.mint()
+        assert_cleanly_unavailable(app, token, caplog)
+        handler.faulty = False  # the fault ends
+        clock.advance(STALE)  # past any pause, cooldown or open circuit
+        assert_ok(timed(app, token)[0])
+
+
+# -- a kept-alive connection the server closes as we reuse it -------------------------
+
+
+def _read_request(conn: socket.socket) -> bytes:
+    """One HTTP request (headers and a Content-Length body); b"" at EOF."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return b""
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head
+
+
+def keep_alive_then_close(body: bytes) -> Callable[[socket.socket, threading.Event], None]:
+    """Answer the first request of a connection and keep it open; close it,
+    unanswered, when the next request arrives (an idle timeout that fires
+    just as the client reuses the connection)."""
+
+    def handle(conn: socket.socket, _stop: threading.Event) -> None:
+        if not _read_request(conn):
+            return
+        conn.sendall(b"HTTP/1.1 200 OK\r\n" + _JSON + _length(body) + b"\r\n" + body)
+        _read_request(conn)
+        conn.close()
+
+    return handle
+
+
+def test_a_pooled_connection_closed_by_the_server_is_no_failure() -> None:
+    body = b'{"keys": []}'
+    with contextlib.closing(RawServer(keep_alive_then_close(body))) as server:
+        fetcher = make_fetcher()
+        for _ in range(3):
+            assert fetcher.get_json(server.url + "/jwks").data == {"keys": []}
+        assert server.connections == 3
+
+
+def test_introspection_on_a_connection_the_server_closed_is_no_503(
+    issuer: TokenIssuer, clock: FakeClock
+) -> None:
+    """Node's 5 s keep-alive timeout and the like: the request sent on the
+    pooled connection as the server closed it failed, a 503 for a valid token."""
+    first, second = issuer.mint_opaque(), issuer.mint_opaque()
+    body = json.dumps(issuer.introspect(first)).encode()
+    with contextlib.closing(RawServer(keep_alive_then_close(body))) as server:
+        app = fault_app(introspection_config(issuer, server.url + "/introspect"), clock)
+        assert_ok(timed(app, first)[0])
+        assert_ok(timed(app, second)[0])
