@@ -160,7 +160,9 @@ def _max_age(result: HTTPResult) -> float | None:
         return None
     age = result.header("Age") or ""
     # isdigit() alone takes '²' (a Latin-1 byte of a header), which float() refuses
-    return float(match.group(1)) - (float(age) if age.isascii() and age.isdigit() else 0.0)
+    seconds = float(match.group(1)) - (float(age) if age.isascii() and age.isdigit() else 0.0)
+    # 400 digits each are inf - inf: a TTL that is no number never ran out
+    return None if math.isnan(seconds) else seconds
 
 
 #: What an ``ETag`` may be to be sent back (``If-None-Match``): visible

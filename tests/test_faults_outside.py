@@ -544,3 +544,56 @@ def test_introspection_on_a_connection_the_server_closed_is_no_503(
         app = fault_app(introspection_config(issuer, server.url + "/introspect"), clock)
         assert_ok(timed(app, first)[0])
         assert_ok(timed(app, second)[0])
+
+
+# -- caching headers with absurd values -----------------------------------------------
+
+
+class Publishing:
+    """A raw server's handler: the issuer's current key set, with ``head``."""
+
+    def __init__(self, issuer: TokenIssuer, head: bytes) -> None:
+        self.issuer = issuer
+        self.head = head
+        self.hits = 0
+
+    def __call__(self, conn: socket.socket, _stop: threading.Event) -> None:
+        conn.recv(65536)
+        self.hits += 1
+        body = json.dumps(self.issuer.jwks()).encode()
+        answer = b"HTTP/1.1 200 OK\r\n" + _JSON + self.head + _length(body)
+        conn.sendall(answer + b"Connection: close\r\n\r\n" + body)
+        conn.shutdown(socket.SHUT_RDWR)
+
+
+NINES = b"9" * 400
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"Cache-Control: max-age=" + NINES + b"\r\nAge: " + NINES + b"\r\n",
+        b"Cache-Control: max-age=" + NINES + b"\r\nExpires: Fri, 31 Dec 99999 23:59:59 GMT\r\n",
+        b"Cache-Control: max-age=5\r\nAge: " + NINES + b"\r\n",
+        b"Cache-Control: max-age=-1, s-maxage=abc\r\nExpires: 0\r\nDate: garbage\r\n",
+    ],
+    ids=["huge-max-age-and-age", "huge-max-age", "huge-age", "negative-max-age"],
+)
+def test_absurd_caching_headers_keep_the_ttl_within_its_bounds(
+    issuer: TokenIssuer, clock: FakeClock, caplog: pytest.LogCaptureFixture, head: bytes
+) -> None:
+    """max-age and Age of 400 digits each made the TTL NaN: the store failed
+    (a ValueError, 503 and a traceback), and a NaN TTL never ran out."""
+    handler = Publishing(issuer, head)
+    with contextlib.closing(RawServer(handler)) as server:
+        config = {**issuer.config(), "OAUTH_VERIFY_JWKS_URI": server.url + "/jwks"}
+        app = fault_app(config, clock)
+        old = issuer.mint(expires_in=10 * 86400)
+        with caplog.at_level(logging.WARNING, logger="flask_oauth_verify"):
+            assert_ok(timed(app, old)[0])
+        assert not [record for record in caplog.records if record.exc_info]
+        issuer.rotate(drop_old=True)
+        new = issuer.mint(expires_in=10 * 86400)
+        clock.advance(2 * 86400)  # past JWKS_MAX_TTL (1 day): refreshed by now
+        assert timed(app, old)[0].status_code == 401  # its key left the set
+        assert_ok(timed(app, new)[0])
