@@ -34,7 +34,7 @@ from typing import Any
 
 from flask_caching import Cache
 
-from .deadline import reset_in_child
+from .deadline import deadline, reset_in_child, watch_redis_pool
 from .fifo import BoundedFifo
 from .verification import finite_number
 
@@ -59,6 +59,9 @@ _POLL = 0.02
 _RELEASE_RETRY = 0.5
 #: Names the machine in a lock, so that a lock of a dead local process is seen.
 _HOST = socket.gethostname()
+#: Seconds one backend call may take when Redis has no ``socket_timeout``
+#: (with one: twice that).
+_CALL_DEADLINE = 1.0
 #: Seconds another machine's clock may run ahead of this one's: a time in the
 #: shared cache later than that is not believed (see :func:`shared_time`).
 CLOCK_SKEW = 60.0
@@ -207,6 +210,8 @@ class SharedCache:
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._checked_options = False
+        #: the longest one backend call may take (see :meth:`_call`)
+        self._call_deadline = _CALL_DEADLINE
         self.last_error: str | None = None
         #: each lock this process holds: lock key -> (its value, whether the
         #: backend has it rather than the per-process cache, its lifetime)
@@ -250,8 +255,11 @@ class SharedCache:
         if self._cache is None:
             return self._local
         if self._backend is None:
-            self._backend = self._resolve()
-            self._check_options(self._backend)
+            backend = self._resolve()
+            self._check_options(backend)
+            for client in _redis_clients(backend):
+                watch_redis_pool(client)  # once per pool
+            self._backend = backend
         return self._backend
 
     def _resolve(self) -> Any:
@@ -266,18 +274,31 @@ class SharedCache:
         return cache.cache
 
     def _check_options(self, backend: Any) -> None:
+        options: Any = None
+        for client in _redis_clients(backend):
+            options = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
+            break
+        timeout = options.get("socket_timeout") if isinstance(options, dict) else None
+        if finite_number(timeout) and timeout > 0:
+            # a whole call: connect, send, read however slowly the reply comes
+            self._call_deadline = 2 * float(timeout)
         if self._checked_options:
             return
         self._checked_options = True
-        client = getattr(backend, "_write_client", None)
-        pool = getattr(client, "connection_pool", None)
-        options = getattr(pool, "connection_kwargs", None)
         if isinstance(options, dict) and options.get("socket_timeout") is None:
             logger.warning(
                 "The Redis cache has no socket_timeout: a Redis server that hangs will block "
                 "requests. Set CACHE_OPTIONS = {'socket_timeout': 0.5, "
                 "'socket_connect_timeout': 0.5}."
             )
+
+    def _call(self, operation: str, *args: Any, **kwargs: Any) -> Any:
+        """One call of the backend, cut off at :attr:`_call_deadline` (a Redis
+        trickling its reply is cut like an HTTP server; see
+        :func:`~flask_oauth_verify.deadline.watch_redis_pool`)."""
+        backend = self.backend
+        with deadline(self._call_deadline):
+            return getattr(backend, operation)(*args, **kwargs)
 
     # -- failure handling -----------------------------------------------------
 
@@ -314,7 +335,7 @@ class SharedCache:
         if not self._usable():
             return self._local.get(key)
         try:
-            value = self.backend.get(key)
+            value = self._call("get", key)
         except Exception as exc:
             self._failed("get", exc)
             return self._local.get(key)
@@ -332,7 +353,7 @@ class SharedCache:
         if not self._usable():
             return self._cache is None
         try:
-            stored = bool(self.backend.set(key, value, timeout=seconds))
+            stored = bool(self._call("set", key, value, timeout=seconds))
         except Exception as exc:
             self._failed("set", exc)
             return False
@@ -348,7 +369,7 @@ class SharedCache:
         seconds = _seconds(timeout)
         if self._usable():
             try:
-                added = bool(self.backend.add(key, value, timeout=seconds))
+                added = bool(self._call("add", key, value, timeout=seconds))
             except Exception as exc:
                 self._failed("add", exc)
             else:
@@ -362,7 +383,7 @@ class SharedCache:
         if not self._usable():
             return
         try:
-            self.backend.delete(key)
+            self._call("delete", key)
         except Exception as exc:
             self._failed("delete", exc)
 
@@ -442,8 +463,8 @@ class SharedCache:
         """Delete the backend's lock ``key`` if it holds ``value``; whether
         the backend answered (called whatever :attr:`degraded` says)."""
         try:
-            if self.backend.get(key) == value:
-                self.backend.delete(key)
+            if self._call("get", key) == value:
+                self._call("delete", key)
         except Exception as exc:
             self._failed("unlock", exc)
             return False
@@ -482,13 +503,19 @@ class SharedCache:
         """Whether the backend answers a round trip (for the health check)."""
         probe = cache_key("health", "probe")
         try:
-            self.backend.set(probe, 1, timeout=5)
-            ok = bool(self.backend.get(probe) == 1)
+            self._call("set", probe, 1, timeout=5)
+            ok = bool(self._call("get", probe) == 1)
         except Exception as exc:
             self._failed("ping", exc)
             return False
         self._succeeded()
         return ok
+
+
+def _redis_clients(backend: Any) -> list[Any]:
+    """The redis-py clients of a cachelib ``RedisCache`` (none for others)."""
+    clients = (getattr(backend, "_write_client", None), getattr(backend, "_read_client", None))
+    return [client for client in clients if client is not None]
 
 
 def _live_lock(held: Any, timeout: float) -> bool:

@@ -33,6 +33,7 @@ __all__ = [
     "deadline",
     "reset_in_child",
     "reused_connection",
+    "watch_redis_pool",
     "watched_session",
 ]
 
@@ -96,7 +97,8 @@ class _Watch:
 
     def add(self, connection: Any) -> None:
         with self.lock:
-            self.connections.append(connection)
+            if connection not in self.connections:
+                self.connections.append(connection)
             expired = self.expired
         if expired:  # connected after the deadline fired: cut it too
             _shut(connection)
@@ -232,6 +234,88 @@ def _release(connection: Any) -> None:
     watch: _Watch | None = getattr(_current, "watch", None)
     if watch is not None:
         watch.release(connection)
+
+
+class _RedisSocket:
+    """A redis-py connection as the watcher sees one: its socket as ``sock``."""
+
+    __slots__ = ("connection",)
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+
+    @property
+    def sock(self) -> Any:
+        return getattr(self.connection, "_sock", None)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _RedisSocket) and other.connection is self.connection
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _watch_connects(connection: Any) -> None:
+    """Watch a redis-py connection from its connect on, handshake included;
+    once the deadline has fired, refuse to connect again.
+
+    redis-py retries a command that failed on a closed connection, ten
+    times, backing off up to 1 s, and a connect that failed likewise: a
+    :class:`DeadlineExpired` raised instead is not retried.
+    """
+    for name in ("connect", "connect_check_health"):  # redis-py 8 reconnects by the latter
+        method = getattr(connection, name, None)
+        if method is not None:
+            setattr(connection, name, _watched_connect(connection, method))
+    connection._watched = True
+
+
+def _watched_connect(connection: Any, method: Callable[..., Any]) -> Callable[..., Any]:
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        watch: _Watch | None = getattr(_current, "watch", None)
+        if watch is not None:
+            if watch.expired:
+                raise DeadlineExpired()
+            watch.add(_RedisSocket(connection))
+        return method(*args, **kwargs)
+
+    return watched
+
+
+def watch_redis_pool(client: Any) -> None:
+    """Let :func:`deadline` cut off the commands of a redis-py ``client``.
+
+    A socket timeout bounds each read, so a Redis that trickles its replies
+    a byte at a time holds a command (or the handshake of a connection) for
+    as long as the reply lasts: minutes for a key set. The connections of
+    the client's pool are watched inside a ``deadline`` block like an HTTP
+    request's. Anything without a redis-py connection pool is left alone.
+    """
+    pool: Any = getattr(client, "connection_pool", None)
+    names = ("make_connection", "get_connection", "release")
+    if any(getattr(pool, name, None) is None for name in names) or getattr(pool, "_watched", False):
+        return
+    make_connection, get_connection, release = (getattr(pool, name) for name in names)
+
+    def watched_make_connection(*args: Any, **kwargs: Any) -> Any:
+        connection = make_connection(*args, **kwargs)
+        _watch_connects(connection)
+        return connection
+
+    def watched_get_connection(*args: Any, **kwargs: Any) -> Any:
+        connection = get_connection(*args, **kwargs)
+        if not getattr(connection, "_watched", False):  # made before the pool was watched
+            _watch_connects(connection)
+        _register(_RedisSocket(connection))
+        return connection
+
+    def watched_release(connection: Any) -> None:
+        _release(_RedisSocket(connection))
+        release(connection)
+
+    pool.make_connection = watched_make_connection
+    pool.get_connection = watched_get_connection
+    pool.release = watched_release
+    pool._watched = True
 
 
 class _Watched:

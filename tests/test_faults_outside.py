@@ -34,6 +34,7 @@ from .conftest import FakeClock, RedisServer
 from .test_faults import (
     BUDGET,
     MARGIN,
+    REDIS_TIMEOUT,
     STALE,
     RawServer,
     assert_ok,
@@ -597,3 +598,60 @@ def test_absurd_caching_headers_keep_the_ttl_within_its_bounds(
         clock.advance(2 * 86400)  # past JWKS_MAX_TTL (1 day): refreshed by now
         assert timed(app, old)[0].status_code == 401  # its key left the set
         assert_ok(timed(app, new)[0])
+
+
+# -- a Redis that trickles its replies ---------------------------------------------------
+
+
+class TricklingProxy:
+    """A raw server's handler: a proxy to Redis whose replies, while
+    ``trickling``, come one byte every 50 ms (each read gets its byte well
+    within the socket timeout), for at most 15 s, then at once."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.trickling = False
+
+    def __call__(self, conn: socket.socket, stop: threading.Event) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.port))
+        threading.Thread(target=self._forward, args=(conn, upstream), daemon=True).start()
+        with contextlib.suppress(OSError), upstream:
+            while reply := upstream.recv(65536):
+                until = time.monotonic() + 15
+                for index in range(len(reply)):
+                    if not self.trickling or time.monotonic() > until:
+                        conn.sendall(reply[index:])
+                        break
+                    if stop.wait(0.05):  # the fault itself: a reply that trickles
+                        return
+                    conn.sendall(reply[index : index + 1])
+
+    @staticmethod
+    def _forward(conn: socket.socket, upstream: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while request := conn.recv(65536):
+                upstream.sendall(request)
+        with contextlib.suppress(OSError):
+            upstream.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_redis_trickling_its_replies_is_cut_like_an_http_server(
+    issuer: TokenIssuer, clock: FakeClock, redis_url: str, redis_server: RedisServer
+) -> None:
+    """A socket timeout bounds each read only: a key set record trickled a
+    byte at a time held each request for a minute."""
+    proxy = TricklingProxy(redis_server.port)
+    with contextlib.closing(RawServer(proxy)) as server:
+        url = f"redis://127.0.0.1:{server.port}/0"
+        app = fault_app(issuer.config(), clock, cache_config=redis_cache(url))
+        token = issuer.mint(expires_in=10 * 86400)
+        assert_ok(timed(app, token)[0])
+        proxy.trickling = True
+        clock.advance(STALE)  # the refresh reads the shared copy
+        response, elapsed = timed(app, token)
+        assert_ok(response)
+        assert elapsed <= BUDGET + 4 * REDIS_TIMEOUT + MARGIN
+        cold = fault_app(issuer.config(), clock, cache_config=redis_cache(url), name="cold")
+        response, elapsed = timed(cold, token)
+        assert_ok(response)
+        assert elapsed <= BUDGET + 4 * REDIS_TIMEOUT + MARGIN
