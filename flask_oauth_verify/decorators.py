@@ -42,8 +42,20 @@ F = TypeVar("F", bound=Callable[..., Any])
 _logger = logging.getLogger("flask_oauth_verify")
 
 
-def _already_verified(strategy: str | None, request_g: dict[str, Any]) -> AuthContext | None:
-    """The context verified earlier in this request, if it satisfies ``strategy``.
+#: The ``strategy`` of ``@require_organization`` / ``@require_user``: they
+#: refine the route's own decorator, so any check made earlier in the request
+#: counts (``@require_scope(..., strategy="introspection")`` above
+#: ``@require_organization``); alone, they verify with the app's default.
+_ANY_EARLIER = "any earlier"
+
+
+def _already_verified(
+    strategy: str | None, request_g: dict[str, Any], default: str
+) -> AuthContext | None:
+    """The context verified earlier in this request, if it satisfies ``strategy``
+    (``None``: the app's ``default``, which a weaker check made earlier does not
+    satisfy: ``verify_request(strategy="jwks")`` in a ``before_request`` must
+    not stand in for the ``"both"`` of the app's ``@require_token``).
 
     Only of *this* request: an app context pushed before the requests is
     reused by each of them, ``g`` with it (see :data:`REQUEST_KEY`).
@@ -52,7 +64,7 @@ def _already_verified(strategy: str | None, request_g: dict[str, Any]) -> AuthCo
     if not done or not stamped_for(request_g, request._get_current_object()):  # type: ignore[attr-defined]
         return None
     context = request_g.get("auth")
-    if strategy is None or strategy in done or "both" in done:
+    if strategy is _ANY_EARLIER or (strategy or default) in done or "both" in done:
         return context if isinstance(context, AuthContext) else None
     return None
 
@@ -119,10 +131,14 @@ def _verify_request(
     # __setattr__/get per access (each is a measurable share of a cache hit).
     request_g: dict[str, Any] = g._get_current_object().__dict__
     context = (
-        _already_verified(strategy, request_g) if "_oauth_verify_checked" in request_g else None
+        _already_verified(strategy, request_g, state.settings.strategy)
+        if "_oauth_verify_checked" in request_g
+        else None
     )
     token: str | None = None
     if context is None:
+        if strategy is _ANY_EARLIER:
+            strategy = None  # nothing earlier: the app's default
         events = state.events
         started = perf_counter() if events.metrics is not None else 0.0  # metrics only
         try:
@@ -254,13 +270,13 @@ def require_scope(
 
 
 def _organization_check() -> None:
-    context = _verify_request((), False, False, None)  # verify_request(), no scopes
+    context = _verify_request((), False, False, _ANY_EARLIER)  # verify_request(), no scopes
     if context is None or not context.organization_id:
         raise _with_event(MissingOrganizationContext(reason="token has no organization"))
 
 
 def _user_check() -> None:
-    context = _verify_request((), False, False, None)  # verify_request(), no scopes
+    context = _verify_request((), False, False, _ANY_EARLIER)  # verify_request(), no scopes
     if context is None or not context.user_id:
         raise _with_event(MissingUserContext(reason="token does not act for a user"))
 

@@ -1,0 +1,227 @@
+"""Third pass on introspection (RFC 7662) and the "auto" / "both" strategies."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+from flask import g, request
+
+from flask_oauth_verify import (
+    require_organization,
+    require_scope,
+    require_token,
+    require_user,
+    verify_request,
+)
+from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer, auth_header
+
+from .conftest import FakeClock, make_app
+from .test_introspection import (
+    INTROSPECT,
+    _redis_app,
+    assert_401,
+    hits,
+    intro_config,
+    scripted,
+    server_of,
+)
+
+
+@pytest.fixture
+def issuer(issuer_server: IssuerServer) -> TokenIssuer:
+    tokens = TokenIssuer(alg="ES256", audience="api")
+    tokens.serve(issuer_server)
+    return tokens
+
+
+# -- a check with the app's default strategy after a weaker one ---------------
+
+
+def test_the_default_strategy_is_not_satisfied_by_a_weaker_check_made_earlier(
+    issuer: TokenIssuer,
+) -> None:
+    """An app whose default is "both": a blueprint-wide ``verify_request`` with
+    the cheap "jwks" must not stand in for the view's own ``@require_token``
+    (the app's "both"), or a revoked JWT would pass the revocation-sensitive
+    view. A check with the same or a stronger strategy is still reused."""
+    app = make_app(intro_config(issuer, STRATEGY="both"))
+
+    @app.before_request
+    def everywhere() -> None:
+        if request.path.startswith("/area/"):
+            verify_request(strategy="jwks")
+
+    @app.get("/area/pay")
+    @require_token
+    def pay() -> dict[str, Any]:
+        return {"subject": g.auth.subject}
+
+    @app.get("/area/stacked")
+    @require_token(strategy="jwks")
+    @require_scope("read:users")
+    def stacked() -> dict[str, Any]:
+        return {"subject": g.auth.subject}
+
+    @app.get("/area/strong-first")
+    @require_token(strategy="both")
+    @require_token
+    def strong_first() -> dict[str, Any]:
+        return {"subject": g.auth.subject}
+
+    client = app.test_client()
+    token = issuer.mint(subject="user_p", scopes=["read:users"])
+    for path in ("/area/pay", "/area/stacked"):
+        assert client.get(path, headers=auth_header(token)).status_code == 200
+    assert hits(issuer) == 2
+    assert client.get("/area/strong-first", headers=auth_header(token)).status_code == 200
+    assert hits(issuer) == 3  # "both" once: the default check reused it
+    issuer.revoke(token)
+    for path in ("/area/pay", "/area/stacked", "/area/strong-first"):
+        assert_401(client.get(path, headers=auth_header(token)))
+
+
+def test_the_default_introspection_is_not_satisfied_by_an_earlier_auto(
+    issuer: TokenIssuer,
+) -> None:
+    app = make_app(intro_config(issuer, STRATEGY="introspection"))
+
+    @app.before_request
+    def everywhere() -> None:
+        verify_request(strategy="auto")  # a JWT: checked locally only
+
+    client = app.test_client()
+    token = issuer.mint(subject="user_a")
+    response = client.get("/protected", headers=auth_header(token))
+    assert response.json is not None and response.json["strategy"] == "introspection"
+    issuer.revoke(token)
+    assert_401(client.get("/protected", headers=auth_header(token)))
+
+
+def test_require_organization_keeps_the_strategy_of_the_decorator_above_it(
+    issuer: TokenIssuer,
+) -> None:
+    """``@require_organization`` refines the route's decorator: on a "jwks" app,
+    under ``strategy="introspection"``, an opaque token is not checked again
+    with the (impossible) default."""
+    app = make_app(intro_config(issuer, STRATEGY="jwks"))
+
+    @app.get("/tenant")
+    @require_scope("read:users", strategy="introspection")
+    @require_organization
+    @require_user
+    def tenant() -> dict[str, Any]:
+        return {"organization_id": g.auth.organization_id}
+
+    @app.get("/tenant-alone")
+    @require_organization
+    def tenant_alone() -> dict[str, Any]:
+        return {"organization_id": g.auth.organization_id}
+
+    client = app.test_client()
+    opaque = issuer.mint_opaque(scopes=["read:users"], organization_id="org_9")
+    response = client.get("/tenant", headers=auth_header(opaque))
+    assert response.json == {"organization_id": "org_9"}
+    assert hits(issuer) == 1
+    jwt = issuer.mint(organization_id="org_8")
+    response = client.get("/tenant-alone", headers=auth_header(jwt))
+    assert response.json == {"organization_id": "org_8"}
+    assert hits(issuer) == 1  # alone: the app's default, "jwks"
+    assert_401(client.get("/tenant-alone", headers=auth_header(opaque)))
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [
+        ({"iss": "https://other.example"}, 401),
+        ({"scope": None, "scopes": ["read:users", "x"]}, 200),
+        ({"aud": ["x", "api"]}, 200),
+        ({"aud": "x"}, 401),
+        ({"aud": None}, 200),
+        ({"exp": "9999999999"}, 401),
+        ({"iat": 1.5}, 200),
+        ({"active": "true"}, 401),
+        ({"active": 1}, 401),
+        ({"active": None}, 401),
+    ],
+)
+def test_answer_members_are_checked_like_claims(
+    issuer: TokenIssuer, answer: dict[str, Any], status: int
+) -> None:
+    def body(claims: dict[str, Any]) -> dict[str, Any]:
+        out = {"active": True, **claims, **answer}
+        return {k: v for k, v in out.items() if v is not None}
+
+    scripted(issuer, body)
+    client = make_app(intro_config(issuer)).test_client()
+    r = client.get("/protected", headers=auth_header("opaque-tok"))
+    assert r.status_code == status, r.json
+
+
+def test_a_fractional_exp_caps_the_cached_answer(issuer: TokenIssuer, clock: FakeClock) -> None:
+    exp = clock.now + 10.5
+    scripted(issuer, lambda c: {**c, "active": True, "exp": exp})
+    client = make_app(intro_config(issuer, INTROSPECTION_CACHE_TTL=300), clock=clock).test_client()
+    assert client.get("/protected", headers=auth_header("tok")).status_code == 200
+    clock.advance(10)
+    assert client.get("/protected", headers=auth_header("tok")).status_code == 200
+    assert hits(issuer) == 1
+    clock.advance(0.6)  # past exp: asked again (and still within LEEWAY)
+    assert client.get("/protected", headers=auth_header("tok")).status_code == 200
+    assert hits(issuer) == 2
+    clock.advance(30)
+    assert_401(client.get("/protected", headers=auth_header("tok")), "token_expired")
+
+
+def test_an_inactive_answer_is_reused_for_the_negative_ttl_only(
+    issuer: TokenIssuer, clock: FakeClock
+) -> None:
+    client = make_app(
+        intro_config(issuer, INTROSPECTION_CACHE_TTL=300, INTROSPECTION_NEGATIVE_CACHE_TTL=5),
+        clock=clock,
+    ).test_client()
+    assert client.get("/protected", headers=auth_header("unknown")).status_code == 401
+    issuer.opaque["unknown"] = issuer.claims()
+    assert client.get("/protected", headers=auth_header("unknown")).status_code == 401
+    assert hits(issuer) == 1
+    clock.advance(5)
+    assert client.get("/protected", headers=auth_header("unknown")).status_code == 200
+    assert hits(issuer) == 2
+
+
+def test_auto_sends_only_jws_shaped_tokens_to_jwks(issuer: TokenIssuer) -> None:
+    client = make_app(intro_config(issuer, STRATEGY="auto")).test_client()
+    assert client.get("/protected", headers=auth_header("eyJhbGciOi.eyJ.sig")).status_code == 401
+    assert hits(issuer) == 0
+    issuer.opaque["abc.def.ghi"] = issuer.claims()
+    assert client.get("/protected", headers=auth_header("abc.def.ghi")).status_code == 200
+    assert hits(issuer) == 1
+
+
+def test_the_token_is_never_logged_nor_stored_in_clear(
+    issuer: TokenIssuer, caplog: pytest.LogCaptureFixture, redis_url: str
+) -> None:
+    import redis
+
+    app = _redis_app(
+        "api",
+        intro_config(issuer, INTROSPECTION_CACHE_TTL=30, INTROSPECTION_NEGATIVE_CACHE_TTL=30),
+        redis_url,
+    )
+    token = issuer.mint_opaque()
+    client = app.test_client()
+    with caplog.at_level(logging.DEBUG):
+        client.get("/protected", headers=auth_header(token))
+        client.get("/protected", headers=auth_header(token + "x"))
+        server_of(issuer).route(INTROSPECT, Reply(500, {"token": token + "y"}))
+        client.get("/protected", headers=auth_header(token + "y"))
+        server_of(issuer).route(INTROSPECT, Reply(400, token + "z"))
+        client.get("/protected", headers=auth_header(token + "z"))
+    assert token not in caplog.text
+    conn = redis.Redis.from_url(redis_url)
+    keys = conn.keys("*")
+    assert len(keys) >= 2  # the active and the inactive answer
+    for key in keys:
+        assert token.encode() not in key
+        assert token.encode() not in (conn.dump(key) or b"")
