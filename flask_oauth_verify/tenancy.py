@@ -54,8 +54,15 @@ from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.dml import Delete, Update, UpdateBase
-from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnElement
-from sqlalchemy.sql.selectable import AliasedReturnsRows, FromClause, SelectBase, TableClause
+from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnClause, ColumnElement
+from sqlalchemy.sql.selectable import (
+    AliasedReturnsRows,
+    Exists,
+    FromClause,
+    ScalarSelect,
+    SelectBase,
+    TableClause,
+)
 
 from .context import AuthContext, request_auth
 from .errors import MissingOrganizationContext, MissingUserContext, OAuthVerifyError
@@ -696,9 +703,7 @@ def _core_verdict(statement: Any, tenant_tables: Mapping[Any, str]) -> _CoreVerd
                 statements.append(element)  # a nested statement: a scope of its own
                 continue
             if isinstance(element, FromClause):
-                base = element
-                while isinstance(base, AliasedReturnsRows) and isinstance(base.element, FromClause):
-                    base = base.element
+                base = _base_table(element)
                 if isinstance(base, TableClause):
                     name = tenant_tables.get(base)
                     if name is not None:
@@ -711,6 +716,37 @@ def _core_verdict(statement: Any, tenant_tables: Mapping[Any, str]) -> _CoreVerd
                     continue  # a table or an alias of one: nothing nested inside
             stack.extend(element.get_children())
     return _CoreVerdict(tuple(sorted(touched)), tuple(sorted(unscoped)), frozenset(organizations))
+
+
+#: The loader strategy of a ``with_expression()`` option.
+_QUERY_EXPRESSION = (("query_expression", True),)
+
+
+def _base_table(from_clause: Any) -> Any:
+    """The table under aliases of ``from_clause``."""
+    while isinstance(from_clause, AliasedReturnsRows) and isinstance(
+        from_clause.element, FromClause
+    ):
+        from_clause = from_clause.element
+    return from_clause
+
+
+def _from_name(from_clause: Any) -> str:
+    """A table's name, or ``"table AS alias"`` (as :func:`_core_verdict` names them)."""
+    base = _base_table(from_clause)
+    name, alias = getattr(base, "name", "?"), getattr(from_clause, "name", None)
+    return name if alias in (None, name) else f"{name} AS {alias}"
+
+
+def _correlates(expression: Any, tables: set[Any]) -> bool:
+    """Whether every ``SELECT`` in ``expression`` correlates ``tables`` to the enclosing query."""
+    for element in visitors.iterate(expression):
+        if isinstance(element, Select) and not (
+            (element._auto_correlate and element._correlate_except is None)
+            or tables <= set(element._correlate)
+        ):
+            return False
+    return True
 
 
 #: Session methods wrapped on a scoped target: the legacy bulk methods fire
@@ -977,6 +1013,7 @@ class TenantScoping:
                 # from_statement(<Core select/update/delete>): loader criteria
                 # never reach it, and rows of column entities are not guarded
                 self._check_core(inner)
+        self._check_query_expressions(state.statement, organization)
         if state.is_insert:
             return self._guard_insert(state, tenants, organization)
         if state.is_update or state.is_delete:
@@ -1015,6 +1052,64 @@ class TenantScoping:
             f"scoped automatically: use the ORM entities, org_scoped(), or "
             f"unscoped(..., reason=...)."
         )
+
+    def _check_query_expressions(self, statement: Any, organization: str) -> None:
+        """Refuse a ``with_expression()`` that reads tenant rows loader criteria miss.
+
+        SQLAlchemy strips the ORM annotations from the expression of
+        :func:`~sqlalchemy.orm.with_expression`, so loader criteria never
+        reach it: it is plain Core inside an ORM statement. Columns of the
+        target entity's own table are fine (its rows are scoped); a column of
+        another tenant table (which adds that table to the ``FROM``) is not,
+        and a subquery on a tenant table passes only when :func:`org_scoped`
+        compared every tenant table it reads — the target entity's own table
+        excepted when the subquery correlates to it.
+        """
+        for option in getattr(statement, "_with_options", ()):
+            for element in getattr(option, "context", ()):
+                if element.strategy != _QUERY_EXPRESSION:
+                    continue
+                entity = element.path[0] if len(element.path) else None
+                if isinstance(entity, Mapper):
+                    own: set[Any] = set(entity.tables)
+                else:  # an aliased class: its alias is what the query scopes
+                    own = {getattr(entity, "selectable", None)} - {None}
+                for expression in element._extra_criteria or ():
+                    refused = self._expression_reads(expression, own, organization)
+                    if refused:
+                        raise TenantScopingError(
+                            f"with_expression() reads tenant table(s) {', '.join(refused)}, "
+                            f"which loader criteria never reach (SQLAlchemy compiles the "
+                            f"expression as plain Core); use a correlated subquery built "
+                            f"with org_scoped(select(...), <Model>.{self.column}), or "
+                            f"unscoped(..., reason=...)."
+                        )
+
+    def _expression_reads(self, expression: Any, own: set[Any], organization: str) -> list[str]:
+        """The tenant tables a Core ``expression`` reads for every organization."""
+        tenant_tables = self._tenant_tables()
+        refused: set[str] = set()
+        stack = [expression]
+        while stack:
+            element = stack.pop()
+            if isinstance(element, SelectBase | ScalarSelect | Exists):
+                verdict = self._core_verdict(element)
+                unscoped = set(verdict.unscoped)
+                if own and _correlates(element, own):
+                    unscoped -= {_from_name(t) for t in own}
+                if verdict.touched and (unscoped or verdict.organizations != {organization}):
+                    refused.update(unscoped or verdict.touched)
+                continue
+            table = getattr(element, "table", None)
+            if (
+                isinstance(element, ColumnClause)
+                and isinstance(table, FromClause)
+                and table not in own
+                and tenant_tables.get(_base_table(table)) is not None
+            ):
+                refused.add(_from_name(table))
+            stack.extend(element.get_children())
+        return sorted(refused)
 
     def _core_verdict(self, statement: Any) -> _CoreVerdict:
         """:func:`_core_verdict`, remembered per statement object (statements are immutable)."""
