@@ -15,6 +15,9 @@ Filtering (a key that fails is skipped and the reason recorded):
 * a key's own ``alg``, when present, must be one of the allowed algorithms
   and the only one it is used with;
 * RSA moduli shorter than 2048 bits are refused;
+* an Ed25519/Ed448 public key of small order (or not canonically encoded)
+  is refused: with it, a signature made without any private key verifies
+  for a good share of messages (OpenSSL does not check the key's order);
 * an ``x5c`` chain, when present, must start with a certificate of the
   very key the other members give (RFC 7517 §4.7: a key that says two
   different things is refused, whichever of them was meant).
@@ -58,6 +61,19 @@ _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
 }
 _EC_CURVES = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521", "ES256K": "secp256k1"}
 _EC_SIZES = {"P-256": 32, "P-384": 48, "P-521": 66, "secp256k1": 32}
+_ED25519_P = 2**255 - 19
+_ED25519_Y8 = 2707385501144840649318225287225658788936804267575313519463743609750303402022
+_ED448_P = 2**448 - 2**224 - 1
+#: The field prime of each Edwards curve (RFC 8032 §5) and the ``y`` of its
+#: points of small order: the identity (1), the point of order 2 (p - 1),
+#: those of order 4 (0) and, on Ed25519 (cofactor 8), of order 8 (±y8).
+_SMALL_ORDER_Y = {
+    "Ed25519": (
+        _ED25519_P,
+        frozenset({0, 1, _ED25519_P - 1, _ED25519_Y8, _ED25519_P - _ED25519_Y8}),
+    ),
+    "Ed448": (_ED448_P, frozenset({0, 1, _ED448_P - 1})),
+}
 
 
 class KeySetError(ValueError):
@@ -107,6 +123,24 @@ def _ec_verifier(public: ec.EllipticCurvePublicKey, alg: str, crv: str) -> Verif
         return True
 
     return verify
+
+
+def _check_edwards_key(public: ed25519.Ed25519PublicKey | ed448.Ed448PublicKey) -> None:
+    """Refuse a small-order or non-canonical Ed25519/Ed448 public key.
+
+    ``A`` of small order makes ``[k]A`` take a handful of values whatever the
+    message, so ``R`` one of the small-order points and ``S = 0`` verify for
+    one message in eight or better: anyone could sign. The key set, not a
+    token, would have to carry such a key; it is refused like a short RSA key.
+    """
+    crv = "Ed25519" if isinstance(public, ed25519.Ed25519PublicKey) else "Ed448"
+    raw = public.public_bytes_raw()
+    prime, small = _SMALL_ORDER_Y[crv]
+    y = int.from_bytes(raw, "little") & ~(1 << (8 * len(raw) - 1))  # the top bit: x's sign
+    if y >= prime:
+        raise ValueError(f"{crv} key not canonically encoded")
+    if y in small:
+        raise ValueError(f"{crv} key of small order")
 
 
 def _eddsa_verifier(public: ed25519.Ed25519PublicKey | ed448.Ed448PublicKey) -> Verify:
@@ -268,6 +302,7 @@ def _prepare(jwk: Mapping[str, Any], allowed: tuple[str, ...]) -> PreparedKey:
         for alg in algs:
             verifiers[alg] = _ec_verifier(public, alg, str(crv))
     elif isinstance(public, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        _check_edwards_key(public)
         size = 256 if crv == "Ed25519" else 456
         for alg in algs:
             verifiers[alg] = _eddsa_verifier(public)
