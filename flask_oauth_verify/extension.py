@@ -139,7 +139,7 @@ class _AppState:
             context = self._jwt_hit(digest, now) or self._verify_jwt(token, digest, now)
             # still active? (revocation)
             if self._introspection_hit(digest, now) is None:
-                self._introspect(token, digest, now)
+                self._confirm_active(token, digest, now, context)
             return context
         raise ValueError(f"unknown strategy {chosen!r}")
 
@@ -286,6 +286,21 @@ class _AppState:
                 reuse_until = min(reuse_until, exp + self.settings.leeway)
             self.introspected.put(digest, IntrospectedToken(context, reuse_until))
         return context
+
+    def _confirm_active(self, token: str, digest: bytes, now: float, context: AuthContext) -> None:
+        """``"both"``: the endpoint confirms that the verified JWT is still active.
+
+        The request gets the JWT's context: its claims passed
+        ``REQUIRED_CLAIMS``, the claim values and the ``@claims_check``
+        functions, so the answer is checked only as an answer (it may be as
+        short as ``{"active": true, "sub": …}``). While the answer is cached,
+        the JWT's context is kept as the confirmed one.
+        """
+        _claims, reuse_until = self.introspector.introspect_until(token, now, digest, confirm=True)
+        if reuse_until is not None:
+            if context.expires_at is not None:
+                reuse_until = min(reuse_until, context.expires_at + self.settings.leeway)
+            self.introspected.put(digest, IntrospectedToken(context, reuse_until))
 
     def run_claims_checks(self, claims: Mapping[str, Any]) -> None:
         """Run the app's ``@claims_check`` functions on verified claims.

@@ -193,11 +193,17 @@ class Introspector:
         return self.introspect_until(token, now)[0]
 
     def introspect_until(
-        self, token: str, now: float, digest: bytes | None = None
+        self, token: str, now: float, digest: bytes | None = None, *, confirm: bool = False
     ) -> tuple[Mapping[str, Any], float | None]:
         """:meth:`introspect`, plus until when this process may reuse the answer.
 
         :param digest: the token's SHA-256, when the caller has it already.
+        :param confirm: the answer only confirms that a verified JWT is still
+            active (``strategy="both"``): it is checked as an answer
+            (``active``, and ``iss``, ``aud``, ``exp``, ``nbf``, ``iat`` and the
+            token type when present) but not for ``REQUIRED_CLAIMS``,
+            ``REQUIRED_CLAIM_VALUES`` or ``ALLOWED_CLIENT_IDS``, which the
+            JWT's claims passed: a minimal answer such as VoxKey's is enough.
 
         :returns: the checked claims, and the deadline of the cached answer
             (``None`` when it is not cached: caching off, or a concurrent
@@ -213,7 +219,7 @@ class Introspector:
             response = self._single_flight(key, token, now)
         else:
             self._emit("introspection_cache_hit", {})
-        checked = self._check(response, now)
+        checked = self._check(response, now, extra=not confirm)
         remembered = self._memo.get(key)
         return checked, remembered[0] if remembered is not None else None
 
@@ -223,8 +229,11 @@ class Introspector:
 
     # -- checks -----------------------------------------------------------------
 
-    def _check(self, response: Mapping[str, Any], now: float) -> Mapping[str, Any]:
-        """Apply RFC 7662 §2.2 strictly, then the JWT claim checks."""
+    def _check(
+        self, response: Mapping[str, Any], now: float, *, extra: bool = True
+    ) -> Mapping[str, Any]:
+        """Apply RFC 7662 §2.2 strictly, then the JWT claim checks (without the
+        configured extra ones unless ``extra``)."""
         active = response.get("active")
         if active is not True:
             if active is None or active is False:
@@ -235,7 +244,9 @@ class Introspector:
             # exact match against the configured issuers, as for a JWT
             self.verifier.unverified_issuer(response, answer=True)
         self._check_token_type(response)
-        self.verifier.check_claims(response, now, require_exp=False, require_audience=False)
+        self.verifier.check_claims(
+            response, now, require_exp=False, require_audience=False, extra=extra
+        )
         return response
 
     @staticmethod

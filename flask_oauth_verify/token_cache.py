@@ -59,7 +59,9 @@ class CachedToken:
 class IntrospectedToken:
     """The context of an active introspection answer, and until when it holds.
 
-    :param context: built from the answer after every check passed.
+    :param context: built from the answer after every check passed (for
+        ``strategy="both"``: the verified JWT's context, which the answer
+        confirmed).
     :param reuse_until: the cached answer's deadline, capped at ``exp`` plus
         the leeway: a hit needs ``now < reuse_until`` and nothing else
         (``nbf``/``iat`` passed once stay passed).

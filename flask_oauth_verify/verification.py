@@ -379,6 +379,7 @@ class JWTVerifier:
         *,
         require_exp: bool = True,
         require_audience: bool = True,
+        extra: bool = True,
     ) -> None:
         """Check the registered and configured claims of verified ``claims``.
 
@@ -390,6 +391,10 @@ class JWTVerifier:
         :param require_audience: refuse claims without ``aud`` when the
             audience is checked. With ``False`` ``aud`` is checked only when
             present.
+        :param extra: apply ``REQUIRED_CLAIMS``, ``REQUIRED_CLAIM_VALUES`` and
+            the client checks. ``False`` for an introspection answer that only
+            confirms a verified JWT is still active (``strategy="both"``):
+            the JWT's own claims passed them.
         :raises InvalidTokenError: (or a subclass) naming the failed check.
         """
         if require_exp or "exp" in claims:
@@ -407,7 +412,7 @@ class JWTVerifier:
         typ = claims.get("typ")
         if typ is not None:
             _check_typ_claim(typ)
-        if self._extra_checks:
+        if self._extra_checks and extra:
             self._check_extra(claims)
 
     def _check_extra(self, claims: Mapping[str, Any]) -> None:

@@ -15,6 +15,7 @@ from flask_oauth_verify import (
     require_user,
     verify_request,
 )
+from flask_oauth_verify.extension import get_state
 from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer, auth_header
 
 from .conftest import FakeClock, make_app
@@ -225,3 +226,65 @@ def test_the_token_is_never_logged_nor_stored_in_clear(
     for key in keys:
         assert token.encode() not in key
         assert token.encode() not in (conn.dump(key) or b"")
+
+
+# -- "both": the answer confirms the JWT, whose claims the request gets ---------
+
+
+def minimal_answers(issuer: TokenIssuer) -> None:
+    """Answer like VoxKey's documented example: no ``aud``, no custom claims."""
+    answer = {"active": True, "sub": "user_v", "client_id": "client-1", "scope": "read:users"}
+    server_of(issuer).route(INTROSPECT, Reply(200, answer))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"REQUIRED_CLAIMS": ["exp", "aud", "tenant"]},
+        {"REQUIRED_CLAIM_VALUES": {"tenant": "t1"}},
+        {"ALLOWED_CLIENT_IDS": ["client-1"]},
+        {"CLAIMS_CHECK": True},
+    ],
+)
+def test_both_accepts_a_minimal_answer_for_a_jwt_that_passed_the_configured_checks(
+    issuer: TokenIssuer, clock: FakeClock, config: dict[str, Any]
+) -> None:
+    minimal_answers(issuer)
+    with_check = config.pop("CLAIMS_CHECK", False)
+    app = make_app(
+        intro_config(issuer, STRATEGY="both", INTROSPECTION_CACHE_TTL=60, **config), clock=clock
+    )
+    if with_check:
+        get_state(app).claims_checks.append(lambda claims: claims.get("tenant") == "t1")
+    client = app.test_client()
+    token = issuer.mint(subject="user_v", tenant="t1", scopes=["read:users", "write:users"])
+    for _ in range(2):  # the second from the caches
+        response = client.get("/protected", headers=auth_header(token))
+        assert response.status_code == 200, response.json
+        assert response.json is not None
+        # the JWT's claims, not the answer's
+        assert response.json["scopes"] == ["read:users", "write:users"]
+        assert response.json["strategy"] == "jwks"
+    assert hits(issuer) == 1
+    # the configured checks still refuse a JWT that fails them, without a call
+    assert_401(client.get("/protected", headers=auth_header(issuer.mint(tenant="t2", aud=None))))
+    assert hits(issuer) == 1
+
+
+@pytest.mark.parametrize(
+    ("member", "error"),
+    [
+        ({"active": False}, "invalid_token"),
+        ({"iss": "https://other.example.test"}, "invalid_token"),
+        ({"aud": "another-api"}, "invalid_token"),
+        ({"exp": 1}, "token_expired"),
+        ({"token_type": "refresh_token"}, "invalid_token"),
+    ],
+)
+def test_both_still_checks_what_the_answer_does_carry(
+    issuer: TokenIssuer, member: dict[str, Any], error: str
+) -> None:
+    answer = {"active": True, "sub": "user_v", **member}
+    server_of(issuer).route(INTROSPECT, Reply(200, answer))
+    client = make_app(intro_config(issuer, STRATEGY="both")).test_client()
+    assert_401(client.get("/protected", headers=auth_header(issuer.mint())), error)
