@@ -1018,6 +1018,7 @@ class TenantScoping:
             return self._guard_insert(state, tenants, organization)
         if state.is_update or state.is_delete:
             self._guard_dml(state, organization)
+            state.statement = self._scope_extra_froms(state.statement, organization)
             if state.is_executemany:
                 # ORM bulk UPDATE by primary key ignores loader criteria.
                 self._check_primary_keys(state, organization)
@@ -1139,10 +1140,12 @@ class TenantScoping:
         value_rows = _value_rows(statement)
         param_rows = _param_rows(state)
         rows: list[Mapping[Any, Any]] = [*value_rows, *param_rows]
-        if statement.select is not None or any(
-            isinstance(v, ClauseElement) for row in rows for v in row.values()
+        if (
+            statement.select is not None
+            or statement._returning
+            or any(isinstance(v, ClauseElement) for row in rows for v in row.values())
         ):
-            # subqueries in VALUES and the SELECT of INSERT … FROM SELECT
+            # subqueries in VALUES and RETURNING, the SELECT of INSERT … FROM SELECT
             statement = statement.options(*_criteria_options(tenants, organization))
             state.statement = statement
         subject = self._subject(state)
@@ -1189,6 +1192,44 @@ class TenantScoping:
             for column in (key, name):
                 if column in row and _foreign(row[column], organization):
                     raise self._cross(mapper, organization, row[column], "update")
+
+    def _scope_extra_froms(self, statement: Any, organization: str) -> Any:
+        """Scope the other tables of an ``UPDATE … FROM`` / ``DELETE … USING``.
+
+        A column of another table in the ``WHERE`` or ``SET`` of an ORM
+        ``update()`` / ``delete()`` makes that table an extra ``FROM``, which
+        loader criteria (applied to the target entity and to subqueries)
+        never reach: each such tenant table, or alias of one, gets its own
+        ``<column> = <organization>``.
+        """
+        if isinstance(statement, FromStatement):  # select(X).from_statement(update(...))
+            inner = self._scope_extra_froms(statement.element, organization)
+            if inner is statement.element:
+                return statement
+            copy = statement._generate()
+            copy.element = inner
+            return copy
+        target = getattr(statement, "table", None)
+        own = target._deannotate() if target is not None else None
+        tenant_tables = self._tenant_tables()
+        values = [v for _k, v in (getattr(statement, "_ordered_values", None) or ())]
+        values += list((getattr(statement, "_values", None) or {}).values())
+        stack = [*statement._where_criteria, *values]
+        found: dict[int, Any] = {}
+        while stack:
+            element = stack.pop()
+            if not isinstance(element, ClauseElement) or isinstance(
+                element, SelectBase | ScalarSelect | Exists
+            ):
+                continue  # subqueries get the loader criteria
+            table = getattr(element, "table", None)
+            if isinstance(element, ColumnClause) and isinstance(table, FromClause):
+                plain = table._deannotate()
+                name = tenant_tables.get(_base_table(plain))
+                if plain is not own and name is not None and name in plain.c:
+                    found.setdefault(id(plain), plain.c[name] == organization)
+            stack.extend(element.get_children())
+        return statement.where(*found.values()) if found else statement
 
     def _check_primary_keys(self, state: ORMExecuteState, organization: str) -> None:
         subject = self._subject(state)

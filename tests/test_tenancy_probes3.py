@@ -8,11 +8,23 @@ checked as stored.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, ForeignKey, String, create_engine, func, insert, select
+from sqlalchemy import (
+    Engine,
+    ForeignKey,
+    String,
+    create_engine,
+    delete,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -78,17 +90,37 @@ ROWS: dict[Any, list[dict[str, Any]]] = {
 }
 
 
-@pytest.fixture
-def engine() -> Iterator[Engine]:
-    engine = create_engine(
-        "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
-    )
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request: pytest.FixtureRequest) -> Iterator[Engine]:
+    schema = None
+    if request.param == "sqlite":
+        engine = create_engine(
+            "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
+        )
+    else:
+        url = request.getfixturevalue("postgres_url")
+        schema = f"ovt_p3_{uuid.uuid4().hex[:10]}"
+        engine = create_engine(url, connect_args={"options": f"-csearch_path={schema}"})
+        with engine.begin() as connection:
+            connection.execute(text(f'CREATE SCHEMA "{schema}"'))
     ProbeBase.metadata.create_all(engine)
     with engine.begin() as connection:
         for model, rows in ROWS.items():
             connection.execute(insert(model), rows)
     yield engine
+    if schema is not None:
+        with engine.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
     engine.dispose()
+
+
+def stored_titles(engine: Engine) -> list[tuple[Any, ...]]:
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT id, organization_id, title FROM p3_tasks"))
+        return sorted(tuple(row) for row in rows)
+
+
+ORIGINAL_TITLES = sorted((t["id"], t["organization_id"], t["title"]) for t in ROWS[Task])
 
 
 @pytest.fixture
@@ -196,3 +228,76 @@ def test_mapper_level_column_expressions_are_scoped(maker: sessionmaker[OrmSessi
         projects = session.scalars(select(Project)).all()
         assert [(p.id, p.task_count, p.all_tasks) for p in projects] == [(1, 1, 1)]
         assert session.execute(select(Project.task_count)).scalars().all() == [1]
+
+
+# -- UPDATE … FROM, DELETE … USING, RETURNING -----------------------------------
+
+
+def test_update_from_another_tenant_table_reads_only_own_rows(
+    engine: Engine, maker: sessionmaker[OrmSession]
+) -> None:
+    with maker() as session, as_organization("org_b"):
+        # task 3 is org_b's, on org_a's project 1: org_a's name must not be copied
+        session.execute(
+            update(Task).where(Task.project_id == Project.id).values(title=Project.name)
+        )
+        session.execute(
+            update(Task)
+            .where(Task.project_id == Project.id, Project.name == "a-one")
+            .values(title="org_a's project name guessed")
+        )
+        session.commit()
+    expected = [row if row[0] != 2 else (2, "org_b", "B-SECRET") for row in ORIGINAL_TITLES]
+    assert stored_titles(engine) == expected
+
+
+def test_update_from_an_alias_of_a_tenant_table_is_scoped(
+    engine: Engine, maker: sessionmaker[OrmSession]
+) -> None:
+    other = aliased(Task)
+    with maker() as session, as_organization("org_b"):
+        # org_b's task 3 shares project 1 with org_a's task 1
+        session.execute(
+            update(Task)
+            .where(Task.project_id == other.project_id, Task.id != other.id)
+            .values(title=other.title)
+        )
+        session.commit()
+    assert stored_titles(engine) == ORIGINAL_TITLES
+
+
+def test_delete_using_another_tenant_table_is_scoped(
+    engine: Engine, maker: sessionmaker[OrmSession]
+) -> None:
+    if engine.dialect.name != "postgresql":
+        pytest.skip("DELETE … USING is PostgreSQL's")
+    with maker() as session, as_organization("org_b"):
+        deleted = session.execute(
+            delete(Task)
+            .where(Task.project_id == Project.id, Project.name == "a-one")
+            .returning(Task.id)
+        )
+        assert deleted.all() == []
+        # the same through from_statement()
+        statement = (
+            update(Task)
+            .where(Task.project_id == Project.id)
+            .values(title=Project.name)
+            .returning(Task)
+        )
+        tasks = session.scalars(select(Task).from_statement(statement)).all()
+        assert [(t.id, t.title) for t in tasks] == [(2, "B-SECRET")]
+        session.rollback()
+        session.commit()
+    assert stored_titles(engine) == ORIGINAL_TITLES
+
+
+def test_insert_returning_a_subquery_is_scoped(
+    engine: Engine, maker: sessionmaker[OrmSession]
+) -> None:
+    with maker() as session, as_organization("org_b"):
+        secret = select(Project.name).where(Project.id == 1).scalar_subquery()
+        statement = insert(Task).values(id=9, project_id=2, title="new").returning(Task.id, secret)
+        assert session.execute(statement).all() == [(9, None)]
+        session.commit()
+    assert (9, "org_b", "new") in stored_titles(engine)
