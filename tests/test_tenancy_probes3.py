@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from flask import Flask
+from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import (
     Engine,
     ForeignKey,
@@ -40,6 +42,7 @@ from sqlalchemy.orm import (
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.pool import StaticPool
 
+from flask_oauth_verify import OAuthVerify, require_organization
 from flask_oauth_verify.tenancy import (
     TenantScopingError,
     as_organization,
@@ -47,6 +50,7 @@ from flask_oauth_verify.tenancy import (
     org_scoped,
     unscoped,
 )
+from flask_oauth_verify.testing import TokenIssuer, auth_header
 
 
 class ProbeBase(DeclarativeBase):
@@ -301,3 +305,120 @@ def test_insert_returning_a_subquery_is_scoped(
         assert session.execute(statement).all() == [(9, None)]
         session.commit()
     assert (9, "org_b", "new") in stored_titles(engine)
+
+
+# -- Flask-SQLAlchemy's helpers -------------------------------------------------------
+
+
+class FlaskBase(DeclarativeBase):
+    pass
+
+
+flask_db = SQLAlchemy(model_class=FlaskBase)
+
+
+class Note(flask_db.Model):  # type: ignore[name-defined, misc]
+    __tablename__ = "p3f_notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(20))
+    body: Mapped[str] = mapped_column(String(50))
+
+
+NOTES = [
+    {"id": 1, "organization_id": "org_a", "body": "a-1"},
+    {"id": 2, "organization_id": "org_b", "body": "B-SECRET"},
+    {"id": 3, "organization_id": "org_a", "body": "a-3"},
+]
+
+
+@pytest.fixture
+def helpers_app(rsa_issuer: TokenIssuer) -> Iterator[Flask]:
+    app = Flask("tenancy_probes3")
+    app.config.update(
+        TESTING=True,
+        SQLALCHEMY_DATABASE_URI="sqlite://",
+        SQLALCHEMY_ENGINE_OPTIONS={
+            "poolclass": StaticPool,
+            "connect_args": {"check_same_thread": False},
+        },
+        **rsa_issuer.config(audience="api"),
+    )
+    OAuthVerify().init_app(app)
+    flask_db.init_app(app)
+    scoping = enable_tenant_scoping(flask_db)
+
+    @app.get("/get/<int:note_id>")
+    @require_organization
+    def get(note_id: int) -> dict[str, Any]:
+        return {"body": flask_db.get_or_404(Note, note_id).body}
+
+    @app.get("/query-get/<int:note_id>")
+    @require_organization
+    def query_get(note_id: int) -> dict[str, Any]:
+        return {"body": Note.query.get_or_404(note_id).body}
+
+    @app.get("/first/<int:note_id>")
+    @require_organization
+    def first(note_id: int) -> dict[str, Any]:
+        note = flask_db.first_or_404(select(Note).where(Note.id == note_id))
+        return {"body": note.body}
+
+    @app.get("/one/<int:note_id>")
+    @require_organization
+    def one(note_id: int) -> dict[str, Any]:
+        note = flask_db.one_or_404(select(Note).where(Note.id == note_id))
+        return {"body": note.body}
+
+    @app.get("/page")
+    @require_organization
+    def page() -> dict[str, Any]:
+        page = flask_db.paginate(select(Note).order_by(Note.id), per_page=1)
+        legacy = Note.query.order_by(Note.id).paginate(per_page=1)
+        return {
+            "total": page.total,
+            "pages": page.pages,
+            "legacy_total": legacy.total,
+            "count": Note.query.count(),
+            "bodies": [n.body for n in page.items],
+        }
+
+    with app.app_context():
+        flask_db.create_all()
+        with flask_db.engine.begin() as connection:
+            connection.execute(insert(Note.__table__), NOTES)
+    try:
+        yield app
+    finally:
+        with app.app_context():
+            flask_db.engine.dispose()
+        scoping.disable()
+
+
+@pytest.mark.filterwarnings("ignore:The Query.get\\(\\) method:sqlalchemy.exc.LegacyAPIWarning")
+@pytest.mark.parametrize("path", ["/get", "/query-get", "/first", "/one"])
+def test_flask_sqlalchemy_404_helpers_see_only_own_rows(
+    helpers_app: Flask, rsa_issuer: TokenIssuer, path: str
+) -> None:
+    client = helpers_app.test_client()
+    token = auth_header(rsa_issuer.mint(organization_id="org_a", subject="user_1"))
+    response = client.get(f"{path}/1", headers=token)
+    assert (response.status_code, response.get_json()) == (200, {"body": "a-1"})
+    response = client.get(f"{path}/2", headers=token)
+    assert response.status_code == 404
+    assert "B-SECRET" not in response.get_data(as_text=True)
+
+
+def test_flask_sqlalchemy_pagination_counts_only_own_rows(
+    helpers_app: Flask, rsa_issuer: TokenIssuer
+) -> None:
+    client = helpers_app.test_client()
+    for org, total, first_body in (("org_a", 2, "a-1"), ("org_b", 1, "B-SECRET")):
+        token = auth_header(rsa_issuer.mint(organization_id=org, subject="user_1"))
+        response = client.get("/page", headers=token)
+        assert response.get_json() == {
+            "total": total,
+            "pages": total,
+            "legacy_total": total,
+            "count": total,
+            "bodies": [first_body],
+        }
