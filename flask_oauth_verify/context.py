@@ -64,11 +64,17 @@ class AuthContext:
 
 
 def _audience(value: Any) -> tuple[str, ...]:
+    """``aud`` as a tuple; refused unless a string or a list of strings
+    (RFC 7519 §4.1.3), even when the audience is not checked
+    (``VERIFY_AUDIENCE = False``): ``"aud": 5`` is no audience, and an object's
+    keys or a list's strings among numbers are not the token's audiences."""
     if value is None:
         return ()
     if isinstance(value, str):
         return (value,)
-    return tuple(item for item in value if isinstance(item, str))
+    if isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    raise InvalidTokenError(reason="claim 'aud' is not a string or a list of strings")
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -43,7 +43,9 @@ from .attack_corpus import (
     _json,
     b64url,
 )
+from .conftest import make_app
 from .test_attacks import CorpusEnv, check_refusal, send
+from .test_introspection import intro_config
 
 THIRD: list[Attack] = []
 
@@ -531,3 +533,53 @@ def test_ed448_key_of_small_order_is_skipped() -> None:
     parsed = parse_key_set({"keys": keys}, ("EdDSA",))
     assert parsed.kids == ("genuine",)
     assert len(parsed.skipped) == 4
+
+
+# -- aud of the wrong type when the audience is not checked ---------------------
+
+_MALFORMED_AUD: tuple[Any, ...] = (5, True, 1.5, {"api": 1}, ["api", 3], [["api"]], [None])
+
+
+@pytest.mark.parametrize("strategy", ["jwks", "introspection"])
+@pytest.mark.parametrize("aud", _MALFORMED_AUD, ids=repr)
+def test_malformed_aud_is_refused_when_not_verified(
+    served_tokens: TokenIssuer, strategy: str, aud: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``VERIFY_AUDIENCE = False`` (Cognito access tokens have no ``aud``) skips
+    the membership check, not the type: ``"aud": 5`` is refused with a 401
+    (it reached the fail-closed net with a traceback), and an object's keys
+    or the strings of a mixed list never become ``g.auth.audience``."""
+    app = make_app(
+        intro_config(served_tokens, STRATEGY=strategy, AUDIENCE=None, VERIFY_AUDIENCE=False)
+    )
+    token = (
+        served_tokens.mint(audience=aud)
+        if strategy == "jwks"
+        else served_tokens.mint_opaque(audience=aud)
+    )
+    with caplog.at_level(logging.ERROR, logger="flask_oauth_verify"):
+        response = app.test_client().get("/protected", headers=auth_header(token))
+    assert response.status_code == 401
+    assert response.get_json()["error"] == "invalid_token"
+    assert not [r for r in caplog.records if r.exc_info], "refused by the fail-closed net"
+
+
+@pytest.mark.parametrize("strategy", ["jwks", "introspection"])
+def test_well_formed_aud_is_kept_when_not_verified(
+    served_tokens: TokenIssuer, strategy: str
+) -> None:
+    app = make_app(
+        intro_config(served_tokens, STRATEGY=strategy, AUDIENCE=None, VERIFY_AUDIENCE=False)
+    )
+
+    @app.get("/audience")
+    @require_token
+    def audience() -> dict[str, Any]:
+        return {"audience": list(g.auth.audience)}
+
+    mint = served_tokens.mint if strategy == "jwks" else served_tokens.mint_opaque
+    client = app.test_client()
+    for aud, expected in (("other", ["other"]), (["a", "b"], ["a", "b"]), ([], [])):
+        response = client.get("/audience", headers=auth_header(mint(audience=aud)))
+        assert response.status_code == 200
+        assert response.get_json()["audience"] == expected

@@ -404,6 +404,14 @@ def _reference(claims: Mapping[str, Any], settings: Settings, strategy: str) -> 
         return int(value)
 
     aud = claims.get("aud")
+    if aud is None:
+        audience: tuple[str, ...] = ()
+    elif isinstance(aud, str):
+        audience = (aud,)
+    elif isinstance(aud, list) and all(isinstance(a, str) for a in aud):
+        audience = tuple(aud)
+    else:
+        raise InvalidTokenError(reason="claim 'aud' is not a string or a list of strings")
     iss, jti = claims.get("iss"), claims.get("jti")
     return AuthContext(
         subject=subject,
@@ -414,11 +422,7 @@ def _reference(claims: Mapping[str, Any], settings: Settings, strategy: str) -> 
         service_name=strings["service_name"],
         token_type=strings["token_type"] or "unknown",
         issuer=iss if isinstance(iss, str) else None,
-        audience=()
-        if aud is None
-        else (aud,)
-        if isinstance(aud, str)
-        else tuple(a for a in aud if isinstance(a, str)),
+        audience=audience,
         expires_at=number(claims.get("exp")),
         issued_at=number(claims.get("iat")),
         claims=dict(claims),
