@@ -429,7 +429,9 @@ class Introspector:
         return data, None
 
     def _endpoint(self) -> str:
-        """The introspection endpoint: configured, else from discovery.
+        """The introspection endpoint: configured, else from discovery (the
+        first issuer that publishes one; an issuer in an outage is not
+        passed over).
 
         :raises _Misconfigured: when it cannot be had.
         """
@@ -442,7 +444,12 @@ class Introspector:
                 found = self.discovery.endpoint(issuer, "introspection_endpoint")
             except FetchError as exc:
                 reasons.append(f"{issuer}: {exc.reason}")
-                continue
+                if exc.answered or "{" in issuer:
+                    continue  # publishes no metadata (404, not JSON): the next issuer's
+                # An outage (or an endpoint refused by the fetch policy): the
+                # endpoint is this issuer's, when it publishes one. Never hand
+                # its tokens, and our credentials, to the next issuer's.
+                break
             if found is not None:
                 return found
             reasons.append(f"{issuer}: metadata has no introspection_endpoint")

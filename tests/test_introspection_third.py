@@ -23,6 +23,7 @@ from .test_introspection import (
     INTROSPECT,
     _redis_app,
     assert_401,
+    assert_503,
     hits,
     intro_config,
     scripted,
@@ -288,3 +289,34 @@ def test_both_still_checks_what_the_answer_does_carry(
     server_of(issuer).route(INTROSPECT, Reply(200, answer))
     client = make_app(intro_config(issuer, STRATEGY="both")).test_client()
     assert_401(client.get("/protected", headers=auth_header(issuer.mint())), error)
+
+
+# -- the endpoint discovered from several issuers --------------------------------
+
+
+@pytest.mark.parametrize("status", [500, 503, 404])
+def test_an_issuer_whose_discovery_is_down_does_not_hand_its_tokens_to_the_next(
+    issuer: TokenIssuer, status: int
+) -> None:
+    """ISSUER = [A, B], the endpoint discovered ("the first that publishes
+    one"). While A's metadata cannot be had (an outage), A's tokens — and our
+    client credentials — must not go to B's endpoint, whose "inactive" would
+    be a 401 (and cached as one) where a 503 is due. An A that answers, but
+    publishes no metadata (404), is passed over as before."""
+    with IssuerServer() as first:
+        for path in (
+            "/.well-known/openid-configuration",
+            "/.well-known/oauth-authorization-server",
+        ):
+            first.route(path, Reply(status, {"error": "x"}))
+        config = intro_config(issuer)
+        config["OAUTH_VERIFY_ISSUER"] = [first.url, issuer.issuer]
+        del config["OAUTH_VERIFY_JWKS_URI"]
+        client = make_app(config).test_client()
+        response = client.get("/protected", headers=auth_header(issuer.mint_opaque()))
+        if status == 404:
+            assert response.status_code == 200
+            assert hits(issuer) == 1
+        else:
+            assert_503(response)
+            assert hits(issuer) == 0
