@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -151,9 +152,19 @@ def _as_tuple(value: Any, name: str) -> tuple[str, ...]:
 def _as_number(value: Any, name: str, *, minimum: float = 0) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigurationError(f"{_key(name)} must be a number, not {value!r}.")
-    if value < minimum:
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond the float range
+        number = math.inf
+    if not math.isfinite(number):
+        # NaN passes every "<" check as False: a LEEWAY of NaN let tokens
+        # expired for any length of time through (exp + NaN <= now is False),
+        # an INTROSPECTION_CACHE_TTL of inf kept an answer past revocation
+        # for ever. (From the environment, Flask reads NaN and Infinity as JSON.)
+        raise ConfigurationError(f"{_key(name)} must be a finite number, not {value!r}.")
+    if number < minimum:
         raise ConfigurationError(f"{_key(name)} must be at least {minimum}.")
-    return float(value)
+    return number
 
 
 def _as_timeout(value: Any) -> tuple[float, float]:

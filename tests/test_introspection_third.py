@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import pytest
-from flask import g, request
+from flask import Flask, g, request
 
 from flask_oauth_verify import (
+    ConfigurationError,
+    OAuthVerify,
     require_organization,
     require_scope,
     require_token,
@@ -21,11 +24,14 @@ from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer, auth_he
 from .conftest import FakeClock, make_app
 from .test_introspection import (
     INTROSPECT,
+    Coalesced,
+    Gate,
     _redis_app,
     assert_401,
     assert_503,
     hits,
     intro_config,
+    run_concurrently,
     scripted,
     server_of,
 )
@@ -320,3 +326,118 @@ def test_an_issuer_whose_discovery_is_down_does_not_hand_its_tokens_to_the_next(
         else:
             assert_503(response)
             assert hits(issuer) == 0
+
+
+# -- the request on the wire -------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", ["form", "json"])
+def test_a_token_and_credentials_with_form_special_characters_arrive_intact(
+    issuer: TokenIssuer, body: str
+) -> None:
+    """``+``, ``/``, ``=`` and ``~`` are b64token characters; ``&``, ``=``,
+    ``%``, ``+`` and a space in the client secret must survive the body
+    encoding of ``client_secret_post``."""
+    issuer.introspection_credentials = ("rs&id=1 +", "s%e&c=r+e t/é")
+    issuer.introspection_auth = "client_secret_post"
+    token = "ab+cd/ef~gh=="
+    issuer.opaque[token] = issuer.claims(subject="user_w")
+    client = make_app(
+        intro_config(issuer, INTROSPECTION_AUTH="client_secret_post", INTROSPECTION_BODY=body)
+    ).test_client()
+    response = client.get("/protected", headers=auth_header(token))
+    assert response.status_code == 200, response.json
+    assert response.json is not None and response.json["subject"] == "user_w"
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        ({"nbf": 4102444800}, "token_not_active"),
+        ({"exp": 1.5}, "token_expired"),
+        ({"exp": None}, "invalid_token"),
+        ({"scope": 7}, "invalid_token"),
+        ({"sub": 12345}, "invalid_token"),
+    ],
+)
+def test_answer_members_of_the_wrong_kind_are_refused(
+    issuer: TokenIssuer, answer: dict[str, Any], error: str
+) -> None:
+    scripted(issuer, lambda c: {**c, "active": True, **answer})
+    client = make_app(intro_config(issuer)).test_client()
+    assert_401(client.get("/protected", headers=auth_header("opaque-tok")), error)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(
+            200,
+            b"eyJhbGciOiJSUzI1NiJ9.eyJhY3RpdmUiOnRydWV9.c2ln",
+            {"Content-Type": "application/token-introspection+jwt"},
+        ),
+        Reply(200, {"active": True, "pad": "x" * 2_000_000}),
+        Reply(200, [{"active": True}]),
+        Reply(200, "true"),
+    ],
+)
+def test_answers_that_are_not_a_json_object_are_a_503(issuer: TokenIssuer, reply: Reply) -> None:
+    """RFC 9701's JWT answer is never asked for (``Accept: application/json``):
+    one sent anyway is no answer we can read. So is one past the size cap."""
+    server_of(issuer).route(INTROSPECT, reply)
+    client = make_app(intro_config(issuer)).test_client()
+    assert_503(client.get("/protected", headers=auth_header("opaque-tok")))
+
+
+# -- concurrency ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", ["both", "auto"])
+def test_concurrent_requests_with_one_token_make_one_call_under_both_and_auto(
+    issuer: TokenIssuer, strategy: str
+) -> None:
+    gate = Gate(issuer)
+    server = server_of(issuer)
+    server.route(INTROSPECT, gate)
+    app = make_app(intro_config(issuer, STRATEGY=strategy))
+    coalesced = Coalesced()
+    coalesced.watch(get_state(app).introspector)
+    token = issuer.mint(subject="user_c") if strategy == "both" else issuer.mint_opaque()
+    threads, results = run_concurrently(app, [token] * 5)
+    threads[0].start()
+    assert server.wait_for_hits(INTROSPECT, 1)
+    for thread in threads[1:]:
+        thread.start()
+    assert coalesced.wait_for(4), "followers joined the leader's call"
+    gate.opened.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert server.hits[INTROSPECT] == 1
+    assert [status for status, _body in results] == [200] * 5
+
+
+# -- settings ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key", ["LEEWAY", "INTROSPECTION_CACHE_TTL", "INTROSPECTION_NEGATIVE_CACHE_TTL", "HTTP_TIMEOUT"]
+)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 10**400])
+def test_a_number_setting_must_be_finite(issuer: TokenIssuer, key: str, value: float) -> None:
+    """NaN compares False with everything: a LEEWAY of NaN accepted a token
+    expired an hour before (``exp + NaN <= now`` is False). Flask's
+    ``from_prefixed_env`` reads ``NaN`` and ``Infinity`` as JSON numbers."""
+    with pytest.raises(ConfigurationError, match=f"OAUTH_VERIFY_{key} must be a finite number"):
+        make_app(intro_config(issuer, **{key: value}))
+
+
+def test_a_nan_leeway_read_from_the_environment_is_refused(
+    issuer: TokenIssuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLASK_OAUTH_VERIFY_LEEWAY", "NaN")
+    app = Flask("env")
+    app.config.update(intro_config(issuer))
+    app.config.from_prefixed_env()
+    assert math.isnan(app.config["OAUTH_VERIFY_LEEWAY"])
+    with pytest.raises(ConfigurationError, match="OAUTH_VERIFY_LEEWAY"):
+        OAuthVerify(app)
