@@ -31,7 +31,7 @@ import threading
 import weakref
 from typing import Any
 
-from sqlalchemy import event, func, select, text
+from sqlalchemy import event, func, literal_column, select
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
@@ -156,36 +156,37 @@ class RowLevelSecurity:
         self.setting = _check_setting(setting)
         self.allow_bypass_role = allow_bypass_role
 
-    def _check_role(self, connection: Any) -> None:
-        """Refuse a role PostgreSQL never applies policies to (once per DBAPI connection)."""
-        if self.allow_bypass_role:
-            return
-        info = connection.connection.info  # lives as long as the pooled connection
-        bypass = info.get(_ROLE_KEY)
-        if bypass is None:
-            row = connection.execute(_BYPASS_QUERY).one_or_none()
-            bypass = (row[0], bool(row[1])) if row is not None else ("?", False)
-            info[_ROLE_KEY] = bypass
-        if bypass[1]:
-            raise TenantScopingError(
-                f"Row-level security is enabled, but the database role {bypass[0]!r} is a "
-                f"superuser or has BYPASSRLS: PostgreSQL applies no policy to it, so SQL "
-                f"the ORM does not scope would read and write every organization. Connect "
-                f"the application as an ordinary role (NOSUPERUSER NOBYPASSRLS), or pass "
-                f"allow_bypass_role=True to enable_row_level_security() for an admin engine."
-            )
+    def _refuse_role(self, role: str) -> None:
+        raise TenantScopingError(
+            f"Row-level security is enabled, but the database role {role!r} is a "
+            f"superuser or has BYPASSRLS: PostgreSQL applies no policy to it, so SQL "
+            f"the ORM does not scope would read and write every organization. Connect "
+            f"the application as an ordinary role (NOSUPERUSER NOBYPASSRLS), or pass "
+            f"allow_bypass_role=True to enable_row_level_security() for an admin engine."
+        )
 
-    def _sync(self, connection: Any) -> None:
+    def _sync(self, connection: Any, *, check_role: bool = False) -> None:
         value = _current_or_empty()
         # set_config(..., true) lasts as long as the Core transaction: a
         # COMMIT or ROLLBACK (and the autobegin after it) makes it unknown
         transaction = connection.get_transaction()
         state = (value, None if transaction is None else weakref.ref(transaction))
-        if connection.info.get(_INFO_KEY) != state:
+        if check_role or connection.info.get(_INFO_KEY) != state:
             # recorded first: set_config() itself passes through the listener
             connection.info[_INFO_KEY] = state
             try:
-                set_rls_organization(connection, value, setting=self.setting)
+                if check_role and not self.allow_bypass_role:
+                    # the role, in the same round trip: a session-level SET
+                    # ROLE of an earlier transaction outlives it on the
+                    # pooled connection
+                    _check_setting(self.setting)
+                    row = connection.execute(
+                        select(func.set_config(self.setting, value, True), *_ROLE_COLUMNS)
+                    ).one()
+                    if row[2]:
+                        self._refuse_role(str(row[1]))
+                else:
+                    set_rls_organization(connection, value, setting=self.setting)
             except BaseException:
                 connection.info.pop(_INFO_KEY, None)
                 raise
@@ -202,13 +203,12 @@ class RowLevelSecurity:
                 "Row-level security needs PostgreSQL, not " + connection.dialect.name
             )
         connection.info.pop(_INFO_KEY, None)  # a fresh transaction has no setting
-        self._check_role(connection)
         with _ENABLED_LOCK:
             watched = connection in _CONNECTIONS
             _CONNECTIONS[connection] = self
         if not watched:
             _watch(connection)
-        self._sync(connection)
+        self._sync(connection, check_role=True)
 
     def _install(self) -> None:
         event.listen(self.target, "after_begin", self.after_begin)
@@ -229,10 +229,13 @@ class RowLevelSecurity:
                 del _CONNECTIONS[connection]
 
 
-#: ``PoolProxiedConnection.info`` key: (role, whether policies skip it).
-_ROLE_KEY = "oauth_verify_rls_bypass_role"
-_BYPASS_QUERY = text(
-    "SELECT rolname, rolsuper OR rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user"
+#: The role and whether PostgreSQL applies no policy to it, read with the
+#: setting at the start of every transaction.
+_ROLE_COLUMNS: tuple[Any, ...] = (
+    literal_column("current_user"),
+    literal_column(
+        "(SELECT rolsuper OR rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user)"
+    ),
 )
 
 #: Connections of session transactions begun under row-level security.
@@ -296,7 +299,9 @@ def enable_row_level_security(
         it). By default such a transaction raises
         :class:`~flask_oauth_verify.tenancy.TenantScopingError` instead of
         running with row-level security silently off; the role is checked
-        once per pooled connection.
+        at the start of every transaction, with the setting (one statement),
+        so a session-level ``SET ROLE`` an earlier transaction left on a
+        pooled connection is caught too.
     :returns: the :class:`RowLevelSecurity`; its ``disable()`` removes it.
     :raises RuntimeError: when already enabled on ``target``.
 

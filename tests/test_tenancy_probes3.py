@@ -8,6 +8,7 @@ checked as stored.
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -27,6 +28,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -43,6 +45,7 @@ from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.pool import StaticPool
 
 from flask_oauth_verify import OAuthVerify, require_organization
+from flask_oauth_verify.rls import enable_row_level_security, policy_statements
 from flask_oauth_verify.tenancy import (
     TenantScopingError,
     as_organization,
@@ -422,3 +425,64 @@ def test_flask_sqlalchemy_pagination_counts_only_own_rows(
             "count": total,
             "bodies": [first_body],
         }
+
+
+# -- row-level security: a role changed by an earlier request ------------------------
+
+
+@pytest.fixture
+def rls_engines(postgres_url: str) -> Iterator[tuple[Engine, str]]:
+    """An ordinary application role that may ``SET ROLE`` to a ``BYPASSRLS`` role."""
+    suffix = uuid.uuid4().hex[:10]
+    schema, role, bypass = f"ovt_p3r_{suffix}", f"ovt_p3app_{suffix}", f"ovt_p3admin_{suffix}"
+    password = secrets.token_hex(16)
+    search_path = {"options": f"-csearch_path={schema}"}
+    admin = create_engine(postgres_url, connect_args=search_path)
+    statements = [
+        f'CREATE SCHEMA "{schema}"',
+        f"CREATE ROLE \"{role}\" LOGIN NOSUPERUSER NOBYPASSRLS PASSWORD '{password}'",
+        f'CREATE ROLE "{bypass}" NOLOGIN NOSUPERUSER BYPASSRLS',
+        f'GRANT "{bypass}" TO "{role}"',
+        f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}", "{bypass}"',
+        "CREATE TABLE notes (id integer PRIMARY KEY, organization_id text NOT NULL)",
+        *policy_statements("notes"),
+        f'GRANT SELECT ON notes TO "{role}", "{bypass}"',
+        "INSERT INTO notes VALUES (1, 'org_a'), (2, 'org_b')",
+    ]
+    with admin.begin() as connection:
+        for statement in statements:
+            connection.execute(text(statement))
+    url = make_url(postgres_url).set(username=role, password=password)
+    app = create_engine(url, connect_args=search_path, pool_size=1, max_overflow=0)
+    try:
+        yield app, bypass
+    finally:
+        app.dispose()
+        with admin.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+            for name in (role, bypass):
+                connection.execute(text(f'DROP OWNED BY "{name}"'))
+                connection.execute(text(f'DROP ROLE "{name}"'))
+        admin.dispose()
+
+
+def test_rls_refuses_a_pooled_connection_whose_role_an_earlier_request_changed(
+    rls_engines: tuple[Engine, str],
+) -> None:
+    engine, bypass = rls_engines
+    maker = sessionmaker(engine)
+    rls = enable_row_level_security(maker)
+    try:
+        with maker() as session, as_organization("org_a"):
+            assert session.execute(text("SELECT id FROM notes")).scalars().all() == [1]
+            # a session-level SET ROLE outlives the transaction on the pooled connection
+            session.execute(text(f'SET ROLE "{bypass}"'))
+            session.commit()
+        with (
+            maker() as session,
+            as_organization("org_b"),
+            pytest.raises(TenantScopingError, match="superuser or has BYPASSRLS"),
+        ):
+            session.execute(text("SELECT id FROM notes")).all()
+    finally:
+        rls.disable()
