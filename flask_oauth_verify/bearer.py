@@ -84,7 +84,9 @@ def _from_header(value: str) -> str | None:
     """The token of an ``Authorization`` header value (``None``: another scheme)."""
     # A WSGI server folds repeated headers into one environ entry joined by
     # ", "; such a value fails the single-token checks below (400).
-    scheme, _, rest = value.strip().partition(" ")
+    # OWS is SP and HTAB only (RFC 9110 §5.6.3): str.strip() would also take
+    # \x0b, \x1c-\x1f, \x85 and NBSP for white space around the credentials.
+    scheme, _, rest = value.strip(" \t").partition(" ")
     if scheme.lower() != "bearer":
         if _LATER_BEARER.search(value):
             raise InvalidRequestError(reason="several Authorization headers")

@@ -324,6 +324,13 @@ for _label, _outcome, _value in (
     ("Bearer with a NBSP before the token", NO_TOKEN, "Bearer\u00a0{t}"),
     ("Bearer token quoted", INVALID, 'Bearer "{t}"'),
     ("Bearer token=value form", INVALID, "Bearer token={t}x"),
+    # White space around the credentials is SP and HTAB only (RFC 9110 §5.6.3).
+    ("control: a tab and spaces around the header", OK, "\t Bearer {t} \t"),
+    ("a vertical tab after the token", INVALID, "Bearer {t}\x0b"),
+    ("a form feed after the token", INVALID, "Bearer {t}\x0c"),
+    ("a NBSP after the token", INVALID, "Bearer {t}\u00a0"),
+    ("a unit separator before the scheme", NO_TOKEN, "\x1fBearer {t}"),
+    ("a NEL before the scheme", NO_TOKEN, "\x85Bearer {t}"),
 ):  # fmt: skip
     _add(_label, _outcome, lambda k, v=_value: Kit.authorization(v.format(t=k.token())))
 _add(
