@@ -317,7 +317,7 @@ _add(
     BAD_REQUEST,
     lambda k: Kit.authorization(f"Bearer {k.token()}", "Basic dXNlcjpwYXNz"),
 )
-for _label, _outcome, _value in (
+for _label, _header_outcome, _value in (
     ("Bearer with a tab before the token", NO_TOKEN, "Bearer\t{t}"),
     ("Bearer with a trailing comma", INVALID, "Bearer {t},"),
     ("Bearer with a leading comma", INVALID, "Bearer ,{t}"),
@@ -332,7 +332,7 @@ for _label, _outcome, _value in (
     ("a unit separator before the scheme", NO_TOKEN, "\x1fBearer {t}"),
     ("a NEL before the scheme", NO_TOKEN, "\x85Bearer {t}"),
 ):  # fmt: skip
-    _add(_label, _outcome, lambda k, v=_value: Kit.authorization(v.format(t=k.token())))
+    _add(_label, _header_outcome, lambda k, v=_value: Kit.authorization(v.format(t=k.token())))
 _add(
     "header token and an empty query token",
     BAD_REQUEST,
