@@ -223,19 +223,14 @@ class HealthChecker:
         settings = self.state.settings
         if settings.introspection_endpoint is not None:
             return settings.introspection_endpoint
-        errors = []
-        for issuer in settings.issuers:
-            try:
-                found = self.state.discovery.endpoint(issuer, "introspection_endpoint")
-            except FetchError as exc:
-                errors.append(exc.reason)
-                continue
-            if found is not None:
-                return found
-        raise FetchError(
-            "no introspection endpoint configured or discovered"
-            + (f" ({'; '.join(errors)})" if errors else "")
-        )
+        from .introspection import discover_endpoint  # the requests' own choice
+
+        try:
+            return discover_endpoint(self.state.discovery, settings.issuers)
+        except FetchError as exc:
+            raise FetchError(
+                f"no introspection endpoint configured or discovered ({exc.reason})"
+            ) from None
 
     def _run_probe(self) -> dict[str, Any]:
         try:

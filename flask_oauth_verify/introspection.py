@@ -45,7 +45,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, quote
 
@@ -60,7 +60,7 @@ from .fetch import Fetcher, FetchError, SingleFlight
 from .fifo import BoundedFifo
 from .verification import JWTVerifier, finite_number
 
-__all__ = ["ACCESS_TOKEN_TYPES", "Introspector"]
+__all__ = ["ACCESS_TOKEN_TYPES", "Introspector", "discover_endpoint"]
 
 logger = logging.getLogger("flask_oauth_verify.introspection")
 
@@ -429,38 +429,25 @@ class Introspector:
         return data, None
 
     def _endpoint(self) -> str:
-        """The introspection endpoint: configured, else from discovery (the
-        first issuer that publishes one; an issuer in an outage is not
-        passed over).
+        """The introspection endpoint: configured, else from discovery
+        (:func:`discover_endpoint`).
 
         :raises _Misconfigured: when it cannot be had.
         """
         configured = self.settings.introspection_endpoint
         if configured is not None:
             return configured
-        reasons = []
-        for issuer in self.settings.issuers:
-            try:
-                found = self.discovery.endpoint(issuer, "introspection_endpoint")
-            except FetchError as exc:
-                reasons.append(f"{issuer}: {exc.reason}")
-                if exc.answered or "{" in issuer:
-                    continue  # publishes no metadata (404, not JSON): the next issuer's
-                # An outage (or an endpoint refused by the fetch policy): the
-                # endpoint is this issuer's, when it publishes one. Never hand
-                # its tokens, and our credentials, to the next issuer's.
-                break
-            if found is not None:
-                return found
-            reasons.append(f"{issuer}: metadata has no introspection_endpoint")
-        raise _Misconfigured(
-            _Failure(
-                "no_endpoint",
-                "no introspection endpoint: set OAUTH_VERIFY_INTROSPECTION_ENDPOINT or "
-                "publish introspection_endpoint in discovery (" + "; ".join(reasons) + ")",
-                _RETRY_TRANSIENT,
-            )
-        )
+        try:
+            return discover_endpoint(self.discovery, self.settings.issuers)
+        except FetchError as exc:
+            raise _Misconfigured(
+                _Failure(
+                    "no_endpoint",
+                    "no introspection endpoint: set OAUTH_VERIFY_INTROSPECTION_ENDPOINT or "
+                    f"publish introspection_endpoint in discovery ({exc.reason})",
+                    _RETRY_TRANSIENT,
+                )
+            ) from None
 
     def _prepared_auth(self, url: str) -> tuple[dict[str, str], dict[str, str]]:
         """:meth:`_client_auth` of ``url`` plus ``Accept``, prepared once per URL.
@@ -558,6 +545,31 @@ def answer_scope(settings: Settings) -> str:
         )
     )
     return hashlib.sha256(who.encode()).hexdigest()[:16]
+
+
+def discover_endpoint(discovery: Discovery, issuers: Iterable[str]) -> str:
+    """The ``introspection_endpoint`` of the first issuer whose metadata has one.
+
+    An issuer that answers but publishes no metadata (404, not JSON) is
+    passed over; one in an outage (timeout, 5xx) or whose endpoint the fetch
+    policy refuses is not: the endpoint would be its own, and its tokens,
+    with our client credentials, must not go to the next issuer's.
+
+    :raises FetchError: naming what each issuer tried lacked.
+    """
+    reasons = []
+    for issuer in issuers:
+        try:
+            found = discovery.endpoint(issuer, "introspection_endpoint")
+        except FetchError as exc:
+            reasons.append(f"{issuer}: {exc.reason}")
+            if exc.answered or "{" in issuer:
+                continue  # publishes no metadata (templated: none at all)
+            break
+        if found is not None:
+            return found
+        reasons.append(f"{issuer}: metadata has no introspection_endpoint")
+    raise FetchError("; ".join(reasons) or "no issuer")
 
 
 class _Misconfigured(Exception):

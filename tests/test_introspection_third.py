@@ -315,16 +315,19 @@ def test_an_issuer_whose_discovery_is_down_does_not_hand_its_tokens_to_the_next(
             "/.well-known/oauth-authorization-server",
         ):
             first.route(path, Reply(status, {"error": "x"}))
-        config = intro_config(issuer)
+        config = intro_config(issuer, HEALTH_ROUTE=True)
         config["OAUTH_VERIFY_ISSUER"] = [first.url, issuer.issuer]
         del config["OAUTH_VERIFY_JWKS_URI"]
         client = make_app(config).test_client()
         response = client.get("/protected", headers=auth_header(issuer.mint_opaque()))
+        # the health check names the endpoint the requests use
+        health = client.get("/health/token-validation").get_json()["checks"]["introspection"]
         if status == 404:
             assert response.status_code == 200
-            assert hits(issuer) == 1
+            assert health["endpoint"] == f"{issuer.issuer}/introspect"
         else:
             assert_503(response)
+            assert health["status"] == "unavailable"
             assert hits(issuer) == 0
 
 
