@@ -14,6 +14,7 @@ an attacker learns nothing from it.
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -38,15 +39,44 @@ __all__ = [
 DEFAULT_REALM = "api"
 
 
-def _quote(value: str) -> str:
-    """Return ``value`` as an RFC 7230 quoted-string.
+def _printable_ascii(value: str) -> str:
+    """``value`` reduced to printable ASCII, the only characters a header
+    value can carry safely (a WSGI server encodes headers as Latin-1, and one
+    it cannot encode breaks the response: no answer at all).
 
-    Backslash and double quote are escaped; control characters (which a
-    quoted-string cannot carry) are replaced by a space so that a header can
-    never be split.
+    Control characters become a space, so that a header can never be split;
+    accented letters lose their accent (``é`` -> ``e``); any other character
+    becomes ``?``.
     """
-    cleaned = "".join(ch if ch >= " " and ch != "\x7f" else " " for ch in value)
+    if value.isascii() and value.isprintable():
+        return value
+    out = []
+    for ch in unicodedata.normalize("NFKD", value):
+        if " " <= ch <= "~":
+            out.append(ch)
+        elif ch < " " or ch == "\x7f" or unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
+            out.append(" ")
+        elif not unicodedata.combining(ch):
+            out.append("?")
+    return "".join(out)
+
+
+def _quote(value: str) -> str:
+    """Return ``value`` as an RFC 7230 quoted-string of printable ASCII.
+
+    Backslash and double quote are escaped; control characters become a
+    space and non-ASCII characters are replaced (:func:`_printable_ascii`).
+    """
+    cleaned = _printable_ascii(value)
     return '"' + cleaned.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _quote_rfc6750(value: str) -> str:
+    """Return ``value`` quoted for an RFC 6750 ``error_description`` or
+    ``scope`` attribute, whose values MUST NOT include characters outside
+    ``%x20-21 / %x23-5B / %x5D-7E``: besides :func:`_quote`'s rules, a double
+    quote becomes ``'`` and a backslash ``/`` (a client may not unescape)."""
+    return '"' + _printable_ascii(value).replace('"', "'").replace("\\", "/") + '"'
 
 
 class OAuthVerifyError(HTTPException):
@@ -92,7 +122,7 @@ class OAuthVerifyError(HTTPException):
         parts = [f"realm={_quote(realm or self.realm or _app_realm() or DEFAULT_REALM)}"]
         if self.challenge_error is not None:
             parts.append(f"error={_quote(self.challenge_error)}")
-            parts.append(f"error_description={_quote(str(self.description))}")
+            parts.append(f"error_description={_quote_rfc6750(str(self.description))}")
         parts.extend(self._extra_challenge_params())
         return "Bearer " + ", ".join(parts)
 
@@ -206,7 +236,7 @@ class InsufficientScopeError(OAuthVerifyError):
     def _extra_challenge_params(self) -> list[str]:
         if not self.scopes:
             return []
-        return [f"scope={_quote(' '.join(self.scopes))}"]
+        return [f"scope={_quote_rfc6750(' '.join(self.scopes))}"]
 
 
 class UpstreamError(OAuthVerifyError):
