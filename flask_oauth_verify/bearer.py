@@ -117,6 +117,11 @@ def _from_form(request: Request, environ: dict[str, Any], enabled: bool) -> str 
     if request.mimetype != "application/x-www-form-urlencoded":
         return None
     try:
+        length, limit = request.content_length, request.max_form_memory_size
+        if length is not None and (limit is None or length <= limit):
+            # The form is then parsed from a cached copy: the view can still
+            # read the raw body (after request.form, get_data() returns b"").
+            request.get_data(cache=True)
         form = request.form
     except RequestEntityTooLarge:
         # Beyond the app's MAX_CONTENT_LENGTH / MAX_FORM_MEMORY_SIZE: a body that

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
-from flask import Flask, g
+from flask import Flask, g, request
 
 from flask_oauth_verify import OAuthVerify, require_token
 from flask_oauth_verify.keys import parse_key_set
@@ -590,3 +590,30 @@ def test_well_formed_aud_is_kept_when_not_verified(
         response = client.get("/audience", headers=auth_header(mint(audience=aud)))
         assert response.status_code == 200
         assert response.get_json()["audience"] == expected
+
+
+# -- the view still reads the raw body of a form POST ---------------------------
+
+
+@pytest.mark.parametrize("locations", [["header"], ["header", "form"]])
+def test_form_body_stays_readable_raw(tokens: TokenIssuer, locations: list[str]) -> None:
+    """Looking for a form token (RFC 6750 §2.2, or a token sent two ways)
+    parses the form; the view's ``request.get_data()`` (a webhook's signature
+    check) must still see the body, not ``b""``."""
+    app = make_app(tokens.config(audience="api", TOKEN_LOCATIONS=locations))
+
+    @app.post("/hook")
+    @require_token
+    def hook() -> dict[str, Any]:
+        return {"raw": request.get_data(as_text=True), "form": request.form.to_dict()}
+
+    client = app.test_client()
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    response = client.post("/hook", data="a=1&b=2", headers={**form, **auth_header(tokens.mint())})
+    assert response.status_code == 200
+    assert response.get_json() == {"raw": "a=1&b=2", "form": {"a": "1", "b": "2"}}
+    if "form" in locations:
+        body = f"a=1&access_token={tokens.mint()}"
+        response = client.post("/hook", data=body, headers=form)
+        assert response.status_code == 200
+        assert response.get_json()["raw"] == body
