@@ -220,6 +220,12 @@ def _claim_map(value: Any) -> Mapping[str, tuple[str, ...]]:
     return MappingProxyType(merged)
 
 
+#: Settings that are credentials: never part of ``repr(Settings)``.
+_SECRET_FIELDS = frozenset({"introspection_client_secret", "introspection_token"})
+_SECRET_KEYS = frozenset({"INTROSPECTION_CLIENT_SECRET", "INTROSPECTION_TOKEN"})
+_REDACTED = "***"
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
     """The validated, immutable settings of one app.
@@ -313,6 +319,22 @@ class Settings:
         _warn_unknown(given)
         values = apply_profile(given)
         return _build(values)
+
+    def __repr__(self) -> str:
+        """Every field, the credentials shown as ``'***'`` (a repr ends up in
+        logs, tracebacks and debuggers)."""
+        parts = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in _SECRET_FIELDS and value is not None:
+                value = _REDACTED
+            elif field.name == "raw":
+                value = {
+                    key: _REDACTED if key in _SECRET_KEYS and item is not None else item
+                    for key, item in value.items()
+                }
+            parts.append(f"{field.name}={value!r}")
+        return f"Settings({', '.join(parts)})"
 
     def jwks_uri_for(self, issuer: str) -> str | None:
         """The configured (not discovered) JWKS URI of ``issuer``, if any."""

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import logging
 import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import pytest
 import requests
 from flask import Flask
 from werkzeug.serving import make_server
@@ -78,3 +82,104 @@ def test_a_challenges_realm_argument_is_reduced_to_ascii() -> None:
     challenge = InvalidTokenError().challenge("caf\u00e9 \u2603\r\n")
     assert challenge.startswith('Bearer realm="cafe ?  ", ')
     challenge.encode("ascii")
+
+
+# -- secrets and tokens never leave the process in logs, output or repr ------------
+
+_SECRET = "rs-secret-Zq81vXw"
+_BEARER = "introspect-bearer-Kp07yTn"
+
+
+def _intro_config(issuer: TokenIssuer, strategy: str, auth: str, **extra: Any) -> dict[str, object]:
+    config = issuer.config(
+        STRATEGY=strategy,
+        INTROSPECTION_AUTH=auth,
+        METRICS=True,
+        METRICS_ENDPOINT=True,
+        HEALTH_ROUTE=True,
+        **extra,
+    )
+    if auth == "bearer":
+        config["OAUTH_VERIFY_INTROSPECTION_TOKEN"] = _BEARER
+    else:
+        config["OAUTH_VERIFY_INTROSPECTION_CLIENT_ID"] = "resource-server"
+        config["OAUTH_VERIFY_INTROSPECTION_CLIENT_SECRET"] = _SECRET
+    return config
+
+
+def _leaks(text: str, secrets: list[str]) -> list[str]:
+    return [secret for secret in secrets if secret in text]
+
+
+def test_no_token_or_credential_in_any_log_record_output_or_repr(
+    served_tokens: TokenIssuer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A full request cycle of every strategy and client-authentication method
+    (valid, expired, forged, inactive, rejected credentials), the health and
+    metrics routes and the CLI, with every logger at DEBUG: no record, no
+    response and no command output holds a token, an Authorization header
+    value or the introspection credential; ``repr(Settings)`` shows it as
+    ``'***'``."""
+    issuer = served_tokens
+    caplog.set_level(logging.DEBUG)  # every logger, urllib3's included
+    tokens = [
+        issuer.mint(scopes=["read:users"]),
+        issuer.mint(expires_in=-600),
+        issuer.mint()[:-6] + "AAAAAA",
+        issuer.mint_opaque(scopes=["read:users"]),
+    ]
+    revoked = issuer.mint_opaque()
+    issuer.revoke(revoked)
+    tokens.append(revoked)
+    secrets = [
+        _SECRET,
+        _BEARER,
+        base64.b64encode(f"resource-server:{_SECRET}".encode()).decode(),
+        *tokens,
+        *(token.rsplit(".", 1)[-1] for token in tokens if token.count(".") == 2),
+    ]
+    outputs: list[str] = []
+    for strategy, auth in [
+        ("jwks", "client_secret_basic"),
+        ("introspection", "client_secret_basic"),
+        ("auto", "client_secret_post"),
+        ("both", "bearer"),
+    ]:
+        issuer.introspection_auth = auth
+        issuer.introspection_bearer = _BEARER
+        issuer.introspection_credentials = ("resource-server", _SECRET)
+        app = make_app(_intro_config(issuer, strategy, auth), name=f"sweep_{strategy}")
+        settings = app.extensions["oauth_verify"].settings
+        assert not _leaks(repr(settings), secrets), strategy
+        assert "'***'" in repr(settings)
+        client = app.test_client()
+        for token in tokens:
+            response = client.get("/read", headers=auth_header(token))
+            outputs.append(response.get_data(as_text=True) + str(response.headers))
+        outputs.append(client.get("/read").get_data(as_text=True))
+        outputs.append(client.get("/health/token-validation").get_data(as_text=True))
+        outputs.append(client.get("/metrics").get_data(as_text=True))
+        runner = app.test_cli_runner()
+        for args, stdin in [
+            (["inspect", "-"], tokens[0]),
+            (["inspect", "-"], tokens[3]),
+            (["keys"], None),
+            (["discover"], None),
+        ]:
+            outputs.append(runner.invoke(args=["oauth-verify", *args], input=stdin).output)
+    # credentials the endpoint rejects: the failure is logged, not the secret
+    issuer.introspection_auth = "client_secret_basic"
+    issuer.introspection_credentials = ("resource-server", "another-one")
+    app = make_app(_intro_config(issuer, "introspection", "client_secret_post"), name="rejected")
+    response = app.test_client().get("/read", headers=auth_header(tokens[3]))
+    assert response.status_code == 503
+    outputs.append(response.get_data(as_text=True))
+
+    assert len(caplog.records) > 50  # the sweep did log
+    for record in caplog.records:
+        text = " ".join(
+            [record.getMessage(), repr(record.__dict__), record.exc_text or "", str(record.args)]
+        )
+        assert not _leaks(text, secrets), (record.name, record.getMessage())
+    for output in outputs:
+        assert not _leaks(output, secrets), output
