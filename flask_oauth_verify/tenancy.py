@@ -790,6 +790,7 @@ class TenantScoping:
         self._keys: weakref.WeakKeyDictionary[Mapper[Any], str | None] = weakref.WeakKeyDictionary()
         self._tables: tuple[int, _TenantTables] | None = None
         self._refused: tuple[int, dict[Mapper[Any], str]] | None = None
+        self._secondaries: tuple[int, dict[Any, Any]] | None = None
         #: statement -> (mapper generation, verdict) of Core statements checked
         self._verdicts: weakref.WeakKeyDictionary[Any, tuple[int, _CoreVerdict]] = (
             weakref.WeakKeyDictionary()
@@ -883,6 +884,72 @@ class TenantScoping:
                         )
         self._refused = (generation, refused)
         return refused
+
+    def _unscoped_secondaries(self) -> dict[Any, Any]:
+        """Relationships through a tenant association table between two shared classes.
+
+        ``User.groups`` with ``secondary=memberships`` (which has the
+        organization column) and neither ``User`` nor ``Group`` scoped: loader
+        criteria reach entities only, so every load, join or ``any()`` of it
+        would read the association rows of every organization. Maps each such
+        relationship (and its secondary table) to the relationship.
+        """
+        generation = _MAPPER_GENERATION[0]
+        cached = self._secondaries
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        tables = self._tenant_tables()
+        found: dict[Any, Any] = {}
+        for reg in _all_registries():
+            for mapper in reg.mappers:
+                for prop in mapper.relationships:
+                    secondary = prop.secondary
+                    if (
+                        secondary is not None
+                        and tables.get(_base_table(secondary)) is not None
+                        and self.tenant_key(prop.parent) is None
+                        and self.tenant_key(prop.mapper) is None
+                    ):
+                        found[prop] = prop
+                        found[secondary] = prop
+        self._secondaries = (generation, found)
+        return found
+
+    def _refuse_secondaries(self, state: ORMExecuteState, secondaries: dict[Any, Any]) -> None:
+        """Refuse a statement that loads, joins or tests such a relationship."""
+        statement: Any = state.statement
+        props: list[Any] = []
+        path = state.loader_strategy_path
+        if path is not None:
+            props += list(path.path)
+        for option in getattr(statement, "_with_options", ()):
+            for element in getattr(option, "context", ()):
+                props += list(getattr(element.path, "path", ()))
+        for join in getattr(statement, "_setup_joins", ()):
+            props += [getattr(part, "property", None) for part in join[:2]]
+        # columns of the secondary itself (an any(), a lazy load), not of a
+        # tenant class mapped to the same table (an association object)
+        for element in visitors.iterate(statement):
+            if isinstance(element, ColumnClause) and element.table in secondaries:
+                annotations = element._annotations
+                owner = annotations.get("parententity", annotations.get("parentmapper"))
+                mapper = getattr(owner, "mapper", None)
+                if mapper is None or self.tenant_key(mapper) is None:
+                    props.append(element.table)
+        for prop in props:
+            try:
+                unsafe = secondaries.get(prop)
+            except TypeError:  # not hashable: no relationship or table
+                continue
+            if unsafe is not None:
+                raise TenantScopingError(
+                    f"{unsafe} goes through {unsafe.secondary.name}, which has the "
+                    f"organization column {self.column!r}, between two classes without it: "
+                    f"loader criteria never reach a secondary table, so it would read every "
+                    f"organization's rows. Map the association table as a class and go through "
+                    f"it (an association object is scoped like any tenant class), or use "
+                    f"unscoped(..., reason=...)."
+                )
 
     def _refuse(self, mapper: Mapper[Any], refused: dict[Mapper[Any], str]) -> None:
         why = refused.get(mapper)
@@ -1005,6 +1072,9 @@ class TenantScoping:
         if refused:
             for mapper in state.all_mappers:
                 self._refuse(mapper, refused)
+        secondaries = self._unscoped_secondaries()
+        if secondaries:
+            self._refuse_secondaries(state, secondaries)
         organization = current_organization_id()
         _switch_organization(state.session, organization)
         if isinstance(state.statement, FromStatement):

@@ -17,9 +17,11 @@ import pytest
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import (
+    Column,
     Engine,
     ForeignKey,
     String,
+    Table,
     create_engine,
     delete,
     func,
@@ -35,9 +37,11 @@ from sqlalchemy.orm import (
     aliased,
     column_property,
     deferred,
+    joinedload,
     mapped_column,
     query_expression,
     relationship,
+    selectinload,
     sessionmaker,
     with_expression,
 )
@@ -486,3 +490,103 @@ def test_rls_refuses_a_pooled_connection_whose_role_an_earlier_request_changed(
             session.execute(text("SELECT id FROM notes")).all()
     finally:
         rls.disable()
+
+
+# -- many-to-many through a tenant association table ---------------------------------
+
+
+class SharedBase(DeclarativeBase):
+    pass
+
+
+#: Which user is in which group, per organization; users and groups are shared.
+memberships = Table(
+    "p3_memberships",
+    SharedBase.metadata,
+    Column("user_id", ForeignKey("p3_users.id"), primary_key=True),
+    Column("group_id", ForeignKey("p3_groups.id"), primary_key=True),
+    Column("organization_id", String(20), nullable=False),
+)
+
+
+class Group(SharedBase):
+    __tablename__ = "p3_groups"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class Member(SharedBase):
+    __tablename__ = "p3_users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    groups: Mapped[list[Group]] = relationship(secondary=memberships, order_by=Group.id)
+
+
+class Membership(SharedBase):
+    """The association object: the same rows, mapped, hence scoped."""
+
+    __table__ = memberships
+    group: Mapped[Group] = relationship(overlaps="groups")
+
+
+class Invoice(SharedBase):
+    __tablename__ = "p3_invoices"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(20))
+    member_id: Mapped[int] = mapped_column(ForeignKey("p3_users.id"))
+
+
+@pytest.fixture
+def shared_maker() -> Iterator[sessionmaker[OrmSession]]:
+    engine = create_engine(
+        "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
+    )
+    SharedBase.metadata.create_all(engine)
+    with engine.begin() as connection:
+        connection.execute(insert(Member), [{"id": 1}])
+        connection.execute(
+            insert(Group), [{"id": 1, "name": "a-group"}, {"id": 2, "name": "B-SECRET"}]
+        )
+        connection.execute(
+            insert(memberships),
+            [
+                {"user_id": 1, "group_id": 1, "organization_id": "org_a"},
+                {"user_id": 1, "group_id": 2, "organization_id": "org_b"},
+            ],
+        )
+    maker = sessionmaker(engine)
+    scoping = enable_tenant_scoping(maker, models=SharedBase.registry)
+    yield maker
+    scoping.disable()
+    engine.dispose()
+
+
+def test_relationship_through_a_tenant_association_table_is_refused(
+    shared_maker: sessionmaker[OrmSession],
+) -> None:
+    with shared_maker() as session, as_organization("org_a"):
+        member = session.get(Member, 1)
+        assert member is not None
+        statements: list[Any] = [
+            select(Member).options(joinedload(Member.groups)),
+            select(Member).options(selectinload(Member.groups)),
+            select(Group.name).join(Member.groups),
+            select(Member.id).where(Member.groups.any(Group.name == "B-SECRET")),
+        ]
+        for statement in statements:
+            with pytest.raises(TenantScopingError, match="p3_memberships"):
+                session.execute(statement).unique().all()
+        with pytest.raises(TenantScopingError, match="p3_memberships"):
+            [group.name for group in member.groups]  # the lazy load
+
+
+def test_association_object_over_the_same_table_is_scoped(
+    shared_maker: sessionmaker[OrmSession],
+) -> None:
+    with shared_maker() as session, as_organization("org_a"):
+        names = session.scalars(
+            select(Group.name).join(Membership.group).where(Membership.user_id == 1)
+        ).all()
+        assert names == ["a-group"]
+        statement = select(Group.name).join(Member.groups)
+        everyone = session.scalars(unscoped(statement, reason="admin report")).all()
+        assert sorted(everyone) == ["B-SECRET", "a-group"]
