@@ -21,7 +21,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ed448, ed25519, padding, rsa
 from flask import Flask, g, request
 
 from flask_oauth_verify import OAuthVerify, require_token
@@ -617,3 +618,90 @@ def test_form_body_stays_readable_raw(tokens: TokenIssuer, locations: list[str])
         response = client.post("/hook", data=body, headers=form)
         assert response.status_code == 200
         assert response.get_json()["raw"] == body
+
+
+# -- PS256 salt and MGF, EdDSA, non-ASCII kids ----------------------------------
+
+
+def _signed_with(issuer: TokenIssuer, kid: str, alg: str, sign: Any) -> str:
+    """A token of ``issuer``'s claims whose signature is ``sign(signing_input)``."""
+    header = {"alg": alg, "kid": kid, "typ": "at+jwt"}
+    signing_input = f"{b64url(_json(header))}.{b64url(_json(issuer.claims()))}"
+    return f"{signing_input}.{b64url(sign(signing_input.encode()))}"
+
+
+def test_ps256_takes_only_the_rfc_7518_salt_and_mgf(issuer_server: IssuerServer) -> None:
+    """RFC 7518 §3.5: MGF1 with the same hash and a salt as long as the hash.
+    Another salt length or MGF hash, or a PKCS#1 v1.5 signature under a PS
+    header (and the reverse), is refused."""
+    issuer = TokenIssuer(audience="api", alg="PS256")
+    kid = issuer.current_kid
+    issuer.serve(issuer_server)
+    app = make_app(issuer.config(audience="api", ALGORITHMS=["PS256", "RS256"]))
+    private = issuer.key(kid).private_key
+    assert isinstance(private, rsa.RSAPrivateKey)
+    sha256 = hashes.SHA256()
+
+    def pss(salt: Any, mgf: Any = hashes.SHA256) -> Any:
+        scheme = padding.PSS(mgf=padding.MGF1(mgf()), salt_length=salt)
+        return lambda data: private.sign(data, scheme, sha256)
+
+    def pkcs1(data: bytes) -> bytes:
+        return bytes(private.sign(data, padding.PKCS1v15(), sha256))
+
+    client = app.test_client()
+    cases = [
+        ("PS256", pss(32), 200),
+        ("PS256", pss(padding.PSS.MAX_LENGTH), 401),
+        ("PS256", pss(0), 401),
+        ("PS256", pss(20), 401),
+        ("PS256", pss(64), 401),
+        ("PS256", pss(32, hashes.SHA1), 401),
+        ("PS256", pkcs1, 401),
+        ("RS256", pss(32), 401),
+        ("RS256", pkcs1, 401),  # the key's own alg is PS256
+    ]
+    for alg, sign, status in cases:
+        response = client.get(
+            "/protected", headers=auth_header(_signed_with(issuer, kid, alg, sign))
+        )
+        assert response.status_code == status, (alg, status)
+
+
+def test_eddsa_signatures_are_canonical_and_exact(issuer_server: IssuerServer) -> None:
+    """Ed25519: S + L (a second spelling of S), a signature a byte short or
+    long, and an empty one are refused; the genuine one passes."""
+    issuer = TokenIssuer(audience="api", alg="EdDSA")
+    issuer.serve(issuer_server)
+    app = make_app(issuer.config(audience="api"))
+    order = 2**252 + 27742317777372353535851937790883648493
+    head, payload, signature = issuer.mint().split(".")
+    raw = base64.urlsafe_b64decode(signature + "==")
+    s_plus_l = (int.from_bytes(raw[32:], "little") + order).to_bytes(32, "little")
+    client = app.test_client()
+    for changed, status in (
+        (raw, 200),
+        (raw[:32] + s_plus_l, 401),
+        (raw[:-1], 401),
+        (raw + b"\x00", 401),
+        (b"", 401),
+    ):
+        token = f"{head}.{payload}.{b64url(changed)}"
+        assert client.get("/protected", headers=auth_header(token)).status_code == status
+
+
+def test_non_ascii_kid_matches_only_exactly(issuer_server: IssuerServer) -> None:
+    """A kid is compared as given: its NFD, NFKC look-alike or a zero-width
+    variant names no key (and the real key never verifies another's token)."""
+    issuer = TokenIssuer(audience="api")
+    kid = issuer.add_key("RS256", kid="cl\u00e9-\u2460")  # é precomposed, circled one
+    issuer.current_kid = kid
+    issuer.serve(issuer_server)
+    app = make_app(issuer.config(audience="api"))
+    client = app.test_client()
+    assert client.get("/protected", headers=auth_header(issuer.mint())).status_code == 200
+    for other in ("cle\u0301-\u2460", "cl\u00e9-1", "cl\u00e9\u200b-\u2460", "CL\u00c9-\u2460"):
+        token = issuer.mint(headers={"kid": other})
+        response = client.get("/protected", headers=auth_header(token))
+        assert response.status_code == 401
+        assert response.get_json()["error"] == "invalid_token"
