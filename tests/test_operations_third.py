@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import requests
-from flask import Flask
+from flask import Flask, abort
 from werkzeug.serving import make_server
 
 from flask_oauth_verify import InsufficientScopeError, InvalidTokenError, require_token
@@ -183,3 +183,38 @@ def test_no_token_or_credential_in_any_log_record_output_or_repr(
         assert not _leaks(text, secrets), (record.name, record.getMessage())
     for output in outputs:
         assert not _leaks(output, secrets), output
+
+
+def test_a_status_code_handler_is_not_called_for_the_librarys_errors(
+    tokens: TokenIssuer,
+) -> None:
+    """As docs/errors.rst says: ``@app.errorhandler(401)`` handles werkzeug's
+    ``Unauthorized`` (``abort(401)``); the library's errors keep their own
+    response, and a handler for the class takes them."""
+    app = make_app(tokens.config())
+
+    @app.errorhandler(401)
+    def by_code(error: Exception) -> tuple[dict[str, str], int]:
+        return {"handled": "by code"}, 401
+
+    @app.get("/abort")
+    def aborted() -> str:
+        abort(401)
+
+    client = app.test_client()
+    assert client.get("/abort").json == {"handled": "by code"}
+    response = client.get("/protected", headers=auth_header(tokens.mint(expires_in=-600)))
+    assert response.status_code == 401
+    assert response.json is not None and response.json["error"] == "token_expired"
+    assert response.headers["WWW-Authenticate"].startswith('Bearer realm="api", error=')
+
+    app = make_app(tokens.config(), name="by_class")
+
+    @app.errorhandler(InvalidTokenError)
+    def by_class(error: InvalidTokenError) -> tuple[dict[str, str], int]:
+        return {"handled": error.error}, 401
+
+    response = app.test_client().get(
+        "/protected", headers=auth_header(tokens.mint(expires_in=-600))
+    )
+    assert response.json == {"handled": "token_expired"}
