@@ -16,6 +16,7 @@ several headers, a token in the query or the form as well).
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +25,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed448, ed25519, padding, rsa
 from flask import Flask, g, request
+from joserfc.jwk import RSAKey
 
 from flask_oauth_verify import OAuthVerify, require_token
 from flask_oauth_verify.keys import parse_key_set
@@ -705,3 +707,37 @@ def test_non_ascii_kid_matches_only_exactly(issuer_server: IssuerServer) -> None
         response = client.get("/protected", headers=auth_header(token))
         assert response.status_code == 401
         assert response.get_json()["error"] == "invalid_token"
+
+
+def _cube_root_ceil(value: int) -> int:
+    root = 1 << ((value.bit_length() + 2) // 3)  # at least the cube root
+    while root**3 > value:  # Newton's method from above
+        root = (2 * root + value // (root * root)) // 3
+    while root**3 < value:
+        root += 1
+    return root
+
+
+def test_rsa_e3_key_refuses_a_bleichenbacher_forgery(issuer_server: IssuerServer) -> None:
+    """A key set may hold an RSA key with e = 3 (valid; Bleichenbacher 2006):
+    a "signature" whose cube starts like a PKCS#1 v1.5 block for the token,
+    garbage after the hash, is refused; the genuine signature passes."""
+    issuer = TokenIssuer(audience="api")
+    private = rsa.generate_private_key(public_exponent=3, key_size=2048)
+    kid = issuer.add_key("RS256", kid="e3", key=RSAKey.import_key(private))
+    issuer.current_kid = kid
+    issuer.serve(issuer_server)
+    app = make_app(issuer.config(audience="api"))
+    client = app.test_client()
+    assert client.get("/protected", headers=auth_header(issuer.mint())).status_code == 200
+    digest_info = bytes.fromhex("3031300d060960864801650304020105000420")
+    header = b64url(_json({"alg": "RS256", "kid": kid, "typ": "at+jwt"}))
+    signing_input = f"{header}.{b64url(_json(issuer.claims()))}"
+    digest = hashlib.sha256(signing_input.encode()).digest()
+    for padding_bytes in (1, 8):  # 00 01 FF.. 00 DigestInfo hash, then garbage
+        prefix = b"\x00\x01" + b"\xff" * padding_bytes + b"\x00" + digest_info + digest
+        block = int.from_bytes(prefix + b"\xff" * (256 - len(prefix)), "big")
+        forged = _cube_root_ceil(int.from_bytes(prefix + bytes(256 - len(prefix)), "big"))
+        assert forged**3 <= block and (forged**3).to_bytes(256, "big").startswith(prefix)
+        token = f"{signing_input}.{b64url(forged.to_bytes(256, 'big'))}"
+        assert client.get("/protected", headers=auth_header(token)).status_code == 401
