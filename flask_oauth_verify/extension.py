@@ -507,13 +507,14 @@ def _register_error_handler(app: Flask, handler: Callable[[Any], Response]) -> N
     generic ``@app.errorhandler(Exception)`` (a 500) or Flask's HTML page
     instead. So it is filed under every status of the tree; a handler the
     app registers for a subclass (``TokenExpired``) still wins, being more
-    specific.
+    specific. A handler the app registered for the base class before
+    ``init_app`` (an app factory that sets up its handlers first) is kept.
     """
     codes = set(_ERROR_STATUSES) | {
         code for cls in _subclasses(OAuthVerifyError) if isinstance(code := cls.code, int)
     }
     for code in codes:
-        app.error_handler_spec[None][code][OAuthVerifyError] = handler
+        app.error_handler_spec[None][code].setdefault(OAuthVerifyError, handler)
 
 
 def _subclasses(cls: type[OAuthVerifyError]) -> set[type[OAuthVerifyError]]:

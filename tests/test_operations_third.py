@@ -15,10 +15,16 @@ import requests
 from flask import Flask, abort
 from werkzeug.serving import make_server
 
-from flask_oauth_verify import InsufficientScopeError, InvalidTokenError, require_token
+from flask_oauth_verify import (
+    InsufficientScopeError,
+    InvalidTokenError,
+    OAuthVerify,
+    OAuthVerifyError,
+    require_token,
+)
 from flask_oauth_verify.testing import TokenIssuer, auth_header
 
-from .conftest import make_app
+from .conftest import add_views, make_app
 
 #: RFC 6750 §3: error_description and scope values are made of these only.
 _RFC6750_VALUE = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]*")
@@ -218,3 +224,26 @@ def test_a_status_code_handler_is_not_called_for_the_librarys_errors(
         "/protected", headers=auth_header(tokens.mint(expires_in=-600))
     )
     assert response.json == {"handled": "token_expired"}
+
+
+def test_a_base_class_handler_registered_before_init_app_is_kept(tokens: TokenIssuer) -> None:
+    """An app factory that sets up its error handlers before its extensions:
+    ``init_app`` filed its own handler over the app's, which was never called."""
+    app = Flask("handlers_first")
+    app.config.update(TESTING=True, **tokens.config())
+
+    @app.errorhandler(OAuthVerifyError)
+    def mine(error: OAuthVerifyError) -> tuple[dict[str, str], int]:
+        return {"mine": error.error}, error.status_code
+
+    OAuthVerify().init_app(app)
+    add_views(app)
+    client = app.test_client()
+    assert client.get("/protected").json == {"mine": "unauthorized"}
+    expired = client.get("/protected", headers=auth_header(tokens.mint(expires_in=-600)))
+    assert expired.json == {"mine": "token_expired"}
+    # Flask files a base-class handler under its own status (401) only, as
+    # docs/errors.rst says: a 403 still gets the library's response.
+    denied = client.get("/read", headers=auth_header(tokens.mint(scopes=["other"])))
+    assert denied.status_code == 403
+    assert denied.json is not None and denied.json["error"] == "insufficient_scope"
