@@ -1093,7 +1093,15 @@ class TenantScoping:
                 # ORM bulk UPDATE by primary key ignores loader criteria.
                 self._check_primary_keys(state, organization)
                 return None
-        state.statement = state.statement.options(*_criteria_options(tenants, organization))
+        criteria = _criteria_options(tenants, organization)
+        present = getattr(state.statement, "_with_options", ())
+        if present:
+            # a refresh or lazy load carries the options the object was loaded
+            # with: adding ours again would grow them (and the SQL) each time
+            known = {id(option) for option in present}
+            criteria = tuple(c for c in criteria if id(c) not in known)
+        if criteria:
+            state.statement = state.statement.options(*criteria)
         if not (state.is_update or state.is_delete):
             # every loaded row is checked against this (see _on_load)
             guard = {_EXPECTED_ORG: organization, _SCOPING: self}

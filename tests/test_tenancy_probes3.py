@@ -24,8 +24,10 @@ from sqlalchemy import (
     Table,
     create_engine,
     delete,
+    event,
     func,
     insert,
+    inspect,
     select,
     text,
     update,
@@ -239,6 +241,37 @@ def test_mapper_level_column_expressions_are_scoped(maker: sessionmaker[OrmSessi
         projects = session.scalars(select(Project)).all()
         assert [(p.id, p.task_count, p.all_tasks) for p in projects] == [(1, 1, 1)]
         assert session.execute(select(Project.task_count)).scalars().all() == [1]
+
+
+def test_refreshes_neither_pile_up_criteria_nor_lose_them(
+    engine: Engine, maker: sessionmaker[OrmSession]
+) -> None:
+    """A refresh carries the options the object was loaded with; ours are not added twice."""
+    statements: list[str] = []
+
+    def record(_connection: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        with maker() as session, as_organization("org_a"):
+            project = session.get(Project, 1)
+            assert project is not None
+            options = len(inspect(project).load_options)
+            for _ in range(4):
+                session.commit()  # expires the object: the next access refreshes it
+                statements.clear()
+                assert project.task_count == 1  # org_b's task 3 on project 1 is not counted
+                assert len(statements) == 1
+                refreshed = statements[0]
+            assert len(inspect(project).load_options) == options
+            # the last refresh is the same SQL as the first one
+            session.expire(project)
+            statements.clear()
+            assert project.name == "a-one"
+            assert statements == [refreshed]
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
 
 
 # -- UPDATE … FROM, DELETE … USING, RETURNING -----------------------------------
