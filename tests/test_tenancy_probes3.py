@@ -616,9 +616,8 @@ def test_association_object_over_the_same_table_is_scoped(
     shared_maker: sessionmaker[OrmSession],
 ) -> None:
     with shared_maker() as session, as_organization("org_a"):
-        names = session.scalars(
-            select(Group.name).join(Membership.group).where(Membership.user_id == 1)
-        ).all()
+        user_id: Any = Membership.user_id  # type: ignore[attr-defined]  # from __table__
+        names = session.scalars(select(Group.name).join(Membership.group).where(user_id == 1)).all()
         assert names == ["a-group"]
         statement = select(Group.name).join(Member.groups)
         everyone = session.scalars(unscoped(statement, reason="admin report")).all()
