@@ -1148,7 +1148,9 @@ class TenantScoping:
             for element in getattr(option, "context", ()):
                 if element.strategy != _QUERY_EXPRESSION:
                     continue
-                entity = element.path[0] if len(element.path) else None
+                # the entity the attribute belongs to: the last one on the
+                # path (selectinload(Project.tasks).with_expression(Task.x, …))
+                entity = element.path[-2] if len(element.path) >= 2 else None
                 if isinstance(entity, Mapper):
                     own: set[Any] = set(entity.tables)
                 else:  # an aliased class: its alias is what the query scopes

@@ -72,6 +72,7 @@ class Task(ProbeBase):
     organization_id: Mapped[str] = mapped_column(String(20))
     project_id: Mapped[int] = mapped_column(ForeignKey("p3_projects.id"))
     title: Mapped[str] = mapped_column(String(50))
+    note: Mapped[Any] = query_expression()
 
 
 class Project(ProbeBase):
@@ -234,6 +235,20 @@ def test_with_expression_unscoped_is_the_opt_out(maker: sessionmaker[OrmSession]
         statement = select(Project).options(with_expression(Project.extra, _count_all()))
         rows = session.scalars(unscoped(statement, reason="admin report")).all()
         assert [(p.id, p.extra) for p in rows] == [(1, 3), (2, 3)]
+
+
+def test_with_expression_of_a_loaded_relationship_is_judged_by_its_own_entity(
+    maker: sessionmaker[OrmSession],
+) -> None:
+    with maker() as session, as_organization("org_a"):
+        # Task's expression reading projects: not Task's own table
+        for loader in (selectinload, joinedload):
+            option = loader(Project.tasks).with_expression(Task.note, Project.name)
+            with pytest.raises(TenantScopingError, match="p3_projects"):
+                session.scalars(select(Project).options(option)).unique().all()
+        option = selectinload(Project.tasks).with_expression(Task.note, Task.title + "!")
+        projects = session.scalars(select(Project).options(option)).all()
+        assert [[t.note for t in p.tasks] for p in projects] == [["a-task!"]]
 
 
 def test_mapper_level_column_expressions_are_scoped(maker: sessionmaker[OrmSession]) -> None:
