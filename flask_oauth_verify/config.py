@@ -530,6 +530,8 @@ def route_setting(value: Any, name: str, default: str) -> str | None:
         return default
     if not isinstance(value, str) or not value.startswith("/"):
         raise ConfigurationError(f"{_key(name)} must be a path starting with '/' (or True).")
+    if "<" in value or ">" in value:  # a rule variable: the view would get an argument, a 500
+        raise ConfigurationError(f"{_key(name)} must be a fixed path, without a <variable> part.")
     return value
 
 

@@ -274,6 +274,11 @@ def init_metrics(app: Flask, state: _AppState) -> Metrics:
     raw = state.settings.raw
     registry = _registry(raw)
     endpoint = route_setting(raw.get("METRICS_ENDPOINT"), "METRICS_ENDPOINT", "/metrics")
+    if endpoint is not None and endpoint == state.settings.health_route:
+        raise ConfigurationError(
+            f"OAUTH_VERIFY_METRICS_ENDPOINT and OAUTH_VERIFY_HEALTH_ROUTE are both {endpoint!r}: "
+            "one route would hide the other; give each its own path."
+        )
     try:
         metrics = Metrics(state.settings, registry, state.keys.status)
     except ValueError as exc:

@@ -22,6 +22,7 @@ from flask_oauth_verify import (
     OAuthVerifyError,
     require_token,
 )
+from flask_oauth_verify.config import ConfigurationError
 from flask_oauth_verify.testing import TokenIssuer, auth_header
 
 from .conftest import add_views, make_app
@@ -247,3 +248,27 @@ def test_a_base_class_handler_registered_before_init_app_is_kept(tokens: TokenIs
     denied = client.get("/read", headers=auth_header(tokens.mint(scopes=["other"])))
     assert denied.status_code == 403
     assert denied.json is not None and denied.json["error"] == "insufficient_scope"
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"HEALTH_ROUTE": "/health/<check>"}, "OAUTH_VERIFY_HEALTH_ROUTE"),
+        (
+            {"METRICS": True, "METRICS_ENDPOINT": "/metrics/<int:n>"},
+            "OAUTH_VERIFY_METRICS_ENDPOINT",
+        ),
+        (
+            {"HEALTH_ROUTE": True, "METRICS": True, "METRICS_ENDPOINT": "/health/token-validation"},
+            "OAUTH_VERIFY_METRICS_ENDPOINT and OAUTH_VERIFY_HEALTH_ROUTE",
+        ),
+    ],
+)
+def test_a_route_setting_that_cannot_work_fails_at_init_app(
+    tokens: TokenIssuer, settings: dict[str, object], named: str
+) -> None:
+    """A rule with a <variable> made every call of the route a 500 (the view
+    takes no argument); the same path for metrics and health served one of
+    them only. Both are refused at ``init_app``, naming the keys."""
+    with pytest.raises(ConfigurationError, match=re.escape(named)):
+        make_app(tokens.config(**settings))
