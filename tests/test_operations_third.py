@@ -265,7 +265,7 @@ def test_a_base_class_handler_registered_before_init_app_is_kept(tokens: TokenIs
     ],
 )
 def test_a_route_setting_that_cannot_work_fails_at_init_app(
-    tokens: TokenIssuer, settings: dict[str, object], named: str
+    tokens: TokenIssuer, settings: dict[str, Any], named: str
 ) -> None:
     """A rule with a <variable> made every call of the route a 500 (the view
     takes no argument); the same path for metrics and health served one of
