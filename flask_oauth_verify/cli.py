@@ -650,8 +650,12 @@ def _print_key_set(entry: Mapping[str, Any]) -> None:
 # -- discover -----------------------------------------------------------------------
 
 
-def _discover_issuer(state: _AppState, issuer: str) -> bool:
-    """Print the resolved endpoints of ``issuer``; False when keys cannot be found."""
+def _discover_issuer(state: _AppState, issuer: str) -> tuple[bool, bool]:
+    """Print the resolved endpoints of ``issuer``.
+
+    :returns: whether its keys can be found (when the strategy needs them),
+        and whether an introspection endpoint is configured or discovered.
+    """
     settings = state.settings
     click.echo(f"Issuer {issuer}")
     metadata: Mapping[str, Any] = {}
@@ -667,9 +671,12 @@ def _discover_issuer(state: _AppState, issuer: str) -> bool:
         click.echo(f"  jwks_uri: {settings.jwks_uri_for(issuer)} (OAUTH_VERIFY_JWKS_URI)")
     elif isinstance(metadata.get("jwks_uri"), str):
         click.echo(f"  jwks_uri: {one_line(metadata['jwks_uri'])} (discovered)")
+    elif settings.strategy == "introspection":
+        click.echo("  jwks_uri: not found (not used: strategy 'introspection')")
     else:
         click.echo("  jwks_uri: NOT FOUND — set OAUTH_VERIFY_JWKS_URI or fix discovery")
-        ok = settings.strategy == "introspection"
+        ok = False
+    introspection = True
     if settings.introspection_endpoint:
         click.echo(
             f"  introspection_endpoint: {settings.introspection_endpoint} "
@@ -680,10 +687,11 @@ def _discover_issuer(state: _AppState, issuer: str) -> bool:
         click.echo(f"  introspection_endpoint: {endpoint} (discovered)")
     else:
         click.echo("  introspection_endpoint: not published")
+        introspection = False
     for name in ("token_endpoint", "revocation_endpoint", "userinfo_endpoint"):
         if isinstance(metadata.get(name), str):
             click.echo(f"  {name}: {one_line(metadata[name])}")
-    return ok
+    return ok, introspection
 
 
 @cli.command("discover")
@@ -694,7 +702,15 @@ def discover_command() -> None:
     settings = state.settings
     click.echo(f"provider profile: {settings.provider}; strategy: {settings.strategy}")
     results = [_discover_issuer(state, issuer) for issuer in settings.issuers]
-    if not all(results):
+    # One endpoint (configured, or the first an issuer publishes) serves all.
+    needs_introspection = settings.strategy in ("introspection", "auto", "both")
+    if needs_introspection and not any(found for _ok, found in results):
+        click.echo(
+            f"No introspection endpoint, which strategy {settings.strategy!r} needs: set "
+            "OAUTH_VERIFY_INTROSPECTION_ENDPOINT or fix discovery."
+        )
+        sys.exit(1)
+    if not all(ok for ok, _found in results):
         sys.exit(1)
 
 

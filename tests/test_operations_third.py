@@ -23,9 +23,9 @@ from flask_oauth_verify import (
     require_token,
 )
 from flask_oauth_verify.config import ConfigurationError
-from flask_oauth_verify.testing import TokenIssuer, auth_header
+from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer, auth_header
 
-from .conftest import add_views, make_app
+from .conftest import add_views, free_port, make_app
 
 #: RFC 6750 §3: error_description and scope values are made of these only.
 _RFC6750_VALUE = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]*")
@@ -272,3 +272,36 @@ def test_a_route_setting_that_cannot_work_fails_at_init_app(
     them only. Both are refused at ``init_app``, naming the keys."""
     with pytest.raises(ConfigurationError, match=re.escape(named)):
         make_app(tokens.config(**settings))
+
+
+@pytest.mark.parametrize("strategy", ["introspection", "auto", "both"])
+def test_discover_fails_when_the_strategy_has_no_introspection_endpoint(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer, strategy: str
+) -> None:
+    """``discover`` said nothing was wrong (exit 0) for an introspection API
+    whose issuer is unreachable, and asked for a JWKS URI it does not use."""
+    config = _intro_config(served_tokens, strategy, "client_secret_basic")
+    config.pop("OAUTH_VERIFY_JWKS_URI")
+    runner = make_app(config, name=f"reachable_{strategy}").test_cli_runner()
+    result = runner.invoke(args=["oauth-verify", "discover"])
+    assert result.exit_code == 0, result.output
+    assert "introspection_endpoint: " in result.output
+
+    config["OAUTH_VERIFY_ISSUER"] = f"http://127.0.0.1:{free_port()}"  # nobody listens
+    runner = make_app(config, name=f"unreachable_{strategy}").test_cli_runner()
+    result = runner.invoke(args=["oauth-verify", "discover"])
+    assert result.exit_code == 1, result.output
+    assert f"No introspection endpoint, which strategy {strategy!r} needs" in result.output
+    if strategy == "introspection":
+        assert "jwks_uri: not found (not used: strategy 'introspection')" in result.output
+
+    # published by no issuer, though the issuer answers
+    issuer_server.route(
+        "/.well-known/openid-configuration",
+        Reply(200, {"issuer": served_tokens.issuer, "jwks_uri": f"{issuer_server.url}/jwks"}),
+    )
+    config["OAUTH_VERIFY_ISSUER"] = served_tokens.issuer
+    runner = make_app(config, name=f"unpublished_{strategy}").test_cli_runner()
+    result = runner.invoke(args=["oauth-verify", "discover"])
+    assert result.exit_code == 1, result.output
+    assert "introspection_endpoint: not published" in result.output
