@@ -123,6 +123,12 @@ def _classify(exc: FetchError) -> tuple[str, str, int]:
         return "server_error", f"the endpoint failed (HTTP {status})", _RETRY_TRANSIENT
     if reason.startswith("the response is not JSON"):
         return "invalid_response", "the endpoint answered with a non-JSON body", _RETRY_TRANSIENT
+    if reason.startswith("response larger than"):
+        return (
+            "invalid_response",
+            f"the endpoint's answer is too large ({reason}: OAUTH_VERIFY_HTTP_MAX_BYTES)",
+            _RETRY_TRANSIENT,
+        )
     if reason.startswith("timed out"):
         return "timeout", "the endpoint did not answer in time (HTTP_TIMEOUT)", _RETRY_TRANSIENT
     if reason.startswith("circuit open"):

@@ -384,12 +384,17 @@ def test_answer_members_of_the_wrong_kind_are_refused(
         Reply(200, "true"),
     ],
 )
-def test_answers_that_are_not_a_json_object_are_a_503(issuer: TokenIssuer, reply: Reply) -> None:
+def test_answers_that_are_not_a_json_object_are_a_503(
+    issuer: TokenIssuer, reply: Reply, caplog: pytest.LogCaptureFixture
+) -> None:
     """RFC 9701's JWT answer is never asked for (``Accept: application/json``):
-    one sent anyway is no answer we can read. So is one past the size cap."""
+    one sent anyway is no answer we can read. So is one past the size cap,
+    and the log says which kind of failure it was, as documented."""
     server_of(issuer).route(INTROSPECT, reply)
     client = make_app(intro_config(issuer)).test_client()
-    assert_503(client.get("/protected", headers=auth_header("opaque-tok")))
+    with caplog.at_level(logging.ERROR, logger="flask_oauth_verify.introspection"):
+        assert_503(client.get("/protected", headers=auth_header("opaque-tok")))
+    assert "Token introspection failed (invalid_response)" in caplog.text
 
 
 # -- concurrency ---------------------------------------------------------------------
