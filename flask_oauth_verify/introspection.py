@@ -52,6 +52,7 @@ from urllib.parse import parse_qsl, quote
 from authlib.oauth2.auth import ClientAuth
 from authlib.oauth2.rfc6750 import add_bearer_token
 
+from .bearer import is_b64token
 from .cache import SharedCache, cache_key
 from .config import Settings
 from .discovery import Discovery
@@ -478,6 +479,12 @@ class Introspector:
         if method == "bearer":
             if not settings.introspection_token:
                 raise _Misconfigured(_needs("OAUTH_VERIFY_INTROSPECTION_TOKEN", method))
+            if not is_b64token(settings.introspection_token):
+                # a newline (from a secrets file), a space, a non-ASCII character:
+                # no Authorization header can carry it (RFC 6750 §2.1)
+                raise _Misconfigured(
+                    _needs("an OAUTH_VERIFY_INTROSPECTION_TOKEN of b64token characters", method)
+                )
             _uri, headers, _body = add_bearer_token(settings.introspection_token, url, headers, "")
             return dict(headers), {}
         client_id = settings.introspection_client_id

@@ -449,3 +449,17 @@ def test_a_nan_leeway_read_from_the_environment_is_refused(
     assert math.isnan(app.config["OAUTH_VERIFY_LEEWAY"])
     with pytest.raises(ConfigurationError, match="OAUTH_VERIFY_LEEWAY"):
         OAuthVerify(app)
+
+
+@pytest.mark.parametrize("bearer", ["tok\n", "tok\r\nX-Injected: 1", "t\u20acst", "two words"])
+def test_an_introspection_token_no_header_can_carry_is_named_as_misconfigured(
+    issuer: TokenIssuer, bearer: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A newline left by a secrets file, say: 503 and a log that names the
+    setting (it was the undocumented kind ``fetch_failed``: InvalidHeader)."""
+    app = make_app(intro_config(issuer, INTROSPECTION_AUTH="bearer", INTROSPECTION_TOKEN=bearer))
+    with caplog.at_level(logging.ERROR, logger="flask_oauth_verify.introspection"):
+        assert_503(app.test_client().get("/protected", headers=auth_header("opaque-tok")))
+    assert "Token introspection failed (misconfigured)" in caplog.text
+    assert "OAUTH_VERIFY_INTROSPECTION_TOKEN" in caplog.text
+    assert hits(issuer) == 0
