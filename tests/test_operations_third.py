@@ -6,13 +6,13 @@ import base64
 import logging
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
 import requests
-from flask import Flask, abort
+from flask import Flask, abort, current_app
 from werkzeug.serving import make_server
 
 from flask_oauth_verify import (
@@ -305,3 +305,29 @@ def test_discover_fails_when_the_strategy_has_no_introspection_endpoint(
     result = runner.invoke(args=["oauth-verify", "discover"])
     assert result.exit_code == 1, result.output
     assert "introspection_endpoint: not published" in result.output
+
+
+def test_a_claims_check_is_shared_by_every_app_of_the_extension(tokens: TokenIssuer) -> None:
+    """As docs/views.rst says: checks belong to the extension object; one
+    registered once, reading ``current_app.config``, serves each app with
+    that app's own settings."""
+    oauth = OAuthVerify()
+
+    @oauth.claims_check
+    def organization_allowed(claims: Mapping[str, Any]) -> bool:
+        return claims.get("oid") in current_app.config["ALLOWED_ORGANIZATIONS"]
+
+    apps = []
+    for name, allowed in [("app_a", ["org_a"]), ("app_b", ["org_b"])]:
+        app = Flask(name)
+        app.config.update(tokens.config(), ALLOWED_ORGANIZATIONS=allowed)
+        oauth.init_app(app)
+        add_views(app)
+        apps.append(app)
+    app_a, app_b = (app.test_client() for app in apps)
+    token_a = auth_header(tokens.mint(organization_id="org_a"))
+    assert app_a.get("/protected", headers=token_a).status_code == 200
+    assert app_b.get("/protected", headers=token_a).status_code == 401
+    token_b = auth_header(tokens.mint(organization_id="org_b"))
+    assert app_b.get("/protected", headers=token_b).status_code == 200
+    assert app_a.get("/protected", headers=token_b).status_code == 401
