@@ -49,13 +49,21 @@ _logger = logging.getLogger("flask_oauth_verify")
 _ANY_EARLIER = "any earlier"
 
 
+#: Strategies that ask the authorization server whether the token was revoked.
+_SEES_REVOCATION = frozenset({"introspection", "both"})
+
+
 def _already_verified(
     strategy: str | None, request_g: dict[str, Any], default: str
 ) -> AuthContext | None:
-    """The context verified earlier in this request, if it satisfies ``strategy``
-    (``None``: the app's ``default``, which a weaker check made earlier does not
-    satisfy: ``verify_request(strategy="jwks")`` in a ``before_request`` must
-    not stand in for the ``"both"`` of the app's ``@require_token``).
+    """The context verified earlier in this request, if it satisfies ``strategy``.
+
+    A check without a strategy (``None``) takes the strategy of an earlier
+    one (``@require_scope("x")`` under ``@require_token(strategy=
+    "introspection")``), unless the app's ``default`` asks whether the token
+    was revoked and no earlier check did: ``verify_request(strategy="jwks")``
+    in a ``before_request`` must not stand in for the ``"both"`` of the app's
+    ``@require_token``.
 
     Only of *this* request: an app context pushed before the requests is
     reused by each of them, ``g`` with it (see :data:`REQUEST_KEY`).
@@ -64,7 +72,11 @@ def _already_verified(
     if not done or not stamped_for(request_g, request._get_current_object()):  # type: ignore[attr-defined]
         return None
     context = request_g.get("auth")
-    if strategy is _ANY_EARLIER or (strategy or default) in done or "both" in done:
+    if strategy is None:
+        reuse = default not in _SEES_REVOCATION or not done.isdisjoint(_SEES_REVOCATION)
+    else:
+        reuse = strategy is _ANY_EARLIER or strategy in done or "both" in done
+    if reuse:
         return context if isinstance(context, AuthContext) else None
     return None
 

@@ -90,6 +90,28 @@ def test_the_default_strategy_is_not_satisfied_by_a_weaker_check_made_earlier(
         assert_401(client.get(path, headers=auth_header(token)))
 
 
+@pytest.mark.parametrize("default", ["jwks", "both", "auto", "introspection"])
+def test_a_check_without_strategy_follows_the_route_decorator_above_it(
+    issuer: TokenIssuer, default: str
+) -> None:
+    """``@require_scope("read:users")`` under ``@require_token(strategy=
+    "introspection")``: one introspection, never a JWT check of an opaque
+    token, whatever the app's default."""
+    app = make_app(intro_config(issuer, STRATEGY=default))
+
+    @app.get("/partner")
+    @require_token(strategy="introspection")
+    @require_scope("read:users")
+    def partner() -> dict[str, Any]:
+        return {"subject": g.auth.subject}
+
+    client = app.test_client()
+    token = issuer.mint_opaque(subject="user_o", scopes=["read:users"])
+    response = client.get("/partner", headers=auth_header(token))
+    assert response.json == {"subject": "user_o"}
+    assert hits(issuer) == 1
+
+
 def test_the_default_introspection_is_not_satisfied_by_an_earlier_auto(
     issuer: TokenIssuer,
 ) -> None:
