@@ -72,6 +72,12 @@ def test_the_default_strategy_is_not_satisfied_by_a_weaker_check_made_earlier(
     def stacked() -> dict[str, Any]:
         return {"subject": g.auth.subject}
 
+    @app.get("/local")
+    @require_token(strategy="jwks")
+    @require_scope("read:users", strategy="jwks")
+    def local() -> dict[str, Any]:
+        return {"subject": g.auth.subject}
+
     @app.get("/area/strong-first")
     @require_token(strategy="both")
     @require_token
@@ -80,6 +86,8 @@ def test_the_default_strategy_is_not_satisfied_by_a_weaker_check_made_earlier(
 
     client = app.test_client()
     token = issuer.mint(subject="user_p", scopes=["read:users"])
+    assert client.get("/local", headers=auth_header(token)).status_code == 200
+    assert hits(issuer) == 0  # kept on "jwks" by each of its decorators
     for path in ("/area/pay", "/area/stacked"):
         assert client.get(path, headers=auth_header(token)).status_code == 200
     assert hits(issuer) == 2
