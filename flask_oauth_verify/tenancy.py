@@ -33,7 +33,7 @@ import functools
 import logging
 import threading
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import sqlalchemy
@@ -547,8 +547,14 @@ def _column_name_of(key: Any) -> str | None:
     return None
 
 
-def _literal(value: Any) -> Any:
-    return value.value if isinstance(value, BindParameter) else value
+def _literal(value: Any, overridden: Collection[str] = ()) -> Any:
+    """A bound value as written; a parameter the execution overrides stays unknown."""
+    if not isinstance(value, BindParameter):
+        return value
+    if value.callable is not None or value.key in overridden:
+        # bindparam("o", "org_a") run with {"o": "org_b"} writes org_b
+        return value
+    return value.value
 
 
 def _foreign(value: Any, organization: str) -> bool:
@@ -556,12 +562,19 @@ def _foreign(value: Any, organization: str) -> bool:
     return isinstance(value, ClauseElement) or value != organization
 
 
-def _value_rows(statement: Any) -> list[dict[str | None, Any]]:
-    """The rows given with ``.values()``, keyed by column name."""
+def _value_rows(
+    statement: Any, params: Iterable[Mapping[str, Any]] = ()
+) -> list[dict[str | None, Any]]:
+    """The rows given with ``.values()``, keyed by column name.
+
+    A ``bindparam()`` among them whose key the execution's ``params`` set is
+    left as the parameter: its value is not known here.
+    """
+    overridden = {key for row in params for key in row}
     rows: list[dict[str | None, Any]] = []
     values = getattr(statement, "_values", None)
     if values:
-        rows.append({_column_name_of(k): _literal(v) for k, v in values.items()})
+        rows.append({_column_name_of(k): _literal(v, overridden) for k, v in values.items()})
     for group in getattr(statement, "_multi_values", None) or ():
         for row in group:
             if not isinstance(row, Mapping):
@@ -569,7 +582,7 @@ def _value_rows(statement: Any) -> list[dict[str | None, Any]]:
                     "Multi-row VALUES given positionally cannot be checked by the tenant "
                     "write guard; pass one dictionary per row."
                 )
-            rows.append({_column_name_of(k): _literal(v) for k, v in row.items()})
+            rows.append({_column_name_of(k): _literal(v, overridden) for k, v in row.items()})
     return rows
 
 
@@ -1217,8 +1230,8 @@ class TenantScoping:
         self, state: ORMExecuteState, tenants: tuple[tuple[Any, str], ...], organization: str
     ) -> Any:
         statement: Any = state.statement
-        value_rows = _value_rows(statement)
         param_rows = _param_rows(state)
+        value_rows = _value_rows(statement, param_rows)
         rows: list[Mapping[Any, Any]] = [*value_rows, *param_rows]
         if (
             statement.select is not None
@@ -1267,7 +1280,8 @@ class TenantScoping:
         if subject is None:
             return
         mapper, key, name = subject
-        rows: list[Mapping[Any, Any]] = [*_value_rows(state.statement), *_param_rows(state)]
+        params = _param_rows(state)
+        rows: list[Mapping[Any, Any]] = [*_value_rows(state.statement, params), *params]
         for row in rows:
             for column in (key, name):
                 if column in row and _foreign(row[column], organization):

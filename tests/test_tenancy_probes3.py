@@ -22,6 +22,7 @@ from sqlalchemy import (
     ForeignKey,
     String,
     Table,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -53,6 +54,7 @@ from sqlalchemy.pool import StaticPool
 from flask_oauth_verify import OAuthVerify, require_organization
 from flask_oauth_verify.rls import enable_row_level_security, policy_statements
 from flask_oauth_verify.tenancy import (
+    CrossTenantWriteError,
     TenantScopingError,
     as_organization,
     enable_tenant_scoping,
@@ -360,6 +362,25 @@ def test_insert_returning_a_subquery_is_scoped(
         assert session.execute(statement).all() == [(9, None)]
         session.commit()
     assert (9, "org_b", "new") in stored_titles(engine)
+
+
+def test_a_bound_organization_the_execution_overrides_is_refused(
+    engine: Engine, maker: sessionmaker[OrmSession]
+) -> None:
+    """``bindparam("o", "org_a")`` looks like org_a, but ``{"o": "org_b"}`` writes org_b."""
+    own = bindparam("o", "org_a")
+    with maker() as session, as_organization("org_a"):
+        moves: list[Any] = [
+            update(Task).where(Task.id == 1).values(organization_id=own),
+            insert(Task).values(id=9, project_id=1, title="new", organization_id=own),
+        ]
+        for statement in moves:
+            with pytest.raises(CrossTenantWriteError):
+                session.execute(statement, {"o": "org_b"})
+        # the value written when nothing overrides it is checked as before
+        session.execute(update(Task).where(Task.id == 1).values(organization_id=own))
+        session.commit()
+    assert stored_titles(engine) == ORIGINAL_TITLES
 
 
 # -- Flask-SQLAlchemy's helpers -------------------------------------------------------
