@@ -368,7 +368,7 @@ def test_a_bound_organization_the_execution_overrides_is_refused(
     engine: Engine, maker: sessionmaker[OrmSession]
 ) -> None:
     """``bindparam("o", "org_a")`` looks like org_a, but ``{"o": "org_b"}`` writes org_b."""
-    own = bindparam("o", "org_a")
+    own: Any = bindparam("o", "org_a")
     with maker() as session, as_organization("org_a"):
         moves: list[Any] = [
             update(Task).where(Task.id == 1).values(organization_id=own),
