@@ -90,8 +90,9 @@ def verify_request(
 ) -> AuthContext | None:
     """Verify the current request's bearer token and set ``g.auth``.
 
-    Verifies at most once per request (a second call with the same or a
-    weaker strategy reuses the result), then checks ``scopes``.
+    Verifies at most once per request (a second call with the same strategy,
+    after ``"both"``, or without a strategy reuses the result; see
+    :func:`_already_verified` for the one exception), then checks ``scopes``.
 
     :param scopes: scopes the token must hold (all, or one with ``any_of``);
         a single string is one scope.
