@@ -91,8 +91,9 @@ def verify_request(
     """Verify the current request's bearer token and set ``g.auth``.
 
     Verifies at most once per request (a second call with the same strategy,
-    after ``"both"``, or without a strategy reuses the result; see
-    :func:`_already_verified` for the one exception), then checks ``scopes``.
+    after ``"both"``, or without a strategy reuses the result, except that an
+    app whose default is ``"introspection"`` or ``"both"`` asks the endpoint
+    when no earlier check did), then checks ``scopes``.
 
     :param scopes: scopes the token must hold (all, or one with ``any_of``);
         a single string is one scope.
