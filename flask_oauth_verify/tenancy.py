@@ -435,12 +435,26 @@ def _registry_tenants(reg: registry, name: str) -> tuple[tuple[Any, str], ...]:
 
 
 def _with_joined_criteria(statement: S, column: Any, name: str, organization: str) -> S:
-    """Scope every other entity of an ORM statement too (joins, subqueries, loads)."""
+    """Scope every other entity of an ORM statement too (joins, subqueries, loads).
+
+    An ORM ``update()`` / ``delete()`` gets the criteria for its subqueries,
+    and its other tenant tables (``UPDATE … FROM``) a ``WHERE`` each.
+    """
     mapper = getattr(getattr(column, "parent", None), "mapper", None)
-    if not isinstance(mapper, Mapper) or not isinstance(statement, Select | Query):
+    if not isinstance(mapper, Mapper) or not isinstance(
+        statement, Select | Query | Update | Delete
+    ):
         return statement
     tenants = _registry_tenants(mapper.registry, name)
-    return statement.options(*_criteria_options(tenants, organization))  # type: ignore[return-value]
+    scoped: Any = statement.options(*_criteria_options(tenants, organization))
+    if isinstance(scoped, Update | Delete):
+        tables: dict[Any, str] = {}
+        for cls, key in tenants:
+            tenant = inspect(cls)
+            column_name = tenant.columns[key].name
+            tables.update((t, column_name) for t in tenant.tables if column_name in t.c)
+        scoped = _scope_extra_froms(scoped, _TenantTables(tables), organization)
+    return scoped  # type: ignore[no-any-return]
 
 
 def org_scoped(statement: S, column: Any = None) -> S:
@@ -627,6 +641,44 @@ def _expanded(mapper: Mapper[Any], row: Mapping[str, Any]) -> Mapping[str, Any]:
     copy = dict(row)
     _expand_other_attrs(mapper, [copy])
     return copy
+
+
+def _scope_extra_froms(statement: Any, tenant_tables: Mapping[Any, str], organization: str) -> Any:
+    """Scope the other tables of an ``UPDATE … FROM`` / ``DELETE … USING``.
+
+    A column of another table in the ``WHERE`` or ``SET`` of an ORM
+    ``update()`` / ``delete()`` makes that table an extra ``FROM``, which
+    loader criteria (applied to the target entity and to subqueries)
+    never reach: each such tenant table, or alias of one, gets its own
+    ``<column> = <organization>``.
+    """
+    if isinstance(statement, FromStatement):  # select(X).from_statement(update(...))
+        inner = _scope_extra_froms(statement.element, tenant_tables, organization)
+        if inner is statement.element:
+            return statement
+        copy = statement._generate()
+        copy.element = inner
+        return copy
+    target = getattr(statement, "table", None)
+    own = target._deannotate() if target is not None else None
+    values = [v for _k, v in (getattr(statement, "_ordered_values", None) or ())]
+    values += list((getattr(statement, "_values", None) or {}).values())
+    stack = [*statement._where_criteria, *values]
+    found: dict[int, Any] = {}
+    while stack:
+        element = stack.pop()
+        if not isinstance(element, ClauseElement) or isinstance(
+            element, SelectBase | ScalarSelect | Exists
+        ):
+            continue  # subqueries get the loader criteria
+        table = getattr(element, "table", None)
+        if isinstance(element, ColumnClause) and isinstance(table, FromClause):
+            plain = table._deannotate()
+            name = tenant_tables.get(_base_table(plain))
+            if plain is not own and name is not None and name in plain.c:
+                found.setdefault(id(plain), plain.c[name] == organization)
+        stack.extend(element.get_children())
+    return statement.where(*found.values()) if found else statement
 
 
 class _TenantTables(dict[Any, str]):
@@ -1288,42 +1340,8 @@ class TenantScoping:
                     raise self._cross(mapper, organization, row[column], "update")
 
     def _scope_extra_froms(self, statement: Any, organization: str) -> Any:
-        """Scope the other tables of an ``UPDATE … FROM`` / ``DELETE … USING``.
-
-        A column of another table in the ``WHERE`` or ``SET`` of an ORM
-        ``update()`` / ``delete()`` makes that table an extra ``FROM``, which
-        loader criteria (applied to the target entity and to subqueries)
-        never reach: each such tenant table, or alias of one, gets its own
-        ``<column> = <organization>``.
-        """
-        if isinstance(statement, FromStatement):  # select(X).from_statement(update(...))
-            inner = self._scope_extra_froms(statement.element, organization)
-            if inner is statement.element:
-                return statement
-            copy = statement._generate()
-            copy.element = inner
-            return copy
-        target = getattr(statement, "table", None)
-        own = target._deannotate() if target is not None else None
-        tenant_tables = self._tenant_tables()
-        values = [v for _k, v in (getattr(statement, "_ordered_values", None) or ())]
-        values += list((getattr(statement, "_values", None) or {}).values())
-        stack = [*statement._where_criteria, *values]
-        found: dict[int, Any] = {}
-        while stack:
-            element = stack.pop()
-            if not isinstance(element, ClauseElement) or isinstance(
-                element, SelectBase | ScalarSelect | Exists
-            ):
-                continue  # subqueries get the loader criteria
-            table = getattr(element, "table", None)
-            if isinstance(element, ColumnClause) and isinstance(table, FromClause):
-                plain = table._deannotate()
-                name = tenant_tables.get(_base_table(plain))
-                if plain is not own and name is not None and name in plain.c:
-                    found.setdefault(id(plain), plain.c[name] == organization)
-            stack.extend(element.get_children())
-        return statement.where(*found.values()) if found else statement
+        """:func:`_scope_extra_froms` with this scoping's tenant tables."""
+        return _scope_extra_froms(statement, self._tenant_tables(), organization)
 
     def _check_primary_keys(self, state: ORMExecuteState, organization: str) -> None:
         subject = self._subject(state)

@@ -383,6 +383,22 @@ def test_a_bound_organization_the_execution_overrides_is_refused(
     assert stored_titles(engine) == ORIGINAL_TITLES
 
 
+def test_org_scoped_update_and_delete_scope_their_other_entities(engine: Engine) -> None:
+    """Explicit helpers only: no automatic scoping on this session factory."""
+    plain = sessionmaker(engine)
+    with plain() as session, as_organization("org_b"):
+        secret = select(Project.name).where(Project.id == 1).scalar_subquery()
+        copied = org_scoped(update(Task).values(title=func.coalesce(secret, Task.title)))
+        session.execute(copied)
+        joined = update(Task).where(Task.project_id == Project.id).values(title=Project.name)
+        session.execute(org_scoped(joined))
+        guessed = select(Project.id).where(Project.name == "a-one")
+        session.execute(org_scoped(delete(Task).where(Task.project_id.in_(guessed))))
+        session.commit()
+    expected = [row if row[0] != 2 else (2, "org_b", "B-SECRET") for row in ORIGINAL_TITLES]
+    assert stored_titles(engine) == expected
+
+
 # -- Flask-SQLAlchemy's helpers -------------------------------------------------------
 
 
