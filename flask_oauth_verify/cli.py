@@ -27,6 +27,7 @@ import json
 import sys
 from collections.abc import Mapping
 from typing import Any, TypeGuard
+from urllib.parse import urlsplit, urlunsplit
 
 import click
 from flask.cli import with_appcontext
@@ -83,6 +84,24 @@ def _when(timestamp: float, now: float) -> str:
         else (f"{_duration(now - timestamp)} ago")
     )
     return f"{moment:%Y-%m-%d %H:%M:%S} UTC ({relative})"
+
+
+def _shown_url(url: str | None) -> str | None:
+    """``url`` with the password of its user-info shown as ``***``: a
+    configured URL may carry a credential, and command output is pasted into
+    tickets."""
+    if url is None or "@" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url.rpartition("@")[2]  # unparsable: keep only what follows the user-info
+    if not password:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
 
 
 def _is_number(value: Any) -> TypeGuard[float]:
@@ -227,7 +246,7 @@ def _key_set_summary(state: _AppState, issuer: str) -> str:
         if status.issuer == issuer:
             kids = ", ".join(_show(k) for k in status.kids) or "none"
             age = "" if status.age is None else f", fetched {_duration(status.age)} ago"
-            return f"{status.source or 'key set'}{age}; it holds kids: {kids}"
+            return f"{_shown_url(status.source) or 'key set'}{age}; it holds kids: {kids}"
     return "no key set loaded"
 
 
@@ -606,7 +625,7 @@ def keys_command(refresh: bool, as_json: bool) -> None:
         output.append(
             {
                 "issuer": status.issuer,
-                "source": status.source,
+                "source": _shown_url(status.source),
                 "age_seconds": None if status.age is None else round(status.age, 1),
                 "fresh": status.fresh,
                 "error": error,
@@ -668,7 +687,9 @@ def _discover_issuer(state: _AppState, issuer: str) -> tuple[bool, bool]:
     if settings.static_jwks is not None:
         click.echo("  jwks_uri: not used, static key set (OAUTH_VERIFY_JWKS)")
     elif settings.jwks_uri_for(issuer):
-        click.echo(f"  jwks_uri: {settings.jwks_uri_for(issuer)} (OAUTH_VERIFY_JWKS_URI)")
+        click.echo(
+            f"  jwks_uri: {_shown_url(settings.jwks_uri_for(issuer))} (OAUTH_VERIFY_JWKS_URI)"
+        )
     elif isinstance(metadata.get("jwks_uri"), str):
         click.echo(f"  jwks_uri: {one_line(metadata['jwks_uri'])} (discovered)")
     elif settings.strategy == "introspection":
@@ -679,7 +700,7 @@ def _discover_issuer(state: _AppState, issuer: str) -> tuple[bool, bool]:
     introspection = True
     if settings.introspection_endpoint:
         click.echo(
-            f"  introspection_endpoint: {settings.introspection_endpoint} "
+            f"  introspection_endpoint: {_shown_url(settings.introspection_endpoint)} "
             "(OAUTH_VERIFY_INTROSPECTION_ENDPOINT)"
         )
     elif isinstance(metadata.get("introspection_endpoint"), str):

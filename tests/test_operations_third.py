@@ -331,3 +331,23 @@ def test_a_claims_check_is_shared_by_every_app_of_the_extension(tokens: TokenIss
     token_b = auth_header(tokens.mint(organization_id="org_b"))
     assert app_b.get("/protected", headers=token_b).status_code == 200
     assert app_a.get("/protected", headers=token_b).status_code == 401
+
+
+def test_the_cli_never_prints_a_password_of_a_configured_url(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer
+) -> None:
+    """A JWKS URI or introspection endpoint may carry a credential in its
+    user-info (requests sends it as Basic auth); ``discover`` and ``keys``
+    printed it as configured."""
+    password = "url-pass-Hq27"
+    with_password = issuer_server.url.replace("http://", f"http://reader:{password}@")
+    config = served_tokens.config(
+        JWKS_URI=f"{with_password}/jwks",
+        INTROSPECTION_ENDPOINT=f"{with_password}/introspect",
+    )
+    runner = make_app(config).test_cli_runner()
+    for args in (["discover"], ["keys"], ["keys", "--json"], ["keys", "--refresh"]):
+        result = runner.invoke(args=["oauth-verify", *args])
+        assert result.exit_code == 0, result.output
+        assert password not in result.output, args
+        assert "reader:***@127.0.0.1" in result.output, args
