@@ -674,3 +674,53 @@ def test_association_object_over_the_same_table_is_scoped(
         statement = select(Group.name).join(Member.groups)
         everyone = session.scalars(unscoped(statement, reason="admin report")).all()
         assert sorted(everyone) == ["B-SECRET", "a-group"]
+
+
+# -- a base class whose subclass alone has the organization column -------------------
+
+
+class InheritBase(DeclarativeBase):
+    pass
+
+
+class Item(InheritBase):
+    __tablename__ = "p3_items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(10))
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "item"}  # noqa: RUF012
+
+
+class SecretItem(Item):
+    """Single-table inheritance: the column is on the shared table, mapped here only."""
+
+    organization_id: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    __mapper_args__ = {"polymorphic_identity": "secret"}  # noqa: RUF012
+
+
+def test_base_class_refused_also_when_no_result_column_names_it() -> None:
+    engine = create_engine("sqlite://", poolclass=StaticPool)
+    InheritBase.metadata.create_all(engine)
+    with engine.begin() as connection:
+        connection.execute(
+            insert(Item.__table__),
+            [
+                {"id": 1, "kind": "secret", "organization_id": "org_b"},
+                {"id": 2, "kind": "item", "organization_id": None},
+            ],
+        )
+    maker = sessionmaker(engine)
+    scoping = enable_tenant_scoping(maker, models=InheritBase.registry)
+    try:
+        with maker() as session, as_organization("org_a"):
+            for statement in (
+                select(Item),
+                select(func.count()).select_from(Item),  # counted org_b's secret items
+                select(func.count(Item.id)),
+                select(SecretItem.id).join(Item, Item.id == SecretItem.id),
+            ):
+                with pytest.raises(TenantScopingError, match="subclass"):
+                    session.execute(statement).all()
+            assert session.execute(select(SecretItem.id)).all() == []
+    finally:
+        scoping.disable()
+        engine.dispose()
