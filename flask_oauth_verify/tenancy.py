@@ -1139,12 +1139,13 @@ class TenantScoping:
                 self._refuse(mapper, refused)
             # also entities that are no result column: select_from(Doc), a
             # join target, a count (the refusal is rare; the walk with it)
-            for element in visitors.iterate(state.statement):
+            statement: Any = state.statement
+            for element in visitors.iterate(statement):
                 annotations = getattr(element, "_annotations", None) or {}
                 owner = annotations.get("parententity", annotations.get("parentmapper"))
-                mapper = getattr(owner, "mapper", None)
-                if isinstance(mapper, Mapper):
-                    self._refuse(mapper, refused)
+                entity = getattr(owner, "mapper", None)
+                if isinstance(entity, Mapper):
+                    self._refuse(entity, refused)
         secondaries = self._unscoped_secondaries()
         if secondaries:
             self._refuse_secondaries(state, secondaries)

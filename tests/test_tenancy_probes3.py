@@ -702,7 +702,7 @@ def test_base_class_refused_also_when_no_result_column_names_it() -> None:
     InheritBase.metadata.create_all(engine)
     with engine.begin() as connection:
         connection.execute(
-            insert(Item.__table__),
+            insert(Item),
             [
                 {"id": 1, "kind": "secret", "organization_id": "org_b"},
                 {"id": 2, "kind": "item", "organization_id": None},
