@@ -188,11 +188,19 @@ class HealthChecker:
         cache = self.state.cache
         if not cache.is_shared:
             return {"status": "ok", "backend": "in-process"}
-        backend = cache.backend
-        name = type(getattr(backend, "cache", backend)).__name__
-        if cache.ping():
-            return {"status": "ok", "backend": name}
-        message = f"cache backend {name} unreachable ({cache.last_error or 'no answer'})"
+        try:
+            backend = cache.backend
+        except Exception as exc:  # a Flask-Caching Cache never init_app'ed for this app
+            name = "unknown"
+            message = (
+                f"cache backend unusable ({type(exc).__name__}: is the Flask-Caching Cache "
+                "initialised for this app, cache.init_app(app)?)"
+            )
+        else:
+            name = type(getattr(backend, "cache", backend)).__name__
+            if cache.ping():
+                return {"status": "ok", "backend": name}
+            message = f"cache backend {name} unreachable ({cache.last_error or 'no answer'})"
         if self.require_cache:
             reasons.append(message)
         else:

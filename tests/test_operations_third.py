@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import requests
 from flask import Flask, abort, current_app
+from flask_caching import Cache
 from werkzeug.serving import make_server
 
 from flask_oauth_verify import (
@@ -351,3 +352,29 @@ def test_the_cli_never_prints_a_password_of_a_configured_url(
         assert result.exit_code == 0, result.output
         assert password not in result.output, args
         assert "reader:***@127.0.0.1" in result.output, args
+
+
+@pytest.mark.parametrize("require_cache", [False, True])
+def test_a_cache_never_initialised_for_the_app_is_a_cache_problem_in_health(
+    served_tokens: TokenIssuer, require_cache: bool
+) -> None:
+    """``oauth.init_app(app, cache=cache)`` without ``cache.init_app(app)``:
+    requests work (per-process caching), but the health check raised inside
+    (KeyError) and answered 503 whatever HEALTH_REQUIRE_CACHE said."""
+    cache = Cache()  # never init_app'ed on this app
+    app = Flask(f"uninitialised_cache_{require_cache}")
+    app.config.update(
+        TESTING=True,
+        **served_tokens.config(HEALTH_ROUTE=True, HEALTH_REQUIRE_CACHE=require_cache),
+    )
+    OAuthVerify().init_app(app, cache=cache)
+    add_views(app)
+    client = app.test_client()
+    assert client.get("/protected", headers=auth_header(served_tokens.mint())).status_code == 200
+    response = client.get("/health/token-validation")
+    body = response.json
+    assert body is not None
+    assert body["checks"]["cache"]["status"] == "unreachable"
+    said = body.get("error", "") if require_cache else " ".join(body.get("warnings", []))
+    assert "cache.init_app(app)" in said, body
+    assert response.status_code == (503 if require_cache else 200), body
