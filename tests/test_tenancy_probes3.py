@@ -327,11 +327,10 @@ def test_update_from_an_alias_of_a_tenant_table_is_scoped(
     assert stored_titles(engine) == ORIGINAL_TITLES
 
 
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)  # DELETE … USING
 def test_delete_using_another_tenant_table_is_scoped(
     engine: Engine, maker: sessionmaker[OrmSession]
 ) -> None:
-    if engine.dialect.name != "postgresql":
-        pytest.skip("DELETE … USING is PostgreSQL's")
     with maker() as session, as_organization("org_b"):
         deleted = session.execute(
             delete(Task)
