@@ -773,6 +773,24 @@ def run_concurrently(app: Flask, tokens: list[str]) -> tuple[list[threading.Thre
     return threads, results
 
 
+def one_flight(app: Flask, server: IssuerServer, gate: Gate, token: str, count: int) -> list[Any]:
+    """``count`` concurrent requests with ``token``: the first reaches the held
+    endpoint, the others join its call, then the gate opens; their results."""
+    coalesced = Coalesced()
+    coalesced.watch(get_state(app).introspector)
+    threads, results = run_concurrently(app, [token] * count)
+    threads[0].start()
+    assert server.wait_for_hits(INTROSPECT, 1)
+    for thread in threads[1:]:
+        thread.start()
+    assert coalesced.wait_for(count - 1), "followers joined the leader's call"
+    gate.opened.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert server.hits[INTROSPECT] == 1
+    return results
+
+
 @pytest.mark.parametrize("answer", ["active", "down"])
 def test_concurrent_requests_for_one_token_make_one_call(issuer: TokenIssuer, answer: str) -> None:
     gate = Gate(issuer)
@@ -782,19 +800,7 @@ def test_concurrent_requests_for_one_token_make_one_call(issuer: TokenIssuer, an
     else:
         server.route(INTROSPECT, gate)
     app = make_app(intro_config(issuer))
-    coalesced = Coalesced()
-    coalesced.watch(get_state(app).introspector)
-    token = issuer.mint_opaque(subject="user_c")
-    threads, results = run_concurrently(app, [token] * 6)
-    threads[0].start()
-    assert server.wait_for_hits(INTROSPECT, 1)
-    for thread in threads[1:]:
-        thread.start()
-    assert coalesced.wait_for(5), "followers joined the leader's call"
-    gate.opened.set()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert server.hits[INTROSPECT] == 1
+    results = one_flight(app, server, gate, issuer.mint_opaque(subject="user_c"), 6)
     if answer == "active":
         assert results == [(200, results[0][1])] * 6
         assert results[0][1]["subject"] == "user_c"

@@ -24,14 +24,13 @@ from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer, auth_he
 from .conftest import FakeClock, make_app
 from .test_introspection import (
     INTROSPECT,
-    Coalesced,
     Gate,
     _redis_app,
     assert_401,
     assert_503,
     hits,
     intro_config,
-    run_concurrently,
+    one_flight,
     scripted,
     server_of,
 )
@@ -438,19 +437,8 @@ def test_concurrent_requests_with_one_token_make_one_call_under_both_and_auto(
     server = server_of(issuer)
     server.route(INTROSPECT, gate)
     app = make_app(intro_config(issuer, STRATEGY=strategy))
-    coalesced = Coalesced()
-    coalesced.watch(get_state(app).introspector)
     token = issuer.mint(subject="user_c") if strategy == "both" else issuer.mint_opaque()
-    threads, results = run_concurrently(app, [token] * 5)
-    threads[0].start()
-    assert server.wait_for_hits(INTROSPECT, 1)
-    for thread in threads[1:]:
-        thread.start()
-    assert coalesced.wait_for(4), "followers joined the leader's call"
-    gate.opened.set()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert server.hits[INTROSPECT] == 1
+    results = one_flight(app, server, gate, token, 5)
     assert [status for status, _body in results] == [200] * 5
 
 
