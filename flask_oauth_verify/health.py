@@ -19,7 +19,8 @@ route that answers 200 ``{"status": "healthy", ...}`` or 503
   status below 500 counts as reachable). The probe is a plain ``GET`` without
   a token or credentials, made at most once per
   ``OAUTH_VERIFY_HEALTH_PROBE_INTERVAL`` seconds (30), and not at all while
-  the endpoint's circuit breaker is open.
+  the endpoint's circuit breaker is open (then unreachable, whatever the
+  last probe said).
 
 .. versionadded:: 0.1.0
 """
@@ -219,7 +220,8 @@ class HealthChecker:
         with self._probe_lock:
             now = self.state.clock()
             if self._probe is not None and now - self._probe[0] < self.probe_interval:
-                result = self._probe[1]
+                # a breaker opened since then: requests get 503, so do we
+                result = self._open_breaker() or self._probe[1]
             else:
                 result = self._run_probe()
                 self._probe = (now, result)
@@ -240,18 +242,30 @@ class HealthChecker:
                 f"no introspection endpoint configured or discovered ({exc.reason})"
             ) from None
 
+    def _open_breaker(self, url: str | None = None) -> dict[str, Any] | None:
+        """The result while the endpoint's circuit breaker is open, else None."""
+        if url is None:
+            try:
+                url = self._endpoint()
+            except FetchError:
+                return None
+        if not self.state.fetcher.breaker(url, scope="endpoint").is_open:
+            return None
+        return {
+            "status": "unreachable",
+            "endpoint": _public_url(url),
+            "error": "circuit breaker open",
+        }
+
     def _run_probe(self) -> dict[str, Any]:
         try:
             url = self._endpoint()
         except FetchError as exc:
             return {"status": "unavailable", "error": exc.reason}
         fetcher = self.state.fetcher
-        if fetcher.breaker(url, scope="endpoint").is_open:
-            return {
-                "status": "unreachable",
-                "endpoint": _public_url(url),
-                "error": "circuit breaker open",
-            }
+        open_breaker = self._open_breaker(url)
+        if open_breaker is not None:
+            return open_breaker
         try:
             fetcher.request("GET", url, headers={"Accept": "application/json"}, breaker="endpoint")
         except FetchError as exc:
