@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import logging
 import math
+import re
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -191,6 +193,8 @@ def check_url(url: str, name: str, *, allow_insecure_http: bool) -> str:
     :param allow_insecure_http: ``OAUTH_VERIFY_ALLOW_INSECURE_HTTP``.
     :raises ConfigurationError: when the URL is not acceptable.
     """
+    if not isinstance(url, str):  # urlsplit(5) is an AttributeError naming no key
+        raise ConfigurationError(f"{_key(name)} must be an http(s) URL, not {url!r}.")
     parts = urlsplit(url)
     if parts.scheme == "https" and parts.hostname:
         return url
@@ -411,6 +415,10 @@ def _build(v: Mapping[str, Any]) -> Settings:
     tenants, placeholder_claims = _issuer_templates(v, issuers, jwks_uris, static_jwks)
     health = route_setting(v.get("HEALTH_ROUTE"), "HEALTH_ROUTE", "/health/token-validation")
     metrics = as_bool(v.get("METRICS", False), "METRICS")
+    # Read by the health checker, which is made on first use: checked here so
+    # that a wrong value fails at start-up, not in a request (a 500).
+    as_bool(v.get("HEALTH_REQUIRE_CACHE", False), "HEALTH_REQUIRE_CACHE")
+    _as_number(v.get("HEALTH_PROBE_INTERVAL", 30), "HEALTH_PROBE_INTERVAL")
     if v.get("METRICS_ENDPOINT") not in (None, False) and not metrics:
         raise ConfigurationError(
             f"{_key('METRICS_ENDPOINT')} is set but {_key('METRICS')} is not: set "
@@ -459,7 +467,7 @@ def _build(v: Mapping[str, Any]) -> Settings:
             v.get("DISCOVERY_CACHE_TTL", 6 * 3600), "DISCOVERY_CACHE_TTL", minimum=1
         ),
         prefetch_keys=as_bool(v.get("PREFETCH_KEYS", False), "PREFETCH_KEYS"),
-        allowed_jku_hosts=_as_tuple(v.get("ALLOWED_JKU_HOSTS"), "ALLOWED_JKU_HOSTS"),
+        allowed_jku_hosts=_jku_hosts(v.get("ALLOWED_JKU_HOSTS")),
         http_timeout=_as_timeout(v.get("HTTP_TIMEOUT", (2.0, 5.0))),
         http_max_bytes=int(
             _as_number(v.get("HTTP_MAX_BYTES", 512 * 1024), "HTTP_MAX_BYTES", minimum=1024)
@@ -473,10 +481,10 @@ def _build(v: Mapping[str, Any]) -> Settings:
         ),
         strategy=strategy,
         introspection_endpoint=endpoint,
-        introspection_client_id=v.get("INTROSPECTION_CLIENT_ID"),
-        introspection_client_secret=v.get("INTROSPECTION_CLIENT_SECRET"),
+        introspection_client_id=_optional_text(v, "INTROSPECTION_CLIENT_ID"),
+        introspection_client_secret=_optional_text(v, "INTROSPECTION_CLIENT_SECRET"),
         introspection_auth=intro_auth,
-        introspection_token=v.get("INTROSPECTION_TOKEN"),
+        introspection_token=_optional_text(v, "INTROSPECTION_TOKEN"),
         introspection_body=intro_body,
         introspection_cache_ttl=_as_number(
             v.get("INTROSPECTION_CACHE_TTL", 0), "INTROSPECTION_CACHE_TTL"
@@ -487,8 +495,10 @@ def _build(v: Mapping[str, Any]) -> Settings:
         token_cache_size=int(_as_number(v.get("TOKEN_CACHE_SIZE", 10000), "TOKEN_CACHE_SIZE")),
         provider=str(v.get("PROVIDER", "generic")),
         provider_params=MappingProxyType(dict(v.get("PROVIDER_PARAMS") or {})),
-        organization_column=str(v.get("ORGANIZATION_COLUMN", "organization_id")),
-        user_column=str(v.get("USER_COLUMN", "user_id")),
+        organization_column=_column(
+            v.get("ORGANIZATION_COLUMN", "organization_id"), "ORGANIZATION_COLUMN"
+        ),
+        user_column=_column(v.get("USER_COLUMN", "user_id"), "USER_COLUMN"),
         security_headers=as_bool(v.get("SECURITY_HEADERS", False), "SECURITY_HEADERS"),
         metrics=metrics,
         metrics_client_id_label=as_bool(
@@ -497,6 +507,48 @@ def _build(v: Mapping[str, Any]) -> Settings:
         health_route=health,
         raw=MappingProxyType(dict(v)),
     )
+
+
+def _optional_text(v: Mapping[str, Any], name: str) -> str | None:
+    """A credential or identifier sent to the issuer: text, or ``None``."""
+    value = v.get(name)
+    if value is not None and not isinstance(value, str):
+        # never echo the value: it may be a secret
+        raise ConfigurationError(f"{_key(name)} must be a string.")
+    return value
+
+
+def _column(value: Any, name: str) -> str:
+    """``ORGANIZATION_COLUMN`` / ``USER_COLUMN``: a column name (``str(None)``
+    would have scoped every query on a column called ``None``)."""
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(f"{_key(name)} must be a column name, not {value!r}.")
+    return value
+
+
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _jku_hosts(value: Any) -> tuple[str, ...]:
+    """``ALLOWED_JKU_HOSTS``: host names, compared exactly with a ``jku``'s
+    host; a URL or ``host:port`` could never match, leaving the profile's
+    every token refused."""
+    hosts = _as_tuple(value, "ALLOWED_JKU_HOSTS")
+    for host in hosts:
+        if not (_is_ip(host) or _HOST.fullmatch(host)):
+            raise ConfigurationError(
+                f"{_key('ALLOWED_JKU_HOSTS')} must list host names (keys.example.com), "
+                f"not {host!r}."
+            )
+    return hosts
 
 
 def _realm(value: Any) -> str:
