@@ -518,7 +518,10 @@ class KeyStore:
         marker = self.cache.get(source.key("jwks-forced"))
         at = shared_time(marker.get("at"), now) if isinstance(marker, dict) else None
         if at is not None and now - at < self._cooldown:
-            source.last_forced = max(source.last_forced, at)
+            # That worker's cooldown, not a new one from now: ours (set by
+            # the caller) would refuse the new kid for up to twice the
+            # cooldown, after that worker's refresh had already learnt it.
+            source.last_forced = at
             return True
         self.cache.set(source.key("jwks-forced"), {"at": now}, self._cooldown + 60)
         return False

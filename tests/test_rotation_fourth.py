@@ -1,0 +1,163 @@
+"""Key rotation and the key-set cache (fourth pass): real JWKS servers on
+127.0.0.1, a real Redis shared by several apps (the workers), a fake clock.
+
+Every scenario is a rotation an issuer really performs (a new key, a key
+removed, new material under an old ``kid``, a set emptied, an outage past
+the staleness bound) and checks what the docs (``keys.rst``) promise about
+when each worker accepts or refuses the tokens involved.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from flask import Flask
+from joserfc.jwk import RSAKey
+
+from flask_oauth_verify.testing import IssuerServer, Reply, Request, TokenIssuer
+
+from .conftest import FakeClock, RedisServer
+from .test_jwks import JWKS, assert_503, build, get
+from .test_shared_cache import redis_app, status_of
+
+
+@pytest.fixture
+def redis(redis_server: RedisServer, redis_url: str) -> RedisServer:
+    """The session Redis, running and empty (``redis_url`` flushes it)."""
+    return redis_server
+
+
+def workers(
+    tokens: TokenIssuer, redis: RedisServer, clock: FakeClock, **options: Any
+) -> tuple[Flask, Flask]:
+    """Two apps on one Redis and one clock: two workers of a deployment."""
+    return (
+        redis_app(tokens, redis.url, clock, **options),
+        redis_app(tokens, redis.url, clock, **options),
+    )
+
+
+class Switch:
+    """The ``/jwks`` route: the issuer's key set, or :attr:`reply` when set."""
+
+    def __init__(self, tokens: TokenIssuer, server: IssuerServer) -> None:
+        self.tokens = tokens
+        self.reply: Reply | None = None
+        server.route(JWKS, self)
+
+    def __call__(self, _request: Request) -> Reply:
+        return self.reply if self.reply is not None else Reply(200, self.tokens.jwks())
+
+
+def test_a_forced_refresh_refused_by_another_workers_cooldown_keeps_its_end(
+    redis: RedisServer, served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    # A forged kid at one worker claims the shared cooldown; a real rotation
+    # follows. The other worker refuses the new kid inside that cooldown (as
+    # documented) but must take it as soon as that cooldown ends, not a whole
+    # cooldown after its own refused attempt.
+    first, second = workers(served_tokens, redis, clock)
+    token = served_tokens.mint()
+    assert [status_of(app, token) for app in (first, second)] == [200, 200]
+    assert status_of(first, served_tokens.mint(headers={"kid": "forged"})) == 401
+    assert issuer_server.hits[JWKS] == 2
+    served_tokens.rotate()
+    clock.advance(5)
+    new = served_tokens.mint(now=clock.now)
+    assert status_of(second, new) == 401, "inside the shared cooldown"
+    assert issuer_server.hits[JWKS] == 2
+    clock.advance(26)  # 31 s after the forced refresh: the cooldown is over
+    assert status_of(second, new) == 200
+    assert status_of(first, new) == 200
+    assert issuer_server.hits[JWKS] == 3
+
+
+def test_a_removed_key_leaves_every_worker_within_its_soft_ttl(
+    redis: RedisServer, served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    first, second = workers(served_tokens, redis, clock)
+    old = served_tokens.mint(expires_in=7200)
+    for app in (first, second):
+        assert status_of(app, old) == 200
+        assert status_of(app, old) == 200  # a hit of the verified-token cache
+    served_tokens.rotate(drop_old=True)
+    assert status_of(first, served_tokens.mint()) == 200
+    assert status_of(first, old) == 401, "at once in the worker that fetched"
+    clock.advance(601)
+    assert status_of(second, old) == 401, "at the soft TTL in the others"
+    assert status_of(second, served_tokens.mint(now=clock.now)) == 200
+
+
+def test_new_material_under_the_same_kid_replaces_the_old_at_the_soft_ttl(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    app = build(served_tokens, clock)
+    kid = served_tokens.current_kid
+    old = served_tokens.mint(expires_in=7200)
+    assert get(app, old).status_code == 200
+    assert get(app, old).status_code == 200
+    served_tokens.add_key("RS256", kid=kid, key=RSAKey.generate_key(2048))
+    new = served_tokens.mint(now=clock.now, expires_in=7200)
+    assert get(app, new).status_code == 401, "a bad signature never forces a fetch"
+    assert issuer_server.hits[JWKS] == 1
+    clock.advance(601)
+    assert get(app, old).status_code == 401, "the cached token went with its key"
+    assert get(app, new).status_code == 200
+
+
+def test_a_key_set_emptied_refuses_every_token_then_recovers(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    switch = Switch(served_tokens, issuer_server)
+    app = build(served_tokens, clock)
+    token = served_tokens.mint(expires_in=7200)
+    assert get(app, token).status_code == 200
+    switch.reply = Reply(200, {"keys": []})
+    clock.advance(601)
+    response = get(app, token)
+    assert response.status_code == 401
+    assert response.json is not None and response.json["error"] == "invalid_token"
+    switch.reply = None
+    clock.advance(31)
+    assert get(app, served_tokens.mint(now=clock.now)).status_code == 200
+
+
+def test_past_the_staleness_bound_a_cached_token_gets_503_in_every_worker(
+    redis: RedisServer, served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    switch = Switch(served_tokens, issuer_server)
+    apps = workers(served_tokens, redis, clock, JWKS_MAX_STALENESS=3600)
+    token = served_tokens.mint(expires_in=20000)
+    for app in apps:
+        assert status_of(app, token) == 200
+        assert status_of(app, token) == 200
+    switch.reply = Reply(503, {})
+    for _ in range(36):  # 3564 s: within the bound, the last good keys
+        clock.advance(99)
+        assert [status_of(app, token) for app in apps] == [200, 200]
+    clock.advance(37)  # 3601 s
+    for app in apps:
+        assert_503(get(app, token))
+
+
+def test_304_answers_keep_every_worker_fresh_with_one_request_per_ttl(
+    redis: RedisServer, served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    seen: list[int] = []
+
+    def route(request: Request) -> Reply:
+        headers = {"ETag": '"v1"', "Cache-Control": "max-age=600"}
+        if request.headers.get("If-None-Match") == '"v1"':
+            seen.append(304)
+            return Reply(304, b"", headers)
+        seen.append(200)
+        return Reply(200, served_tokens.jwks(), headers)
+
+    issuer_server.route(JWKS, route)
+    apps = workers(served_tokens, redis, clock)
+    token = served_tokens.mint(expires_in=20000)
+    for _ in range(5):
+        assert [status_of(app, token) for app in apps] == [200, 200]
+        clock.advance(601)
+    assert seen == [200, 304, 304, 304, 304]
