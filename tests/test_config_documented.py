@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from flask_oauth_verify import ConfigurationError, Settings
-from flask_oauth_verify.testing import TokenIssuer
+from flask_oauth_verify.testing import IssuerServer, TokenIssuer
 
-from .conftest import make_app
+from .conftest import FakeClock, make_app
 
 PAGE = (Path(__file__).parents[1] / "docs" / "configuration.rst").read_text()
 
@@ -140,3 +140,37 @@ def test_the_documented_column_settings_reach_the_settings(tokens: TokenIssuer) 
     app = make_app(tokens.config(audience="api", ORGANIZATION_COLUMN="tenant", USER_COLUMN="owner"))
     settings = app.extensions["oauth_verify"].settings
     assert (settings.organization_column, settings.user_column) == ("tenant", "owner")
+
+
+@pytest.mark.parametrize(("ttl", "refetched_after"), [(None, 21600), (100, 100)])
+def test_discovery_cache_ttl_is_how_long_metadata_is_kept(
+    served_tokens: TokenIssuer,
+    issuer_server: IssuerServer,
+    clock: FakeClock,
+    ttl: int | None,
+    refetched_after: int,
+) -> None:
+    """Documented default 21600 s; the introspection endpoint is discovered,
+    so each request reads the metadata and shows when it is fetched again."""
+    extra = {} if ttl is None else {"DISCOVERY_CACHE_TTL": ttl}
+    config = served_tokens.config(
+        audience="api",
+        STRATEGY="introspection",
+        INTROSPECTION_CLIENT_ID="resource-server",
+        INTROSPECTION_CLIENT_SECRET="rs-secret",
+        **extra,
+    )
+    config.pop("OAUTH_VERIFY_JWKS_URI")
+    client = make_app(config, clock=clock).test_client()
+    token = served_tokens.mint_opaque(expires_in=10**6, now=clock.now)
+    headers = {"Authorization": f"Bearer {token}"}
+    discovery = "/.well-known/openid-configuration"
+
+    assert client.get("/protected", headers=headers).status_code == 200
+    assert issuer_server.hits[discovery] == 1
+    clock.advance(refetched_after * 0.85)  # within the TTL, less its 10 % jitter
+    assert client.get("/protected", headers=headers).status_code == 200
+    assert issuer_server.hits[discovery] == 1
+    clock.advance(refetched_after * 0.2)
+    assert client.get("/protected", headers=headers).status_code == 200
+    assert issuer_server.hits[discovery] == 2
