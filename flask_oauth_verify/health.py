@@ -106,7 +106,8 @@ class HealthChecker:
                 "OAUTH_VERIFY_HEALTH_PROBE_INTERVAL must be a number of seconds >= 0."
             )
         self.probe_interval = float(interval)
-        self._probe: tuple[float, dict[str, Any]] | None = None
+        #: (when, result, the endpoint probed, if one was found)
+        self._probe: tuple[float, dict[str, Any], str | None] | None = None
         # held for a whole probe (an HTTP call): a child forked meanwhile
         # would wait for it forever
         self._probe_lock = threading.Lock()
@@ -220,11 +221,12 @@ class HealthChecker:
         with self._probe_lock:
             now = self.state.clock()
             if self._probe is not None and now - self._probe[0] < self.probe_interval:
-                # a breaker opened since then: requests get 503, so do we
-                result = self._open_breaker() or self._probe[1]
+                _, result, url = self._probe
+                if url is not None:  # a breaker opened since: requests get 503, so do we
+                    result = self._open_breaker(url) or result
             else:
-                result = self._run_probe()
-                self._probe = (now, result)
+                result, url = self._run_probe()
+                self._probe = (now, result, url)
         if result["status"] != "ok":
             reasons.append(f"introspection endpoint {result['status']}: {result.get('error')}")
         return result
@@ -242,13 +244,8 @@ class HealthChecker:
                 f"no introspection endpoint configured or discovered ({exc.reason})"
             ) from None
 
-    def _open_breaker(self, url: str | None = None) -> dict[str, Any] | None:
+    def _open_breaker(self, url: str) -> dict[str, Any] | None:
         """The result while the endpoint's circuit breaker is open, else None."""
-        if url is None:
-            try:
-                url = self._endpoint()
-            except FetchError:
-                return None
         if not self.state.fetcher.breaker(url, scope="endpoint").is_open:
             return None
         return {
@@ -257,21 +254,22 @@ class HealthChecker:
             "error": "circuit breaker open",
         }
 
-    def _run_probe(self) -> dict[str, Any]:
+    def _run_probe(self) -> tuple[dict[str, Any], str | None]:
         try:
             url = self._endpoint()
         except FetchError as exc:
-            return {"status": "unavailable", "error": exc.reason}
+            return {"status": "unavailable", "error": exc.reason}, None
         fetcher = self.state.fetcher
         open_breaker = self._open_breaker(url)
         if open_breaker is not None:
-            return open_breaker
+            return open_breaker, url
         try:
             fetcher.request("GET", url, headers={"Accept": "application/json"}, breaker="endpoint")
         except FetchError as exc:
             if exc.status is None or exc.status >= 500:
-                return {"status": "unreachable", "endpoint": _public_url(url), "error": exc.reason}
-        return {"status": "ok", "endpoint": _public_url(url)}
+                endpoint = _public_url(url)
+                return {"status": "unreachable", "endpoint": endpoint, "error": exc.reason}, url
+        return {"status": "ok", "endpoint": _public_url(url)}, url
 
 
 def register_health_route(app: Flask, state: _AppState, rule: str) -> None:
