@@ -174,3 +174,30 @@ def test_discovery_cache_ttl_is_how_long_metadata_is_kept(
     clock.advance(refetched_after * 0.2)
     assert client.get("/protected", headers=headers).status_code == 200
     assert issuer_server.hits[discovery] == 2
+
+
+@pytest.mark.parametrize(
+    ("placeholder_claims", "claims", "status"),
+    [
+        (None, {"tenant": "t1"}, 200),  # not listed: the claim of its own name
+        (None, {}, 401),
+        (None, {"tenant": "t2"}, 401),
+        ({"tenant": "tid"}, {"tid": "t1"}, 200),
+        ({"tenant": "tid"}, {"tid": "t2", "tenant": "t1"}, 401),
+    ],
+)
+def test_issuer_placeholder_claims_bind_the_tenant_to_a_claim(
+    placeholder_claims: dict[str, str] | None, claims: dict[str, str], status: int
+) -> None:
+    tenant = TokenIssuer(issuer="https://issuer.example.test/t1", audience="api")
+    config = tenant.config(
+        audience="api",
+        ALLOWED_TENANTS=["t1"],
+        ISSUER_PLACEHOLDER_CLAIMS=placeholder_claims,
+    )
+    config["OAUTH_VERIFY_ISSUER"] = "https://issuer.example.test/{tenant}"
+    client = make_app(config).test_client()
+    token = tenant.mint(**claims)
+    assert (
+        client.get("/protected", headers={"Authorization": f"Bearer {token}"}).status_code == status
+    )
