@@ -197,7 +197,7 @@ def test_issuer_placeholder_claims_bind_the_tenant_to_a_claim(
     )
     config["OAUTH_VERIFY_ISSUER"] = "https://issuer.example.test/{tenant}"
     client = make_app(config).test_client()
-    token = tenant.mint(**claims)
+    token = tenant.mint(tenant.claims(**claims))
     assert (
         client.get("/protected", headers={"Authorization": f"Bearer {token}"}).status_code == status
     )
