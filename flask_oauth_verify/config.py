@@ -443,7 +443,7 @@ def _build(v: Mapping[str, Any]) -> Settings:
         user_id_rule=user_rule,
         allowed_client_ids=_as_tuple(v.get("ALLOWED_CLIENT_IDS"), "ALLOWED_CLIENT_IDS"),
         require_client_id=as_bool(v.get("REQUIRE_CLIENT_ID", False), "REQUIRE_CLIENT_ID"),
-        refused_claims=_as_tuple(v.get("REFUSED_CLAIMS", DEFAULT_REFUSED_CLAIMS), "REFUSED_CLAIMS"),
+        refused_claims=_refused_claims(v.get("REFUSED_CLAIMS")),
         allowed_tenants=tenants,
         issuer_placeholder_claims=MappingProxyType(placeholder_claims),
         issuer_claims=MappingProxyType(_issuer_claims(v.get("ISSUER_CLAIMS"))),
@@ -507,6 +507,14 @@ def _build(v: Mapping[str, Any]) -> Settings:
         health_route=health,
         raw=MappingProxyType(dict(v)),
     )
+
+
+def _refused_claims(value: Any) -> tuple[str, ...]:
+    """``REFUSED_CLAIMS``: ``None`` is the key left unset (the default), as
+    for the other keys; only ``[]`` turns the ID-token check off."""
+    if value is None:
+        return DEFAULT_REFUSED_CLAIMS
+    return _as_tuple(value, "REFUSED_CLAIMS")
 
 
 def _optional_text(v: Mapping[str, Any], name: str) -> str | None:

@@ -201,3 +201,15 @@ def test_issuer_placeholder_claims_bind_the_tenant_to_a_claim(
     assert (
         client.get("/protected", headers={"Authorization": f"Bearer {token}"}).status_code == status
     )
+
+
+@pytest.mark.parametrize(("refused", "status"), [(None, 401), ([], 200), (["nonce"], 200)])
+def test_refused_claims_none_keeps_the_id_token_check(
+    tokens: TokenIssuer, refused: list[str] | None, status: int
+) -> None:
+    """``None`` used to turn the check off silently, as ``[]`` does."""
+    client = make_app(tokens.config(audience="api", REFUSED_CLAIMS=refused)).test_client()
+    token = tokens.mint(at_hash="aGFzaA")
+    assert (
+        client.get("/protected", headers={"Authorization": f"Bearer {token}"}).status_code == status
+    )
