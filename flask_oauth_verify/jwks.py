@@ -638,17 +638,24 @@ class KeyStore:
         if conditional:
             headers["If-None-Match"] = str(source.etag)
         result = self.fetcher.get_json(uri, headers=headers, breaker=_scope(source))
+        ttl = self._ttl(result)
         if result.status == 304:
             if not conditional:
                 raise FetchError("304 Not Modified to an unconditional request")
             jwks, etag = source.raw, result.header("ETag") or source.etag
+            if not result.header("Cache-Control") and source.ttl > 0:
+                # RFC 9111 §4.3.4: a 304 updates the fields it carries only;
+                # without Cache-Control the 200's max-age still holds.
+                ttl = self._clamp(source.ttl)
         else:
             jwks, etag = result.data, result.header("ETag")
-        return {"jwks": jwks, "fetched_at": now, "ttl": self._ttl(result), "etag": etag, "uri": uri}
+        return {"jwks": jwks, "fetched_at": now, "ttl": ttl, "etag": etag, "uri": uri}
 
     def _ttl(self, result: HTTPResult) -> float:
         max_age = _max_age(result)
-        ttl = self.settings.jwks_cache_ttl if max_age is None else max_age
+        return self._clamp(self.settings.jwks_cache_ttl if max_age is None else max_age)
+
+    def _clamp(self, ttl: float) -> float:
         return max(min(max(ttl, self.settings.jwks_min_ttl), self.settings.jwks_max_ttl), 1.0)
 
     def _uri(self, source: _Source) -> str:

@@ -50,6 +50,30 @@ class Switch:
         return self.reply if self.reply is not None else Reply(200, self.tokens.jwks())
 
 
+class Conditional:
+    """The ``/jwks`` route with an ``ETag`` (the current kid): a 304 to a
+    matching ``If-None-Match``, with ``Cache-Control`` only if ``on_304``."""
+
+    def __init__(
+        self, tokens: TokenIssuer, server: IssuerServer, cache_control: str, *, on_304: bool
+    ) -> None:
+        self.tokens = tokens
+        self.cache_control = cache_control
+        self.on_304 = on_304
+        self.seen: list[int] = []
+        server.route(JWKS, self)
+
+    def __call__(self, request: Request) -> Reply:
+        headers = {"ETag": f'"{self.tokens.current_kid}"', "Cache-Control": self.cache_control}
+        if request.headers.get("If-None-Match") == headers["ETag"]:
+            self.seen.append(304)
+            if not self.on_304:
+                del headers["Cache-Control"]
+            return Reply(304, b"", headers)
+        self.seen.append(200)
+        return Reply(200, self.tokens.jwks(), headers)
+
+
 def test_a_forced_refresh_refused_by_another_workers_cooldown_keeps_its_end(
     redis: RedisServer, served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
 ) -> None:
@@ -144,20 +168,29 @@ def test_past_the_staleness_bound_a_cached_token_gets_503_in_every_worker(
 def test_304_answers_keep_every_worker_fresh_with_one_request_per_ttl(
     redis: RedisServer, served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
 ) -> None:
-    seen: list[int] = []
-
-    def route(request: Request) -> Reply:
-        headers = {"ETag": '"v1"', "Cache-Control": "max-age=600"}
-        if request.headers.get("If-None-Match") == '"v1"':
-            seen.append(304)
-            return Reply(304, b"", headers)
-        seen.append(200)
-        return Reply(200, served_tokens.jwks(), headers)
-
-    issuer_server.route(JWKS, route)
+    route = Conditional(served_tokens, issuer_server, "max-age=600", on_304=True)
     apps = workers(served_tokens, redis, clock)
     token = served_tokens.mint(expires_in=20000)
     for _ in range(5):
         assert [status_of(app, token) for app in apps] == [200, 200]
         clock.advance(601)
-    assert seen == [200, 304, 304, 304, 304]
+    assert route.seen == [200, 304, 304, 304, 304]
+
+
+def test_a_304_without_cache_control_keeps_the_max_age_of_the_200(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    # RFC 9111 §4.3.4: a 304 updates only the header fields it carries. An
+    # issuer whose 304s omit Cache-Control asked for max-age=60 all along: a
+    # key it removes after a 304 stops being trusted within 60 s, not 600 s.
+    route = Conditional(served_tokens, issuer_server, "max-age=60", on_304=False)
+    app = build(served_tokens, clock)
+    old = served_tokens.mint(expires_in=7200)
+    assert get(app, old).status_code == 200
+    clock.advance(61)
+    assert get(app, old).status_code == 200
+    assert route.seen == [200, 304]
+    served_tokens.rotate(drop_old=True)
+    clock.advance(61)
+    assert get(app, old).status_code == 401
+    assert route.seen[:3] == [200, 304, 200], "the refresh came at the 200's max-age"
