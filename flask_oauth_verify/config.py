@@ -419,7 +419,9 @@ def _build(v: Mapping[str, Any]) -> Settings:
     # that a wrong value fails at start-up, not in a request (a 500).
     as_bool(v.get("HEALTH_REQUIRE_CACHE", False), "HEALTH_REQUIRE_CACHE")
     _as_number(v.get("HEALTH_PROBE_INTERVAL", 30), "HEALTH_PROBE_INTERVAL")
-    if v.get("METRICS_ENDPOINT") not in (None, False) and not metrics:
+    # "off" or "" (from the environment) is no route, as documented
+    metrics_route = route_setting(v.get("METRICS_ENDPOINT"), "METRICS_ENDPOINT", "/metrics")
+    if metrics_route is not None and not metrics:
         raise ConfigurationError(
             f"{_key('METRICS_ENDPOINT')} is set but {_key('METRICS')} is not: set "
             f"{_key('METRICS')} = True to record and serve metrics."

@@ -213,3 +213,17 @@ def test_refused_claims_none_keeps_the_id_token_check(
     assert (
         client.get("/protected", headers={"Authorization": f"Bearer {token}"}).status_code == status
     )
+
+
+@pytest.mark.parametrize("off", ["off", "", "false", "no", "0", False, None])
+def test_a_metrics_endpoint_spelled_off_needs_no_metrics(tokens: TokenIssuer, off: object) -> None:
+    """The route settings take the yes/no spellings; "off" used to count as
+    a route asked for without ``METRICS``, a ConfigurationError."""
+    app = make_app(tokens.config(audience="api", METRICS_ENDPOINT=off))
+    assert app.test_client().get("/metrics").status_code == 404
+
+
+def test_a_metrics_endpoint_without_metrics_is_still_refused(tokens: TokenIssuer) -> None:
+    for route in ("/metrics", True, "on"):
+        with pytest.raises(ConfigurationError, match="OAUTH_VERIFY_METRICS_ENDPOINT"):
+            make_app(tokens.config(audience="api", METRICS_ENDPOINT=route))
