@@ -142,6 +142,8 @@ def _as_tuple(value: Any, name: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
+        if not value:  # an empty environment variable; ("",) matched nothing or everything
+            raise ConfigurationError(f"{_key(name)} must not be empty.")
         return (value,)
     if isinstance(value, list | tuple | set | frozenset):
         items = tuple(value)
@@ -370,7 +372,8 @@ def _build(v: Mapping[str, Any]) -> Settings:
     verify_audience = v.get("VERIFY_AUDIENCE", True)
     if not isinstance(verify_audience, bool):
         raise ConfigurationError(f"{_key('VERIFY_AUDIENCE')} must be True or False.")
-    audiences = _as_tuple(v.get("AUDIENCE"), "AUDIENCE")
+    # "" (an empty environment variable) is no audience: required, unless turned off
+    audiences = _as_tuple(v.get("AUDIENCE") or None, "AUDIENCE")
     if verify_audience and not audiences:
         raise ConfigurationError(
             f"{_key('AUDIENCE')} is required (the identifier of this API). To turn the "

@@ -227,3 +227,29 @@ def test_a_metrics_endpoint_without_metrics_is_still_refused(tokens: TokenIssuer
     for route in ("/metrics", True, "on"):
         with pytest.raises(ConfigurationError, match="OAUTH_VERIFY_METRICS_ENDPOINT"):
             make_app(tokens.config(audience="api", METRICS_ENDPOINT=route))
+
+
+@pytest.mark.parametrize(
+    "key", ["REFUSED_CLAIMS", "REQUIRED_CLAIMS", "ALLOWED_CLIENT_IDS", "ISSUER", "ALGORITHMS"]
+)
+def test_an_empty_string_is_refused_naming_the_key(tokens: TokenIssuer, key: str) -> None:
+    """An empty environment variable used to become ``("",)``: for
+    ``REFUSED_CLAIMS`` the ID-token check silently off."""
+    with pytest.raises(ConfigurationError, match=f"OAUTH_VERIFY_{key}"):
+        make_app(tokens.config(audience="api", **{key: ""}))
+
+
+def test_an_empty_audience_is_no_audience(tokens: TokenIssuer) -> None:
+    """Required (it was taken as the audience ``""``), unless the check is off."""
+    config = tokens.config(audience="api")
+    config["OAUTH_VERIFY_AUDIENCE"] = ""
+    with pytest.raises(ConfigurationError, match="OAUTH_VERIFY_AUDIENCE is required"):
+        make_app(config)
+    app = make_app({**config, "OAUTH_VERIFY_VERIFY_AUDIENCE": False})
+    token = tokens.mint(aud=None)
+    assert (
+        app.test_client()
+        .get("/protected", headers={"Authorization": f"Bearer {token}"})
+        .status_code
+        == 200
+    )
