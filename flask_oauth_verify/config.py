@@ -725,7 +725,7 @@ def _issuer_templates(
     static_jwks: Any,
 ) -> tuple[tuple[str, ...] | None, dict[str, str]]:
     """Validate templated issuers; return (allowed tenants, placeholder claims)."""
-    from .issuers import compile_template, is_template
+    from .issuers import compile_template, is_segment, is_template
 
     claims = v.get("ISSUER_PLACEHOLDER_CLAIMS") or {}
     if not isinstance(claims, Mapping) or not all(
@@ -751,6 +751,15 @@ def _issuer_templates(
             f"A templated {_key('ISSUER')} needs {_key('ALLOWED_TENANTS')}: a list of the "
             "tenant ids to accept, or '*' to accept a token of any tenant."
         )
+    for tenant in (tenants or ()) if templates else ():
+        # An entry no iss can hold (["*"], "a,b" from the environment, a
+        # '/') matched no token: every token was refused without a word.
+        if not is_segment(tenant):
+            raise ConfigurationError(
+                f"{_key('ALLOWED_TENANTS')} entry {tenant[:64]!r} can never match a tenant: "
+                "each entry is one path segment of letters, digits and '-._~' "
+                "(to accept every tenant, write '*' alone, not in a list)."
+            )
     return tenants, dict(claims)
 
 

@@ -32,11 +32,16 @@ from .claims import claim_path
 from .config import ConfigurationError
 from .errors import InvalidTokenError
 
-__all__ = ["IssuerMatcher", "IssuerTemplate", "compile_template", "is_template"]
+__all__ = ["IssuerMatcher", "IssuerTemplate", "compile_template", "is_segment", "is_template"]
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 #: One path segment of RFC 3986 unreserved characters.
 _SEGMENT = r"[A-Za-z0-9._~-]+"
+
+
+def is_segment(value: str) -> bool:
+    """Whether ``value`` can stand for a placeholder (so be an allowed tenant)."""
+    return value not in (".", "..") and re.fullmatch(_SEGMENT, value) is not None
 
 
 def is_template(issuer: str) -> bool:
