@@ -486,6 +486,7 @@ def apply_profile(given: Mapping[str, Any]) -> dict[str, Any]:
             f"entries: {', '.join(missing)} (they could not be derived from "
             f"OAUTH_VERIFY_ISSUER)."
         )
+    _check_one_tenant(profile, given, issuers, per_issuer)
     merged: dict[str, Any] = {}
     for key, value in profile.defaults.items():
         mergeable = key in MERGED_MAPPINGS or (
@@ -523,6 +524,33 @@ def apply_profile(given: Mapping[str, Any]) -> dict[str, Any]:
     merged["PROVIDER"] = profile.name
     merged["PROVIDER_PARAMS"] = {k: v for k, v in fields.items() if not k.startswith("issuer")}
     return merged
+
+
+#: Defaults checked on every JWT that hold one value for all issuers.
+_ONE_VALUE_FOR_ALL = ("ISSUER_CLAIMS", "ALLOWED_JKU_HOSTS")
+
+
+def _check_one_tenant(
+    profile: Profile, given: Mapping[str, Any], issuers: list[str], per_issuer: list[_Fields]
+) -> None:
+    """Issuers whose parts render these defaults differently (Beyond Identity
+    applications of two realms, tenants or regions) are refused at start-up:
+    rendered from the first issuer only, they refused every token of the
+    others without a word."""
+    for key in _ONE_VALUE_FOR_ALL:
+        if key not in profile.defaults or key in given:
+            continue
+        values = {
+            repr(_render(profile.defaults[key], f))
+            for i, f in zip(issuers, per_issuer, strict=True)
+            if not is_template(i)
+        }
+        if len(values) > 1:
+            raise _error(
+                f"OAUTH_VERIFY_PROVIDER = {profile.name!r}: the issuers differ in what "
+                f"OAUTH_VERIFY_{key} must hold ({', '.join(sorted(values))}), and one app "
+                "checks one value: list issuers of one tenant and realm (and region) only."
+            )
 
 
 def _email_verified(merged: dict[str, Any]) -> None:

@@ -116,3 +116,47 @@ def test_the_same_kid_in_two_issuers_sets_never_crosses(server: IssuerServer) ->
         assert call(app, token(b, other.url))[0] == 200  # both sets cached now
         refused(app, token(b, server.url))
         refused(app, token(a, other.url))
+
+
+BI = (
+    "https://auth-{region}.beyondidentity.com/v1/tenants/{tenant}/realms/{realm}/applications/{app}"
+)
+
+
+def beyond_identity(*issuers: str) -> Settings:
+    return Settings.from_config(
+        {
+            "OAUTH_VERIFY_PROVIDER": "beyond_identity",
+            "OAUTH_VERIFY_ISSUER": list(issuers),
+            "OAUTH_VERIFY_AUDIENCE": "api",
+            "OAUTH_VERIFY_INTROSPECTION_CLIENT_ID": "rs",
+            "OAUTH_VERIFY_INTROSPECTION_CLIENT_SECRET": "secret",
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("second", "key"),
+    [
+        ({"region": "us", "tenant": "t1", "realm": "r2"}, "ISSUER_CLAIMS"),
+        ({"region": "us", "tenant": "t2", "realm": "r1"}, "ISSUER_CLAIMS"),
+        ({"region": "eu", "tenant": "t1", "realm": "r1"}, "ALLOWED_JKU_HOSTS"),
+    ],
+)
+def test_beyond_identity_issuers_of_two_realms_are_refused_at_start_up(
+    second: dict[str, str], key: str
+) -> None:
+    """bi_t/bi_r and the jku host were read from the first issuer only: every
+    token of the second application was refused, with a per-request log line."""
+    first = BI.format(region="us", tenant="t1", realm="r1", app="a1")
+    with pytest.raises(ConfigurationError, match=key):
+        beyond_identity(first, BI.format(app="a2", **second))
+
+
+def test_beyond_identity_applications_of_one_realm_share_the_settings() -> None:
+    one = beyond_identity(
+        BI.format(region="us", tenant="t1", realm="r1", app="a1"),
+        BI.format(region="us", tenant="t1", realm="r1", app="a2"),
+    )
+    assert dict(one.issuer_claims) == {"bi_t": "t1", "bi_r": "r1"}
+    assert one.allowed_jku_hosts == ("auth-us.beyondidentity.com",)
