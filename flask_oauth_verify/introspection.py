@@ -59,6 +59,7 @@ from .discovery import Discovery
 from .errors import InvalidTokenError, UpstreamError
 from .fetch import Fetcher, FetchError, SingleFlight
 from .fifo import BoundedFifo
+from .issuers import is_template
 from .verification import JWTVerifier, finite_number
 
 __all__ = ["ACCESS_TOKEN_TYPES", "Introspector", "discover_endpoint"]
@@ -169,6 +170,11 @@ class Introspector:
         self.discovery = discovery
         self.verifier = verifier
         self.clock = clock
+        #: A templated issuer limited to ALLOWED_TENANTS: an answer must name
+        #: its issuer (so its tenant); without ``iss`` any tenant got through.
+        self._answer_needs_iss = settings.allowed_tenants is not None and any(
+            is_template(issuer) for issuer in settings.issuers
+        )
         #: Receives security events ``(name, fields)``; set by the extension.
         self.on_event: EventSink | None = None
         #: Per-process copies of cached answers: key -> (until, response).
@@ -247,8 +253,9 @@ class Introspector:
                 raise InvalidTokenError(reason="introspection: the token is not active")
             # "true", 1, ... : a sloppy or hostile answer is never "active".
             raise InvalidTokenError(reason="introspection: 'active' is not the JSON boolean true")
-        if "iss" in response:
-            # exact match against the configured issuers, as for a JWT
+        if "iss" in response or (extra and self._answer_needs_iss):
+            # exact match against the configured issuers, as for a JWT (a
+            # "both" answer confirms a JWT whose iss named the tenant)
             self.verifier.unverified_issuer(response, answer=True)
         self._check_token_type(response)
         self.verifier.check_claims(

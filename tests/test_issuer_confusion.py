@@ -160,3 +160,47 @@ def test_beyond_identity_applications_of_one_realm_share_the_settings() -> None:
     )
     assert dict(one.issuer_claims) == {"bi_t": "t1", "bi_r": "r1"}
     assert one.allowed_jku_hosts == ("auth-us.beyondidentity.com",)
+
+
+def tenant_app(server: IssuerServer, allowed: Any, strategy: str = "introspection") -> Any:
+    """A templated issuer (``tid``), one introspection endpoint for every tenant."""
+    return provider_app(
+        {
+            "OAUTH_VERIFY_ISSUER": f"{server.url}/{{tenantid}}",
+            "OAUTH_VERIFY_AUDIENCE": "api",
+            "OAUTH_VERIFY_JWKS_URI": f"{server.url}/jwks",
+            "OAUTH_VERIFY_ISSUER_PLACEHOLDER_CLAIMS": {"tenantid": "tid"},
+            "OAUTH_VERIFY_ALLOWED_TENANTS": allowed,
+            "OAUTH_VERIFY_INTROSPECTION_ENDPOINT": f"{server.url}/introspect",
+            "OAUTH_VERIFY_INTROSPECTION_CLIENT_ID": "rs",
+            "OAUTH_VERIFY_INTROSPECTION_CLIENT_SECRET": "secret",
+            "OAUTH_VERIFY_STRATEGY": strategy,
+            "OAUTH_VERIFY_CLAIM_MAP": {"organization_id": ["tid"]},
+        }
+    )
+
+
+def test_an_introspection_answer_without_iss_is_no_tenant_of_the_allowlist(
+    server: IssuerServer,
+) -> None:
+    """RFC 7662 makes ``iss`` optional; an active answer without it named a
+    tenant nowhere the allowlist looks, and ``g.auth.organization_id`` became
+    whatever its ``tid`` said."""
+    signer = TokenIssuer(issuer=server.url)
+    answer: dict[str, Any] = {}
+    server.route("/jwks", lambda _r: Reply(200, signer.jwks()))
+    server.route("/introspect", lambda _r: Reply(200, answer))
+    answer.update(active=True, sub="u", tid="stranger", scope="read", client_id="c", exp=2**32)
+    refused(tenant_app(server, ["home"]), "opaque-token")
+    answer.update(iss=f"{server.url}/stranger")
+    refused(tenant_app(server, ["home"]), "opaque-token")
+    answer.update(iss=f"{server.url}/home", tid="home")
+    status, body = call(tenant_app(server, ["home"]), "opaque-token")
+    assert (status, body["organization_id"]) == (200, "home")
+    # every tenant accepted: nothing to check, an answer without iss is fine
+    del answer["iss"]
+    assert call(tenant_app(server, "*"), "opaque-token")[0] == 200
+    # "both": the answer only confirms a JWT whose own iss named an allowed tenant
+    claims = {"aud": "api", "sub": "u", "iss": f"{server.url}/home", "tid": "home", "exp": 2**32}
+    jwt = signer.mint(claims)
+    assert call(tenant_app(server, ["home"], "both"), jwt)[0] == 200
