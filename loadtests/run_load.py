@@ -36,6 +36,7 @@ import dataclasses
 import http.client
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -114,9 +115,10 @@ class Redis:
 class TokenMix:
     """Writes the labelled request mix that wrk (or the Python client) sends."""
 
-    def __init__(self, issuer: TokenIssuer, path: Path) -> None:
+    def __init__(self, issuer: TokenIssuer, path: Path, forged_kids: int = 20) -> None:
         self.issuer = issuer
         self.path = path
+        self.forged_kids = forged_kids
         self.lock = threading.Lock()
 
     def lines(self) -> list[tuple[str, str]]:
@@ -139,16 +141,24 @@ class TokenMix:
             ("401", f"Bearer {none}"),
             ("401", f"Bearer {hs256}"),
             ("401", "Bearer not-a-jwt"),
+            # random garbage of 8 KiB, and longer than MAX_TOKEN_BYTES (16 KiB)
+            ("401", "Bearer " + secrets.token_urlsafe(6 * 1024)),
+            ("401", "Bearer " + secrets.token_urlsafe(13 * 1024)),
+            ("401", ""),
+            ("401", "Basic dXNlcjpwYXNz"),
+            ("400", "Bearer"),
+        ]
+        # a flood of forged tokens, each with a kid never seen before (until
+        # the next rewrite): must cost no key fetch per request
+        mix += [
             (
                 "401",
                 "Bearer "
                 + issuer.mint(
                     scopes=["read:users"], headers={"kid": f"unknown-{uuid.uuid4().hex[:8]}"}
                 ),
-            ),
-            ("401", ""),
-            ("401", "Basic dXNlcjpwYXNz"),
-            ("400", "Bearer"),
+            )
+            for _ in range(self.forged_kids)
         ]
         return mix
 
@@ -260,25 +270,28 @@ class MemorySampler(threading.Thread):
 
 
 @contextlib.contextmanager
-def gunicorn(
-    port: int, env: dict[str, str], workers: int, threads: int, log: Path
-) -> Iterator[int]:
+def gunicorn(port: int, env: dict[str, str], args: argparse.Namespace, log: Path) -> Iterator[int]:
     command = [
         sys.executable,
         "-m",
         "gunicorn",
         "-w",
-        str(workers),
+        str(args.workers),
         "-k",
-        "gthread",
+        args.worker_class,
         "--threads",
-        str(threads),
+        # gunicorn turns a sync worker with threads into gthread
+        str(args.threads if args.worker_class == "gthread" else 1),
         "-b",
         f"127.0.0.1:{port}",
         "--pythonpath",
         str(ROOT),
         "--timeout",
         "30",
+        # gunicorn answers a header line over 8190 bytes itself (431, without
+        # X-Expect): let the oversized tokens of the mix reach the extension
+        "--limit-request-field_size",
+        "32768",
         "--log-level",
         "warning",
         "loadtests.app:create_app()",
@@ -288,7 +301,7 @@ def gunicorn(
         try:
             wait_for_port(port)
             deadline = time.monotonic() + 20
-            while len(worker_pids(process.pid)) < workers and time.monotonic() < deadline:
+            while len(worker_pids(process.pid)) < args.workers and time.monotonic() < deadline:
                 time.sleep(0.1)  # polling the workers' start-up
             yield process.pid
         finally:
@@ -435,7 +448,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=60, help="seconds of load")
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=4, help="threads per worker")
+    parser.add_argument("--threads", type=int, default=4, help="threads per worker (gthread)")
+    parser.add_argument("--worker-class", choices=["gthread", "sync"], default="gthread")
+    parser.add_argument(
+        "--forged-kids", type=int, default=20, help="forged unknown-kid tokens in the mix"
+    )
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--wrk-threads", type=int, default=2)
     parser.add_argument(
@@ -455,7 +472,7 @@ def main() -> int:
         server = IssuerServer()
         issuer = TokenIssuer(audience="api")
         issuer.serve(server)
-        mix = TokenMix(issuer, directory / "tokens.txt")
+        mix = TokenMix(issuer, directory / "tokens.txt", args.forged_kids)
         mix.write()
         port = free_port()
         env = {
@@ -476,7 +493,7 @@ def main() -> int:
         )
         log = directory / "gunicorn.log"
         try:
-            with gunicorn(port, env, args.workers, args.threads, log) as master:
+            with gunicorn(port, env, args, log) as master:
                 wait_ready(port, args.workers)
                 warm = warm_up(port, mix, rounds=4)
                 sampler = MemorySampler(master)
