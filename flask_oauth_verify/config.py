@@ -308,6 +308,8 @@ class Settings:
     metrics: bool = False
     metrics_client_id_label: bool = False
     health_route: str | None = None
+    #: the path serving the metrics registry (``METRICS_ENDPOINT``), or None
+    metrics_endpoint: str | None = None
     #: every ``OAUTH_VERIFY_*`` key as given (after provider defaults),
     #: for extensions that read keys of their own.
     raw: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -429,6 +431,11 @@ def _build(v: Mapping[str, Any]) -> Settings:
             f"{_key('METRICS_ENDPOINT')} is set but {_key('METRICS')} is not: set "
             f"{_key('METRICS')} = True to record and serve metrics."
         )
+    if metrics_route is not None and metrics_route == health:
+        raise ConfigurationError(
+            f"{_key('METRICS_ENDPOINT')} and {_key('HEALTH_ROUTE')} are both {metrics_route!r}: "
+            "one route would hide the other; give each its own path."
+        )
     return Settings(
         issuers=issuers,
         audiences=audiences,
@@ -510,6 +517,7 @@ def _build(v: Mapping[str, Any]) -> Settings:
             v.get("METRICS_CLIENT_ID_LABEL", False), "METRICS_CLIENT_ID_LABEL"
         ),
         health_route=health,
+        metrics_endpoint=metrics_route,
         raw=MappingProxyType(dict(v)),
     )
 
@@ -585,10 +593,7 @@ def route_setting(value: Any, name: str, default: str) -> str | None:
     """
     if isinstance(value, str) and not value.startswith("/"):
         spelling = value.strip().lower()
-        if spelling in _TRUE:
-            return default
-        if spelling in _FALSE:
-            return None
+        value = True if spelling in _TRUE else None if spelling in _FALSE else value
     if value is None or value is False:
         return None
     if value is True:

@@ -48,7 +48,7 @@ from prometheus_client import generate_latest as _generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .config import ConfigurationError, Settings, route_setting
+from .config import ConfigurationError, Settings
 from .context import AuthContext
 from .errors import OAuthVerifyError
 from .verification import looks_like_jws
@@ -273,12 +273,7 @@ def init_metrics(app: Flask, state: _AppState) -> Metrics:
     """
     raw = state.settings.raw
     registry = _registry(raw)
-    endpoint = route_setting(raw.get("METRICS_ENDPOINT"), "METRICS_ENDPOINT", "/metrics")
-    if endpoint is not None and endpoint == state.settings.health_route:
-        raise ConfigurationError(
-            f"OAUTH_VERIFY_METRICS_ENDPOINT and OAUTH_VERIFY_HEALTH_ROUTE are both {endpoint!r}: "
-            "one route would hide the other; give each its own path."
-        )
+    endpoint = state.settings.metrics_endpoint  # checked by Settings.from_config
     try:
         metrics = Metrics(state.settings, registry, state.keys.status)
     except ValueError as exc:
