@@ -19,7 +19,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from .config import Settings
 from .errors import InvalidRequestError, InvalidTokenError
 
-__all__ = ["extract_token", "is_b64token", "plain_header_token"]
+__all__ = ["extract_token", "is_b64token", "may_name_access_token", "plain_header_token"]
 
 # RFC 6750 §2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 # Checked with bytes.translate (a C loop) rather than a regex, which costs
@@ -43,7 +43,7 @@ def _spelling(char: str) -> str:
 _ENCODED_NAME = re.compile("".join(_spelling(char) for char in "access_token"))
 
 
-def _may_name_access_token(query_string: str) -> bool:
+def may_name_access_token(query_string: str) -> bool:
     """Whether the raw query string may hold an ``access_token`` parameter,
     its name written plainly or percent-encoded (a ``%`` is rare in a query,
     so the regex runs seldom)."""
@@ -75,7 +75,8 @@ def plain_header_token(environ: dict[str, Any]) -> str | None:
     value: str | None = environ.get("HTTP_AUTHORIZATION")
     if value is None or not value.startswith(("Bearer ", "bearer ")):
         return None
-    if environ.get("CONTENT_TYPE") or _may_name_access_token(environ.get("QUERY_STRING", "")):
+    query = environ.get("QUERY_STRING")
+    if environ.get("CONTENT_TYPE") or (query and may_name_access_token(query)):
         return None
     return value[7:]
 
@@ -150,9 +151,7 @@ def extract_token(request: Request, settings: Settings) -> str | None:
     # dict reads decide that the query and the form need no parsing.
     value: str | None = environ.get("HTTP_AUTHORIZATION")
     header = _from_header(value) if value is not None else None
-    query = (
-        _from_query(request) if _may_name_access_token(environ.get("QUERY_STRING", "")) else None
-    )
+    query = _from_query(request) if may_name_access_token(environ.get("QUERY_STRING", "")) else None
     form = (
         _from_form(request, environ, "form" in settings.token_locations)
         if environ.get("CONTENT_TYPE")

@@ -8,18 +8,20 @@ and work on sync and ``async def`` views alike.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import logging
 import re
+import weakref
 from collections.abc import Callable, Iterable
 from time import perf_counter
 from typing import Any, TypeVar, overload
 
 from flask import current_app, g, request
 
-from .bearer import extract_token, plain_header_token
+from .bearer import extract_token, may_name_access_token, plain_header_token
 from .config import STRATEGIES
-from .context import REQUEST_KEY, AuthContext, set_auth, stamp, stamped_for
+from .context import REQUEST_KEY, AuthContext, set_auth, stamped_for
 from .errors import (
     InsufficientScopeError,
     InvalidTokenError,
@@ -40,6 +42,7 @@ __all__ = [
 
 F = TypeVar("F", bound=Callable[..., Any])
 _logger = logging.getLogger("flask_oauth_verify")
+_sha256 = hashlib.sha256
 
 
 #: The ``strategy`` of ``@require_organization`` / ``@require_user``: they
@@ -133,31 +136,55 @@ def _check_scopes(scopes: tuple[str, ...]) -> None:
 def _verify_request(
     scopes: tuple[str, ...], any_of: bool, optional: bool, strategy: str | None
 ) -> AuthContext | None:
-    """:func:`verify_request` with positional arguments (what the decorators call).
-
-    Every request of a protected view runs this, a cache hit included, so
-    it is written flat: one context lookup per proxy, the app state read
-    directly (:func:`get_state` only to raise its error), ``g.auth``
-    written out rather than through :func:`set_auth`.
-    """
+    """:func:`verify_request` with positional arguments (what the decorators call)."""
     state = current_app._get_current_object().extensions.get(EXTENSION_KEY) or get_state()  # type: ignore[attr-defined]
     # g's namespace dict: one proxy lookup for the whole call, and no Python-level
     # __setattr__/get per access (each is a measurable share of a cache hit).
     request_g: dict[str, Any] = g._get_current_object().__dict__
+    return _check_request(state, request_g, None, None, None, scopes, any_of, optional, strategy)
+
+
+def _check_request(
+    state: Any,
+    request_g: dict[str, Any],
+    current: Any,
+    plain: str | None,
+    digest: bytes | None,
+    scopes: tuple[str, ...],
+    any_of: bool,
+    optional: bool,
+    strategy: str | None,
+) -> AuthContext | None:
+    """:func:`_verify_request` once the app state and ``g`` are known.
+
+    Every request of a protected view that :func:`_guard` does not answer
+    runs this, so it is written flat: the app state read directly,
+    ``g.auth`` written out rather than through :func:`set_auth`.
+
+    :param current: the request object, when the caller has it already.
+    :param plain: the request's :func:`~flask_oauth_verify.bearer.plain_header_token`
+        (no longer than ``MAX_TOKEN_BYTES``), when the caller has it already,
+        and ``digest`` its SHA-256.
+    """
     context = (
         _already_verified(strategy, request_g, state.settings.strategy)
         if "_oauth_verify_checked" in request_g
         else None
     )
-    token: str | None = None
+    token: str | None = plain
     if context is None:
         if strategy is _ANY_EARLIER:
             strategy = None  # nothing earlier: the app's default
         events = state.events
         started = perf_counter() if events.metrics is not None else 0.0  # metrics only
         try:
-            current = request._get_current_object()  # type: ignore[attr-defined]
-            context = state.header_context(current.environ, strategy)
+            if current is None:
+                current = request._get_current_object()  # type: ignore[attr-defined]
+            context = (
+                state.header_context(current.environ, strategy)
+                if plain is None
+                else state.plain_token_context(plain, strategy, digest)
+            )
             if context is None:
                 token = extract_token(current, state.settings)
                 if token is None:
@@ -184,7 +211,7 @@ def _verify_request(
             done.add(strategy or state.settings.strategy)
         else:  # the first check of this request
             request_g["_oauth_verify_checked"] = {strategy or state.settings.strategy}
-            request_g[REQUEST_KEY] = stamp(current)
+            request_g[REQUEST_KEY] = weakref.ref(current)  # stamp(), inlined: in a request
         if events.enabled():
             events.validated(
                 context, token or _header_token(state), strategy=strategy, started=started
@@ -232,6 +259,85 @@ def _wrap(view: F, check: Callable[[], Any]) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _guard(
+    view: F, scopes: tuple[str, ...], any_of: bool, optional: bool, strategy: str | None
+) -> F:
+    """``view`` behind :func:`_verify_request`, the usual cache hit answered in the wrapper.
+
+    A hit is a few dictionary reads, so each Python call on its way is a
+    measurable share of it (``docs/performance.rst``). For the usual request
+    (a plain ``Authorization: Bearer`` header, the ``jwks`` strategy, no
+    check earlier in this request, no event to emit), the wrapper itself
+    does what :func:`_verify_request`, :meth:`header_context
+    <flask_oauth_verify.extension._AppState.header_context>` and its
+    verified-token cache check would: a token whose entry is still current
+    (within ``exp``/``nbf``, its key set unchanged and fresh) and holds the
+    scopes sets ``g.auth`` at once. Anything else, and any error on the
+    way, takes :func:`_verify_request`, which decides every case (handed
+    the digest when it was computed). ``tests/test_hot_path.py`` compares
+    both paths. ``async def`` views take :func:`_verify_request` only.
+    """
+    check = functools.partial(_verify_request, scopes, any_of, optional, strategy)
+    if inspect.iscoroutinefunction(view):
+        return _wrap(view, check)
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        state = plain = digest = None
+        answered = False
+        try:
+            state = current_app._get_current_object().extensions[EXTENSION_KEY]  # type: ignore[attr-defined]
+            request_g: dict[str, Any] = g._get_current_object().__dict__
+            current = request._get_current_object()  # type: ignore[attr-defined]
+            environ = current.environ
+            value = environ.get("HTTP_AUTHORIZATION")
+            # plain_header_token(), inlined, for the jwks strategy only
+            if (
+                value is not None
+                and "_oauth_verify_checked" not in request_g
+                and (strategy or state._strategy) == "jwks"
+                and state.header_tokens
+                and value.startswith(("Bearer ", "bearer "))
+                and len(value) - 7 <= state._max_token_bytes
+                and not environ.get("CONTENT_TYPE")
+                and not ((query := environ.get("QUERY_STRING")) and may_name_access_token(query))
+            ):
+                plain = value[7:]
+                digest = _sha256(plain.encode()).digest()  # the cache key: never the token
+                cached = state.token_cache.get(digest)
+                if cached is not None:
+                    now = state.clock()
+                    leeway = state._leeway
+                    source = cached.source
+                    held = cached.context.scopes
+                    if (
+                        cached.expires_at + leeway > now
+                        and (cached.not_before is None or cached.not_before - leeway <= now)
+                        and source.keys is cached.key_set
+                        and now < source.fresh_until
+                        and (
+                            not scopes
+                            or (not held.isdisjoint(scopes) if any_of else held.issuperset(scopes))
+                        )
+                        and not state.events.enabled()
+                    ):
+                        request_g["auth"] = cached.context
+                        request_g["_oauth_verify_checked"] = {"jwks"}
+                        request_g[REQUEST_KEY] = weakref.ref(current)
+                        answered = True
+        except Exception:  # the general path below decides (and names) every case
+            state = None
+        if state is None:
+            check()
+        elif not answered:  # never inside the try: the view's own errors are its own
+            _check_request(
+                state, request_g, current, plain, digest, scopes, any_of, optional, strategy
+            )
+        return view(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 @overload
 def require_token(view: F) -> F: ...
 @overload
@@ -253,7 +359,7 @@ def require_token(
     _check_strategy(strategy)
 
     def decorator(inner: F) -> F:
-        return _wrap(inner, functools.partial(_verify_request, (), False, optional, strategy))
+        return _guard(inner, (), False, optional, strategy)
 
     if view is not None:
         return decorator(view)
@@ -275,10 +381,7 @@ def require_scope(
     _check_scopes(scopes)
 
     def decorator(view: F) -> F:
-        return _wrap(
-            view,
-            functools.partial(_verify_request, scopes, any_of, False, strategy),
-        )
+        return _guard(view, scopes, any_of, False, strategy)
 
     return decorator
 

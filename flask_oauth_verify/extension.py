@@ -74,6 +74,8 @@ class _AppState:
         self.header_tokens = "header" in settings.token_locations
         self._max_token_bytes = settings.max_token_bytes
         self._strategy = settings.strategy
+        #: ``LEEWAY``, for the cache hit that :func:`~flask_oauth_verify.decorators._guard` answers.
+        self._leeway = settings.leeway
         self.keys.on_keys_changed = self.token_cache.clear
         self.keys.on_event = self.events.emit
 
@@ -150,8 +152,24 @@ class _AppState:
 
         The usual request carries ``Authorization: Bearer <token>``, no query
         token and no body (:func:`~flask_oauth_verify.bearer.plain_header_token`
-        reads it from the WSGI ``environ``). A cache hit needs no other
-        check: only tokens that passed
+        reads it from the WSGI ``environ``); its token goes to
+        :meth:`plain_token_context`.
+
+        :raises OAuthVerifyError: when the token is refused.
+        """
+        token = plain_header_token(environ) if self.header_tokens else None
+        if token is None or len(token) > self._max_token_bytes:
+            return None  # a token too long is never hashed: the general path refuses it
+        return self.plain_token_context(token, strategy)
+
+    def plain_token_context(
+        self, token: str, strategy: str | None = None, digest: bytes | None = None
+    ) -> AuthContext | None:
+        """The context of the usual request's token, or ``None``: take the general path.
+
+        ``token`` is what :func:`~flask_oauth_verify.bearer.plain_header_token`
+        returned, no longer than ``MAX_TOKEN_BYTES``. A cache hit needs no
+        other check: only tokens that passed
         :func:`~flask_oauth_verify.bearer.extract_token` are ever cached. On
         a miss, a ``b64token`` is exactly what ``extract_token`` would return,
         so it is authenticated at once, reusing the digest; anything else
@@ -159,14 +177,11 @@ class _AppState:
         ``tests/test_hot_path.py`` compares both paths' answers request by
         request.
 
+        :param digest: the SHA-256 of ``token``, when the caller has it already.
         :raises OAuthVerifyError: when the token is refused.
         """
-        token = plain_header_token(environ) if self.header_tokens else None
-        if token is None:
-            return None
-        if len(token) > self._max_token_bytes:
-            return None  # never hashed: the general path refuses it
-        digest = hashlib.sha256(token.encode()).digest()  # the cache key: never the token
+        if digest is None:
+            digest = hashlib.sha256(token.encode()).digest()  # the cache key: never the token
         chosen = strategy or self._strategy
         if chosen != "jwks" and self._strategy_for(token, chosen) != "jwks":
             context = self.cached_context(token, digest, strategy)
@@ -174,9 +189,10 @@ class _AppState:
                 return context
             return self.authenticate(token, strategy, digest=digest) if is_b64token(token) else None
         now = self.clock()
-        context = self._jwt_hit(digest, now)
-        if context is not None:
-            return context
+        if self.token_cache.get(digest) is not None:  # a first-seen token makes no call here
+            context = self._jwt_hit(digest, now)
+            if context is not None:
+                return context
         # A compact JWS that verifies is a b64token (base64url segments and
         # dots), so the syntax check is needed only on a refusal, to give
         # extract_token's own answer to a token that is not one.

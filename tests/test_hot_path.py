@@ -16,15 +16,22 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
-from flask import Flask
+from flask import Flask, abort, g
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flask_oauth_verify import current_auth, require_token
+from flask_oauth_verify import (
+    current_auth,
+    get_auth,
+    require_scope,
+    require_token,
+    verify_request,
+)
 from flask_oauth_verify.claims import claim_path
 from flask_oauth_verify.config import Settings
 from flask_oauth_verify.context import AuthContext, ContextBuilder, build_context
 from flask_oauth_verify.errors import InvalidTokenError, OAuthVerifyError
+from flask_oauth_verify.events import token_validated
 from flask_oauth_verify.extension import get_state
 from flask_oauth_verify.testing import IssuerServer, TokenIssuer, auth_header
 from flask_oauth_verify.verification import JWTVerifier, _b64decode
@@ -228,12 +235,13 @@ def test_the_plain_header_fast_path_answers_like_the_general_path(
     general = make_app(config, name="general")
     get_state(general).header_tokens = False  # extract_token for every request
     for value in _header_cases(served_tokens):
-        answers = []
-        for app in (fast, general):
-            response = app.test_client().get("/protected", headers={"Authorization": value})
-            challenge = response.headers.get("WWW-Authenticate")
-            answers.append((response.status_code, response.get_json(), challenge))
-        assert answers[0] == answers[1], value
+        for attempt in ("first", "again (a cached token is answered by the wrapper)"):
+            answers = []
+            for app in (fast, general):
+                response = app.test_client().get("/protected", headers={"Authorization": value})
+                challenge = response.headers.get("WWW-Authenticate")
+                answers.append((response.status_code, response.get_json(), challenge))
+            assert answers[0] == answers[1], (value, attempt)
 
 
 def test_a_cached_header_token_does_not_count_where_headers_are_not_read(
@@ -274,6 +282,119 @@ def test_a_cached_jwt_still_goes_to_introspection_on_a_both_route(
     assert get(app, token).status_code == 200, "the jwks route serves the cached token"
     response = app.test_client().get("/revocable", headers=auth_header(token))
     assert response.status_code == 401, "the introspection half still runs on every request"
+
+
+# -- the decorator's own cache hit == the general path -------------------------
+
+
+def _hit_app(tokens: TokenIssuer, **extra: Any) -> Flask:
+    """An app whose views show what a view can read of its request's check."""
+    app = make_app(tokens.config(audience="api", **extra))
+
+    @app.get("/who")
+    @require_token
+    def who() -> dict[str, object]:
+        again = verify_request(scopes="read:users")  # reuses the check, never verifies twice
+        return {
+            "same": g.auth is get_auth() is again and current_auth.subject == g.auth.subject,
+            "subject": g.auth.subject,
+            "scopes": sorted(g.auth.scopes),
+        }
+
+    @app.get("/write")
+    @require_scope("write:users")
+    def write() -> dict[str, object]:
+        return {"subject": g.auth.subject}
+
+    @app.get("/either")
+    @require_scope("write:users", "read:users", any_of=True)
+    def either() -> dict[str, object]:
+        return {"subject": g.auth.subject}
+
+    return app
+
+
+def test_a_hit_answered_by_the_decorator_sets_the_same_request_context(
+    tokens: TokenIssuer,
+) -> None:
+    app = _hit_app(tokens)
+    token = tokens.mint(scopes=["read:users"])
+    first = app.test_client().get("/who", headers=auth_header(token))
+    assert len(get_state(app).token_cache) == 1
+    again = app.test_client().get("/who", headers=auth_header(token))
+    assert first.status_code == again.status_code == 200
+    assert (
+        first.get_json()
+        == again.get_json()
+        == {
+            "same": True,
+            "subject": "user_1",
+            "scopes": ["read:users"],
+        }
+    )
+
+
+def test_scopes_of_a_cached_token_are_checked_on_every_hit(tokens: TokenIssuer) -> None:
+    app = _hit_app(tokens)
+    token = tokens.mint(scopes=["read:users"])
+    _cached(app, token)
+    for _ in range(2):
+        refused = app.test_client().get("/write", headers=auth_header(token))
+        assert refused.status_code == 403
+        assert refused.get_json()["error"] == "insufficient_scope"
+        assert 'scope="write:users"' in refused.headers["WWW-Authenticate"]
+        either = app.test_client().get("/either", headers=auth_header(token))
+        assert either.status_code == 200, "any_of: one of the scopes is enough"
+
+
+def test_a_views_own_error_on_a_hit_is_raised_once(tokens: TokenIssuer) -> None:
+    app = _hit_app(tokens)
+    calls: list[int] = []
+
+    @app.get("/conflict")
+    @require_token
+    def conflict() -> dict[str, object]:
+        calls.append(1)
+        abort(409)
+
+    token = tokens.mint()
+    _cached(app, token)
+    response = app.test_client().get("/conflict", headers=auth_header(token))
+    assert response.status_code == 409, "the view's answer, not a refusal"
+    assert calls == [1], "the view ran once"
+
+
+def test_an_error_on_the_hit_path_is_refused_never_500(tokens: TokenIssuer) -> None:
+    now = [1_800_000_000.0]
+    broken = [False]
+
+    def clock() -> float:
+        if broken[0]:
+            raise OSError("clock unavailable")
+        return now[0]
+
+    app = make_app(tokens.config(audience="api"), clock=clock)
+    token = tokens.mint(now=now[0])
+    _cached(app, token)
+    broken[0] = True
+    response = app.test_client().get("/protected", headers=auth_header(token))
+    assert response.status_code == 401, "the general path decides: refused, fail closed"
+    assert response.get_json()["error"] == "invalid_token"
+    assert "WWW-Authenticate" in response.headers
+
+
+def test_every_hit_is_still_an_event(tokens: TokenIssuer) -> None:
+    app = _hit_app(tokens)
+    token = tokens.mint(scopes=["read:users"])
+    seen: list[str | None] = []
+
+    def on_validated(sender: Flask, record: dict[str, Any]) -> None:
+        seen.append(record.get("subject"))
+
+    with token_validated.connected_to(on_validated, app):
+        for _ in range(3):
+            assert app.test_client().get("/who", headers=auth_header(token)).status_code == 200
+    assert seen == ["user_1"] * 3, "a hit with a listener takes the path that emits"
 
 
 # -- base64url: the one-translate check == the definition ---------------------
