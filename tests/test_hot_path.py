@@ -584,6 +584,15 @@ claim_sets = st.fixed_dictionaries(
         "exp": st.one_of(st.integers(), st.floats(min_value=0, max_value=2e9), st.booleans()),
         "iat": st.one_of(st.integers(), st.floats(min_value=0, max_value=2e9)),
         "jti": scalars,
+        # for the namespaced and odd claim names of the last claim map
+        "uid": scalars,
+        "permissions": scope_values,
+        "https://api.example.test/org": scalars,
+        "https://api": st.one_of(
+            scalars,
+            st.fixed_dictionaries({"example": st.fixed_dictionaries({"test/org": scalars})}),
+        ),
+        "o'rg\"\\\n)": scalars,
     },
 )
 CLAIM_MAPS: list[dict[str, Any]] = [
@@ -591,6 +600,14 @@ CLAIM_MAPS: list[dict[str, Any]] = [
     {"USER_ID_PREFIX": "a"},
     {"CLAIM_MAP": {"organization_id": ["custom_claims.org", "oid"], "scopes": ["scp"]}},
     {"USER_ID_RULE": lambda claims: "gty" in claims},
+    {
+        "USER_ID_PREFIX": ("user_", "a"),
+        "CLAIM_MAP": {
+            "subject": ["uid", "sub"],
+            "organization_id": ["https://api.example.test/org", "o'rg\"\\\n)"],
+            "scopes": ["permissions", "scope"],
+        },
+    },
 ]
 
 
