@@ -31,6 +31,7 @@ from .errors import (
     OAuthVerifyError,
 )
 from .extension import EXTENSION_KEY, get_state
+from .verification import looks_like_jws
 
 __all__ = [
     "require_organization",
@@ -266,8 +267,9 @@ def _guard(
 
     A hit is a few dictionary reads, so each Python call on its way is a
     measurable share of it (``docs/performance.rst``). For the usual request
-    (a plain ``Authorization: Bearer`` header, the ``jwks`` strategy, no
-    check earlier in this request, no event to emit), the wrapper itself
+    (a plain ``Authorization: Bearer`` header, the ``jwks`` strategy or
+    ``auto`` with a JWT, no check earlier in this request, no event to
+    emit), the wrapper itself
     does what :func:`_verify_request`, :meth:`header_context
     <flask_oauth_verify.extension._AppState.header_context>` and its
     verified-token cache check would: a token whose entry is still current
@@ -291,11 +293,12 @@ def _guard(
             current = request._get_current_object()  # type: ignore[attr-defined]
             environ = current.environ
             value = environ.get("HTTP_AUTHORIZATION")
-            # plain_header_token(), inlined, for the jwks strategy only
+            chosen = strategy or state._strategy
+            # plain_header_token(), inlined, for a JWT of the jwks (or auto) strategy
             if (
                 value is not None
                 and "_oauth_verify_checked" not in request_g
-                and (strategy or state._strategy) == "jwks"
+                and (chosen == "jwks" or (chosen == "auto" and looks_like_jws(value[7:])))
                 and state.header_tokens
                 and value.startswith(("Bearer ", "bearer "))
                 and len(value) - 7 <= state._max_token_bytes
@@ -322,7 +325,7 @@ def _guard(
                         and not state.events.enabled()
                     ):
                         request_g["auth"] = cached.context
-                        request_g["_oauth_verify_checked"] = {"jwks"}
+                        request_g["_oauth_verify_checked"] = {chosen}
                         request_g[REQUEST_KEY] = weakref.ref(current)
                         answered = True
         except Exception:  # the general path below decides (and names) every case
