@@ -171,6 +171,18 @@ def _as_number(value: Any, name: str, *, minimum: float = 0) -> float:
     return number
 
 
+def _ttl_bounds(values: Mapping[str, Any]) -> tuple[float, float]:
+    """``JWKS_MIN_TTL`` and ``JWKS_MAX_TTL``; the maximum may not be below the minimum."""
+    low = _as_number(values.get("JWKS_MIN_TTL", 60), "JWKS_MIN_TTL")
+    high = _as_number(values.get("JWKS_MAX_TTL", 86400), "JWKS_MAX_TTL")
+    if high < low:
+        raise ConfigurationError(
+            f"{_key('JWKS_MAX_TTL')} ({high:g} s) is below {_key('JWKS_MIN_TTL')} ({low:g} s): "
+            "a key set's lifetime is kept between the two."
+        )
+    return low, high
+
+
 def _as_timeout(value: Any) -> tuple[float, float]:
     if isinstance(value, list | tuple) and len(value) == 2:
         connect = _as_number(value[0], "HTTP_TIMEOUT", minimum=0.001)
@@ -465,12 +477,8 @@ def _build(v: Mapping[str, Any]) -> Settings:
         token_locations=locations,
         realm=_realm(v.get("REALM", "api")),
         jwks_cache_ttl=_as_number(v.get("JWKS_CACHE_TTL", 600), "JWKS_CACHE_TTL", minimum=1),
-        jwks_min_ttl=_as_number(v.get("JWKS_MIN_TTL", 60), "JWKS_MIN_TTL"),
-        jwks_max_ttl=_as_number(
-            v.get("JWKS_MAX_TTL", 86400),
-            "JWKS_MAX_TTL",
-            minimum=_as_number(v.get("JWKS_MIN_TTL", 60), "JWKS_MIN_TTL"),
-        ),
+        jwks_min_ttl=_ttl_bounds(v)[0],
+        jwks_max_ttl=_ttl_bounds(v)[1],
         jwks_refresh_cooldown=_as_number(
             v.get("JWKS_REFRESH_COOLDOWN", 30), "JWKS_REFRESH_COOLDOWN"
         ),

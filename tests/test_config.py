@@ -78,6 +78,23 @@ def test_bad_settings_fail_at_init_app_naming_the_key(overrides: dict[str, Any],
     assert "oauth_verify" not in app.extensions
 
 
+def test_a_max_ttl_below_the_min_ttl_names_both_keys() -> None:
+    app = Flask(__name__)
+    app.config.update(
+        {**BASE, "OAUTH_VERIFY_JWKS_MIN_TTL": 7200, "OAUTH_VERIFY_JWKS_MAX_TTL": 3600}
+    )
+    with pytest.raises(ConfigurationError) as raised:
+        OAuthVerify(app)
+    message = str(raised.value)
+    assert "OAUTH_VERIFY_JWKS_MAX_TTL (3600 s)" in message
+    assert "OAUTH_VERIFY_JWKS_MIN_TTL (7200 s)" in message
+    equal = Flask(__name__)
+    equal.config.update(
+        {**BASE, "OAUTH_VERIFY_JWKS_MIN_TTL": 600, "OAUTH_VERIFY_JWKS_MAX_TTL": 600}
+    )
+    OAuthVerify(equal)  # a fixed lifetime is allowed
+
+
 def test_several_issuers_need_a_jwks_uri_per_issuer() -> None:
     with pytest.raises(ConfigurationError, match="OAUTH_VERIFY_JWKS_URI"):
         settings(ISSUER=["https://a.example", "https://b.example"], JWKS_URI="https://a.example/k")
