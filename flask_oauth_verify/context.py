@@ -1,8 +1,9 @@
 """The authorization context of a request: :class:`AuthContext` on ``g.auth``.
 
 Only :func:`set_auth` here (and, written out on the hot path,
-:func:`~flask_oauth_verify.verify_request`) sets ``g.auth``, and only to a
-frozen :class:`AuthContext` built from claims that passed every check. The
+:func:`~flask_oauth_verify.verify_request` and the decorators' cache hit)
+sets ``g.auth``, and only to a frozen :class:`AuthContext` built from
+claims that passed every check. The
 raw token is never stored in it, so it can never show up in ``repr()`` or in
 logs.
 """

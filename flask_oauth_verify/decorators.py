@@ -1,8 +1,9 @@
 """Decorators and :func:`verify_request`, the Flask glue of verification.
 
 ``verify_request()`` is the public building block: read the token, verify
-it, set ``g.auth``, check scopes. The decorators are thin wrappers over it
-and work on sync and ``async def`` views alike.
+it, set ``g.auth``, check scopes. The decorators are wrappers over it (that
+answer the usual cache hit themselves, :func:`_guard`) and work on sync and
+``async def`` views alike.
 """
 
 from __future__ import annotations
