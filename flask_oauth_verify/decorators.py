@@ -270,15 +270,14 @@ def _guard(
     measurable share of it (``docs/performance.rst``). For the usual request
     (a plain ``Authorization: Bearer`` header, the ``jwks`` strategy or
     ``auto`` with a JWT, no check earlier in this request, no event to
-    emit), the wrapper itself
-    does what :func:`_verify_request`, :meth:`header_context
-    <flask_oauth_verify.extension._AppState.header_context>` and its
-    verified-token cache check would: a token whose entry is still current
-    (within ``exp``/``nbf``, its key set unchanged and fresh) and holds the
-    scopes sets ``g.auth`` at once. Anything else, and any error on the
-    way, takes :func:`_verify_request`, which decides every case (handed
-    the digest when it was computed). ``tests/test_hot_path.py`` compares
-    both paths. ``async def`` views take :func:`_verify_request` only.
+    emit), the wrapper itself does what :func:`_check_request` and
+    ``_AppState.plain_token_context`` would do for a cached token: an entry
+    still current (within ``exp``/``nbf``, its key set unchanged and fresh)
+    whose scopes suffice sets ``g.auth`` at once. Anything else takes
+    :func:`_check_request`, handed the token and digest already computed;
+    an error on the way takes :func:`_verify_request`, which decides every
+    case. ``tests/test_hot_path.py`` compares both paths. ``async def``
+    views take :func:`_verify_request` only.
     """
     check = functools.partial(_verify_request, scopes, any_of, optional, strategy)
     if inspect.iscoroutinefunction(view):
