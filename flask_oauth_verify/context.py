@@ -194,18 +194,24 @@ def _compile_claim_reader(
 
 
 def _first_present(name: str, paths: tuple[_Path, ...], indent: str) -> list[str]:
-    """Source lines setting ``name`` to the first of ``paths`` present in ``claims``."""
+    """Source lines setting ``name`` to the first of ``paths`` present in ``claims``.
+
+    Flat, one ``if {name} is None:`` per further path: nesting each path
+    under the one before would refuse a claim map of 100 paths (Python's
+    limit of 100 indentation levels).
+    """
     lines = [] if paths else [f"{indent}{name} = None"]
     for position, (head, below, path) in enumerate(paths):
-        if below:  # a claim of the whole name first (namespaced claims hold dots)
-            lines.append(f"{indent}{name} = get({path!r})")
-            lines.append(f"{indent}if {name} is None and ({name} := get({head!r})) is not None:")
-            lines.append(f"{indent}    {name} = _descend({name}, {below!r})")
-        else:
-            lines.append(f"{indent}{name} = get({head!r})")
-        if position < len(paths) - 1:
+        step = indent
+        if position:
             lines.append(f"{indent}if {name} is None:")
-            indent += "    "
+            step += "    "
+        if below:  # a claim of the whole name first (namespaced claims hold dots)
+            lines.append(f"{step}{name} = get({path!r})")
+            lines.append(f"{step}if {name} is None and ({name} := get({head!r})) is not None:")
+            lines.append(f"{step}    {name} = _descend({name}, {below!r})")
+        else:
+            lines.append(f"{step}{name} = get({head!r})")
     return lines
 
 
