@@ -14,7 +14,7 @@ import string
 from typing import Any
 
 from flask import Request
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import BadRequest, RequestEntityTooLarge
 
 from .config import Settings
 from .errors import InvalidRequestError, InvalidTokenError
@@ -130,6 +130,13 @@ def _from_form(request: Request, environ: dict[str, Any], enabled: bool) -> str 
         if not enabled:
             return None
         raise InvalidRequestError(reason="request body too large to read a form token") from None
+    except (BadRequest, OSError):
+        # The client hung up mid-body (werkzeug's ClientDisconnected) or sent
+        # broken chunked framing (the server's OSError): the same, a body that
+        # cannot be read holds no token; the view meets the broken body itself.
+        if not enabled:
+            return None
+        raise InvalidRequestError(reason="request body could not be read") from None
     values = form.getlist("access_token")
     if len(values) > 1:
         raise InvalidRequestError(reason="several access_token form fields")

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import socket
+import threading
+from collections.abc import Iterator
 
 import pytest
 from flask import Flask, g
+from werkzeug.serving import make_server
 
 from flask_oauth_verify import require_token
 from flask_oauth_verify.testing import TokenIssuer
@@ -185,3 +190,81 @@ def test_a_form_body_over_the_apps_limit_with_form_tokens_on_is_400(tokens: Toke
     assert response.status_code == 400
     assert response.json is not None and response.json["error"] == "invalid_request"
     assert "WWW-Authenticate" in response.headers
+
+
+def _upload_app(tokens: TokenIssuer, locations: list[str]) -> Flask:
+    app = make_app(tokens.config(TOKEN_LOCATIONS=locations))
+
+    @app.post("/upload")
+    @require_token
+    def upload() -> dict[str, object]:
+        return {"subject": g.auth.subject}
+
+    return app
+
+
+@pytest.mark.parametrize("locations", [["header"], ["header", "form"]])
+def test_a_form_body_cut_short_does_not_refuse_a_header_token(
+    tokens: TokenIssuer, caplog: pytest.LogCaptureFixture, locations: list[str]
+) -> None:
+    """A client that hangs up mid-body (werkzeug's ClientDisconnected) sent no form token.
+
+    With form tokens off the header decides (200); with them on the body
+    cannot be read for one, a malformed request (400). Never an internal error.
+    """
+    app = _upload_app(tokens, locations)
+    response = app.test_client().post(
+        "/upload",
+        headers={"Authorization": f"Bearer {tokens.mint(scopes=['read:users'])}"},
+        environ_overrides={
+            "CONTENT_TYPE": "application/x-www-form-urlencoded",
+            "CONTENT_LENGTH": "100",
+            "wsgi.input": io.BytesIO(b"x=1"),
+        },
+    )
+    if locations == ["header"]:
+        assert response.status_code == 200
+    else:
+        assert response.json is not None
+        assert (response.status_code, response.json["error"]) == (400, "invalid_request")
+        assert 'error="invalid_request"' in response.headers["WWW-Authenticate"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.fixture
+def served_app(tokens: TokenIssuer) -> Iterator[int]:
+    """The upload app under a real Werkzeug server on 127.0.0.1; yields its port."""
+    server = make_server("127.0.0.1", 0, _upload_app(tokens, ["header"]), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_port
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"zz\r\nx=1\r\n0\r\n\r\n", b"5\r\nx=1", b""],
+    ids=["bad chunk size", "truncated chunk", "no final chunk"],
+)
+def test_broken_chunked_framing_does_not_refuse_a_header_token(
+    served_app: int, tokens: TokenIssuer, caplog: pytest.LogCaptureFixture, body: bytes
+) -> None:
+    """The server's OSError on a broken chunked body is no token, not an internal error."""
+    head = [
+        "POST /upload HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Connection: close",
+        f"Authorization: Bearer {tokens.mint(scopes=['read:users'])}",
+        "Content-Type: application/x-www-form-urlencoded",
+        "Transfer-Encoding: chunked",
+    ]
+    with socket.create_connection(("127.0.0.1", served_app), timeout=10) as connection:
+        connection.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        connection.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := connection.recv(65536):
+            data += chunk
+    assert data.split(b"\r\n", 1)[0] == b"HTTP/1.1 200 OK"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
