@@ -21,6 +21,7 @@ from werkzeug.local import LocalProxy
 
 from .config import Settings
 from .errors import InvalidTokenError
+from .readonly import read_only_claims
 
 __all__ = ["AuthContext", "ContextBuilder", "build_context", "current_auth", "get_auth"]
 
@@ -262,9 +263,10 @@ class ContextBuilder:
         context.expires_at = exp if type(exp) is int else _int_or_none(exp)
         iat = get("iat")
         context.issued_at = iat if type(iat) is int else _int_or_none(iat)
-        context.claims = MappingProxyType(
-            claims if owned and type(claims) is dict else dict(claims)
-        )
+        try:  # shared by every request of a cached token: read-only all the way down
+            context.claims = read_only_claims(claims, owned)
+        except RecursionError:
+            raise InvalidTokenError(reason="claims nested too deeply") from None
         context.strategy = strategy
         jti = get("jti")
         context.token_id = jti if isinstance(jti, str) else None

@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from logging import DEBUG
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flask import Flask, Response, current_app
@@ -26,6 +25,7 @@ from .errors import InvalidTokenError, OAuthVerifyError, default_error_response
 from .events import SecurityEvents
 from .fetch import Fetcher
 from .jwks import KeySetStatus, KeyStore
+from .readonly import ReadOnlyClaims
 from .token_cache import CachedToken, IntrospectedToken, TokenCache
 from .verification import JWTVerifier, looks_like_jws
 
@@ -324,9 +324,11 @@ class _AppState:
         A check refuses by returning ``False`` or raising an
         :class:`OAuthVerifyError` (e.g. ``InsufficientScopeError`` for 403).
         """
+        # read-only for the checks, nested values too
+        view = ReadOnlyClaims(claims if type(claims) is dict else dict(claims))
         for check in self.claims_checks:
             try:
-                outcome = check(MappingProxyType(claims))  # read-only for checks
+                outcome = check(view)
             except OAuthVerifyError:
                 raise
             except Exception as exc:
