@@ -678,7 +678,110 @@ def _scope_extra_froms(statement: Any, tenant_tables: Mapping[Any, str], organiz
             if plain is not own and name is not None and name in plain.c:
                 found.setdefault(id(plain), plain.c[name] == organization)
         stack.extend(element.get_children())
-    return statement.where(*found.values()) if found else statement
+    joins = _inherit_conditions(target)
+    return statement.where(*found.values(), *joins) if found or joins else statement
+
+
+def _inherit_conditions(target: Any) -> list[Any]:
+    """The joins from a joined subclass's table to the parent table with its organization column.
+
+    An ORM ``update()`` / ``delete()`` of a joined-inheritance subclass
+    writes the subclass's own table. When the organization column lives on
+    a parent table (the layout ``docs/tenancy.rst`` recommends), the loader
+    criteria compare that parent's column, and SQLAlchemy adds the parent
+    as an extra ``FROM`` without joining it: every organization's subclass
+    rows would match as soon as the current one has any row. The mapper's
+    inherit conditions, up to the table holding the column, join them.
+    """
+    annotations = getattr(target, "_annotations", None) or {}
+    mapper = getattr(annotations.get("parententity"), "mapper", None)
+    key = _TENANT_KEYS.get(mapper) if isinstance(mapper, Mapper) else None
+    if mapper is None or key is None or key not in mapper.columns:
+        return []
+    holder = mapper.columns[key].table
+    joins = []
+    while mapper.local_table is not holder and mapper.inherit_condition is not None:
+        joins.append(mapper.inherit_condition)
+        mapper = mapper.inherits
+    return joins
+
+
+def _ctes_writing(ctes: Iterable[Any], tenant_tables: Mapping[Any, str]) -> list[str]:
+    """The tenant tables an ``INSERT``/``UPDATE``/``DELETE`` among ``ctes`` writes."""
+    written: set[str] = set()
+    for cte in ctes:
+        inner = getattr(cte, "element", None)
+        table = getattr(inner, "table", None) if isinstance(inner, UpdateBase) else None
+        if table is not None:
+            base = _base_table(table._deannotate())
+            if tenant_tables.get(base) is not None:
+                written.add(base.name)
+    return sorted(written)
+
+
+def _refuse_nested_writes(
+    _connection: Any,
+    _cursor: Any,
+    _sql: str,
+    _parameters: Any,
+    context: Any,
+    _executemany: bool,
+) -> None:
+    """``before_cursor_execute``: refuse a data-modifying CTE on a tenant table.
+
+    An ``INSERT``/``UPDATE``/``DELETE`` in a ``WITH`` clause
+    (``select(...).add_cte(update(...).cte())``, or a CTE of one read
+    anywhere in the statement) runs as part of a statement whose top level
+    the write guard and the upsert refusal see, but not the nested write.
+    The compiled statement lists its CTEs (no walk of the statement: usually
+    there are none); a statement automatic scoping handled carries the
+    scoping in its execution options.
+    """
+    ctes = getattr(getattr(context, "compiled", None), "ctes", None)
+    if not ctes:
+        return
+    scoping = context.execution_options.get(_SCOPING)
+    if scoping is None:
+        return
+    written = _ctes_writing(ctes, scoping._tenant_tables())
+    if written:
+        raise TenantScopingError(
+            f"A data-modifying CTE (INSERT/UPDATE/DELETE in a WITH clause) writes tenant "
+            f"table(s) {', '.join(written)} out of reach of the write guard; run it as a "
+            f"statement of its own, or use unscoped(..., reason=...)."
+        )
+
+
+#: Connections of session transactions begun under automatic scoping.
+_WATCHED: weakref.WeakSet[Any] = weakref.WeakSet()
+_WATCHED_LOCK = threading.Lock()
+
+
+def _watch_for_nested_writes(_session: Any, _transaction: Any, connection: Any) -> None:
+    """``after_begin``: listen to this connection's statements (:func:`_refuse_nested_writes`).
+
+    The listener goes on the one ``Connection`` of the transaction, as
+    :mod:`flask_oauth_verify.rls` does, never on an engine: every
+    statement of every engine would pay for it, and adding it while other
+    threads run statements is not safe in SQLAlchemy.
+    """
+    with _WATCHED_LOCK:
+        if connection in _WATCHED:
+            return
+        _WATCHED.add(connection)
+    event.listen(connection, "before_cursor_execute", _refuse_nested_writes)
+
+
+def _replacing(statement: Any) -> bool:
+    """Whether a DML statement carries SQLite's ``OR REPLACE`` (or MySQL's ``REPLACE``) prefix.
+
+    On a key collision the database deletes the row already there, which
+    may belong to another organization, and writes this one.
+    """
+    if isinstance(statement, FromStatement):  # select(X).from_statement(insert(...))
+        statement = statement.element
+    prefixes = getattr(statement, "_prefixes", ())
+    return any("REPLACE" in str(prefix).upper() for prefix, _dialect in prefixes)
 
 
 class _TenantTables(dict[Any, str]):
@@ -1055,6 +1158,7 @@ class TenantScoping:
         event.listen(self.target, "before_flush", self.on_flush)
         event.listen(self.target, "pending_to_persistent", self.on_inserted)
         event.listen(self.target, "transient_to_pending", self.on_added)
+        event.listen(self.target, "after_begin", _watch_for_nested_writes)
         owner = _session_owner(self.target)
         for name in _GUARDED_METHODS:
             self._saved[name] = vars(owner).get(name, _NOT_SET)
@@ -1093,6 +1197,7 @@ class TenantScoping:
         event.remove(self.target, "before_flush", self.on_flush)
         event.remove(self.target, "pending_to_persistent", self.on_inserted)
         event.remove(self.target, "transient_to_pending", self.on_added)
+        event.remove(self.target, "after_begin", _watch_for_nested_writes)
         owner = _session_owner(self.target)
         for name, saved in self._saved.items():
             if saved is _NOT_SET:
@@ -1158,6 +1263,11 @@ class TenantScoping:
                 # never reach it, and rows of column entities are not guarded
                 self._check_core(inner)
         self._check_query_expressions(state.statement, organization)
+        if state.is_insert or state.is_update or state.is_delete:
+            # read by _refuse_nested_writes (a select gets it with the load guard)
+            state.update_execution_options(**{_SCOPING: self})
+            if not state.is_delete:
+                self._refuse_replacing(state)
         if state.is_insert:
             return self._guard_insert(state, tenants, organization)
         if state.is_update or state.is_delete:
@@ -1183,6 +1293,17 @@ class TenantScoping:
                 guard[_FROM_STATEMENT] = True
             state.update_execution_options(**guard)
         return None
+
+    def _refuse_replacing(self, state: ORMExecuteState) -> None:
+        """Refuse ``OR REPLACE`` on an ``INSERT``/``UPDATE`` of a tenant table."""
+        if _replacing(state.statement):
+            subject = self._subject(state)
+            if subject is not None:
+                raise TenantScopingError(
+                    f"OR REPLACE on the tenant table of {subject[0].class_.__name__} deletes the "
+                    f"row already holding the key, whichever organization owns it; use an "
+                    f"upsert that does nothing on conflict, or unscoped(..., reason=...)."
+                )
 
     def _check_core(self, statement: Any) -> None:
         verdict = self._core_verdict(statement)
