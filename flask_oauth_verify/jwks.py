@@ -670,7 +670,15 @@ class KeyStore:
         return uri
 
     def _parse(self, jwks: Any) -> PreparedKeySet:
-        digest = content_hash(jwks) if isinstance(jwks, Mapping) else None
+        """The prepared key set of ``jwks``, parsed once per distinct content.
+
+        :raises KeySetError: when ``jwks`` is no usable JWK Set, also when it
+            is not plain JSON (a foreign value in the shared cache).
+        """
+        try:
+            digest = content_hash(jwks) if isinstance(jwks, Mapping) else None
+        except (TypeError, ValueError, RecursionError):
+            raise KeySetError("the key set is not plain JSON") from None
         parsed = self._parsed.get(digest) if digest is not None else None
         if parsed is None:
             parsed = parse_key_set(jwks, self.settings.algorithms)

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from flask import Flask
 
 from flask_oauth_verify.cache import SharedCache, cache_key
+from flask_oauth_verify.extension import get_state
 from flask_oauth_verify.fetch import Fetcher, FetchError
 from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer
 
@@ -36,6 +37,7 @@ from .test_faults import (
     MARGIN,
     REDIS_TIMEOUT,
     STALE,
+    TTL,
     RawServer,
     assert_ok,
     assert_unavailable,
@@ -325,6 +327,34 @@ def test_a_key_set_url_in_redis_that_is_no_string_never_turns_a_503_into_a_401(
     response, elapsed = timed(app, token)
     assert_unavailable(response)
     assert elapsed <= BUDGET + MARGIN
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    [{"keys": [{"kty": b"RSA"}]}, {"keys": [], "x": {1, 2}}, {"keys": [], 1: "int key"}],
+    ids=["bytes", "set", "non-string key"],
+)
+def test_a_key_set_in_redis_that_is_not_json_is_ignored(
+    issuer: TokenIssuer, clock: FakeClock, redis_url: str, foreign: dict[Any, Any]
+) -> None:
+    """A record whose key set could not be hashed as JSON raised a TypeError on
+    every read: every cold request was 503 while the issuer was up (it was never
+    asked), a warm worker never refreshed, and the key status (``/metrics``)
+    raised."""
+    server = server_of(issuer)
+    app = fault_app(issuer.config(), clock, cache_config=redis_cache(redis_url))
+    backend = shared_backend(app)
+    record = {"jwks": foreign, "fetched_at": clock(), "ttl": TTL, "uri": f"{server.url}/jwks"}
+    backend.set(cache_key("jwks", issuer.issuer), record, timeout=0)
+    assert_ok(timed(app, issuer.mint())[0])  # a cold worker: fetched from the issuer
+    assert server.hits["/jwks"] == 1
+    statuses = get_state(app).keys.status()
+    assert [s.kids for s in statuses] == [tuple(k["kid"] for k in issuer.jwks()["keys"])]
+    backend.set(cache_key("jwks", issuer.issuer), {**record, "fetched_at": clock() + 1}, timeout=0)
+    issuer.rotate(drop_old=True)
+    clock.advance(STALE)  # a warm worker's due refresh meets the record, then fetches
+    assert_ok(timed(app, issuer.mint())[0])
+    assert server.hits["/jwks"] == 2
 
 
 def test_a_fetch_lock_naming_a_pid_beyond_any_is_broken(
