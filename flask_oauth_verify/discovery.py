@@ -151,14 +151,17 @@ class Discovery:
         """
         value = self.metadata(issuer).get(name)
         if value is None:
+            self._recheck_soon(issuer)
             return None
         if not isinstance(value, str):
+            self._recheck_soon(issuer)
             raise FetchError(f"metadata member {name} is not a string")
         if value in self._accepted_urls:
             return value  # the verdict depends on the URL and fixed settings only
         try:
             check_url(value, name.upper(), allow_insecure_http=self.settings.allow_insecure_http)
         except ConfigurationError as exc:
+            self._recheck_soon(issuer)
             raise FetchError(str(exc)) from None
         if len(self._accepted_urls) < _ACCEPTED_URLS:
             self._accepted_urls.add(value)
@@ -176,6 +179,19 @@ class Discovery:
         return metadata
 
     # -- internals ----------------------------------------------------------------
+
+    def _recheck_soon(self, issuer: str) -> None:
+        """The metadata lacks a member we need, or names an unusable URL: fetch it again soon.
+
+        Not after ``DISCOVERY_CACHE_TTL`` (hours): an issuer that fixes its
+        metadata is picked up at the next refresh, paced like a failed one
+        (``JWKS_REFRESH_COOLDOWN``), also when the copy came from another
+        worker.
+        """
+        entry = self._local.get(issuer)
+        if entry is not None:
+            retry = max(self.settings.jwks_refresh_cooldown, _RECHECK)
+            entry.fresh_until = min(entry.fresh_until, self.clock() + retry)
 
     def _usable(self, entry: _Entry, now: float) -> bool:
         return now - entry.fetched_at <= self.settings.jwks_max_staleness

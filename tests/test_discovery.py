@@ -184,6 +184,36 @@ def test_failed_refresh_keeps_the_last_good_metadata(
     assert issuer not in discovery.last_error
 
 
+@pytest.mark.parametrize(
+    "unusable",
+    ["http://keys.example.com/jwks", ["https://a.example/jwks"], None],
+    ids=["plain http to another host", "a list", "missing"],
+)
+def test_metadata_with_an_unusable_jwks_uri_is_fetched_again_after_the_cooldown(
+    issuer_server: IssuerServer, clock: FakeClock, unusable: Any
+) -> None:
+    """Not after DISCOVERY_CACHE_TTL (six hours): an issuer that publishes
+    an http jwks_uri behind a TLS proxy, then fixes it, is picked up at once."""
+    issuer = issuer_server.url
+    broken = {k: v for k, v in metadata(issuer, jwks_uri=unusable).items() if v is not None}
+    issuer_server.route(OIDC, Reply(200, broken))
+    discovery = make_discovery(issuer, clock, JWKS_REFRESH_COOLDOWN=30)
+    for _ in range(3):  # the same answer, without a fetch per call
+        if unusable is None:
+            assert discovery.endpoint(issuer, "jwks_uri") is None
+        else:
+            with pytest.raises(FetchError):
+                discovery.endpoint(issuer, "jwks_uri")
+    assert issuer_server.hits[OIDC] == 1
+    issuer_server.route(OIDC, Reply(200, metadata(issuer)))  # fixed
+    clock.advance(31)
+    assert discovery.endpoint(issuer, "jwks_uri") == issuer + "/jwks"
+    assert issuer_server.hits[OIDC] == 2
+    clock.advance(3600)  # a good copy is kept for hours again
+    discovery.endpoint(issuer, "jwks_uri")
+    assert issuer_server.hits[OIDC] == 2
+
+
 def test_errors_are_not_cached(issuer_server: IssuerServer, clock: FakeClock) -> None:
     issuer = issuer_server.url
     issuer_server.route(OIDC, Reply(500, {}))
