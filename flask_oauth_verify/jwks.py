@@ -125,6 +125,8 @@ class _Source:
     #: With no keys to serve, no fetch before this time: set when the server
     #: answered with no key set (an outage is the circuit breaker's to pace).
     retry_at: float = float("-inf")
+    #: When this process's last fetch for the source failed.
+    failed_at: float = float("-inf")
     fetches: int = 0
 
     @property
@@ -413,8 +415,15 @@ class KeyStore:
         return self._run(source, "due")
 
     def _refresh_for_kid(self, source: _Source, seen: PreparedKeySet, kid: str) -> PreparedKeySet:
-        """One refresh for an unknown kid, rate limited per issuer."""
+        """One refresh for an unknown kid, rate limited per issuer.
+
+        None within the cooldown after a fetch failed (a due refresh of this
+        very request, maybe): the issuer is not asked again at once, and
+        the request does not wait out a second timeout.
+        """
         keys = seen
+        if self.clock() - source.failed_at < self._cooldown:
+            return keys
         for _ in range(2):
             if (
                 not self._flights.running(source.name)
@@ -698,6 +707,7 @@ class KeyStore:
             (in every worker): a flood of requests is not a flood of fetches.
         """
         source.last_error = reason
+        source.failed_at = now
         attempt = {"at": now, "error": reason, "answered": answered}
         self.cache.set(source.key("jwks-attempt"), attempt, self._max_staleness)
         self._emit("keys_refresh_failed", issuer=source.issuer, reason=reason)

@@ -292,6 +292,29 @@ def test_slow_issuer_warm_keeps_serving_last_good_keys(
     assert server.hits["/jwks"] == 2
 
 
+def test_an_unknown_kid_right_after_a_failed_refresh_asks_the_issuer_once(
+    issuer: TokenIssuer, clock: FakeClock
+) -> None:
+    """The due refresh of the request timed out; the unknown kid then forced a
+    second fetch from the same hanging issuer: one request waited two budgets."""
+    server = server_of(issuer)
+    app = fault_app(issuer.config(), clock)
+    assert_ok(timed(app, issuer.mint(expires_in=10 * 86400))[0])
+    server.hold("/jwks")
+    clock.advance(STALE)
+    unknown = issuer.mint(headers={"kid": "new-key"}, expires_in=10 * 86400)
+    response, elapsed = timed(app, unknown)
+    assert response.status_code == 401, response.get_json()
+    assert server.hits["/jwks"] == 2  # the first fetch and the due refresh: no forced one
+    assert elapsed <= BUDGET + MARGIN
+    server.release()
+    new = issuer.rotate()  # the issuer is back, with a new key
+    clock.advance(31)  # past JWKS_REFRESH_COOLDOWN: a forced refresh is allowed again
+    assert_ok(timed(app, issuer.mint(expires_in=10 * 86400))[0])
+    assert server.hits["/jwks"] == 3
+    assert issuer.current_kid == new
+
+
 def test_slow_discovery_cold_gives_503_within_two_budgets(
     issuer: TokenIssuer, clock: FakeClock
 ) -> None:
