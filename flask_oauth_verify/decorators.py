@@ -48,10 +48,16 @@ _sha256 = hashlib.sha256
 
 
 #: The ``strategy`` of ``@require_organization`` / ``@require_user``: they
-#: refine the route's own decorator, so any check made earlier in the request
-#: counts (``@require_scope(..., strategy="introspection")`` above
-#: ``@require_organization``); alone, they verify with the app's default.
+#: refine the route's own decorator, so any check that decorator made counts
+#: (``@require_scope(..., strategy="introspection")`` above
+#: ``@require_organization``); alone, they verify with the app's default, and
+#: a check of a ``before_request`` counts only as it would for ``@require_token``.
 _ANY_EARLIER = "any earlier"
+
+#: Recorded beside the strategies of a request's checks once a route's
+#: ``@require_token`` / ``@require_scope`` has checked: the "check above"
+#: that ``@require_organization`` / ``@require_user`` refine. Never a strategy.
+_BY_ROUTE = "route decorator"
 
 
 #: Strategies that ask the authorization server whether the token was revoked.
@@ -77,7 +83,7 @@ def _already_verified(
     if not done or not stamped_for(request_g, request._get_current_object()):  # type: ignore[attr-defined]
         return None
     context = request_g.get("auth")
-    if strategy is None:
+    if strategy is None or (strategy is _ANY_EARLIER and _BY_ROUTE not in done):
         reuse = default not in _SEES_REVOCATION or not done.isdisjoint(_SEES_REVOCATION)
     else:
         reuse = strategy is _ANY_EARLIER or strategy in done or "both" in done
@@ -261,6 +267,22 @@ def _wrap(view: F, check: Callable[[], Any]) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _route_check(
+    scopes: tuple[str, ...], any_of: bool, optional: bool, strategy: str | None
+) -> AuthContext | None:
+    """:func:`_verify_request` for a route's ``@require_token`` / ``@require_scope``."""
+    context = _verify_request(scopes, any_of, optional, strategy)
+    _mark_route_check(g._get_current_object().__dict__)
+    return context
+
+
+def _mark_route_check(request_g: dict[str, Any]) -> None:
+    """Record that the route's own decorator checked (see :data:`_BY_ROUTE`)."""
+    done = request_g.get("_oauth_verify_checked")
+    if done is not None:
+        done.add(_BY_ROUTE)
+
+
 def _guard(
     view: F, scopes: tuple[str, ...], any_of: bool, optional: bool, strategy: str | None
 ) -> F:
@@ -279,7 +301,7 @@ def _guard(
     case. ``tests/test_hot_path.py`` compares both paths. ``async def``
     views take :func:`_verify_request` only.
     """
-    check = functools.partial(_verify_request, scopes, any_of, optional, strategy)
+    check = functools.partial(_route_check, scopes, any_of, optional, strategy)
     if inspect.iscoroutinefunction(view):
         return _wrap(view, check)
 
@@ -325,7 +347,7 @@ def _guard(
                         and not state.events.enabled()
                     ):
                         request_g["auth"] = cached.context
-                        request_g["_oauth_verify_checked"] = {chosen}
+                        request_g["_oauth_verify_checked"] = {chosen, _BY_ROUTE}
                         request_g[REQUEST_KEY] = weakref.ref(current)
                         answered = True
         except Exception:  # the general path below decides (and names) every case
@@ -336,6 +358,7 @@ def _guard(
             _check_request(
                 state, request_g, current, plain, digest, scopes, any_of, optional, strategy
             )
+            _mark_route_check(request_g)
         return view(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

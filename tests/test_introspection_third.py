@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -166,6 +167,42 @@ def test_require_organization_keeps_the_strategy_of_the_decorator_above_it(
     assert response.json == {"organization_id": "org_8"}
     assert hits(issuer) == 1  # alone: the app's default, "jwks"
     assert_401(client.get("/tenant-alone", headers=auth_header(opaque)))
+
+
+@pytest.mark.parametrize("default", ["both", "introspection"])
+@pytest.mark.parametrize("refinement", [require_organization, require_user])
+def test_require_organization_alone_is_not_satisfied_by_a_weaker_hook_check(
+    issuer: TokenIssuer, default: str, refinement: Callable[..., Any]
+) -> None:
+    """Alone, ``@require_organization`` / ``@require_user`` use the app's default:
+    a ``verify_request(strategy="jwks")`` in a ``before_request`` is no check
+    above them to refine, and must not let a revoked token through."""
+    app = make_app(intro_config(issuer, STRATEGY=default))
+
+    @app.before_request
+    def everywhere() -> None:
+        verify_request(strategy="jwks", optional=True)
+
+    @app.get("/alone")
+    @refinement
+    def alone() -> dict[str, Any]:
+        return {"organization_id": g.auth.organization_id}
+
+    @app.get("/refined")
+    @require_token(strategy="jwks")
+    @refinement
+    def refined() -> dict[str, Any]:
+        return {"organization_id": g.auth.organization_id}
+
+    client = app.test_client()
+    token = issuer.mint(subject="user_r", organization_id="org_r")
+    assert client.get("/alone", headers=auth_header(token)).json == {"organization_id": "org_r"}
+    assert hits(issuer) == 1  # the app's default asked the endpoint
+    assert client.get("/refined", headers=auth_header(token)).status_code == 200
+    assert hits(issuer) == 1  # under the route's own "jwks" decorator: refined, not re-checked
+    issuer.revoke(token)
+    assert_401(client.get("/alone", headers=auth_header(token)))
+    assert client.get("/refined", headers=auth_header(token)).status_code == 200  # "jwks" asked
 
 
 @pytest.mark.parametrize(
