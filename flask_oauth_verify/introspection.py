@@ -548,7 +548,8 @@ class Introspector:
 
 def answer_scope(settings: Settings) -> str:
     """A hash of who answers: the endpoint (or the issuers it is discovered
-    from), our client authentication method and client id.
+    from), our client authentication method and client id (with ``bearer``,
+    a hash of the bearer credential, which names the client there).
 
     Part of the cache key of an answer: apps that share a cache backend but
     ask different authorization servers (or ask as different clients, which
@@ -556,12 +557,16 @@ def answer_scope(settings: Settings) -> str:
     answer that lacks ``iss`` (RFC 7662 §2.2 makes it optional) would
     otherwise let a token of one server pass at an API of another.
     """
+    client = settings.introspection_client_id or ""
+    if settings.introspection_auth == "bearer" and settings.introspection_token:
+        credential = hashlib.sha256(settings.introspection_token.encode()).hexdigest()
+        client = f"{client}\nbearer {credential}"  # a hash of a hash: never the credential
     who = "\n".join(
         (
             settings.introspection_endpoint or "",
             *settings.issuers,
             settings.introspection_auth,
-            settings.introspection_client_id or "",
+            client,
         )
     )
     return hashlib.sha256(who.encode()).hexdigest()[:16]

@@ -930,6 +930,37 @@ def test_apis_asking_as_other_clients_keep_their_answers_apart(
     assert hits(issuer) == 2
 
 
+def test_apis_asking_with_other_bearer_credentials_keep_their_answers_apart(
+    issuer: TokenIssuer, redis_url: str
+) -> None:
+    # With INTROSPECTION_AUTH = "bearer" the credential names the client
+    # (INTROSPECTION_CLIENT_ID is usually unset): an answer obtained with one
+    # credential is not reused for an API that presents another.
+    issuer.introspection_auth = "bearer"
+
+    def api(name: str, credential: str) -> Flask:
+        config = intro_config(
+            issuer,
+            INTROSPECTION_AUTH="bearer",
+            INTROSPECTION_TOKEN=credential,
+            INTROSPECTION_CLIENT_ID=None,
+            INTROSPECTION_CLIENT_SECRET=None,
+            INTROSPECTION_CACHE_TTL=60,
+        )
+        return _redis_app(name, config, redis_url)
+
+    issuer.introspection_bearer = "credential-of-a"
+    api_a = api("bearer_a", "credential-of-a")
+    api_b = api("bearer_b", "credential-of-b")  # the endpoint does not accept it
+    token = issuer.mint_opaque()
+    assert api_a.test_client().get("/protected", headers=auth_header(token)).status_code == 200
+    assert api_b.test_client().get("/protected", headers=auth_header(token)).status_code == 503
+    assert hits(issuer) == 2, "B asked with its own credential"
+    same = api("bearer_a_worker", "credential-of-a")  # A's second worker shares A's answer
+    assert same.test_client().get("/protected", headers=auth_header(token)).status_code == 200
+    assert hits(issuer) == 2
+
+
 @pytest.mark.parametrize("exp", [10**400, -(10**400)], ids=["10**400", "-10**400"])
 def test_an_exp_beyond_the_float_range_is_refused_not_an_internal_error(
     issuer: TokenIssuer, caplog: pytest.LogCaptureFixture, exp: int
