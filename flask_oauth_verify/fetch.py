@@ -75,6 +75,26 @@ T = TypeVar("T")
 BreakerScope = Literal["origin", "endpoint", "token"]
 
 
+class _Unguarded:
+    """The circuit of a call no breaker guards: always allowed, records nothing."""
+
+    @staticmethod
+    def allow() -> bool:
+        """Always."""
+        return True
+
+    @staticmethod
+    def record_success() -> None:
+        """Nothing to record."""
+
+    @staticmethod
+    def record_failure() -> None:
+        """Nothing to record."""
+
+
+_UNGUARDED = _Unguarded()
+
+
 class FetchError(Exception):
     """A fetch failed; ``reason`` says how (for logs), never with a token.
 
@@ -394,14 +414,17 @@ class Fetcher:
         data: Mapping[str, str] | None = None,
         json_body: Mapping[str, Any] | None = None,
         accept_not_modified: bool = False,
-        breaker: BreakerScope = "origin",
+        breaker: BreakerScope | None = "origin",
     ) -> HTTPResult:
         """Send one request under the policy; see the module docstring.
 
-        :param breaker: which circuit breaker guards the call (see :meth:`breaker`).
+        :param breaker: which circuit breaker guards the call (see
+            :meth:`breaker`); ``None``: none, and the outcome is recorded
+            nowhere (a health probe, which must not open the circuit that
+            requests depend on).
         :raises FetchError: on any failure, including an open circuit.
         """
-        circuit = self.breaker(url, scope=breaker)
+        circuit = self.breaker(url, scope=breaker) if breaker is not None else _UNGUARDED
         if not circuit.allow():
             raise FetchError(f"circuit open for {_origin(url)}")
         try:

@@ -264,7 +264,9 @@ class HealthChecker:
         if open_breaker is not None:
             return open_breaker, url
         try:
-            fetcher.request("GET", url, headers={"Accept": "application/json"}, breaker="endpoint")
+            # No breaker: a probe (a GET the endpoint may well refuse with a 5xx)
+            # must never open the circuit the requests' introspection calls use.
+            fetcher.request("GET", url, headers={"Accept": "application/json"}, breaker=None)
         except FetchError as exc:
             if exc.status is None or exc.status >= 500:
                 endpoint = _public_url(url)

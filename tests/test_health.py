@@ -11,6 +11,7 @@ from flask import Flask
 from flask_caching import Cache
 
 from flask_oauth_verify import ConfigurationError, OAuthVerify
+from flask_oauth_verify.extension import get_state
 from flask_oauth_verify.testing import IssuerServer, Reply, Request, TokenIssuer, auth_header
 
 from .conftest import FakeClock, RedisServer, free_port, in_forked_child, make_app
@@ -174,13 +175,16 @@ def test_cache_backend_reachability_with_real_redis(
     assert health(strict)[0] == 200
 
 
-def introspection_app(issuer: TokenIssuer, server: IssuerServer, clock: FakeClock) -> Flask:
+def introspection_app(
+    issuer: TokenIssuer, server: IssuerServer, clock: FakeClock, **extra: Any
+) -> Flask:
     config = issuer.config(
         HEALTH_ROUTE=True,
         STRATEGY="introspection",
         INTROSPECTION_ENDPOINT=f"{server.url}/introspect",
         INTROSPECTION_CLIENT_ID="resource-server",
         INTROSPECTION_CLIENT_SECRET="rs-secret",
+        **extra,
     )
     return make_app(config, clock=clock)
 
@@ -215,6 +219,26 @@ def test_introspection_endpoint_probed_at_most_once_per_interval(
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_failed_probes_never_open_the_circuit_the_requests_use(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    """An endpoint that answers RFC 7662 POSTs but 500 to the probe's GET: the
+    probes made the requests' circuit breaker open, and good tokens got 503."""
+    answer = issuer_server.routes["/introspect"]
+    issuer_server.route(
+        "/introspect", lambda r: answer(r) if r.method == "POST" else Reply(500, {"error": "x"})
+    )
+    app = introspection_app(served_tokens, issuer_server, clock, HEALTH_PROBE_INTERVAL=0)
+    failures = get_state(app).settings.circuit_breaker_failures
+    for _ in range(failures + 2):  # each poll probes, well within CIRCUIT_BREAKER_RESET
+        assert health(app)[0] == 503
+    token = served_tokens.mint_opaque()
+    response = app.test_client().get("/protected", headers=auth_header(token))
+    assert response.status_code == 200, response.get_json()
+    posts = [r for r in issuer_server.requests if r.path == "/introspect" and r.method == "POST"]
+    assert len(posts) == 1
+
+
 def test_a_child_forked_during_a_probe_probes_for_itself(
     served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
 ) -> None:
