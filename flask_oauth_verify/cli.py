@@ -41,7 +41,7 @@ from .events import one_line
 from .extension import _AppState, get_state
 from .fetch import FetchError
 from .keys import PreparedKey, PreparedKeySet
-from .verification import JWSHeader
+from .verification import LATEST_EXP, JWSHeader
 
 __all__ = ["cli"]
 
@@ -77,12 +77,18 @@ def _duration(seconds: float) -> str:
 
 
 def _when(timestamp: float, now: float) -> str:
-    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
-    relative = (
-        f"in {_duration(timestamp - now)}"
-        if timestamp >= now
-        else (f"{_duration(now - timestamp)} ago")
-    )
+    """``timestamp`` as a UTC date and how far from ``now``; the raw number
+    when no date can show it (an issuer writing milliseconds, say)."""
+    try:
+        moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+        relative = (
+            f"in {_duration(timestamp - now)}"
+            if timestamp >= now
+            else (f"{_duration(now - timestamp)} ago")
+        )
+    except (OverflowError, ValueError, OSError):
+        hint = " - milliseconds, not seconds?" if abs(timestamp) > 1e11 else ""
+        return f"{timestamp!r} (seconds since 1970, beyond any date{hint})"
     return f"{moment:%Y-%m-%d %H:%M:%S} UTC ({relative})"
 
 
@@ -315,6 +321,13 @@ def _check_times(report: _Report, claims: Mapping[str, Any], state: _AppState, n
         report.step(_FAIL, "exp", "The token has no numeric exp claim; access tokens must expire.")
     elif exp + leeway <= now:
         report.step(_FAIL, "exp", f"The token expired at {_when(exp, now)} (leeway {leeway:g} s).")
+    elif exp > LATEST_EXP:
+        report.step(
+            _FAIL,
+            "exp",
+            f"The exp claim {exp!r} lies beyond the year 9999: the issuer writes "
+            "milliseconds, not seconds, and the token would never expire.",
+        )
     else:
         report.step(_PASS, "exp", f"expires at {_when(exp, now)}")
     nbf = claims.get("nbf")

@@ -56,6 +56,9 @@ _LAST_CHARACTER = {2: (0x0F, b"=="), 3: (0x03, b"=")}
 #: claims check); anything outside takes the exact path (:func:`_is_number`).
 _INT_HIGH = 2**1023
 _INT_LOW = -_INT_HIGH
+#: The last second of year 9999: an ``exp`` beyond it is no date in seconds
+#: (an issuer writing milliseconds makes a token that would never expire).
+LATEST_EXP = 253_402_300_799
 #: ``claims.get(name, _ABSENT)``: tells a missing claim from ``"nbf": null``.
 _ABSENT: Any = object()
 #: Values (lower case) of a ``typ`` *claim* that name a token other than an
@@ -350,7 +353,7 @@ class JWTVerifier:
         leeway = self._leeway
         if not (
             type(exp) is int
-            and _INT_LOW < exp < _INT_HIGH
+            and _INT_LOW < exp <= LATEST_EXP
             and exp + leeway > now
             and (nbf is _ABSENT or (type(nbf) is int and _INT_LOW < nbf < _INT_HIGH))
             and (nbf is _ABSENT or nbf - leeway <= now)
@@ -403,6 +406,8 @@ class JWTVerifier:
                 raise _invalid("exp is missing or not a number")
             if exp + self._leeway <= now:
                 raise TokenExpired(reason="exp is in the past")
+            if exp > LATEST_EXP:
+                raise _invalid("exp is beyond the year 9999 (milliseconds, not seconds?)")
         self.check_time_claims(claims, now)
         if self._verify_audience and (require_audience or "aud" in claims):
             self._check_audience(claims.get("aud"))

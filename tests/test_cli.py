@@ -156,6 +156,30 @@ def test_inspect_explains_each_kind_of_bad_token(
     assert "[FAIL]" in result.output
 
 
+@pytest.mark.parametrize(
+    ("claim", "value", "sentence"),
+    [
+        ("exp", 1_700_003_600_000, "The exp claim 1700003600000 lies beyond the year 9999"),
+        ("iat", 10**20, "The token claims to be issued at 100000000000000000000 (seconds"),
+        ("nbf", 10**20, "The token is not valid before 100000000000000000000 (seconds"),
+        ("exp", -(10**20), "The token expired at -100000000000000000000 (seconds"),
+    ],
+    ids=["exp in milliseconds", "iat beyond any date", "nbf beyond any date", "exp before"],
+)
+def test_inspect_explains_times_beyond_any_date(
+    tokens: TokenIssuer, clock: FakeClock, claim: str, value: int, sentence: str
+) -> None:
+    """A datetime cannot show them: the command crashed with a traceback."""
+    clock.now = 1_700_000_000.0
+    app = make_app(tokens.config(), clock=clock)
+    payload = tokens.claims(now=clock())
+    payload[claim] = value
+    result = inspect(app, tokens.mint(payload))
+    assert result.exit_code == 1, result.output
+    assert verdict(result).startswith(f"Result: REJECTED — {sentence}"), result.output
+    assert "Traceback" not in result.output
+
+
 def test_inspect_explains_a_missing_scope(tokens: TokenIssuer, clock: FakeClock) -> None:
     app = make_app(tokens.config(), clock=clock)
     token = tokens.mint(now=clock(), scopes=["read:users"])

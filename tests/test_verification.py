@@ -12,6 +12,7 @@ from flask import Flask
 from joserfc import jwt
 
 from flask_oauth_verify.testing import TokenIssuer, auth_header, b64url
+from flask_oauth_verify.verification import LATEST_EXP
 
 from .conftest import make_app
 
@@ -85,6 +86,27 @@ def test_leeway_applies_to_exp(tokens: TokenIssuer) -> None:
     assert call(make_app(tokens.config(LEEWAY=0), name="strict"), token)[1]["error"] == (
         "token_expired"
     )
+
+
+@pytest.mark.parametrize(
+    ("exp", "status"),
+    [
+        (LATEST_EXP, 200),  # the last second of the year 9999
+        (LATEST_EXP + 1, 401),
+        (int(time.time() * 1000) + 3_600_000, 401),  # milliseconds: would never expire
+        (float(LATEST_EXP) + 0.5, 401),
+    ],
+    ids=["9999-12-31", "10000-01-01", "milliseconds", "fraction beyond"],
+)
+def test_an_exp_beyond_any_date_in_seconds_is_refused(
+    app: Flask, tokens: TokenIssuer, exp: float, status: int
+) -> None:
+    payload = tokens.claims()
+    payload["exp"] = exp
+    answer = call(app, tokens.mint(payload))
+    assert answer[0] == status, answer
+    if status == 401:
+        assert answer[1]["error"] == "invalid_token"
 
 
 @pytest.mark.parametrize("typ", [None, "JWT", "at+jwt", "application/at+JWT"])
