@@ -220,8 +220,13 @@ class Metrics:
         """
         if error.error in _DENIALS:
             self.denials.labels(error.error).inc()
-            return
-        status = "missing_token" if error.error == "unauthorized" else error.error
+            if token is None:
+                return  # a decorator's denial: the validation was counted already
+            # Denied while being validated (a claims check's 403): a valid
+            # token, denied, counted like a scope denial after validation.
+            status = "valid"
+        else:
+            status = "missing_token" if error.error == "unauthorized" else error.error
         labels: tuple[str, ...] = (status, self._strategy(strategy, token), "unknown")
         if self._client_label:
             labels += ("",)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -17,6 +18,8 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from flask_oauth_verify import ConfigurationError, OAuthVerify
+from flask_oauth_verify.errors import InsufficientScopeError
+from flask_oauth_verify.extension import get_state
 from flask_oauth_verify.metrics import DURATION_BUCKETS, metrics_registry
 from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer, auth_header
 
@@ -111,6 +114,31 @@ def test_counts_after_a_scripted_mix_of_requests(tokens: TokenIssuer, clock: Fak
     families = {f.name: f for f in registry.collect()}
     label_names = {name for s in families["token_validations"].samples for name in s.labels}
     assert "client_id" not in label_names
+
+
+def test_a_claims_check_denial_counts_like_a_scope_denial(
+    tokens: TokenIssuer, clock: FakeClock
+) -> None:
+    """A ``@claims_check`` raising InsufficientScopeError: a valid token,
+    denied. It was counted as a denial only, missing from the validations
+    and the duration histogram."""
+    app = make_app(tokens.config(METRICS=True), clock=clock)
+
+    @get_state(app).extension.claims_check
+    def admins_only(claims: Any) -> bool:
+        if claims.get("role") != "admin":
+            raise InsufficientScopeError(scopes=("admin",), reason="admin role required")
+        return True
+
+    client = app.test_client()
+    admin, plain = tokens.mint(now=clock(), role="admin"), tokens.mint(now=clock(), role="user")
+    assert client.get("/protected", headers=auth_header(admin)).status_code == 200
+    assert client.get("/protected", headers=auth_header(plain)).status_code == 403
+    registry = metrics_registry(app)
+    valid = {"status": "valid", "strategy": "jwks"}
+    assert sample(registry, "token_validations_total", token_type="unknown", **valid) == 2
+    assert sample(registry, "token_validation_duration_seconds_count") == 2
+    assert sample(registry, "token_authorization_denials_total", error="insufficient_scope") == 1
 
 
 def test_histogram_buckets_span_a_tenth_of_a_millisecond_to_half_a_second() -> None:
