@@ -704,7 +704,9 @@ def _discover_issuer(state: _AppState, issuer: str) -> tuple[bool, bool]:
             f"  jwks_uri: {_shown_url(settings.jwks_uri_for(issuer))} (OAUTH_VERIFY_JWKS_URI)"
         )
     elif isinstance(metadata.get("jwks_uri"), str):
-        click.echo(f"  jwks_uri: {one_line(metadata['jwks_uri'])} (discovered)")
+        refused = _refused_endpoint(state, issuer, "jwks_uri")
+        click.echo(f"  jwks_uri: {one_line(metadata['jwks_uri'])} (discovered){refused}")
+        ok = not refused or settings.strategy == "introspection"
     elif settings.strategy == "introspection":
         click.echo("  jwks_uri: not found (not used: strategy 'introspection')")
     else:
@@ -718,7 +720,9 @@ def _discover_issuer(state: _AppState, issuer: str) -> tuple[bool, bool]:
         )
     elif isinstance(metadata.get("introspection_endpoint"), str):
         endpoint = one_line(metadata["introspection_endpoint"])
-        click.echo(f"  introspection_endpoint: {endpoint} (discovered)")
+        refused = _refused_endpoint(state, issuer, "introspection_endpoint")
+        click.echo(f"  introspection_endpoint: {endpoint} (discovered){refused}")
+        introspection = not refused
     else:
         click.echo("  introspection_endpoint: not published")
         introspection = False
@@ -726,6 +730,15 @@ def _discover_issuer(state: _AppState, issuer: str) -> tuple[bool, bool]:
         if isinstance(metadata.get(name), str):
             click.echo(f"  {name}: {one_line(metadata[name])}")
     return ok, introspection
+
+
+def _refused_endpoint(state: _AppState, issuer: str, name: str) -> str:
+    """``""`` when the fetch policy accepts the discovered ``name``, else why not."""
+    try:
+        state.discovery.endpoint(issuer, name)
+    except FetchError as exc:
+        return f" — REFUSED: {one_line(exc.reason)}"
+    return ""
 
 
 @cli.command("discover")

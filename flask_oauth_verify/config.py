@@ -199,16 +199,19 @@ def _is_loopback(host: str | None) -> bool:
     return host == "localhost" or host == "::1" or host.startswith("127.")
 
 
-def check_url(url: str, name: str, *, allow_insecure_http: bool) -> str:
+def check_url(url: str, name: str, *, allow_insecure_http: bool, label: str | None = None) -> str:
     """Check that ``url`` is https, or http to a loopback host (or allowed).
 
     :param url: the URL from the settings or from discovery metadata.
     :param name: the config key named in the error.
     :param allow_insecure_http: ``OAUTH_VERIFY_ALLOW_INSECURE_HTTP``.
+    :param label: what the error names instead of the key (a URL from
+        discovery metadata is no setting of the app).
     :raises ConfigurationError: when the URL is not acceptable.
     """
+    shown = label or _key(name)
     if not isinstance(url, str):  # urlsplit(5) is an AttributeError naming no key
-        raise ConfigurationError(f"{_key(name)} must be an http(s) URL, not {url!r}.")
+        raise ConfigurationError(f"{shown} must be an http(s) URL, not {url!r}.")
     parts = urlsplit(url)
     if parts.scheme == "https" and parts.hostname:
         return url
@@ -216,10 +219,10 @@ def check_url(url: str, name: str, *, allow_insecure_http: bool) -> str:
         if allow_insecure_http or _is_loopback(parts.hostname):
             return url
         raise ConfigurationError(
-            f"{_key(name)} uses plain http to a non-loopback host ({parts.hostname}); "
+            f"{shown} uses plain http to a non-loopback host ({parts.hostname}); "
             f"use https or set {_key('ALLOW_INSECURE_HTTP')} = True."
         )
-    raise ConfigurationError(f"{_key(name)} must be an http(s) URL, not {url!r}.")
+    raise ConfigurationError(f"{shown} must be an http(s) URL, not {url!r}.")
 
 
 def _claim_map(value: Any) -> Mapping[str, tuple[str, ...]]:

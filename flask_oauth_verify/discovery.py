@@ -159,7 +159,12 @@ class Discovery:
         if value in self._accepted_urls:
             return value  # the verdict depends on the URL and fixed settings only
         try:
-            check_url(value, name.upper(), allow_insecure_http=self.settings.allow_insecure_http)
+            check_url(
+                value,
+                name.upper(),
+                allow_insecure_http=self.settings.allow_insecure_http,
+                label=f"The discovered {name}",
+            )
         except ConfigurationError as exc:
             self._recheck_soon(issuer)
             raise FetchError(str(exc)) from None

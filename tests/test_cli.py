@@ -302,6 +302,34 @@ def test_discover_shows_the_resolved_endpoints(
     assert f"token_endpoint: {base}/token" in result.output
 
 
+@pytest.mark.parametrize("strategy", ["jwks", "auto"])
+def test_discover_fails_on_discovered_endpoints_the_fetch_policy_refuses(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer, strategy: str
+) -> None:
+    """A Keycloak behind a TLS proxy that publishes http:// URLs: every request
+    was 503, and ``discover`` listed them as found and exited 0."""
+    metadata = {
+        **served_tokens.metadata(),
+        "jwks_uri": "http://keycloak.internal:8080/certs",
+        "introspection_endpoint": "ftp://keycloak.internal/introspect",
+    }
+    issuer_server.route("/.well-known/openid-configuration", Reply(200, metadata))
+    client_id, secret = served_tokens.introspection_credentials
+    credentials = {"INTROSPECTION_CLIENT_ID": client_id, "INTROSPECTION_CLIENT_SECRET": secret}
+    config = served_tokens.config(STRATEGY=strategy, **credentials)
+    config.pop("OAUTH_VERIFY_JWKS_URI")
+    result = run(make_app(config), "discover")
+    assert result.exit_code == 1, result.output
+    assert (
+        "jwks_uri: http://keycloak.internal:8080/certs (discovered) — REFUSED: The discovered "
+        "jwks_uri uses plain http to a non-loopback host (keycloak.internal)"
+    ) in result.output
+    assert (
+        "(discovered) — REFUSED: The discovered introspection_endpoint must be an http(s) URL"
+        in (result.output)
+    )
+
+
 def test_discover_without_metadata(tokens: TokenIssuer) -> None:
     config = tokens.config(JWKS_URI=f"http://127.0.0.1:{free_port()}/keys")
     config.pop("OAUTH_VERIFY_JWKS")
