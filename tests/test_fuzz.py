@@ -31,6 +31,7 @@ from werkzeug.test import TestResponse
 
 from flask_oauth_verify import OAuthVerify, require_scope, require_token
 from flask_oauth_verify.testing import IssuerServer, TokenIssuer
+from flask_oauth_verify.verification import LATEST_EXP
 
 from .attack_corpus import DROP, Kit, b64url
 from .conftest import FakeClock
@@ -249,6 +250,8 @@ def oracle(claims: dict[str, Any], iss: str, now: float) -> set[str]:
         errors.add("invalid_token")
     elif exp + LEEWAY <= now:
         errors.add("token_expired")
+    elif exp > LATEST_EXP:  # beyond the year 9999: never expiring, refused
+        errors.add("invalid_token")
     # nbf and iat are optional, but one that is present (null included) must
     # be a finite number.
     if "nbf" in claims:
