@@ -55,6 +55,7 @@ KNOWN_KEYS = frozenset(
         "INTROSPECTION_CLIENT_SECRET",
         "INTROSPECTION_ENDPOINT",
         "INTROSPECTION_NEGATIVE_CACHE_TTL",
+        "INTROSPECTION_REQUIRE_AUDIENCE",
         "INTROSPECTION_TOKEN",
         "ISSUER",
         "ISSUER_CLAIMS",
@@ -308,6 +309,9 @@ class Settings:
     introspection_auth: str = "client_secret_basic"
     introspection_token: str | None = None
     introspection_body: str = "form"
+    #: Refuse an introspection answer without ``aud`` (the audience is
+    #: checked): for servers whose answers always carry the token's own claims.
+    introspection_require_audience: bool = False
     introspection_cache_ttl: float = 0.0
     introspection_negative_cache_ttl: float = 0.0
     # performance
@@ -509,6 +513,9 @@ def _build(v: Mapping[str, Any]) -> Settings:
         introspection_auth=intro_auth,
         introspection_token=_optional_text(v, "INTROSPECTION_TOKEN"),
         introspection_body=intro_body,
+        introspection_require_audience=as_bool(
+            v.get("INTROSPECTION_REQUIRE_AUDIENCE", False), "INTROSPECTION_REQUIRE_AUDIENCE"
+        ),
         introspection_cache_ttl=_as_number(
             v.get("INTROSPECTION_CACHE_TTL", 0), "INTROSPECTION_CACHE_TTL"
         ),

@@ -258,8 +258,11 @@ class Introspector:
             # "both" answer confirms a JWT whose iss named the tenant)
             self.verifier.unverified_issuer(response, answer=True)
         self._check_token_type(response)
+        # RFC 7662 makes aud optional; a server that answers with the token's
+        # own claims (Keycloak) leaves it out only when the token has none.
+        require_audience = extra and self.settings.introspection_require_audience
         self.verifier.check_claims(
-            response, now, require_exp=False, require_audience=False, extra=extra
+            response, now, require_exp=False, require_audience=require_audience, extra=extra
         )
         return response
 

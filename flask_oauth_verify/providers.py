@@ -322,6 +322,9 @@ PROFILES: Mapping[str, Profile] = _profiles(
         defaults={
             "JWKS_URI": "{issuer}/protocol/openid-connect/certs",
             "INTROSPECTION_ENDPOINT": "{issuer}/protocol/openid-connect/token/introspect",
+            # Its answers are the token's own claims: no aud there means none in
+            # the token (no audience mapper), which a JWT route refuses too.
+            "INTROSPECTION_REQUIRE_AUDIENCE": True,
             # Keycloak signs ID tokens with the same keys; typ tells them apart.
             "REQUIRED_CLAIM_VALUES": {"typ": "Bearer"},
             "CLAIM_MAP": {"scopes": ("scope",), "client_id": ("azp", "client_id")},

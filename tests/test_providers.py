@@ -1062,6 +1062,25 @@ def test_keycloak_user_service_account_and_id_token(server: IssuerServer) -> Non
     assert kc.introspections[-1].path == "/realms/acme/protocol/openid-connect/token/introspect"
 
 
+def test_keycloak_tokens_without_an_audience_are_refused_by_introspection_too(
+    server: IssuerServer,
+) -> None:
+    """Keycloak leaves ``aud`` out when a token has no audience (no Audience
+    mapper), and its introspection answer is the token's own claims: the
+    JWT route refused such a token, the introspection route accepted it."""
+    kc = Keycloak(server)
+    credentials = {"INTROSPECTION_CLIENT_ID": kc.client_id}
+    credentials["INTROSPECTION_CLIENT_SECRET"] = kc.client_secret
+    app = provider_app(kc.config(**credentials))
+    no_audience = kc.token(aud=None, azp="some-other-spa")
+    refused(app, no_audience)
+    refused(app, no_audience, "/introspected")
+    refused(app, kc.token(aud=["account"]), "/introspected")
+    assert call(app, kc.token(), "/introspected")[0] == 200
+    lenient = provider_app(kc.config(INTROSPECTION_REQUIRE_AUDIENCE=False, **credentials))
+    assert call(lenient, no_audience, "/introspected")[0] == 200  # the app may opt out
+
+
 def test_keycloak_roles_and_organization_through_dotted_claim_paths(server: IssuerServer) -> None:
     kc = Keycloak(server)
     app = provider_app(
