@@ -74,6 +74,7 @@ KNOWN_KEYS = frozenset(
         "METRICS_CLIENT_ID_LABEL",
         "METRICS_ENDPOINT",
         "METRICS_REGISTRY",
+        "NO_ORGANIZATION_VALUES",
         "ORGANIZATION_COLUMN",
         "PREFETCH_KEYS",
         "PROVIDER",
@@ -273,6 +274,9 @@ class Settings:
     #: one prefix or several; ``str.startswith`` takes either
     user_id_prefix: str | tuple[str, ...] | None = None
     user_id_rule: Callable[[Mapping[str, Any]], bool] | None = None
+    #: organization claim values that name no organization (Entra's tenant of
+    #: personal Microsoft accounts): ``organization_id`` is then ``None``
+    no_organization_values: frozenset[str] = frozenset()
     allowed_client_ids: tuple[str, ...] = ()
     #: the token must name its client (per the ``client_id`` claim paths)
     require_client_id: bool = False
@@ -471,6 +475,9 @@ def _build(v: Mapping[str, Any]) -> Settings:
         required_claim_values=MappingProxyType(dict(required_values)),
         claim_map=_claim_map(v.get("CLAIM_MAP")),
         user_id_prefix=_user_id_prefix(v.get("USER_ID_PREFIX")),
+        no_organization_values=frozenset(
+            _as_tuple(v.get("NO_ORGANIZATION_VALUES"), "NO_ORGANIZATION_VALUES")
+        ),
         user_id_rule=user_rule,
         allowed_client_ids=_as_tuple(v.get("ALLOWED_CLIENT_IDS"), "ALLOWED_CLIENT_IDS"),
         require_client_id=as_bool(v.get("REQUIRE_CLIENT_ID", False), "REQUIRE_CLIENT_ID"),

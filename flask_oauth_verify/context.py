@@ -236,6 +236,7 @@ class ContextBuilder:
         self._scopes = tuple(_prepare_path(path) for path in mapping["scopes"])
         self._user_rule = settings.user_id_rule
         self._user_prefix = settings.user_id_prefix
+        self._no_organizations = settings.no_organization_values
         self._read = _compile_claim_reader(
             self._strings, self._scopes, self._user_rule, self._user_prefix
         )
@@ -247,6 +248,8 @@ class ContextBuilder:
         get = claims.get
         read = self._read(claims) or self.read_in_general(claims)
         subject, client_id, token_type, organization_id, service_name, scopes, user_id = read
+        if self._no_organizations and organization_id in self._no_organizations:
+            organization_id = None  # e.g. Entra's tenant of personal accounts
         context: Any = _new_building(_Building)
         context.subject = subject
         context.client_id = client_id

@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
@@ -90,6 +90,8 @@ class Profile:
     required_keys: Mapping[str, str] = dataclasses.field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     issuer_doubts: tuple[tuple[str, str], ...] = ()
+    #: more template fields computed from the issuer (where a pattern cannot say)
+    issuer_fields: Callable[[str], Mapping[str, str]] | None = None
 
 
 # -- user rules (which tokens act for a user) ---------------------------------
@@ -147,7 +149,38 @@ def beyond_identity_acts_for_user(claims: Mapping[str, Any]) -> bool:
 
 # -- the profiles ---------------------------------------------------------------
 
-_MICROSOFT_COMMON_KEYS = "https://login.microsoftonline.com/common/discovery/v2.0/keys"
+#: The common key set of the cloud that issued a token: national clouds
+#: (Azure China, US Government) run token services with keys of their own.
+_MICROSOFT_COMMON_KEYS = "https://{microsoft_login_host}/common/discovery/v2.0/keys"
+#: Hosts of v1.0 issuers (``sts.…``) -> the login host that serves the keys.
+_MICROSOFT_STS_HOSTS = {
+    "sts.windows.net": "login.microsoftonline.com",
+    "sts.chinacloudapi.cn": "login.chinacloudapi.cn",
+}
+#: Login hosts of the Microsoft clouds.
+_MICROSOFT_LOGIN_HOSTS = frozenset(
+    {
+        "login.microsoftonline.com",
+        "login.chinacloudapi.cn",
+        "login.partner.microsoftonline.cn",
+        "login.microsoftonline.us",
+    }
+)
+
+
+def microsoft_login_host(issuer: str) -> dict[str, str]:
+    """``{microsoft_login_host}``: the login host of the cloud ``issuer`` belongs to.
+
+    A v2.0 issuer names it; a v1.0 issuer names its ``sts`` host, whose keys
+    the cloud's login host serves. Any other host (a proxy, a test server)
+    gets the global cloud's, as before national clouds were told apart.
+    """
+    host = (urlsplit(issuer).hostname or "").lower()
+    if host in _MICROSOFT_LOGIN_HOSTS:
+        return {"microsoft_login_host": host}
+    return {"microsoft_login_host": _MICROSOFT_STS_HOSTS.get(host, "login.microsoftonline.com")}
+#: The ``tid`` of every personal Microsoft account (the "consumers" tenant).
+MICROSOFT_PERSONAL_ACCOUNTS_TENANT = "9188040d-6c67-4c5b-b112-36a304b66dad"
 
 #: For providers whose ``iss`` never ends in ``/``: ``iss`` is compared
 #: exactly, so an issuer written with one refuses every token.
@@ -304,8 +337,12 @@ PROFILES: Mapping[str, Profile] = _profiles(
                 "client_id": ("azp", "appid"),
                 "organization_id": ("tid",),
             },
+            # Every personal Microsoft account's token names this one tenant:
+            # it is no organization (never one tenant for unrelated people).
+            "NO_ORGANIZATION_VALUES": (MICROSOFT_PERSONAL_ACCOUNTS_TENANT,),
             "USER_ID_RULE": entra_acts_for_user,
         },
+        issuer_fields=microsoft_login_host,
         aliases=("entra", "entra-id", "azure_ad", "azure-ad", "azure", "microsoft"),
         description="Microsoft Entra ID (v1 and v2 tokens, multi-tenant templates).",
         issuer_doubts=(
@@ -428,6 +465,8 @@ def _issuer_fields(
                 f"OAUTH_VERIFY_ISSUER {issuer!r} does not fit OAUTH_VERIFY_PROVIDER = "
                 f"{profile.name!r}: {profile.issuer_must_match}."
             )
+    if profile.issuer_fields is not None:
+        fields.update(profile.issuer_fields(issuer))
     fields.update({str(k): str(v) for k, v in params.items()})
     return fields
 

@@ -480,7 +480,9 @@ class EntraID(Emulator):
     api_client = "6e74172b-be56-4843-9ff4-e66a39bb12e3"
     app_id_uri = "api://orders-api"
     home = "72f988bf-86f1-41af-91ab-2d7cd011db47"
-    partner = "9188040d-6c67-4c5b-b112-36a304b66dad"
+    partner = "4d7c1a52-0b6e-4f3a-9e21-6c8d5b7a9f10"
+    #: the tenant of every personal Microsoft account: no organization
+    consumers = "9188040d-6c67-4c5b-b112-36a304b66dad"
     stranger = "f8cdef31-a31e-4b4a-93e4-5f571e91255a"
 
     def __init__(self, server: IssuerServer) -> None:

@@ -930,6 +930,44 @@ def test_okta_custom_authorization_server(server: IssuerServer) -> None:
 # -- Microsoft Entra ID -------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("issuer", "keys_host"),
+    [
+        ("https://login.microsoftonline.com/{tenantid}/v2.0", "login.microsoftonline.com"),
+        ("https://sts.windows.net/{tenantid}/", "login.microsoftonline.com"),
+        ("https://login.chinacloudapi.cn/{tenantid}/v2.0", "login.chinacloudapi.cn"),
+        ("https://sts.chinacloudapi.cn/{tenantid}/", "login.chinacloudapi.cn"),
+        (
+            "https://login.partner.microsoftonline.cn/{tenantid}/v2.0",
+            "login.partner.microsoftonline.cn",
+        ),
+        ("https://login.microsoftonline.us/{tenantid}/v2.0", "login.microsoftonline.us"),
+        ("https://login.microsoftonline.us/{tenantid}/", "login.microsoftonline.us"),
+    ],
+)
+def test_entra_keys_come_from_the_issuers_own_cloud(issuer: str, keys_host: str) -> None:
+    """National clouds sign with keys of their own: every Azure China token
+    was refused as signed by an unknown key (the global key set)."""
+    s = settings("entra_id", issuer, AUDIENCE="api", ALLOWED_TENANTS="*")
+    assert s.jwks_uri_for(issuer) == f"https://{keys_host}/common/discovery/v2.0/keys"
+
+
+def test_entra_personal_accounts_are_no_organization(server: IssuerServer) -> None:
+    """Every personal Microsoft account's token carries the one consumers
+    tenant as ``tid``: two unrelated people shared one organization_id, so
+    ``@require_organization`` and the tenant scoping put them together."""
+    entra = EntraID(server)
+    app = provider_app(entra.config(ALLOWED_TENANTS=[entra.home, entra.consumers]))
+    status, body = call(app, entra.v2_token(entra.consumers))
+    assert (status, body["organization_id"]) == (200, None)
+    response = app.test_client().get("/org", headers=auth_header(entra.v2_token(entra.consumers)))
+    assert response.status_code == 401
+    assert response.json is not None
+    assert response.json["error"] == "missing_organization_context"
+    status, body = call(app, entra.v2_token(entra.home))
+    assert (status, body["organization_id"]) == (200, entra.home)
+
+
 def test_entra_multi_tenant_tokens(server: IssuerServer) -> None:
     entra = EntraID(server)
     app = provider_app(entra.config())
