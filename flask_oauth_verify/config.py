@@ -126,7 +126,10 @@ DEFAULT_TYPES = (None, "jwt", "application/jwt", "at+jwt", "application/at+jwt")
 #: OpenID Connect defines these for ID tokens only (Core §3.1.3.6, §3.3.2.11):
 #: ``at_hash`` is the hash of the access token issued beside the ID token, so
 #: no access token can carry it. A token holding one is an ID token.
-DEFAULT_REFUSED_CLAIMS = ("at_hash", "c_hash")
+#: ``at_hash``/``c_hash`` mark an ID token; ``cnf`` binds a token to a key its
+#: client must prove (DPoP, RFC 9449; mutual TLS, RFC 8705), which a Bearer
+#: request cannot: such a token presented as Bearer is refused.
+DEFAULT_REFUSED_CLAIMS = ("at_hash", "c_hash", "cnf")
 STRATEGIES = ("jwks", "introspection", "auto", "both")
 INTROSPECTION_AUTH_METHODS = ("client_secret_basic", "client_secret_post", "bearer", "none")
 TOKEN_LOCATIONS = ("header", "query", "form")

@@ -101,6 +101,12 @@ def _invalid(reason: str) -> InvalidTokenError:
 
 
 def _id_token(claim: str) -> InvalidTokenError:
+    """The refusal of a token holding ``claim`` (of ``REFUSED_CLAIMS``)."""
+    if claim == "cnf":
+        return InvalidTokenError(
+            reason="claim 'cnf' binds the token to a key its client must prove (DPoP or "
+            "mutual TLS), which a Bearer request cannot"
+        )
     return InvalidTokenError(
         reason=f"claim {claim!r} marks an ID token, which is not an access token"
     )

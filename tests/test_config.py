@@ -32,7 +32,7 @@ def test_defaults_are_the_documented_safe_ones() -> None:
     assert s.strategy == "jwks"
     assert s.verify_audience is True
     assert None in s.allowed_types and "at+jwt" in s.allowed_types
-    assert s.refused_claims == ("at_hash", "c_hash")
+    assert s.refused_claims == ("at_hash", "c_hash", "cnf")
     assert s.require_client_id is False
 
 

@@ -242,6 +242,25 @@ def test_an_id_token_claim_is_refused(app: Flask, tokens: TokenIssuer, claim: st
     assert (status, body["error"]) == (401, "invalid_token")
 
 
+@pytest.mark.parametrize(
+    "cnf",
+    [
+        {"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"},
+        {"x5t#S256": "bwcK0esc3ACC3DB2Y5_lESsXE8o9ltc05O89jdN-dg2"},
+    ],
+    ids=["DPoP", "mutual TLS"],
+)
+def test_a_sender_constrained_token_sent_as_bearer_is_refused(
+    app: Flask, tokens: TokenIssuer, cnf: dict[str, str]
+) -> None:
+    """A token bound to a key its client must prove (RFC 9449, RFC 8705) cannot
+    be checked in a Bearer request: accepted, a stolen one would be replayed."""
+    status, body, _ = call(app, tokens.mint(cnf=cnf))
+    assert (status, body["error"]) == (401, "invalid_token")
+    lenient = make_app(tokens.config(REFUSED_CLAIMS=["at_hash", "c_hash"]), name="lenient")
+    assert call(lenient, tokens.mint(cnf=cnf))[0] == 200  # an app may opt out
+
+
 def test_refused_claims_are_configurable(tokens: TokenIssuer) -> None:
     lenient = make_app(tokens.config(REFUSED_CLAIMS=[]), name="lenient")
     assert call(lenient, tokens.mint(at_hash="x"))[0] == 200
