@@ -179,6 +179,8 @@ def microsoft_login_host(issuer: str) -> dict[str, str]:
     if host in _MICROSOFT_LOGIN_HOSTS:
         return {"microsoft_login_host": host}
     return {"microsoft_login_host": _MICROSOFT_STS_HOSTS.get(host, "login.microsoftonline.com")}
+
+
 #: The ``tid`` of every personal Microsoft account (the "consumers" tenant).
 MICROSOFT_PERSONAL_ACCOUNTS_TENANT = "9188040d-6c67-4c5b-b112-36a304b66dad"
 
