@@ -31,11 +31,15 @@ def _refuse(self: object, *_args: object, **_kwargs: object) -> NoReturn:
 
 
 class ReadOnlyList(list[Any]):
-    """A JSON array of verified claims: a ``list`` that cannot be changed."""
+    """A JSON array of verified claims: a ``list`` that cannot be changed.
+
+    Made by :func:`read_only` (calling the class, like ``__init__`` on one,
+    would fill it anew, and is refused).
+    """
 
     __slots__ = ()
     append = extend = insert = pop = remove = clear = sort = reverse = _refuse
-    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    __init__ = __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
 
     def __reduce__(self) -> tuple[type[list[Any]], tuple[list[Any]]]:
         """Copies and pickles are plain lists."""
@@ -47,11 +51,15 @@ class ReadOnlyList(list[Any]):
 
 
 class ReadOnlyDict(dict[str, Any]):
-    """A JSON object of verified claims: a ``dict`` that cannot be changed."""
+    """A JSON object of verified claims: a ``dict`` that cannot be changed.
+
+    Made by :func:`read_only` (calling the class, like ``__init__`` on one,
+    would fill it anew, and is refused).
+    """
 
     __slots__ = ()
     pop = popitem = clear = update = setdefault = _refuse
-    __setitem__ = __delitem__ = __ior__ = _refuse
+    __init__ = __setitem__ = __delitem__ = __ior__ = _refuse
 
     def __reduce__(self) -> tuple[type[dict[str, Any]], tuple[dict[str, Any]]]:
         """Copies and pickles are plain dicts."""
@@ -76,11 +84,16 @@ def read_only(value: Any) -> Any:
         recursion limit allows.
     """
     if isinstance(value, _SEQUENCES):
+        made = list.__new__(ReadOnlyList)
         if _ATOMS.issuperset(map(type, value)):  # the usual array: scopes, aud, roles
-            return ReadOnlyList(value)
-        return ReadOnlyList([read_only(item) for item in value])
+            list.extend(made, value)
+        else:
+            list.extend(made, [read_only(item) for item in value])
+        return made
     if isinstance(value, Mapping):
-        return ReadOnlyDict({key: read_only(item) for key, item in value.items()})
+        made_dict = dict.__new__(ReadOnlyDict)
+        dict.update(made_dict, {key: read_only(item) for key, item in value.items()})
+        return made_dict
     return value
 
 
@@ -125,12 +138,29 @@ class ReadOnlyClaims(Mapping[str, Any]):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({dict(self)!r})"
 
+    def __reversed__(self) -> Iterator[str]:
+        return reversed(self._claims)
+
+    def copy(self) -> dict[str, Any]:
+        """A plain, mutable dict of the claims (nested values stay read-only)."""
+        return dict(self)
+
+    def __or__(self, other: Any) -> dict[str, Any]:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return {**self, **other}
+
+    def __ror__(self, other: Any) -> dict[str, Any]:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return {**other, **self}
+
     def __reduce__(self) -> tuple[type[dict[str, Any]], tuple[dict[str, Any]]]:
         """Copies and pickles are plain dicts."""
         return dict, (dict(self),)
 
 
-def read_only_claims(claims: Mapping[str, Any], owned: bool = False) -> Mapping[str, Any]:
+def read_only_claims(claims: Mapping[str, Any], owned: bool = False) -> ReadOnlyClaims:
     """A read-only view of ``claims``, nested arrays and objects included.
 
     :param owned: ``claims`` is a ``dict`` nobody else holds (freshly

@@ -208,3 +208,25 @@ def test_each_nested_value_is_made_read_only_once_and_shared(tokens: TokenIssuer
     for _ in range(3):
         assert client.get("/roles", headers=headers).json == {"roles": ["editor"]}
     assert len(seen) == 3 and seen[0] is seen[1] is seen[2]
+
+
+def test_the_claims_read_like_the_read_only_mapping_they_were() -> None:
+    """``copy()``, ``|`` and ``reversed()`` worked on the MappingProxyType the
+    claims were; a ``@claims_check`` using them refused every token."""
+    claims = read_only_claims({"sub": "user_1", "roles": ["editor"]}, owned=True)
+    copied = claims.copy()
+    assert type(copied) is dict and copied == {"sub": "user_1", "roles": ["editor"]}
+    copied["sub"] = "other"
+    assert claims["sub"] == "user_1"
+    assert claims | {"plan": "gold"} == {"sub": "user_1", "roles": ["editor"], "plan": "gold"}
+    assert {"plan": "gold"} | claims == {"plan": "gold", "sub": "user_1", "roles": ["editor"]}
+    assert list(reversed(claims)) == ["roles", "sub"]
+
+
+@pytest.mark.parametrize("kind", [ReadOnlyList, ReadOnlyDict])
+def test_init_cannot_refill_a_shared_value(kind: type) -> None:
+    frozen = read_only({"roles": ["editor"], "custom": {"k": "v"}})
+    value = frozen["roles"] if kind is ReadOnlyList else frozen["custom"]
+    with pytest.raises(TypeError, match="read-only"):
+        value.__init__(["admin"] if kind is ReadOnlyList else {"k": "admin"})
+    assert frozen == {"roles": ["editor"], "custom": {"k": "v"}}
