@@ -139,11 +139,15 @@ class Discovery:
         except TimeoutError:
             raise FetchError("timed out waiting for discovery") from None
 
-    def endpoint(self, issuer: str, name: str) -> str | None:
+    def endpoint(self, issuer: str, name: str, *, required: bool = True) -> str | None:
         """A URL from the metadata (``jwks_uri``, ``introspection_endpoint``).
 
         :param issuer: a configured issuer identifier.
         :param name: the metadata member.
+        :param required: the caller cannot do without it: metadata lacking it
+            is fetched again soon. ``False`` for a member an issuer may well
+            not publish (the introspection endpoint, looked for issuer by
+            issuer).
         :returns: the URL, or ``None`` when the metadata has no such member.
         :raises FetchError: when the metadata cannot be had or the URL is
             not acceptable under the fetch policy (https, or http to a
@@ -151,7 +155,8 @@ class Discovery:
         """
         value = self.metadata(issuer).get(name)
         if value is None:
-            self._recheck_soon(issuer)
+            if required:
+                self._recheck_soon(issuer)
             return None
         if not isinstance(value, str):
             self._recheck_soon(issuer)

@@ -588,7 +588,7 @@ def discover_endpoint(discovery: Discovery, issuers: Iterable[str]) -> str:
     reasons = []
     for issuer in issuers:
         try:
-            found = discovery.endpoint(issuer, "introspection_endpoint")
+            found = discovery.endpoint(issuer, "introspection_endpoint", required=False)
         except FetchError as exc:
             reasons.append(f"{issuer}: {exc.reason}")
             if exc.answered or "{" in issuer:

@@ -13,6 +13,7 @@ from flask_oauth_verify.config import Settings
 from flask_oauth_verify.discovery import Discovery, metadata_urls
 from flask_oauth_verify.extension import get_state
 from flask_oauth_verify.fetch import Fetcher, FetchError
+from flask_oauth_verify.introspection import discover_endpoint
 from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer, auth_header
 
 from .conftest import FakeClock, make_app
@@ -212,6 +213,27 @@ def test_metadata_with_an_unusable_jwks_uri_is_fetched_again_after_the_cooldown(
     clock.advance(3600)  # a good copy is kept for hours again
     discovery.endpoint(issuer, "jwks_uri")
     assert issuer_server.hits[OIDC] == 2
+
+
+def test_an_issuer_without_an_introspection_endpoint_is_not_fetched_again_and_again(
+    issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    """Looking for the introspection endpoint issuer by issuer passes over
+    one that publishes none (Entra, Auth0): its good metadata stays cached
+    for DISCOVERY_CACHE_TTL, not fetched again after every cooldown."""
+    second = IssuerServer()
+    try:
+        first_issuer, second_issuer = issuer_server.url, second.url
+        issuer_server.route(OIDC, Reply(200, metadata(first_issuer)))
+        endpoint = f"{second_issuer}/introspect"
+        second.route(OIDC, Reply(200, metadata(second_issuer, introspection_endpoint=endpoint)))
+        discovery = make_discovery(first_issuer, clock, JWKS_REFRESH_COOLDOWN=30)
+        for _ in range(10):
+            assert discover_endpoint(discovery, [first_issuer, second_issuer]) == endpoint
+            clock.advance(61)
+        assert (issuer_server.hits[OIDC], second.hits[OIDC]) == (1, 1)
+    finally:
+        second.close()
 
 
 def test_errors_are_not_cached(issuer_server: IssuerServer, clock: FakeClock) -> None:
