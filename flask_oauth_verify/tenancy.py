@@ -707,15 +707,25 @@ def _inherit_conditions(target: Any) -> list[Any]:
 
 
 def _ctes_writing(ctes: Iterable[Any], tenant_tables: Mapping[Any, str]) -> list[str]:
-    """The tenant tables an ``INSERT``/``UPDATE``/``DELETE`` among ``ctes`` writes."""
+    """The tenant tables an ``INSERT``/``UPDATE``/``DELETE`` among ``ctes`` writes.
+
+    A table counts when it holds the organization column, or when the ORM
+    entity written is a tenant class whose column lives on a parent table
+    (a joined-inheritance subclass: its own table has no column to compare).
+    """
     written: set[str] = set()
     for cte in ctes:
         inner = getattr(cte, "element", None)
         table = getattr(inner, "table", None) if isinstance(inner, UpdateBase) else None
-        if table is not None:
-            base = _base_table(table._deannotate())
-            if tenant_tables.get(base) is not None:
-                written.add(base.name)
+        if table is None:
+            continue
+        base = _base_table(table._deannotate())
+        annotations = getattr(table, "_annotations", None) or {}
+        mapper = getattr(annotations.get("parententity"), "mapper", None)
+        if tenant_tables.get(base) is not None or (
+            isinstance(mapper, Mapper) and _TENANT_KEYS.get(mapper) is not None
+        ):
+            written.add(base.name)
     return sorted(written)
 
 

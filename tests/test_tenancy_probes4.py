@@ -274,6 +274,9 @@ NESTED_WRITES: dict[str, Callable[[], Any]] = {
     "delete cte": lambda: select(Plan.id).add_cte(
         delete(Project).returning(Project.id).cte("gone")
     ),
+    "joined subclass": lambda: select(Plan.id).add_cte(
+        update(Memo).values(body="x").returning(Memo.id).cte("memos")
+    ),
     "core table": lambda: select(table_of(Plan).c.id).add_cte(
         update(table_of(Project)).values(name="x").returning(table_of(Project).c.id).cte()
     ),
@@ -324,6 +327,7 @@ def test_a_write_out_of_the_guards_sight_is_refused(
         session.rollback()
     assert projects(engine) == sorted(PROJECTS)
     assert stored(engine, "SELECT name FROM p4_plans") == [("shared",)]
+    assert memos(engine) == ORIGINAL_MEMOS
 
 
 def test_or_ignore_and_or_replace_on_a_shared_table_still_run(
