@@ -317,6 +317,9 @@ REFUSED: dict[str, tuple[Callable[[], Any], str]] = {
 }
 
 
+# SQLAlchemy warns while compiling the subclass's CTE (its parent is not
+# joined) before the refusal, which comes at execution.
+@pytest.mark.filterwarnings("ignore:UPDATE statement has a cartesian product")
 @pytest.mark.parametrize(("build", "named"), list(REFUSED.values()), ids=list(REFUSED))
 def test_a_write_out_of_the_guards_sight_is_refused(
     maker: sessionmaker[OrmSession], engine: Engine, build: Callable[[], Any], named: str
