@@ -54,10 +54,12 @@ _sha256 = hashlib.sha256
 #: a check of a ``before_request`` counts only as it would for ``@require_token``.
 _ANY_EARLIER = "any earlier"
 
-#: Recorded beside the strategies of a request's checks once a route's
-#: ``@require_token`` / ``@require_scope`` has checked: the "check above"
-#: that ``@require_organization`` / ``@require_user`` refine. Never a strategy.
-_BY_ROUTE = "route decorator"
+#: A route's ``@require_token`` / ``@require_scope`` that has checked records
+#: its own wrapper beside the strategies of the request's checks (a function,
+#: never a strategy name): the "check above" that ``@require_organization`` /
+#: ``@require_user`` refine, when that wrapper belongs to the view being
+#: dispatched (:func:`_checked_by_route`) — not to a decorated
+#: ``before_request`` function.
 
 
 #: Strategies that ask the authorization server whether the token was revoked.
@@ -83,7 +85,7 @@ def _already_verified(
     if not done or not stamped_for(request_g, request._get_current_object()):  # type: ignore[attr-defined]
         return None
     context = request_g.get("auth")
-    if strategy is None or (strategy is _ANY_EARLIER and _BY_ROUTE not in done):
+    if strategy is None or (strategy is _ANY_EARLIER and not _checked_by_route(done)):
         reuse = default not in _SEES_REVOCATION or not done.isdisjoint(_SEES_REVOCATION)
     else:
         reuse = strategy is _ANY_EARLIER or strategy in done or "both" in done
@@ -267,20 +269,30 @@ def _wrap(view: F, check: Callable[[], Any]) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _route_check(
-    scopes: tuple[str, ...], any_of: bool, optional: bool, strategy: str | None
-) -> AuthContext | None:
-    """:func:`_verify_request` for a route's ``@require_token`` / ``@require_scope``."""
-    context = _verify_request(scopes, any_of, optional, strategy)
-    _mark_route_check(g._get_current_object().__dict__)
-    return context
-
-
-def _mark_route_check(request_g: dict[str, Any]) -> None:
-    """Record that the route's own decorator checked (see :data:`_BY_ROUTE`)."""
+def _mark_route_check(request_g: dict[str, Any], wrapper: Callable[..., Any]) -> None:
+    """Record that ``wrapper`` (a route decorator's) checked this request."""
     done = request_g.get("_oauth_verify_checked")
     if done is not None:
-        done.add(_BY_ROUTE)
+        done.add(wrapper)
+
+
+def _checked_by_route(done: set[Any]) -> bool:
+    """Whether a decorator of the view being dispatched is among the checks ``done``.
+
+    The view registered for the request's endpoint is the outermost wrapper;
+    ``functools.wraps`` links each to the one inside (``__wrapped__``).
+    """
+    wrappers = [entry for entry in done if not isinstance(entry, str)]
+    if not wrappers:
+        return False
+    view = current_app.view_functions.get(request.endpoint)  # type: ignore[arg-type]
+    for _ in range(64):  # a chain of decorators, never a cycle
+        if view is None:
+            return False
+        if any(view is wrapper for wrapper in wrappers):
+            return True
+        view = getattr(view, "__wrapped__", None)
+    return False
 
 
 def _guard(
@@ -301,9 +313,16 @@ def _guard(
     case. ``tests/test_hot_path.py`` compares both paths. ``async def``
     views take :func:`_verify_request` only.
     """
-    check = functools.partial(_route_check, scopes, any_of, optional, strategy)
+    check = functools.partial(_verify_request, scopes, any_of, optional, strategy)
     if inspect.iscoroutinefunction(view):
-        return _wrap(view, check)
+
+        @functools.wraps(view)
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            check()
+            _mark_route_check(g._get_current_object().__dict__, async_wrapper)
+            return await view(*args, **kwargs)
+
+        return async_wrapper  # type: ignore[return-value]
 
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -347,18 +366,19 @@ def _guard(
                         and not state.events.enabled()
                     ):
                         request_g["auth"] = cached.context
-                        request_g["_oauth_verify_checked"] = {chosen, _BY_ROUTE}
+                        request_g["_oauth_verify_checked"] = {chosen, wrapper}
                         request_g[REQUEST_KEY] = weakref.ref(current)
                         answered = True
         except Exception:  # the general path below decides (and names) every case
             state = None
         if state is None:
             check()
+            _mark_route_check(g._get_current_object().__dict__, wrapper)
         elif not answered:  # never inside the try: the view's own errors are its own
             _check_request(
                 state, request_g, current, plain, digest, scopes, any_of, optional, strategy
             )
-            _mark_route_check(request_g)
+            _mark_route_check(request_g, wrapper)
         return view(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

@@ -169,19 +169,31 @@ def test_require_organization_keeps_the_strategy_of_the_decorator_above_it(
     assert_401(client.get("/tenant-alone", headers=auth_header(opaque)))
 
 
+def _hook_calling_verify_request() -> None:
+    verify_request(strategy="jwks", optional=True)
+
+
+@require_token(strategy="jwks", optional=True)
+def _hook_decorated_with_require_token() -> None:
+    return None
+
+
 @pytest.mark.parametrize("default", ["both", "introspection"])
 @pytest.mark.parametrize("refinement", [require_organization, require_user])
+@pytest.mark.parametrize(
+    "hook",
+    [_hook_calling_verify_request, _hook_decorated_with_require_token],
+    ids=["verify_request", "decorated hook"],
+)
 def test_require_organization_alone_is_not_satisfied_by_a_weaker_hook_check(
-    issuer: TokenIssuer, default: str, refinement: Callable[..., Any]
+    issuer: TokenIssuer, default: str, refinement: Callable[..., Any], hook: Callable[[], None]
 ) -> None:
     """Alone, ``@require_organization`` / ``@require_user`` use the app's default:
-    a ``verify_request(strategy="jwks")`` in a ``before_request`` is no check
-    above them to refine, and must not let a revoked token through."""
+    a "jwks" check in a ``before_request`` — ``verify_request()``, or a hook
+    function decorated with ``@require_token`` — is no check above them to
+    refine, and must not let a revoked token through."""
     app = make_app(intro_config(issuer, STRATEGY=default))
-
-    @app.before_request
-    def everywhere() -> None:
-        verify_request(strategy="jwks", optional=True)
+    app.before_request(hook)
 
     @app.get("/alone")
     @refinement
