@@ -21,7 +21,7 @@ from werkzeug.local import LocalProxy
 
 from .config import Settings
 from .errors import InvalidTokenError
-from .readonly import read_only_claims
+from .readonly import ReadOnlyClaims, read_only_claims
 
 __all__ = ["AuthContext", "ContextBuilder", "build_context", "current_auth", "get_auth"]
 
@@ -266,10 +266,16 @@ class ContextBuilder:
         context.expires_at = exp if type(exp) is int else _int_or_none(exp)
         iat = get("iat")
         context.issued_at = iat if type(iat) is int else _int_or_none(iat)
-        try:  # shared by every request of a cached token: read-only all the way down
-            context.claims = read_only_claims(claims, owned)
-        except RecursionError:
-            raise InvalidTokenError(reason="claims nested too deeply") from None
+        # Shared by every request of a cached token: read-only all the way down
+        # (a freshly parsed dict is wrapped as it is, its nested values made
+        # read-only when first read).
+        if owned and type(claims) is dict:
+            context.claims = ReadOnlyClaims(claims)
+        else:
+            try:
+                context.claims = read_only_claims(claims, owned)
+            except RecursionError:
+                raise InvalidTokenError(reason="claims nested too deeply") from None
         context.strategy = strategy
         jti = get("jti")
         context.token_id = jti if isinstance(jti, str) else None

@@ -378,7 +378,9 @@ def _guard(
             _check_request(
                 state, request_g, current, plain, digest, scopes, any_of, optional, strategy
             )
-            _mark_route_check(request_g, wrapper)
+            done = request_g.get("_oauth_verify_checked")  # _mark_route_check(), inlined
+            if done is not None:
+                done.add(wrapper)
         return view(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

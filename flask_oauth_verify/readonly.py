@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any, NoReturn
 
+from .errors import InvalidTokenError
+
 __all__ = ["ReadOnlyClaims", "ReadOnlyDict", "ReadOnlyList", "read_only", "read_only_claims"]
 
 #: Values that need no conversion.
@@ -115,7 +117,10 @@ class ReadOnlyClaims(Mapping[str, Any]):
         value = self._claims[name]
         if value.__class__ in _SETTLED:
             return value
-        value = read_only(value)
+        try:
+            value = read_only(value)
+        except RecursionError:  # an issuer's absurd nesting: refused, not a 500
+            raise InvalidTokenError(reason="claims nested too deeply") from None
         self._claims[name] = value  # same key: a dict being iterated elsewhere is unharmed
         return value
 

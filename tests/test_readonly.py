@@ -230,3 +230,15 @@ def test_init_cannot_refill_a_shared_value(kind: type) -> None:
     with pytest.raises(TypeError, match="read-only"):
         value.__init__(["admin"] if kind is ReadOnlyList else {"k": "admin"})
     assert frozen == {"roles": ["editor"], "custom": {"k": "v"}}
+
+
+def test_a_claim_nested_beyond_the_recursion_limit_is_refused_when_read() -> None:
+    """A parsed token's nested values are made read-only when first read."""
+    deep: Any = "leaf"
+    for _ in range(20_000):
+        deep = [deep]
+    claims = read_only_claims({"sub": "user_1", "deep": deep}, owned=True)
+    assert claims["sub"] == "user_1"
+    with pytest.raises(InvalidTokenError) as refused:
+        claims["deep"]
+    assert refused.value.reason == "claims nested too deeply"
