@@ -16,12 +16,13 @@ import ipaddress
 import logging
 import math
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["DEFAULT_CLAIM_MAP", "PREFIX", "ConfigurationError", "Settings"]
+__all__ = ["DEFAULT_CLAIM_MAP", "PREFIX", "ConfigurationError", "Settings", "UnknownSettingWarning"]
 
 PREFIX = "OAUTH_VERIFY_"
 
@@ -379,6 +380,16 @@ class Settings:
         return self.jwks_uri_fallbacks.get(issuer, ())
 
 
+class UnknownSettingWarning(UserWarning):
+    """An ``OAUTH_VERIFY_`` key that is no setting (a typo, most likely).
+
+    Issued with :mod:`warnings` as well as logged, so that it shows in an app
+    that has not configured logging; filter it (``warnings.filterwarnings(
+    "ignore", category=UnknownSettingWarning)``) if you keep keys of your
+    own under the prefix.
+    """
+
+
 def _warn_unknown(given: Mapping[str, Any]) -> None:
     """Warn about every ``OAUTH_VERIFY_`` key this package does not read: a
     mistyped key (``REQUIRED_CLAIM_VALUE``) is otherwise silently ignored,
@@ -387,16 +398,26 @@ def _warn_unknown(given: Mapping[str, Any]) -> None:
     for name in sorted(set(given) - KNOWN_KEYS):
         close = difflib.get_close_matches(name, KNOWN_KEYS, n=1)
         hint = f"; did you mean {_key(close[0])}?" if close else ""
-        logger.warning(
-            "%s is not a setting of flask_oauth_verify and is ignored%s", _key(name), hint
-        )
+        message = f"{_key(name)} is not a setting of flask_oauth_verify and is ignored{hint}"
+        logger.warning("%s", message)
+        warnings.warn(message, UnknownSettingWarning, stacklevel=4)
+
+
+def _typo_hint(given: Mapping[str, Any], name: str) -> str:
+    """`` (OAUTH_VERIFY_AUDIANCE is set: did you mean this key?)`` for a missing key."""
+    unknown = sorted(set(given) - KNOWN_KEYS)
+    close = difflib.get_close_matches(name, unknown, n=1)
+    return f" ({_key(close[0])} is set: a typo of this key?)" if close else ""
 
 
 def _build(v: Mapping[str, Any]) -> Settings:
     allow_http = as_bool(v.get("ALLOW_INSECURE_HTTP", False), "ALLOW_INSECURE_HTTP")
     issuers = _as_tuple(v.get("ISSUER"), "ISSUER")
     if not issuers:
-        raise ConfigurationError(f"{_key('ISSUER')} is required: the issuer URL(s) to trust.")
+        raise ConfigurationError(
+            f"{_key('ISSUER')} is required: the issuer URL(s) to trust, e.g. "
+            f"'https://auth.example.com/'{_typo_hint(v, 'ISSUER')}."
+        )
     verify_audience = v.get("VERIFY_AUDIENCE", True)
     if not isinstance(verify_audience, bool):
         raise ConfigurationError(f"{_key('VERIFY_AUDIENCE')} must be True or False.")
@@ -404,7 +425,8 @@ def _build(v: Mapping[str, Any]) -> Settings:
     audiences = _as_tuple(v.get("AUDIENCE") or None, "AUDIENCE")
     if verify_audience and not audiences:
         raise ConfigurationError(
-            f"{_key('AUDIENCE')} is required (the identifier of this API). To turn the "
+            f"{_key('AUDIENCE')} is required (the identifier of this API)"
+            f"{_typo_hint(v, 'AUDIENCE')}. To turn the "
             f"audience check off, set {_key('VERIFY_AUDIENCE')} = False explicitly."
         )
     algorithms = _algorithms(v.get("ALGORITHMS", ("RS256",)))
@@ -412,7 +434,9 @@ def _build(v: Mapping[str, Any]) -> Settings:
     jwks_uris = _jwks_uris(v.get("JWKS_URI"), issuers, allow_http)
     strategy = v.get("STRATEGY", "jwks")
     if strategy not in STRATEGIES:
-        raise ConfigurationError(f"{_key('STRATEGY')} must be one of {', '.join(STRATEGIES)}.")
+        raise ConfigurationError(
+            f"{_key('STRATEGY')} must be one of {', '.join(STRATEGIES)}, not {strategy!r}."
+        )
     locations = _as_tuple(v.get("TOKEN_LOCATIONS", ("header",)), "TOKEN_LOCATIONS")
     if not locations or any(loc not in TOKEN_LOCATIONS for loc in locations):
         raise ConfigurationError(

@@ -11,7 +11,7 @@ import pytest
 from flask import Flask
 
 from flask_oauth_verify import ConfigurationError, OAuthVerify, Settings
-from flask_oauth_verify.config import KNOWN_KEYS
+from flask_oauth_verify.config import KNOWN_KEYS, UnknownSettingWarning
 
 BASE = {"OAUTH_VERIFY_ISSUER": "https://issuer.example.test", "OAUTH_VERIFY_AUDIENCE": "api"}
 
@@ -216,12 +216,38 @@ def test_the_known_keys_are_the_documented_ones() -> None:
 def test_a_mistyped_key_is_warned_about_with_the_close_match(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="flask_oauth_verify"):
+    """Logged, and a Python warning too: an app that configured no logging
+    (a fresh Flask app) saw nothing, and the check stayed silently off."""
+    with (
+        caplog.at_level(logging.WARNING, logger="flask_oauth_verify"),
+        pytest.warns(UnknownSettingWarning) as warned,
+    ):
         settings(REQUIRED_CLAIM_VALUE={"stt": 1}, LEEWAY=5)
     [record] = caplog.records
-    message = record.getMessage()
-    assert "OAUTH_VERIFY_REQUIRED_CLAIM_VALUE is not a setting" in message
-    assert "did you mean OAUTH_VERIFY_REQUIRED_CLAIM_VALUES?" in message
+    [warning] = warned
+    for message in (record.getMessage(), str(warning.message)):
+        assert "OAUTH_VERIFY_REQUIRED_CLAIM_VALUE is not a setting" in message
+        assert "did you mean OAUTH_VERIFY_REQUIRED_CLAIM_VALUES?" in message
+
+
+@pytest.mark.parametrize(
+    ("typo", "missing"),
+    [("AUDIANCE", "AUDIENCE"), ("ISSUERS", "ISSUER"), ("ISSUER_URL", "ISSUER")],
+)
+def test_a_missing_required_key_names_its_likely_typo(typo: str, missing: str) -> None:
+    config = {"OAUTH_VERIFY_ISSUER": "https://issuer.example", "OAUTH_VERIFY_AUDIENCE": "api"}
+    del config[f"OAUTH_VERIFY_{missing}"]
+    config[f"OAUTH_VERIFY_{typo}"] = "x"
+    with (
+        pytest.warns(UnknownSettingWarning),
+        pytest.raises(ConfigurationError, match=f"OAUTH_VERIFY_{typo} is set: a typo"),
+    ):
+        Settings.from_config(config)
+
+
+def test_a_strategy_typo_names_the_value_given() -> None:
+    with pytest.raises(ConfigurationError, match="not 'jwk'"):
+        settings(STRATEGY="jwk")
 
 
 def test_known_keys_raise_no_warning(caplog: pytest.LogCaptureFixture) -> None:
