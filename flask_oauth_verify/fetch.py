@@ -481,10 +481,18 @@ class Fetcher:
             response = self._open(method, current, sending, ends_at)
             with response:
                 if response.is_redirect:
-                    target = urljoin(current, response.headers.get("Location", ""))
-                    if _origin(target) != _origin(current):
+                    location = response.headers.get("Location", "")
+                    target = urljoin(current, location)
+                    origin = _origin(target)
+                    # user-info in a Location is no same-origin redirect of ours;
+                    # an ambiguous URL equals no origin (see _origin)
+                    if (
+                        origin == _INVALID
+                        or origin != _origin(current)
+                        or "@" in urlsplit(location).netloc
+                    ):
                         raise FetchError(
-                            f"redirect to another origin refused ({_origin(target)})",
+                            f"redirect to another origin refused ({origin})",
                             status=response.status_code,
                         )
                     current = target
@@ -598,13 +606,33 @@ def url_digest(url: str) -> bytes:
     return hashlib.sha256(url.encode()).digest()
 
 
+#: Characters no URL we follow may hold: parsers disagree on where the
+#: host ends around them (``https://evil\\@good/`` is ``good`` to urllib's
+#: parser and ``evil`` to the one requests connects with).
+_AMBIGUOUS = frozenset("\\\t\r\n ")
+_INVALID = "invalid-url"
+
+
 @functools.lru_cache(maxsize=256)
 def _origin(url: str) -> str:
+    """``scheme://host:port`` of ``url``, as the HTTP client will connect to it.
+
+    ``"invalid-url"`` when the URL cannot be parsed, holds a character
+    parsers read differently, or when :func:`urllib.parse.urlsplit` and
+    urllib3's parser (which requests connects with) disagree on the host or
+    port; a redirect to such a URL is refused (see :meth:`Fetcher._send`).
+    """
+    if _AMBIGUOUS.intersection(url):
+        return _INVALID
     try:
         parts = urlsplit(url)
         port = parts.port
-    except ValueError:
-        return "invalid-url"
+        connected = urllib3.util.parse_url(url)
+    except (ValueError, urllib3.exceptions.LocationParseError):
+        return _INVALID
+    host = (connected.host or "").strip("[]").lower()
+    if host != (parts.hostname or "") or (connected.port or None) != (port or None):
+        return _INVALID
     return f"{parts.scheme}://{parts.hostname}:{port or ''}"
 
 

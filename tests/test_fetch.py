@@ -129,6 +129,34 @@ def test_redirect_to_another_origin_is_refused(
         assert elsewhere.hits["/jwks"] == 0
 
 
+@pytest.mark.parametrize(
+    "location",
+    [
+        "{elsewhere}\\@{here}/jwks",  # urllib's parser: here; requests: elsewhere
+        "{elsewhere}/%5C@{here_host}/jwks",
+        "http://user@{here_host}/jwks",  # user-info in a redirect
+        "{elsewhere}\t/jwks",
+    ],
+    ids=["backslash before @", "encoded backslash", "user-info", "tab"],
+)
+def test_a_redirect_parsers_read_differently_is_refused(
+    fetcher: Fetcher, issuer_server: IssuerServer, location: str
+) -> None:
+    """``Location: http://evil\\@good/`` was same-origin to the check and
+    another host to the client: a token's allowlisted ``jku`` led to an
+    attacker's keys through one open redirect of the allowed host."""
+    with IssuerServer() as elsewhere:
+        elsewhere.route("/jwks", Reply(200, {"keys": []}))
+        here = issuer_server.url
+        target = location.format(
+            elsewhere=elsewhere.url, here=here.split("//", 1)[1], here_host=here.split("//", 1)[1]
+        )
+        issuer_server.route("/jwks", Reply(302, b"", {"Location": target}))
+        with pytest.raises(FetchError):
+            fetcher.get_json(here + "/jwks")
+        assert sum(elsewhere.hits.values()) == 0
+
+
 def test_redirect_loops_stop(fetcher: Fetcher, issuer_server: IssuerServer) -> None:
     issuer_server.route("/loop", Reply(302, b"", {"Location": "/loop"}))
     with pytest.raises(FetchError, match="too many redirects"):
