@@ -778,6 +778,8 @@ class KeyStore:
             return False
         if now - fetched_at > self._max_staleness:
             return False
+        if not self._our_source(source, record.get("uri")):
+            return False
         try:
             keys = self._parse(record.get("jwks"))
         except KeySetError:
@@ -786,6 +788,22 @@ class KeyStore:
             return False  # the very copy we have (clocks may tick coarsely)
         self._install(source, keys, {**record, "fetched_at": fetched_at})
         return True
+
+    def _our_source(self, source: _Source, uri: Any) -> bool:
+        """Whether a shared record's key set came from where ours would.
+
+        The shared copy is keyed by issuer: another app on the same cache may
+        configure another ``JWKS_URI`` for the same issuer (Entra's
+        ``…/keys?appid=…`` beside the common keys). With a configured URL,
+        only a copy fetched from it (or a fallback) is ours; a discovered one
+        is the same for every app of the issuer.
+        """
+        if source.jku is not None:
+            return True  # keyed by the jku itself
+        configured = self.settings.jwks_uri_for(source.issuer)
+        if not configured:
+            return True
+        return uri in (configured, *self.settings.jwks_uri_fallbacks_for(source.issuer))
 
     def _install(self, source: _Source, keys: PreparedKeySet, record: Mapping[str, Any]) -> None:
         old = source.keys

@@ -33,7 +33,7 @@ from flask_caching import Cache
 from flask_oauth_verify import OAuthVerify
 from flask_oauth_verify.cache import SharedCache, cache_key
 from flask_oauth_verify.extension import get_state
-from flask_oauth_verify.testing import IssuerServer, TokenIssuer, auth_header
+from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer, auth_header
 
 from .conftest import FakeClock, add_views, free_port
 
@@ -222,6 +222,25 @@ def test_apps_on_one_redis_share_one_copy(
     assert status_of(first, new) == 200
     assert status_of(second, new) == 200
     assert issuer_server.hits[JWKS] == 2
+
+
+def test_apps_with_other_key_set_urls_for_one_issuer_keep_their_own_keys(
+    redis: RedisServer, served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    """The shared copy is keyed by issuer: an app whose JWKS_URI names another
+    key set of the same issuer (Entra's ``…/keys?appid=…`` beside the common
+    keys) adopted its neighbour's keys and accepted tokens they sign."""
+    own_app = served_tokens.jwks()
+    issuer_server.route("/own", Reply(200, own_app))
+    other = served_tokens.rotate(drop_old=True)  # a key the common set has, the app's not
+    issuer_server.route("/common", Reply(200, served_tokens.jwks()))
+    common = redis_app(served_tokens, redis.url, clock, JWKS_URI=served_tokens.issuer + "/common")
+    own = redis_app(served_tokens, redis.url, clock, JWKS_URI=served_tokens.issuer + "/own")
+    token = served_tokens.mint()  # signed with the common set's key
+    assert served_tokens.current_kid == other
+    assert status_of(common, token) == 200
+    assert status_of(own, token) == 401  # not adopted from Redis: fetched from its own URL
+    assert issuer_server.hits["/own"] >= 1
 
 
 def test_requests_keep_succeeding_with_redis_stopped(
