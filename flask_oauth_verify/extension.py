@@ -76,6 +76,10 @@ class _AppState:
         self._strategy = settings.strategy
         #: ``LEEWAY``, for the cache hit that :func:`~flask_oauth_verify.decorators._guard` answers.
         self._leeway = settings.leeway
+        #: the longest an introspection answer may be reused (see _introspection_hit)
+        self._longest_reuse = max(
+            settings.introspection_cache_ttl, settings.introspection_negative_cache_ttl
+        )
         self.keys.on_keys_changed = self.token_cache.clear
         self.keys.on_event = self.events.emit
 
@@ -252,7 +256,7 @@ class _AppState:
             cached.not_before is None or cached.not_before - leeway <= now
         ):
             source = cached.source
-            if source.keys is cached.key_set and now < source.fresh_until:
+            if source.keys is cached.key_set and source.fetched_at <= now < source.fresh_until:
                 return cached.context
             try:
                 if self.keys.resolve(cached.issuer, cached.header) is cached.key:
@@ -284,7 +288,8 @@ class _AppState:
         cached = self.introspected.get(digest)
         if cached is None:
             return None
-        if now < cached.reuse_until:
+        # never longer than a TTL from now: a clock stepped back would stretch it
+        if now < cached.reuse_until <= now + self._longest_reuse:
             events = self.events
             if events.metrics is not None or events.wants("introspection_cache_hit", DEBUG):
                 self.introspector.note_cache_hit()

@@ -53,7 +53,7 @@ from authlib.oauth2.auth import ClientAuth
 from authlib.oauth2.rfc6750 import add_bearer_token
 
 from .bearer import is_b64token
-from .cache import SharedCache, cache_key
+from .cache import SharedCache, cache_key, shared_time
 from .config import Settings
 from .discovery import Discovery
 from .errors import InvalidTokenError, UpstreamError
@@ -181,6 +181,10 @@ class Introspector:
         self._memo: BoundedFifo[str, tuple[float, Mapping[str, Any]]] = BoundedFifo(
             settings.token_cache_size
         )
+        #: No answer is reused longer than this from now (a clock stepped back).
+        self._longest_ttl = max(
+            settings.introspection_cache_ttl, settings.introspection_negative_cache_ttl
+        )
         self._flights: SingleFlight[tuple[Mapping[str, Any] | None, _Failure | None]] = (
             SingleFlight()
         )
@@ -301,7 +305,8 @@ class Introspector:
             # This process's copy of a cached answer, with the same deadline:
             # a hit skips the shared backend's round trip and unpickling,
             # and never outlives what the shared cache would allow.
-            if now < remembered[0]:
+            # (never longer than a TTL from now: a clock stepped back would stretch it)
+            if now < remembered[0] <= now + self._longest_ttl:
                 return remembered[1]
             self._memo.pop(key, None)
         if not self._answers_in_cache():
@@ -310,9 +315,9 @@ class Introspector:
         if not isinstance(entry, dict):
             return None
         until = entry.get("until")
-        at = entry.get("at")
+        at = shared_time(entry.get("at"), now)  # a time from the future is not believed
         response = entry.get("response")
-        if not finite_number(until) or not finite_number(at) or not isinstance(response, dict):
+        if not finite_number(until) or at is None or not isinstance(response, dict):
             return None
         # Another app sharing the backend (same endpoint and client) may
         # cache for longer: reuse its answer only for our own TTL, counted

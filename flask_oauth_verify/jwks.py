@@ -293,7 +293,10 @@ class KeyStore:
         if source is None:
             source = self._source(issuer, self._jku(header))
         keys = source.keys  # read once: a refresh may swap it at any time
-        if keys is None or self.clock() >= source.fresh_until:
+        now = self.clock()
+        # Before fetched_at: the clock stepped back, and fresh_until with it
+        # would stretch the TTL by the step (a removed key kept trusted).
+        if keys is None or not source.fetched_at <= now < source.fresh_until:
             keys = self._current(source)
         kid = header.kid
         key = keys.by_kid.get(kid) if kid is not None else keys.get(None)
@@ -422,12 +425,12 @@ class KeyStore:
         the request does not wait out a second timeout.
         """
         keys = seen
-        if self.clock() - source.failed_at < self._cooldown:
+        if 0 <= self.clock() - source.failed_at < self._cooldown:  # (a clock stepped back ends it)
             return keys
         for _ in range(2):
             if (
                 not self._flights.running(source.name)
-                and self.clock() - source.last_forced < self._cooldown
+                and 0 <= self.clock() - source.last_forced < self._cooldown
             ):
                 return source.keys or keys  # inside the cooldown: no network call
             led: list[bool] = []
@@ -468,13 +471,17 @@ class KeyStore:
     def _refresh_locked(
         self, source: _Source, mode: str, kid: str | None, now: float
     ) -> PreparedKeySet:
-        if mode != "manual" and source.keys is None and now < source.retry_at:
+        if (
+            mode != "manual"
+            and source.keys is None
+            and now < source.retry_at <= now + max(self._cooldown, _RECHECK)  # not stretched
+        ):
             # A fetch failed a moment ago and there is nothing to serve: refuse
             # at once, so that a flood of requests is not a flood of fetches
             # (an answer that is no key set does not open the circuit).
             return self._keys_or_raise(source, now)
         if mode == "forced":
-            if now - source.last_forced < self._cooldown:
+            if 0 <= now - source.last_forced < self._cooldown:
                 return self._keys_or_raise(source, now)
             source.last_forced = now
         # Another worker may have stored a copy that already does.
@@ -500,7 +507,7 @@ class KeyStore:
         if source.keys is None:
             return False
         if mode == "due":
-            return now < source.fresh_until
+            return source.fetched_at <= now < source.fresh_until
         if mode == "forced":
             return source.keys.get(kid) is not None
         return False
@@ -911,7 +918,7 @@ class KeyStore:
         if static is not None:
             return static
         source = self._source(issuer, None)
-        if source.keys is not None and self.clock() < source.fresh_until:
+        if source.keys is not None and source.fetched_at <= self.clock() < source.fresh_until:
             return source.keys
         return self._current(source)
 

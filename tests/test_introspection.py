@@ -243,6 +243,24 @@ def test_revoked_token_refused_once_the_cache_ttl_has_passed(
 
 
 @pytest.mark.parametrize("token_cache_size", [10_000, 0])
+def test_a_clock_stepped_back_does_not_stretch_the_cache_ttl(
+    issuer: TokenIssuer, clock: FakeClock, token_cache_size: int
+) -> None:
+    """Reuse deadlines were wall-clock times: after a step back of an hour, a
+    revoked token's cached answer held for the TTL plus the hour."""
+    config = intro_config(issuer, INTROSPECTION_CACHE_TTL=60, TOKEN_CACHE_SIZE=token_cache_size)
+    client = make_app(config, clock=clock).test_client()
+    token = issuer.mint_opaque(expires_in=4 * 3600, now=clock.now - 2 * 3600)
+    assert client.get("/protected", headers=auth_header(token)).status_code == 200
+    assert hits(issuer) == 1
+    issuer.revoke(token)
+    clock.advance(-3600)
+    clock.advance(61)
+    assert_401(client.get("/protected", headers=auth_header(token)))
+    assert hits(issuer) == 2
+
+
+@pytest.mark.parametrize("token_cache_size", [10_000, 0])
 def test_answers_are_cached_without_a_cache_backend(
     issuer: TokenIssuer, clock: FakeClock, token_cache_size: int
 ) -> None:

@@ -194,3 +194,40 @@ def test_a_304_without_cache_control_keeps_the_max_age_of_the_200(
     clock.advance(61)
     assert get(app, old).status_code == 401
     assert route.seen[:3] == [200, 304, 200], "the refresh came at the 200's max-age"
+
+
+# -- a wall clock stepped back (an NTP step, a VM resumed) ---------------------------
+
+STEP = 3600.0
+
+
+def test_a_clock_stepped_back_does_not_stretch_the_key_sets_ttl(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    """The soft TTL ran on the wall clock: after a step back of an hour, a key
+    the issuer removed stayed trusted for the TTL plus the hour (hits too)."""
+    app = build(served_tokens, clock)
+    old = served_tokens.mint(now=clock.now - 2 * STEP, expires_in=10 * STEP)
+    assert get(app, old).status_code == 200
+    assert get(app, old).status_code == 200  # a hit of the verified-token cache
+    clock.advance(-STEP)
+    served_tokens.rotate(drop_old=True)
+    clock.advance(1)
+    response = get(app, old)
+    assert response.status_code == 401, "refreshed: the clock is before the fetch"
+    assert issuer_server.hits[JWKS] >= 2
+    assert get(app, served_tokens.mint(now=clock.now)).status_code == 200
+
+
+def test_a_clock_stepped_back_does_not_stretch_the_refresh_cooldown(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    """The cooldown after a forced refresh ran until the wall clock caught up
+    with it again: after a step back of an hour, new keys were refused for it."""
+    app = build(served_tokens, clock, JWKS_REFRESH_COOLDOWN=30)
+    assert get(app, served_tokens.mint(now=clock.now)).status_code == 200
+    bogus = served_tokens.mint(now=clock.now, headers={"kid": "bogus"})
+    assert get(app, bogus).status_code == 401  # a forced refresh now
+    clock.advance(60 - STEP)
+    served_tokens.rotate(drop_old=True)
+    assert get(app, served_tokens.mint(now=clock.now)).status_code == 200
