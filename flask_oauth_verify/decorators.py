@@ -54,13 +54,6 @@ _sha256 = hashlib.sha256
 #: a check of a ``before_request`` counts only as it would for ``@require_token``.
 _ANY_EARLIER = "any earlier"
 
-#: A route's ``@require_token`` / ``@require_scope`` that has checked records
-#: its own wrapper beside the strategies of the request's checks (a function,
-#: never a strategy name): the "check above" that ``@require_organization`` /
-#: ``@require_user`` refine, when that wrapper belongs to the view being
-#: dispatched (:func:`_checked_by_route`) — not to a decorated
-#: ``before_request`` function.
-
 
 #: Strategies that ask the authorization server whether the token was revoked.
 _SEES_REVOCATION = frozenset({"introspection", "both"})
@@ -270,7 +263,14 @@ def _wrap(view: F, check: Callable[[], Any]) -> F:
 
 
 def _mark_route_check(request_g: dict[str, Any], wrapper: Callable[..., Any]) -> None:
-    """Record that ``wrapper`` (a route decorator's) checked this request."""
+    """Record that ``wrapper`` (a ``@require_token`` / ``@require_scope``) checked.
+
+    The wrapper goes beside the strategies of the request's checks (a
+    function, never a strategy name): the "check above" that
+    ``@require_organization`` / ``@require_user`` refine, when it belongs to
+    the view being dispatched (:func:`_checked_by_route`) — not to a decorated
+    ``before_request`` function.
+    """
     done = request_g.get("_oauth_verify_checked")
     if done is not None:
         done.add(wrapper)
