@@ -231,3 +231,21 @@ def test_a_clock_stepped_back_does_not_stretch_the_refresh_cooldown(
     clock.advance(60 - STEP)
     served_tokens.rotate(drop_old=True)
     assert get(app, served_tokens.mint(now=clock.now)).status_code == 200
+
+
+def test_a_copy_from_a_machine_a_little_ahead_is_used_without_a_fetch(
+    redis: RedisServer, served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    """A shared copy "fetched" 30 s from now (another machine's clock ahead)
+    is no clock stepped back here: ``shared_time`` counts it as fetched now,
+    so the check against a clock stepped back (``fetched_at <= now``) lets it
+    serve at once, without a fetch of this worker's own."""
+    ahead = FakeClock(clock.now + 30)
+    first = redis_app(served_tokens, redis.url, ahead)
+    second = redis_app(served_tokens, redis.url, clock)
+    token = served_tokens.mint(now=clock.now)
+    assert status_of(first, token) == 200
+    for _ in range(3):
+        assert status_of(second, token) == 200
+        assert status_of(second, served_tokens.mint(now=clock.now)) == 200
+    assert issuer_server.hits[JWKS] == 1
