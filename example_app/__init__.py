@@ -59,6 +59,9 @@ def create_app(config: dict[str, Any] | None = None, *, instance_path: str | Non
         OAUTH_VERIFY_METRICS=True,
         OAUTH_VERIFY_METRICS_ENDPOINT="/metrics",
         OAUTH_VERIFY_PREFETCH_KEYS=True,
+        # An organization claim value that names no organization (as Entra's
+        # tenant of personal accounts): such a token gets 401 on tenant routes.
+        OAUTH_VERIFY_NO_ORGANIZATION_VALUES=["personal"],
     )
     app.config.from_prefixed_env("EXAMPLE")  # e.g. EXAMPLE_OAUTH_VERIFY_ISSUER=...
     if config:

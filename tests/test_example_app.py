@@ -188,6 +188,10 @@ def test_cross_tenant_write_and_missing_organization(example: Flask) -> None:
     missing = client.get("/api/customers", headers=no_org)
     assert missing.status_code == 401
     assert missing.json is not None and missing.json["error"] == "missing_organization_context"
+    # NO_ORGANIZATION_VALUES: an organization claim that names no organization
+    personal = client.get("/api/customers", headers=mint(example, "personal", ["customers:read"]))
+    assert personal.status_code == 401
+    assert personal.json is not None and personal.json["error"] == "missing_organization_context"
     globex = client.get("/api/customers", headers=mint(example, "org_globex", ["customers:read"]))
     assert globex.json is not None
     assert "Evil" not in {c["name"] for c in globex.json["customers"]}
