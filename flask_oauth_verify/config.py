@@ -375,6 +375,11 @@ class Settings:
         """The configured (not discovered) JWKS URI of ``issuer``, if any."""
         return self.jwks_uris.get(issuer)
 
+    @property
+    def introspection_longest_reuse(self) -> float:
+        """The longest an introspection answer may be reused, active or not."""
+        return max(self.introspection_cache_ttl, self.introspection_negative_cache_ttl)
+
     def jwks_uri_fallbacks_for(self, issuer: str) -> tuple[str, ...]:
         """The other locations of ``issuer``'s key set (``JWKS_URI_FALLBACKS``)."""
         return self.jwks_uri_fallbacks.get(issuer, ())

@@ -358,7 +358,7 @@ def _guard(
                         cached.expires_at + leeway > now
                         and (cached.not_before is None or cached.not_before - leeway <= now)
                         and source.keys is cached.key_set
-                        and source.fetched_at <= now < source.fresh_until  # not stepped back
+                        and source.fetched_at <= now < source.fresh_until  # _Source.fresh()
                         and (
                             not scopes
                             or (not held.isdisjoint(scopes) if any_of else held.issuperset(scopes))

@@ -77,9 +77,7 @@ class _AppState:
         #: ``LEEWAY``, for the cache hit that :func:`~flask_oauth_verify.decorators._guard` answers.
         self._leeway = settings.leeway
         #: the longest an introspection answer may be reused (see _introspection_hit)
-        self._longest_reuse = max(
-            settings.introspection_cache_ttl, settings.introspection_negative_cache_ttl
-        )
+        self._longest_reuse = settings.introspection_longest_reuse
         self.keys.on_keys_changed = self.token_cache.clear
         self.keys.on_event = self.events.emit
 
@@ -256,7 +254,7 @@ class _AppState:
             cached.not_before is None or cached.not_before - leeway <= now
         ):
             source = cached.source
-            if source.keys is cached.key_set and source.fetched_at <= now < source.fresh_until:
+            if source.keys is cached.key_set and source.fresh(now):
                 return cached.context
             try:
                 if self.keys.resolve(cached.issuer, cached.header) is cached.key:

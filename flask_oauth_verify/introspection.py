@@ -182,9 +182,7 @@ class Introspector:
             settings.token_cache_size
         )
         #: No answer is reused longer than this from now (a clock stepped back).
-        self._longest_ttl = max(
-            settings.introspection_cache_ttl, settings.introspection_negative_cache_ttl
-        )
+        self._longest_ttl = settings.introspection_longest_reuse
         self._flights: SingleFlight[tuple[Mapping[str, Any] | None, _Failure | None]] = (
             SingleFlight()
         )

@@ -133,8 +133,20 @@ class _Source:
     def name(self) -> str:
         return self.issuer if self.jku is None else f"{self.issuer} jku={self.jku}"
 
+    def fresh(self, now: float) -> bool:
+        """Within the soft TTL: fetched at or before ``now`` (a clock stepped
+        back would otherwise stretch the TTL by the step), and not yet due.
+        The decorators' cache hit writes this out (``decorators._guard``)."""
+        return self.fetched_at <= now < self.fresh_until
+
     def key(self, kind: str) -> str:
         return cache_key(kind, self.name)
+
+
+def _within(start: float, now: float, length: float) -> bool:
+    """Whether ``now`` lies in the window of ``length`` seconds from ``start``
+    (a clock stepped back before ``start`` ends the window, never stretches it)."""
+    return 0 <= now - start < length
 
 
 def _scope(source: _Source) -> BreakerScope:
@@ -293,10 +305,7 @@ class KeyStore:
         if source is None:
             source = self._source(issuer, self._jku(header))
         keys = source.keys  # read once: a refresh may swap it at any time
-        now = self.clock()
-        # Before fetched_at: the clock stepped back, and fresh_until with it
-        # would stretch the TTL by the step (a removed key kept trusted).
-        if keys is None or not source.fetched_at <= now < source.fresh_until:
+        if keys is None or not source.fresh(self.clock()):
             keys = self._current(source)
         kid = header.kid
         key = keys.by_kid.get(kid) if kid is not None else keys.get(None)
@@ -425,12 +434,11 @@ class KeyStore:
         the request does not wait out a second timeout.
         """
         keys = seen
-        if 0 <= self.clock() - source.failed_at < self._cooldown:  # (a clock stepped back ends it)
+        if _within(source.failed_at, self.clock(), self._cooldown):
             return keys
         for _ in range(2):
-            if (
-                not self._flights.running(source.name)
-                and 0 <= self.clock() - source.last_forced < self._cooldown
+            if not self._flights.running(source.name) and _within(
+                source.last_forced, self.clock(), self._cooldown
             ):
                 return source.keys or keys  # inside the cooldown: no network call
             led: list[bool] = []
@@ -481,7 +489,7 @@ class KeyStore:
             # (an answer that is no key set does not open the circuit).
             return self._keys_or_raise(source, now)
         if mode == "forced":
-            if 0 <= now - source.last_forced < self._cooldown:
+            if _within(source.last_forced, now, self._cooldown):
                 return self._keys_or_raise(source, now)
             source.last_forced = now
         # Another worker may have stored a copy that already does.
@@ -507,7 +515,7 @@ class KeyStore:
         if source.keys is None:
             return False
         if mode == "due":
-            return source.fetched_at <= now < source.fresh_until
+            return source.fresh(now)
         if mode == "forced":
             return source.keys.get(kid) is not None
         return False
@@ -918,7 +926,7 @@ class KeyStore:
         if static is not None:
             return static
         source = self._source(issuer, None)
-        if source.keys is not None and source.fetched_at <= self.clock() < source.fresh_until:
+        if source.keys is not None and source.fresh(self.clock()):
             return source.keys
         return self._current(source)
 
