@@ -199,10 +199,20 @@ def _as_timeout(value: Any) -> tuple[float, float]:
 
 
 def _is_loopback(host: str | None) -> bool:
+    """Whether ``host`` is ``localhost`` or a loopback address literal.
+
+    An address must parse as one (``127.0.0.0/8``, ``::1``): a DNS name such
+    as ``127.attacker.example`` is no loopback host, whatever it starts with.
+    """
     if not host:
         return False
     host = host.lower().strip("[]")
-    return host == "localhost" or host == "::1" or host.startswith("127.")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_url(url: str, name: str, *, allow_insecure_http: bool, label: str | None = None) -> str:

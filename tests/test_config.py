@@ -118,6 +118,30 @@ def test_loopback_http_is_allowed_and_other_http_needs_the_flag() -> None:
     assert s.allow_insecure_http
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "[::1]", "LOCALHOST"])
+def test_loopback_addresses_are_loopback(host: str) -> None:
+    assert settings(ISSUER=f"http://{host}:8080").issuers == (f"http://{host}:8080",)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.attacker.example",
+        "127.0.0.1.nip.io",
+        "127.1",
+        "localhost.attacker.example",
+        "::ffff:7f00:1",
+    ],
+)
+def test_names_that_only_look_like_loopback_need_the_flag(host: str) -> None:
+    """A DNS name that starts with ``127.`` resolves wherever its owner likes."""
+    authority = f"[{host}]" if ":" in host else host
+    with pytest.raises(ConfigurationError, match="https"):
+        settings(ISSUER=f"http://{authority}/")
+    with pytest.raises(ConfigurationError, match="https"):
+        settings(ISSUER="https://issuer.example", JWKS_URI=f"http://{authority}/keys")
+
+
 YES_NO = {
     "ALLOW_INSECURE_HTTP": "allow_insecure_http",
     "PREFETCH_KEYS": "prefetch_keys",
