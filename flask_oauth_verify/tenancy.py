@@ -457,15 +457,15 @@ def _with_joined_criteria(statement: S, column: Any, name: str, organization: st
     return scoped  # type: ignore[no-any-return]
 
 
-def org_scoped(statement: S, column: Any = None) -> S:
-    """Add ``WHERE <organization column> = <current organization>`` to ``statement``.
+def org_scoped(query_or_select: S, column: Any = None) -> S:
+    """Add ``WHERE <organization column> = <current organization>`` to ``query_or_select``.
 
     Works on a SQLAlchemy 2.x ``select()`` (with joins, ``order_by``,
     ``limit``; for ``db.paginate()``), ``update()`` / ``delete()``, and on a
     legacy ``Query`` such as Flask-SQLAlchemy's ``Model.query`` (also after
     ``limit()``, and before ``.paginate()``). Returns a new statement.
 
-    :param statement: the statement or query to scope.
+    :param query_or_select: the statement or query to scope.
     :param column: the column to compare, e.g. ``Task.organization_id``;
         by default the column named ``OAUTH_VERIFY_ORGANIZATION_COLUMN``
         (``organization_id``) of the statement's primary (first) entity;
@@ -480,6 +480,7 @@ def org_scoped(statement: S, column: Any = None) -> S:
 
     .. versionadded:: 0.1.0
     """
+    statement = query_or_select
     _check_statement(statement)
     organization = current_organization_id()
     if column is not None:
@@ -492,8 +493,8 @@ def org_scoped(statement: S, column: Any = None) -> S:
     return _with_joined_criteria(scoped, target, name, organization)
 
 
-def user_scoped(statement: S, column: Any = None) -> S:
-    """Add ``WHERE <user column> = <current user>`` to ``statement``.
+def user_scoped(query_or_select: S, column: Any = None) -> S:
+    """Add ``WHERE <user column> = <current user>`` to ``query_or_select``.
 
     Like :func:`org_scoped` for ``g.auth.user_id`` and
     ``OAUTH_VERIFY_USER_COLUMN`` (``user_id``). Combine both for data that
@@ -507,6 +508,7 @@ def user_scoped(statement: S, column: Any = None) -> S:
 
     .. versionadded:: 0.1.0
     """
+    statement = query_or_select
     _check_statement(statement)
     user = current_user_id()
     target = (

@@ -558,6 +558,16 @@ def test_user_scoped_returns_the_users_rows_of_the_organization(env: TenantApp) 
             assert {row["user_id"] for row in body["rows"]} <= {user}
 
 
+def test_helpers_take_the_documented_keyword_names(env: TenantApp) -> None:
+    """DESIGN.md: ``org_scoped(query_or_select, column=None)``, ``user_scoped(...)``."""
+    with env.app.app_context(), as_organization("org_b", user_id="user_3"):
+        own = org_scoped(query_or_select=select(Task), column=Task.organization_id)
+        mine = user_scoped(query_or_select=own, column=Task.user_id)
+        rows = db.session.scalars(mine.order_by(Task.id)).all()
+    expected = [t.id for t in DATA.tasks_of("org_b") if t.user_id == "user_3"]
+    assert expected and [t.id for t in rows] == expected
+
+
 def test_user_scoped_without_user_is_401(env: TenantApp) -> None:
     # a client-credentials token: the subject is the client, no user
     status, body = call(env, "GET", "/explicit/user-scoped", "org_a", subject="client-1")
