@@ -23,6 +23,7 @@ from . import dev_issuer
 from .api import api
 from .logging_setup import configure_security_log
 from .models import db, seed
+from .widget import widget
 
 cache = Cache()
 oauth = OAuthVerify()
@@ -86,6 +87,7 @@ def create_app(config: dict[str, Any] | None = None, *, instance_path: str | Non
     db.init_app(app)
     oauth.init_app(app, cache=cache)
     app.register_blueprint(api)
+    app.register_blueprint(widget)
     with app.app_context():
         seed()
     from .commands import register_commands

@@ -35,6 +35,14 @@ def banner(issuer: TokenIssuer, base_url: str) -> str:
     lines.append(f'curl -s {base_url}/api/reports -H "Authorization: Bearer $OPAQUE"')
     lines.append("")
     lines.append(f"curl -s {base_url}/api/customers   # no token: 401")
+    lines.append(
+        "# the widget blueprint (checked in before_request): a CORS preflight, then the call"
+    )
+    lines.append(
+        f"curl -si -X OPTIONS {base_url}/widget/summary -H 'Origin: http://localhost:3000'"
+        " -H 'Access-Control-Request-Method: GET'"
+    )
+    lines.append(f'curl -s {base_url}/widget/summary -H "Authorization: Bearer $TOKEN"')
     lines.append(f"curl -s {base_url}/health/token-validation")
     return "\n".join(lines)
 

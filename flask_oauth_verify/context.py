@@ -11,7 +11,6 @@ logs.
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, cast
@@ -383,7 +382,10 @@ def build_context(
 #: ``g`` lives in the app context, and Flask reuses an app context that is
 #: already pushed (``app.app_context().push()`` at import, a test fixture)
 #: for every request of the thread: without this stamp, one request would
-#: see the ``g.auth`` of the one before.
+#: see the ``g.auth`` of the one before. It holds the request object itself
+#: (compared by identity: a live object is never another request), so in such
+#: a reused app context the last request stays referenced until the next one
+#: replaces it or the context is popped, as its ``g.auth`` does.
 REQUEST_KEY = "_oauth_verify_request"
 
 
@@ -398,17 +400,14 @@ def _this_request() -> Any:
 
 def stamp(current: Any) -> Any:
     """What :data:`REQUEST_KEY` holds for a context set in request ``current``
-    (``None``: outside a request). A weak reference: a finished request is
-    not kept alive by the ``g`` it leaves in a reused app context."""
-    return _OUTSIDE if current is None else weakref.ref(current)
+    (``None``: outside a request): the request object, or a marker."""
+    return _OUTSIDE if current is None else current
 
 
 def stamped_for(namespace: Mapping[str, Any], current: Any) -> bool:
-    """Whether ``namespace`` (``g``'s) was stamped by request ``current``."""
-    mark = namespace.get(REQUEST_KEY)
-    if current is None:
-        return mark is _OUTSIDE
-    return isinstance(mark, weakref.ref) and mark() is current
+    """Whether ``namespace`` (``g``'s) was stamped by request ``current``
+    (``None``: outside any request)."""
+    return namespace.get(REQUEST_KEY) is (_OUTSIDE if current is None else current)
 
 
 def set_auth(context: AuthContext | None, namespace: dict[str, Any] | None = None) -> None:

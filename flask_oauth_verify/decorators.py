@@ -13,12 +13,11 @@ import hashlib
 import inspect
 import logging
 import re
-import weakref
 from collections.abc import Callable, Iterable
 from time import perf_counter
 from typing import Any, TypeVar, overload
 
-from flask import current_app, g, request
+from flask import abort, current_app, g, request
 
 from .bearer import extract_token, may_name_access_token, plain_header_token
 from .config import STRATEGIES
@@ -45,6 +44,7 @@ __all__ = [
 F = TypeVar("F", bound=Callable[..., Any])
 _logger = logging.getLogger("flask_oauth_verify")
 _sha256 = hashlib.sha256
+_INFO = logging.INFO
 
 
 #: The ``strategy`` of ``@require_organization`` / ``@require_user``: they
@@ -194,11 +194,15 @@ def _check_request(
                     if optional:
                         set_auth(None, request_g)
                         return None
+                    if _answered_by_flask(current):
+                        raise _FlaskAnswers
                     raise MissingTokenError(reason="no bearer token in the request")
                 context = state.authenticate(token, strategy)
         except OAuthVerifyError as exc:
             events.failed(exc, token or _header_token(state), strategy=strategy, started=started)
             raise
+        except _FlaskAnswers:
+            abort(current_app.make_default_options_response())
         except Exception as exc:  # fail closed, never a 500
             # A bug or an input nobody anticipated: refuse the token (never let
             # it through, never answer 500) and log loudly, without the token.
@@ -214,7 +218,7 @@ def _check_request(
             done.add(strategy or state.settings.strategy)
         else:  # the first check of this request
             request_g["_oauth_verify_checked"] = {strategy or state.settings.strategy}
-            request_g[REQUEST_KEY] = weakref.ref(current)  # stamp(), inlined: in a request
+            request_g[REQUEST_KEY] = current  # stamp(), inlined: in a request
         if events.enabled():
             events.validated(
                 context, token or _header_token(state), strategy=strategy, started=started
@@ -229,6 +233,27 @@ def _check_request(
         state.events.failed(error, None)
         raise error
     return context
+
+
+class _FlaskAnswers(Exception):
+    """Raised inside :func:`_check_request` for a request :func:`_answered_by_flask`."""
+
+
+def _answered_by_flask(current: Any) -> bool:
+    """Whether Flask answers ``current`` itself, no view running: an ``OPTIONS``
+    request to a route with automatic ``OPTIONS`` (a CORS preflight, which
+    browsers send without credentials).
+
+    A decorated view never sees such a request; a ``before_request`` calling
+    :func:`verify_request` does, and answers it as Flask would (its
+    ``after_request`` functions, e.g. Flask-CORS's, still run) instead of
+    refusing it with 401 or letting the rest of the hook run without a
+    verified token. A route that lists ``OPTIONS`` itself runs its view, so
+    such a request needs a token like any other.
+    """
+    return current.method == "OPTIONS" and bool(
+        getattr(current.url_rule, "provide_automatic_options", False)
+    )
 
 
 def _header_token(state: Any) -> str | None:
@@ -286,6 +311,28 @@ def _checked_by_route(done: set[Any]) -> bool:
     if not wrappers:
         return False
     view = current_app.view_functions.get(request.endpoint)  # type: ignore[arg-type]
+    return any(
+        _in_chain(entry, wrappers) for entry in (view, *_class_view_handlers(view, request.method))
+    )
+
+
+def _class_view_handlers(view: Any, method: str) -> tuple[Any, ...]:
+    """What a class-based view (``View.as_view``) runs for ``method``: its
+    method handler (``get`` for ``HEAD`` without ``head``, as ``MethodView``
+    dispatches) and ``dispatch_request``, whose own decorators count as the
+    route's; nothing for a function view."""
+    view_class = getattr(view, "view_class", None)
+    if not isinstance(view_class, type):
+        return ()
+    name = method.lower()
+    handler = getattr(view_class, name, None)
+    if handler is None and name == "head":
+        handler = getattr(view_class, "get", None)
+    return handler, getattr(view_class, "dispatch_request", None)
+
+
+def _in_chain(view: Any, wrappers: list[Any]) -> bool:
+    """Whether ``view`` or a function it wraps (``__wrapped__``) is one of ``wrappers``."""
     for _ in range(64):  # a chain of decorators, never a cycle
         if view is None:
             return False
@@ -353,7 +400,6 @@ def _guard(
                     now = state.clock()
                     leeway = state._leeway
                     source = cached.source
-                    held = cached.context.scopes
                     if (
                         cached.expires_at + leeway > now
                         and (cached.not_before is None or cached.not_before - leeway <= now)
@@ -361,13 +407,20 @@ def _guard(
                         and source.fetched_at <= now < source.fresh_until  # _Source.fresh()
                         and (
                             not scopes
-                            or (not held.isdisjoint(scopes) if any_of else held.issuperset(scopes))
+                            or (
+                                not cached.context.scopes.isdisjoint(scopes)
+                                if any_of
+                                else cached.context.scopes.issuperset(scopes)
+                            )
                         )
-                        and not state.events.enabled()
+                        # not state.events.enabled(), from three dicts (no call)
+                        and (quiet := state.quiet_signs)[0].get(_INFO) is False
+                        and not quiet[1]
+                        and not quiet[2]
                     ):
                         request_g["auth"] = cached.context
                         request_g["_oauth_verify_checked"] = {chosen, wrapper}
-                        request_g[REQUEST_KEY] = weakref.ref(current)
+                        request_g[REQUEST_KEY] = current  # stamp(current), inlined
                         answered = True
         except Exception:  # the general path below decides (and names) every case
             state = None

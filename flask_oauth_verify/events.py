@@ -25,8 +25,7 @@ per event name (:data:`token_validated`, ...), with the Flask app as sender.
 
 The token itself is never part of a record: only its ``jti`` or a short,
 non-reversible hash. When the logger is disabled for the level and no signal
-has receivers, the hot path pays one ``isEnabledFor`` check and two dict
-truth tests.
+has receivers, the hot path pays three dict reads (:meth:`SecurityEvents.quiet_signs`).
 
 .. versionadded:: 0.1.0
 """
@@ -175,6 +174,11 @@ def _event_name(error: OAuthVerifyError) -> str:
     return "token_validation_failed"
 
 
+#: What :meth:`SecurityEvents.quiet_signs` returns: the logger's level cache
+#: and the receivers of :data:`security_event` and :data:`token_validated`.
+QuietSigns = tuple[dict[Any, Any], dict[Any, Any], dict[Any, Any]]
+
+
 class SecurityEvents:
     """Emits security events to the log, to signal receivers and to metrics.
 
@@ -208,6 +212,24 @@ class SecurityEvents:
             or bool(security_event.receivers)
             or bool(token_validated.receivers)
         )
+
+    def quiet_signs(self) -> QuietSigns:
+        """Three live dictionaries that tell, without a call, that :meth:`enabled` is false.
+
+        ``levels.get(logging.INFO) is False`` and both receiver dictionaries
+        empty mean ``not enabled()``; anything else means "ask
+        :meth:`enabled`". ``levels`` is the logger's own cache of
+        ``isEnabledFor`` answers, which :mod:`logging` empties whenever a
+        level changes anywhere (``setLevel``, ``logging.disable``) and
+        :meth:`enabled` fills again; the receiver dictionaries are the
+        signals' own, which :mod:`blinker` changes in place. With metrics on,
+        or a logger without that cache, ``levels`` is an empty dictionary
+        nobody fills: always ask. Taken again when metrics are attached.
+        """
+        levels = getattr(self.logger, "_cache", None)
+        if self.metrics is not None or type(levels) is not dict:
+            levels = {}
+        return levels, security_event.receivers, token_validated.receivers
 
     # -- emitting -------------------------------------------------------------
 

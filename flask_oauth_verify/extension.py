@@ -65,6 +65,8 @@ class _AppState:
             settings.token_cache_size if _caches_answers(settings) else 0
         )
         self.events = SecurityEvents()
+        #: Read by the decorator's cache hit instead of ``events.enabled()``.
+        self.quiet_signs = self.events.quiet_signs()
         self.claims_checks: list[ClaimsCheck] = extension._claims_checks
         self._introspector: Introspector | None = None
         self._lazy_lock = threading.Lock()

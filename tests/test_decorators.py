@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from flask import Flask, g
+from flask import Flask, g, request
 
 from flask_oauth_verify import (
     OAuthVerify,
@@ -343,3 +343,53 @@ def test_a_claim_name_holding_dots_maps_whole_before_as_a_path(tokens: TokenIssu
     token = tokens.mint(custom_claims={"org": "org_nested"})
     response = nested.test_client().get("/mapped", headers=auth_header(token))
     assert response.json == {"org": "org_nested", "scopes": []}
+
+
+def test_verify_request_in_a_hook_lets_flask_answer_its_automatic_options(
+    tokens: TokenIssuer,
+) -> None:
+    """A CORS preflight comes without credentials; Flask answers an automatic
+    ``OPTIONS`` itself, so a ``before_request`` check lets Flask's answer (and
+    the ``after_request`` functions, e.g. Flask-CORS's) through. Everything
+    else still needs a token, and no later hook code runs without one."""
+    app = make_app(tokens.config())
+    reached: list[str] = []
+
+    @app.before_request
+    def check() -> None:
+        verify_request()
+        reached.append(request.method)  # hook code after the check
+
+    @app.after_request
+    def cors(response: Any) -> Any:
+        response.headers["Access-Control-Allow-Origin"] = "https://app.example"
+        return response
+
+    @app.get("/items")
+    def items() -> dict[str, str]:
+        return {"organization_id": str(g.auth.organization_id)}
+
+    @app.route("/own-options", methods=["GET", "OPTIONS"])
+    def own_options() -> dict[str, str]:
+        return {"secret": "the view runs for OPTIONS"}
+
+    client = app.test_client()
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "GET"}
+    answer = client.options("/items", headers=preflight)
+    assert answer.status_code == 200
+    assert set(answer.headers["Allow"].split(", ")) == {"GET", "HEAD", "OPTIONS"}
+    assert answer.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert answer.data == b""
+    assert reached == []
+    for refused in (
+        client.options("/own-options", headers=preflight),  # its view would run
+        client.options("/nowhere", headers=preflight),
+        client.get("/items"),
+    ):
+        assert refused.status_code == 401
+        assert refused.json is not None and refused.json["error"] == "unauthorized"
+        assert "WWW-Authenticate" in refused.headers
+    assert reached == []
+    token = tokens.mint(organization_id="org_a")
+    assert client.get("/items", headers=auth_header(token)).json == {"organization_id": "org_a"}
+    assert reached == ["GET"]

@@ -357,3 +357,28 @@ def test_example_tokens_refuses_without_the_dev_issuer(
     refused = app.test_cli_runner().invoke(args=["example-tokens"])
     assert refused.exit_code != 0
     assert "EXAMPLE_DEV_ISSUER=1" in refused.output
+
+
+def test_the_widget_blueprint_checks_in_before_request_and_answers_preflights(
+    example: Flask,
+) -> None:
+    client = example.test_client()
+    origin = {"Origin": "http://localhost:3000"}
+    preflight = client.options(
+        "/widget/summary", headers={**origin, "Access-Control-Request-Method": "GET"}
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    assert "GET" in preflight.headers["Allow"]
+    anonymous = client.get("/widget/summary", headers=origin)
+    assert anonymous.status_code == 401
+    assert anonymous.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    assert "WWW-Authenticate" in anonymous.headers
+    few = client.get("/widget/summary", headers=mint(example, "org_acme", ["projects:read"]))
+    assert few.status_code == 403
+    acme = client.get("/widget/summary", headers=mint(example, "org_acme", ["customers:read"]))
+    globex = client.get("/widget/summary", headers=mint(example, "org_globex", ["customers:read"]))
+    listed = client.get("/api/customers", headers=mint(example, "org_acme", ["customers:read"]))
+    assert acme.json is not None and globex.json is not None and listed.json is not None
+    assert acme.json == {"organization_id": "org_acme", "customers": len(listed.json["customers"])}
+    assert globex.json["organization_id"] == "org_globex"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -31,7 +32,7 @@ from flask_oauth_verify.claims import claim_path
 from flask_oauth_verify.config import Settings
 from flask_oauth_verify.context import AuthContext, ContextBuilder, build_context
 from flask_oauth_verify.errors import InvalidTokenError, OAuthVerifyError
-from flask_oauth_verify.events import token_validated
+from flask_oauth_verify.events import SECURITY_LOGGER, security_event, token_validated
 from flask_oauth_verify.extension import get_state
 from flask_oauth_verify.testing import IssuerServer, TokenIssuer, auth_header
 from flask_oauth_verify.verification import JWTVerifier, _b64decode
@@ -395,6 +396,72 @@ def test_every_hit_is_still_an_event(tokens: TokenIssuer) -> None:
         for _ in range(3):
             assert app.test_client().get("/who", headers=auth_header(token)).status_code == 200
     assert seen == ["user_1"] * 3, "a hit with a listener takes the path that emits"
+
+
+def test_a_listener_connected_after_the_hits_began_hears_the_next_hit(
+    tokens: TokenIssuer,
+) -> None:
+    """The hit reads the signals' live receivers, not what they were at start-up."""
+    app = _hit_app(tokens)
+    token = tokens.mint(scopes=["read:users"])
+    client = app.test_client()
+    for _ in range(3):  # a miss, then hits with nobody listening
+        assert client.get("/who", headers=auth_header(token)).status_code == 200
+    heard: list[str] = []
+
+    def on_any(sender: Flask, event: str, record: dict[str, Any]) -> None:
+        heard.append(event)
+
+    def on_validated(sender: Flask, record: dict[str, Any]) -> None:
+        heard.append("validated")
+
+    with security_event.connected_to(on_any, app):
+        assert client.get("/who", headers=auth_header(token)).status_code == 200
+    assert heard == ["token_validated"]
+    with token_validated.connected_to(on_validated, app):
+        assert client.get("/who", headers=auth_header(token)).status_code == 200
+    assert heard == ["token_validated", "validated"]
+    assert client.get("/who", headers=auth_header(token)).status_code == 200
+    assert len(heard) == 2, "nobody listens any more"
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.events: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.events.append(getattr(record, "event", "?"))
+
+
+def test_a_log_level_changed_at_run_time_applies_to_the_next_hit(tokens: TokenIssuer) -> None:
+    """Raising the security logger to INFO after hits began logs the next hit;
+    ``logging.disable`` silences it again (the hit reads logging's own cache)."""
+    app = _hit_app(tokens)
+    token = tokens.mint(scopes=["read:users"])
+    client = app.test_client()
+    logger = logging.getLogger(SECURITY_LOGGER)
+    records = _Records()
+    logger.addHandler(records)
+    level = logger.level
+    try:
+        logger.setLevel(logging.WARNING)
+        for _ in range(3):
+            assert client.get("/who", headers=auth_header(token)).status_code == 200
+        assert records.events == []
+        logger.setLevel(logging.INFO)
+        assert client.get("/who", headers=auth_header(token)).status_code == 200
+        assert records.events == ["token_validated"]
+        logging.disable(logging.INFO)
+        assert client.get("/who", headers=auth_header(token)).status_code == 200
+        logging.disable(logging.NOTSET)
+        assert records.events == ["token_validated"]
+        assert client.get("/who", headers=auth_header(token)).status_code == 200
+        assert records.events == ["token_validated"] * 2
+    finally:
+        logging.disable(logging.NOTSET)
+        logger.setLevel(level)
+        logger.removeHandler(records)
 
 
 # -- base64url: the one-translate check == the definition ---------------------

@@ -169,6 +169,50 @@ def test_require_organization_keeps_the_strategy_of_the_decorator_above_it(
     assert_401(client.get("/tenant-alone", headers=auth_header(opaque)))
 
 
+def test_a_class_based_views_method_decorator_is_the_check_above(issuer: TokenIssuer) -> None:
+    """``@require_token(strategy="jwks")`` over ``@require_organization`` on a
+    ``MethodView`` method refines like on a function view: no second check
+    with the app's default ("both" here), for ``GET`` and for ``HEAD``."""
+    from flask.views import MethodView, View
+
+    app = make_app(intro_config(issuer, STRATEGY="both"))
+
+    @app.get("/fn")
+    @require_token(strategy="jwks")
+    @require_organization
+    def fn() -> dict[str, Any]:
+        return {"organization_id": g.auth.organization_id}
+
+    class Tenant(MethodView):
+        @require_token(strategy="jwks")
+        @require_organization
+        def get(self) -> dict[str, Any]:
+            return {"organization_id": g.auth.organization_id}
+
+        @require_organization  # alone: the app's default
+        def post(self) -> dict[str, Any]:
+            return {"organization_id": g.auth.organization_id}
+
+    class Plain(View):
+        @require_token(strategy="jwks")
+        @require_organization
+        def dispatch_request(self) -> dict[str, Any]:
+            return {"organization_id": g.auth.organization_id}
+
+    app.add_url_rule("/mv", view_func=Tenant.as_view("mv"))
+    app.add_url_rule("/view", view_func=Plain.as_view("view"))
+    client = app.test_client()
+    token = issuer.mint(organization_id="org_7")
+    issuer.revoke(token)  # only "both" or "introspection" would notice
+    for path in ("/fn", "/mv", "/view"):
+        response = client.get(path, headers=auth_header(token))
+        assert response.json == {"organization_id": "org_7"}, path
+    assert client.head("/mv", headers=auth_header(token)).status_code == 200
+    assert hits(issuer) == 0
+    assert_401(client.post("/mv", headers=auth_header(token)))
+    assert hits(issuer) == 1
+
+
 def _hook_calling_verify_request() -> None:
     verify_request(strategy="jwks", optional=True)
 
