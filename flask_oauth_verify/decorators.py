@@ -18,6 +18,7 @@ from time import perf_counter
 from typing import Any, TypeVar, overload
 
 from flask import abort, current_app, g, request
+from flask.views import MethodView
 
 from .bearer import extract_token, may_name_access_token, plain_header_token
 from .config import STRATEGIES
@@ -317,18 +318,23 @@ def _checked_by_route(done: set[Any]) -> bool:
 
 
 def _class_view_handlers(view: Any, method: str) -> tuple[Any, ...]:
-    """What a class-based view (``View.as_view``) runs for ``method``: its
-    method handler (``get`` for ``HEAD`` without ``head``, as ``MethodView``
-    dispatches) and ``dispatch_request``, whose own decorators count as the
-    route's; nothing for a function view."""
+    """What a class-based view (``View.as_view``) runs for ``method``, whose
+    own decorators count as the route's: its ``dispatch_request``, and for a
+    ``MethodView`` that dispatches as ``MethodView`` does, the method handler
+    (``get`` for ``HEAD`` without ``head``). A method of a ``View`` that
+    happens to be named ``get`` is a helper, not the handler. Nothing for a
+    function view."""
     view_class = getattr(view, "view_class", None)
     if not isinstance(view_class, type):
         return ()
+    dispatch = getattr(view_class, "dispatch_request", None)
+    if not issubclass(view_class, MethodView) or dispatch is not MethodView.dispatch_request:
+        return (dispatch,)
     name = method.lower()
     handler = getattr(view_class, name, None)
     if handler is None and name == "head":
         handler = getattr(view_class, "get", None)
-    return handler, getattr(view_class, "dispatch_request", None)
+    return (handler,)
 
 
 def _in_chain(view: Any, wrappers: list[Any]) -> bool:

@@ -25,7 +25,7 @@ per event name (:data:`token_validated`, ...), with the Flask app as sender.
 
 The token itself is never part of a record: only its ``jti`` or a short,
 non-reversible hash. When the logger is disabled for the level and no signal
-has receivers, the hot path pays three dict reads (:meth:`SecurityEvents.quiet_signs`).
+has receivers, the hot path pays three dict reads (:attr:`SecurityEvents.quiet_signs`).
 
 .. versionadded:: 0.1.0
 """
@@ -174,9 +174,9 @@ def _event_name(error: OAuthVerifyError) -> str:
     return "token_validation_failed"
 
 
-#: What :meth:`SecurityEvents.quiet_signs` returns: the logger's level cache
-#: and the receivers of :data:`security_event` and :data:`token_validated`.
-QuietSigns = tuple[dict[Any, Any], dict[Any, Any], dict[Any, Any]]
+#: :attr:`SecurityEvents.quiet_signs`: the logger's level cache and the
+#: receivers of :data:`security_event` and :data:`token_validated`.
+QuietSigns = list[dict[Any, Any]]
 
 
 class SecurityEvents:
@@ -189,10 +189,19 @@ class SecurityEvents:
     """
 
     def __init__(self, logger: logging.Logger | None = None, *, sender: Any = None) -> None:
+        #: Three live dictionaries that tell, without a call, that
+        #: :meth:`enabled` is false (see :meth:`_take_quiet_signs`); one list,
+        #: changed in place, so that what holds it (the app state) stays current.
+        self.quiet_signs: QuietSigns = [{}, security_event.receivers, token_validated.receivers]
         self.logger = logger or logging.getLogger(SECURITY_LOGGER)
         self.sender = sender
         #: The app's :class:`~flask_oauth_verify.metrics.Metrics`, when on.
         self.metrics: Metrics | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name in ("logger", "metrics") and "metrics" in self.__dict__:
+            self._take_quiet_signs()
 
     # -- cheap checks for the hot path ----------------------------------------
 
@@ -213,8 +222,8 @@ class SecurityEvents:
             or bool(token_validated.receivers)
         )
 
-    def quiet_signs(self) -> QuietSigns:
-        """Three live dictionaries that tell, without a call, that :meth:`enabled` is false.
+    def _take_quiet_signs(self) -> None:
+        """Point :attr:`quiet_signs` at this logger's level cache (or at none).
 
         ``levels.get(logging.INFO) is False`` and both receiver dictionaries
         empty mean ``not enabled()``; anything else means "ask
@@ -223,13 +232,20 @@ class SecurityEvents:
         level changes anywhere (``setLevel``, ``logging.disable``) and
         :meth:`enabled` fills again; the receiver dictionaries are the
         signals' own, which :mod:`blinker` changes in place. With metrics on,
-        or a logger without that cache, ``levels`` is an empty dictionary
-        nobody fills: always ask. Taken again when metrics are attached.
+        or a logger whose ``isEnabledFor`` is not the standard one (a custom
+        logger class may answer from elsewhere), ``levels`` is an empty
+        dictionary nobody fills: always ask. Taken again whenever
+        :attr:`logger` or :attr:`metrics` is set.
         """
-        levels = getattr(self.logger, "_cache", None)
-        if self.metrics is not None or type(levels) is not dict:
+        logger = self.logger
+        levels = getattr(logger, "_cache", None)
+        if (
+            self.metrics is not None
+            or type(levels) is not dict
+            or getattr(type(logger), "isEnabledFor", None) is not logging.Logger.isEnabledFor
+        ):
             levels = {}
-        return levels, security_event.receivers, token_validated.receivers
+        self.quiet_signs[0] = levels
 
     # -- emitting -------------------------------------------------------------
 

@@ -66,7 +66,7 @@ class _AppState:
         )
         self.events = SecurityEvents()
         #: Read by the decorator's cache hit instead of ``events.enabled()``.
-        self.quiet_signs = self.events.quiet_signs()
+        self.quiet_signs = self.events.quiet_signs
         self.claims_checks: list[ClaimsCheck] = extension._claims_checks
         self._introspector: Introspector | None = None
         self._lazy_lock = threading.Lock()

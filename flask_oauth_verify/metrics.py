@@ -287,7 +287,6 @@ def init_metrics(app: Flask, state: _AppState) -> Metrics:
             "give each app its own OAUTH_VERIFY_METRICS_REGISTRY (the default)."
         ) from None
     state.events.metrics = metrics
-    state.quiet_signs = state.events.quiet_signs()  # every hit now counts
     if endpoint is not None:
         app.add_url_rule(
             endpoint,

@@ -464,6 +464,51 @@ def test_a_log_level_changed_at_run_time_applies_to_the_next_hit(tokens: TokenIs
         logger.removeHandler(records)
 
 
+class _SwitchedLogger(logging.Logger):
+    """A logger class whose ``isEnabledFor`` answers from elsewhere too."""
+
+    switched_on = False
+
+    def isEnabledFor(self, level: int) -> bool:
+        return self.switched_on or super().isEnabledFor(level)
+
+
+def test_hits_follow_a_replaced_logger_and_a_custom_logger_class(tokens: TokenIssuer) -> None:
+    """The hit trusts logging's level cache only for a standard logger, and
+    follows ``events.logger`` when it is replaced after start-up."""
+    app = _hit_app(tokens)
+    token = tokens.mint(scopes=["read:users"])
+    client = app.test_client()
+    events = get_state(app).events
+    custom = _SwitchedLogger("hot-path-switched")
+    custom.setLevel(logging.WARNING)
+    custom.propagate = False
+    records = _Records()
+    custom.addHandler(records)
+    for _ in range(2):  # a miss and a hit with the standard logger, quiet
+        assert client.get("/who", headers=auth_header(token)).status_code == 200
+    events.logger = custom
+    for _ in range(2):
+        assert client.get("/who", headers=auth_header(token)).status_code == 200
+    assert records.events == [], "quiet: its cache says so"
+    _SwitchedLogger.switched_on = True
+    try:
+        for _ in range(2):
+            assert client.get("/who", headers=auth_header(token)).status_code == 200
+    finally:
+        _SwitchedLogger.switched_on = False
+    assert records.events == ["token_validated"] * 2
+    loud = logging.getLogger("hot-path-loud")
+    loud.setLevel(logging.INFO)
+    loud.propagate = False
+    heard = _Records()
+    loud.addHandler(heard)
+    assert loud.isEnabledFor(logging.INFO)  # its cache answers True
+    events.logger = loud
+    assert client.get("/who", headers=auth_header(token)).status_code == 200
+    assert heard.events == ["token_validated"]
+
+
 # -- base64url: the one-translate check == the definition ---------------------
 
 

@@ -199,8 +199,24 @@ def test_a_class_based_views_method_decorator_is_the_check_above(issuer: TokenIs
         def dispatch_request(self) -> dict[str, Any]:
             return {"organization_id": g.auth.organization_id}
 
+    class Helper(View):
+        """A plain View: its method named ``get`` is a helper, not the handler."""
+
+        @require_token(strategy="jwks")
+        def get(self) -> None:
+            return None
+
+        @require_organization
+        def tenant(self) -> dict[str, Any]:
+            return {"organization_id": g.auth.organization_id}
+
+        def dispatch_request(self) -> dict[str, Any]:
+            self.get()
+            return self.tenant()
+
     app.add_url_rule("/mv", view_func=Tenant.as_view("mv"))
     app.add_url_rule("/view", view_func=Plain.as_view("view"))
+    app.add_url_rule("/helper", view_func=Helper.as_view("helper"))
     client = app.test_client()
     token = issuer.mint(organization_id="org_7")
     issuer.revoke(token)  # only "both" or "introspection" would notice
@@ -211,6 +227,8 @@ def test_a_class_based_views_method_decorator_is_the_check_above(issuer: TokenIs
     assert hits(issuer) == 0
     assert_401(client.post("/mv", headers=auth_header(token)))
     assert hits(issuer) == 1
+    assert_401(client.get("/helper", headers=auth_header(token)))  # the app's "both"
+    assert hits(issuer) == 2
 
 
 def _hook_calling_verify_request() -> None:
