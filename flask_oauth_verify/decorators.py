@@ -249,8 +249,9 @@ def _answered_by_flask(current: Any) -> bool:
     :func:`verify_request` does, and answers it as Flask would (its
     ``after_request`` functions, e.g. Flask-CORS's, still run) instead of
     refusing it with 401 or letting the rest of the hook run without a
-    verified token. A route that lists ``OPTIONS`` itself runs its view, so
-    such a request needs a token like any other.
+    verified token. On a route without automatic ``OPTIONS`` (one that lists
+    ``OPTIONS`` itself) the view runs, so such a request needs a token like
+    any other.
     """
     return current.method == "OPTIONS" and bool(
         getattr(current.url_rule, "provide_automatic_options", False)

@@ -480,16 +480,15 @@ def org_scoped(query_or_select: S, column: Any = None) -> S:
 
     .. versionadded:: 0.1.0
     """
-    statement = query_or_select
-    _check_statement(statement)
+    _check_statement(query_or_select)
     organization = current_organization_id()
     if column is not None:
-        marker = _org_marker(statement, organization, column)
-        return _add_criteria(statement, column == organization, marker)
+        marker = _org_marker(query_or_select, organization, column)
+        return _add_criteria(query_or_select, column == organization, marker)
     name = _configured_column("organization")
-    target = _primary_column(statement, name)
-    marker = _org_marker(statement, organization, target)
-    scoped = _add_criteria(statement, target == organization, marker)
+    target = _primary_column(query_or_select, name)
+    marker = _org_marker(query_or_select, organization, target)
+    scoped = _add_criteria(query_or_select, target == organization, marker)
     return _with_joined_criteria(scoped, target, name, organization)
 
 
@@ -508,13 +507,14 @@ def user_scoped(query_or_select: S, column: Any = None) -> S:
 
     .. versionadded:: 0.1.0
     """
-    statement = query_or_select
-    _check_statement(statement)
+    _check_statement(query_or_select)
     user = current_user_id()
     target = (
-        column if column is not None else _primary_column(statement, _configured_column("user"))
+        column
+        if column is not None
+        else _primary_column(query_or_select, _configured_column("user"))
     )
-    return _add_criteria(statement, target == user, None)
+    return _add_criteria(query_or_select, target == user, None)
 
 
 def unscoped(statement: S, *, reason: str) -> S:
