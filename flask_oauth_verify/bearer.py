@@ -88,6 +88,9 @@ def _from_header(value: str) -> str | None:
     # OWS is SP and HTAB only (RFC 9110 §5.6.3): str.strip() would also take
     # \x0b, \x1c-\x1f, \x85 and NBSP for white space around the credentials.
     scheme, _, rest = value.strip(" \t").partition(" ")
+    if scheme[:7].lower() == "bearer\t":
+        # RFC 9110 §11.4: one or more SP, never HTAB, after the scheme.
+        raise InvalidRequestError(reason="a tab after the Bearer scheme, where a space belongs")
     if scheme.lower() != "bearer":
         if _LATER_BEARER.search(value):
             raise InvalidRequestError(reason="several Authorization headers")
@@ -111,9 +114,14 @@ def _from_query(request: Request) -> str | None:
     return values[0] if values else None
 
 
+#: Methods whose request body has defined semantics: the only ones a form
+#: token may come with (RFC 6750 §2.2: never ``GET``).
+_FORM_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
 def _from_form(request: Request, environ: dict[str, Any], enabled: bool) -> str | None:
-    # Cheap environ read first: most requests carry no Content-Type at all.
-    if not environ.get("CONTENT_TYPE"):
+    # Cheap environ reads first: most requests carry no Content-Type at all.
+    if not environ.get("CONTENT_TYPE") or environ.get("REQUEST_METHOD") not in _FORM_METHODS:
         return None
     if request.mimetype != "application/x-www-form-urlencoded":
         return None

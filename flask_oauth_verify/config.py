@@ -471,6 +471,11 @@ def _build(v: Mapping[str, Any]) -> Settings:
     _check_introspection_credentials(v, strategy, intro_auth)
     for issuer in issuers:
         check_url(issuer, "ISSUER", allow_insecure_http=allow_http)
+        if "?" in issuer or "#" in issuer:
+            raise ConfigurationError(
+                f"{_key('ISSUER')} {issuer!r} has a query or fragment, which an issuer "
+                "identifier never has (RFC 8414 §2, OpenID Connect Discovery §3)."
+            )
     required_values = v.get("REQUIRED_CLAIM_VALUES") or {}
     if not isinstance(required_values, Mapping):
         raise ConfigurationError(f"{_key('REQUIRED_CLAIM_VALUES')} must be a mapping.")

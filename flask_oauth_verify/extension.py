@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from flask import Flask, Response, current_app
 
-from .bearer import is_b64token, plain_header_token
+from .bearer import is_b64token, may_name_access_token, plain_header_token
 from .cache import SharedCache
 from .config import Settings
 from .context import AuthContext, ContextBuilder
@@ -418,6 +418,8 @@ class OAuthVerify:
         _register_error_handler(app, state.error_response)
         if settings.security_headers:
             app.after_request(_protected_response_headers)
+        if "query" in settings.token_locations:
+            app.after_request(_private_when_query_token)
         from .cli import cli
 
         app.cli.add_command(cli)
@@ -554,6 +556,23 @@ def _protected_response_headers(response: Response) -> Response:
     # set either way) or a request was refused (even by an app's own handler).
     if "auth" in g or g.get("_oauth_verify_checked") or g.get("_oauth_verify_refused"):
         _add_security_headers(response)
+    return response
+
+
+def _private_when_query_token(response: Response) -> Response:
+    """``Cache-Control: private`` on a success to a request that carried an
+    ``access_token`` query parameter (RFC 6750 §2.3: such a request has no
+    ``Authorization`` header to keep a shared cache from storing the answer
+    under a URL that holds the token). A ``Cache-Control`` the app set stays."""
+    from flask import request
+
+    if (
+        200 <= response.status_code < 300
+        and "Cache-Control" not in response.headers
+        and may_name_access_token(request.environ.get("QUERY_STRING", ""))
+        and "access_token" in request.args
+    ):
+        response.headers["Cache-Control"] = "private"
     return response
 
 

@@ -193,6 +193,16 @@ def _check_typ_claim(typ: Any) -> None:
         )
 
 
+def media_type(typ: str | None) -> str | None:
+    """A ``typ`` value as the media type it names (RFC 7515 §4.1.9): lower
+    case, with ``application/`` prepended when it has no ``/`` — so ``at+jwt``
+    and ``application/at+jwt`` are one type (RFC 9068 §4 names both)."""
+    if typ is None:
+        return None
+    typ = typ.lower()
+    return typ if "/" in typ else "application/" + typ
+
+
 def _same_value(actual: Any, expected: Any) -> bool:
     # 1 == True in Python; a claim that must be 1 must not accept true.
     if isinstance(expected, bool) or isinstance(actual, bool):
@@ -213,7 +223,7 @@ class JWTVerifier:
         self.settings = settings
         self._max_bytes = settings.max_token_bytes
         self._algorithms = frozenset(settings.algorithms)
-        self._types = frozenset(settings.allowed_types)
+        self._types = frozenset(media_type(t) for t in settings.allowed_types)
         # Exact issuers only: a template is never matched literally.
         self._issuers = frozenset(i for i in settings.issuers if not is_template(i))
         self._issuer_matcher: IssuerMatcher | None = None
@@ -266,7 +276,7 @@ class JWTVerifier:
         typ = raw.get("typ")
         if typ is not None and not isinstance(typ, str):
             raise _invalid("typ is not a string")
-        if (typ.lower() if typ is not None else None) not in self._types:
+        if media_type(typ) not in self._types:
             raise _invalid(f"typ {str(typ)[:32]!r} is not an access-token type")
         kid = raw.get("kid")
         if kid is not None and (not isinstance(kid, str) or len(kid) > _MAX_KID_LENGTH):

@@ -326,7 +326,7 @@ _add(
     lambda k: Kit.authorization(f"Bearer {k.token()}", "Basic dXNlcjpwYXNz"),
 )
 for _label, _header_outcome, _value in (
-    ("Bearer with a tab before the token", NO_TOKEN, "Bearer\t{t}"),
+    ("Bearer with a tab before the token", BAD_REQUEST, "Bearer\t{t}"),
     ("Bearer with a trailing comma", INVALID, "Bearer {t},"),
     ("Bearer with a leading comma", INVALID, "Bearer ,{t}"),
     ("Bearer with a NBSP before the token", NO_TOKEN, "Bearer\u00a0{t}"),

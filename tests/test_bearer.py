@@ -53,19 +53,83 @@ def test_malformed_header_is_400_invalid_request(app: Flask, value: str) -> None
 
 
 def test_token_sent_two_ways_is_400(app: Flask, tokens: TokenIssuer) -> None:
+    @app.post("/protected-post")
+    @require_token
+    def protected_post() -> str:
+        return "ok"
+
     token = tokens.mint()
     client = app.test_client()
     both = client.get(
         f"/protected?access_token={token}", headers={"Authorization": f"Bearer {token}"}
     )
     assert both.status_code == 400
-    form = client.get(
-        "/protected",
+    form = client.post(
+        "/protected-post",
         headers={"Authorization": f"Bearer {token}"},
         data={"access_token": token},
         content_type="application/x-www-form-urlencoded",
     )
     assert form.status_code == 400
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE", "OPTIONS"])
+def test_a_form_body_is_no_token_location_on_methods_without_body_semantics(
+    tokens: TokenIssuer, method: str
+) -> None:
+    """RFC 6750 §2.2: a form token only where the body has defined semantics
+    (never GET): the body of such a request neither carries a token nor
+    counts as a second one beside the header's."""
+    app = make_app(tokens.config(TOKEN_LOCATIONS=["header", "form"]))
+
+    @app.route("/any", methods=["GET", "DELETE", "OPTIONS", "POST"])
+    @require_token
+    def any_method() -> str:
+        return g.auth.subject or ""
+
+    client = app.test_client()
+    token = tokens.mint()
+    body, form_type = {"access_token": token}, "application/x-www-form-urlencoded"
+    alone = client.open("/any", method=method, data=body, content_type=form_type)
+    assert alone.status_code == 401
+    assert 'error="' not in alone.headers["WWW-Authenticate"], "no token was sent"
+    bearer = {"Authorization": f"Bearer {token}"}
+    beside = client.open("/any", method=method, headers=bearer, data=body, content_type=form_type)
+    assert beside.status_code == 200
+    posted = client.post("/any", data=body, content_type=form_type)
+    assert posted.status_code == 200, "POST: the form token counts"
+
+
+def test_a_tab_after_the_bearer_scheme_is_400(app: Flask, tokens: TokenIssuer) -> None:
+    """RFC 9110 §11.4: SP after the scheme; ``Bearer<TAB>token`` is a malformed
+    Bearer header (400), as ``Bearer <TAB>token`` already was, not "no token"."""
+    for value in (f"Bearer\t{tokens.mint()}", f"bearer\t\t{tokens.mint()}"):
+        response = app.test_client().get("/protected", headers={"Authorization": value})
+        assert response.status_code == 400, value
+        assert response.json is not None and response.json["error"] == "invalid_request"
+    basic = app.test_client().get("/protected", headers={"Authorization": "Basic\tdXNlcjpw"})
+    assert basic.status_code == 401, "another scheme: no bearer token"
+
+
+def test_a_success_to_a_query_token_is_cache_control_private(tokens: TokenIssuer) -> None:
+    """RFC 6750 §2.3: the answer to a URL holding the token is for one client."""
+    app = make_app(tokens.config(TOKEN_LOCATIONS=["header", "query"]))
+
+    @app.get("/cached")
+    @require_token
+    def cached() -> tuple[str, int, dict[str, str]]:
+        return "ok", 200, {"Cache-Control": "no-cache"}
+
+    client = app.test_client()
+    token = tokens.mint()
+    by_query = client.get(f"/protected?access_token={token}")
+    assert by_query.status_code == 200
+    assert by_query.headers["Cache-Control"] == "private"
+    assert client.get(f"/cached?access_token={token}").headers["Cache-Control"] == "no-cache"
+    by_header = client.get("/protected", headers={"Authorization": f"Bearer {token}"})
+    assert by_header.status_code == 200 and "Cache-Control" not in by_header.headers
+    refused = client.get("/protected?access_token=nope.nope.nope")
+    assert refused.status_code == 401 and refused.headers["Cache-Control"] == "no-store"
 
 
 def test_two_authorization_headers_are_400(app: Flask, tokens: TokenIssuer) -> None:
@@ -182,8 +246,14 @@ def test_a_form_body_over_the_apps_limit_does_not_hide_a_header_token(
 def test_a_form_body_over_the_apps_limit_with_form_tokens_on_is_400(tokens: TokenIssuer) -> None:
     app = make_app(tokens.config(TOKEN_LOCATIONS=["header", "form"]))
     app.config["MAX_CONTENT_LENGTH"] = 1024
-    response = app.test_client().get(
-        "/protected",
+
+    @app.post("/submit")
+    @require_token
+    def submit() -> str:
+        return "ok"
+
+    response = app.test_client().post(
+        "/submit",
         data="access_token=" + "x" * 20_000,
         content_type="application/x-www-form-urlencoded",
     )

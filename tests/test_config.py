@@ -118,6 +118,16 @@ def test_loopback_http_is_allowed_and_other_http_needs_the_flag() -> None:
     assert s.allow_insecure_http
 
 
+@pytest.mark.parametrize(
+    "issuer", ["https://as.example.com/?tenant=1", "https://as.example.com/t#x", "https://a.b/t?"]
+)
+def test_an_issuer_with_a_query_or_fragment_is_refused(issuer: str) -> None:
+    """RFC 8414 §2: an issuer identifier has no query or fragment (discovery
+    would drop them and fetch another issuer's metadata)."""
+    with pytest.raises(ConfigurationError, match="query or fragment"):
+        settings(ISSUER=issuer)
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "[::1]", "LOCALHOST"])
 def test_loopback_addresses_are_loopback(host: str) -> None:
     assert settings(ISSUER=f"http://{host}:8080").issuers == (f"http://{host}:8080",)

@@ -222,7 +222,7 @@ RAW_CASES = [
     ("/protected?%61ccess_token=TOKEN", ["Authorization: Bearer TOKEN"], 400),
     ("/protected?access_token", ["Authorization: Bearer TOKEN"], 400),
     ("/protected", ["Authorization: Bearer TOKEN "], 200),
-    ("/protected", ["Authorization: Bearer\tTOKEN"], 401),
+    ("/protected", ["Authorization: Bearer\tTOKEN"], 400),  # a tab where SP belongs
 ]
 
 

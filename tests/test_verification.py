@@ -145,6 +145,17 @@ def test_other_types_are_refused(app: Flask, tokens: TokenIssuer, typ: str) -> N
     assert (status, body["error"]) == (401, "invalid_token")
 
 
+@pytest.mark.parametrize("allowed", [["at+jwt"], ["application/at+jwt"], ["AT+JWT"]])
+def test_allowed_types_compare_as_media_types(tokens: TokenIssuer, allowed: list[str]) -> None:
+    """RFC 7515 §4.1.9: a ``typ`` without ``/`` means ``application/`` + it, so
+    either spelling of RFC 9068's type allows both; other types stay refused."""
+    app = make_app(tokens.config(audience="api", ALLOWED_TYPES=allowed))
+    for typ in ("at+jwt", "application/at+jwt", "Application/AT+JWT"):
+        assert call(app, tokens.mint(typ=typ))[0] == 200, typ
+    for refused in ("JWT", "application/jwt", "jwt+at", "application/", "", None):
+        assert call(app, tokens.mint(typ=refused))[0] == 401, refused
+
+
 def test_signature_from_another_key_with_the_same_kid_is_refused(
     app: Flask, tokens: TokenIssuer
 ) -> None:
