@@ -563,6 +563,7 @@ def apply_profile(given: Mapping[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     _email_verified(merged)
+    _check_one_introspection_endpoint(profile, given, issuers, per_issuer, merged)
     _check_profile_keys(profile, given, merged)
     _warn_about_doubtful_issuers(profile, issuers)
     merged["PROVIDER"] = profile.name
@@ -595,6 +596,48 @@ def _check_one_tenant(
                 f"OAUTH_VERIFY_{key} must hold ({', '.join(sorted(values))}), and one app "
                 "checks one value: list issuers of one tenant and realm (and region) only."
             )
+
+
+def _check_one_introspection_endpoint(
+    profile: Profile,
+    given: Mapping[str, Any],
+    issuers: list[str],
+    per_issuer: list[_Fields],
+    merged: Mapping[str, Any],
+) -> None:
+    """Issuers whose profile endpoints for introspection differ (Keycloak
+    realms, Okta authorization servers, VoxKey realms): one app introspects at
+    one endpoint, rendered from the first issuer, where the others' tokens
+    are unknown (inactive: 401). Refused at start-up when introspection is in
+    use (a strategy other than ``jwks``, or introspection credentials), a
+    warning otherwise; an ``INTROSPECTION_ENDPOINT`` given is the app's
+    choice."""
+    template = profile.defaults.get("INTROSPECTION_ENDPOINT")
+    if template is None or "INTROSPECTION_ENDPOINT" in given:
+        return
+    endpoints = sorted(
+        {
+            _render(template, f)
+            for i, f in zip(issuers, per_issuer, strict=True)
+            if not is_template(i)
+        }
+    )
+    if len(endpoints) < 2:
+        return
+    message = (
+        f"OAUTH_VERIFY_PROVIDER = {profile.name!r}: the issuers have different "
+        f"introspection endpoints ({', '.join(endpoints)}), and one app introspects at "
+        "one only (the first issuer's), which does not know the others' tokens"
+    )
+    in_use = merged.get("STRATEGY", "jwks") != "jwks" or merged.get("INTROSPECTION_CLIENT_ID")
+    if in_use:
+        raise _error(
+            f"{message}: give each issuer its own app, or set "
+            "OAUTH_VERIFY_INTROSPECTION_ENDPOINT yourself."
+        )
+    logger.warning(
+        "%s; a route with strategy='introspection' or 'both' would refuse them.", message
+    )
 
 
 def _email_verified(merged: dict[str, Any]) -> None:

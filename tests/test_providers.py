@@ -351,6 +351,38 @@ def test_issuer_claims_must_be_a_mapping(value: Any) -> None:
         settings("generic", "https://issuer.example.com", AUDIENCE="a", ISSUER_CLAIMS=value)
 
 
+def test_issuers_with_different_introspection_endpoints_need_one_chosen(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two Keycloak realms: one app introspects at one endpoint, which does not
+    know the other realm's tokens. Refused when introspection is in use,
+    a warning otherwise; an endpoint the app names is its choice."""
+    realms = ["https://sso.example.com/realms/a", "https://sso.example.com/realms/b"]
+    for extra in (
+        {"STRATEGY": "both", "INTROSPECTION_CLIENT_ID": "rs", "INTROSPECTION_CLIENT_SECRET": "x"},
+        {"STRATEGY": "jwks", "INTROSPECTION_CLIENT_ID": "rs", "INTROSPECTION_CLIENT_SECRET": "x"},
+    ):
+        with pytest.raises(ConfigurationError, match="different introspection endpoints"):
+            settings("keycloak", realms, AUDIENCE="api", **extra)
+    with caplog.at_level(logging.WARNING, logger="flask_oauth_verify"):
+        jwks_only = settings("keycloak", realms, AUDIENCE="api")
+    assert jwks_only.jwks_uri_for(realms[1]) == f"{realms[1]}/protocol/openid-connect/certs"
+    assert any("different introspection endpoints" in r.getMessage() for r in caplog.records)
+    chosen = settings(
+        "keycloak",
+        realms,
+        AUDIENCE="api",
+        STRATEGY="both",
+        INTROSPECTION_CLIENT_ID="rs",
+        INTROSPECTION_CLIENT_SECRET="x",
+        INTROSPECTION_ENDPOINT="https://sso.example.com/introspect",
+    )
+    assert chosen.introspection_endpoint == "https://sso.example.com/introspect"
+    one = settings("keycloak", realms[:1], AUDIENCE="api", STRATEGY="both",
+                   INTROSPECTION_CLIENT_ID="rs", INTROSPECTION_CLIENT_SECRET="x")  # fmt: skip
+    assert one.introspection_endpoint == f"{realms[0]}/protocol/openid-connect/token/introspect"
+
+
 def test_a_templated_issuer_asks_for_its_key_set_url() -> None:
     with pytest.raises(ConfigurationError, match="needs OAUTH_VERIFY_JWKS_URI"):
         settings(
