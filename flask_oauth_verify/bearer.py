@@ -121,8 +121,8 @@ _FORM_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 def _from_form(request: Request, environ: dict[str, Any], enabled: bool) -> str | None:
     # Cheap environ reads first: most requests carry no Content-Type at all.
-    if not environ.get("CONTENT_TYPE") or environ.get("REQUEST_METHOD") not in _FORM_METHODS:
-        return None
+    if not environ.get("CONTENT_TYPE") or request.method not in _FORM_METHODS:
+        return None  # request.method: upper case, as Flask routes it ("post" is POST)
     if request.mimetype != "application/x-www-form-urlencoded":
         return None
     try:

@@ -177,6 +177,13 @@ def _event_name(error: OAuthVerifyError) -> str:
 #: :attr:`SecurityEvents.quiet_signs`: the logger's level cache and the
 #: receivers of :data:`security_event` and :data:`token_validated`.
 QuietSigns = list[dict[Any, Any]]
+#: What :meth:`SecurityEvents._take_quiet_signs` reads.
+_QUIET_INPUTS = frozenset({"quiet_signs", "logger", "metrics"})
+
+
+def _new_quiet_signs() -> QuietSigns:
+    """Quiet signs that say "ask" until taken from a logger."""
+    return [{}, security_event.receivers, token_validated.receivers]
 
 
 class SecurityEvents:
@@ -192,7 +199,7 @@ class SecurityEvents:
         #: Three live dictionaries that tell, without a call, that
         #: :meth:`enabled` is false (see :meth:`_take_quiet_signs`); one list,
         #: changed in place, so that what holds it (the app state) stays current.
-        self.quiet_signs: QuietSigns = [{}, security_event.receivers, token_validated.receivers]
+        self.quiet_signs: QuietSigns = _new_quiet_signs()
         self.logger = logger or logging.getLogger(SECURITY_LOGGER)
         self.sender = sender
         #: The app's :class:`~flask_oauth_verify.metrics.Metrics`, when on.
@@ -200,7 +207,20 @@ class SecurityEvents:
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
-        if name in ("logger", "metrics") and "metrics" in self.__dict__:
+        if name in ("logger", "metrics") and self.__dict__.keys() >= _QUIET_INPUTS:
+            self._take_quiet_signs()
+
+    def __copy__(self) -> SecurityEvents:
+        """A copy with its own :attr:`quiet_signs` (never the app's list)."""
+        clone = object.__new__(type(self))
+        clone.__setstate__(self.__dict__)
+        return clone
+
+    def __setstate__(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state`` (a copy, pickle) with fresh, live :attr:`quiet_signs`."""
+        self.__dict__.update(state)
+        self.__dict__["quiet_signs"] = _new_quiet_signs()
+        if self.__dict__.keys() >= _QUIET_INPUTS:
             self._take_quiet_signs()
 
     # -- cheap checks for the hot path ----------------------------------------

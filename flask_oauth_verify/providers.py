@@ -606,38 +606,35 @@ def _check_one_introspection_endpoint(
     merged: Mapping[str, Any],
 ) -> None:
     """Issuers whose profile endpoints for introspection differ (Keycloak
-    realms, Okta authorization servers, VoxKey realms): one app introspects at
-    one endpoint, rendered from the first issuer, where the others' tokens
-    are unknown (inactive: 401). Refused at start-up when introspection is in
-    use (a strategy other than ``jwks``, or introspection credentials), a
-    warning otherwise; an ``INTROSPECTION_ENDPOINT`` given is the app's
-    choice."""
+    realms, Okta authorization servers, VoxKey realms), or a templated issuer
+    (which has no endpoint of its own), while introspection is in use (a
+    strategy other than ``jwks``, or introspection credentials): one app
+    introspects at one endpoint, rendered from the first issuer, where the
+    others' tokens are unknown (inactive: 401). Refused at start-up; an
+    ``INTROSPECTION_ENDPOINT`` given is the app's choice."""
     template = profile.defaults.get("INTROSPECTION_ENDPOINT")
     if template is None or "INTROSPECTION_ENDPOINT" in given:
         return
-    endpoints = sorted(
-        {
-            _render(template, f)
-            for i, f in zip(issuers, per_issuer, strict=True)
-            if not is_template(i)
-        }
+    in_use = (
+        merged.get("STRATEGY", "jwks") != "jwks"
+        or merged.get("INTROSPECTION_CLIENT_ID")
+        or merged.get("INTROSPECTION_TOKEN")
     )
-    if len(endpoints) < 2:
+    if not in_use:
         return
-    message = (
-        f"OAUTH_VERIFY_PROVIDER = {profile.name!r}: the issuers have different "
-        f"introspection endpoints ({', '.join(endpoints)}), and one app introspects at "
-        "one only (the first issuer's), which does not know the others' tokens"
-    )
-    in_use = merged.get("STRATEGY", "jwks") != "jwks" or merged.get("INTROSPECTION_CLIENT_ID")
-    if in_use:
+    if any(is_template(i) for i in issuers):
         raise _error(
-            f"{message}: give each issuer its own app, or set "
-            "OAUTH_VERIFY_INTROSPECTION_ENDPOINT yourself."
+            f"OAUTH_VERIFY_PROVIDER = {profile.name!r}: a templated OAUTH_VERIFY_ISSUER has no "
+            "introspection endpoint of its own; set OAUTH_VERIFY_INTROSPECTION_ENDPOINT."
         )
-    logger.warning(
-        "%s; a route with strategy='introspection' or 'both' would refuse them.", message
-    )
+    endpoints = sorted({_render(template, f) for f in per_issuer})
+    if len(endpoints) > 1:
+        raise _error(
+            f"OAUTH_VERIFY_PROVIDER = {profile.name!r}: the issuers have different "
+            f"introspection endpoints ({', '.join(endpoints)}), and one app introspects at "
+            "one only (the first issuer's), which does not know the others' tokens: give "
+            "each issuer its own app, or set OAUTH_VERIFY_INTROSPECTION_ENDPOINT yourself."
+        )
 
 
 def _email_verified(merged: dict[str, Any]) -> None:

@@ -100,6 +100,32 @@ def test_a_form_body_is_no_token_location_on_methods_without_body_semantics(
     assert posted.status_code == 200, "POST: the form token counts"
 
 
+def test_a_lower_case_post_is_a_post_for_form_tokens(tokens: TokenIssuer) -> None:
+    """Flask routes ``post`` as POST (werkzeug's own server passes the method
+    as sent): its form token counts, and beside a header token it is a
+    second one (400), never a body the view reads unverified."""
+    app = make_app(tokens.config(TOKEN_LOCATIONS=["header", "form"]))
+
+    @app.post("/submit")
+    @require_token
+    def submit() -> str:
+        return g.auth.subject or ""
+
+    client = app.test_client()
+    body = {"access_token": tokens.mint()}
+    for method in ("post", "Post"):
+        lower = {"REQUEST_METHOD": method}
+        alone = client.post("/submit", data=body, environ_overrides=lower)
+        assert (alone.status_code, alone.text) == (200, "user_1"), method
+        beside = client.post(
+            "/submit",
+            data=body,
+            headers={"Authorization": f"Bearer {tokens.mint()}"},
+            environ_overrides=lower,
+        )
+        assert beside.status_code == 400, method
+
+
 def test_a_tab_after_the_bearer_scheme_is_400(app: Flask, tokens: TokenIssuer) -> None:
     """RFC 9110 §11.4: SP after the scheme; ``Bearer<TAB>token`` is a malformed
     Bearer header (400), as ``Bearer <TAB>token`` already was, not "no token"."""

@@ -10,6 +10,7 @@ No timings here: the figures live in ``benchmarks/`` and the docs.
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
 import logging
 import math
@@ -32,7 +33,12 @@ from flask_oauth_verify.claims import claim_path
 from flask_oauth_verify.config import Settings
 from flask_oauth_verify.context import AuthContext, ContextBuilder, build_context
 from flask_oauth_verify.errors import InvalidTokenError, OAuthVerifyError
-from flask_oauth_verify.events import SECURITY_LOGGER, security_event, token_validated
+from flask_oauth_verify.events import (
+    SECURITY_LOGGER,
+    SecurityEvents,
+    security_event,
+    token_validated,
+)
 from flask_oauth_verify.extension import get_state
 from flask_oauth_verify.testing import IssuerServer, TokenIssuer, auth_header
 from flask_oauth_verify.verification import JWTVerifier, _b64decode
@@ -507,6 +513,36 @@ def test_hits_follow_a_replaced_logger_and_a_custom_logger_class(tokens: TokenIs
     events.logger = loud
     assert client.get("/who", headers=auth_header(token)).status_code == 200
     assert heard.events == ["token_validated"]
+
+
+def test_a_copy_of_the_events_object_leaves_the_apps_hits_alone(tokens: TokenIssuer) -> None:
+    """A copy (or a subclass that sets attributes early) gets its own quiet signs."""
+    app = _hit_app(tokens)
+    token = tokens.mint(scopes=["read:users"])
+    client = app.test_client()
+    events = get_state(app).events
+    loud = logging.getLogger("hot-path-copy-loud")
+    loud.setLevel(logging.INFO)
+    loud.propagate = False
+    heard = _Records()
+    loud.addHandler(heard)
+    events.logger = loud
+    quiet = logging.getLogger("hot-path-copy-quiet")
+    quiet.setLevel(logging.WARNING)
+    assert not quiet.isEnabledFor(logging.INFO)  # its cache says "quiet"
+    clone = copy.copy(events)
+    assert clone.quiet_signs is not events.quiet_signs
+    clone.logger = quiet
+    for _ in range(3):
+        assert client.get("/who", headers=auth_header(token)).status_code == 200
+    assert heard.events == ["token_validated"] * 3
+
+    class Early(SecurityEvents):
+        def __init__(self) -> None:
+            self.metrics = None  # before the base class set anything up
+            super().__init__()
+
+    assert Early().quiet_signs[1] is security_event.receivers
 
 
 # -- base64url: the one-translate check == the definition ---------------------

@@ -355,19 +355,34 @@ def test_issuers_with_different_introspection_endpoints_need_one_chosen(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Two Keycloak realms: one app introspects at one endpoint, which does not
-    know the other realm's tokens. Refused when introspection is in use,
-    a warning otherwise; an endpoint the app names is its choice."""
+    know the other realm's tokens. Refused when introspection is in use (a
+    strategy, or credentials of any kind), and so is a templated realm; a
+    JWT-only app is left alone; an endpoint the app names is its choice."""
     realms = ["https://sso.example.com/realms/a", "https://sso.example.com/realms/b"]
+    secret = {"INTROSPECTION_CLIENT_ID": "rs", "INTROSPECTION_CLIENT_SECRET": "x"}
     for extra in (
-        {"STRATEGY": "both", "INTROSPECTION_CLIENT_ID": "rs", "INTROSPECTION_CLIENT_SECRET": "x"},
-        {"STRATEGY": "jwks", "INTROSPECTION_CLIENT_ID": "rs", "INTROSPECTION_CLIENT_SECRET": "x"},
+        {"STRATEGY": "both", **secret},
+        {"STRATEGY": "jwks", **secret},
+        {"INTROSPECTION_AUTH": "bearer", "INTROSPECTION_TOKEN": "t"},
     ):
         with pytest.raises(ConfigurationError, match="different introspection endpoints"):
             settings("keycloak", realms, AUDIENCE="api", **extra)
+    templated = [realms[0], "https://sso.example.com/realms/{realm}"]
+    for issuers in (templated, templated[::-1]):
+        with pytest.raises(ConfigurationError, match="templated OAUTH_VERIFY_ISSUER"):
+            settings(
+                "keycloak",
+                issuers,
+                AUDIENCE="api",
+                ALLOWED_TENANTS=["t1"],
+                JWKS_URI={templated[1]: "https://sso.example.com/keys"},
+                STRATEGY="both",
+                **secret,
+            )
     with caplog.at_level(logging.WARNING, logger="flask_oauth_verify"):
         jwks_only = settings("keycloak", realms, AUDIENCE="api")
     assert jwks_only.jwks_uri_for(realms[1]) == f"{realms[1]}/protocol/openid-connect/certs"
-    assert any("different introspection endpoints" in r.getMessage() for r in caplog.records)
+    assert not caplog.records
     chosen = settings(
         "keycloak",
         realms,
