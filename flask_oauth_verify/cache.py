@@ -339,7 +339,9 @@ class SharedCache:
         except Exception as exc:
             self._failed("get", exc)
             return self._local.get(key)
-        self._succeeded()
+        # No recovery declared on a read: a backend that answers reads but
+        # refuses writes (a read-only replica, out of memory) would be
+        # "recovered" and "failed" again every retry period.
         return value
 
     def set(self, key: str, value: Any, timeout: float) -> bool:
@@ -357,7 +359,10 @@ class SharedCache:
         except Exception as exc:
             self._failed("set", exc)
             return False
-        self._succeeded()
+        if stored:
+            self._succeeded()
+        else:  # a file cache on a full or read-only disk: it stored nothing
+            self._failed("set", NothingStored(key))
         return stored
 
     def add(self, key: str, value: Any, timeout: float) -> bool:
@@ -365,13 +370,21 @@ class SharedCache:
         return self._add(key, value, timeout)[0]
 
     def _add(self, key: str, value: Any, timeout: float) -> tuple[bool, bool]:
-        """:meth:`add`, and whether the backend (not the local copy) answered."""
+        """:meth:`add`, and whether the backend (not the local copy) answered.
+
+        A backend ``add`` that raised may still have stored ``value``
+        (cachelib's Redis ``add`` is ``SETNX`` then ``EXPIRE``: the second can
+        fail or time out after the first worked), so such a value is deleted
+        from the backend once it answers again (:meth:`_release_later`): left
+        there, a lock would hold every other worker for its whole lifetime.
+        """
         seconds = _seconds(timeout)
         if self._usable():
             try:
                 added = bool(self._call("add", key, value, timeout=seconds))
             except Exception as exc:
                 self._failed("add", exc)
+                self._release_in_background(key, value, seconds)
             else:
                 self._succeeded()
                 return added, True
@@ -407,10 +420,26 @@ class SharedCache:
                 return False
             self.delete(key)  # expired, its holder dead (or garbage): break it, race fairly
             added, shared = self._add(key, value, kept)
+            if not added and shared and self._refuses_writes(key):
+                added, shared = bool(self._local.add(key, value, timeout=_seconds(kept))), False
             if not added:
                 return False
         self._held[key] = (value, shared, timeout)
         return True
+
+    def _refuses_writes(self, key: str) -> bool:
+        """Whether the backend, which just refused to add ``key``, holds no
+        ``key`` either: it stores nothing (a file cache on a full or read-only
+        disk answers ``False``, logging its own error). Counted as a backend
+        failure, so the process falls back to its own cache."""
+        try:
+            absent = self._call("get", key) is None
+        except Exception as exc:
+            self._failed("add", exc)
+            return True
+        if absent:
+            self._failed("add", NothingStored(key))
+        return absent
 
     def locked(self, key: str, timeout: float) -> bool:
         """Whether the lock ``key`` is held: not older than ``timeout``, and not
@@ -451,13 +480,7 @@ class SharedCache:
             self._local.delete_if(key, value)
             return
         if not (self._usable() and self._release(key, value)):
-            thread = threading.Thread(
-                target=self._release_later,
-                args=(key, value, time.monotonic() + timeout),
-                name="oauth-verify-unlock",
-                daemon=True,
-            )
-            thread.start()
+            self._release_in_background(key, value, timeout)
 
     def _release(self, key: str, value: dict[str, Any]) -> bool:
         """Delete the backend's lock ``key`` if it holds ``value``; whether
@@ -470,6 +493,16 @@ class SharedCache:
             return False
         self._succeeded()
         return True
+
+    def _release_in_background(self, key: str, value: Any, lifetime: float) -> None:
+        """Delete ``key`` from the backend, if it holds ``value``, once the
+        backend answers again (retried for ``lifetime`` seconds)."""
+        threading.Thread(
+            target=self._release_later,
+            args=(key, value, time.monotonic() + lifetime),
+            name="oauth-verify-unlock",
+            daemon=True,
+        ).start()
 
     def _release_later(self, key: str, value: dict[str, Any], until: float) -> None:
         while time.monotonic() < until:
@@ -508,8 +541,15 @@ class SharedCache:
         except Exception as exc:
             self._failed("ping", exc)
             return False
-        self._succeeded()
+        if ok:
+            self._succeeded()
+        else:
+            self._failed("ping", NothingStored(probe))
         return ok
+
+
+class NothingStored(Exception):
+    """The backend answered a write without storing it."""
 
 
 def _redis_clients(backend: Any) -> list[Any]:

@@ -128,6 +128,9 @@ class _Source:
     #: When this process's last fetch for the source failed.
     failed_at: float = float("-inf")
     fetches: int = 0
+    #: The name of the source in the shared cache, when not :attr:`name`
+    #: (see :meth:`KeyStore.shared_name`).
+    shared_as: str = ""
 
     @property
     def name(self) -> str:
@@ -140,7 +143,8 @@ class _Source:
         return self.fetched_at <= now < self.fresh_until
 
     def key(self, kind: str) -> str:
-        return cache_key(kind, self.name)
+        """The shared cache key of this source's ``kind`` of record."""
+        return cache_key(kind, self.shared_as or self.name)
 
 
 def _within(start: float, now: float, length: float) -> bool:
@@ -379,8 +383,28 @@ class KeyStore:
                     if len(self._sources) > _MAX_DYNAMIC_SOURCES:
                         raise InvalidTokenError(reason="too many distinct jku URLs")
                 source = _Source(issuer=issuer, jku=jku)
+                if jku is None:
+                    source.shared_as = self.shared_name(issuer)
                 self._sources[(issuer, jku)] = source
             return source
+
+    def shared_name(self, issuer: str) -> str:
+        """The name under which the key set of configured ``issuer`` is shared
+        with other workers (its record, its fetch lock, its cooldown markers).
+
+        The issuer alone when its keys are discovered (the same for every app
+        of the issuer); with a configured ``JWKS_URI``, the issuer and that
+        URL: two apps of one issuer on one cache may configure different URLs
+        (Entra's ``…/keys?appid=…``), and each must neither wait for the
+        other's fetch nor take its cooldown for its own.
+        """
+        configured = self.settings.jwks_uri_for(issuer)
+        return f"{issuer} jwks_uri={configured}" if configured else issuer
+
+    def shared_key(self, kind: str, issuer: str) -> str:
+        """The shared cache key of ``kind`` (``"jwks"``, ``"jwks-lock"``…) for
+        configured ``issuer`` (see :meth:`shared_name`)."""
+        return cache_key(kind, self.shared_name(issuer))
 
     def _check_refused_jku(self, jku: str, now: float) -> None:
         """Refuse, without a fetch, a ``jku`` (never seen to serve keys) whose

@@ -23,7 +23,6 @@ from flask import Flask
 from flask_caching import Cache
 
 from flask_oauth_verify import OAuthVerify
-from flask_oauth_verify.cache import cache_key
 from flask_oauth_verify.extension import get_state
 from flask_oauth_verify.testing import (
     IssuerServer,
@@ -182,7 +181,7 @@ def test_a_lock_redis_could_not_release_is_released_when_it_answers(
     gate.set()
     first.join(10)
     assert outcome == [200]
-    lock = cache_key("jwks-lock", served_tokens.issuer)
+    lock = get_state(b).keys.shared_key("jwks-lock", served_tokens.issuer)
     shared = get_state(b).cache
     assert eventually(lambda: not shared.locked(lock, 22)), "the fetch lock outlived the fetch"
     assert status(b, token) == 200
@@ -242,8 +241,8 @@ def test_a_worker_waits_for_one_fetch_of_another_not_for_a_free_lock(
     under way, then answers with that fetch's failure."""
     b = redis_app(served_tokens, redis_url, clock, HTTP_TIMEOUT=(5, 5))
     cache = get_state(b).cache
-    lock = cache_key("jwks-lock", served_tokens.issuer)
-    attempt = cache_key("jwks-attempt", served_tokens.issuer)
+    lock = get_state(b).keys.shared_key("jwks-lock", served_tokens.issuer)
+    attempt = get_state(b).keys.shared_key("jwks-attempt", served_tokens.issuer)
     elsewhere = {"pid": 1, "host": "another-machine"}
     cache.set(lock, {"at": time.time(), **elsewhere}, 60)
     outcome: list[int] = []

@@ -148,11 +148,21 @@ def test_times_from_the_future_in_redis_are_not_believed(
     assert_ok(timed(app, old)[0])
     backend = shared_backend(app)
     later = clock() + FUTURE
-    record = backend.get(cache_key("jwks", issuer.issuer))
+    record = backend.get(get_state(app).keys.shared_key("jwks", issuer.issuer))
     assert isinstance(record, dict)
-    backend.set(cache_key("jwks", issuer.issuer), {**record, "fetched_at": later}, timeout=0)
-    backend.set(cache_key("jwks-forced", issuer.issuer), {"at": later}, timeout=0)
-    backend.set(cache_key("jwks-attempt", issuer.issuer), {"at": later, "error": "x"}, timeout=0)
+    backend.set(
+        get_state(app).keys.shared_key("jwks", issuer.issuer),
+        {**record, "fetched_at": later},
+        timeout=0,
+    )
+    backend.set(
+        get_state(app).keys.shared_key("jwks-forced", issuer.issuer), {"at": later}, timeout=0
+    )
+    backend.set(
+        get_state(app).keys.shared_key("jwks-attempt", issuer.issuer),
+        {"at": later, "error": "x"},
+        timeout=0,
+    )
     clock.advance(STALE)
     assert_ok(timed(app, old)[0])  # a due refresh reads the record
     unknown = timed(app, issuer.mint(headers={"kid": "unknown"}))[0]  # a forced refresh
@@ -175,7 +185,9 @@ def test_a_fetch_lock_taken_in_the_future_is_broken(
     for ten years: every cold request waited for it, then was 503."""
     app = fault_app(issuer.config(), clock, cache_config=redis_cache(redis_url))
     lock = {"at": time.time() + FUTURE, "pid": 1, "host": "elsewhere"}
-    shared_backend(app).set(cache_key("jwks-lock", issuer.issuer), lock, timeout=0)
+    shared_backend(app).set(
+        get_state(app).keys.shared_key("jwks-lock", issuer.issuer), lock, timeout=0
+    )
     assert_ok(timed(app, issuer.mint())[0])
 
 
@@ -296,11 +308,11 @@ def test_an_etag_in_redis_that_cannot_be_sent_back_is_dropped(
     app = fault_app(issuer.config(), clock, cache_config=redis_cache(redis_url))
     assert_ok(timed(app, issuer.mint())[0])
     backend = shared_backend(app)
-    record = backend.get(cache_key("jwks", issuer.issuer))
+    record = backend.get(get_state(app).keys.shared_key("jwks", issuer.issuer))
     assert isinstance(record, dict)
     clock.advance(STALE)
     garbage = {**record, "etag": '"v1"\r\nX-Injected: 1', "fetched_at": clock()}
-    backend.set(cache_key("jwks", issuer.issuer), garbage, timeout=0)
+    backend.set(get_state(app).keys.shared_key("jwks", issuer.issuer), garbage, timeout=0)
     assert_ok(timed(app, issuer.mint())[0])  # adopts the record
     redis_server.flush()  # the fault ends
     issuer.rotate(drop_old=True)
@@ -316,11 +328,11 @@ def test_a_key_set_url_in_redis_that_is_no_string_never_turns_a_503_into_a_401(
     token = issuer.mint(expires_in=10 * 86400)
     assert_ok(timed(app, token)[0])
     backend = shared_backend(app)
-    record = backend.get(cache_key("jwks", issuer.issuer))
+    record = backend.get(get_state(app).keys.shared_key("jwks", issuer.issuer))
     assert isinstance(record, dict)
     clock.advance(STALE)
     garbage = {**record, "uri": ["not", "a", "URL"], "fetched_at": clock()}
-    backend.set(cache_key("jwks", issuer.issuer), garbage, timeout=0)
+    backend.set(get_state(app).keys.shared_key("jwks", issuer.issuer), garbage, timeout=0)
     assert_ok(timed(app, token)[0])  # adopts the record
     server.route("/jwks", Reply(500, {"error": "down"}))
     clock.advance(2 * 86400)  # past JWKS_MAX_STALENESS: nothing left to serve
@@ -345,12 +357,16 @@ def test_a_key_set_in_redis_that_is_not_json_is_ignored(
     app = fault_app(issuer.config(), clock, cache_config=redis_cache(redis_url))
     backend = shared_backend(app)
     record = {"jwks": foreign, "fetched_at": clock(), "ttl": TTL, "uri": f"{server.url}/jwks"}
-    backend.set(cache_key("jwks", issuer.issuer), record, timeout=0)
+    backend.set(get_state(app).keys.shared_key("jwks", issuer.issuer), record, timeout=0)
     assert_ok(timed(app, issuer.mint())[0])  # a cold worker: fetched from the issuer
     assert server.hits["/jwks"] == 1
     statuses = get_state(app).keys.status()
     assert [s.kids for s in statuses] == [tuple(k["kid"] for k in issuer.jwks()["keys"])]
-    backend.set(cache_key("jwks", issuer.issuer), {**record, "fetched_at": clock() + 1}, timeout=0)
+    backend.set(
+        get_state(app).keys.shared_key("jwks", issuer.issuer),
+        {**record, "fetched_at": clock() + 1},
+        timeout=0,
+    )
     issuer.rotate(drop_old=True)
     clock.advance(STALE)  # a warm worker's due refresh meets the record, then fetches
     assert_ok(timed(app, issuer.mint())[0])
@@ -364,7 +380,9 @@ def test_a_fetch_lock_naming_a_pid_beyond_any_is_broken(
     raised OverflowError, each cold request a 503 and a traceback."""
     app = fault_app(issuer.config(), clock, cache_config=redis_cache(redis_url))
     lock = {"at": time.time(), "pid": 2**70, "host": socket.gethostname()}
-    shared_backend(app).set(cache_key("jwks-lock", issuer.issuer), lock, timeout=0)
+    shared_backend(app).set(
+        get_state(app).keys.shared_key("jwks-lock", issuer.issuer), lock, timeout=0
+    )
     assert_ok(timed(app, issuer.mint())[0])
 
 

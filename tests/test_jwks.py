@@ -23,7 +23,6 @@ from joserfc import jwt
 from werkzeug.test import TestResponse
 
 from flask_oauth_verify import OAuthVerify
-from flask_oauth_verify.cache import cache_key
 from flask_oauth_verify.config import ConfigurationError
 from flask_oauth_verify.extension import get_state
 from flask_oauth_verify.testing import IssuerServer, Reply, Request, TokenIssuer, auth_header
@@ -709,7 +708,7 @@ def test_two_apps_on_one_cache_share_fetches_and_rotations(
     clock.advance(1)
     assert get(second, unknown_kid_token(served_tokens)).status_code == 401
     assert issuer_server.hits[JWKS] == 2
-    record = backend.get(cache_key("jwks", served_tokens.issuer))
+    record = backend.get(get_state(first).keys.shared_key("jwks", served_tokens.issuer))
     assert set(record) == {"jwks", "fetched_at", "ttl", "etag", "uri"}
     assert record["uri"] == served_tokens.issuer + JWKS
 
@@ -724,6 +723,6 @@ def test_flask_caching_backend_is_reached_outside_an_app_context(
     cache.init_app(app)
     OAuthVerify().init_app(app, cache=cache, clock=clock)  # prefetches without a context
     with app.app_context():
-        record = cache.get(cache_key("jwks", served_tokens.issuer))
+        record = cache.get(get_state(app).keys.shared_key("jwks", served_tokens.issuer))
     assert record is not None and record["jwks"] == served_tokens.jwks()
     assert issuer_server.hits[JWKS] == 1

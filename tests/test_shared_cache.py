@@ -27,15 +27,17 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import requests
+from cachelib import SimpleCache
 from flask import Flask
 from flask_caching import Cache
 
 from flask_oauth_verify import OAuthVerify
-from flask_oauth_verify.cache import SharedCache, cache_key
+from flask_oauth_verify.cache import SharedCache
 from flask_oauth_verify.extension import get_state
 from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer, auth_header
 
 from .conftest import FakeClock, add_views, free_port
+from .test_concurrency import eventually
 
 if TYPE_CHECKING:
     from .conftest import RedisServer
@@ -171,6 +173,88 @@ def test_stopped_redis_is_a_miss_with_one_warning_then_recovers(
     assert shared.last_error is None
 
 
+def _redis_command(server: RedisServer, *words: str) -> bytes:
+    command = f"*{len(words)}\r\n" + "".join(f"${len(w)}\r\n{w}\r\n" for w in words)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=2) as sock:
+        sock.sendall(command.encode())
+        return sock.recv(65536)
+
+
+def test_a_read_only_redis_is_one_outage_not_a_recovery_every_retry(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replica (or a full Redis) answers reads and refuses writes: one
+    warning for the whole outage, no "recovered" until a write is stored."""
+    app = Flask("read-only")
+    app.config.update(redis_config(redis.url))
+    shared = SharedCache(Cache(app), app=app, retry=0)
+    assert shared.set("oauth_verify:t:k", "before", 60)
+    assert _redis_command(redis, "REPLICAOF", "127.0.0.1", "1").startswith(b"+OK")
+    try:
+        with caplog.at_level(logging.WARNING, "flask_oauth_verify.cache"):
+            for round_ in range(4):
+                assert shared.get("oauth_verify:t:k") == "before"  # reads still work
+                assert not shared.set(f"oauth_verify:t:w{round_}", round_, 60)
+        messages = [r.getMessage() for r in caplog.records]
+        assert len([m for m in messages if "falling back" in m]) == 1, messages
+        assert not [m for m in messages if "recovered" in m], messages
+    finally:
+        assert _redis_command(redis, "REPLICAOF", "NO", "ONE").startswith(b"+OK")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "flask_oauth_verify.cache"):
+        assert shared.set("oauth_verify:t:after", 1, 60)
+    assert "recovered" in caplog.text
+
+
+def test_a_lock_whose_expire_failed_is_released_from_redis(redis: RedisServer) -> None:
+    """cachelib's ``add`` is SETNX then EXPIRE: when EXPIRE fails (here an ACL
+    forbids it; in life a stall past the socket timeout) the lock is in Redis
+    with no expiry while the worker fetches under a per-process lock. Left
+    there it held every other worker for its whole lifetime; it is removed
+    as soon as Redis answers."""
+    user = f"noexpire{uuid.uuid4().hex[:6]}"
+    assert _redis_command(redis, "ACL", "SETUSER", user, "on", ">pw", "~*", "+@all", "-expire")
+    limited = Flask("limited")
+    limited.config.update(redis_config(redis.url.replace("redis://", f"redis://{user}:pw@")))
+    worker = SharedCache(Cache(limited), app=limited, retry=60)
+    admin_app = Flask("admin")
+    admin_app.config.update(redis_config(redis.url))
+    other = SharedCache(Cache(admin_app), app=admin_app)
+    key = f"oauth_verify:jwks-lock:{uuid.uuid4().hex}"
+    try:
+        assert worker.lock(key, 15), "taken per process once Redis refused"
+        assert worker.degraded
+        assert eventually(lambda: other.get(key) is None), "the half-taken lock stays in Redis"
+        assert other.lock(key, 15), "another worker is not held by it"
+        worker.unlock(key)
+        assert other.locked(key, 15), "and the first worker never releases the other's lock"
+    finally:
+        _redis_command(redis, "ACL", "DELUSER", user)
+
+
+def test_a_backend_that_stores_nothing_is_an_outage_not_another_workers_lock(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    """A file cache on a full or read-only disk answers every write with
+    False (and logs its own error): its lock was read as "another worker is
+    fetching", and every request was a 503 with the issuer up."""
+
+    class FullDisk(SimpleCache):
+        def set(self, key: str, value: Any, timeout: int | None = None) -> bool:
+            return False
+
+        def add(self, key: str, value: Any, timeout: int | None = None) -> bool:
+            return False
+
+    app = Flask("full-disk")
+    app.config.update(TESTING=True, **served_tokens.config(audience="api"))
+    OAuthVerify().init_app(app, cache=FullDisk(), clock=clock)
+    add_views(app)
+    assert [status_of(app, served_tokens.mint()) for _ in range(3)] == [200] * 3
+    assert issuer_server.hits[JWKS] == 1
+    assert get_state(app).cache.degraded
+
+
 def test_a_failed_backend_is_left_alone_for_a_while(redis: RedisServer) -> None:
     app = Flask("backoff")
     app.config.update(redis_config(redis.url))
@@ -214,7 +298,7 @@ def test_apps_on_one_redis_share_one_copy(
     assert issuer_server.hits[JWKS] == 1
     # Raw set and metadata in Redis; parsed keys only in the process.
     backend = next(iter(first.extensions["cache"].values()))
-    stored = backend.get(cache_key("jwks", served_tokens.issuer))
+    stored = backend.get(get_state(first).keys.shared_key("jwks", served_tokens.issuer))
     assert stored["jwks"] == served_tokens.jwks()
     assert stored["uri"] == served_tokens.issuer + JWKS
     served_tokens.rotate()
@@ -241,6 +325,38 @@ def test_apps_with_other_key_set_urls_for_one_issuer_keep_their_own_keys(
     assert status_of(common, token) == 200
     assert status_of(own, token) == 401  # not adopted from Redis: fetched from its own URL
     assert issuer_server.hits["/own"] >= 1
+
+
+def test_apps_with_other_key_set_urls_for_one_issuer_never_wait_on_each_other(
+    redis: RedisServer, served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    """Two APIs of one issuer on one Redis, each with its own JWKS_URI: each
+    has its own fetch lock and cooldowns. Before, a cold app waited for its
+    neighbour's fetch of another URL and answered 503, and after a rotation
+    the neighbour's forced refresh made it refuse its own new key (401)
+    without a fetch, for the whole cooldown."""
+    issuer_server.route("/a", Reply(200, served_tokens.jwks()))
+    issuer_server.route("/b", Reply(200, served_tokens.jwks()))
+    a = redis_app(served_tokens, redis.url, clock, JWKS_URI=served_tokens.issuer + "/a")
+    b = redis_app(served_tokens, redis.url, clock, JWKS_URI=served_tokens.issuer + "/b")
+    keys_a = get_state(a).keys
+    issuer = served_tokens.issuer
+    # A's fetch lock, live, as if A were fetching right now: B does not wait for it.
+    with a.app_context():
+        assert get_state(a).cache.lock(keys_a.shared_key("jwks-lock", issuer), 20)
+    token = served_tokens.mint()
+    assert status_of(b, token) == 200
+    assert issuer_server.hits["/b"] == 1
+    with a.app_context():
+        get_state(a).cache.unlock(keys_a.shared_key("jwks-lock", issuer))
+    assert status_of(a, token) == 200
+    served_tokens.rotate()
+    issuer_server.route("/a", Reply(200, served_tokens.jwks()))
+    issuer_server.route("/b", Reply(200, served_tokens.jwks()))
+    new = served_tokens.mint()
+    assert status_of(a, new) == 200  # A's forced refresh, and A's cooldown
+    assert status_of(b, new) == 200  # B's own forced refresh of its own URL
+    assert issuer_server.hits["/a"] == 2 and issuer_server.hits["/b"] == 2
 
 
 def test_requests_keep_succeeding_with_redis_stopped(
@@ -291,6 +407,7 @@ import os
 import time
 
 from flask import Flask, request
+from cachelib import SimpleCache
 from flask_caching import Cache
 
 from flask_oauth_verify import OAuthVerify, require_token
@@ -521,7 +638,9 @@ def test_a_worker_killed_mid_fetch_does_not_hold_the_others_back(
         assert workers.process.wait(30) == 0
         lock = redis_app(served_tokens, redis.url, clock)
         with lock.app_context():
-            held = get_state(lock).cache.get(cache_key("jwks-lock", served_tokens.issuer))
+            held = get_state(lock).cache.get(
+                get_state(lock).keys.shared_key("jwks-lock", served_tokens.issuer)
+            )
         assert isinstance(held, dict) and held["pid"] == pid  # the lock outlived A
         issuer_server.release(JWKS)
         # Worker B, cold, same Redis: its lock wait would be 2 * 1 s + 2 s.
