@@ -240,10 +240,10 @@ def test_a_backend_that_stores_nothing_is_an_outage_not_another_workers_lock(
     fetching", and every request was a 503 with the issuer up."""
 
     class FullDisk(SimpleCache):
-        def set(self, key: str, value: Any, timeout: int | None = None) -> bool:
+        def set(self, key: str, value: Any, timeout: Any = None) -> bool:
             return False
 
-        def add(self, key: str, value: Any, timeout: int | None = None) -> bool:
+        def add(self, key: str, value: Any, timeout: Any = None) -> bool:
             return False
 
     app = Flask("full-disk")
