@@ -551,15 +551,29 @@ class KeyStore:
             return source.keys
         lock = source.key("jwks-lock")
         self.cache.wait_unlocked(lock, self._wait, wait=self._wait)
-        if self._adopt_shared(source, self.clock()) or not self.cache.take_abandoned(
-            lock, self._wait
+        if self._adopt_shared(source, self.clock()) or not (
+            self.cache.take_abandoned(lock, self._wait) or self._take_vanished(source, lock)
         ):
             return self._keys_or_raise(source, now, self._shared_error(source))
-        # The holder died mid-fetch (its lock outlived it): fetch ourselves.
+        # The holder died mid-fetch (its lock outlived it), or every trace of
+        # its fetch vanished with the cache: fetch ourselves.
         try:
             return self._fetch_and_install(source, self.clock(), mode)
         finally:
             self.cache.unlock(lock)
+
+    def _take_vanished(self, source: _Source, lock: str) -> bool:
+        """Take the fetch lock when the fetch we waited for left no trace: no
+        lock, no shared copy, no record of an attempt (a holder writes one
+        when its fetch ends, worked or failed). The cache was flushed or
+        restarted empty while we waited; answering 503 "another worker's
+        fetch produced no keys" would blame a fetch that may well have worked.
+        """
+        if self.cache.get(lock) is not None:
+            return False
+        if self.cache.get(source.key("jwks-attempt")) is not None:
+            return False
+        return self.cache.lock(lock, self._wait)
 
     def _forced_elsewhere(self, source: _Source, now: float) -> bool:
         """Whether any worker forced a refresh within the cooldown (else claim it)."""

@@ -188,6 +188,46 @@ def test_a_lock_redis_could_not_release_is_released_when_it_answers(
     assert issuer_server.hits[JWKS] == 2  # A's copy never reached Redis: B fetched
 
 
+def test_a_cache_flushed_while_a_worker_waits_for_a_fetch_is_no_503(
+    served_tokens: TokenIssuer,
+    issuer_server: IssuerServer,
+    redis_server: RedisServer,
+    redis_url: str,
+) -> None:
+    """Cold worker B waits for worker A's fetch; Redis is flushed (or
+    restarted empty) meanwhile, so A's lock and every trace of its fetch are
+    gone. B answered 503 "another worker's fetch produced no keys"; it now
+    fetches itself."""
+    gate = threading.Event()
+    served = [0]
+
+    def first_held(_request: Request) -> Reply:
+        served[0] += 1
+        if served[0] == 1:
+            gate.wait(10)
+        return Reply(200, served_tokens.jwks())
+
+    issuer_server.route(JWKS, first_held)
+    clock = FakeClock()
+    a, b = (redis_app(served_tokens, redis_url, clock, HTTP_TIMEOUT=(5, 5)) for _ in range(2))
+    token = served_tokens.mint()
+    outcome: dict[str, int] = {}
+    first = threading.Thread(target=lambda: outcome.update(a=status(a, token)))
+    first.start()
+    assert issuer_server.wait_for_hits(JWKS, 1)  # A holds the lock, its fetch hangs
+    gets = redis_gets(redis_server)
+    second = threading.Thread(target=lambda: outcome.update(b=status(b, token)))
+    second.start()
+    assert eventually(lambda: redis_gets(redis_server) > gets + 5), "B polls A's lock"
+    assert redis_command(redis_server, "FLUSHALL").startswith(b"+OK")
+    second.join(10)
+    assert outcome.get("b") == 200
+    gate.set()
+    first.join(10)
+    assert outcome.get("a") == 200
+    assert issuer_server.hits[JWKS] == 2
+
+
 # -- a fork while a fetch is under way ---------------------------------------------
 
 
