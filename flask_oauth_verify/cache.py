@@ -213,6 +213,8 @@ class SharedCache:
         #: the longest one backend call may take (see :meth:`_call`)
         self._call_deadline = _CALL_DEADLINE
         self.last_error: str | None = None
+        #: whether the last failure was of a write (see :meth:`_read_worked`)
+        self._writes_refused = False
         #: each lock this process holds: lock key -> (its value, whether the
         #: backend has it rather than the per-process cache, its lifetime)
         self._held: dict[str, tuple[dict[str, Any], bool, float]] = {}
@@ -310,6 +312,9 @@ class SharedCache:
         with self._lock:
             was_up = self._down_until == 0.0
             self._down_until = time.monotonic() + self._retry
+            # Reads that work then prove no recovery: the backend answers
+            # reads and refuses writes (a read-only replica, out of memory).
+            self._writes_refused = operation not in _READS
         if was_up:
             logger.warning(
                 "Cache backend failed (%s: %s); falling back to per-process caching, "
@@ -318,6 +323,11 @@ class SharedCache:
                 type(exc).__name__,
                 self._retry,
             )
+
+    def _read_worked(self) -> None:
+        """A read answered: a recovery, unless what failed was a write."""
+        if self._down_until and not self._writes_refused:
+            self._succeeded()
 
     def _succeeded(self) -> None:
         if self._down_until:
@@ -339,9 +349,7 @@ class SharedCache:
         except Exception as exc:
             self._failed("get", exc)
             return self._local.get(key)
-        # No recovery declared on a read: a backend that answers reads but
-        # refuses writes (a read-only replica, out of memory) would be
-        # "recovered" and "failed" again every retry period.
+        self._read_worked()
         return value
 
     def set(self, key: str, value: Any, timeout: float) -> bool:
@@ -355,15 +363,15 @@ class SharedCache:
         if not self._usable():
             return self._cache is None
         try:
-            stored = bool(self._call("set", key, value, timeout=seconds))
+            stored = self._call("set", key, value, timeout=seconds)
         except Exception as exc:
             self._failed("set", exc)
             return False
-        if stored:
-            self._succeeded()
-        else:  # a file cache on a full or read-only disk: it stored nothing
+        if stored is False:  # a file cache on a full or read-only disk: it stored nothing
             self._failed("set", NothingStored(key))
-        return stored
+            return False
+        self._succeeded()  # True, or None from backends that answer nothing
+        return True
 
     def add(self, key: str, value: Any, timeout: float) -> bool:
         """Store only if absent (a lock); on failure the per-process answer."""
@@ -420,26 +428,27 @@ class SharedCache:
                 return False
             self.delete(key)  # expired, its holder dead (or garbage): break it, race fairly
             added, shared = self._add(key, value, kept)
-            if not added and shared and self._refuses_writes(key):
-                added, shared = bool(self._local.add(key, value, timeout=_seconds(kept))), False
+            if not added and shared and self._absent(key):
+                # Released between our add and our read: race once more. Still
+                # refused with nothing there, the backend stores nothing (a file
+                # cache on a full or read-only disk answers False): an outage.
+                added, shared = self._add(key, value, kept)
+                if not added and shared and self._absent(key):
+                    self._failed("add", NothingStored(key))
+                    added, shared = bool(self._local.add(key, value, timeout=_seconds(kept))), False
             if not added:
                 return False
         self._held[key] = (value, shared, timeout)
         return True
 
-    def _refuses_writes(self, key: str) -> bool:
-        """Whether the backend, which just refused to add ``key``, holds no
-        ``key`` either: it stores nothing (a file cache on a full or read-only
-        disk answers ``False``, logging its own error). Counted as a backend
-        failure, so the process falls back to its own cache."""
+    def _absent(self, key: str) -> bool:
+        """Whether the backend holds no ``key`` (or just failed: then the
+        next call takes the per-process cache)."""
         try:
-            absent = self._call("get", key) is None
+            return self._call("get", key) is None
         except Exception as exc:
-            self._failed("add", exc)
+            self._failed("get", exc)
             return True
-        if absent:
-            self._failed("add", NothingStored(key))
-        return absent
 
     def locked(self, key: str, timeout: float) -> bool:
         """Whether the lock ``key`` is held: not older than ``timeout``, and not
@@ -486,12 +495,16 @@ class SharedCache:
         """Delete the backend's lock ``key`` if it holds ``value``; whether
         the backend answered (called whatever :attr:`degraded` says)."""
         try:
-            if self._call("get", key) == value:
+            ours = self._call("get", key) == value
+            if ours:
                 self._call("delete", key)
         except Exception as exc:
             self._failed("unlock", exc)
             return False
-        self._succeeded()
+        if ours:
+            self._succeeded()
+        else:
+            self._read_worked()
         return True
 
     def _release_in_background(self, key: str, value: Any, lifetime: float) -> None:
@@ -546,6 +559,10 @@ class SharedCache:
         else:
             self._failed("ping", NothingStored(probe))
         return ok
+
+
+#: Operations that only read (their success proves no recovery from refused writes).
+_READS = frozenset({"get"})
 
 
 class NothingStored(Exception):

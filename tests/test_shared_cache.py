@@ -195,6 +195,10 @@ def test_a_read_only_redis_is_one_outage_not_a_recovery_every_retry(
             for round_ in range(4):
                 assert shared.get("oauth_verify:t:k") == "before"  # reads still work
                 assert not shared.set(f"oauth_verify:t:w{round_}", round_, 60)
+            key = "oauth_verify:t:lock"
+            assert shared.lock(key, 15), "per process: Redis refused the add"
+            # what the background release of that add does: a read, no delete
+            assert shared._release(key, {"at": 1.0, "pid": 1, "host": "x"})
         messages = [r.getMessage() for r in caplog.records]
         assert len([m for m in messages if "falling back" in m]) == 1, messages
         assert not [m for m in messages if "recovered" in m], messages
@@ -204,6 +208,58 @@ def test_a_read_only_redis_is_one_outage_not_a_recovery_every_retry(
     with caplog.at_level(logging.WARNING, "flask_oauth_verify.cache"):
         assert shared.set("oauth_verify:t:after", 1, 60)
     assert "recovered" in caplog.text
+
+
+def test_a_reading_worker_sees_recovery_and_the_next_outage(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker that only reads (it adopts what others store) logs the
+    recovery from an outage at its first read, and the next outage again."""
+    app = Flask("reader")
+    app.config.update(redis_config(redis.url))
+    shared = SharedCache(Cache(app), app=app, retry=0)
+    with caplog.at_level(logging.WARNING, "flask_oauth_verify.cache"):
+        for _ in range(2):
+            redis.stop()
+            assert shared.get("oauth_verify:t:k") is None
+            redis.start()
+            assert shared.get("oauth_verify:t:k") is None
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "falling back" in m]) == 2, messages
+    assert len([m for m in messages if "recovered" in m]) == 2, messages
+
+
+def test_a_backend_whose_set_answers_none_is_no_outage(caplog: pytest.LogCaptureFixture) -> None:
+    """Some backends answer ``set`` with ``None`` (Flask-Caching's
+    SpreadSASLMemcachedCache); only an explicit ``False`` stored nothing."""
+
+    class AnswersNone(SimpleCache):
+        def set(self, key: str, value: Any, timeout: Any = None) -> None:
+            super().set(key, value, timeout)
+
+    shared = SharedCache(AnswersNone())
+    with caplog.at_level(logging.WARNING, "flask_oauth_verify.cache"):
+        assert shared.set("oauth_verify:t:k", 1, 60)
+        assert shared.get("oauth_verify:t:k") == 1
+    assert not shared.degraded and not caplog.records
+
+
+def test_a_lock_released_between_add_and_read_is_raced_for_again() -> None:
+    """Under contention another worker may release the lock between our
+    refused add and our read: no outage, the next add takes it."""
+
+    class Contended(SimpleCache):
+        refusals = 2  # released twice before our read
+
+        def add(self, key: str, value: Any, timeout: Any = None) -> bool:
+            if self.refusals:
+                self.refusals -= 1
+                return False  # held by another worker, just released
+            return bool(super().add(key, value, timeout))
+
+    shared = SharedCache(Contended())
+    assert shared.lock("oauth_verify:t:lock", 15)
+    assert not shared.degraded
 
 
 def test_a_lock_whose_expire_failed_is_released_from_redis(redis: RedisServer) -> None:
