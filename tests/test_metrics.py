@@ -399,6 +399,6 @@ def test_gunicorn_workers_report_one_aggregated_count(tokens: TokenIssuer, tmp_p
             for _ in range(6):  # whichever worker answers the scrape sees every worker's counts
                 assert _scrape(base + "/metrics") == {"valid": valid, "invalid_token": 10.0}
         finally:
-            process.send_signal(signal.SIGQUIT)
+            process.send_signal(signal.SIGTERM)  # graceful: no request cut mid-answer
             process.wait(30)
     assert "Traceback" not in log.read_text()
