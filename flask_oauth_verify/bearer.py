@@ -88,9 +88,10 @@ def _from_header(value: str) -> str | None:
     # OWS is SP and HTAB only (RFC 9110 §5.6.3): str.strip() would also take
     # \x0b, \x1c-\x1f, \x85 and NBSP for white space around the credentials.
     scheme, _, rest = value.strip(" \t").partition(" ")
-    if scheme[:7].lower() == "bearer\t":
-        # RFC 9110 §11.4: one or more SP, never HTAB, after the scheme.
-        raise InvalidRequestError(reason="a tab after the Bearer scheme, where a space belongs")
+    if scheme[:6].lower() == "bearer" and scheme[6:7].isspace():
+        # RFC 9110 §11.4: one or more SP after the scheme, never HTAB (nor a
+        # NBSP, a vertical tab...): a malformed Bearer header, not another scheme.
+        raise InvalidRequestError(reason="a character other than a space after the Bearer scheme")
     if scheme.lower() != "bearer":
         if _LATER_BEARER.search(value):
             raise InvalidRequestError(reason="several Authorization headers")

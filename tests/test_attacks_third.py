@@ -329,7 +329,7 @@ for _label, _header_outcome, _value in (
     ("Bearer with a tab before the token", BAD_REQUEST, "Bearer\t{t}"),
     ("Bearer with a trailing comma", INVALID, "Bearer {t},"),
     ("Bearer with a leading comma", INVALID, "Bearer ,{t}"),
-    ("Bearer with a NBSP before the token", NO_TOKEN, "Bearer\u00a0{t}"),
+    ("Bearer with a NBSP before the token", BAD_REQUEST, "Bearer\u00a0{t}"),
     ("Bearer token quoted", INVALID, 'Bearer "{t}"'),
     ("Bearer token=value form", INVALID, "Bearer token={t}x"),
     # White space around the credentials is SP and HTAB only (RFC 9110 §5.6.3).

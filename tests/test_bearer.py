@@ -129,7 +129,12 @@ def test_a_lower_case_post_is_a_post_for_form_tokens(tokens: TokenIssuer) -> Non
 def test_a_tab_after_the_bearer_scheme_is_400(app: Flask, tokens: TokenIssuer) -> None:
     """RFC 9110 §11.4: SP after the scheme; ``Bearer<TAB>token`` is a malformed
     Bearer header (400), as ``Bearer <TAB>token`` already was, not "no token"."""
-    for value in (f"Bearer\t{tokens.mint()}", f"bearer\t\t{tokens.mint()}"):
+    for value in (
+        f"Bearer\t{tokens.mint()}",
+        f"bearer\t\t{tokens.mint()}",
+        f"Bearer\x0b{tokens.mint()}",
+        f"Bearer\xa0{tokens.mint()}",
+    ):
         response = app.test_client().get("/protected", headers={"Authorization": value})
         assert response.status_code == 400, value
         assert response.json is not None and response.json["error"] == "invalid_request"
