@@ -228,6 +228,62 @@ def test_a_cache_flushed_while_a_worker_waits_for_a_fetch_is_no_503(
     assert issuer_server.hits[JWKS] == 2
 
 
+def test_a_cache_flushed_while_a_worker_waits_for_discovery_is_no_503(
+    served_tokens: TokenIssuer,
+    issuer_server: IssuerServer,
+    redis_server: RedisServer,
+    redis_url: str,
+) -> None:
+    """The same for a discovered key set: cold worker B waits for A's fetch
+    (its discovery hangs), Redis is flushed meanwhile; B discovers and
+    fetches itself."""
+    gate = threading.Event()
+    served = [0]
+    document = "/.well-known/openid-configuration"
+
+    def first_held(_request: Request) -> Reply:
+        served[0] += 1
+        if served[0] == 1:
+            gate.wait(10)
+        return Reply(200, served_tokens.metadata())
+
+    issuer_server.route(document, first_held)
+    clock = FakeClock()
+
+    def discovering_app() -> Flask:
+        app = Flask(f"worker-{uuid.uuid4().hex[:6]}")
+        app.config.update(
+            TESTING=True,
+            CACHE_TYPE="RedisCache",
+            CACHE_REDIS_URL=redis_url,
+            CACHE_OPTIONS=REDIS_OPTIONS,
+        )
+        config = served_tokens.config(audience="api", HTTP_TIMEOUT=(5, 5))
+        del config["OAUTH_VERIFY_JWKS_URI"]  # found by discovery
+        app.config.update(config)
+        OAuthVerify().init_app(app, cache=Cache(app), clock=clock)
+        add_views(app)
+        return app
+
+    a, b = discovering_app(), discovering_app()
+    token = served_tokens.mint()
+    outcome: dict[str, int] = {}
+    first = threading.Thread(target=lambda: outcome.update(a=status(a, token)))
+    first.start()
+    assert issuer_server.wait_for_hits(document, 1)  # A holds the lock, its fetch hangs
+    gets = redis_gets(redis_server)
+    second = threading.Thread(target=lambda: outcome.update(b=status(b, token)))
+    second.start()
+    assert eventually(lambda: redis_gets(redis_server) > gets + 5), "B polls A's lock"
+    assert redis_command(redis_server, "FLUSHALL").startswith(b"+OK")
+    second.join(10)
+    assert outcome.get("b") == 200
+    gate.set()
+    first.join(10)
+    assert outcome.get("a") == 200
+    assert issuer_server.hits[document] == 2
+
+
 # -- a fork while a fetch is under way ---------------------------------------------
 
 
