@@ -140,7 +140,9 @@ class _AppState:
         if chosen == "jwks":
             return self._jwt_hit(digest, now) or self._verify_jwt(token, digest, now)
         if chosen == "introspection":
-            return self._introspection_hit(digest, now) or self._introspect(token, digest, now)
+            return self._introspection_hit(digest, now, answer=True) or self._introspect(
+                token, digest, now
+            )
         if chosen == "both":
             context = self._jwt_hit(digest, now) or self._verify_jwt(token, digest, now)
             # still active? (revocation)
@@ -221,7 +223,7 @@ class _AppState:
         if chosen == "jwks":
             return self._jwt_hit(digest, now)
         if chosen == "introspection":
-            return self._introspection_hit(digest, now)
+            return self._introspection_hit(digest, now, answer=True)
         context = self._jwt_hit(digest, now)  # "both": both caches must answer
         if context is None or self._introspection_hit(digest, now) is None:
             return None
@@ -283,10 +285,18 @@ class _AppState:
         self.token_cache.put(digest, entry)
         return context
 
-    def _introspection_hit(self, digest: bytes, now: float) -> AuthContext | None:
-        """The context of a cached active introspection answer, if still good."""
+    def _introspection_hit(
+        self, digest: bytes, now: float, *, answer: bool = False
+    ) -> AuthContext | None:
+        """The context of a cached active introspection answer, if still good.
+
+        :param answer: only a context built from the answer itself (an
+            ``"introspection"`` route): not the verified JWT's context that an
+            answer merely confirmed active (``"both"``), whose claims are the
+            JWT's and whose checks were the JWT's.
+        """
         cached = self.introspected.get(digest)
-        if cached is None:
+        if cached is None or (answer and cached.confirmed):
             return None
         # never longer than a TTL from now: a clock stepped back would stretch it
         if now < cached.reuse_until <= now + self._longest_reuse:
@@ -305,7 +315,7 @@ class _AppState:
             exp = claims.get("exp")
             if isinstance(exp, int | float) and not isinstance(exp, bool):
                 reuse_until = min(reuse_until, exp + self.settings.leeway)
-            self.introspected.put(digest, IntrospectedToken(context, reuse_until))
+            self.introspected.put(digest, IntrospectedToken(context, reuse_until, False))
         return context
 
     def _confirm_active(self, token: str, digest: bytes, now: float, context: AuthContext) -> None:
@@ -321,7 +331,7 @@ class _AppState:
         if reuse_until is not None:
             if context.expires_at is not None:
                 reuse_until = min(reuse_until, context.expires_at + self.settings.leeway)
-            self.introspected.put(digest, IntrospectedToken(context, reuse_until))
+            self.introspected.put(digest, IntrospectedToken(context, reuse_until, True))
 
     def run_claims_checks(self, claims: Mapping[str, Any]) -> None:
         """Run the app's ``@claims_check`` functions on verified claims.

@@ -169,8 +169,8 @@ class CircuitBreaker:
     def _refuse_locked(self, *, claim_trial: bool) -> bool:
         if self._opened_at is None:
             return False
-        if self._clock() - self._opened_at < self.reset:
-            return True
+        if 0 <= self._clock() - self._opened_at < self.reset:
+            return True  # a clock stepped back before the opening ends the wait
         if self._trial:
             return True  # one trial call is already under way
         if claim_trial:
@@ -187,7 +187,10 @@ class CircuitBreaker:
         with self._lock:
             if self._opened_at is None:
                 return 1
-            return max(1, int(self.reset - (self._clock() - self._opened_at)) + 1)
+            elapsed = self._clock() - self._opened_at
+            if not 0 <= elapsed < self.reset:
+                return 1
+            return max(1, int(self.reset - elapsed) + 1)
 
     def record_success(self) -> None:
         """Close the circuit."""

@@ -65,10 +65,14 @@ class IntrospectedToken:
     :param reuse_until: the cached answer's deadline, capped at ``exp`` plus
         the leeway: a hit needs ``now < reuse_until`` and nothing else
         (``nbf``/``iat`` passed once stay passed).
+    :param confirmed: the context is a verified JWT's that the answer only
+        confirmed active (``strategy="both"``): never an ``"introspection"``
+        route's answer.
     """
 
     context: AuthContext
     reuse_until: float
+    confirmed: bool = False
 
 
 class TokenCache(Generic[E]):

@@ -205,6 +205,22 @@ def test_breaker_opens_then_lets_one_trial_through() -> None:
     assert breaker.retry_after() == 1
 
 
+def test_a_clock_stepped_back_ends_the_breakers_wait() -> None:
+    """The app's clock is the wall clock: stepped back (NTP, a resumed VM)
+    while the circuit is open, it kept refusing every call for the size of
+    the step (503 with a Retry-After of minutes, no trial call)."""
+    clock = FakeClock(10_000.0)
+    breaker = CircuitBreaker(failures=1, reset=30, clock=clock)
+    breaker.record_failure()
+    assert breaker.is_open and breaker.retry_after() == 31
+    clock.advance(-600)
+    assert not breaker.is_open
+    assert breaker.retry_after() == 1
+    assert breaker.allow(), "the trial call goes out"
+    breaker.record_failure()
+    assert breaker.is_open and breaker.retry_after() == 31, "re-opened from the new time"
+
+
 def test_fetcher_stops_calling_a_failing_origin(issuer_server: IssuerServer) -> None:
     clock = FakeClock()
     fetcher = make_fetcher(clock, CIRCUIT_BREAKER_FAILURES=3, CIRCUIT_BREAKER_RESET=30)

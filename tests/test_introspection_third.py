@@ -231,6 +231,37 @@ def test_a_class_based_views_method_decorator_is_the_check_above(issuer: TokenIs
     assert hits(issuer) == 2
 
 
+def test_an_introspection_route_never_takes_the_jwt_context_a_both_route_cached(
+    issuer: TokenIssuer, issuer_server: IssuerServer
+) -> None:
+    """A "both" route caches the verified JWT's context once the endpoint
+    confirmed it active; an "introspection" route must be decided by the
+    answer's own claims (here: narrower scope), whichever route came first."""
+    issuer_server.route(
+        INTROSPECT,
+        Reply(200, {"active": True, "sub": "user_1", "scope": "profile", "client_id": "c"}),
+    )
+    app = make_app(intro_config(issuer, STRATEGY="jwks", INTROSPECTION_CACHE_TTL=30))
+
+    @app.get("/both-read")
+    @require_scope("read", strategy="both")
+    def both_read() -> dict[str, Any]:
+        return {"strategy": g.auth.strategy}
+
+    @app.get("/introspected-read")
+    @require_scope("read", strategy="introspection")
+    def introspected_read() -> dict[str, Any]:
+        return {"strategy": g.auth.strategy}
+
+    client = app.test_client()
+    token = issuer.mint(scopes=["read"])
+    both = client.get("/both-read", headers=auth_header(token))
+    assert (both.status_code, both.json) == (200, {"strategy": "jwks"})
+    answered = client.get("/introspected-read", headers=auth_header(token))
+    assert answered.status_code == 403, "the answer's scope decides, not the JWT's"
+    assert client.get("/both-read", headers=auth_header(token)).status_code == 200
+
+
 def _hook_calling_verify_request() -> None:
     verify_request(strategy="jwks", optional=True)
 
