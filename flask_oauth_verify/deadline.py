@@ -136,50 +136,87 @@ class _Watchdog:
     cuts those past their deadline; with none it sleeps until one is
     registered. So a busy process pays a lock and a set insertion per
     request, not a thread wake-up.
+
+    Its condition and its thread-local (which request of this thread is
+    watched) are made by the first :func:`deadline` of each process, never
+    at import or at a fork: a gevent worker of a ``--preload`` server
+    imports this module in the master, forks, and only then monkey-patches
+    ``threading``; made earlier, they would be OS-thread objects that every
+    greenlet of the worker shares.
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        #: held only for a few steps that never block or yield
+        self._guard = threading.Lock()
+        self._cond: threading.Condition | None = None
+        #: this thread's (greenlet's) watched request: ``local.watch``
+        self.local: threading.local | None = None
         self._watches: set[_Watch] = set()
         self._pid = 0
         self._idle = False
 
-    def watch(self, watch: _Watch) -> None:
-        with self._cond:
-            if self._pid != os.getpid():
-                self._start()
+    def watch(self, watch: _Watch) -> threading.local:
+        """Watch ``watch``; the thread-local of this process (made if need be)."""
+        cond = self._cond
+        if cond is None or self._pid != os.getpid():
+            cond = self._start()
+        with cond:
             self._watches.add(watch)
             if self._idle:
                 self._idle = False
-                self._cond.notify()
+                cond.notify()
+        return self.local  # type: ignore[return-value]  # made with the condition
 
     def unwatch(self, watch: _Watch) -> None:
-        with self._cond:
+        cond = self._cond
+        if cond is None:
+            return
+        with cond:
             self._watches.discard(watch)
 
+    def current(self) -> _Watch | None:
+        """The request of this thread being watched, if any."""
+        local = self.local
+        return None if local is None else getattr(local, "watch", None)
+
     def reset_after_fork(self) -> None:
-        """In a forked child: no thread, no request in flight, a fresh lock
-        (the parent's watcher may have held the old one at the fork)."""
-        self._cond = threading.Condition()
+        """In a forked child: no thread, no request in flight; the condition
+        and the thread-local are made again by the child's first deadline
+        (the parent's watcher may have held the old lock at the fork)."""
+        self._guard = threading.Lock()
+        self._cond = None
+        self.local = None
         self._watches = set()
         self._pid = 0
         self._idle = False
 
-    def _start(self) -> None:
-        self._pid = os.getpid()
-        self._watches = set()
-        thread = threading.Thread(target=self._run, name="oauth-verify-deadlines", daemon=True)
-        thread.start()
+    def _start(self) -> threading.Condition:
+        """Make this process's condition, thread-local and watcher (once)."""
+        with self._guard:
+            start = self._cond is None or self._pid != os.getpid()
+            if start:
+                self._watches = set()
+                self._idle = False
+                self.local = threading.local()
+                self._cond = threading.Condition()
+                self._pid = os.getpid()
+            cond = self._cond
+        if start:  # outside the guard: starting a thread may yield (gevent)
+            thread = threading.Thread(
+                target=self._run, args=(cond,), name="oauth-verify-deadlines", daemon=True
+            )
+            thread.start()
+        return cond  # type: ignore[return-value]  # made above, or by another caller
 
-    def _run(self) -> None:
+    def _run(self, cond: threading.Condition) -> None:
         while True:
-            with self._cond:
+            with cond:
                 now = time.monotonic()
                 due = [w for w in self._watches if w.at <= now]
                 self._watches.difference_update(due)
                 if not due:
                     self._idle = not self._watches
-                    self._cond.wait(None if self._idle else _TICK)
+                    cond.wait(None if self._idle else _TICK)
             for watch in due:
                 try:
                     watch.expire()
@@ -189,7 +226,6 @@ class _Watchdog:
 
 _WATCHDOG = _Watchdog()
 os.register_at_fork(after_in_child=_WATCHDOG.reset_after_fork)
-_current = threading.local()
 
 
 @contextlib.contextmanager
@@ -201,9 +237,9 @@ def deadline(seconds: float) -> Iterator[_Watch]:
         is never turned into an error.
     """
     watch = _Watch(time.monotonic() + seconds)
-    previous = getattr(_current, "watch", None)
-    _current.watch = watch
-    _WATCHDOG.watch(watch)
+    local = _WATCHDOG.watch(watch)
+    previous = getattr(local, "watch", None)
+    local.watch = watch
     try:
         yield watch
     except Exception:
@@ -212,11 +248,11 @@ def deadline(seconds: float) -> Iterator[_Watch]:
         raise
     finally:
         _WATCHDOG.unwatch(watch)
-        _current.watch = previous
+        local.watch = previous
 
 
 def _register(connection: Any) -> None:
-    watch: _Watch | None = getattr(_current, "watch", None)
+    watch = _WATCHDOG.current()
     if watch is not None:
         # a socket already open is a kept-alive connection taken from the pool
         watch.reused = getattr(connection, "sock", None) is not None
@@ -226,12 +262,12 @@ def _register(connection: Any) -> None:
 def reused_connection() -> bool:
     """Whether the last request of this thread's :func:`deadline` block went
     out on a kept-alive connection (one the server may have closed since)."""
-    watch: _Watch | None = getattr(_current, "watch", None)
+    watch = _WATCHDOG.current()
     return watch is not None and watch.reused
 
 
 def _release(connection: Any) -> None:
-    watch: _Watch | None = getattr(_current, "watch", None)
+    watch = _WATCHDOG.current()
     if watch is not None:
         watch.release(connection)
 
@@ -271,7 +307,7 @@ def _watch_connects(connection: Any) -> None:
 
 def _watched_connect(connection: Any, method: Callable[..., Any]) -> Callable[..., Any]:
     def watched(*args: Any, **kwargs: Any) -> Any:
-        watch: _Watch | None = getattr(_current, "watch", None)
+        watch = _WATCHDOG.current()
         if watch is not None:
             if watch.expired:
                 raise DeadlineExpired()

@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 import tracemalloc
+from typing import Any
 
 import pytest
 
@@ -89,6 +90,50 @@ def test_a_forked_child_has_a_working_watchdog() -> None:
             os._exit(4)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_childs_watchdog_is_made_from_threading_as_patched_after_the_fork() -> None:
+    """A gevent worker of a ``--preload`` gunicorn forks, then monkey-patches
+    ``threading``. The watcher's condition and thread-local were made at the
+    fork, as OS-thread objects every greenlet shared: the first deadline of
+    each worker failed ("cannot notify on un-acquired lock"), a failed key
+    fetch, 401 for new keys for a cooldown. They are made by the child's
+    first deadline, from ``threading`` as it is then."""
+    with deadline(5):
+        pass  # the parent's watcher is running now
+
+    def patched_then_watched() -> list[str]:
+        made: list[str] = []
+        condition, local = threading.Condition, threading.local
+
+        class PatchedCondition(condition):  # type: ignore[valid-type, misc]
+            def __init__(self, *args: Any) -> None:
+                made.append("condition")
+                super().__init__(*args)
+
+        class PatchedLocal(local):  # type: ignore[valid-type, misc]
+            def __init__(self) -> None:
+                made.append("local")
+                super().__init__()
+
+        threading.Condition, threading.local = PatchedCondition, PatchedLocal  # type: ignore[assignment, misc]
+        try:
+            with deadline(0.01) as watch:
+                threading.Event().wait(0.5)
+        finally:
+            threading.Condition, threading.local = condition, local  # type: ignore[misc]
+        from flask_oauth_verify.deadline import _WATCHDOG
+
+        watcher = type(_WATCHDOG._cond).__name__  # the watcher waits on a patched condition
+        return [*sorted(set(made)), watcher, "expired" if watch.expired else "not expired"]
+
+    assert in_forked_child(patched_then_watched) == [
+        "condition",
+        "local",
+        "PatchedCondition",
+        "expired",
+    ]
 
 
 def test_objects_reset_in_a_child_leave_nothing_behind_when_they_die() -> None:
