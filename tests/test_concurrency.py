@@ -188,6 +188,41 @@ def test_a_lock_redis_could_not_release_is_released_when_it_answers(
     assert issuer_server.hits[JWKS] == 2  # A's copy never reached Redis: B fetched
 
 
+def _hold_first(path: str, answer: Callable[[], Any]) -> tuple[threading.Event, Any]:
+    """A handler for ``path`` that holds its first request until the event is set."""
+    gate = threading.Event()
+    served = [0]
+
+    def first_held(_request: Request) -> Reply:
+        served[0] += 1
+        if served[0] == 1:
+            gate.wait(10)
+        return Reply(200, answer())
+
+    return gate, first_held
+
+
+def _flush_while_b_waits(
+    a: Flask, b: Flask, token: str, path: str, gate: threading.Event, servers: Any
+) -> dict[str, int]:
+    """A's fetch hangs at ``path``; B waits for it; Redis is flushed; then A
+    goes on. The statuses of A and B."""
+    issuer_server, redis_server = servers
+    outcome: dict[str, int] = {}
+    first = threading.Thread(target=lambda: outcome.update(a=status(a, token)))
+    first.start()
+    assert issuer_server.wait_for_hits(path, 1)  # A holds the lock, its fetch hangs
+    gets = redis_gets(redis_server)
+    second = threading.Thread(target=lambda: outcome.update(b=status(b, token)))
+    second.start()
+    assert eventually(lambda: redis_gets(redis_server) > gets + 5), "B polls A's lock"
+    assert redis_command(redis_server, "FLUSHALL").startswith(b"+OK")
+    second.join(10)
+    gate.set()
+    first.join(10)
+    return outcome
+
+
 def test_a_cache_flushed_while_a_worker_waits_for_a_fetch_is_no_503(
     served_tokens: TokenIssuer,
     issuer_server: IssuerServer,
@@ -198,33 +233,13 @@ def test_a_cache_flushed_while_a_worker_waits_for_a_fetch_is_no_503(
     restarted empty) meanwhile, so A's lock and every trace of its fetch are
     gone. B answered 503 "another worker's fetch produced no keys"; it now
     fetches itself."""
-    gate = threading.Event()
-    served = [0]
-
-    def first_held(_request: Request) -> Reply:
-        served[0] += 1
-        if served[0] == 1:
-            gate.wait(10)
-        return Reply(200, served_tokens.jwks())
-
-    issuer_server.route(JWKS, first_held)
+    gate, handler = _hold_first(JWKS, served_tokens.jwks)
+    issuer_server.route(JWKS, handler)
     clock = FakeClock()
     a, b = (redis_app(served_tokens, redis_url, clock, HTTP_TIMEOUT=(5, 5)) for _ in range(2))
-    token = served_tokens.mint()
-    outcome: dict[str, int] = {}
-    first = threading.Thread(target=lambda: outcome.update(a=status(a, token)))
-    first.start()
-    assert issuer_server.wait_for_hits(JWKS, 1)  # A holds the lock, its fetch hangs
-    gets = redis_gets(redis_server)
-    second = threading.Thread(target=lambda: outcome.update(b=status(b, token)))
-    second.start()
-    assert eventually(lambda: redis_gets(redis_server) > gets + 5), "B polls A's lock"
-    assert redis_command(redis_server, "FLUSHALL").startswith(b"+OK")
-    second.join(10)
-    assert outcome.get("b") == 200
-    gate.set()
-    first.join(10)
-    assert outcome.get("a") == 200
+    servers = (issuer_server, redis_server)
+    outcome = _flush_while_b_waits(a, b, served_tokens.mint(), JWKS, gate, servers)
+    assert outcome == {"a": 200, "b": 200}
     assert issuer_server.hits[JWKS] == 2
 
 
@@ -237,17 +252,9 @@ def test_a_cache_flushed_while_a_worker_waits_for_discovery_is_no_503(
     """The same for a discovered key set: cold worker B waits for A's fetch
     (its discovery hangs), Redis is flushed meanwhile; B discovers and
     fetches itself."""
-    gate = threading.Event()
-    served = [0]
     document = "/.well-known/openid-configuration"
-
-    def first_held(_request: Request) -> Reply:
-        served[0] += 1
-        if served[0] == 1:
-            gate.wait(10)
-        return Reply(200, served_tokens.metadata())
-
-    issuer_server.route(document, first_held)
+    gate, handler = _hold_first(document, served_tokens.metadata)
+    issuer_server.route(document, handler)
     clock = FakeClock()
 
     def discovering_app() -> Flask:
@@ -265,22 +272,11 @@ def test_a_cache_flushed_while_a_worker_waits_for_discovery_is_no_503(
         add_views(app)
         return app
 
-    a, b = discovering_app(), discovering_app()
-    token = served_tokens.mint()
-    outcome: dict[str, int] = {}
-    first = threading.Thread(target=lambda: outcome.update(a=status(a, token)))
-    first.start()
-    assert issuer_server.wait_for_hits(document, 1)  # A holds the lock, its fetch hangs
-    gets = redis_gets(redis_server)
-    second = threading.Thread(target=lambda: outcome.update(b=status(b, token)))
-    second.start()
-    assert eventually(lambda: redis_gets(redis_server) > gets + 5), "B polls A's lock"
-    assert redis_command(redis_server, "FLUSHALL").startswith(b"+OK")
-    second.join(10)
-    assert outcome.get("b") == 200
-    gate.set()
-    first.join(10)
-    assert outcome.get("a") == 200
+    servers = (issuer_server, redis_server)
+    outcome = _flush_while_b_waits(
+        discovering_app(), discovering_app(), served_tokens.mint(), document, gate, servers
+    )
+    assert outcome == {"a": 200, "b": 200}
     assert issuer_server.hits[document] == 2
 
 
