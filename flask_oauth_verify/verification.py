@@ -41,8 +41,9 @@ from .strictjson import STRICT_DECODER
 __all__ = ["JWSHeader", "JWTVerifier", "KeyResolver", "Vouched", "finite_number", "looks_like_jws"]
 
 _REFUSED_HEADERS = ("crit", "b64", "enc", "zip")
-#: ``cty`` values (lower case) that mark a nested JWT (RFC 7519 §5.2).
-_NESTED_CTY = frozenset({"jwt", "application/jwt"})
+#: The ``cty`` media type of a nested JWT (RFC 7519 §5.2; ``JWT`` or
+#: ``application/jwt``, see :func:`media_type`).
+_NESTED_CTY = "application/jwt"
 _MAX_KID_LENGTH = 512
 _HEADER_CACHE_SIZE = 512
 _BASE64_FROM_URLSAFE = bytes.maketrans(b"-_", b"+/")
@@ -269,7 +270,7 @@ class JWTVerifier:
             if name in raw:
                 raise _invalid(f"header parameter {name!r} is not supported")
         cty = raw.get("cty")
-        if isinstance(cty, str) and cty.lower() in _NESTED_CTY:
+        if isinstance(cty, str) and media_type(cty) == _NESTED_CTY:
             # RFC 7519 §5.2: the payload is another JWT. We verify no nested
             # tokens: never read such a payload as this token's claims.
             raise _invalid("cty says the payload is a nested JWT")
