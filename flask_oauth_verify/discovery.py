@@ -292,9 +292,18 @@ class Discovery:
         # wrongly (4xx, not JSON, another issuer) is no outage, and the error
         # says so (FetchError.answered), so that callers pace their retries.
         status: int | None = None
+        # One budget for all the names tried (RFC 8414, OpenID Connect): a
+        # server that answers each slowly must not multiply the request's wait.
+        ends = time.monotonic() + self.fetcher.budget
         for url in metadata_urls(issuer):
+            left = ends - time.monotonic()
+            if left <= 0:
+                errors.append(f"{url}: not tried, the discovery budget is spent")
+                break
             try:
-                result = self.fetcher.get_json(url, headers={"Accept": "application/json"})
+                result = self.fetcher.get_json(
+                    url, headers={"Accept": "application/json"}, budget=left
+                )
             except FetchError as exc:
                 errors.append(f"{url}: {exc.reason}")
                 status = exc.status

@@ -32,6 +32,7 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import http.cookiejar
 import json
 import logging
 import threading
@@ -58,6 +59,8 @@ __all__ = ["CircuitBreaker", "FetchError", "Fetcher", "HTTPResult", "SingleFligh
 
 _MAX_REDIRECTS = 3
 _USER_AGENT = "flask-oauth-verify"
+#: A cookie policy that accepts and returns no cookie at all.
+_NO_COOKIES = http.cookiejar.DefaultCookiePolicy(allowed_domains=[])
 _CHUNK = 16384
 #: Arrays and objects a document may nest. Key sets, metadata and
 #: introspection answers nest a few levels; a document nested hundreds deep
@@ -337,6 +340,10 @@ class Fetcher:
         session = watched_session()
         session.headers["User-Agent"] = _USER_AGENT
         session.trust_env = False  # no proxies/netrc picked up implicitly
+        # A verifier is stateless: a cookie one endpoint sets is never sent
+        # (to it or to another port of its host) and never kept (no jar growing
+        # with each answer, no Cookie header an endpoint refuses as too large).
+        session.cookies.set_policy(_NO_COOKIES)
         return session
 
     @property
@@ -382,13 +389,18 @@ class Fetcher:
         *,
         headers: Mapping[str, str] | None = None,
         breaker: BreakerScope = "origin",
+        budget: float | None = None,
     ) -> HTTPResult:
         """GET ``url`` and decode a JSON body; 304 is returned with ``data=None``.
 
         :param breaker: which circuit breaker guards the call (see :meth:`breaker`).
+        :param budget: the most the call may take, seconds, when less than
+            :attr:`budget` (what is left of a budget several calls share).
         :raises FetchError: on any failure (network, status, size, JSON).
         """
-        return self.request("GET", url, headers=headers, accept_not_modified=True, breaker=breaker)
+        return self.request(
+            "GET", url, headers=headers, accept_not_modified=True, breaker=breaker, budget=budget
+        )
 
     def post(
         self,
@@ -418,6 +430,7 @@ class Fetcher:
         json_body: Mapping[str, Any] | None = None,
         accept_not_modified: bool = False,
         breaker: BreakerScope | None = "origin",
+        budget: float | None = None,
     ) -> HTTPResult:
         """Send one request under the policy; see the module docstring.
 
@@ -425,6 +438,8 @@ class Fetcher:
             :meth:`breaker`); ``None``: none, and the outcome is recorded
             nowhere (a health probe, which must not open the circuit that
             requests depend on).
+        :param budget: the most the call may take, seconds, when less than
+            :attr:`budget` (what is left of a budget several calls share).
         :raises FetchError: on any failure, including an open circuit.
         """
         circuit = self.breaker(url, scope=breaker) if breaker is not None else _UNGUARDED
@@ -432,7 +447,8 @@ class Fetcher:
             raise FetchError(f"circuit open for {_origin(url)}")
         try:
             result = self._within_budget(
-                lambda: self._send(method, url, headers, data, json_body, accept_not_modified)
+                lambda: self._send(method, url, headers, data, json_body, accept_not_modified),
+                self.budget if budget is None else min(budget, self.budget),
             )
         except FetchError as exc:
             # An answer below 500 (a 4xx, a redirect we refuse, a 200 that is not
@@ -453,7 +469,7 @@ class Fetcher:
         circuit.record_success()
         return result
 
-    def _within_budget(self, send: Callable[[], HTTPResult]) -> HTTPResult:
+    def _within_budget(self, send: Callable[[], HTTPResult], budget: float) -> HTTPResult:
         """``send()``, cut off at the budget by the watchdog.
 
         The socket timeouts bound each read; the watchdog bounds the whole
@@ -461,7 +477,7 @@ class Fetcher:
         cut off too.
         """
         try:
-            with deadline(self.budget):
+            with deadline(budget):
                 return send()
         except DeadlineExpired:
             raise FetchError("timed out") from None

@@ -117,6 +117,8 @@ class _Source:
     raw: Any = None
     fetched_at: float = 0.0
     ttl: float = 0.0
+    #: The issuer's ``max-age`` for the set (``None``: it sent none).
+    max_age: float | None = None
     fresh_until: float = 0.0
     etag: str | None = None
     uri: str | None = None
@@ -700,22 +702,48 @@ class KeyStore:
         if conditional:
             headers["If-None-Match"] = str(source.etag)
         result = self.fetcher.get_json(uri, headers=headers, breaker=_scope(source))
-        ttl = self._ttl(result)
+        max_age = _max_age(result)
         if result.status == 304:
             if not conditional:
                 raise FetchError("304 Not Modified to an unconditional request")
             jwks, etag = source.raw, result.header("ETag") or source.etag
-            if not result.header("Cache-Control") and source.ttl > 0:
+            if not result.header("Cache-Control"):
                 # RFC 9111 §4.3.4: a 304 updates the fields it carries only;
                 # without Cache-Control the 200's max-age still holds.
-                ttl = self._clamp(source.ttl)
+                max_age = source.max_age
         else:
             jwks, etag = result.data, result.header("ETag")
-        return {"jwks": jwks, "fetched_at": now, "ttl": ttl, "etag": etag, "uri": uri}
+        return {
+            "jwks": jwks,
+            "fetched_at": now,
+            "ttl": self._ttl(max_age),
+            "max_age": max_age,
+            "etag": etag,
+            "uri": uri,
+        }
 
-    def _ttl(self, result: HTTPResult) -> float:
-        max_age = _max_age(result)
+    def _ttl(self, max_age: float | None) -> float:
+        """This app's soft TTL for a key set the issuer gave ``max_age``."""
         return self._clamp(self.settings.jwks_cache_ttl if max_age is None else max_age)
+
+    def _own_ttl(self, record: Mapping[str, Any]) -> float | None:
+        """This app's soft TTL for a shared ``record``, whichever app stored it.
+
+        Apps on one cache may set different ``JWKS_CACHE_TTL`` or bounds: the
+        record's ``ttl`` is its storer's, so the TTL comes from the issuer's
+        ``max-age`` the record keeps. A record without one (stored by an
+        older version) keeps its ``ttl`` within this app's bounds. ``None``:
+        no number, not adoptable.
+        """
+        if "max_age" in record:
+            max_age = record["max_age"]
+            if max_age is None:
+                return self._ttl(None)
+            if isinstance(max_age, int | float) and not isinstance(max_age, bool):
+                return None if math.isnan(max_age) else self._ttl(max_age)
+            return None
+        ttl = record.get("ttl")
+        return self._clamp(ttl) if finite_number(ttl) else None
 
     def _clamp(self, ttl: float) -> float:
         return max(min(max(ttl, self.settings.jwks_min_ttl), self.settings.jwks_max_ttl), 1.0)
@@ -824,8 +852,8 @@ class KeyStore:
         if not isinstance(record, dict):
             return False
         fetched_at = shared_time(record.get("fetched_at"), now)
-        ttl = record.get("ttl")
-        if fetched_at is None or not finite_number(ttl):
+        ttl = self._own_ttl(record)
+        if fetched_at is None or ttl is None:
             return False
         if source.keys is not None and fetched_at < source.fetched_at:
             return False
@@ -839,7 +867,7 @@ class KeyStore:
             return False
         if keys is source.keys and fetched_at == source.fetched_at:
             return False  # the very copy we have (clocks may tick coarsely)
-        self._install(source, keys, {**record, "fetched_at": fetched_at})
+        self._install(source, keys, {**record, "fetched_at": fetched_at, "ttl": ttl})
         return True
 
     def _our_source(self, source: _Source, uri: Any) -> bool:
@@ -867,6 +895,8 @@ class KeyStore:
         source.raw = record.get("jwks")
         source.fetched_at = fetched_at
         source.ttl = ttl
+        max_age = record.get("max_age")
+        source.max_age = max_age if isinstance(max_age, float | int) else None
         source.etag = _etag(record.get("etag"))
         uri = record.get("uri")  # a foreign value may be anything: the URL names a breaker
         source.uri = uri if isinstance(uri, str) else None

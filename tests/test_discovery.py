@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from flask_oauth_verify.discovery import Discovery, metadata_urls
 from flask_oauth_verify.extension import get_state
 from flask_oauth_verify.fetch import Fetcher, FetchError
 from flask_oauth_verify.introspection import discover_endpoint
-from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer, auth_header
+from flask_oauth_verify.testing import IssuerServer, Reply, Request, TokenIssuer, auth_header
 
 from .conftest import FakeClock, make_app
 
@@ -375,3 +376,23 @@ def test_a_discovery_failure_says_whether_the_server_answered(
     with pytest.raises(FetchError) as outage:
         make_discovery(issuer, clock).metadata(issuer)
     assert not outage.value.answered
+
+
+def test_the_names_tried_share_one_budget(issuer_server: IssuerServer, clock: FakeClock) -> None:
+    """Each metadata name answered slowly and wrongly must not add a budget:
+    the names tried share one (``HTTP_TIMEOUT`` 0.2 + 0.8 s here)."""
+    asked: list[str] = []
+
+    def slow_not_found(request: Request) -> Reply:
+        asked.append(request.path)
+        time.sleep(0.6)  # the server's own slowness, not a synchronisation
+        return Reply(404, {})
+
+    issuer = issuer_server.url + "/tenant"
+    issuer_server.route("/tenant" + OIDC, slow_not_found)
+    issuer_server.route(RFC8414 + "/tenant", slow_not_found)
+    issuer_server.route(OIDC + "/tenant", Reply(200, metadata(issuer)))
+    with pytest.raises(FetchError):
+        make_discovery(issuer, clock, HTTP_TIMEOUT=(0.2, 0.8)).metadata(issuer)
+    assert asked == ["/tenant" + OIDC, RFC8414 + "/tenant"], "the second with what was left"
+    assert issuer_server.hits[OIDC + "/tenant"] == 0, "nothing left of the budget"

@@ -333,3 +333,17 @@ def test_single_flight_follower_timeout() -> None:
         flight.run("k", stuck, timeout=0.01)
     release.set()
     leader.join(10)
+
+
+def test_cookies_are_neither_kept_nor_sent(fetcher: Fetcher, issuer_server: IssuerServer) -> None:
+    """A verifier is stateless: a cookie an endpoint sets never reaches it (or
+    another endpoint of its host) again, and the jar never grows."""
+    issuer_server.route(
+        "/jwks", Reply(200, {"keys": []}, {"Set-Cookie": "session=SET-BY-KEY-SERVER; Path=/"})
+    )
+    issuer_server.route("/introspect", Reply(200, {"active": False}))
+    fetcher.get_json(issuer_server.url + "/jwks")
+    fetcher.post(issuer_server.url + "/introspect", data={"token": "t"})
+    fetcher.get_json(issuer_server.url + "/jwks")
+    assert [r.headers.get("Cookie") for r in issuer_server.requests] == [None, None, None]
+    assert len(fetcher._session.cookies) == 0

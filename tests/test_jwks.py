@@ -689,6 +689,42 @@ def test_key_status_reports_age_kids_and_last_error(
 # -- sharing through the cache backend ----------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("storer", "adopter", "max_age"),
+    [
+        ({"JWKS_CACHE_TTL": 3600}, {"JWKS_CACHE_TTL": 60}, None),
+        ({}, {"JWKS_CACHE_TTL": 60, "JWKS_MAX_TTL": 60}, 86400),
+    ],
+    ids=["own-default-ttl", "own-max-ttl"],
+)
+def test_an_app_applies_its_own_ttl_to_a_copy_another_app_stored(
+    served_tokens: TokenIssuer,
+    issuer_server: IssuerServer,
+    route: JwksRoute,
+    clock: FakeClock,
+    storer: dict[str, Any],
+    adopter: dict[str, Any],
+    max_age: int | None,
+) -> None:
+    """Two services on one cache with different TTL settings: the one with the
+    shorter TTL drops a removed key within its own TTL, not the other's."""
+    if max_age is not None:
+        route.headers = {"Cache-Control": f"max-age={max_age}"}
+    backend = SimpleCache()
+    long_lived = build(served_tokens, clock, cache=backend, **storer)
+    short_lived = build(served_tokens, clock, cache=backend, **adopter)
+    old = served_tokens.mint()
+    assert get(long_lived, old).status_code == 200
+    assert get(short_lived, old).status_code == 200
+    assert issuer_server.hits[JWKS] == 1, "the second app adopted the first one's copy"
+    (status,) = get_state(short_lived).keys.status()
+    assert status.expires_in is not None and status.expires_in <= 60
+    served_tokens.rotate(drop_old=True)
+    clock.advance(61)
+    assert get(short_lived, old).status_code == 401, "refetched within its own TTL"
+    assert issuer_server.hits[JWKS] > 1
+
+
 def test_two_apps_on_one_cache_share_fetches_and_rotations(
     served_tokens: TokenIssuer, issuer_server: IssuerServer, route: JwksRoute, clock: FakeClock
 ) -> None:
@@ -709,7 +745,7 @@ def test_two_apps_on_one_cache_share_fetches_and_rotations(
     assert get(second, unknown_kid_token(served_tokens)).status_code == 401
     assert issuer_server.hits[JWKS] == 2
     record = backend.get(get_state(first).keys.shared_key("jwks", served_tokens.issuer))
-    assert set(record) == {"jwks", "fetched_at", "ttl", "etag", "uri"}
+    assert set(record) == {"jwks", "fetched_at", "ttl", "max_age", "etag", "uri"}
     assert record["uri"] == served_tokens.issuer + JWKS
 
 
