@@ -5,7 +5,9 @@ In production, set ``EXAMPLE_OAUTH_VERIFY_ISSUER`` and
 ``EXAMPLE_OAUTH_VERIFY_AUDIENCE`` (and ``EXAMPLE_OAUTH_VERIFY_PROVIDER``) in
 the environment instead — every ``EXAMPLE_``-prefixed variable is a setting,
 its prefix removed — and leave ``EXAMPLE_DEV_ISSUER`` unset: the development
-issuer then does not exist at all.
+issuer then does not exist at all. With it set beside an issuer, a
+``JWKS_URI`` or a ``JWKS`` of your own, the app refuses to start (its key
+would be trusted for that issuer).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 from flask import Flask, current_app
 from flask_caching import Cache
 
-from flask_oauth_verify import OAuthVerify
+from flask_oauth_verify import ConfigurationError, OAuthVerify
 
 from . import dev_issuer
 from .api import api
@@ -71,6 +73,7 @@ def create_app(config: dict[str, Any] | None = None, *, instance_path: str | Non
 
     issuer = None
     if _dev_issuer_enabled(app):
+        _refuse_other_key_sources(app)
         issuer = dev_issuer.load_dev_issuer(app.instance_path, base_url)
         app.config.setdefault("OAUTH_VERIFY_ISSUER", issuer.issuer)
         app.config.setdefault("OAUTH_VERIFY_JWKS", issuer.jwks())
@@ -99,3 +102,31 @@ def create_app(config: dict[str, Any] | None = None, *, instance_path: str | Non
 def _dev_issuer_enabled(app: Flask) -> bool:
     flag = os.environ.get("EXAMPLE_DEV_ISSUER", "")
     return bool(app.config.get("EXAMPLE_DEV_ISSUER")) or flag.lower() in ("1", "true", "yes")
+
+
+#: Settings that name an issuer or its keys: with the development issuer on,
+#: its key would be trusted for whatever issuer they name.
+_KEY_SOURCES = (
+    "OAUTH_VERIFY_ISSUER",
+    "OAUTH_VERIFY_JWKS_URI",
+    "OAUTH_VERIFY_JWKS",
+)
+
+
+def _refuse_other_key_sources(app: Flask) -> None:
+    """Refuse to start with the development issuer beside a real one.
+
+    The development issuer's key set is a static ``OAUTH_VERIFY_JWKS``, which
+    takes precedence over ``JWKS_URI`` and discovery: beside a configured
+    issuer, a token the development key signed with that issuer's ``iss``
+    would be accepted.
+
+    :raises ConfigurationError: naming the settings to unset.
+    """
+    configured = [name for name in _KEY_SOURCES if app.config.get(name)]
+    if configured:
+        raise ConfigurationError(
+            f"EXAMPLE_DEV_ISSUER is on and {', '.join(configured)} is set: the development "
+            "issuer's key would be trusted for that issuer. Unset EXAMPLE_DEV_ISSUER to use "
+            "a real issuer (production), or unset those settings to use the development one."
+        )

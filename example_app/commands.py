@@ -42,7 +42,11 @@ def banner(issuer: TokenIssuer, base_url: str) -> str:
         f"curl -si -X OPTIONS {base_url}/widget/summary -H 'Origin: http://localhost:3000'"
         " -H 'Access-Control-Request-Method: GET'"
     )
-    lines.append(f'curl -s {base_url}/widget/summary -H "Authorization: Bearer $TOKEN"')
+    widget_token = issuer.mint(subject="user_alice", organization_id="org_acme",
+                               scopes=["customers:read"], audience="example-api",
+                               client_id="example-widget")  # fmt: skip
+    lines.append(f"WIDGET_TOKEN='{widget_token}'")
+    lines.append(f'curl -s {base_url}/widget/summary -H "Authorization: Bearer $WIDGET_TOKEN"')
     lines.append(f"curl -s {base_url}/health/token-validation")
     return "\n".join(lines)
 

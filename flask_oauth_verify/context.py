@@ -158,7 +158,12 @@ def _compile_claim_reader(
         name = f"v{index}"
         names.append(name)
         lines.extend(_first_present(name, paths, "    "))
-    unusual = " or ".join(f"({v} is not None and {v}.__class__ is not str)" for v in names)
+    # str.isascii() reads a flag: a non-ASCII value (rare) takes the general
+    # form, which refuses what no database column or log can hold.
+    unusual = " or ".join(
+        f"({v} is not None and ({v}.__class__ is not str or not {v}.isascii() or '\\x00' in {v}))"
+        for v in names
+    )
     lines += [f"    if {unusual}:", "        return None", "    found = set()"]
     for path in scopes:
         lines.extend(_first_present("s", (path,), "    "))
@@ -213,6 +218,22 @@ def _first_present(name: str, paths: tuple[_Path, ...], indent: str) -> list[str
         else:
             lines.append(f"{step}{name} = get({head!r})")
     return lines
+
+
+def _storable(text: str) -> bool:
+    """Whether ``text`` can be stored and logged as it is: no NUL (which
+    PostgreSQL's text type refuses) and valid Unicode (no unpaired
+    surrogate, which JSON allows as an escape and UTF-8 cannot encode;
+    RFC 7493 §2.1)."""
+    if "\x00" in text:
+        return False
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class ContextBuilder:
@@ -302,6 +323,10 @@ class ContextBuilder:
                     continue
                 if not isinstance(value, str):
                     raise InvalidTokenError(reason=f"claim {path!r} ({field}) is not a string")
+                if not _storable(value):
+                    raise InvalidTokenError(
+                        reason=f"claim {path!r} ({field}) holds NUL or an unpaired surrogate"
+                    )
                 break
             found.append(value)
         subject, client_id, token_type, organization_id, service_name = found

@@ -239,7 +239,7 @@ class _AppState:
     def _jwt_hit(self, digest: bytes, now: float) -> AuthContext | None:
         """The verified-token cache's context for ``digest``, if still good.
 
-        ``exp`` and ``nbf`` are re-checked on every hit, and the key that
+        ``exp``, ``nbf`` and ``iat`` are re-checked on every hit, and the key that
         verified the token must still be its issuer's current key: the same
         key set object within its soft TTL is exactly what
         :meth:`KeyStore.resolve() <flask_oauth_verify.jwks.KeyStore.resolve>`
@@ -276,12 +276,16 @@ class _AppState:
         if self.claims_checks:
             self.run_claims_checks(claims)  # read-only to the checks
         context = self.context_builder.build(claims, "jwks", True)
-        # claims passed the checks: exp is a number, nbf a number or None.
+        # claims passed the checks: exp is a number, nbf and iat numbers or
+        # None; a hit re-checks the later of the two (a clock stepped back
+        # must refuse a token "issued in the future" as verifying it would).
         # If the key set changes meanwhile, the entry's hit check notices
         # (source.keys is no longer key_set) and resolves the key again.
-        entry = CachedToken(
-            context, claims["exp"], claims.get("nbf"), issuer, header, key, source, key_set
-        )
+        nbf = claims.get("nbf")
+        iat = claims.get("iat")
+        if iat is not None and (nbf is None or iat > nbf):
+            nbf = iat
+        entry = CachedToken(context, claims["exp"], nbf, issuer, header, key, source, key_set)
         self.token_cache.put(digest, entry)
         return context
 
@@ -426,6 +430,7 @@ class OAuthVerify:
         app.extensions[EXTENSION_KEY] = state
         state.cache.bind_app(app)  # reach Flask-Caching outside an app context
         _register_error_handler(app, state.error_response)
+        _encode_claims_as_json(app)
         if settings.security_headers:
             app.after_request(_protected_response_headers)
         if "query" in settings.token_locations:
@@ -531,6 +536,28 @@ class OAuthVerify:
 
 #: Every status an :class:`OAuthVerifyError` answers with.
 _ERROR_STATUSES = (400, 401, 403, 503)
+
+
+def _encode_claims_as_json(app: Flask) -> None:
+    """Let the app's JSON provider encode ``g.auth.claims`` as an object.
+
+    :class:`ReadOnlyClaims` is a mapping, not a ``dict``, so Flask's provider
+    would refuse ``jsonify({"claims": g.auth.claims})`` (a 500). The
+    provider's ``default`` (Flask's, or one the app set) is wrapped, not
+    replaced; a provider without one (orjson and the like) is left alone.
+    """
+    provider = app.json
+    previous = getattr(provider, "default", None)
+    if not callable(previous) or getattr(previous, "encodes_claims", False):
+        return
+
+    def default(value: Any) -> Any:
+        if isinstance(value, ReadOnlyClaims):
+            return dict(value)
+        return previous(value)
+
+    default.encodes_claims = True  # type: ignore[attr-defined]
+    provider.default = default  # type: ignore[attr-defined]
 
 
 def _register_error_handler(app: Flask, handler: Callable[[Any], Response]) -> None:

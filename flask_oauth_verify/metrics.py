@@ -72,8 +72,15 @@ _MAX_LABEL = 64
 
 
 def _bounded(value: Any) -> str:
-    """A label value from a verified claim, capped in length."""
-    return str(value)[:_MAX_LABEL] if value is not None else ""
+    """A label value from a verified claim, capped in length and encodable:
+    an unpaired surrogate (valid in JSON, not in UTF-8) is written as an
+    escape, or every later scrape of the registry would fail."""
+    if value is None:
+        return ""
+    text = str(value)[:_MAX_LABEL]
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")[:_MAX_LABEL]
 
 
 class _KeySetCollector(Collector):

@@ -76,27 +76,57 @@ class ReadOnlyDict(dict[str, Any]):
 _SETTLED = _ATOMS | {ReadOnlyList, ReadOnlyDict}
 
 
+#: Deeper values are refused (``RecursionError``): no JSON parser hands over
+#: more, and a cycle (a mapping holding itself) must end.
+_MAX_DEPTH = 10_000
+
+
+def _shell(value: Any) -> Any:
+    """An empty read-only container for ``value``, or ``value`` itself (no container)."""
+    if isinstance(value, _SEQUENCES):
+        return list.__new__(ReadOnlyList)
+    if isinstance(value, Mapping):
+        return dict.__new__(ReadOnlyDict)
+    return value
+
+
 def read_only(value: Any) -> Any:
     """``value`` with every nested list and mapping made read-only.
 
     Lists and tuples become :class:`ReadOnlyList`, mappings
-    :class:`ReadOnlyDict`; anything else is returned as is.
+    :class:`ReadOnlyDict`; anything else is returned as is. Iterative, so
+    any depth a JSON parser accepts is converted here too (a value read in
+    a view never fails where verifying the token succeeded).
 
-    :raises RecursionError: for values nested deeper than Python's
-        recursion limit allows.
+    :raises RecursionError: for values nested more than 10,000 deep (or
+        holding themselves).
     """
-    if isinstance(value, _SEQUENCES):
-        made = list.__new__(ReadOnlyList)
-        if _ATOMS.issuperset(map(type, value)):  # the usual array: scopes, aud, roles
-            list.extend(made, value)
+    root = _shell(value)
+    if root is value:
+        return value
+    pending = [(value, root, 1)]
+    while pending:
+        source, made, depth = pending.pop()
+        if depth > _MAX_DEPTH:
+            raise RecursionError("value nested too deeply")
+        if made.__class__ is ReadOnlyList:
+            if _ATOMS.issuperset(map(type, source)):  # the usual array: scopes, aud, roles
+                list.extend(made, source)
+                continue
+            items = []
+            for item in source:
+                child = _shell(item)
+                if child is not item:
+                    pending.append((item, child, depth + 1))
+                items.append(child)
+            list.extend(made, items)
         else:
-            list.extend(made, [read_only(item) for item in value])
-        return made
-    if isinstance(value, Mapping):
-        made_dict = dict.__new__(ReadOnlyDict)
-        dict.update(made_dict, {key: read_only(item) for key, item in value.items()})
-        return made_dict
-    return value
+            for key, item in source.items():
+                child = _shell(item)
+                if child is not item:
+                    pending.append((item, child, depth + 1))
+                dict.__setitem__(made, key, child)
+    return root
 
 
 class ReadOnlyClaims(Mapping[str, Any]):

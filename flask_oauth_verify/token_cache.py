@@ -2,7 +2,7 @@
 
 Keyed by the SHA-256 digest of the token, never the token. An entry keeps the
 :class:`AuthContext` built for the token plus what is needed to re-check it on
-every hit: ``exp``/``nbf`` (with leeway) and the key that verified it, which
+every hit: ``exp``/``nbf``/``iat`` (with leeway) and the key that verified it, which
 must still be the current key of its issuer (checked as "the same key set
 object, still within its soft TTL", else resolved again). The whole cache is
 emptied when a key set changes, so a key that leaves its set stops vouching
@@ -37,6 +37,9 @@ class CachedToken:
     Not frozen (a frozen dataclass costs a call per field to build, on every
     first-seen token); nothing changes an entry after it is stored.
 
+    :param not_before: the later of ``nbf`` and ``iat`` (``None``: neither);
+        a hit before it less the leeway takes the general path, which names
+        the claim.
     :param source: the key source that vouched for ``key`` when the token
         was verified (:meth:`KeyStore.resolve_vouched
         <flask_oauth_verify.jwks.KeyStore.resolve_vouched>`), and

@@ -155,6 +155,24 @@ def test_organization_and_user_context(scoped_app: Flask, tokens: TokenIssuer) -
     assert status == 401 and isinstance(body, dict) and body["error"] == "missing_user_context"
 
 
+@pytest.mark.parametrize(
+    "value", ["org\x00_1", "org_1\x00", "org_1\ud800", "\udfff"], ids=["nul", "nul-end", "hi", "lo"]
+)
+@pytest.mark.parametrize("field", ["organization_id", "subject", "client_id"])
+def test_a_mapped_claim_no_column_or_log_can_hold_makes_the_token_invalid(
+    scoped_app: Flask, tokens: TokenIssuer, field: str, value: str
+) -> None:
+    """NUL (refused by PostgreSQL's text) or an unpaired surrogate (JSON allows
+    the escape; UTF-8 cannot encode it) in an organization, user or client id
+    would fail later, in a scoped query or a metrics scrape: refused now."""
+    hostile: dict[str, Any] = {"organization_id": "org_1", field: value}
+    status, body = get(scoped_app, "/org", tokens.mint(**hostile))
+    assert status == 401 and isinstance(body, dict) and body["error"] == "invalid_token"
+    valid: dict[str, Any] = {"organization_id": "org_1", field: "caf\u00e9 \U0001f600"}
+    unicode = tokens.mint(**valid)
+    assert get(scoped_app, "/org", unicode)[0] == 200, "valid Unicode is kept"
+
+
 def test_async_view(scoped_app: Flask, tokens: TokenIssuer) -> None:
     assert get(scoped_app, "/async", tokens.mint(scopes=["read:users"])) == (200, "async user_1")
     assert get(scoped_app, "/async", tokens.mint(scopes=[]))[0] == 403

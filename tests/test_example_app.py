@@ -17,6 +17,7 @@ from werkzeug.serving import make_server
 from example_app import create_app
 from example_app.commands import banner
 from example_app.logging_setup import JSONFormatter, configure_security_log
+from flask_oauth_verify import ConfigurationError
 from flask_oauth_verify.testing import TokenIssuer, auth_header
 
 from .conftest import free_port
@@ -82,6 +83,18 @@ def test_banner_tokens_work(example: Flask) -> None:
         line.split("'")[1] for line in text.splitlines() if line.startswith(("TOKEN=", "OPAQUE="))
     ]
     assert len(tokens) == 3 + 1
+    # Pasted in order, each curl line sends the variable's latest value.
+    variables: dict[str, str] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition("=")
+        if value.startswith("'") and name.isupper():
+            variables[name] = value.strip("'")
+        elif '/widget/summary -H "Authorization: Bearer $' in line:
+            variable = line.split("Bearer $", 1)[1].rstrip('"')
+            widget = example.test_client().get(
+                "/widget/summary", headers=auth_header(variables[variable])
+            )
+            assert widget.status_code == 200, widget.json
     client = example.test_client()
     statuses = [
         client.get("/api/customers", headers=auth_header(t)).status_code for t in tokens[:3]
@@ -382,3 +395,21 @@ def test_the_widget_blueprint_checks_in_before_request_and_answers_preflights(
     assert acme.json is not None and globex.json is not None and listed.json is not None
     assert acme.json == {"organization_id": "org_acme", "customers": len(listed.json["customers"])}
     assert globex.json["organization_id"] == "org_globex"
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("OAUTH_VERIFY_ISSUER", "https://issuer.example.com"),
+        ("OAUTH_VERIFY_JWKS_URI", "https://issuer.example.com/jwks"),
+        ("OAUTH_VERIFY_JWKS", '{"keys": []}'),
+    ],
+)
+def test_the_dev_issuer_never_runs_beside_a_real_issuer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, setting: str, value: str
+) -> None:
+    """Its static key set would be trusted for the real issuer: a token the
+    development key signed with the real ``iss`` would be accepted."""
+    monkeypatch.setenv("EXAMPLE_" + setting, value)
+    with pytest.raises(ConfigurationError, match=setting):
+        create_app({"EXAMPLE_DEV_ISSUER": True, "TESTING": True}, instance_path=str(tmp_path))

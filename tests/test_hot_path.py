@@ -131,6 +131,30 @@ def test_an_outage_beyond_max_staleness_stops_cached_tokens(
     assert response.status_code == 503, "no usable keys: a cached token is not served either"
 
 
+@pytest.mark.parametrize("route", ["/protected", "/verify-request"])
+def test_a_hit_refuses_a_token_issued_in_the_future_after_the_clock_steps_back(
+    tokens: TokenIssuer, clock: FakeClock, route: str
+) -> None:
+    """A cached token gets the answer verifying it would give: with ``iat``
+    (and no ``nbf``) ahead of a clock stepped back beyond the leeway, 401."""
+    app = make_app(tokens.config(audience="api"), clock=clock)
+
+    @app.get("/verify-request")
+    def checked_in_the_view() -> str:
+        verify_request()
+        return "ok"
+
+    token = tokens.mint(tokens.claims(now=clock.now, nbf=None))
+    client = app.test_client()
+    assert client.get(route, headers=auth_header(token)).status_code == 200
+    clock.advance(-120)  # LEEWAY is 30 s by default
+    response = client.get(route, headers=auth_header(token))
+    assert response.status_code == 401
+    assert response.json is not None and response.json["error"] == "invalid_token"
+    clock.advance(120)
+    assert client.get(route, headers=auth_header(token)).status_code == 200
+
+
 def test_static_key_set_hits(tokens: TokenIssuer) -> None:
     app = make_app(tokens.config(audience="api"))
     token = tokens.mint()

@@ -402,3 +402,15 @@ def test_gunicorn_workers_report_one_aggregated_count(tokens: TokenIssuer, tmp_p
             process.send_signal(signal.SIGTERM)  # graceful: no request cut mid-answer
             process.wait(30)
     assert "Traceback" not in log.read_text()
+
+
+def test_a_label_value_utf8_cannot_encode_never_breaks_the_scrape(tokens: TokenIssuer) -> None:
+    """An unpaired surrogate (valid in JSON, not in UTF-8) in a label value is
+    written as an escape: otherwise every later scrape fails."""
+    from prometheus_client import generate_latest
+
+    app = make_app(tokens.config(METRICS=True))
+    events = app.extensions["oauth_verify"].events
+    events.emit("keys_refreshed", {"issuer": "https://issuer.example/\ud800"})
+    exposed = generate_latest(metrics_registry(app)).decode("utf-8")
+    assert 'issuer="https://issuer.example/\\\\ud800"' in exposed

@@ -242,3 +242,52 @@ def test_a_claim_nested_beyond_the_recursion_limit_is_refused_when_read() -> Non
     with pytest.raises(InvalidTokenError) as refused:
         claims["deep"]
     assert refused.value.reason == "claims nested too deeply"
+
+
+def test_a_claim_as_deep_as_the_parser_takes_is_read_in_the_view(tokens: TokenIssuer) -> None:
+    """Verification accepted it: reading it (and encoding the claims as JSON)
+    in the view must not turn into a 401 half-way through the view."""
+    deep: Any = "leaf"
+    for _ in range(500):
+        deep = [deep]
+    app = make_app(tokens.config(audience="api"))
+
+    @app.get("/deep")
+    @require_token
+    def read_deep() -> Any:
+        claims = g.auth.claims
+        assert claims["deep"] == deep and dict(claims)["deep"] == deep
+        return jsonify({"claims": claims})
+
+    response = app.test_client().get("/deep", headers=auth_header(tokens.mint(deep=deep)))
+    assert response.status_code == 200
+    assert response.json is not None and response.json["claims"]["deep"] == deep
+
+
+def test_the_claims_mapping_encodes_as_json_and_a_custom_default_still_applies(
+    tokens: TokenIssuer,
+) -> None:
+    app = Flask("claims_json")
+
+    class Money:
+        pass
+
+    previous = app.json.default  # type: ignore[attr-defined]
+
+    def default(value: Any) -> Any:
+        return "money" if isinstance(value, Money) else previous(value)
+
+    app.json.default = default  # type: ignore[attr-defined]
+    app.config.update(tokens.config(audience="api"))
+    from flask_oauth_verify import OAuthVerify
+
+    OAuthVerify(app)
+
+    @app.get("/claims")
+    @require_token
+    def claims() -> Any:
+        return {"claims": g.auth.claims, "price": Money()}
+
+    response = app.test_client().get("/claims", headers=auth_header(tokens.mint(roles=["a"])))
+    assert response.status_code == 200 and response.json is not None
+    assert response.json["claims"]["roles"] == ["a"] and response.json["price"] == "money"
