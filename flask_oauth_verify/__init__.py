@@ -86,7 +86,8 @@ def _needs_sqlalchemy(name: str, missing: ImportError) -> Callable[..., Any]:
 
     def unavailable(*args: Any, **kwargs: Any) -> Any:
         raise ImportError(
-            f"{name}() needs SQLAlchemy: pip install 'flask-oauth-verify[sqlalchemy]'"
+            f"{name}() needs SQLAlchemy 2.1 or later "
+            f"(pip install 'flask-oauth-verify[sqlalchemy]'): {missing}"
         ) from missing
 
     unavailable.__name__ = unavailable.__qualname__ = name

@@ -31,18 +31,21 @@ import contextvars
 import dataclasses
 import functools
 import logging
+import re
 import threading
 import weakref
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import sqlalchemy
 from flask import has_app_context, has_request_context
-from sqlalchemy import Select, event, func, inspect, select, tuple_
+from sqlalchemy import Column, Select, event, func, inspect, select, tuple_
 from sqlalchemy.orm import (
+    ColumnProperty,
     Mapper,
     ORMExecuteState,
     Query,
+    RelationshipProperty,
     Session,
     registry,
     scoped_session,
@@ -59,14 +62,46 @@ from sqlalchemy.sql.selectable import (
     AliasedReturnsRows,
     Exists,
     FromClause,
+    Lateral,
     ScalarSelect,
     SelectBase,
     TableClause,
 )
+from sqlalchemy.util import immutabledict
 
 from .context import AuthContext, request_auth
 from .errors import MissingOrganizationContext, MissingUserContext, OAuthVerifyError
 from .extension import get_state
+from .fifo import BoundedFifo
+
+#: The oldest SQLAlchemy release automatic scoping is safe with.
+_MINIMUM_SQLALCHEMY = (2, 1)
+
+
+def _require_sqlalchemy(version: str) -> None:
+    """Refuse a SQLAlchemy release that would let scoped statements leak.
+
+    SQLAlchemy 2.0 applies :func:`~sqlalchemy.orm.with_loader_criteria` to
+    no entity named only in the ``WHERE`` of a subquery: the ``EXISTS`` of
+    ``relationship.any()`` / ``has()`` and of ``exists().where(Model.x ==
+    …)`` would test every organization's rows. Failing at import names the
+    fix; running would leak.
+
+    :param version: ``sqlalchemy.__version__``.
+    :raises ImportError: for a release before 2.1.
+    """
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found is None or (int(found[1]), int(found[2])) < _MINIMUM_SQLALCHEMY:
+        raise ImportError(
+            f"flask_oauth_verify.tenancy needs SQLAlchemy 2.1 or later, not {version}: "
+            f"SQLAlchemy 2.0 does not scope entities named only inside an EXISTS "
+            f"subquery (relationship.any()/has(), exists().where(...)), which would read "
+            f"every organization's rows. pip install 'flask-oauth-verify[sqlalchemy]' "
+            f"(SQLAlchemy>=2.1)."
+        )
+
+
+_require_sqlalchemy(sqlalchemy.__version__)
 
 __all__ = [
     "BYPASS_OPTION",
@@ -588,9 +623,13 @@ def _value_rows(
     """
     overridden = {key for row in params for key in row}
     rows: list[dict[str | None, Any]] = []
-    values = getattr(statement, "_values", None)
-    if values:
-        rows.append({_column_name_of(k): _literal(v, overridden) for k, v in values.items()})
+    # ordered_values() / preserve_parameter_order fill _values in SQLAlchemy
+    # 2.1 and _ordered_values (pairs) in 2.0: a release that keeps them apart
+    # again must not get past the guard with them
+    pairs = [*(getattr(statement, "_values", None) or {}).items()]
+    pairs += getattr(statement, "_ordered_values", None) or ()
+    if pairs:
+        rows.append({_column_name_of(k): _literal(v, overridden) for k, v in pairs})
     for group in getattr(statement, "_multi_values", None) or ():
         for row in group:
             if not isinstance(row, Mapping):
@@ -637,8 +676,8 @@ def _expanded(mapper: Mapper[Any], row: Mapping[str, Any]) -> Mapping[str, Any]:
         raise TenantScopingError(
             f"The legacy bulk methods cannot be checked by tenant scoping with SQLAlchemy "
             f"{sqlalchemy.__version__} (sqlalchemy.orm.bulk_persistence._expand_other_attrs "
-            f"is missing); refused. Use session.execute(insert(...)) / update(...) or a "
-            f"SQLAlchemy 2.0 or 2.1 release."
+            f"is missing); refused. Use session.execute(insert(...)) / update(...) "
+            f"instead, which are checked without it."
         ) from None
     copy = dict(row)
     _expand_other_attrs(mapper, [copy])
@@ -898,6 +937,16 @@ def _core_verdict(statement: Any, tenant_tables: Mapping[Any, str]) -> _CoreVerd
     return _CoreVerdict(tuple(sorted(touched)), tuple(sorted(unscoped)), frozenset(organizations))
 
 
+#: The expressions of a ``WHERE`` criterion SQLAlchemy looks for entities in
+#: (untyped in SQLAlchemy).
+_surface_expressions: Callable[[Any], Iterator[Any]] = sql_util.surface_expressions
+
+#: How many ORM statement shapes' verdicts :meth:`TenantScoping._check_criteria_reach` keeps.
+_REACH_VERDICTS = 1024
+
+#: The entity of a column expression, as SQLAlchemy finds it (untyped there).
+_first_column_annotation: Callable[[Any, str], Any] = sql_util.extract_first_column_annotation
+
 #: The loader strategy of a ``with_expression()`` option.
 _QUERY_EXPRESSION = (("query_expression", True),)
 
@@ -916,6 +965,47 @@ def _from_name(from_clause: Any) -> str:
     base = _base_table(from_clause)
     name, alias = getattr(base, "name", "?"), getattr(from_clause, "name", None)
     return name if alias in (None, name) else f"{name} AS {alias}"
+
+
+def _tenant_reads(
+    statement: Any, tenant_tables: Mapping[Any, str]
+) -> tuple[list[Any], list[tuple[Any, bool]]]:
+    """What one statement reads itself: the tenant tables and aliases of one
+    (deannotated), and its nested statements with whether each may
+    correlate to it (a subquery in ``FROM`` or a CTE never does; a
+    ``LATERAL`` one, a scalar or ``EXISTS`` subquery may)."""
+    froms: list[Any] = []
+    nested: list[tuple[Any, bool]] = []
+    stack: list[tuple[Any, bool]] = [(child, True) for child in statement.get_children()]
+    seen: set[int] = set()
+    while stack:
+        element, correlating = stack.pop()
+        if id(element) in seen:
+            continue
+        seen.add(id(element))
+        if isinstance(element, _STATEMENTS):
+            nested.append((element, correlating))
+            continue
+        if isinstance(element, FromClause):
+            base = _base_table(element)
+            if isinstance(base, TableClause):
+                if tenant_tables.get(base) is not None:
+                    froms.append(element._deannotate())
+                continue
+            if isinstance(element, AliasedReturnsRows) and not isinstance(element, Lateral):
+                correlating = False
+        stack.extend((child, correlating) for child in element.get_children())
+    return froms, nested
+
+
+def _correlated(select_: Any, from_clause: Any) -> bool:
+    """Whether ``select_`` correlates ``from_clause`` (deannotated) to an
+    enclosing query that has it among its FROM objects."""
+    if select_._correlate_except is not None:
+        return all(f._deannotate() is not from_clause for f in select_._correlate_except)
+    if select_._auto_correlate:
+        return True
+    return any(f._deannotate() is from_clause for f in select_._correlate)
 
 
 def _correlates(expression: Any, tables: set[Any]) -> bool:
@@ -974,6 +1064,11 @@ class TenantScoping:
         #: statement -> (mapper generation, verdict) of Core statements checked
         self._verdicts: weakref.WeakKeyDictionary[Any, tuple[int, _CoreVerdict]] = (
             weakref.WeakKeyDictionary()
+        )
+        #: cache key of an ORM statement -> (mapper generation, tables no
+        #: loader criterion reaches): see _check_criteria_reach
+        self._reach_verdicts: BoundedFifo[Any, tuple[int, tuple[str, ...]]] = BoundedFifo(
+            _REACH_VERDICTS
         )
         #: models= was db.Model's registry by default, not the caller's choice
         self._implicit_models = False
@@ -1246,9 +1341,14 @@ class TenantScoping:
             logger.warning("tenant scoping bypassed for %s: %s", _statement_kind(state), reason)
             return None
         self._check_settings()
+        converted = False
         if not state.is_orm_statement:
-            self._check_core(state.statement)
-            return None
+            orm = self._as_orm_statement(state.statement)
+            if orm is None:
+                self._check_core(state.statement)
+                return None
+            # scoped below, then run as the ORM statement it now is
+            state.statement, converted = orm, True
         tenants = self.tenant_classes()
         refused = self._refused_mappers()
         if refused:
@@ -1267,7 +1367,7 @@ class TenantScoping:
         if secondaries:
             self._refuse_secondaries(state, secondaries)
         organization = current_organization_id()
-        _switch_organization(state.session, organization)
+        _switch_organization(state.session, organization, self)
         if isinstance(state.statement, FromStatement):
             inner: Any = state.statement.element
             if inner._propagate_attrs.get("compile_state_plugin") != "orm":
@@ -1281,12 +1381,14 @@ class TenantScoping:
             if not state.is_delete:
                 self._refuse_replacing(state)
         if state.is_insert:
+            self._check_criteria_reach(state.statement)  # INSERT … FROM SELECT
             return self._guard_insert(state, tenants, organization)
         if state.is_update or state.is_delete:
             self._guard_dml(state, organization)
             state.statement = self._scope_extra_froms(state.statement, organization)
             if state.is_executemany:
                 # ORM bulk UPDATE by primary key ignores loader criteria.
+                self._check_criteria_reach(state.statement)
                 self._check_primary_keys(state, organization)
                 return None
         criteria = _criteria_options(tenants, organization)
@@ -1298,13 +1400,196 @@ class TenantScoping:
             criteria = tuple(c for c in criteria if id(c) not in known)
         if criteria:
             state.statement = state.statement.options(*criteria)
+        # on the statement SQLAlchemy runs: its cache key (memoized, needed
+        # for the compiled cache anyway) keys the verdict
+        self._check_criteria_reach(state.statement)
         if not (state.is_update or state.is_delete):
             # every loaded row is checked against this (see _on_load)
             guard = {_EXPECTED_ORG: organization, _SCOPING: self}
             if isinstance(state.statement, FromStatement):
                 guard[_FROM_STATEMENT] = True
             state.update_execution_options(**guard)
+        if converted:
+            # SQLAlchemy chose the Core path before this listener ran
+            return state.invoke_statement()
         return None
+
+    def _as_orm_statement(self, statement: Any) -> Any:
+        """A Core ``select()`` reading tenant tables only through ORM entities, made an ORM one.
+
+        ``select(exists().where(Project.name == x))`` and
+        ``select(Plan.projects.any(...))`` have no entity among their
+        columns, so SQLAlchemy runs them as Core statements, which loader
+        criteria never reach. Marked as ORM statements they get the
+        criteria in each subquery, as the same subqueries do inside any ORM
+        statement — provided SQLAlchemy finds the entity there: it looks at
+        the subquery's ``FROM`` entities and at the top level of its
+        ``WHERE`` expressions. So only when every tenant table is read in a
+        ``select()`` built from ORM attributes whose ``FROM`` or ``WHERE``
+        names that table's (or alias's) entity that way, and none at the
+        top, is the statement converted; anything else (``func.lower(
+        Project.name)`` alone, a ``Table`` column) is left to
+        :meth:`_check_core`, which refuses it.
+
+        :returns: the ORM statement, or ``None``.
+        """
+        if not isinstance(statement, Select) or not self._core_verdict(statement).touched:
+            return None  # (the verdict is remembered per statement)
+        tenant_tables = self._tenant_tables()
+        subject: Any = None
+        statements: list[tuple[Any, bool]] = [(statement, True)]
+        done: set[int] = set()
+        while statements:
+            current, top = statements.pop()
+            if id(current) in done:
+                continue
+            done.add(id(current))
+            if not isinstance(current, Select):
+                return None  # a UNION, a textual select, a write: not judged here
+            froms, nested = _tenant_reads(current, tenant_tables)
+            statements += [(inner, False) for inner, _correlating in nested]
+            if not froms:
+                continue
+            if top or current._propagate_attrs.get("compile_state_plugin") != "orm":
+                return None
+            # what SQLAlchemy reads (ORMSelectCompileState._adjust_for_extra_criteria)
+            entities = [f._annotations.get("parententity") for f in current._from_obj]
+            entities += [
+                element._annotations.get("parententity")
+                for criterion in current._where_criteria
+                for element in _surface_expressions(criterion)
+            ]
+            targets = {}
+            for entity in entities:
+                target = self._criteria_target(entity)
+                if target is not None:
+                    targets[id(target)] = entity
+            for from_clause in froms:
+                entity = targets.get(id(from_clause))
+                if entity is None:
+                    return None
+                subject = subject if subject is not None else entity.mapper
+        if subject is None:
+            return None
+        orm = statement._generate()
+        orm._propagate_attrs = immutabledict(
+            {"compile_state_plugin": "orm", "plugin_subject": subject}
+        )
+        return orm
+
+    def _check_criteria_reach(self, statement: Any) -> None:
+        """Refuse an ORM statement with a ``SELECT`` the loader criteria miss.
+
+        SQLAlchemy adds the criteria to each ``SELECT`` of an ORM statement
+        for the entities it finds there (``ORMSelectCompileState.
+        _adjust_for_extra_criteria``): its columns, its ``FROM`` and joins,
+        and the top level of its ``WHERE`` expressions. A tenant table read
+        only through anything else — ``func.lower(Project.name)`` in
+        ``select(func.count()).where(...)`` or in an ``exists()``, a nested
+        ``and_()`` in a Core subquery, a ``Table`` column — would be read
+        for every organization. A table that a subquery correlates to an
+        enclosing one is that one's to scope.
+
+        :raises TenantScopingError: naming the tables read unscoped.
+        """
+        generation = _MAPPER_GENERATION[0]
+        cache_key = statement._generate_cache_key()
+        known = self._reach_verdicts.get(cache_key.key) if cache_key is not None else None
+        if known is not None and known[0] == generation:
+            missed = known[1]
+        else:
+            missed = self._criteria_missed_by(statement)
+            if cache_key is not None:
+                self._reach_verdicts.put(cache_key.key, (generation, missed))
+        if missed:
+            raise TenantScopingError(
+                f"Tenant table(s) {', '.join(missed)} are read in a part of this "
+                f"statement that tenant scoping cannot reach (only inside a function, a "
+                f"nested and_()/or_() of a Core subquery, or through a Table column), so "
+                f"every organization's rows would be read. Name the entity where SQLAlchemy "
+                f"looks for it: among the columns (select(Project.id).where(...)), in "
+                f"select_from(Project), or in a plain comparison at the top of the WHERE "
+                f"(Project.name == x) - see 'Limits' in the tenancy docs."
+            )
+
+    def _criteria_missed_by(self, statement: Any) -> tuple[str, ...]:
+        """The tenant tables of ``statement`` no loader criterion will reach, by name."""
+        if isinstance(statement, FromStatement):
+            statement = statement.element
+            if statement._propagate_attrs.get("compile_state_plugin") != "orm":
+                return ()  # a Core statement: on_execute checked it as one
+        missed: set[str] = set()
+        enclosing: frozenset[Any] = frozenset()
+        if isinstance(statement, UpdateBase):
+            target = getattr(statement, "table", None)
+            enclosing = frozenset({target._deannotate()}) if target is not None else enclosing
+        self._criteria_missed(statement, enclosing, missed, set())
+        return tuple(sorted(missed))
+
+    def _criteria_missed(
+        self, statement: Any, enclosing: frozenset[Any], missed: set[str], done: set[int]
+    ) -> None:
+        """Add to ``missed`` the tenant tables that no loader criterion will
+        reach in ``statement``'s ``SELECT`` statements, nested ones included."""
+        if id(statement) in done:
+            return
+        done.add(id(statement))
+        froms, nested = _tenant_reads(statement, self._tenant_tables())
+        own = frozenset(froms)
+        reached = self._criteria_targets(statement) if isinstance(statement, Select) else {}
+        if isinstance(statement, Select) and froms:
+            marker = _marker_of(statement)  # org_scoped(): the tables it compared
+            compared = {id(e._deannotate()) for e, _name in marker[1]} if marker else set()
+            for from_clause in froms:
+                if id(from_clause) in reached or id(from_clause) in compared:
+                    continue
+                if from_clause in enclosing and _correlated(statement, from_clause):
+                    continue  # the enclosing SELECT's to scope
+                missed.add(_from_name(from_clause))
+        # an entity among the columns is a FROM of its own (SQLAlchemy's
+        # fallback FROM) that subqueries correlate to
+        around = enclosing | own | frozenset(reached.values())
+        for inner, correlating in nested:
+            self._criteria_missed(inner, around if correlating else frozenset(), missed, done)
+
+    def _criteria_targets(self, select_: Select[Any]) -> dict[int, Any]:
+        """The FROM objects SQLAlchemy's loader criteria will compare in
+        ``select_``, by ``id()`` (none for a Core ``SELECT``)."""
+        if select_._propagate_attrs.get("compile_state_plugin") != "orm":
+            return {}
+        # the same reads as ORMSelectCompileState: each column's entity
+        # (_ColumnEntity._for_columns), the FROM and join entities, and the
+        # surface of the WHERE (_adjust_for_extra_criteria)
+        entities: list[Any] = [
+            column._annotations.get("parententity")
+            or _first_column_annotation(column, "parententity")
+            for column in select_._raw_columns
+        ]
+        entities += [f._annotations.get("parententity") for f in select_._from_obj]
+        for join in select_._setup_joins:
+            target = join[0]
+            entities.append(getattr(target, "_annotations", {}).get("parententity"))
+        entities += [
+            element._annotations.get("parententity")
+            for criterion in select_._where_criteria
+            for element in _surface_expressions(criterion)
+        ]
+        reached: dict[int, Any] = {}
+        for entity in entities:
+            target = self._criteria_target(entity)
+            if target is not None:
+                reached[id(target)] = target
+        return reached
+
+    def _criteria_target(self, entity: Any) -> Any:
+        """The FROM object the loader criteria of ``entity`` (a mapper or alias) compare."""
+        mapper = getattr(entity, "mapper", None)
+        key = self.tenant_key(mapper) if isinstance(mapper, Mapper) else None
+        if key is None:
+            return None
+        if getattr(entity, "is_aliased_class", False):
+            return entity.selectable._deannotate()
+        return mapper.columns[key].table  # type: ignore[union-attr]
 
     def _refuse_replacing(self, state: ORMExecuteState) -> None:
         """Refuse ``OR REPLACE`` on an ``INSERT``/``UPDATE`` of a tenant table."""
@@ -1370,7 +1655,9 @@ class TenantScoping:
                             f"which loader criteria never reach (SQLAlchemy compiles the "
                             f"expression as plain Core); use a correlated subquery built "
                             f"with org_scoped(select(...), <Model>.{self.column}), or "
-                            f"unscoped(..., reason=...)."
+                            f"unscoped(..., reason=...). An object loaded with it for "
+                            f"another organization is refreshed with it too: load it "
+                            f"again, or use a session per organization."
                         )
 
     def _expression_reads(self, expression: Any, own: set[Any], organization: str) -> list[str]:
@@ -1629,7 +1916,7 @@ class TenantScoping:
             with contextlib.suppress(MissingOrganizationContext, TenantContextError):
                 # a hit runs no SQL: relationships loaded for another
                 # organization are expired first
-                _switch_organization(session, current_organization_id())
+                _switch_organization(session, current_organization_id(), self)
         found = original(session, mapper, *args, **kw)
         if found is None or not hasattr(found, "_sa_instance_state"):
             return found
@@ -1708,7 +1995,7 @@ class TenantScoping:
             if not acting:
                 self._check_settings()
                 acting.append(current_organization_id())
-                _switch_organization(session, acting[0])
+                _switch_organization(session, acting[0], self)
             return acting[0]
 
         refused = self._refused_mappers()
@@ -1782,34 +2069,59 @@ class TenantScoping:
             state.info[_LOADED_FOR] = (state.dict.get(key), state.key)
 
 
-def _switch_organization(session: Session, organization: str) -> None:
-    """Forget the relationships a session loaded for another organization.
+def _switch_organization(session: Session, organization: str, scoping: TenantScoping) -> None:
+    """Forget what a session loaded for another organization.
 
-    A loaded relationship is not reloaded by later statements: a shared
-    object (no organization column) whose tenant collection was loaded for
-    one organization would show that organization's rows to the next one
+    A loaded attribute is not reloaded by later statements: SQLAlchemy
+    returns the object of its identity map as it is. A shared object (no
+    organization column) whose tenant collection, or whose
+    ``column_property()`` / ``deferred()`` / ``query_expression()`` over a
+    tenant table (a count, a list of names), was loaded for one
+    organization would show that organization's rows to the next one
     working with the same session — an ``as_organization`` block, or a
     ``scoped_session`` (or Flask-SQLAlchemy's ``db.session`` under an
     application context pushed for the whole process) not removed between
-    requests. When the organization changes, every loaded relationship
-    attribute of the identity map without unflushed changes is expired, so
-    that the next access loads it with the current organization's criteria.
+    requests. When the organization changes, every attribute without
+    unflushed changes that can depend on the organization is expired, so
+    that the next access or statement loads it with the current
+    organization's criteria: the relationships of every object, and every
+    attribute of a shared object except plain columns of its own tables
+    (the same for every organization). A tenant object keeps its column
+    values: they were loaded for its own organization, and identity-map
+    look-ups and scoped statements no longer return it to another one.
     """
     previous = session.info.get(_SESSION_ORG)
     session.info[_SESSION_ORG] = organization
     if previous is None or previous == organization:
         return
+    volatile: dict[Mapper[Any], list[str]] = {}
     for state in session.identity_map.all_states():
         obj = state.obj()
         if obj is None:
             continue
+        keys = volatile.get(state.mapper)
+        if keys is None:
+            keys = volatile[state.mapper] = _volatile_keys(state.mapper, scoping)
         stale = [
-            prop.key
-            for prop in state.mapper.relationships
-            if prop.key in state.dict and not state.attrs[prop.key].history.has_changes()
+            key for key in keys if key in state.dict and not state.attrs[key].history.has_changes()
         ]
         if stale:
             session.expire(obj, stale)
+
+
+def _volatile_keys(mapper: Mapper[Any], scoping: TenantScoping) -> list[str]:
+    """The attributes of ``mapper`` whose loaded value may depend on the organization."""
+    shared = scoping.tenant_key(mapper) is None
+    tables = set(mapper.tables)
+    keys = []
+    for prop in mapper.iterate_properties:
+        if isinstance(prop, RelationshipProperty):
+            keys.append(prop.key)
+        elif shared and isinstance(prop, ColumnProperty):
+            plain = all(isinstance(c, Column) and c.table in tables for c in prop.columns)
+            if not plain:  # a subquery, an expression, another table's column
+                keys.append(prop.key)
+    return keys
 
 
 #: Execution option carrying the scoping object to the load guard.
