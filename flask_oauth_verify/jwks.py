@@ -740,7 +740,9 @@ class KeyStore:
             if max_age is None:
                 return self._ttl(None)
             if isinstance(max_age, int | float) and not isinstance(max_age, bool):
-                return None if math.isnan(max_age) else self._ttl(max_age)
+                # NaN is no number; an int beyond the float range (10**400)
+                # compares fine with the bounds but cannot become a float
+                return None if max_age != max_age else self._ttl(max_age)
             return None
         ttl = record.get("ttl")
         return self._clamp(ttl) if finite_number(ttl) else None

@@ -373,6 +373,34 @@ def test_a_key_set_in_redis_that_is_not_json_is_ignored(
     assert server.hits["/jwks"] == 2
 
 
+@pytest.mark.parametrize(
+    "max_age",
+    [10**400, -(10**400), float("nan"), float("inf"), True, "60", None],
+    ids=["huge", "-huge", "nan", "inf", "bool", "str", "none"],
+)
+def test_an_odd_max_age_in_redis_never_stops_refreshes(
+    issuer: TokenIssuer, clock: FakeClock, redis_url: str, max_age: Any
+) -> None:
+    """The shared record's ``max_age`` is read on every adoption: an int beyond
+    the float range raised OverflowError there, so no worker on the cache
+    refreshed again (cold ones 503, warm ones refused a rotated key)."""
+    server = server_of(issuer)
+    warm = fault_app(issuer.config(), clock, cache_config=redis_cache(redis_url))
+    assert_ok(timed(warm, issuer.mint())[0])
+    backend = shared_backend(warm)
+    key = get_state(warm).keys.shared_key("jwks", issuer.issuer)
+    record = backend.get(key)
+    assert isinstance(record, dict)
+    backend.set(key, {**record, "max_age": max_age, "fetched_at": clock()}, timeout=0)
+    cold = fault_app(issuer.config(), clock, cache_config=redis_cache(redis_url))
+    assert_ok(timed(cold, issuer.mint())[0])
+    issuer.rotate(drop_old=True)
+    clock.advance(STALE)
+    assert_ok(timed(warm, issuer.mint())[0])
+    assert_ok(timed(cold, issuer.mint())[0])
+    assert server.hits["/jwks"] >= 2
+
+
 def test_a_fetch_lock_naming_a_pid_beyond_any_is_broken(
     issuer: TokenIssuer, clock: FakeClock, redis_url: str
 ) -> None:
