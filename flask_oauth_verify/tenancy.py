@@ -971,20 +971,20 @@ def _tenant_reads(
     statement: Any, tenant_tables: Mapping[Any, str]
 ) -> tuple[list[Any], list[tuple[Any, bool]]]:
     """What one statement reads itself: the tenant tables and aliases of one
-    (deannotated), and its nested statements with whether each may
-    correlate to it (a subquery in ``FROM`` or a CTE never does; a
+    (deannotated), and its nested statements with whether each is a
+    subquery in ``FROM`` or a CTE (which never auto-correlates; a
     ``LATERAL`` one, a scalar or ``EXISTS`` subquery may)."""
     froms: list[Any] = []
     nested: list[tuple[Any, bool]] = []
-    stack: list[tuple[Any, bool]] = [(child, True) for child in statement.get_children()]
+    stack: list[tuple[Any, bool]] = [(child, False) for child in statement.get_children()]
     seen: set[int] = set()
     while stack:
-        element, correlating = stack.pop()
+        element, in_from = stack.pop()
         if id(element) in seen:
             continue
         seen.add(id(element))
         if isinstance(element, _STATEMENTS):
-            nested.append((element, correlating))
+            nested.append((element, in_from))
             continue
         if isinstance(element, FromClause):
             base = _base_table(element)
@@ -993,19 +993,34 @@ def _tenant_reads(
                     froms.append(element._deannotate())
                 continue
             if isinstance(element, AliasedReturnsRows) and not isinstance(element, Lateral):
-                correlating = False
-        stack.extend((child, correlating) for child in element.get_children())
+                in_from = True
+        stack.extend((child, in_from) for child in element.get_children())
     return froms, nested
 
 
-def _correlated(select_: Any, from_clause: Any) -> bool:
+def _correlated(
+    select_: Any, from_clause: Any, explicit: frozenset[Any], implicit: frozenset[Any]
+) -> bool:
     """Whether ``select_`` correlates ``from_clause`` (deannotated) to an
-    enclosing query that has it among its FROM objects."""
-    if select_._correlate_except is not None:
-        return all(f._deannotate() is not from_clause for f in select_._correlate_except)
-    if select_._auto_correlate:
+    enclosing statement, by SQLAlchemy's rule (``SelectState._correlate_froms``):
+    ``correlate(t)`` / ``correlate_except(t)`` to any enclosing statement
+    that reads it; auto-correlation only to the immediately enclosing one,
+    and only when ``select_`` would keep a FROM of its own."""
+    if (
+        select_._correlate
+        and from_clause in explicit
+        and any(f._deannotate() is from_clause for f in select_._correlate)
+    ):
         return True
-    return any(f._deannotate() is from_clause for f in select_._correlate)
+    if (
+        select_._correlate_except is not None
+        and from_clause in explicit
+        and all(f._deannotate() is not from_clause for f in select_._correlate_except)
+    ):
+        return True
+    return bool(
+        select_._auto_correlate and from_clause in implicit and len(select_.get_final_froms()) > 1
+    )
 
 
 def _correlates(expression: Any, tables: set[Any]) -> bool:
@@ -1173,22 +1188,23 @@ class TenantScoping:
         cached = self._secondaries
         if cached is not None and cached[0] == generation:
             return cached[1]
-        tables = self._tenant_tables()
         found: dict[Any, Any] = {}
+        for prop in self._tenant_associations():
+            if self.tenant_key(prop.parent) is None and self.tenant_key(prop.mapper) is None:
+                found[prop] = prop
+                found[prop.secondary] = prop
+        self._secondaries = (generation, found)
+        return found
+
+    def _tenant_associations(self) -> Iterator[RelationshipProperty[Any]]:
+        """Every relationship through an association table with the organization column."""
+        tables = self._tenant_tables()
         for reg in _all_registries():
             for mapper in reg.mappers:
                 for prop in mapper.relationships:
                     secondary = prop.secondary
-                    if (
-                        secondary is not None
-                        and tables.get(_base_table(secondary)) is not None
-                        and self.tenant_key(prop.parent) is None
-                        and self.tenant_key(prop.mapper) is None
-                    ):
-                        found[prop] = prop
-                        found[secondary] = prop
-        self._secondaries = (generation, found)
-        return found
+                    if secondary is not None and tables.get(_base_table(secondary)) is not None:
+                        yield prop
 
     def _refuse_secondaries(self, state: ORMExecuteState, secondaries: dict[Any, Any]) -> None:
         """Refuse a statement that loads, joins or tests such a relationship."""
@@ -1447,7 +1463,7 @@ class TenantScoping:
             if not isinstance(current, Select):
                 return None  # a UNION, a textual select, a write: not judged here
             froms, nested = _tenant_reads(current, tenant_tables)
-            statements += [(inner, False) for inner, _correlating in nested]
+            statements += [(inner, False) for inner, _in_from in nested]
             if not froms:
                 continue
             if top or current._propagate_attrs.get("compile_state_plugin") != "orm":
@@ -1519,38 +1535,67 @@ class TenantScoping:
             if statement._propagate_attrs.get("compile_state_plugin") != "orm":
                 return ()  # a Core statement: on_execute checked it as one
         missed: set[str] = set()
-        enclosing: frozenset[Any] = frozenset()
+        outer: frozenset[Any] = frozenset()
         if isinstance(statement, UpdateBase):
+            # an UPDATE/DELETE is the enclosing statement of its subqueries
             target = getattr(statement, "table", None)
-            enclosing = frozenset({target._deannotate()}) if target is not None else enclosing
-        self._criteria_missed(statement, enclosing, missed, set())
+            outer = frozenset({target._deannotate()}) if target is not None else outer
+        self._criteria_missed(statement, outer, outer, missed, set())
         return tuple(sorted(missed))
 
     def _criteria_missed(
-        self, statement: Any, enclosing: frozenset[Any], missed: set[str], done: set[int]
+        self,
+        statement: Any,
+        explicit: frozenset[Any],
+        implicit: frozenset[Any],
+        missed: set[str],
+        done: set[int],
     ) -> None:
         """Add to ``missed`` the tenant tables that no loader criterion will
-        reach in ``statement``'s ``SELECT`` statements, nested ones included."""
+        reach in ``statement``'s ``SELECT`` statements, nested ones included.
+
+        :param explicit: the tenant FROM objects of the enclosing statements
+            that ``correlate()`` / ``correlate_except()`` may correlate to;
+        :param implicit: those that auto-correlation takes: the immediately
+            enclosing statement's, none for a subquery in ``FROM``
+            (``SQLCompiler._enclosing_correlate_froms``).
+        """
         if id(statement) in done:
             return
         done.add(id(statement))
         froms, nested = _tenant_reads(statement, self._tenant_tables())
-        own = frozenset(froms)
         reached = self._criteria_targets(statement) if isinstance(statement, Select) else {}
         if isinstance(statement, Select) and froms:
             marker = _marker_of(statement)  # org_scoped(): the tables it compared
             compared = {id(e._deannotate()) for e, _name in marker[1]} if marker else set()
+            associations = self._scoped_secondaries() if reached else frozenset()
             for from_clause in froms:
                 if id(from_clause) in reached or id(from_clause) in compared:
                     continue
-                if from_clause in enclosing and _correlated(statement, from_clause):
-                    continue  # the enclosing SELECT's to scope
+                if _base_table(from_clause) in associations:
+                    continue  # rows of a scoped entity through its association table
+                if _correlated(statement, from_clause, explicit, implicit):
+                    continue  # the enclosing statement's to scope
                 missed.add(_from_name(from_clause))
         # an entity among the columns is a FROM of its own (SQLAlchemy's
         # fallback FROM) that subqueries correlate to
-        around = enclosing | own | frozenset(reached.values())
-        for inner, correlating in nested:
-            self._criteria_missed(inner, around if correlating else frozenset(), missed, done)
+        here = frozenset(froms) | frozenset(reached.values())
+        for inner, in_from in nested:
+            if in_from:  # a subquery in FROM, a CTE: no auto-correlation
+                self._criteria_missed(inner, explicit, frozenset(), missed, done)
+            else:
+                self._criteria_missed(inner, explicit | here, here, missed, done)
+
+    def _scoped_secondaries(self) -> frozenset[Any]:
+        """Association tables with the organization column of relationships
+        whose parent or target class is scoped: what a load through them
+        returns are scoped rows (the association rows between two shared
+        classes are :meth:`_unscoped_secondaries`, refused)."""
+        return frozenset(
+            _base_table(prop.secondary)
+            for prop in self._tenant_associations()
+            if self.tenant_key(prop.parent) is not None or self.tenant_key(prop.mapper) is not None
+        )
 
     def _criteria_targets(self, select_: Select[Any]) -> dict[int, Any]:
         """The FROM objects SQLAlchemy's loader criteria will compare in
@@ -1566,9 +1611,9 @@ class TenantScoping:
             for column in select_._raw_columns
         ]
         entities += [f._annotations.get("parententity") for f in select_._from_obj]
-        for join in select_._setup_joins:
-            target = join[0]
-            entities.append(getattr(target, "_annotations", {}).get("parententity"))
+        for join in select_._setup_joins:  # (target, onclause, from_, flags)
+            for side in (join[0], join[2]):
+                entities.append(getattr(side, "_annotations", {}).get("parententity"))
         entities += [
             element._annotations.get("parententity")
             for criterion in select_._where_criteria
@@ -1579,6 +1624,11 @@ class TenantScoping:
             target = self._criteria_target(entity)
             if target is not None:
                 reached[id(target)] = target
+                if not getattr(entity, "is_aliased_class", False):
+                    # joined inheritance: the other tables of the entity are
+                    # joined to the compared one by primary key
+                    for table in entity.mapper.tables:
+                        reached[id(table)] = table
         return reached
 
     def _criteria_target(self, entity: Any) -> Any:

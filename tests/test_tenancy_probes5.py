@@ -449,6 +449,29 @@ UNREACHED: dict[str, Callable[[], Any]] = {
     "has() correlated to a tenant table": lambda: select(Plan.id).where(
         Project.plan.has(Plan.id == 1)
     ),
+    "exists() of a function under the same entity": lambda: select(Project.id).where(
+        exists().where(func.lower(Project.name) == "b-secret-1")
+    ),
+    "scalar count under the same entity": lambda: select(
+        Project.id,
+        select(func.count()).where(func.lower(Project.name).like("b-secret%")).scalar_subquery(),
+    ),
+    "HAVING": lambda: (
+        select(Project.plan_id)
+        .group_by(Project.plan_id)
+        .having(exists().where(func.lower(Project.name) == "b-secret-1"))
+    ),
+    "two levels down": lambda: select(Project.id).where(
+        exists().where(
+            Plan.id == Project.plan_id,
+            exists().where(func.lower(Project.name) == "b-secret-1"),
+        )
+    ),
+    "UPDATE by another organization's rows": lambda: (
+        update(Project)
+        .where(exists().where(func.lower(Project.name) == "b-secret-1"))
+        .values(name="PWNED")
+    ),
     "a derived table": lambda: select(Project.id, _SUB.subquery().c.x),
     "a CTE": lambda: select(Project.id, _SUB.cte().c.x),
 }
@@ -456,11 +479,12 @@ UNREACHED: dict[str, Callable[[], Any]] = {
 
 @pytest.mark.parametrize("build", list(UNREACHED.values()), ids=list(UNREACHED))
 def test_an_orm_statement_the_criteria_cannot_reach_is_refused(
-    maker: sessionmaker[OrmSession], build: Callable[[], Any]
+    engine: Engine, maker: sessionmaker[OrmSession], build: Callable[[], Any]
 ) -> None:
     refused = pytest.raises(TenantScopingError, match="cannot reach")
     with maker() as session, as_organization("org_a"), refused:
         session.execute(build()).all()
+    assert stored(engine, "SELECT id, organization_id, name FROM p5_projects") == PROJECTS
 
 
 #: the same questions spelled where SQLAlchemy finds the entity: (statement,
@@ -489,6 +513,16 @@ REACHED: dict[str, tuple[Callable[[], Any], list[tuple[Any, ...]]]] = {
     ),
     "a correlated exists()": (
         lambda: select(Project.id).where(exists().where(Plan.id == Project.plan_id)),
+        [(1,)],
+    ),
+    "join_from the other side": (
+        lambda: select(Project.name).join_from(Task, Project, Task.project_id == Project.id),
+        [("a-one",)],
+    ),
+    "an exists() correlated through two tables": (
+        lambda: select(Project.id).where(
+            exists().where(Task.project_id == Project.id, func.lower(Task.title) == "a-task")
+        ),
         [(1,)],
     ),
     "a derived table of the entity": (

@@ -1,0 +1,148 @@
+"""Regression tests of the sixth tenant-leak pass: what the check that loader
+criteria reach every ``SELECT`` must let through.
+
+The check (``TenantScoping._check_criteria_reach``) refuses ORM statements
+that read a tenant table where SQLAlchemy adds no criterion; these schemas
+are scoped by SQLAlchemy and were refused by its first version: a joined
+subclass whose own table repeats the organization column, and a
+many-to-many association table with the column between two scoped classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, cast
+
+import pytest
+from sqlalchemy import Column, ForeignKey, String, Table, create_engine, func, insert, select
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    joinedload,
+    mapped_column,
+    relationship,
+    selectinload,
+    sessionmaker,
+)
+from sqlalchemy.orm import Session as OrmSession
+from sqlalchemy.pool import StaticPool
+
+from flask_oauth_verify.tenancy import as_organization, enable_tenant_scoping
+
+
+class SixthBase(DeclarativeBase):
+    pass
+
+
+class Doc(SixthBase):
+    __tablename__ = "p6_docs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(20))
+    kind: Mapped[str] = mapped_column(String(20))
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "doc"}  # noqa: RUF012
+
+
+class Invoice(Doc):
+    """Its table repeats the organization column (a composite key's half)."""
+
+    __tablename__ = "p6_invoices"
+    id: Mapped[int] = mapped_column(ForeignKey("p6_docs.id"), primary_key=True)
+    invoice_organization_id: Mapped[str] = mapped_column("organization_id", String(20))
+    amount: Mapped[int] = mapped_column(default=0)
+    __mapper_args__ = {"polymorphic_identity": "invoice"}  # noqa: RUF012
+
+
+project_tags = Table(
+    "p6_project_tags",
+    SixthBase.metadata,
+    Column("project_id", ForeignKey("p6_projects.id"), primary_key=True),
+    Column("tag_id", ForeignKey("p6_tags.id"), primary_key=True),
+    Column("organization_id", String(20), nullable=False),
+)
+
+
+class Tag(SixthBase):
+    __tablename__ = "p6_tags"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(20))
+    label: Mapped[str] = mapped_column(String(50))
+
+
+class Project(SixthBase):
+    __tablename__ = "p6_projects"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(20))
+    tags: Mapped[list[Tag]] = relationship(secondary=project_tags, order_by=Tag.id)
+
+
+def table_of(model: Any) -> Table:
+    """The model's table, typed as one."""
+    return cast(Table, model.__table__)
+
+
+@pytest.fixture
+def maker() -> Iterator[sessionmaker[OrmSession]]:
+    engine = create_engine("sqlite://", poolclass=StaticPool)
+    SixthBase.metadata.create_all(engine)
+    with engine.begin() as connection:
+        for org, ident in (("org_a", 1), ("org_b", 2)):
+            connection.execute(
+                insert(table_of(Doc)), [{"id": ident, "organization_id": org, "kind": "invoice"}]
+            )
+            connection.execute(
+                insert(table_of(Invoice)),
+                [{"id": ident, "organization_id": org, "amount": 10 * ident}],
+            )
+            connection.execute(insert(table_of(Project)), [{"id": ident, "organization_id": org}])
+            label = "red" if org == "org_a" else "B-SECRET"
+            connection.execute(
+                insert(table_of(Tag)), [{"id": ident, "organization_id": org, "label": label}]
+            )
+            connection.execute(
+                insert(project_tags),
+                [{"project_id": ident, "tag_id": ident, "organization_id": org}],
+            )
+    maker = sessionmaker(engine)
+    scoping = enable_tenant_scoping(maker, models=SixthBase.registry)
+    yield maker
+    scoping.disable()
+    engine.dispose()
+
+
+#: statement -> org_a's rows
+SCOPED: dict[str, tuple[Callable[[OrmSession], Any], Any]] = {
+    "select(Invoice)": (lambda s: [i.amount for i in s.scalars(select(Invoice))], [10]),
+    "an Invoice column": (lambda s: s.execute(select(Invoice.amount)).all(), [(10,)]),
+    "count of Invoice": (lambda s: s.scalar(select(func.count(Invoice.id))), 1),
+    "get(Invoice)": (lambda s: [s.get(Invoice, 1) is not None, s.get(Invoice, 2)], [True, None]),
+    "lazy load through the association": (
+        lambda s: [t.label for t in s.get(Project, 1).tags],  # type: ignore[union-attr]
+        ["red"],
+    ),
+    "selectinload through the association": (
+        lambda s: [
+            [t.label for t in p.tags]
+            for p in s.scalars(select(Project).options(selectinload(Project.tags)))
+        ],
+        [["red"]],
+    ),
+    "joinedload through the association": (
+        lambda s: [
+            [t.label for t in p.tags]
+            for p in s.scalars(select(Project).options(joinedload(Project.tags))).unique()
+        ],
+        [["red"]],
+    ),
+    "any() through the association": (
+        lambda s: s.execute(select(Project.id).where(Project.tags.any(Tag.label == "red"))).all(),
+        [(1,)],
+    ),
+}
+
+
+@pytest.mark.parametrize(("read", "rows"), list(SCOPED.values()), ids=list(SCOPED))
+def test_schemas_sqlalchemy_scopes_are_not_refused(
+    maker: sessionmaker[OrmSession], read: Callable[[OrmSession], Any], rows: Any
+) -> None:
+    with maker() as session, as_organization("org_a"):
+        assert read(session) == rows
