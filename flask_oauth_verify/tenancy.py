@@ -54,14 +54,21 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.context import FromStatement
+from sqlalchemy.sql import operators, visitors
 from sqlalchemy.sql import util as sql_util
-from sqlalchemy.sql import visitors
-from sqlalchemy.sql.dml import Delete, Update, UpdateBase
-from sqlalchemy.sql.elements import BindParameter, ClauseElement, ColumnClause, ColumnElement
+from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
+from sqlalchemy.sql.elements import (
+    BinaryExpression,
+    BindParameter,
+    ClauseElement,
+    ColumnClause,
+    ColumnElement,
+)
 from sqlalchemy.sql.selectable import (
     AliasedReturnsRows,
     Exists,
     FromClause,
+    Join,
     Lateral,
     ScalarSelect,
     SelectBase,
@@ -969,22 +976,22 @@ def _from_name(from_clause: Any) -> str:
 
 def _tenant_reads(
     statement: Any, tenant_tables: Mapping[Any, str]
-) -> tuple[list[Any], list[tuple[Any, bool]]]:
+) -> tuple[list[Any], list[tuple[Any, Any]]]:
     """What one statement reads itself: the tenant tables and aliases of one
-    (deannotated), and its nested statements with whether each is a
-    subquery in ``FROM`` or a CTE (which never auto-correlates; a
-    ``LATERAL`` one, a scalar or ``EXISTS`` subquery may)."""
+    (deannotated), and its nested statements, each with the subquery in
+    ``FROM`` or CTE holding it (deannotated; ``None`` for a scalar,
+    ``EXISTS`` or ``LATERAL`` subquery, which may correlate)."""
     froms: list[Any] = []
-    nested: list[tuple[Any, bool]] = []
-    stack: list[tuple[Any, bool]] = [(child, False) for child in statement.get_children()]
+    nested: list[tuple[Any, Any]] = []
+    stack: list[tuple[Any, Any]] = [(child, None) for child in statement.get_children()]
     seen: set[int] = set()
     while stack:
-        element, in_from = stack.pop()
+        element, holder = stack.pop()
         if id(element) in seen:
             continue
         seen.add(id(element))
         if isinstance(element, _STATEMENTS):
-            nested.append((element, in_from))
+            nested.append((element, holder))
             continue
         if isinstance(element, FromClause):
             base = _base_table(element)
@@ -993,9 +1000,64 @@ def _tenant_reads(
                     froms.append(element._deannotate())
                 continue
             if isinstance(element, AliasedReturnsRows) and not isinstance(element, Lateral):
-                in_from = True
-        stack.extend((child, in_from) for child in element.get_children())
+                holder = element._deannotate()
+        stack.extend((child, holder) for child in element.get_children())
     return froms, nested
+
+
+def _paired(statement: Any, table: Any, partners: Collection[int], by_value: bool) -> bool:
+    """Whether ``statement`` compares a column of ``table`` with equality to a
+    column of one of ``partners`` (FROM objects by ``id()``) — or, with
+    ``by_value``, to a bound value — in its ``WHERE`` or a join's ``ON``
+    (not in nested statements)."""
+    stack: list[Any] = [*statement._where_criteria]
+    for join in getattr(statement, "_setup_joins", ()):
+        stack.append(join[1])
+    stack += [f for f in getattr(statement, "_from_obj", ()) if isinstance(f, Join)]
+    seen: set[int] = set()
+    while stack:
+        element = stack.pop()
+        if element is None or id(element) in seen or isinstance(element, _STATEMENTS):
+            continue
+        seen.add(id(element))
+        if isinstance(element, Join):
+            stack += [element.left, element.right, element.onclause]
+            continue
+        if isinstance(element, BinaryExpression) and element.operator in _PAIRING:
+            sides = (element.left, element.right)
+            for one, other in (sides, sides[::-1]):
+                if _column_of(one) is table and (
+                    id(_column_of(other)) in partners
+                    or (by_value and isinstance(other, BindParameter))
+                ):
+                    return True
+        if isinstance(element, ClauseElement):
+            stack.extend(element.get_children())
+    return False
+
+
+def _joined_froms(from_clause: Any) -> list[Any]:
+    """The FROM objects (deannotated) a FROM renders: the sides of its joins,
+    not what an alias or subquery wraps."""
+    found = []
+    stack = [from_clause]
+    while stack:
+        element = stack.pop()
+        if isinstance(element, Join):
+            stack += [element.left, element.right]
+        elif isinstance(element, FromClause):
+            found.append(element._deannotate())
+    return found
+
+
+#: Comparisons that pair a row with another (``IN`` of keys: a selectin load).
+_PAIRING = (operators.eq, operators.in_op)
+
+
+def _column_of(element: Any) -> Any:
+    """The FROM object (deannotated) of a column, else ``None``."""
+    table = getattr(element, "table", None) if isinstance(element, ColumnClause) else None
+    return table._deannotate() if isinstance(table, FromClause) else None
 
 
 def _correlated(
@@ -1384,11 +1446,13 @@ class TenantScoping:
             self._refuse_secondaries(state, secondaries)
         organization = current_organization_id()
         _switch_organization(state.session, organization, self)
-        if isinstance(state.statement, FromStatement):
+        if isinstance(state.statement, FromStatement) and not state.is_column_load:
             inner: Any = state.statement.element
             if inner._propagate_attrs.get("compile_state_plugin") != "orm":
                 # from_statement(<Core select/update/delete>): loader criteria
-                # never reach it, and rows of column entities are not guarded
+                # never reach it, and rows of column entities are not guarded.
+                # (A column load is SQLAlchemy's own read, by primary key, of a
+                # joined subclass's columns for an object already let through.)
                 self._check_core(inner)
         self._check_query_expressions(state.statement, organization)
         if state.is_insert or state.is_update or state.is_delete:
@@ -1418,7 +1482,7 @@ class TenantScoping:
             state.statement = state.statement.options(*criteria)
         # on the statement SQLAlchemy runs: its cache key (memoized, needed
         # for the compiled cache anyway) keys the verdict
-        self._check_criteria_reach(state.statement)
+        self._check_criteria_reach(state.statement, state.is_relationship_load)
         if not (state.is_update or state.is_delete):
             # every loaded row is checked against this (see _on_load)
             guard = {_EXPECTED_ORG: organization, _SCOPING: self}
@@ -1493,7 +1557,7 @@ class TenantScoping:
         )
         return orm
 
-    def _check_criteria_reach(self, statement: Any) -> None:
+    def _check_criteria_reach(self, statement: Any, relationship_load: bool = False) -> None:
         """Refuse an ORM statement with a ``SELECT`` the loader criteria miss.
 
         SQLAlchemy adds the criteria to each ``SELECT`` of an ORM statement
@@ -1510,13 +1574,14 @@ class TenantScoping:
         """
         generation = _MAPPER_GENERATION[0]
         cache_key = statement._generate_cache_key()
-        known = self._reach_verdicts.get(cache_key.key) if cache_key is not None else None
+        key = (cache_key.key, relationship_load) if cache_key is not None else None
+        known = self._reach_verdicts.get(key) if key is not None else None
         if known is not None and known[0] == generation:
             missed = known[1]
         else:
-            missed = self._criteria_missed_by(statement)
-            if cache_key is not None:
-                self._reach_verdicts.put(cache_key.key, (generation, missed))
+            missed = self._criteria_missed_by(statement, relationship_load)
+            if key is not None:
+                self._reach_verdicts.put(key, (generation, missed))
         if missed:
             raise TenantScopingError(
                 f"Tenant table(s) {', '.join(missed)} are read in a part of this "
@@ -1528,19 +1593,24 @@ class TenantScoping:
                 f"(Project.name == x) - see 'Limits' in the tenancy docs."
             )
 
-    def _criteria_missed_by(self, statement: Any) -> tuple[str, ...]:
-        """The tenant tables of ``statement`` no loader criterion will reach, by name."""
+    def _criteria_missed_by(self, statement: Any, relationship_load: bool) -> tuple[str, ...]:
+        """The tenant tables of ``statement`` no loader criterion will reach, by name.
+
+        :param relationship_load: SQLAlchemy loads a relationship of objects
+            the load guard already let through, by their keys.
+        """
         if isinstance(statement, FromStatement):
             statement = statement.element
             if statement._propagate_attrs.get("compile_state_plugin") != "orm":
                 return ()  # a Core statement: on_execute checked it as one
         missed: set[str] = set()
         outer: frozenset[Any] = frozenset()
-        if isinstance(statement, UpdateBase):
-            # an UPDATE/DELETE is the enclosing statement of its subqueries
+        if isinstance(statement, Update | Delete):
+            # the enclosing statement of its subqueries (an INSERT's VALUES
+            # have nothing to correlate to: SQLCompiler.visit_insert)
             target = getattr(statement, "table", None)
             outer = frozenset({target._deannotate()}) if target is not None else outer
-        self._criteria_missed(statement, outer, outer, missed, set())
+        self._criteria_missed(statement, outer, outer, missed, set(), relationship_load)
         return tuple(sorted(missed))
 
     def _criteria_missed(
@@ -1550,6 +1620,7 @@ class TenantScoping:
         implicit: frozenset[Any],
         missed: set[str],
         done: set[int],
+        relationship_load: bool = False,
     ) -> None:
         """Add to ``missed`` the tenant tables that no loader criterion will
         reach in ``statement``'s ``SELECT`` statements, nested ones included.
@@ -1565,26 +1636,59 @@ class TenantScoping:
         done.add(id(statement))
         froms, nested = _tenant_reads(statement, self._tenant_tables())
         reached = self._criteria_targets(statement) if isinstance(statement, Select) else {}
+        # an entity among the columns is a FROM of its own (SQLAlchemy's
+        # fallback FROM); what is correlated away is not rendered here
+        candidates = frozenset(froms) | frozenset(reached.values())
+        rendered = candidates
+        if isinstance(statement, Insert):
+            rendered = frozenset()  # its VALUES correlate to nothing (visit_insert)
+        elif isinstance(statement, Select):
+            rendered = frozenset(
+                f for f in candidates if not _correlated(statement, f, explicit, implicit)
+            )
         if isinstance(statement, Select) and froms:
             marker = _marker_of(statement)  # org_scoped(): the tables it compared
             compared = {id(e._deannotate()) for e, _name in marker[1]} if marker else set()
-            associations = self._scoped_secondaries() if reached else frozenset()
             for from_clause in froms:
                 if id(from_clause) in reached or id(from_clause) in compared:
                     continue
-                if _base_table(from_clause) in associations:
-                    continue  # rows of a scoped entity through its association table
-                if _correlated(statement, from_clause, explicit, implicit):
-                    continue  # the enclosing statement's to scope
+                if from_clause not in rendered:
+                    continue  # correlated: the enclosing statement's to scope
+                if self._association_of_scoped_rows(
+                    statement, from_clause, reached, explicit, relationship_load
+                ):
+                    continue
                 missed.add(_from_name(from_clause))
-        # an entity among the columns is a FROM of its own (SQLAlchemy's
-        # fallback FROM) that subqueries correlate to
-        here = frozenset(froms) | frozenset(reached.values())
-        for inner, in_from in nested:
-            if in_from:  # a subquery in FROM, a CTE: no auto-correlation
-                self._criteria_missed(inner, explicit, frozenset(), missed, done)
+        for inner, holder in nested:
+            if holder is not None and id(holder) in reached:
+                continue  # an aliased entity's subquery: the criteria apply to it
+            if holder is not None:  # in FROM, a CTE: no auto-correlation, and
+                # only to what the SELECT around it does not render itself
+                self._criteria_missed(inner, explicit - rendered, frozenset(), missed, done)
             else:
-                self._criteria_missed(inner, explicit | here, here, missed, done)
+                self._criteria_missed(inner, explicit | rendered, rendered, missed, done)
+
+    def _association_of_scoped_rows(
+        self,
+        statement: Any,
+        from_clause: Any,
+        reached: Mapping[int, Any],
+        enclosing: frozenset[Any],
+        relationship_load: bool,
+    ) -> bool:
+        """Whether ``from_clause`` is an association table with the organization
+        column whose rows ``statement`` reads only paired with scoped rows.
+
+        That is: a relationship's secondary table touching a scoped class,
+        compared by equality with a FROM object the criteria reach here, or
+        with the enclosing statement's (a correlated ``any()``), or — in
+        SQLAlchemy's own load of a relationship — with the key of an object
+        the load guard let through.
+        """
+        if _base_table(from_clause) not in self._scoped_secondaries():
+            return False
+        partners = {*reached, *(id(f) for f in enclosing)}
+        return _paired(statement, from_clause, partners, relationship_load)
 
     def _scoped_secondaries(self) -> frozenset[Any]:
         """Association tables with the organization column of relationships
@@ -1622,13 +1726,21 @@ class TenantScoping:
         reached: dict[int, Any] = {}
         for entity in entities:
             target = self._criteria_target(entity)
-            if target is not None:
-                reached[id(target)] = target
-                if not getattr(entity, "is_aliased_class", False):
-                    # joined inheritance: the other tables of the entity are
-                    # joined to the compared one by primary key
-                    for table in entity.mapper.tables:
-                        reached[id(table)] = table
+            if target is None:
+                continue
+            reached[id(target)] = target
+            if getattr(entity, "is_aliased_class", False):
+                # with_polymorphic(), aliased(Subclass, flat=True): the tables
+                # and aliases joined in the alias's selectable, as rendered
+                # (not what an alias wraps: aliased(Project) renders no
+                # "projects" a subquery could correlate to)
+                for plain in _joined_froms(target):
+                    reached[id(plain)] = plain
+            else:
+                # joined inheritance: the other tables of the entity are
+                # joined to the compared one by primary key
+                for table in entity.mapper.tables:
+                    reached[id(table)] = table
         return reached
 
     def _criteria_target(self, entity: Any) -> Any:

@@ -33,6 +33,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    true,
     update,
 )
 from sqlalchemy.orm import (
@@ -427,6 +428,12 @@ def test_an_exists_that_scoping_cannot_reach_is_still_refused(
 # -- ORM statements where SQLAlchemy's loader criteria cannot reach -----------------
 
 _SUB = select(literal(1).label("x")).where(func.lower(Project.name) == "b-secret-1")
+_CORRELATED_IN_FROM = (
+    select(Plan.id.label("pid"))
+    .where(func.lower(Project.name) == "b-secret-1")
+    .correlate(Project)
+    .subquery()
+)
 
 #: ORM statements reading a tenant table where SQLAlchemy adds no criterion
 #: (only inside a function, a Core subquery, a has() correlated to a tenant
@@ -472,6 +479,23 @@ UNREACHED: dict[str, Callable[[], Any]] = {
         .where(exists().where(func.lower(Project.name) == "b-secret-1"))
         .values(name="PWNED")
     ),
+    "a subquery below one that correlates the table away": lambda: select(Project.id).where(
+        exists(
+            select(Task.id)
+            .where(Task.project_id == Project.id)
+            .where(exists(select(Plan.id).where(func.lower(Project.name) == "b-secret-1")))
+        )
+    ),
+    "INSERT VALUES from a subquery": lambda: insert(Project).values(
+        id=9,
+        plan_id=1,
+        name=select(func.max(Plan.name))
+        .where(func.lower(Project.name).like("b-secret%"))
+        .scalar_subquery(),
+    ),
+    "correlate() from a FROM subquery to a table its SELECT renders": lambda: select(
+        Project.id
+    ).where(exists(select(Project.id).join(_CORRELATED_IN_FROM, true()))),
     "a derived table": lambda: select(Project.id, _SUB.subquery().c.x),
     "a CTE": lambda: select(Project.id, _SUB.cte().c.x),
 }

@@ -14,20 +14,32 @@ from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import pytest
-from sqlalchemy import Column, ForeignKey, String, Table, create_engine, func, insert, select
+from sqlalchemy import (
+    Column,
+    ForeignKey,
+    String,
+    Table,
+    create_engine,
+    exists,
+    func,
+    insert,
+    select,
+)
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
+    aliased,
     joinedload,
     mapped_column,
     relationship,
     selectinload,
     sessionmaker,
+    with_polymorphic,
 )
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.pool import StaticPool
 
-from flask_oauth_verify.tenancy import as_organization, enable_tenant_scoping
+from flask_oauth_verify.tenancy import TenantScopingError, as_organization, enable_tenant_scoping
 
 
 class SixthBase(DeclarativeBase):
@@ -68,11 +80,29 @@ class Tag(SixthBase):
     label: Mapped[str] = mapped_column(String(50))
 
 
+class Label(SixthBase):
+    """Shared by every organization (no organization column)."""
+
+    __tablename__ = "p6_labels"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+project_labels = Table(
+    "p6_project_labels",
+    SixthBase.metadata,
+    Column("project_id", ForeignKey("p6_projects.id"), primary_key=True),
+    Column("label_id", ForeignKey("p6_labels.id"), primary_key=True),
+    Column("organization_id", String(20), nullable=False),
+)
+
+
 class Project(SixthBase):
     __tablename__ = "p6_projects"
     id: Mapped[int] = mapped_column(primary_key=True)
     organization_id: Mapped[str] = mapped_column(String(20))
     tags: Mapped[list[Tag]] = relationship(secondary=project_tags, order_by=Tag.id)
+    labels: Mapped[list[Label]] = relationship(secondary=project_labels, order_by=Label.id)
 
 
 def table_of(model: Any) -> Table:
@@ -101,6 +131,11 @@ def maker() -> Iterator[sessionmaker[OrmSession]]:
             connection.execute(
                 insert(project_tags),
                 [{"project_id": ident, "tag_id": ident, "organization_id": org}],
+            )
+            connection.execute(insert(table_of(Label)), [{"id": ident, "name": f"label-{ident}"}])
+            connection.execute(
+                insert(project_labels),
+                [{"project_id": ident, "label_id": ident, "organization_id": org}],
             )
     maker = sessionmaker(engine)
     scoping = enable_tenant_scoping(maker, models=SixthBase.registry)
@@ -137,6 +172,38 @@ SCOPED: dict[str, tuple[Callable[[OrmSession], Any], Any]] = {
         lambda s: s.execute(select(Project.id).where(Project.tags.any(Tag.label == "red"))).all(),
         [(1,)],
     ),
+    "with_polymorphic": (
+        lambda s: [
+            getattr(d, "amount", None) for d in s.scalars(select(with_polymorphic(Doc, [Invoice])))
+        ],
+        [10],
+    ),
+    "aliased(Invoice)": (lambda s: s.scalars(select(aliased(Invoice).amount)).all(), [10]),
+    "aliased(Invoice, flat=True)": (
+        lambda s: s.scalars(select(aliased(Invoice, flat=True).amount)).all(),
+        [10],
+    ),
+    "a subclass column loaded after the base class": (
+        lambda s: [getattr(d, "amount", None) for d in s.scalars(select(Doc))],
+        [10],
+    ),
+    "lazy load of a shared class through the association": (
+        lambda s: [label.name for label in s.get(Project, 1).labels],  # type: ignore[union-attr]
+        ["label-1"],
+    ),
+    "selectinload of a shared class through the association": (
+        lambda s: [
+            [label.name for label in p.labels]
+            for p in s.scalars(select(Project).options(selectinload(Project.labels)))
+        ],
+        [["label-1"]],
+    ),
+    "any() of a shared class through the association": (
+        lambda s: s.execute(
+            select(Project.id).where(Project.labels.any(Label.name.like("label-%")))
+        ).all(),
+        [(1,)],
+    ),
 }
 
 
@@ -146,3 +213,26 @@ def test_schemas_sqlalchemy_scopes_are_not_refused(
 ) -> None:
     with maker() as session, as_organization("org_a"):
         assert read(session) == rows
+
+
+#: association rows read beside a scoped entity but not paired with it
+UNPAIRED: dict[str, Callable[[], Any]] = {
+    "association columns": lambda: select(
+        Project.id, project_tags.c.project_id, project_tags.c.tag_id
+    ),
+    "a count of association rows": lambda: select(func.count(project_tags.c.tag_id)).where(
+        Project.id == 1
+    ),
+    "an EXISTS over association rows": lambda: select(Project.id).where(
+        exists(select(project_tags.c.tag_id).where(project_tags.c.tag_id == 2))
+    ),
+}
+
+
+@pytest.mark.parametrize("build", list(UNPAIRED.values()), ids=list(UNPAIRED))
+def test_association_rows_not_paired_with_scoped_rows_are_refused(
+    maker: sessionmaker[OrmSession], build: Callable[[], Any]
+) -> None:
+    refused = pytest.raises(TenantScopingError, match="cannot reach")
+    with maker() as session, as_organization("org_a"), refused:
+        session.execute(build()).all()
