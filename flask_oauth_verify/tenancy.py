@@ -40,6 +40,7 @@ from typing import Any, ClassVar, TypeVar
 import sqlalchemy
 from flask import has_app_context, has_request_context
 from sqlalchemy import Column, Select, event, func, inspect, select, tuple_
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import (
     ColumnProperty,
     Mapper,
@@ -1011,7 +1012,7 @@ def _paired(statement: Any, table: Any, partners: Collection[int], by_value: boo
     ``by_value``, to a bound value — in its ``WHERE`` or a join's ``ON``
     (not in nested statements)."""
     stack: list[Any] = [*statement._where_criteria]
-    for join in getattr(statement, "_setup_joins", ()):
+    for join in _setup_joins(statement):
         stack.append(join[1])
     stack += [f for f in getattr(statement, "_from_obj", ()) if isinstance(f, Join)]
     seen: set[int] = set()
@@ -1052,6 +1053,38 @@ def _joined_froms(from_clause: Any) -> list[Any]:
 
 #: Comparisons that pair a row with another (``IN`` of keys: a selectin load).
 _PAIRING = (operators.eq, operators.in_op)
+
+
+def _setup_joins(statement: Any) -> list[Any]:
+    """The ORM joins of a ``select()``, also those made before
+    ``with_only_columns()`` (which SQLAlchemy keeps apart: ``Query.exists()``)."""
+    joins = list(getattr(statement, "_setup_joins", ()))
+    for memoized in getattr(statement, "_memoized_select_entities", ()):
+        joins += memoized._setup_joins
+    return joins
+
+
+def _relationship_target(attribute: Any) -> Any:
+    """The entity a relationship attribute joins to (``of_type()`` included), else ``None``."""
+    prop = getattr(attribute, "property", None)
+    if not isinstance(prop, RelationshipProperty):
+        return None
+    of_type = getattr(attribute, "_of_type", None)
+    return inspect(of_type) if of_type is not None else prop.entity
+
+
+def _column_of_from(element: Any) -> Any:
+    """``element`` (deannotated) when it is a FROM object, else ``None``."""
+    return element._deannotate() if isinstance(element, FromClause) else None
+
+
+def _joinable(left: Any, right: Any) -> bool:
+    """Whether a foreign key joins ``left`` and ``right`` (what a join with no ON uses)."""
+    try:
+        sql_util.join_condition(left, right)
+    except sa_exc.ArgumentError:  # no foreign key between them, or more than one
+        return False
+    return True
 
 
 def _column_of(element: Any) -> Any:
@@ -1688,7 +1721,16 @@ class TenantScoping:
         if _base_table(from_clause) not in self._scoped_secondaries():
             return False
         partners = {*reached, *(id(f) for f in enclosing)}
-        return _paired(statement, from_clause, partners, relationship_load)
+        if _paired(statement, from_clause, partners, relationship_load):
+            return True
+        # .join(association_table) with no ON: the foreign keys pair it
+        partner_froms = [*reached.values(), *enclosing]
+        return any(
+            join[1] is None
+            and _column_of_from(join[0]) is from_clause
+            and any(_joinable(from_clause, other) for other in partner_froms)
+            for join in _setup_joins(statement)
+        )
 
     def _scoped_secondaries(self) -> frozenset[Any]:
         """Association tables with the organization column of relationships
@@ -1715,9 +1757,10 @@ class TenantScoping:
             for column in select_._raw_columns
         ]
         entities += [f._annotations.get("parententity") for f in select_._from_obj]
-        for join in select_._setup_joins:  # (target, onclause, from_, flags)
+        for join in _setup_joins(select_):  # (target, onclause, from_, flags)
             for side in (join[0], join[2]):
                 entities.append(getattr(side, "_annotations", {}).get("parententity"))
+            entities.append(_relationship_target(join[0]))
         entities += [
             element._annotations.get("parententity")
             for criterion in select_._where_criteria

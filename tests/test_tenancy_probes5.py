@@ -539,6 +539,23 @@ REACHED: dict[str, tuple[Callable[[], Any], list[tuple[Any, ...]]]] = {
         lambda: select(Project.id).where(exists().where(Plan.id == Project.plan_id)),
         [(1,)],
     ),
+    "a relationship join filtered through a function": (
+        lambda: (
+            select(Task.title)
+            .join(Task.project)
+            .where(func.lower(Project.name) == "a-one")
+            .order_by(Task.id)
+        ),
+        [("a-task",)],
+    ),
+    "a relationship join to an alias filtered through a function": (
+        lambda: (
+            select(Task.title)
+            .join(Task.project.of_type(PA))
+            .where(func.lower(PA.name).like("b-secret%"))
+        ),
+        [],
+    ),
     "join_from the other side": (
         lambda: select(Project.name).join_from(Task, Project, Task.project_id == Project.id),
         [("a-one",)],
@@ -565,3 +582,16 @@ def test_the_same_questions_spelled_where_the_criteria_reach_are_scoped(
 ) -> None:
     with maker() as session, as_organization("org_a"):
         assert [tuple(row) for row in session.execute(build()).all()] == rows
+
+
+def test_a_legacy_query_exists_of_a_relationship_join_is_scoped(
+    maker: sessionmaker[OrmSession],
+) -> None:
+    """``Query.exists()`` keeps the joins made before its ``with_only_columns()``
+    apart (``_memoized_select_entities``): they are joins SQLAlchemy scopes."""
+    with maker() as session, as_organization("org_a"):
+        query = session.query(Task).join(Task.project)
+        own = query.filter(func.lower(Project.name) == "a-one").exists()
+        other = query.filter(func.lower(Project.name).like("b-secret%")).exists()
+        assert session.query(own).scalar() is True
+        assert session.query(other).scalar() is False

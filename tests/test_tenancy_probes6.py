@@ -172,6 +172,10 @@ SCOPED: dict[str, tuple[Callable[[OrmSession], Any], Any]] = {
         lambda s: s.execute(select(Project.id).where(Project.tags.any(Tag.label == "red"))).all(),
         [(1,)],
     ),
+    "a join to the association table with the ON from its foreign keys": (
+        lambda s: s.execute(select(Tag.label, project_tags.c.project_id).join(project_tags)).all(),
+        [("red", 1)],
+    ),
     "with_polymorphic": (
         lambda s: [
             getattr(d, "amount", None) for d in s.scalars(select(with_polymorphic(Doc, [Invoice])))
