@@ -74,6 +74,7 @@ from sqlalchemy.sql.selectable import (
     ScalarSelect,
     SelectBase,
     TableClause,
+    TextualSelect,
 )
 from sqlalchemy.util import immutabledict
 
@@ -1073,7 +1074,7 @@ def _relationship_target(attribute: Any) -> Any:
     return inspect(of_type) if of_type is not None else prop.entity
 
 
-def _column_of_from(element: Any) -> Any:
+def _plain_from(element: Any) -> Any:
     """``element`` (deannotated) when it is a FROM object, else ``None``."""
     return element._deannotate() if isinstance(element, FromClause) else None
 
@@ -1354,6 +1355,14 @@ class TenantScoping:
             for table in mapper.tables:
                 if name in table.c:
                     found[table] = name
+            # a joined subclass's own table below the one with the column
+            # (the recommended layout): its rows are tenant rows too, scoped
+            # only through the join to that table
+            holder = mapper.columns[key].table
+            for level in mapper.iterate_to_root():
+                if level.local_table is holder:
+                    break
+                found.setdefault(level.local_table, name)
         if self._models is None or isinstance(self._models, registry):
             # unmapped tables of the same metadata with the column (a
             # many-to-many secondary, a table used through Core only) hold
@@ -1619,7 +1628,8 @@ class TenantScoping:
             raise TenantScopingError(
                 f"Tenant table(s) {', '.join(missed)} are read in a part of this "
                 f"statement that tenant scoping cannot reach (only inside a function, a "
-                f"nested and_()/or_() of a Core subquery, or through a Table column), so "
+                f"nested and_()/or_() of a Core subquery, through a Table column, or as an "
+                f"aliased entity over a subquery without the organization column), so "
                 f"every organization's rows would be read. Name the entity where SQLAlchemy "
                 f"looks for it: among the columns (select(Project.id).where(...)), in "
                 f"select_from(Project), or in a plain comparison at the top of the WHERE "
@@ -1679,6 +1689,8 @@ class TenantScoping:
             rendered = frozenset(
                 f for f in candidates if not _correlated(statement, f, explicit, implicit)
             )
+        if isinstance(statement, Select):
+            missed.update(self._unadaptable_aliases(statement, relationship_load))
         if isinstance(statement, Select) and froms:
             marker = _marker_of(statement)  # org_scoped(): the tables it compared
             compared = {id(e._deannotate()) for e, _name in marker[1]} if marker else set()
@@ -1697,9 +1709,13 @@ class TenantScoping:
                 continue  # an aliased entity's subquery: the criteria apply to it
             if holder is not None:  # in FROM, a CTE: no auto-correlation, and
                 # only to what the SELECT around it does not render itself
-                self._criteria_missed(inner, explicit - rendered, frozenset(), missed, done)
+                self._criteria_missed(
+                    inner, explicit - rendered, frozenset(), missed, done, relationship_load
+                )
             else:
-                self._criteria_missed(inner, explicit | rendered, rendered, missed, done)
+                self._criteria_missed(
+                    inner, explicit | rendered, rendered, missed, done, relationship_load
+                )
 
     def _association_of_scoped_rows(
         self,
@@ -1710,7 +1726,8 @@ class TenantScoping:
         relationship_load: bool,
     ) -> bool:
         """Whether ``from_clause`` is an association table with the organization
-        column whose rows ``statement`` reads only paired with scoped rows.
+        column, or a joined subclass's own table, whose rows ``statement``
+        reads only paired with scoped rows.
 
         That is: a relationship's secondary table touching a scoped class,
         compared by equality with a FROM object the criteria reach here, or
@@ -1718,7 +1735,9 @@ class TenantScoping:
         SQLAlchemy's own load of a relationship — with the key of an object
         the load guard let through.
         """
-        if _base_table(from_clause) not in self._scoped_secondaries():
+        base = _base_table(from_clause)
+        # a joined subclass's own table is paired like one: Invoice.id == Doc.id
+        if base not in self._scoped_secondaries() and base not in self._subclass_tables():
             return False
         partners = {*reached, *(id(f) for f in enclosing)}
         if _paired(statement, from_clause, partners, relationship_load):
@@ -1727,10 +1746,20 @@ class TenantScoping:
         partner_froms = [*reached.values(), *enclosing]
         return any(
             join[1] is None
-            and _column_of_from(join[0]) is from_clause
+            and _plain_from(join[0]) is from_clause
             and any(_joinable(from_clause, other) for other in partner_froms)
             for join in _setup_joins(statement)
         )
+
+    def _subclass_tables(self) -> frozenset[Any]:
+        """The own tables of scoped joined-inheritance subclasses."""
+        found = set()
+        for cls, _key in self.tenant_classes():
+            mapper = inspect(cls)
+            parent = mapper.inherits
+            if parent is not None and mapper.local_table is not parent.local_table:
+                found.add(mapper.local_table)
+        return frozenset(found)
 
     def _scoped_secondaries(self) -> frozenset[Any]:
         """Association tables with the organization column of relationships
@@ -1761,12 +1790,18 @@ class TenantScoping:
             for side in (join[0], join[2]):
                 entities.append(getattr(side, "_annotations", {}).get("parententity"))
             entities.append(_relationship_target(join[0]))
-        entities += [
+        named_in_where = [
             element._annotations.get("parententity")
             for criterion in select_._where_criteria
             for element in _surface_expressions(criterion)
         ]
         reached: dict[int, Any] = {}
+        for entity in named_in_where:
+            # only the table compared: SQLAlchemy adds it as a FROM of its
+            # own, not joined to a subclass table the WHERE reads
+            target = self._criteria_target(entity)
+            if target is not None:
+                reached[id(target)] = target
         for entity in entities:
             target = self._criteria_target(entity)
             if target is None:
@@ -1785,6 +1820,39 @@ class TenantScoping:
                 for table in entity.mapper.tables:
                     reached[id(table)] = table
         return reached
+
+    def _unadaptable_aliases(self, select_: Select[Any], relationship_load: bool) -> list[str]:
+        """Aliased tenant entities of ``select_`` over text or Core SQL whose
+        selectable has no organization column (``aliased(User,
+        text(...).columns(...).subquery())``): SQLAlchemy cannot adapt the
+        criterion to them and compares the entity's table as an extra,
+        cartesian FROM instead, and no criterion reaches inside. Over an ORM
+        ``select()`` the criteria reach inside, but the extra FROM still
+        multiplies the rows: refused too, except in SQLAlchemy's own
+        relationship loads (its subquery eager load is such an alias)."""
+        if select_._propagate_attrs.get("compile_state_plugin") != "orm":
+            return []
+        found = []
+        for column in [*select_._raw_columns, *select_._from_obj]:
+            entity = column._annotations.get("parententity") or _first_column_annotation(
+                column, "parententity"
+            )
+            if not getattr(entity, "is_aliased_class", False):
+                continue
+            key = self.tenant_key(entity.mapper)
+            if key is None:
+                continue
+            if entity.selectable.corresponding_column(entity.mapper.columns[key]) is not None:
+                continue
+            inner = getattr(entity.selectable, "element", None)
+            orm_inner = (
+                isinstance(inner, SelectBase)
+                and not isinstance(inner, TextualSelect)
+                and inner._propagate_attrs.get("compile_state_plugin") == "orm"
+            )
+            if not (orm_inner and relationship_load):
+                found.append(f"{entity.mapper.class_.__name__} (an alias without {key})")
+        return found
 
     def _criteria_target(self, entity: Any) -> Any:
         """The FROM object the loader criteria of ``entity`` (a mapper or alias) compare."""

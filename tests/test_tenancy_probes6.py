@@ -24,6 +24,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
 )
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -80,6 +81,32 @@ class Tag(SixthBase):
     label: Mapped[str] = mapped_column(String(50))
 
 
+class Company(SixthBase):
+    """Shared by every organization."""
+
+    __tablename__ = "p6_companies"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class Employee(SixthBase):
+    """The recommended layout: the organization column on the base table only."""
+
+    __tablename__ = "p6_employees"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(20))
+    company_id: Mapped[int] = mapped_column(ForeignKey("p6_companies.id"))
+    kind: Mapped[str] = mapped_column(String(20))
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "employee"}  # noqa: RUF012
+
+
+class Engineer(Employee):
+    __tablename__ = "p6_engineers"
+    id: Mapped[int] = mapped_column(ForeignKey("p6_employees.id"), primary_key=True)
+    info: Mapped[str] = mapped_column(String(50))
+    __mapper_args__ = {"polymorphic_identity": "engineer"}  # noqa: RUF012
+
+
 class Label(SixthBase):
     """Shared by every organization (no organization column)."""
 
@@ -133,6 +160,12 @@ def maker() -> Iterator[sessionmaker[OrmSession]]:
                 [{"project_id": ident, "tag_id": ident, "organization_id": org}],
             )
             connection.execute(insert(table_of(Label)), [{"id": ident, "name": f"label-{ident}"}])
+            connection.execute(insert(table_of(Company)), [{"id": ident, "name": f"co-{ident}"}])
+            connection.execute(
+                insert(table_of(Employee)),
+                [{"id": ident, "organization_id": org, "company_id": 1, "kind": "engineer"}],
+            )
+            connection.execute(insert(table_of(Engineer)), [{"id": ident, "info": f"info-{org}"}])
             connection.execute(
                 insert(project_labels),
                 [{"project_id": ident, "label_id": ident, "organization_id": org}],
@@ -175,6 +208,29 @@ SCOPED: dict[str, tuple[Callable[[OrmSession], Any], Any]] = {
     "a join to the association table with the ON from its foreign keys": (
         lambda s: s.execute(select(Tag.label, project_tags.c.project_id).join(project_tags)).all(),
         [("red", 1)],
+    ),
+    "a joined subclass with its column in the WHERE": (
+        lambda s: [e.id for e in s.scalars(select(Engineer).where(Engineer.info.like("info%")))],
+        [1],
+    ),
+    "a joined subclass's column": (
+        lambda s: s.scalars(select(Engineer.info)).all(),
+        ["info-org_a"],
+    ),
+    "a count of a joined subclass": (lambda s: s.scalar(select(func.count(Engineer.id))), 1),
+    "a joined subclass's column loaded after the base class": (
+        lambda s: [getattr(e, "info", None) for e in s.scalars(select(Employee))],
+        ["info-org_a"],
+    ),
+    "an EXISTS pairing a subclass row with its base row": (
+        lambda s: s.scalars(select(Doc.id).where(exists().where(Invoice.id == Doc.id))).all(),
+        [1],
+    ),
+    "the same for a subclass table without the column": (
+        lambda s: s.scalars(
+            select(Employee.id).where(exists().where(Engineer.id == Employee.id))
+        ).all(),
+        [1],
     ),
     "with_polymorphic": (
         lambda s: [
@@ -240,3 +296,46 @@ def test_association_rows_not_paired_with_scoped_rows_are_refused(
     refused = pytest.raises(TenantScopingError, match="cannot reach")
     with maker() as session, as_organization("org_a"), refused:
         session.execute(build()).all()
+
+
+#: reads of a joined subclass's own table (no organization column) that
+#: SQLAlchemy does not join to the base table's criterion
+SUBCLASS_TABLE_READS: dict[str, Callable[[], Any]] = {
+    "EXISTS of a subclass column": lambda: select(exists().where(Engineer.info == "info-org_b")),
+    "a count with the subclass only in the WHERE": lambda: select(func.count()).where(
+        Engineer.info == "info-org_b"
+    ),
+    "a shared class by another organization's subclass rows": lambda: select(Company.name).where(
+        exists().where(Engineer.info == "info-org_b", Engineer.company_id == Company.id)
+    ),
+    "Core on the subclass table": lambda: select(func.count()).select_from(table_of(Engineer)),
+}
+
+
+@pytest.mark.parametrize(
+    "build", list(SUBCLASS_TABLE_READS.values()), ids=list(SUBCLASS_TABLE_READS)
+)
+def test_a_joined_subclass_table_read_apart_from_its_base_is_refused(
+    maker: sessionmaker[OrmSession], build: Callable[[], Any]
+) -> None:
+    """The subclass table holds tenant rows though it has no organization
+    column: read where the base table's criterion does not join it, every
+    organization's rows answered."""
+    with maker() as session, as_organization("org_a"), pytest.raises(TenantScopingError):
+        session.execute(build()).all()
+
+
+def test_an_aliased_entity_over_sql_without_the_organization_column_is_refused(
+    maker: sessionmaker[OrmSession],
+) -> None:
+    """SQLAlchemy cannot adapt the criterion to such an alias: it compares the
+    entity's table as an extra FROM (text: every organization's rows; an ORM
+    subquery: each row repeated once per row of the organization)."""
+    textual = text("SELECT id, label FROM p6_tags").columns(Tag.id, Tag.label).subquery()
+    orm_subquery = select(Tag.id, Tag.label).subquery()
+    with maker() as session, as_organization("org_a"):
+        for selectable in (textual, orm_subquery):
+            with pytest.raises(TenantScopingError, match="alias without organization_id"):
+                session.scalars(select(aliased(Tag, selectable))).all()
+        with_column = select(Tag.id, Tag.label, Tag.organization_id).subquery()
+        assert [t.label for t in session.scalars(select(aliased(Tag, with_column)))] == ["red"]
