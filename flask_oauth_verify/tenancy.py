@@ -1907,8 +1907,16 @@ class TenantScoping:
         another tenant table (which adds that table to the ``FROM``) is not,
         and a subquery on a tenant table passes only when :func:`org_scoped`
         compared every tenant table it reads — the target entity's own table
-        excepted when the subquery correlates to it.
+        excepted when the subquery correlates to it. A column of a table the
+        statement itself joins with its criteria (``join_from(User, Book)``
+        with ``func.count(Book.id)``, the SQLAlchemy docs' example) is read
+        from scoped rows, and passes.
         """
+        reached = (
+            set(self._criteria_targets(statement).values())
+            if isinstance(statement, Select)
+            else set()
+        )
         for option in getattr(statement, "_with_options", ()):
             for element in getattr(option, "context", ()):
                 if element.strategy != _QUERY_EXPRESSION:
@@ -1920,6 +1928,10 @@ class TenantScoping:
                     own: set[Any] = set(entity.tables)
                 else:  # an aliased class: its alias is what the query scopes
                     own = {getattr(entity, "selectable", None)} - {None}
+                if len(element.path) <= 2:
+                    # an entity of this statement (not one a loader option
+                    # loads in a statement of its own): its joins are there
+                    own |= reached
                 for expression in element._extra_criteria or ():
                     refused = self._expression_reads(expression, own, organization)
                     if refused:

@@ -595,3 +595,19 @@ def test_a_legacy_query_exists_of_a_relationship_join_is_scoped(
         other = query.filter(func.lower(Project.name).like("b-secret%")).exists()
         assert session.query(own).scalar() is True
         assert session.query(other).scalar() is False
+
+
+def test_with_expression_over_a_table_the_statement_joins_with_its_criteria(
+    maker: sessionmaker[OrmSession],
+) -> None:
+    """The SQLAlchemy docs' own example (a count over a joined entity): the
+    join carries the criteria, so the expression reads scoped rows."""
+    statement = (
+        select(Plan)
+        .join(Plan.projects)
+        .group_by(Plan.id)
+        .order_by(Plan.id)
+        .options(with_expression(Plan.annotated, func.count(Project.id)))
+    )
+    with maker() as session, as_organization("org_b"):
+        assert [(plan.id, plan.annotated) for plan in session.scalars(statement)] == [(1, 2)]
