@@ -610,4 +610,5 @@ def test_with_expression_over_a_table_the_statement_joins_with_its_criteria(
         .options(with_expression(Plan.annotated, func.count(Project.id)))
     )
     with maker() as session, as_organization("org_b"):
-        assert [(plan.id, plan.annotated) for plan in session.scalars(statement)] == [(1, 2)]
+        counted: list[tuple[int, Any]] = [(p.id, p.annotated) for p in session.scalars(statement)]
+        assert counted == [(1, 2)]
