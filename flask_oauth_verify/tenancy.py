@@ -693,7 +693,9 @@ def _expanded(mapper: Mapper[Any], row: Mapping[str, Any]) -> Mapping[str, Any]:
     return copy
 
 
-def _scope_extra_froms(statement: Any, tenant_tables: Mapping[Any, str], organization: str) -> Any:
+def _scope_extra_froms(
+    statement: Any, tenant_tables: Mapping[Any, str], organization: str, inherit: bool = True
+) -> Any:
     """Scope the other tables of an ``UPDATE … FROM`` / ``DELETE … USING``.
 
     A column of another table in the ``WHERE`` or ``SET`` of an ORM
@@ -703,7 +705,7 @@ def _scope_extra_froms(statement: Any, tenant_tables: Mapping[Any, str], organiz
     ``<column> = <organization>``.
     """
     if isinstance(statement, FromStatement):  # select(X).from_statement(update(...))
-        inner = _scope_extra_froms(statement.element, tenant_tables, organization)
+        inner = _scope_extra_froms(statement.element, tenant_tables, organization, inherit)
         if inner is statement.element:
             return statement
         copy = statement._generate()
@@ -728,7 +730,7 @@ def _scope_extra_froms(statement: Any, tenant_tables: Mapping[Any, str], organiz
             if plain is not own and name is not None and name in plain.c:
                 found.setdefault(id(plain), plain.c[name] == organization)
         stack.extend(element.get_children())
-    joins = _inherit_conditions(target)
+    joins = _inherit_conditions(target) if inherit else []
     return statement.where(*found.values(), *joins) if found or joins else statement
 
 
@@ -974,6 +976,15 @@ def _from_name(from_clause: Any) -> str:
     base = _base_table(from_clause)
     name, alias = getattr(base, "name", "?"), getattr(from_clause, "name", None)
     return name if alias in (None, name) else f"{name} AS {alias}"
+
+
+def _relationships_through_secondaries() -> Iterator[RelationshipProperty[Any]]:
+    """Every mapped relationship with an association (``secondary``) table."""
+    for reg in _all_registries():
+        for mapper in reg.mappers:
+            for prop in mapper.relationships:
+                if prop.secondary is not None:
+                    yield prop
 
 
 def _tenant_reads(
@@ -1293,14 +1304,11 @@ class TenantScoping:
         return found
 
     def _tenant_associations(self) -> Iterator[RelationshipProperty[Any]]:
-        """Every relationship through an association table with the organization column."""
+        """Every relationship through an association table of tenant rows."""
         tables = self._tenant_tables()
-        for reg in _all_registries():
-            for mapper in reg.mappers:
-                for prop in mapper.relationships:
-                    secondary = prop.secondary
-                    if secondary is not None and tables.get(_base_table(secondary)) is not None:
-                        yield prop
+        for prop in _relationships_through_secondaries():
+            if tables.get(_base_table(prop.secondary)) is not None:
+                yield prop
 
     def _refuse_secondaries(self, state: ORMExecuteState, secondaries: dict[Any, Any]) -> None:
         """Refuse a statement that loads, joins or tests such a relationship."""
@@ -1363,6 +1371,21 @@ class TenantScoping:
                 if level.local_table is holder:
                     break
                 found.setdefault(level.local_table, name)
+        for prop in _relationships_through_secondaries():
+            if self.tenant_key(prop.parent) is not None or self.tenant_key(prop.mapper) is not None:
+                # an association table of a scoped class, with or without the
+                # column: each row belongs to its scoped side's organization
+                found.setdefault(_base_table(prop.secondary), self.column)
+        if self._implicit_models:
+            # another declarative base's classes with the column, which
+            # Flask-SQLAlchemy's default models= leaves out (ORM use of them
+            # is refused): Core on their tables is checked alike
+            for reg in _all_registries():
+                for mapper in reg.mappers:
+                    if self.tenant_key(mapper) is None and _mapper_column_key(mapper, self.column):
+                        for table in mapper.tables:
+                            if self.column in table.c:
+                                found.setdefault(table, self.column)
         if self._models is None or isinstance(self._models, registry):
             # unmapped tables of the same metadata with the column (a
             # many-to-many secondary, a table used through Core only) hold
@@ -1507,7 +1530,9 @@ class TenantScoping:
             return self._guard_insert(state, tenants, organization)
         if state.is_update or state.is_delete:
             self._guard_dml(state, organization)
-            state.statement = self._scope_extra_froms(state.statement, organization)
+            state.statement = self._scope_extra_froms(
+                state.statement, organization, inherit=not state.is_executemany
+            )
             if state.is_executemany:
                 # ORM bulk UPDATE by primary key ignores loader criteria.
                 self._check_criteria_reach(state.statement)
@@ -1523,8 +1548,10 @@ class TenantScoping:
         if criteria:
             state.statement = state.statement.options(*criteria)
         # on the statement SQLAlchemy runs: its cache key (memoized, needed
-        # for the compiled cache anyway) keys the verdict
-        self._check_criteria_reach(state.statement, state.is_relationship_load)
+        # for the compiled cache anyway) keys the verdict. (A column load is
+        # SQLAlchemy's own read, by primary key, of an object let through.)
+        if not state.is_column_load:
+            self._check_criteria_reach(state.statement, state.is_relationship_load)
         if not (state.is_update or state.is_delete):
             # every loaded row is checked against this (see _on_load)
             guard = {_EXPECTED_ORG: organization, _SCOPING: self}
@@ -2053,9 +2080,15 @@ class TenantScoping:
                 if column in row and _foreign(row[column], organization):
                     raise self._cross(mapper, organization, row[column], "update")
 
-    def _scope_extra_froms(self, statement: Any, organization: str) -> Any:
-        """:func:`_scope_extra_froms` with this scoping's tenant tables."""
-        return _scope_extra_froms(statement, self._tenant_tables(), organization)
+    def _scope_extra_froms(self, statement: Any, organization: str, inherit: bool = True) -> Any:
+        """:func:`_scope_extra_froms` with this scoping's tenant tables.
+
+        :param inherit: join a joined subclass's table to the parent's with
+            the organization column; not for a bulk UPDATE by primary key,
+            which SQLAlchemy refuses with any extra criteria (its keys are
+            checked instead, :meth:`_check_primary_keys`).
+        """
+        return _scope_extra_froms(statement, self._tenant_tables(), organization, inherit)
 
     def _check_primary_keys(self, state: ORMExecuteState, organization: str) -> None:
         subject = self._subject(state)

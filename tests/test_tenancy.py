@@ -455,6 +455,9 @@ def test_tenant_model_of_another_registry_is_refused_not_skipped(auto: TenantApp
             db.session.flush()
         db.session.rollback()
         assert [p.id for p in db.session.scalars(select(Project))] == [1, 2, 5]
+        # Core on its table is refused like Core on any tenant table
+        with pytest.raises(TenantScopingError, match="Core statement"):
+            db.session.execute(select(Invoice.__table__.c.id))
 
 
 def test_explicit_update_is_scoped(env: TenantApp) -> None:

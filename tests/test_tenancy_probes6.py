@@ -20,11 +20,13 @@ from sqlalchemy import (
     String,
     Table,
     create_engine,
+    delete,
     exists,
     func,
     insert,
     select,
     text,
+    update,
 )
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -40,7 +42,12 @@ from sqlalchemy.orm import (
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.pool import StaticPool
 
-from flask_oauth_verify.tenancy import TenantScopingError, as_organization, enable_tenant_scoping
+from flask_oauth_verify.tenancy import (
+    CrossTenantWriteError,
+    TenantScopingError,
+    as_organization,
+    enable_tenant_scoping,
+)
 
 
 class SixthBase(DeclarativeBase):
@@ -107,6 +114,20 @@ class Engineer(Employee):
     __mapper_args__ = {"polymorphic_identity": "engineer"}  # noqa: RUF012
 
 
+class Lead(Employee):
+    """A subclass whose second foreign key to the base table needs an explicit
+    inherit_condition, written with ORM attributes."""
+
+    __tablename__ = "p6_leads"
+    id: Mapped[int] = mapped_column(ForeignKey("p6_employees.id"), primary_key=True)
+    mentor_id: Mapped[int | None] = mapped_column(ForeignKey("p6_employees.id"))
+    team: Mapped[str] = mapped_column(String(50))
+    __mapper_args__ = {  # noqa: RUF012
+        "polymorphic_identity": "lead",
+        "inherit_condition": id == Employee.id,
+    }
+
+
 class Label(SixthBase):
     """Shared by every organization (no organization column)."""
 
@@ -124,12 +145,24 @@ project_labels = Table(
 )
 
 
+#: no organization column: each row belongs to its project's organization
+project_topics = Table(
+    "p6_project_topics",
+    SixthBase.metadata,
+    Column("project_id", ForeignKey("p6_projects.id"), primary_key=True),
+    Column("label_id", ForeignKey("p6_labels.id"), primary_key=True),
+)
+
+
 class Project(SixthBase):
     __tablename__ = "p6_projects"
     id: Mapped[int] = mapped_column(primary_key=True)
     organization_id: Mapped[str] = mapped_column(String(20))
     tags: Mapped[list[Tag]] = relationship(secondary=project_tags, order_by=Tag.id)
     labels: Mapped[list[Label]] = relationship(secondary=project_labels, order_by=Label.id)
+    topics: Mapped[list[Label]] = relationship(
+        secondary=project_topics, order_by=Label.id, viewonly=True
+    )
 
 
 def table_of(model: Any) -> Table:
@@ -166,6 +199,13 @@ def maker() -> Iterator[sessionmaker[OrmSession]]:
                 [{"id": ident, "organization_id": org, "company_id": 1, "kind": "engineer"}],
             )
             connection.execute(insert(table_of(Engineer)), [{"id": ident, "info": f"info-{org}"}])
+            connection.execute(insert(project_topics), [{"project_id": ident, "label_id": ident}])
+            lead = 10 + ident
+            connection.execute(
+                insert(table_of(Employee)),
+                [{"id": lead, "organization_id": org, "company_id": 1, "kind": "lead"}],
+            )
+            connection.execute(insert(table_of(Lead)), [{"id": lead, "team": f"team-{org}"}])
             connection.execute(
                 insert(project_labels),
                 [{"project_id": ident, "label_id": ident, "organization_id": org}],
@@ -220,7 +260,7 @@ SCOPED: dict[str, tuple[Callable[[OrmSession], Any], Any]] = {
     "a count of a joined subclass": (lambda s: s.scalar(select(func.count(Engineer.id))), 1),
     "a joined subclass's column loaded after the base class": (
         lambda s: [getattr(e, "info", None) for e in s.scalars(select(Employee))],
-        ["info-org_a"],
+        ["info-org_a", None],
     ),
     "an EXISTS pairing a subclass row with its base row": (
         lambda s: s.scalars(select(Doc.id).where(exists().where(Invoice.id == Doc.id))).all(),
@@ -231,6 +271,25 @@ SCOPED: dict[str, tuple[Callable[[OrmSession], Any], Any]] = {
             select(Employee.id).where(exists().where(Engineer.id == Employee.id))
         ).all(),
         [1],
+    ),
+    "a lazy load through an association table without the column": (
+        lambda s: [label.name for label in s.get(Project, 1).topics],  # type: ignore[union-attr]
+        ["label-1"],
+    ),
+    "selectinload through an association table without the column": (
+        lambda s: [
+            [label.name for label in p.topics]
+            for p in s.scalars(select(Project).options(selectinload(Project.topics)))
+        ],
+        [["label-1"]],
+    ),
+    "any() through an association table without the column": (
+        lambda s: s.scalars(select(Project.id).where(Project.topics.any(Label.id > 0))).all(),
+        [1],
+    ),
+    "a subclass column load with an ORM inherit_condition": (
+        lambda s: [getattr(e, "team", None) for e in s.scalars(select(Employee))],
+        [None, "team-org_a"],
     ),
     "with_polymorphic": (
         lambda s: [
@@ -339,3 +398,30 @@ def test_an_aliased_entity_over_sql_without_the_organization_column_is_refused(
                 session.scalars(select(aliased(Tag, selectable))).all()
         with_column = select(Tag.id, Tag.label, Tag.organization_id).subquery()
         assert [t.label for t in session.scalars(select(aliased(Tag, with_column)))] == ["red"]
+
+
+def test_association_rows_without_the_column_read_on_their_own_are_refused(
+    maker: sessionmaker[OrmSession],
+) -> None:
+    """Each row of an association table of a scoped class belongs to its
+    project's organization, column or not: read or deleted through the
+    session on its own, every organization's rows were reached."""
+    with maker() as session, as_organization("org_a"):
+        for statement in (
+            select(project_topics.c.project_id),
+            delete(project_topics).where(project_topics.c.label_id == 2),
+        ):
+            with pytest.raises(TenantScopingError):
+                session.execute(statement)
+
+
+def test_a_bulk_update_by_primary_key_of_a_joined_subclass(
+    maker: sessionmaker[OrmSession],
+) -> None:
+    """SQLAlchemy refuses any extra criteria in a bulk UPDATE by primary key:
+    the join to the parent table is not added there, the keys are checked."""
+    with maker() as session, as_organization("org_a"):
+        session.execute(update(Engineer), [{"id": 1, "info": "renamed"}])
+        assert session.scalars(select(Engineer.info)).all() == ["renamed"]
+        with pytest.raises(CrossTenantWriteError):
+            session.execute(update(Engineer), [{"id": 2, "info": "PWNED"}])
