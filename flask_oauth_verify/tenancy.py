@@ -39,7 +39,7 @@ from typing import Any, ClassVar, TypeVar
 
 import sqlalchemy
 from flask import has_app_context, has_request_context
-from sqlalchemy import Column, Select, event, func, inspect, select, tuple_
+from sqlalchemy import Column, Select, Table, event, func, inspect, select, tuple_
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import (
     ColumnProperty,
@@ -859,7 +859,9 @@ class _TenantTables(dict[Any, str]):
         super().__init__(tables)
         self._names: dict[str, list[tuple[str | None, str]]] = {}
         for table, column in tables.items():
-            self._names.setdefault(table.name.lower(), []).append((table.schema, column))
+            name = getattr(table, "name", None)
+            if isinstance(name, str):
+                self._names.setdefault(name.lower(), []).append((table.schema, column))
 
     def get(self, table: Any, default: Any = None) -> Any:
         found = super().get(table)
@@ -1039,9 +1041,16 @@ def _paired(statement: Any, table: Any, partners: Collection[int], by_value: boo
         if isinstance(element, BinaryExpression) and element.operator in _PAIRING:
             sides = (element.left, element.right)
             for one, other in (sides, sides[::-1]):
-                if _column_of(one) is table and (
-                    id(_column_of(other)) in partners
-                    or (by_value and isinstance(other, BindParameter))
+                if _column_of(one) is not table:
+                    continue
+                if id(_column_of(other)) in partners and _keyed(one, other):
+                    return True  # a foreign key between the two: a join
+                if (
+                    isinstance(other, BindParameter)
+                    # a value read from a loaded object (with_parent(),
+                    # dynamic and write-only collections, contains())
+                    and (by_value or other.callable is not None)
+                    and getattr(one, "foreign_keys", None)
                 ):
                     return True
         if isinstance(element, ClauseElement):
@@ -1074,6 +1083,46 @@ def _setup_joins(statement: Any) -> list[Any]:
     for memoized in getattr(statement, "_memoized_select_entities", ()):
         joins += memoized._setup_joins
     return joins
+
+
+def _keyed(one: Any, other: Any) -> bool:
+    """Whether a foreign key links columns ``one`` and ``other`` (either way,
+    through aliases): a comparison that joins rows, not any equality."""
+    for column, referred in ((one, other), (other, one)):
+        targets = getattr(referred, "proxy_set", ())
+        if any(fk.column in targets for fk in getattr(column, "foreign_keys", ())):
+            return True
+    return False
+
+
+def _optional_froms(statement: Any) -> set[int] | None:
+    """The FROM objects (by ``id()``) on the optional side of the outer joins
+    of ``statement``; ``None`` when it has a FULL join."""
+    optional: set[int] = set()
+    for target, _onclause, _from, flags in _setup_joins(statement):
+        if flags.get("full"):
+            return None
+        if flags.get("isouter"):
+            optional.update(id(f) for f in _join_target_froms(target))
+    stack = [f for f in getattr(statement, "_from_obj", ()) if isinstance(f, Join)]
+    while stack:
+        join = stack.pop()
+        if join.full:
+            return None
+        if join.isouter:
+            optional.update(id(f) for f in _joined_froms(join.right))
+        stack += [side for side in (join.left, join.right) if isinstance(side, Join)]
+    return optional
+
+
+def _join_target_froms(target: Any) -> list[Any]:
+    """The FROM objects (deannotated) a ``join()`` target brings in."""
+    entity = getattr(target, "_annotations", {}).get("parententity") or _relationship_target(target)
+    if entity is not None:
+        if getattr(entity, "is_aliased_class", False):
+            return _joined_froms(entity.selectable)
+        return list(entity.mapper.tables)
+    return _joined_froms(target) if isinstance(target, FromClause) else []
 
 
 def _relationship_target(attribute: Any) -> Any:
@@ -1192,6 +1241,10 @@ class TenantScoping:
         self._reach_verdicts: BoundedFifo[Any, tuple[int, tuple[str, ...]]] = BoundedFifo(
             _REACH_VERDICTS
         )
+        #: mapper -> (mapper generation, its column properties read unscoped)
+        self._column_verdicts: weakref.WeakKeyDictionary[
+            Mapper[Any], tuple[int, tuple[str, ...]]
+        ] = weakref.WeakKeyDictionary()
         #: models= was db.Model's registry by default, not the caller's choice
         self._implicit_models = False
         self._saved: dict[str, Any] = {}
@@ -1371,11 +1424,17 @@ class TenantScoping:
                 if level.local_table is holder:
                     break
                 found.setdefault(level.local_table, name)
+        mapped_tables = {t for reg in _all_registries() for m in reg.mappers for t in m.tables}
         for prop in _relationships_through_secondaries():
-            if self.tenant_key(prop.parent) is not None or self.tenant_key(prop.mapper) is not None:
-                # an association table of a scoped class, with or without the
-                # column: each row belongs to its scoped side's organization
-                found.setdefault(_base_table(prop.secondary), self.column)
+            if self.tenant_key(prop.parent) is None and self.tenant_key(prop.mapper) is None:
+                continue
+            # an association table of a scoped class, with or without the
+            # column: each row belongs to its scoped side's organization (the
+            # tables of a join used as the secondary; not a table an
+            # association class maps, which is that class's to scope)
+            for table in _joined_froms(prop.secondary):
+                if isinstance(table, Table) and table not in mapped_tables:
+                    found.setdefault(table, self.column)
         if self._implicit_models:
             # another declarative base's classes with the column, which
             # Flask-SQLAlchemy's default models= leaves out (ORM use of them
@@ -1549,9 +1608,12 @@ class TenantScoping:
             state.statement = state.statement.options(*criteria)
         # on the statement SQLAlchemy runs: its cache key (memoized, needed
         # for the compiled cache anyway) keys the verdict. (A column load is
-        # SQLAlchemy's own read, by primary key, of an object let through.)
+        # SQLAlchemy's own read, by primary key, of an object let through;
+        # the column properties it may load are checked for every mapper.)
         if not state.is_column_load:
             self._check_criteria_reach(state.statement, state.is_relationship_load)
+        for mapper in state.all_mappers:
+            self._check_column_properties(mapper)
         if not (state.is_update or state.is_delete):
             # every loaded row is checked against this (see _on_load)
             guard = {_EXPECTED_ORG: organization, _SCOPING: self}
@@ -1643,7 +1705,12 @@ class TenantScoping:
         """
         generation = _MAPPER_GENERATION[0]
         cache_key = statement._generate_cache_key()
-        key = (cache_key.key, relationship_load) if cache_key is not None else None
+        key = None
+        if cache_key is not None:
+            # which bound values come from objects is no part of the cache
+            # key, and decides what pairs an association table
+            from_objects = tuple(b.callable is not None for b in cache_key.bindparams)
+            key = (cache_key.key, relationship_load, from_objects)
         known = self._reach_verdicts.get(key) if key is not None else None
         if known is not None and known[0] == generation:
             missed = known[1]
@@ -1766,17 +1833,84 @@ class TenantScoping:
         # a joined subclass's own table is paired like one: Invoice.id == Doc.id
         if base not in self._scoped_secondaries() and base not in self._subclass_tables():
             return False
-        partners = {*reached, *(id(f) for f in enclosing)}
+        optional = _optional_froms(statement)
+        if optional is None:
+            return False  # a FULL join: no side is sure to hold scoped rows
+        # a partner on the optional side of an outer join pairs nothing: the
+        # association rows survive the LEFT JOIN without it
+        partner_froms = [f for f in (*reached.values(), *enclosing) if id(f) not in optional]
+        partners = {id(f) for f in partner_froms}
         if _paired(statement, from_clause, partners, relationship_load):
             return True
-        # .join(association_table) with no ON: the foreign keys pair it
-        partner_froms = [*reached.values(), *enclosing]
-        return any(
-            join[1] is None
-            and _plain_from(join[0]) is from_clause
-            and any(_joinable(from_clause, other) for other in partner_froms)
-            for join in _setup_joins(statement)
-        )
+        # a join with no ON pairs by foreign keys, with the FROM it joins
+        # from: to be sure which, every FROM of the statement a foreign key
+        # joins to the other side must be the expected one
+        froms = [f for top in statement.get_final_froms() for f in _joined_froms(top)]
+        for target, onclause, _from, flags in _setup_joins(statement):
+            if onclause is not None or flags.get("full"):
+                continue
+            if _plain_from(target) is from_clause:
+                # .join(association_table): from a partner
+                joinable = [f for f in froms if f is not from_clause and _joinable(from_clause, f)]
+                if joinable and all(id(f) in partners for f in joinable):
+                    return True
+                continue
+            if flags.get("isouter"):
+                continue  # an outer-joined partner pairs nothing
+            for partner in _join_target_froms(target):
+                # select_from(association_table).join(Partner): from it
+                if id(partner) not in partners or not _joinable(from_clause, partner):
+                    continue
+                joinable = [f for f in froms if f is not partner and _joinable(partner, f)]
+                if joinable == [from_clause]:
+                    return True
+        return False
+
+    def _check_column_properties(self, mapper: Mapper[Any]) -> None:
+        """Refuse a mapper whose ``column_property()`` / ``deferred()`` SQL
+        reads a tenant table where the loader criteria cannot reach.
+
+        SQLAlchemy adds such an expression to the statement only when it
+        compiles it (or loads the deferred attribute later), so the check of
+        the statement never sees it: each mapper's expressions are judged
+        once, alike (a subquery correlated to the mapper's own table is its
+        entity's to scope).
+
+        :raises TenantScopingError: naming the attribute and the tables.
+        """
+        generation = _MAPPER_GENERATION[0]
+        known = self._column_verdicts.get(mapper)
+        if known is None or known[0] != generation:
+            known = (generation, self._unscoped_column_properties(mapper))
+            self._column_verdicts[mapper] = known
+        if known[1]:
+            raise TenantScopingError(
+                f"{'; '.join(known[1])}: tenant scoping cannot reach these rows, so every "
+                f"organization's would be read. Build the expression from ORM attributes "
+                f"(select(func.count(Task.id)).where(Task.project_id == id)), or "
+                f"org_scoped() it - see 'Limits' in the tenancy docs."
+            )
+
+    def _unscoped_column_properties(self, mapper: Mapper[Any]) -> tuple[str, ...]:
+        """The column properties of ``mapper`` that read tenant rows unscoped."""
+        tenant_tables = self._tenant_tables()
+        owner = frozenset(mapper.tables)
+        found = []
+        for prop in mapper.column_attrs:
+            for expression in prop.columns:
+                if isinstance(expression, Column) and expression.table in owner:
+                    continue  # a plain column of its own table
+                froms, nested = _tenant_reads(expression, tenant_tables)
+                missed = {_from_name(f) for f in froms if f not in owner}
+                for inner, holder in nested:
+                    self._criteria_missed(
+                        inner, owner, owner if holder is None else frozenset(), missed, set()
+                    )
+                if missed:
+                    found.append(
+                        f"{mapper.class_.__name__}.{prop.key} reads {', '.join(sorted(missed))}"
+                    )
+        return tuple(found)
 
     def _subclass_tables(self) -> frozenset[Any]:
         """The own tables of scoped joined-inheritance subclasses."""

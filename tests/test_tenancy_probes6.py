@@ -32,11 +32,13 @@ from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
     aliased,
+    column_property,
     joinedload,
     mapped_column,
     relationship,
     selectinload,
     sessionmaker,
+    with_parent,
     with_polymorphic,
 )
 from sqlalchemy.orm import Session as OrmSession
@@ -45,6 +47,7 @@ from sqlalchemy.pool import StaticPool
 from flask_oauth_verify.tenancy import (
     CrossTenantWriteError,
     TenantScopingError,
+    _TenantTables,
     as_organization,
     enable_tenant_scoping,
 )
@@ -112,6 +115,20 @@ class Engineer(Employee):
     id: Mapped[int] = mapped_column(ForeignKey("p6_employees.id"), primary_key=True)
     info: Mapped[str] = mapped_column(String(50))
     __mapper_args__ = {"polymorphic_identity": "engineer"}  # noqa: RUF012
+
+
+class Board(SixthBase):
+    """A column_property reading a tenant table through Table columns."""
+
+    __tablename__ = "p6_boards"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(20))
+    links: Mapped[int] = column_property(
+        select(func.count())
+        .select_from(project_tags)
+        .where(project_tags.c.project_id == id)
+        .scalar_subquery()
+    )
 
 
 class Lead(Employee):
@@ -287,6 +304,27 @@ SCOPED: dict[str, tuple[Callable[[OrmSession], Any], Any]] = {
         lambda s: s.scalars(select(Project.id).where(Project.topics.any(Label.id > 0))).all(),
         [1],
     ),
+    "with_parent() through an association table without the column": (
+        lambda s: [
+            label.name
+            for label in s.scalars(
+                select(Label).where(with_parent(s.get(Project, 1), Project.topics))
+            )
+        ],
+        ["label-1"],
+    ),
+    "a count over an outer-joined association table": (
+        lambda s: s.execute(
+            select(Project.id, func.count(project_topics.c.label_id))
+            .outerjoin(project_topics)
+            .group_by(Project.id)
+        ).all(),
+        [(1, 1)],
+    ),
+    "select_from(association table).join(Partner)": (
+        lambda s: s.execute(select(Project.id).select_from(project_topics).join(Project)).all(),
+        [(1,)],
+    ),
     "a subclass column load with an ORM inherit_condition": (
         lambda s: [getattr(e, "team", None) for e in s.scalars(select(Employee))],
         [None, "team-org_a"],
@@ -425,3 +463,55 @@ def test_a_bulk_update_by_primary_key_of_a_joined_subclass(
         assert session.scalars(select(Engineer.info)).all() == ["renamed"]
         with pytest.raises(CrossTenantWriteError):
             session.execute(update(Engineer), [{"id": 2, "info": "PWNED"}])
+
+
+#: association rows paired with nothing scoped, though a comparison names a
+#: scoped table: a partner on the optional side of an outer join, a join with
+#: no ON from a shared class, an ON comparing a column that is no foreign key
+UNSURE_PAIRINGS: dict[str, Callable[[], Any]] = {
+    "the partner outer-joined": lambda: (
+        select(Label.name, project_topics.c.project_id)
+        .outerjoin(project_topics, project_topics.c.label_id == Label.id)
+        .outerjoin(Project, Project.id == project_topics.c.project_id)
+    ),
+    "joined from a shared class": lambda: (
+        select(project_topics.c.project_id)
+        .select_from(Label)
+        .join(project_topics)
+        .where(Project.id == 1)
+    ),
+    "an ON that is no foreign key": lambda: (
+        select(Label.name, project_topics.c.project_id)
+        .join(project_topics, project_topics.c.label_id == Label.id)
+        .join(Project, Project.id == project_topics.c.label_id)
+    ),
+}
+
+
+@pytest.mark.parametrize("build", list(UNSURE_PAIRINGS.values()), ids=list(UNSURE_PAIRINGS))
+def test_association_rows_not_surely_paired_are_refused(
+    maker: sessionmaker[OrmSession], build: Callable[[], Any]
+) -> None:
+    with maker() as session, as_organization("org_a"), pytest.raises(TenantScopingError):
+        session.execute(build()).all()
+
+
+def test_a_column_property_reading_tenant_rows_unscoped_refuses_its_class(
+    maker: sessionmaker[OrmSession],
+) -> None:
+    """SQLAlchemy adds the property's SQL only when it compiles (or loads it
+    deferred): judged per class, any statement loading the class is refused."""
+    with maker() as session, as_organization("org_a"):
+        for statement in (select(Board), select(Board.id)):
+            with pytest.raises(TenantScopingError, match=r"Board\.links"):
+                session.execute(statement).all()
+        with pytest.raises(TenantScopingError, match=r"Board\.links"):
+            session.get(Board, 1)
+
+
+def test_tenant_tables_tolerate_a_join_as_a_key() -> None:
+    """A relationship whose secondary is a join put the join among the tenant
+    tables, and reading its name failed every statement of the session."""
+    joined = table_of(Project).join(project_topics)
+    tables = _TenantTables({joined: "organization_id", table_of(Project): "organization_id"})
+    assert tables.get(table_of(Project)) == "organization_id"
