@@ -34,13 +34,12 @@ import logging
 import re
 import threading
 import weakref
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import sqlalchemy
 from flask import has_app_context, has_request_context
 from sqlalchemy import Column, Select, Table, event, func, inspect, select, tuple_
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import (
     ColumnProperty,
     Mapper,
@@ -55,22 +54,18 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.context import FromStatement
-from sqlalchemy.sql import operators, visitors
 from sqlalchemy.sql import util as sql_util
+from sqlalchemy.sql import visitors
 from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
 from sqlalchemy.sql.elements import (
-    BinaryExpression,
     BindParameter,
     ClauseElement,
     ColumnClause,
     ColumnElement,
 )
 from sqlalchemy.sql.selectable import (
-    AliasedReturnsRows,
     Exists,
     FromClause,
-    Join,
-    Lateral,
     ScalarSelect,
     SelectBase,
     TableClause,
@@ -82,6 +77,24 @@ from .context import AuthContext, request_auth
 from .errors import MissingOrganizationContext, MissingUserContext, OAuthVerifyError
 from .extension import get_state
 from .fifo import BoundedFifo
+from .sqlshape import (
+    _STATEMENTS,
+    _base_table,
+    _correlated,
+    _correlates,
+    _first_column_annotation,
+    _from_name,
+    _join_target_froms,
+    _joinable,
+    _joined_froms,
+    _optional_froms,
+    _paired,
+    _plain_from,
+    _relationship_target,
+    _setup_joins,
+    _surface_expressions,
+    _tenant_reads,
+)
 
 #: The oldest SQLAlchemy release automatic scoping is safe with.
 _MINIMUM_SQLALCHEMY = (2, 1)
@@ -889,7 +902,6 @@ class _CoreVerdict:
 
 
 _NO_COMPARISON: frozenset[tuple[Any, str]] = frozenset()
-_STATEMENTS = (SelectBase, UpdateBase)
 
 
 def _marker_of(element: Any) -> tuple[str, frozenset[tuple[Any, str]]] | None:
@@ -950,34 +962,12 @@ def _core_verdict(statement: Any, tenant_tables: Mapping[Any, str]) -> _CoreVerd
     return _CoreVerdict(tuple(sorted(touched)), tuple(sorted(unscoped)), frozenset(organizations))
 
 
-#: The expressions of a ``WHERE`` criterion SQLAlchemy looks for entities in
-#: (untyped in SQLAlchemy).
-_surface_expressions: Callable[[Any], Iterator[Any]] = sql_util.surface_expressions
-
 #: How many ORM statement shapes' verdicts :meth:`TenantScoping._check_criteria_reach` keeps.
 _REACH_VERDICTS = 1024
 
-#: The entity of a column expression, as SQLAlchemy finds it (untyped there).
-_first_column_annotation: Callable[[Any, str], Any] = sql_util.extract_first_column_annotation
 
 #: The loader strategy of a ``with_expression()`` option.
 _QUERY_EXPRESSION = (("query_expression", True),)
-
-
-def _base_table(from_clause: Any) -> Any:
-    """The table under aliases of ``from_clause``."""
-    while isinstance(from_clause, AliasedReturnsRows) and isinstance(
-        from_clause.element, FromClause
-    ):
-        from_clause = from_clause.element
-    return from_clause
-
-
-def _from_name(from_clause: Any) -> str:
-    """A table's name, or ``"table AS alias"`` (as :func:`_core_verdict` names them)."""
-    base = _base_table(from_clause)
-    name, alias = getattr(base, "name", "?"), getattr(from_clause, "name", None)
-    return name if alias in (None, name) else f"{name} AS {alias}"
 
 
 def _relationships_through_secondaries() -> Iterator[RelationshipProperty[Any]]:
@@ -987,207 +977,6 @@ def _relationships_through_secondaries() -> Iterator[RelationshipProperty[Any]]:
             for prop in mapper.relationships:
                 if prop.secondary is not None:
                     yield prop
-
-
-def _tenant_reads(
-    statement: Any, tenant_tables: Mapping[Any, str]
-) -> tuple[list[Any], list[tuple[Any, Any]]]:
-    """What one statement reads itself: the tenant tables and aliases of one
-    (deannotated), and its nested statements, each with the subquery in
-    ``FROM`` or CTE holding it (deannotated; ``None`` for a scalar,
-    ``EXISTS`` or ``LATERAL`` subquery, which may correlate)."""
-    froms: list[Any] = []
-    nested: list[tuple[Any, Any]] = []
-    stack: list[tuple[Any, Any]] = [(child, None) for child in statement.get_children()]
-    seen: set[int] = set()
-    while stack:
-        element, holder = stack.pop()
-        if id(element) in seen:
-            continue
-        seen.add(id(element))
-        if isinstance(element, _STATEMENTS):
-            nested.append((element, holder))
-            continue
-        if isinstance(element, FromClause):
-            base = _base_table(element)
-            if isinstance(base, TableClause):
-                if tenant_tables.get(base) is not None:
-                    froms.append(element._deannotate())
-                continue
-            if isinstance(element, AliasedReturnsRows) and not isinstance(element, Lateral):
-                holder = element._deannotate()
-        stack.extend((child, holder) for child in element.get_children())
-    return froms, nested
-
-
-def _paired(statement: Any, table: Any, partners: Collection[int], by_value: bool) -> bool:
-    """Whether ``statement`` compares a column of ``table`` with equality to a
-    column of one of ``partners`` (FROM objects by ``id()``) — or, with
-    ``by_value``, to a bound value — in its ``WHERE`` or a join's ``ON``
-    (not in nested statements)."""
-    stack: list[Any] = [*statement._where_criteria]
-    for join in _setup_joins(statement):
-        stack.append(join[1])
-    stack += [f for f in getattr(statement, "_from_obj", ()) if isinstance(f, Join)]
-    seen: set[int] = set()
-    while stack:
-        element = stack.pop()
-        if element is None or id(element) in seen or isinstance(element, _STATEMENTS):
-            continue
-        seen.add(id(element))
-        if isinstance(element, Join):
-            stack += [element.left, element.right, element.onclause]
-            continue
-        if isinstance(element, BinaryExpression) and element.operator in _PAIRING:
-            sides = (element.left, element.right)
-            for one, other in (sides, sides[::-1]):
-                if _column_of(one) is not table:
-                    continue
-                if id(_column_of(other)) in partners and _keyed(one, other):
-                    return True  # a foreign key between the two: a join
-                if (
-                    isinstance(other, BindParameter)
-                    # a value read from a loaded object (with_parent(),
-                    # dynamic and write-only collections, contains())
-                    and (by_value or other.callable is not None)
-                    and getattr(one, "foreign_keys", None)
-                ):
-                    return True
-        if isinstance(element, ClauseElement):
-            stack.extend(element.get_children())
-    return False
-
-
-def _joined_froms(from_clause: Any) -> list[Any]:
-    """The FROM objects (deannotated) a FROM renders: the sides of its joins,
-    not what an alias or subquery wraps."""
-    found = []
-    stack = [from_clause]
-    while stack:
-        element = stack.pop()
-        if isinstance(element, Join):
-            stack += [element.left, element.right]
-        elif isinstance(element, FromClause):
-            found.append(element._deannotate())
-    return found
-
-
-#: Comparisons that pair a row with another (``IN`` of keys: a selectin load).
-_PAIRING = (operators.eq, operators.in_op)
-
-
-def _setup_joins(statement: Any) -> list[Any]:
-    """The ORM joins of a ``select()``, also those made before
-    ``with_only_columns()`` (which SQLAlchemy keeps apart: ``Query.exists()``)."""
-    joins = list(getattr(statement, "_setup_joins", ()))
-    for memoized in getattr(statement, "_memoized_select_entities", ()):
-        joins += memoized._setup_joins
-    return joins
-
-
-def _keyed(one: Any, other: Any) -> bool:
-    """Whether a foreign key links columns ``one`` and ``other`` (either way,
-    through aliases): a comparison that joins rows, not any equality."""
-    for column, referred in ((one, other), (other, one)):
-        targets = getattr(referred, "proxy_set", ())
-        if any(fk.column in targets for fk in getattr(column, "foreign_keys", ())):
-            return True
-    return False
-
-
-def _optional_froms(statement: Any) -> set[int] | None:
-    """The FROM objects (by ``id()``) on the optional side of the outer joins
-    of ``statement``; ``None`` when it has a FULL join."""
-    optional: set[int] = set()
-    for target, _onclause, _from, flags in _setup_joins(statement):
-        if flags.get("full"):
-            return None
-        if flags.get("isouter"):
-            optional.update(id(f) for f in _join_target_froms(target))
-    stack = [f for f in getattr(statement, "_from_obj", ()) if isinstance(f, Join)]
-    while stack:
-        join = stack.pop()
-        if join.full:
-            return None
-        if join.isouter:
-            optional.update(id(f) for f in _joined_froms(join.right))
-        stack += [side for side in (join.left, join.right) if isinstance(side, Join)]
-    return optional
-
-
-def _join_target_froms(target: Any) -> list[Any]:
-    """The FROM objects (deannotated) a ``join()`` target brings in."""
-    entity = getattr(target, "_annotations", {}).get("parententity") or _relationship_target(target)
-    if entity is not None:
-        if getattr(entity, "is_aliased_class", False):
-            return _joined_froms(entity.selectable)
-        return list(entity.mapper.tables)
-    return _joined_froms(target) if isinstance(target, FromClause) else []
-
-
-def _relationship_target(attribute: Any) -> Any:
-    """The entity a relationship attribute joins to (``of_type()`` included), else ``None``."""
-    prop = getattr(attribute, "property", None)
-    if not isinstance(prop, RelationshipProperty):
-        return None
-    of_type = getattr(attribute, "_of_type", None)
-    return inspect(of_type) if of_type is not None else prop.entity
-
-
-def _plain_from(element: Any) -> Any:
-    """``element`` (deannotated) when it is a FROM object, else ``None``."""
-    return element._deannotate() if isinstance(element, FromClause) else None
-
-
-def _joinable(left: Any, right: Any) -> bool:
-    """Whether a foreign key joins ``left`` and ``right`` (what a join with no ON uses)."""
-    try:
-        sql_util.join_condition(left, right)
-    except sa_exc.ArgumentError:  # no foreign key between them, or more than one
-        return False
-    return True
-
-
-def _column_of(element: Any) -> Any:
-    """The FROM object (deannotated) of a column, else ``None``."""
-    table = getattr(element, "table", None) if isinstance(element, ColumnClause) else None
-    return table._deannotate() if isinstance(table, FromClause) else None
-
-
-def _correlated(
-    select_: Any, from_clause: Any, explicit: frozenset[Any], implicit: frozenset[Any]
-) -> bool:
-    """Whether ``select_`` correlates ``from_clause`` (deannotated) to an
-    enclosing statement, by SQLAlchemy's rule (``SelectState._correlate_froms``):
-    ``correlate(t)`` / ``correlate_except(t)`` to any enclosing statement
-    that reads it; auto-correlation only to the immediately enclosing one,
-    and only when ``select_`` would keep a FROM of its own."""
-    if (
-        select_._correlate
-        and from_clause in explicit
-        and any(f._deannotate() is from_clause for f in select_._correlate)
-    ):
-        return True
-    if (
-        select_._correlate_except is not None
-        and from_clause in explicit
-        and all(f._deannotate() is not from_clause for f in select_._correlate_except)
-    ):
-        return True
-    return bool(
-        select_._auto_correlate and from_clause in implicit and len(select_.get_final_froms()) > 1
-    )
-
-
-def _correlates(expression: Any, tables: set[Any]) -> bool:
-    """Whether every ``SELECT`` in ``expression`` correlates ``tables`` to the enclosing query."""
-    for element in visitors.iterate(expression):
-        if isinstance(element, Select) and not (
-            (element._auto_correlate and element._correlate_except is None)
-            or tables <= set(element._correlate)
-        ):
-            return False
-    return True
 
 
 #: Session methods wrapped on a scoped target: the legacy bulk methods fire
