@@ -94,7 +94,13 @@ def _tenant_reads(
     return froms, nested
 
 
-def _paired(statement: Any, table: Any, partners: Collection[int], by_value: bool) -> bool:
+def _paired(
+    statement: Any,
+    table: Any,
+    partners: Collection[int],
+    by_value: bool,
+    tenant_tables: Mapping[Any, str],
+) -> bool:
     """Whether ``statement`` compares a column of ``table`` with equality to a
     column of one of ``partners`` (FROM objects by ``id()``) — or, with
     ``by_value``, to a bound value — in its ``WHERE`` or a join's ``ON``
@@ -117,7 +123,7 @@ def _paired(statement: Any, table: Any, partners: Collection[int], by_value: boo
             for one, other in (sides, sides[::-1]):
                 if _column_of(one) is not table:
                     continue
-                if id(_column_of(other)) in partners and _keyed(one, other):
+                if id(_column_of(other)) in partners and _keyed(one, other, tenant_tables):
                     return True  # a foreign key between the two: a join
                 if (
                     isinstance(other, BindParameter)
@@ -155,14 +161,41 @@ def _setup_joins(statement: Any) -> list[Any]:
     return joins
 
 
-def _keyed(one: Any, other: Any) -> bool:
-    """Whether a foreign key links columns ``one`` and ``other`` (either way,
-    through aliases): a comparison that joins rows, not any equality."""
-    for column, referred in ((one, other), (other, one)):
-        targets = getattr(referred, "proxy_set", ())
-        if any(fk.column in targets for fk in getattr(column, "foreign_keys", ())):
-            return True
-    return False
+def _keyed(one: Any, other: Any, tenant_tables: Mapping[Any, str]) -> bool:
+    """Whether foreign keys link columns ``one`` and ``other``: a comparison
+    that joins rows, not any equality.
+
+    Either refers to the other (through aliases, and along a chain of keys:
+    a joined subclass's id refers to its parent's, and on to the root's), or
+    both refer to one column of a tenant table (``followers.followed_id ==
+    Post.user_id``, both keys of ``user.id``: the link row and the post name
+    the same user of the organization). Two keys of a *shared* table pair
+    nothing: every organization's rows name its rows.
+    """
+    reach_one, reach_other = _referred(one), _referred(other)
+    if reach_one & set(getattr(other, "proxy_set", ())):
+        return True
+    if reach_other & set(getattr(one, "proxy_set", ())):
+        return True
+    return any(tenant_tables.get(column.table) is not None for column in reach_one & reach_other)
+
+
+def _referred(column: Any, depth: int = 8) -> set[Any]:
+    """The columns ``column``'s foreign keys lead to, along chains of keys
+    (not ``column`` itself)."""
+    found: set[Any] = set()
+    frontier = list(getattr(column, "proxy_set", ()))
+    for _ in range(depth):
+        following = []
+        for current in frontier:
+            for key in getattr(current, "foreign_keys", ()):
+                if key.column not in found:
+                    found.add(key.column)
+                    following.append(key.column)
+        if not following:
+            break
+        frontier = following
+    return found
 
 
 def _optional_froms(statement: Any) -> set[int] | None:

@@ -1629,7 +1629,7 @@ class TenantScoping:
         # association rows survive the LEFT JOIN without it
         partner_froms = [f for f in (*reached.values(), *enclosing) if id(f) not in optional]
         partners = {id(f) for f in partner_froms}
-        if _paired(statement, from_clause, partners, relationship_load):
+        if _paired(statement, from_clause, partners, relationship_load, self._tenant_tables()):
             return True
         # a join with no ON pairs by foreign keys, with the FROM it joins
         # from: to be sure which, every FROM of the statement a foreign key
@@ -1862,11 +1862,7 @@ class TenantScoping:
         with ``func.count(Book.id)``, the SQLAlchemy docs' example) is read
         from scoped rows, and passes.
         """
-        reached = (
-            set(self._criteria_targets(statement).values())
-            if isinstance(statement, Select)
-            else set()
-        )
+        reached: set[Any] | None = None  # computed for the first expression only
         for option in getattr(statement, "_with_options", ()):
             for element in getattr(option, "context", ()):
                 if element.strategy != _QUERY_EXPRESSION:
@@ -1881,6 +1877,12 @@ class TenantScoping:
                 if len(element.path) <= 2:
                     # an entity of this statement (not one a loader option
                     # loads in a statement of its own): its joins are there
+                    if reached is None:
+                        reached = (
+                            set(self._criteria_targets(statement).values())
+                            if isinstance(statement, Select)
+                            else set()
+                        )
                     own |= reached
                 for expression in element._extra_criteria or ():
                     refused = self._expression_reads(expression, own, organization)

@@ -515,3 +515,40 @@ def test_tenant_tables_tolerate_a_join_as_a_key() -> None:
     joined = table_of(Project).join(project_topics)
     tables = _TenantTables({joined: "organization_id", table_of(Project): "organization_id"})
     assert tables.get(table_of(Project)) == "organization_id"
+
+
+def test_which_equalities_join_rows_by_their_foreign_keys() -> None:
+    """A comparison pairs rows when foreign keys link its columns: directly,
+    along a chain of keys (a grandchild's id, its parent's, the root's), or
+    both to one column of a tenant table (the Mega-Tutorial's
+    ``followers.c.followed_id == Post.user_id``); two keys of a shared
+    table's column, or unrelated columns, pair nothing."""
+    from sqlalchemy import Integer, MetaData
+
+    from flask_oauth_verify.sqlshape import _keyed
+
+    meta = MetaData()
+    root = Table("k_root", meta, Column("id", Integer, primary_key=True))
+    child = Table("k_child", meta, Column("id", ForeignKey("k_root.id"), primary_key=True))
+    grandchild = Table("k_grand", meta, Column("id", ForeignKey("k_child.id"), primary_key=True))
+    user = Table("k_user", meta, Column("id", Integer, primary_key=True))
+    Table("k_shared", meta, Column("id", Integer, primary_key=True))  # a shared table
+    link = Table(
+        "k_link",
+        meta,
+        Column("user_id", ForeignKey("k_user.id")),
+        Column("shared_id", ForeignKey("k_shared.id")),
+    )
+    post = Table(
+        "k_post",
+        meta,
+        Column("user_id", ForeignKey("k_user.id")),
+        Column("shared_id", ForeignKey("k_shared.id")),
+    )
+    tenant = {root: "organization_id", user: "organization_id"}
+    assert _keyed(child.c.id, root.c.id, tenant)
+    assert _keyed(root.c.id, grandchild.c.id, tenant), "along the chain of keys"
+    assert _keyed(grandchild.c.id, child.alias("c2").c.id, tenant), "through an alias"
+    assert _keyed(link.c.user_id, post.c.user_id, tenant), "both keys of a tenant row"
+    assert not _keyed(link.c.shared_id, post.c.shared_id, tenant), "a shared row's keys"
+    assert not _keyed(link.c.user_id, root.c.id, tenant), "no key between them"
