@@ -22,7 +22,13 @@ from sqlalchemy.orm import RelationshipProperty
 from sqlalchemy.sql import operators, visitors
 from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql.dml import UpdateBase
-from sqlalchemy.sql.elements import BinaryExpression, BindParameter, ClauseElement, ColumnClause
+from sqlalchemy.sql.elements import (
+    BinaryExpression,
+    BindParameter,
+    BooleanClauseList,
+    ColumnClause,
+    Grouping,
+)
 from sqlalchemy.sql.selectable import (
     AliasedReturnsRows,
     FromClause,
@@ -103,21 +109,17 @@ def _paired(
 ) -> bool:
     """Whether ``statement`` compares a column of ``table`` with equality to a
     column of one of ``partners`` (FROM objects by ``id()``) — or, with
-    ``by_value``, to a bound value — in its ``WHERE`` or a join's ``ON``
-    (not in nested statements)."""
-    stack: list[Any] = [*statement._where_criteria]
-    for join in _setup_joins(statement):
-        stack.append(join[1])
-    stack += [f for f in getattr(statement, "_from_obj", ()) if isinstance(f, Join)]
-    seen: set[int] = set()
-    while stack:
-        element = stack.pop()
-        if element is None or id(element) in seen or isinstance(element, _STATEMENTS):
-            continue
-        seen.add(id(element))
-        if isinstance(element, Join):
-            stack += [element.left, element.right, element.onclause]
-            continue
+    ``by_value``, to a bound value — as a conjunct of its ``WHERE`` or of a
+    join's ``ON`` (under ``OR``, ``NOT``, ``CASE`` or a function an equality
+    restricts nothing; nested statements are theirs to judge)."""
+    criteria: list[Any] = [*statement._where_criteria]
+    criteria += [join[1] for join in _setup_joins(statement)]
+    joins = [f for f in getattr(statement, "_from_obj", ()) if isinstance(f, Join)]
+    while joins:
+        join = joins.pop()
+        criteria.append(join.onclause)
+        joins += [side for side in (join.left, join.right) if isinstance(side, Join)]
+    for element in _conjuncts(criteria):
         if isinstance(element, BinaryExpression) and element.operator in _PAIRING:
             sides = (element.left, element.right)
             for one, other in (sides, sides[::-1]):
@@ -128,14 +130,28 @@ def _paired(
                 if (
                     isinstance(other, BindParameter)
                     # a value read from a loaded object (with_parent(),
-                    # dynamic and write-only collections, contains())
+                    # dynamic and write-only collections, contains()): the
+                    # relationship's whole condition, composite keys included
                     and (by_value or other.callable is not None)
                     and getattr(one, "foreign_keys", None)
                 ):
                     return True
-        if isinstance(element, ClauseElement):
-            stack.extend(element.get_children())
     return False
+
+
+def _conjuncts(criteria: list[Any]) -> Iterator[Any]:
+    """The terms ``criteria`` all require: ``AND`` lists and parentheses opened."""
+    stack = list(criteria)
+    while stack:
+        element = stack.pop()
+        if element is None:
+            continue
+        if isinstance(element, Grouping):
+            stack.append(element.element)
+        elif isinstance(element, BooleanClauseList) and element.operator is operators.and_:
+            stack.extend(element.clauses)
+        else:
+            yield element
 
 
 def _joined_froms(from_clause: Any) -> list[Any]:
@@ -182,13 +198,16 @@ def _keyed(one: Any, other: Any, tenant_tables: Mapping[Any, str]) -> bool:
 
 def _referred(column: Any, depth: int = 8) -> set[Any]:
     """The columns ``column``'s foreign keys lead to, along chains of keys
-    (not ``column`` itself)."""
+    (not ``column`` itself). Only single-column keys: one column of a
+    composite key (``(organization_id, user_id)``) names no row by itself."""
     found: set[Any] = set()
     frontier = list(getattr(column, "proxy_set", ()))
     for _ in range(depth):
         following = []
         for current in frontier:
             for key in getattr(current, "foreign_keys", ()):
+                if key.constraint is not None and len(key.constraint.columns) != 1:
+                    continue
                 if key.column not in found:
                     found.add(key.column)
                     following.append(key.column)

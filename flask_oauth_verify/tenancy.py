@@ -1536,6 +1536,14 @@ class TenantScoping:
             # have nothing to correlate to: SQLCompiler.visit_insert)
             target = getattr(statement, "table", None)
             outer = frozenset({target._deannotate()}) if target is not None else outer
+            if (
+                target is not None
+                and "parententity" not in target._annotations
+                and self._tenant_tables().get(_base_table(target)) is not None
+            ):
+                # a tenant table written as a Table, not through its entity:
+                # no criterion reaches the rows it changes
+                missed.add(_from_name(target))
         self._criteria_missed(statement, outer, outer, missed, set(), relationship_load)
         return tuple(sorted(missed))
 

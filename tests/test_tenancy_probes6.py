@@ -24,6 +24,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    or_,
     select,
     text,
     update,
@@ -480,6 +481,18 @@ UNSURE_PAIRINGS: dict[str, Callable[[], Any]] = {
         .join(project_topics)
         .where(Project.id == 1)
     ),
+    "a keyed equality under OR": lambda: (
+        select(Label.name, project_topics.c.project_id)
+        .join(project_topics, project_topics.c.label_id == Label.id)
+        .join(Project, or_(Project.id == project_topics.c.project_id, Project.id > 0))
+    ),
+    "a DELETE of association rows by a keyed equality under OR": lambda: delete(
+        project_topics
+    ).where(
+        exists(
+            select(Project.id).where(or_(Project.id == project_topics.c.project_id, Project.id > 0))
+        )
+    ),
     "an ON that is no foreign key": lambda: (
         select(Label.name, project_topics.c.project_id)
         .join(project_topics, project_topics.c.label_id == Label.id)
@@ -523,7 +536,7 @@ def test_which_equalities_join_rows_by_their_foreign_keys() -> None:
     both to one column of a tenant table (the Mega-Tutorial's
     ``followers.c.followed_id == Post.user_id``); two keys of a shared
     table's column, or unrelated columns, pair nothing."""
-    from sqlalchemy import Integer, MetaData
+    from sqlalchemy import ForeignKeyConstraint, Integer, MetaData, UniqueConstraint
 
     from flask_oauth_verify.sqlshape import _keyed
 
@@ -552,3 +565,26 @@ def test_which_equalities_join_rows_by_their_foreign_keys() -> None:
     assert _keyed(link.c.user_id, post.c.user_id, tenant), "both keys of a tenant row"
     assert not _keyed(link.c.shared_id, post.c.shared_id, tenant), "a shared row's keys"
     assert not _keyed(link.c.user_id, root.c.id, tenant), "no key between them"
+    # half of a composite key (organization, id) names no row by itself
+    member = Table(
+        "k_member",
+        meta,
+        Column("organization_id", Integer),
+        Column("id", Integer),
+        UniqueConstraint("organization_id", "id"),
+    )
+    composite = [
+        Table(
+            name,
+            meta,
+            Column("organization_id", Integer),
+            Column("member_id", Integer),
+            ForeignKeyConstraint(
+                ["organization_id", "member_id"], ["k_member.organization_id", "k_member.id"]
+            ),
+        )
+        for name in ("k_group_link", "k_note")
+    ]
+    tenant[member] = "organization_id"
+    assert not _keyed(composite[0].c.member_id, member.c.id, tenant)
+    assert not _keyed(composite[0].c.member_id, composite[1].c.member_id, tenant)
