@@ -105,7 +105,6 @@ def _paired(
     table: Any,
     partners: Collection[int],
     by_value: bool,
-    tenant_tables: Mapping[Any, str],
 ) -> bool:
     """Whether ``statement`` compares a column of ``table`` with equality to a
     column of one of ``partners`` (FROM objects by ``id()``) — or, with
@@ -125,18 +124,30 @@ def _paired(
             for one, other in (sides, sides[::-1]):
                 if _column_of(one) is not table:
                     continue
-                if id(_column_of(other)) in partners and _keyed(one, other, tenant_tables):
+                if id(_column_of(other)) in partners and _keyed(one, other):
                     return True  # a foreign key between the two: a join
                 if (
                     isinstance(other, BindParameter)
-                    # a value read from a loaded object (with_parent(),
+                    # a value SQLAlchemy reads from a loaded object (with_parent(),
                     # dynamic and write-only collections, contains()): the
                     # relationship's whole condition, composite keys included
-                    and (by_value or other.callable is not None)
+                    and (by_value or _from_loaded_object(other))
                     and getattr(one, "foreign_keys", None)
                 ):
                     return True
     return False
+
+
+#: The function SQLAlchemy binds to read a relationship's key from a loaded
+#: object (``RelationshipProperty._optimized_compare``, ``with_parent()``).
+_OBJECT_VALUE = "RelationshipProperty._get_attr_w_warn_on_none.<locals>._go"
+
+
+def _from_loaded_object(bind: Any) -> bool:
+    """Whether ``bind``'s value is read from a loaded object by SQLAlchemy's
+    relationship machinery (any other ``bindparam(callable_=...)`` is a
+    value like any literal)."""
+    return getattr(bind.callable, "__qualname__", None) == _OBJECT_VALUE
 
 
 def _conjuncts(criteria: list[Any]) -> Iterator[Any]:
@@ -177,23 +188,18 @@ def _setup_joins(statement: Any) -> list[Any]:
     return joins
 
 
-def _keyed(one: Any, other: Any, tenant_tables: Mapping[Any, str]) -> bool:
-    """Whether foreign keys link columns ``one`` and ``other``: a comparison
-    that joins rows, not any equality.
+def _keyed(one: Any, other: Any) -> bool:
+    """Whether ``one`` (a column of the table to pair) refers by foreign key
+    to ``other`` (a column of a scoped row): a comparison that names that
+    very row, not any equality.
 
-    Either refers to the other (through aliases, and along a chain of keys:
-    a joined subclass's id refers to its parent's, and on to the root's), or
-    both refer to one column of a tenant table (``followers.followed_id ==
-    Post.user_id``, both keys of ``user.id``: the link row and the post name
-    the same user of the organization). Two keys of a *shared* table pair
-    nothing: every organization's rows name its rows.
+    Through aliases and along a chain of keys (a joined subclass's id
+    refers to its parent's, and on to the root's). Not the other way round,
+    nor two keys of one row (``followers.followed_id == Post.user_id``): a
+    scoped row's own key values are whatever was written, and may name
+    another organization's rows.
     """
-    reach_one, reach_other = _referred(one), _referred(other)
-    if reach_one & set(getattr(other, "proxy_set", ())):
-        return True
-    if reach_other & set(getattr(one, "proxy_set", ())):
-        return True
-    return any(tenant_tables.get(column.table) is not None for column in reach_one & reach_other)
+    return bool(_referred(one) & set(getattr(other, "proxy_set", ())))
 
 
 def _referred(column: Any, depth: int = 8) -> set[Any]:

@@ -87,6 +87,7 @@ from .sqlshape import (
     _join_target_froms,
     _joinable,
     _joined_froms,
+    _keyed,
     _optional_froms,
     _paired,
     _plain_from,
@@ -1213,16 +1214,15 @@ class TenantScoping:
                 if level.local_table is holder:
                     break
                 found.setdefault(level.local_table, name)
-        mapped_tables = {t for reg in _all_registries() for m in reg.mappers for t in m.tables}
         for prop in _relationships_through_secondaries():
             if self.tenant_key(prop.parent) is None and self.tenant_key(prop.mapper) is None:
                 continue
             # an association table of a scoped class, with or without the
             # column: each row belongs to its scoped side's organization (the
-            # tables of a join used as the secondary; not a table an
-            # association class maps, which is that class's to scope)
+            # tables of a join used as the secondary; also when a class maps
+            # it: that class reads it where its rows pair with scoped ones)
             for table in _joined_froms(prop.secondary):
-                if isinstance(table, Table) and table not in mapped_tables:
+                if isinstance(table, Table):
                     found.setdefault(table, self.column)
         if self._implicit_models:
             # another declarative base's classes with the column, which
@@ -1536,13 +1536,14 @@ class TenantScoping:
             # have nothing to correlate to: SQLCompiler.visit_insert)
             target = getattr(statement, "table", None)
             outer = frozenset({target._deannotate()}) if target is not None else outer
+            entity = target._annotations.get("parententity") if target is not None else None
             if (
                 target is not None
-                and "parententity" not in target._annotations
                 and self._tenant_tables().get(_base_table(target)) is not None
+                and (entity is None or self.tenant_key(entity.mapper) is None)
             ):
-                # a tenant table written as a Table, not through its entity:
-                # no criterion reaches the rows it changes
+                # a tenant table written as a Table, or through a class scoping
+                # does not scope: no criterion reaches the rows it changes
                 missed.add(_from_name(target))
         self._criteria_missed(statement, outer, outer, missed, set(), relationship_load)
         return tuple(sorted(missed))
@@ -1637,8 +1638,23 @@ class TenantScoping:
         # association rows survive the LEFT JOIN without it
         partner_froms = [f for f in (*reached.values(), *enclosing) if id(f) not in optional]
         partners = {id(f) for f in partner_froms}
-        if _paired(statement, from_clause, partners, relationship_load, self._tenant_tables()):
+        if _paired(statement, from_clause, partners, relationship_load):
             return True
+        # join(Association.user): the relationship's own condition, along
+        # the association's foreign key to the reached entity
+        for target, onclause, _from, flags in _setup_joins(statement):
+            prop = getattr(target, "property", None)
+            if (
+                isinstance(prop, RelationshipProperty)
+                and prop.secondary is None
+                and onclause is None
+                and not flags.get("isouter")
+                and not flags.get("full")
+                and from_clause in prop.parent.tables
+                and any(id(t) in partners for t in _join_target_froms(target))
+                and all(_keyed(local, remote) for local, remote in prop.local_remote_pairs)
+            ):
+                return True
         # a join with no ON pairs by foreign keys, with the FROM it joins
         # from: to be sure which, every FROM of the statement a foreign key
         # joins to the other side must be the expected one

@@ -19,6 +19,7 @@ from sqlalchemy import (
     ForeignKey,
     String,
     Table,
+    bindparam,
     create_engine,
     delete,
     exists,
@@ -170,6 +171,13 @@ project_topics = Table(
     Column("project_id", ForeignKey("p6_projects.id"), primary_key=True),
     Column("label_id", ForeignKey("p6_labels.id"), primary_key=True),
 )
+
+
+class Topic(SixthBase):
+    """A class mapping the association table above, without the column:
+    scoping does not scope it, and the table's rows stay tenant rows."""
+
+    __table__ = project_topics
 
 
 class Project(SixthBase):
@@ -493,6 +501,11 @@ UNSURE_PAIRINGS: dict[str, Callable[[], Any]] = {
             select(Project.id).where(or_(Project.id == project_topics.c.project_id, Project.id > 0))
         )
     ),
+    "a value bound by a callable of one's own": lambda: select(
+        project_topics.c.project_id, Project.id
+    ).where(project_topics.c.project_id == bindparam("p", callable_=lambda: 2)),
+    "the class mapping the association table": lambda: select(Topic),
+    "a DELETE through that class": lambda: delete(Topic).where(project_topics.c.label_id == 2),
     "an ON that is no foreign key": lambda: (
         select(Label.name, project_topics.c.project_id)
         .join(project_topics, project_topics.c.label_id == Label.id)
@@ -531,11 +544,12 @@ def test_tenant_tables_tolerate_a_join_as_a_key() -> None:
 
 
 def test_which_equalities_join_rows_by_their_foreign_keys() -> None:
-    """A comparison pairs rows when foreign keys link its columns: directly,
-    along a chain of keys (a grandchild's id, its parent's, the root's), or
-    both to one column of a tenant table (the Mega-Tutorial's
-    ``followers.c.followed_id == Post.user_id``); two keys of a shared
-    table's column, or unrelated columns, pair nothing."""
+    """A comparison pairs a row with a scoped row when the row's column refers
+    to the scoped row's by foreign key: directly or along a chain of keys (a
+    grandchild's id, its parent's, the root's). Not the other way round, nor
+    two keys of one row (the Mega-Tutorial's ``followers.c.followed_id ==
+    Post.user_id``): a scoped row's key values may name another
+    organization's rows."""
     from sqlalchemy import ForeignKeyConstraint, Integer, MetaData, UniqueConstraint
 
     from flask_oauth_verify.sqlshape import _keyed
@@ -544,7 +558,7 @@ def test_which_equalities_join_rows_by_their_foreign_keys() -> None:
     root = Table("k_root", meta, Column("id", Integer, primary_key=True))
     child = Table("k_child", meta, Column("id", ForeignKey("k_root.id"), primary_key=True))
     grandchild = Table("k_grand", meta, Column("id", ForeignKey("k_child.id"), primary_key=True))
-    user = Table("k_user", meta, Column("id", Integer, primary_key=True))
+    Table("k_user", meta, Column("id", Integer, primary_key=True))  # a tenant table
     Table("k_shared", meta, Column("id", Integer, primary_key=True))  # a shared table
     link = Table(
         "k_link",
@@ -558,13 +572,13 @@ def test_which_equalities_join_rows_by_their_foreign_keys() -> None:
         Column("user_id", ForeignKey("k_user.id")),
         Column("shared_id", ForeignKey("k_shared.id")),
     )
-    tenant = {root: "organization_id", user: "organization_id"}
-    assert _keyed(child.c.id, root.c.id, tenant)
-    assert _keyed(root.c.id, grandchild.c.id, tenant), "along the chain of keys"
-    assert _keyed(grandchild.c.id, child.alias("c2").c.id, tenant), "through an alias"
-    assert _keyed(link.c.user_id, post.c.user_id, tenant), "both keys of a tenant row"
-    assert not _keyed(link.c.shared_id, post.c.shared_id, tenant), "a shared row's keys"
-    assert not _keyed(link.c.user_id, root.c.id, tenant), "no key between them"
+    assert _keyed(child.c.id, root.c.id)
+    assert _keyed(grandchild.c.id, root.c.id), "along the chain of keys"
+    assert _keyed(grandchild.c.id, child.alias("c2").c.id), "through an alias"
+    assert not _keyed(root.c.id, grandchild.c.id), "the scoped row's key refers to the other"
+    assert not _keyed(link.c.user_id, post.c.user_id), "two keys of one tenant row"
+    assert not _keyed(link.c.shared_id, post.c.shared_id), "two keys of a shared row"
+    assert not _keyed(link.c.user_id, root.c.id), "no key between them"
     # half of a composite key (organization, id) names no row by itself
     member = Table(
         "k_member",
@@ -585,6 +599,5 @@ def test_which_equalities_join_rows_by_their_foreign_keys() -> None:
         )
         for name in ("k_group_link", "k_note")
     ]
-    tenant[member] = "organization_id"
-    assert not _keyed(composite[0].c.member_id, member.c.id, tenant)
-    assert not _keyed(composite[0].c.member_id, composite[1].c.member_id, tenant)
+    assert not _keyed(composite[0].c.member_id, member.c.id)
+    assert not _keyed(composite[0].c.member_id, composite[1].c.member_id)
