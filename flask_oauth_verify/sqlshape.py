@@ -150,6 +150,18 @@ def _from_loaded_object(bind: Any) -> bool:
     return getattr(bind.callable, "__qualname__", None) == _OBJECT_VALUE
 
 
+def _keyed_condition(condition: Any, table: Any) -> bool:
+    """Whether a relationship's ``condition`` requires a plain equality of a
+    column of ``table`` with the column its foreign key refers to."""
+    for element in _conjuncts([condition]):
+        if isinstance(element, BinaryExpression) and element.operator is operators.eq:
+            sides = (element.left, element.right)
+            for one, other in (sides, sides[::-1]):
+                if _column_of(one) is table and _keyed(one, other):
+                    return True
+    return False
+
+
 def _conjuncts(criteria: list[Any]) -> Iterator[Any]:
     """The terms ``criteria`` all require: ``AND`` lists and parentheses opened."""
     stack = list(criteria)

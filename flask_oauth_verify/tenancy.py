@@ -87,7 +87,7 @@ from .sqlshape import (
     _join_target_froms,
     _joinable,
     _joined_froms,
-    _keyed,
+    _keyed_condition,
     _optional_froms,
     _paired,
     _plain_from,
@@ -1214,15 +1214,20 @@ class TenantScoping:
                 if level.local_table is holder:
                     break
                 found.setdefault(level.local_table, name)
+        mapped_tables = {t for reg in _all_registries() for m in reg.mappers for t in m.tables}
         for prop in _relationships_through_secondaries():
             if self.tenant_key(prop.parent) is None and self.tenant_key(prop.mapper) is None:
                 continue
             # an association table of a scoped class, with or without the
-            # column: each row belongs to its scoped side's organization (the
-            # tables of a join used as the secondary; also when a class maps
-            # it: that class reads it where its rows pair with scoped ones)
+            # column: each row belongs to its scoped side's organization (also
+            # when a class maps it: that class reads it only where its rows
+            # pair with scoped ones). Of a join used as the secondary, only
+            # the tables no class maps (the others are their classes' own).
+            if isinstance(prop.secondary, Table):
+                found.setdefault(prop.secondary, self.column)
+                continue
             for table in _joined_froms(prop.secondary):
-                if isinstance(table, Table):
+                if isinstance(table, Table) and table not in mapped_tables:
                     found.setdefault(table, self.column)
         if self._implicit_models:
             # another declarative base's classes with the column, which
@@ -1640,19 +1645,27 @@ class TenantScoping:
         partners = {id(f) for f in partner_froms}
         if _paired(statement, from_clause, partners, relationship_load):
             return True
-        # join(Association.user): the relationship's own condition, along
-        # the association's foreign key to the reached entity
+        # join(Association.user) / join(User.memberships): the relationship's
+        # own condition, required and along the association's foreign key to
+        # the scoped row on the other side
         for target, onclause, _from, flags in _setup_joins(statement):
             prop = getattr(target, "property", None)
             if (
-                isinstance(prop, RelationshipProperty)
-                and prop.secondary is None
-                and onclause is None
-                and not flags.get("isouter")
-                and not flags.get("full")
-                and from_clause in prop.parent.tables
-                and any(id(t) in partners for t in _join_target_froms(target))
-                and all(_keyed(local, remote) for local, remote in prop.local_remote_pairs)
+                not isinstance(prop, RelationshipProperty)
+                or prop.secondary is not None
+                or onclause is not None
+                or flags.get("isouter")
+                or flags.get("full")
+            ):
+                continue
+            if from_clause in prop.parent.tables:  # many-to-one from the table
+                other_side = _join_target_froms(target)
+            elif from_clause in prop.mapper.tables:  # one-to-many to the table
+                other_side = list(prop.parent.tables)
+            else:
+                continue
+            if any(id(t) in partners for t in other_side) and _keyed_condition(
+                prop.primaryjoin, from_clause
             ):
                 return True
         # a join with no ON pairs by foreign keys, with the FROM it joins
@@ -1660,8 +1673,12 @@ class TenantScoping:
         # joins to the other side must be the expected one
         froms = [f for top in statement.get_final_froms() for f in _joined_froms(top)]
         for target, onclause, _from, flags in _setup_joins(statement):
-            if onclause is not None or flags.get("full"):
-                continue
+            if (
+                onclause is not None
+                or flags.get("full")
+                or isinstance(getattr(target, "property", None), RelationshipProperty)
+            ):
+                continue  # a relationship join renders its own condition (above)
             if _plain_from(target) is from_clause:
                 # .join(association_table): from a partner
                 joinable = [f for f in froms if f is not from_clause and _joinable(from_clause, f)]

@@ -178,6 +178,11 @@ class Topic(SixthBase):
     scoping does not scope it, and the table's rows stay tenant rows."""
 
     __table__ = project_topics
+    project: Mapped[Project] = relationship(viewonly=True)
+    #: a condition along a column whose key refers elsewhere (labels)
+    by_label: Mapped[Project] = relationship(
+        primaryjoin="foreign(Topic.label_id) == remote(Project.id)", viewonly=True
+    )
 
 
 class Project(SixthBase):
@@ -189,6 +194,7 @@ class Project(SixthBase):
     topics: Mapped[list[Label]] = relationship(
         secondary=project_topics, order_by=Label.id, viewonly=True
     )
+    topic_rows: Mapped[list[Topic]] = relationship(viewonly=True)
 
 
 def table_of(model: Any) -> Table:
@@ -333,6 +339,16 @@ SCOPED: dict[str, tuple[Callable[[OrmSession], Any], Any]] = {
     "select_from(association table).join(Partner)": (
         lambda s: s.execute(select(Project.id).select_from(project_topics).join(Project)).all(),
         [(1,)],
+    ),
+    "a join along the association class's many-to-one": (
+        lambda s: s.execute(select(project_topics.c.label_id).join(Topic.project)).all(),
+        [(1,)],
+    ),
+    "a join along the scoped class's one-to-many": (
+        lambda s: s.execute(
+            select(Project.id, project_topics.c.label_id).join(Project.topic_rows)
+        ).all(),
+        [(1, 1)],
     ),
     "a subclass column load with an ORM inherit_condition": (
         lambda s: [getattr(e, "team", None) for e in s.scalars(select(Employee))],
@@ -505,6 +521,9 @@ UNSURE_PAIRINGS: dict[str, Callable[[], Any]] = {
         project_topics.c.project_id, Project.id
     ).where(project_topics.c.project_id == bindparam("p", callable_=lambda: 2)),
     "the class mapping the association table": lambda: select(Topic),
+    "a relationship join along a key that refers elsewhere": lambda: select(
+        project_topics.c.label_id
+    ).join(Topic.by_label),
     "a DELETE through that class": lambda: delete(Topic).where(project_topics.c.label_id == 2),
     "an ON that is no foreign key": lambda: (
         select(Label.name, project_topics.c.project_id)
