@@ -288,6 +288,18 @@ def _joinable(left: Any, right: Any) -> bool:
     return True
 
 
+def _refers(table: Any, other: Any) -> bool:
+    """Whether a single-column foreign key of ``table`` names a column of
+    ``other`` (through aliases): ``table``'s rows name ``other``'s."""
+    for column in getattr(table, "columns", ()):
+        targets = _referred(column)
+        if any(
+            target in set(getattr(o, "proxy_set", ())) for o in other.columns for target in targets
+        ):
+            return True
+    return False
+
+
 def _column_of(element: Any) -> Any:
     """The FROM object (deannotated) of a column, else ``None``."""
     table = getattr(element, "table", None) if isinstance(element, ColumnClause) else None

@@ -91,6 +91,7 @@ from .sqlshape import (
     _optional_froms,
     _paired,
     _plain_from,
+    _refers,
     _relationship_target,
     _setup_joins,
     _surface_expressions,
@@ -1626,11 +1627,14 @@ class TenantScoping:
         column, or a joined subclass's own table, whose rows ``statement``
         reads only paired with scoped rows.
 
-        That is: a relationship's secondary table touching a scoped class,
-        compared by equality with a FROM object the criteria reach here, or
-        with the enclosing statement's (a correlated ``any()``), or — in
-        SQLAlchemy's own load of a relationship — with the key of an object
-        the load guard let through.
+        That is: a relationship's secondary table touching a scoped class
+        (or a subclass's own table) whose foreign key is required to equal
+        the key of a row the criteria reach here, or of the enclosing
+        statement's (a correlated ``any()``), or of an object SQLAlchemy
+        loaded (with_parent, a relationship load) — in the ``WHERE``, an
+        inner join's ``ON``, a relationship join's condition, or a join
+        with no ``ON`` along that key. Never through a partner on the
+        optional side of an outer join.
         """
         base = _base_table(from_clause)
         # a joined subclass's own table is paired like one: Invoice.id == Doc.id
@@ -1680,16 +1684,18 @@ class TenantScoping:
             ):
                 continue  # a relationship join renders its own condition (above)
             if _plain_from(target) is from_clause:
-                # .join(association_table): from a partner
+                # .join(association_table): from a partner its key names
                 joinable = [f for f in froms if f is not from_clause and _joinable(from_clause, f)]
-                if joinable and all(id(f) in partners for f in joinable):
+                if joinable and all(
+                    id(f) in partners and _refers(from_clause, f) for f in joinable
+                ):
                     return True
                 continue
             if flags.get("isouter"):
                 continue  # an outer-joined partner pairs nothing
             for partner in _join_target_froms(target):
                 # select_from(association_table).join(Partner): from it
-                if id(partner) not in partners or not _joinable(from_clause, partner):
+                if id(partner) not in partners or not _refers(from_clause, partner):
                     continue
                 joinable = [f for f in froms if f is not partner and _joinable(partner, f)]
                 if joinable == [from_clause]:

@@ -147,6 +147,15 @@ class Lead(Employee):
     }
 
 
+class Badge(SixthBase):
+    """A scoped row whose key names a joined subclass's own table."""
+
+    __tablename__ = "p6_badges"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(20))
+    engineer_id: Mapped[int] = mapped_column(ForeignKey("p6_engineers.id"))
+
+
 class Label(SixthBase):
     """Shared by every organization (no organization column)."""
 
@@ -521,6 +530,9 @@ UNSURE_PAIRINGS: dict[str, Callable[[], Any]] = {
         project_topics.c.project_id, Project.id
     ).where(project_topics.c.project_id == bindparam("p", callable_=lambda: 2)),
     "the class mapping the association table": lambda: select(Topic),
+    "a subclass table joined by a scoped row's own key (no ON)": lambda: select(
+        Badge.id, table_of(Engineer).c.info
+    ).join(table_of(Engineer)),
     "a relationship join along a key that refers elsewhere": lambda: select(
         project_topics.c.label_id
     ).join(Topic.by_label),
