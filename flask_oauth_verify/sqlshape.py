@@ -289,14 +289,19 @@ def _joinable(left: Any, right: Any) -> bool:
 
 
 def _refers(table: Any, other: Any) -> bool:
-    """Whether a single-column foreign key of ``table`` names a column of
-    ``other`` (through aliases): ``table``'s rows name ``other``'s."""
+    """Whether a single-column foreign key of ``table`` itself names a column
+    of ``other`` (through aliases; no chain: a join with no ``ON`` uses the
+    keys between the two tables only, so a chain would vouch for a join
+    SQLAlchemy makes along ``other``'s own key)."""
+    targets = set()
+    for column in getattr(other, "columns", ()):
+        targets |= set(getattr(column, "proxy_set", ()))
     for column in getattr(table, "columns", ()):
-        targets = _referred(column)
-        if any(
-            target in set(getattr(o, "proxy_set", ())) for o in other.columns for target in targets
-        ):
-            return True
+        for key in getattr(column, "foreign_keys", ()):
+            if key.constraint is not None and len(key.constraint.columns) != 1:
+                continue
+            if key.column in targets:
+                return True
     return False
 
 

@@ -632,3 +632,27 @@ def test_which_equalities_join_rows_by_their_foreign_keys() -> None:
     ]
     assert not _keyed(composite[0].c.member_id, member.c.id)
     assert not _keyed(composite[0].c.member_id, composite[1].c.member_id)
+
+
+def test_a_join_with_no_on_is_vouched_for_only_by_direct_keys() -> None:
+    """A join with no ON uses the keys between its two tables: a chain of keys
+    (a grandchild's id to its parent's to the root's) does not tell which, and
+    once vouched for the root's own key to the grandchild (another
+    organization's row, if the root row says so)."""
+    from sqlalchemy import Integer, MetaData
+
+    from flask_oauth_verify.sqlshape import _refers
+
+    meta = MetaData()
+    root = Table(
+        "r_root",
+        meta,
+        Column("id", Integer, primary_key=True),
+        Column("lead_id", ForeignKey("r_grand.id")),
+    )
+    child = Table("r_child", meta, Column("id", ForeignKey("r_root.id"), primary_key=True))
+    grand = Table("r_grand", meta, Column("id", ForeignKey("r_child.id"), primary_key=True))
+    assert _refers(child, root)
+    assert _refers(root, grand), "the root's own key names the grandchild"
+    assert not _refers(grand, root), "only along a chain: no key of the grandchild names the root"
+    assert not _refers(grand, root.alias("r2"))
