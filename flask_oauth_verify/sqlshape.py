@@ -118,24 +118,33 @@ def _paired(
         join = joins.pop()
         criteria.append(join.onclause)
         joins += [side for side in (join.left, join.right) if isinstance(side, Join)]
+    for one, other in _compared_with(criteria, table, _PAIRING):
+        if id(_column_of(other)) in partners and _keyed(one, other):
+            return True  # a foreign key between the two: a join
+        if (
+            isinstance(other, BindParameter)
+            # a value SQLAlchemy reads from a loaded object (with_parent(),
+            # dynamic and write-only collections, contains()): the
+            # relationship's whole condition, composite keys included
+            and (by_value or _from_loaded_object(other))
+            and getattr(one, "foreign_keys", None)
+        ):
+            return True
+    return False
+
+
+def _compared_with(
+    criteria: list[Any], table: Any, comparisons: tuple[Any, ...]
+) -> Iterator[tuple[Any, Any]]:
+    """``(column of table, other side)`` of each required comparison (a
+    conjunct of ``criteria``) by one of ``comparisons`` with a column of
+    ``table`` on either side."""
     for element in _conjuncts(criteria):
-        if isinstance(element, BinaryExpression) and element.operator in _PAIRING:
+        if isinstance(element, BinaryExpression) and element.operator in comparisons:
             sides = (element.left, element.right)
             for one, other in (sides, sides[::-1]):
-                if _column_of(one) is not table:
-                    continue
-                if id(_column_of(other)) in partners and _keyed(one, other):
-                    return True  # a foreign key between the two: a join
-                if (
-                    isinstance(other, BindParameter)
-                    # a value SQLAlchemy reads from a loaded object (with_parent(),
-                    # dynamic and write-only collections, contains()): the
-                    # relationship's whole condition, composite keys included
-                    and (by_value or _from_loaded_object(other))
-                    and getattr(one, "foreign_keys", None)
-                ):
-                    return True
-    return False
+                if _column_of(one) is table:
+                    yield one, other
 
 
 #: The function SQLAlchemy binds to read a relationship's key from a loaded
@@ -153,13 +162,9 @@ def _from_loaded_object(bind: Any) -> bool:
 def _keyed_condition(condition: Any, table: Any) -> bool:
     """Whether a relationship's ``condition`` requires a plain equality of a
     column of ``table`` with the column its foreign key refers to."""
-    for element in _conjuncts([condition]):
-        if isinstance(element, BinaryExpression) and element.operator is operators.eq:
-            sides = (element.left, element.right)
-            for one, other in (sides, sides[::-1]):
-                if _column_of(one) is table and _keyed(one, other):
-                    return True
-    return False
+    return any(
+        _keyed(one, other) for one, other in _compared_with([condition], table, (operators.eq,))
+    )
 
 
 def _conjuncts(criteria: list[Any]) -> Iterator[Any]:
