@@ -73,7 +73,7 @@ from sqlalchemy.sql.selectable import (
 )
 from sqlalchemy.util import immutabledict
 
-from .context import AuthContext, request_auth
+from .context import AuthContext, _this_request, request_auth, stamp
 from .errors import MissingOrganizationContext, MissingUserContext, OAuthVerifyError
 from .extension import get_state
 from .fifo import BoundedFifo
@@ -214,8 +214,20 @@ class CrossTenantWriteError(OAuthVerifyError):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Acting:
+    """An :func:`as_organization` identity, stamped with where its block was entered.
+
+    ``entered_in`` is :func:`~flask_oauth_verify.context.stamp` of the request
+    the block was entered in (a marker outside any request). A context
+    variable can outlive its block in the thread's own context: asgiref's
+    ``async_to_sync`` (Flask's ``async def`` views) copies the coroutine's
+    variables back into the worker thread, so a generator left suspended
+    inside the block leaves the identity set for every later request of
+    that thread. The identity counts only where it was entered.
+    """
+
     organization_id: str
     user_id: str | None
+    entered_in: Any
 
 
 _ACTING: contextvars.ContextVar[_Acting | None] = contextvars.ContextVar(
@@ -249,12 +261,33 @@ def as_organization(organization_id: str, *, user_id: str | None = None) -> Iter
     acting = _Acting(
         _check_id(organization_id, "organization_id"),
         None if user_id is None else _check_id(user_id, "user_id"),
+        stamp(_this_request()),
     )
     token = _ACTING.set(acting)
     try:
         yield
     finally:
-        _ACTING.reset(token)
+        try:
+            _ACTING.reset(token)
+        except ValueError:
+            # closed in another Context (a generator finished elsewhere): undo
+            # the block there only if its identity is what that context sees
+            if _ACTING.get() is acting:
+                previous = token.old_value
+                _ACTING.set(None if previous is contextvars.Token.MISSING else previous)
+
+
+def _acting() -> _Acting | None:
+    """The innermost :func:`as_organization` identity entered where this code runs.
+
+    One entered in another request, or in a request when this code runs
+    outside any (or the other way round), is ignored: it was left behind
+    in the thread's context (see :class:`_Acting`).
+    """
+    acting = _ACTING.get()
+    if acting is None or acting.entered_in is stamp(_this_request()):
+        return acting
+    return None
 
 
 def _verified_context() -> AuthContext | None:
@@ -286,7 +319,7 @@ def current_organization_id() -> str:
 
     .. versionadded:: 0.1.0
     """
-    acting = _ACTING.get()
+    acting = _acting()
     if acting is not None:
         return acting.organization_id
     context = _verified_context()
@@ -303,7 +336,7 @@ def current_user_id() -> str:
 
     .. versionadded:: 0.1.0
     """
-    acting = _ACTING.get()
+    acting = _acting()
     if acting is not None:
         if acting.user_id is not None:
             return acting.user_id
@@ -721,11 +754,7 @@ def _scope_extra_froms(
     """
     if isinstance(statement, FromStatement):  # select(X).from_statement(update(...))
         inner = _scope_extra_froms(statement.element, tenant_tables, organization, inherit)
-        if inner is statement.element:
-            return statement
-        copy = statement._generate()
-        copy.element = inner
-        return copy
+        return _with_dml(statement, inner)
     target = getattr(statement, "table", None)
     own = target._deannotate() if target is not None else None
     values = [v for _k, v in (getattr(statement, "_ordered_values", None) or ())]
@@ -849,15 +878,29 @@ def _watch_for_nested_writes(_session: Any, _transaction: Any, connection: Any) 
     event.listen(connection, "before_cursor_execute", _refuse_nested_writes)
 
 
+def _dml_of(statement: Any) -> Any:
+    """The INSERT / UPDATE / DELETE itself, also of ``select(X).from_statement(<it>)``."""
+    return statement.element if isinstance(statement, FromStatement) else statement
+
+
+def _with_dml(statement: Any, dml: Any) -> Any:
+    """``statement`` with its DML replaced by ``dml`` (a ``FromStatement`` keeps its wrapper)."""
+    if not isinstance(statement, FromStatement):
+        return dml
+    if dml is statement.element:
+        return statement
+    copy = statement._generate()
+    copy.element = dml
+    return copy
+
+
 def _replacing(statement: Any) -> bool:
     """Whether a DML statement carries SQLite's ``OR REPLACE`` (or MySQL's ``REPLACE``) prefix.
 
     On a key collision the database deletes the row already there, which
     may belong to another organization, and writes this one.
     """
-    if isinstance(statement, FromStatement):  # select(X).from_statement(insert(...))
-        statement = statement.element
-    prefixes = getattr(statement, "_prefixes", ())
+    prefixes = getattr(_dml_of(statement), "_prefixes", ())
     return any("REPLACE" in str(prefix).upper() for prefix, _dialect in prefixes)
 
 
@@ -1994,18 +2037,21 @@ class TenantScoping:
     def _guard_insert(
         self, state: ORMExecuteState, tenants: tuple[tuple[Any, str], ...], organization: str
     ) -> Any:
-        statement: Any = state.statement
+        # select(X).from_statement(insert(...)) is the same INSERT
+        statement: Any = _dml_of(state.statement)
         param_rows = _param_rows(state)
         value_rows = _value_rows(statement, param_rows)
         rows: list[Mapping[Any, Any]] = [*value_rows, *param_rows]
         if (
             statement.select is not None
             or statement._returning
+            or statement._post_values_clause is not None
             or any(isinstance(v, ClauseElement) for row in rows for v in row.values())
         ):
-            # subqueries in VALUES and RETURNING, the SELECT of INSERT … FROM SELECT
+            # subqueries in VALUES, RETURNING and an upsert's ON CONFLICT /
+            # ON DUPLICATE KEY clause, the SELECT of INSERT … FROM SELECT
             statement = statement.options(*_criteria_options(tenants, organization))
-            state.statement = statement
+            state.statement = _with_dml(state.statement, statement)
         subject = self._subject(state)
         if subject is None:
             return None
@@ -2037,7 +2083,7 @@ class TenantScoping:
         if param_rows:
             fill = [{key: organization} for _ in param_rows]
             return state.invoke_statement(params=fill if state.is_executemany else fill[0])
-        state.statement = statement.values(**{key: organization})
+        state.statement = _with_dml(state.statement, statement.values(**{key: organization}))
         return None
 
     def _guard_dml(self, state: ORMExecuteState, organization: str) -> None:
@@ -2046,7 +2092,7 @@ class TenantScoping:
             return
         mapper, key, name = subject
         params = _param_rows(state)
-        rows: list[Mapping[Any, Any]] = [*_value_rows(state.statement, params), *params]
+        rows: list[Mapping[Any, Any]] = [*_value_rows(_dml_of(state.statement), params), *params]
         for row in rows:
             for column in (key, name):
                 if column in row and _foreign(row[column], organization):
