@@ -34,6 +34,7 @@ import binascii
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -222,8 +223,31 @@ def _algorithms_for(jwk: Mapping[str, Any], allowed: Iterable[str]) -> list[str]
     return result
 
 
+def _small_primes_product(limit: int) -> int:
+    """The product of every prime below ``limit`` (a sieve; computed once)."""
+    sieve = bytearray([1]) * limit
+    sieve[0:2] = b"\x00\x00"
+    for i in range(2, math.isqrt(limit) + 1):
+        if sieve[i]:
+            sieve[i * i :: i] = bytearray(len(range(i * i, limit, i)))
+    return math.prod(i for i in range(limit) if sieve[i])
+
+
+#: The primes below 2**12 multiplied: one gcd (about 20 µs per key, once per
+#: key-set parse) finds a modulus with a small factor.
+_SMALL_PRIMES = _small_primes_product(1 << 12)
+
+
 def _check_rsa_size(jwk: Mapping[str, Any]) -> None:
-    """Refuse a short RSA modulus before import (joserfc would only warn)."""
+    """Refuse a short or trivially factored RSA modulus before import.
+
+    joserfc would only warn about a short one. A modulus that is even, has
+    a prime factor below 4096 (``n = 3·q``, published by a broken key
+    generator), or is a square or the product of two nearly equal primes
+    gives away the private key: anyone could sign with it, as with a
+    small-order Edwards key. (A prime modulus is not tested for: that costs
+    tens of milliseconds per key in Python.)
+    """
     n = jwk.get("n")
     if jwk.get("kty") != "RSA" or not isinstance(n, str):
         return
@@ -231,9 +255,24 @@ def _check_rsa_size(jwk: Mapping[str, Any]) -> None:
         modulus = base64.urlsafe_b64decode(n + "=" * (-len(n) % 4))
     except (binascii.Error, ValueError):
         raise ValueError("unreadable key: bad modulus") from None
-    bits = int.from_bytes(modulus, "big").bit_length()
+    value = int.from_bytes(modulus, "big")
+    bits = value.bit_length()
     if bits < MIN_RSA_BITS:
         raise ValueError(f"RSA key of {bits} bits (< {MIN_RSA_BITS})")
+    if math.gcd(value, _SMALL_PRIMES) != 1:
+        raise ValueError("RSA modulus with a small prime factor: anyone could sign")
+    if _fermat_factors(value):
+        raise ValueError("RSA modulus of two (nearly) equal primes: anyone could sign")
+
+
+def _fermat_factors(n: int) -> bool:
+    """Whether odd ``n`` is a square or the product of two primes so close
+    that the first step of Fermat's method splits it (p and q closer than about 2·n^(1/4))."""
+    root = math.isqrt(n)
+    if root * root == n:
+        return True
+    gap = (root + 1) ** 2 - n  # n = a**2 - b**2 = (a - b)(a + b) when gap is b**2
+    return math.isqrt(gap) ** 2 == gap
 
 
 def _spki(public: Any) -> bytes:

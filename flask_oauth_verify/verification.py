@@ -270,9 +270,10 @@ class JWTVerifier:
             if name in raw:
                 raise _invalid(f"header parameter {name!r} is not supported")
         cty = raw.get("cty")
-        if isinstance(cty, str) and media_type(cty) == _NESTED_CTY:
+        if isinstance(cty, str) and media_type(cty.split(";", 1)[0].strip(" \t")) == _NESTED_CTY:
             # RFC 7519 §5.2: the payload is another JWT. We verify no nested
-            # tokens: never read such a payload as this token's claims.
+            # tokens: never read such a payload as this token's claims. (The
+            # type without parameters or surrounding space: RFC 9110 §8.3.1.)
             raise _invalid("cty says the payload is a nested JWT")
         typ = raw.get("typ")
         if typ is not None and not isinstance(typ, str):

@@ -645,18 +645,15 @@ _add(
 # token, one that ignores it reads the claims; either way it is no access token.
 _add("cty JWT over claims", "jwe", INVALID, _bearer(lambda k: k.token(cty="JWT")))
 _add("cty application/jwt over claims", "jwe", INVALID, _bearer(lambda k: k.token(cty="jwt")))
-_add(
-    "JWS JSON serialization (flattened)",
-    "jwe",
-    BAD_REQUEST,
-    _bearer(lambda k: _json_serialized(k.token())),
-)
-_add(
-    "JWS JSON serialization, base64url-wrapped",
-    "jwe",
-    INVALID,
-    _bearer(lambda k: b64url(_json_serialized(k.token()))),
-)
+# the same media type with parameters or surrounding space (RFC 9110 §8.3.1)
+
+
+def _with_cty(cty: str) -> Callable[[Kit], str]:
+    return lambda k: k.token(cty=cty)
+
+
+for _cty in ("application/jwt; charset=utf-8", "application/jwt;x=1", " JWT", "JWT\t"):
+    _add(f"cty {_cty!r} over claims", "jwe", INVALID, _bearer(_with_cty(_cty)))
 
 # Segment counts.
 _add("one segment", "segments", INVALID, _bearer(lambda k: k.token().split(".")[0]))

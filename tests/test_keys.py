@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import math
 from typing import Any
 
 import pytest
@@ -114,6 +115,54 @@ def test_short_rsa_keys_are_skipped(rsa_jwk: dict[str, Any]) -> None:
     keys = parse_key_set({"keys": [_short_rsa_jwk(), rsa_jwk]}, ("RS256",))
     assert keys.kids == ("rsa-1",)
     assert "1024 bits" in keys.skipped[0]
+
+
+def _next_prime(start: int) -> int:
+    """The first probable prime above ``start`` (small factors sieved by gcd first)."""
+    small = 3 * 5 * 7 * 11 * 13 * 17 * 19 * 23 * 29 * 31 * 37 * 41 * 43 * 47
+    candidate = start + 1 + start % 2
+    while math.gcd(candidate, small) != 1 or pow(2, candidate - 1, candidate) != 1:
+        candidate += 2
+    return candidate
+
+
+def _rsa_jwk_with_modulus(n: int, kid: str) -> dict[str, Any]:
+    return {"kty": "RSA", "kid": kid, "alg": "RS256", "n": _b64(n), "e": "AQAB"}
+
+
+@pytest.fixture(scope="module")
+def big_prime() -> int:
+    """A 2048-bit prime (half of a 4096-bit key)."""
+    return rsa.generate_private_key(65537, 4096).private_numbers().p
+
+
+def test_rsa_moduli_that_give_the_private_key_away_are_skipped(
+    rsa_jwk: dict[str, Any], big_prime: int
+) -> None:
+    # With any of these moduli the private exponent follows from the public
+    # key alone (n = 3·q: phi = 2·(q - 1)): anyone could sign.
+    half = rsa.generate_private_key(65537, 2048).private_numbers().p  # 1024 bits
+    moduli = {
+        "three-times-prime": 3 * big_prime,
+        "even": 2 * big_prime,
+        "prime-squared": big_prime * big_prime,
+        "close-primes": half * _next_prime(half),
+    }
+    jwks = [_rsa_jwk_with_modulus(n, kid) for kid, n in moduli.items()]
+    keys = parse_key_set({"keys": [*jwks, rsa_jwk]}, ("RS256",))
+    assert keys.kids == ("rsa-1",)
+    assert len(keys.skipped) == len(moduli)
+    assert all("anyone could sign" in reason for reason in keys.skipped), keys.skipped
+
+
+def test_ordinary_rsa_moduli_pass_the_factor_checks() -> None:
+    jwks = [
+        _rsa_jwk_with_modulus(
+            rsa.generate_private_key(65537, bits).public_key().public_numbers().n, f"k{bits}"
+        )
+        for bits in (2048, 3072)
+    ]
+    assert parse_key_set({"keys": jwks}, ("RS256",)).kids == ("k2048", "k3072")
 
 
 def test_ec_key_on_another_curve_is_skipped(ec_jwk: dict[str, Any]) -> None:
