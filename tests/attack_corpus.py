@@ -654,6 +654,18 @@ def _with_cty(cty: str) -> Callable[[Kit], str]:
 
 for _cty in ("application/jwt; charset=utf-8", "application/jwt;x=1", " JWT", "JWT\t"):
     _add(f"cty {_cty!r} over claims", "jwe", INVALID, _bearer(_with_cty(_cty)))
+_add(
+    "JWS JSON serialization (flattened)",
+    "jwe",
+    BAD_REQUEST,
+    _bearer(lambda k: _json_serialized(k.token())),
+)
+_add(
+    "JWS JSON serialization, base64url-wrapped",
+    "jwe",
+    INVALID,
+    _bearer(lambda k: b64url(_json_serialized(k.token()))),
+)
 
 # Segment counts.
 _add("one segment", "segments", INVALID, _bearer(lambda k: k.token().split(".")[0]))
