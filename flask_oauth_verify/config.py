@@ -50,6 +50,7 @@ KNOWN_KEYS = frozenset(
         "HTTP_MAX_BYTES",
         "HTTP_TIMEOUT",
         "INTROSPECTION_AUTH",
+        "INTROSPECTION_BASIC_ENCODING",
         "INTROSPECTION_BODY",
         "INTROSPECTION_CACHE_TTL",
         "INTROSPECTION_CLIENT_ID",
@@ -133,6 +134,9 @@ DEFAULT_TYPES = (None, "jwt", "application/jwt", "at+jwt", "application/at+jwt")
 DEFAULT_REFUSED_CLAIMS = ("at_hash", "c_hash", "cnf")
 STRATEGIES = ("jwks", "introspection", "auto", "both")
 INTROSPECTION_AUTH_METHODS = ("client_secret_basic", "client_secret_post", "bearer", "none")
+#: How ``client_secret_basic`` writes the credentials: form-encoded first
+#: (RFC 6749 §2.3.1) or as they are (RFC 7617, what some providers document).
+INTROSPECTION_BASIC_ENCODINGS = ("form", "raw")
 TOKEN_LOCATIONS = ("header", "query", "form")
 
 
@@ -327,6 +331,9 @@ class Settings:
     introspection_auth: str = "client_secret_basic"
     introspection_token: str | None = None
     introspection_body: str = "form"
+    #: ``client_secret_basic`` credentials form-encoded (``"form"``, RFC 6749
+    #: §2.3.1) or sent as they are (``"raw"``, ``curl -u id:secret``)
+    introspection_basic_encoding: str = "form"
     #: Refuse an introspection answer without ``aud`` (the audience is
     #: checked): for servers whose answers always carry the token's own claims.
     introspection_require_audience: bool = False
@@ -469,6 +476,7 @@ def _build(v: Mapping[str, Any]) -> Settings:
     if endpoint is not None:
         check_url(endpoint, "INTROSPECTION_ENDPOINT", allow_insecure_http=allow_http)
     _check_introspection_credentials(v, strategy, intro_auth)
+    basic_encoding = _introspection_basic_encoding(v, intro_auth)
     for issuer in issuers:
         check_url(issuer, "ISSUER", allow_insecure_http=allow_http)
         if "?" in issuer or "#" in issuer:
@@ -567,6 +575,7 @@ def _build(v: Mapping[str, Any]) -> Settings:
         introspection_auth=intro_auth,
         introspection_token=_optional_text(v, "INTROSPECTION_TOKEN"),
         introspection_body=intro_body,
+        introspection_basic_encoding=basic_encoding,
         introspection_require_audience=as_bool(
             v.get("INTROSPECTION_REQUIRE_AUDIENCE", False), "INTROSPECTION_REQUIRE_AUDIENCE"
         ),
@@ -846,6 +855,36 @@ def _issuer_claims(value: Any) -> dict[str, Any]:
     if not isinstance(value, Mapping) or not all(isinstance(k, str) and k for k in value):
         raise ConfigurationError(f"{_key('ISSUER_CLAIMS')} must map claim names to values.")
     return {k: v for k, v in value.items() if v is not None}
+
+
+def _introspection_basic_encoding(v: Mapping[str, Any], auth: str) -> str:
+    """``INTROSPECTION_BASIC_ENCODING``: ``"form"`` or ``"raw"``.
+
+    Raw HTTP Basic credentials are ``<id>:<secret>`` as they are (RFC 7617
+    §2): the first ``:`` ends the user-id, so a client id holding one cannot
+    be sent raw (the server would read another id and secret). Refused here,
+    when HTTP Basic is the method, rather than failing every introspection.
+    """
+    encoding = v.get("INTROSPECTION_BASIC_ENCODING", "form")
+    if encoding not in INTROSPECTION_BASIC_ENCODINGS:
+        raise ConfigurationError(
+            f"{_key('INTROSPECTION_BASIC_ENCODING')} must be 'form' (RFC 6749 §2.3.1) "
+            f"or 'raw', not {encoding!r}."
+        )
+    client_id = v.get("INTROSPECTION_CLIENT_ID")
+    if (
+        encoding == "raw"
+        and auth == "client_secret_basic"
+        and isinstance(client_id, str)
+        and ":" in client_id
+    ):
+        raise ConfigurationError(
+            f"{_key('INTROSPECTION_BASIC_ENCODING')} = 'raw' cannot send "
+            f"{_key('INTROSPECTION_CLIENT_ID')}: it holds a ':', which ends the user-id of "
+            "raw HTTP Basic credentials (RFC 7617 §2). Use 'form' if the server decodes "
+            f"form-encoded credentials, or {_key('INTROSPECTION_AUTH')} = 'client_secret_post'."
+        )
+    return str(encoding)
 
 
 def _check_introspection_credentials(v: Mapping[str, Any], strategy: str, auth: str) -> None:

@@ -26,7 +26,11 @@ copy; for ``DISCOVERY_CACHE_TTL`` (six hours, minus a small random jitter);
 after that one thread of one worker refreshes while everyone keeps using the
 copy they have; a failed refresh keeps the last good copy (for at most
 ``JWKS_MAX_STALENESS``) and is retried after ``JWKS_REFRESH_COOLDOWN``;
-errors are never cached.
+errors are never cached. With no copy at all, a caller with no pacing of its
+own (the introspection endpoint's search, ``paced=True``) is refused for a
+second after the issuer answered with no metadata (404, not JSON, another
+issuer), in every worker, without a request: a flood of opaque tokens is
+not a flood of metadata requests.
 """
 
 from __future__ import annotations
@@ -116,11 +120,24 @@ class Discovery:
         self._lock_timeout = 2 * fetcher.budget + 2
         #: issuer -> the last discovery error of this process (for status).
         self.last_error: dict[str, str] = {}
+        #: issuer -> (when, error) of this process's last discovery that the
+        #: issuer answered with no metadata while none was at hand (pacing).
+        self._answered: dict[str, tuple[float, FetchError]] = {}
 
-    def metadata(self, issuer: str) -> Mapping[str, Any]:
+    def metadata(
+        self, issuer: str, *, budget: float | None = None, paced: bool = False
+    ) -> Mapping[str, Any]:
         """The metadata of ``issuer`` (cached; refreshed after the TTL).
 
         :param issuer: a configured issuer identifier.
+        :param budget: the most a fetch may take, seconds, when less than the
+            fetch policy's budget (what is left of a budget several issuers
+            share); nothing left: no fetch, a :class:`FetchError`.
+        :param paced: with no usable copy, refuse without a request for
+            :data:`_RECHECK` seconds after the issuer answered with no
+            metadata (here or in another worker), with that answer's error.
+            For callers that do not pace their retries themselves (the key
+            store does).
         :raises FetchError: when no metadata was ever obtained and the
             issuer's documents cannot be fetched now.
         """
@@ -132,14 +149,25 @@ class Discovery:
             return entry.metadata  # one refresh is under way: keep using ours
         if "{" in issuer:
             raise FetchError("a templated issuer has no discovery document; set JWKS_URI")
+        if paced and (entry is None or not self._usable(entry, now)):
+            self._raise_if_answered(issuer, now, local_only=True)
+        wait = self._lock_timeout if budget is None else max(min(budget, self._lock_timeout), 0)
         try:
             return self._flights.run(
-                issuer, lambda: self._refresh(issuer), timeout=self._lock_timeout
+                issuer, lambda: self._refresh(issuer, budget, paced), timeout=wait
             )
         except TimeoutError:
             raise FetchError("timed out waiting for discovery") from None
 
-    def endpoint(self, issuer: str, name: str, *, required: bool = True) -> str | None:
+    def endpoint(
+        self,
+        issuer: str,
+        name: str,
+        *,
+        required: bool = True,
+        budget: float | None = None,
+        paced: bool = False,
+    ) -> str | None:
         """A URL from the metadata (``jwks_uri``, ``introspection_endpoint``).
 
         :param issuer: a configured issuer identifier.
@@ -148,12 +176,14 @@ class Discovery:
             is fetched again soon. ``False`` for a member an issuer may well
             not publish (the introspection endpoint, looked for issuer by
             issuer).
+        :param budget: see :meth:`metadata`.
+        :param paced: see :meth:`metadata`.
         :returns: the URL, or ``None`` when the metadata has no such member.
         :raises FetchError: when the metadata cannot be had or the URL is
             not acceptable under the fetch policy (https, or http to a
             loopback host).
         """
-        value = self.metadata(issuer).get(name)
+        value = self.metadata(issuer, budget=budget, paced=paced).get(name)
         if value is None:
             if required:
                 self._recheck_soon(issuer)
@@ -176,6 +206,15 @@ class Discovery:
         if len(self._accepted_urls) < _ACCEPTED_URLS:
             self._accepted_urls.add(value)
         return value
+
+    def known(self, issuer: str, name: str) -> str | None:
+        """The string ``name`` of the metadata at hand in this process, if
+        any, without any network call (for naming a circuit breaker, never
+        for fetching: the URL is not checked against the fetch policy).
+        """
+        entry = self._local.get(issuer)
+        value = entry.metadata.get(name) if entry is not None else None
+        return value if isinstance(value, str) else None
 
     def refresh(self, issuer: str) -> Mapping[str, Any]:
         """Fetch the metadata of ``issuer`` now (operations: a forced refresh).
@@ -202,6 +241,30 @@ class Discovery:
         if entry is not None:
             retry = max(self.settings.jwks_refresh_cooldown, _RECHECK)
             entry.fresh_until = min(entry.fresh_until, self.clock() + retry)
+
+    def _raise_if_answered(self, issuer: str, now: float, *, local_only: bool = False) -> None:
+        """Raise the error of an answered failure within :data:`_RECHECK`
+        (this process's, else, unless ``local_only``, any worker's)."""
+        failures = [self._answered.get(issuer)]
+        if not local_only:
+            record = self.cache.get(cache_key("discovery-attempt", issuer))
+            if isinstance(record, dict):
+                at = shared_time(record.get("at"), now)
+                error, status = record.get("error"), record.get("status")
+                if (
+                    at is not None
+                    and isinstance(error, str)
+                    and isinstance(status, int)
+                    and not isinstance(status, bool)
+                ):
+                    failures.append((at, FetchError(error, status=status)))
+        for failure in failures:
+            if failure is None:
+                continue
+            at, exc = failure
+            # a clock stepped back before the failure ends the wait, never stretches it
+            if 0 <= now - at < _RECHECK and exc.answered:
+                raise FetchError(exc.reason, status=exc.status)
 
     def _usable(self, entry: _Entry, now: float) -> bool:
         return now - entry.fetched_at <= self.settings.jwks_max_staleness
@@ -231,28 +294,35 @@ class Discovery:
 
     def _store(self, issuer: str, metadata: Mapping[str, Any], now: float) -> None:
         self.last_error.pop(issuer, None)
+        self._answered.pop(issuer, None)
         keep = max(self.settings.discovery_cache_ttl, self.settings.jwks_max_staleness)
         record = {"metadata": dict(metadata), "fetched_at": now}
         self.cache.set(cache_key("discovery", issuer), record, keep)
         self._install(issuer, metadata, now)
 
-    def _refresh(self, issuer: str) -> Mapping[str, Any]:
+    def _refresh(self, issuer: str, budget: float | None, paced: bool) -> Mapping[str, Any]:
         """Refresh once (this thread leads the process's single flight)."""
+        started = time.monotonic()
         now = self.clock()
         entry = self._adopt_shared(issuer, now)
         if entry is not None and now < entry.fresh_until:
             return entry.metadata
+        if paced and (entry is None or not self._usable(entry, now)):
+            self._raise_if_answered(issuer, now)
         lock = cache_key("discovery-lock", issuer)
         if not self.cache.lock(lock, self._lock_timeout):
             # Another worker is fetching: use ours, or wait for its copy.
             if entry is not None and self._usable(entry, now):
                 entry.fresh_until = now + _RECHECK
                 return entry.metadata
-            self.cache.wait_unlocked(lock, self._lock_timeout, wait=self._lock_timeout)
+            wait = self._lock_timeout if budget is None else max(min(budget, self._lock_timeout), 0)
+            self.cache.wait_unlocked(lock, self._lock_timeout, wait=wait)
             entry = self._adopt_shared(issuer, self.clock())
             if entry is not None:
                 return entry.metadata
             if not self.cache.take_abandoned(lock, self._lock_timeout):
+                # Its failure, as it failed: an answer is no outage.
+                self._raise_if_answered(issuer, self.clock())
                 raise FetchError(self.last_error.get(issuer, "discovery by another worker failed"))
             # The holder died mid-fetch (its lock outlived it): fetch ourselves.
             now = self.clock()
@@ -260,8 +330,9 @@ class Discovery:
             entry = self._adopt_shared(issuer, now)
             if entry is not None and now < entry.fresh_until:
                 return entry.metadata
+            left = None if budget is None else budget - (time.monotonic() - started)
             try:
-                metadata = self._fetch(issuer)
+                metadata = self._fetch(issuer, left)
             except FetchError as exc:
                 return self._failed(issuer, entry, now, exc)
             self._store(issuer, metadata, now)
@@ -283,10 +354,17 @@ class Discovery:
             )
             return entry.metadata
         self._local.pop(issuer, None)
+        if exc.answered:
+            # No metadata published (or not usable): remembered, here and for
+            # the other workers, so that paced callers ask again in a second,
+            # not at every request (an answer never opens the circuit).
+            self._answered[issuer] = (now, exc)
+            record = {"at": now, "error": exc.reason, "status": exc.status}
+            self.cache.set(cache_key("discovery-attempt", issuer), record, _RECHECK + 60)
         logger.error("Discovery for %s failed: %s", issuer, exc.reason)
         raise exc
 
-    def _fetch(self, issuer: str) -> Mapping[str, Any]:
+    def _fetch(self, issuer: str, budget: float | None = None) -> Mapping[str, Any]:
         errors = []
         # The status of the last answer: a server that answered every document
         # wrongly (4xx, not JSON, another issuer) is no outage, and the error
@@ -294,7 +372,8 @@ class Discovery:
         status: int | None = None
         # One budget for all the names tried (RFC 8414, OpenID Connect): a
         # server that answers each slowly must not multiply the request's wait.
-        ends = time.monotonic() + self.fetcher.budget
+        budget = self.fetcher.budget if budget is None else min(budget, self.fetcher.budget)
+        ends = time.monotonic() + budget
         for url in metadata_urls(issuer):
             left = ends - time.monotonic()
             if left <= 0:

@@ -12,6 +12,11 @@ route that answers 200 ``{"status": "healthy", ...}`` or 503
   they are, keys past their TTL are refreshed once as a request would, an
   issuer that is down is retried no more often than the refresh cooldown and
   the circuit breaker allow. The health check never forces a refresh.
+  An issuer whose keys come only from each token's ``jku``
+  (``ALLOWED_JKU_HOSTS`` set, no static ``JWKS`` for it: requests then
+  never use a ``JWKS_URI`` or discovery) is never fetched for: its entry
+  lists the ``jku`` key sets loaded so far, ``"status": "per_token"`` while
+  there is none, which is no failure.
 * **cache**: the Flask-Caching backend answers a set/get round trip. A cache
   outage only costs performance (a failing cache is a miss), so it is a
   warning unless ``OAUTH_VERIFY_HEALTH_REQUIRE_CACHE`` is true.
@@ -43,6 +48,7 @@ from .fetch import FetchError
 
 if TYPE_CHECKING:
     from .extension import _AppState
+    from .jwks import KeySetStatus
 
 __all__ = ["HealthChecker", "HealthReport", "register_health_route"]
 
@@ -144,8 +150,11 @@ class HealthChecker:
         state = self.state
         if state.settings.strategy not in _KEY_STRATEGIES:
             return {"status": "not_used"}
+        per_token = _per_token_issuers(state)
         errors: dict[str, str] = {}
         for issuer in state.settings.issuers:
+            if issuer in per_token:
+                continue  # requests never use its own key source: nothing to fetch
             try:
                 # The normal path: no network while the keys are fresh, one
                 # refresh when due, the cooldown and breaker when down.
@@ -155,10 +164,15 @@ class HealthChecker:
         issuers = []
         worst = "ok"
         seen: set[str] = set()
+        jku_sources: dict[str, list[KeySetStatus]] = {issuer: [] for issuer in per_token}
         for status in state.keys.status():
             if status.issuer in seen:
+                if status.issuer in per_token:
+                    jku_sources[status.issuer].append(status)
                 continue  # the first source of an issuer is its own (not a jku)
             seen.add(status.issuer)
+            if status.issuer in per_token:
+                continue  # its own source, which requests never use
             entry: dict[str, Any] = {
                 "issuer": status.issuer,
                 "source": _public_url(status.source),
@@ -182,6 +196,12 @@ class HealthChecker:
             else:
                 entry["status"] = "ok"
             issuers.append(entry)
+        for issuer in state.settings.issuers:
+            if issuer in per_token:
+                entry = _per_token_entry(issuer, jku_sources[issuer], warnings)
+                if entry["status"] == "stale":
+                    worst = worst if worst == "unavailable" else "stale"
+                issuers.append(entry)
         return {"status": worst, "issuers": issuers}
 
     # -- cache ------------------------------------------------------------------
@@ -272,6 +292,66 @@ class HealthChecker:
                 endpoint = _public_url(url)
                 return {"status": "unreachable", "endpoint": endpoint, "error": exc.reason}, url
         return {"status": "ok", "endpoint": _public_url(url)}, url
+
+
+def _per_token_issuers(state: _AppState) -> frozenset[str]:
+    """The configured issuers whose keys come only from each token's ``jku``.
+
+    As requests find keys (:meth:`KeyStore.resolve_vouched
+    <flask_oauth_verify.jwks.KeyStore.resolve_vouched>`): a static ``JWKS``
+    of the issuer first, else, with ``ALLOWED_JKU_HOSTS``, only the key set
+    at the token's allow-listed ``jku``, never a ``JWKS_URI`` or discovery.
+    Checking those would report an outage of a key source no request uses
+    (503 from the route while every token validates).
+    """
+    settings = state.settings
+    if not settings.allowed_jku_hosts:
+        return frozenset()
+    static = {status.issuer for status in state.keys.status() if status.source == "static"}
+    return frozenset(issuer for issuer in settings.issuers if issuer not in static)
+
+
+def _per_token_entry(
+    issuer: str, sources: list[KeySetStatus], warnings: list[str]
+) -> dict[str, Any]:
+    """The keys entry of an issuer whose keys come from each token's ``jku``.
+
+    Lists the ``jku`` key sets loaded so far; those that never served keys
+    are left out (anyone can name a path of the allow-listed host in a
+    forged token, and none of those may make the check fail). No keys
+    loaded yet is ``"per_token"``, not a failure: the first token fetches
+    its key set.
+    """
+    loaded = [status for status in sources if status.kids]
+    entry: dict[str, Any] = {
+        "issuer": issuer,
+        "source": "jku",
+        "keys": sum(len(status.kids) for status in loaded),
+        "age_seconds": None,
+        "jku": [],
+    }
+    if not loaded:
+        entry["status"] = "per_token"
+        entry["note"] = "keys come from each token's allow-listed jku; none fetched yet"
+        return entry
+    entry["age_seconds"] = round(min(status.age or 0.0 for status in loaded), 1)
+    entry["status"] = "ok"
+    for status in loaded:
+        item: dict[str, Any] = {
+            "source": _public_url(status.source),
+            "keys": len(status.kids),
+            "age_seconds": None if status.age is None else round(status.age, 1),
+            "status": "ok" if status.last_error is None else "stale",
+        }
+        if status.last_error is not None:
+            item["error"] = status.last_error
+            entry["status"] = "stale"
+            warnings.append(
+                f"serving the last good keys of {issuer} from jku {_public_url(status.source)}: "
+                f"refresh failed ({status.last_error})"
+            )
+        entry["jku"].append(item)
+    return entry
 
 
 def register_health_route(app: Flask, state: _AppState, rule: str) -> None:

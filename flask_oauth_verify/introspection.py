@@ -8,7 +8,9 @@ whether the token is active:
   of the issuer's discovery metadata) with ``token=…&token_type_hint=
   access_token`` as a form (RFC 7662 §2.1), or ``{"token": …}`` as JSON for
   the providers that want that (``INTROSPECTION_BODY = "json"``);
-* the resource server authenticates with ``client_secret_basic`` (default),
+* the resource server authenticates with ``client_secret_basic`` (default;
+  the credentials form-encoded first as RFC 6749 §2.3.1 says, or as they
+  are with ``INTROSPECTION_BASIC_ENCODING = "raw"``),
   ``client_secret_post``, a bearer token (``INTROSPECTION_AUTH = "bearer"``)
   or not at all (``"none"``), through Authlib's client-authentication
   helpers (:class:`authlib.oauth2.auth.ClientAuth`,
@@ -42,6 +44,7 @@ the same token in one process share one call (single flight).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import time
@@ -510,6 +513,13 @@ class Introspector:
             raise _Misconfigured(
                 _needs("OAUTH_VERIFY_INTROSPECTION_CLIENT_ID and _CLIENT_SECRET", method)
             )
+        elif method == "client_secret_basic" and settings.introspection_basic_encoding == "raw":
+            # "<id>:<secret>" as they are (RFC 7617 §2), as VoxKey (curl -u)
+            # and Beyond Identity document it; a ':' in the id is refused at
+            # init_app. UTF-8 (RFC 7617 §2.1, and what curl sends): Authlib's
+            # encoder takes latin-1 and raises on anything beyond it.
+            basic = base64.b64encode(f"{client_id}:{secret}".encode()).decode("ascii")
+            return {"Authorization": f"Basic {basic}"}, {}
         elif method == "client_secret_basic":
             # RFC 6749 §2.3.1: form-encode both before the Basic encoding
             # (Authlib's encoder does not, its server decodes).
@@ -586,12 +596,25 @@ def discover_endpoint(discovery: Discovery, issuers: Iterable[str]) -> str:
     policy refuses is not: the endpoint would be its own, and its tokens,
     with our client credentials, must not go to the next issuer's.
 
+    The whole search shares one fetch budget (issuers whose metadata is at
+    hand cost none): issuers that each answer slowly must not multiply the
+    request's wait. An issuer that answered with no metadata is not asked
+    again for a second (:meth:`Discovery.metadata`, ``paced``): opaque
+    tokens arrive at the request rate, and nothing else paces this search.
+
     :raises FetchError: naming what each issuer tried lacked.
     """
     reasons = []
+    ends = time.monotonic() + discovery.fetcher.budget
     for issuer in issuers:
         try:
-            found = discovery.endpoint(issuer, "introspection_endpoint", required=False)
+            found = discovery.endpoint(
+                issuer,
+                "introspection_endpoint",
+                required=False,
+                budget=ends - time.monotonic(),
+                paced=True,
+            )
         except FetchError as exc:
             reasons.append(f"{issuer}: {exc.reason}")
             if exc.answered or "{" in issuer:

@@ -668,21 +668,28 @@ class KeyStore:
         return keys
 
     def _fetch(self, source: _Source, now: float) -> dict[str, Any]:
-        candidates = self._candidate_uris(source)
+        candidates = self._candidate_uris(source)  # discovery, if any: a budget of its own
+        # One budget for every location tried (JWKS_URI, then its fallbacks):
+        # locations that each answer slowly must not multiply the request's
+        # wait, nor outlive the fetch lock (two budgets: discovery, this).
+        ends = time.monotonic() + self.fetcher.budget
+        passed: FetchError | None = None  # why the last location tried was passed over
         for uri in candidates[:-1]:
             # Documented and SDK paths differ for some providers: an answer that
             # is not a key set (a 404, a login page, an error document; not an
             # outage) moves on to the next known location.
             try:
-                record = self._fetch_from(source, uri, now)
+                record = self._fetch_from(source, uri, now, ends, passed)
             except FetchError as exc:
                 if not _answered(exc):
                     raise
+                passed = exc
                 continue
             jwks = record["jwks"]
             if isinstance(jwks, Mapping) and isinstance(jwks.get("keys"), list):
                 return record
-        return self._fetch_from(source, candidates[-1], now)
+            passed = FetchError(f"{uri}: not a JWK Set", status=200)
+        return self._fetch_from(source, candidates[-1], now, ends, passed)
 
     def _candidate_uris(self, source: _Source) -> list[str]:
         """The key set URL, then ``JWKS_URI_FALLBACKS`` (last working first)."""
@@ -696,12 +703,33 @@ class KeyStore:
             known.insert(0, source.uri)
         return list(dict.fromkeys(known))
 
-    def _fetch_from(self, source: _Source, uri: str, now: float) -> dict[str, Any]:
+    def _fetch_from(
+        self,
+        source: _Source,
+        uri: str,
+        now: float,
+        ends: float,
+        passed: FetchError | None = None,
+    ) -> dict[str, Any]:
+        """Fetch the key set at ``uri`` within what is left of the budget.
+
+        :param ends: when the budget of the whole fetch ends (monotonic).
+        :param passed: why the location tried before was passed over.
+        :raises FetchError: also when nothing is left of the budget: with
+            the status of the answer that spent it, so that an issuer that
+            answers every location slowly with no key set is paced like one
+            that answers at once (see :meth:`_failed`).
+        """
+        left = ends - time.monotonic()
+        if left <= 0:
+            status = passed.status if passed is not None else None
+            why = f" ({passed.reason})" if passed is not None else ""
+            raise FetchError(f"{uri}: not tried, the fetch budget is spent{why}", status=status)
         headers = {"Accept": "application/jwk-set+json, application/json"}
         conditional = bool(source.etag and source.raw is not None and source.uri == uri)
         if conditional:
             headers["If-None-Match"] = str(source.etag)
-        result = self.fetcher.get_json(uri, headers=headers, breaker=_scope(source))
+        result = self.fetcher.get_json(uri, headers=headers, breaker=_scope(source), budget=left)
         max_age = _max_age(result)
         if result.status == 304:
             if not conditional:
@@ -749,6 +777,13 @@ class KeyStore:
 
     def _clamp(self, ttl: float) -> float:
         return max(min(max(ttl, self.settings.jwks_min_ttl), self.settings.jwks_max_ttl), 1.0)
+
+    def _known_uri(self, source: _Source) -> str:
+        """The URL the key set comes (or would come) from, without any network
+        call: the last one fetched, the token's ``jku``, the configured
+        ``JWKS_URI``, the ``jwks_uri`` of metadata at hand; else the issuer."""
+        known = source.uri or source.jku or self.settings.jwks_uri_for(source.issuer)
+        return known or self.discovery.known(source.issuer, "jwks_uri") or source.issuer
 
     def _uri(self, source: _Source) -> str:
         if source.jku is not None:
@@ -838,9 +873,11 @@ class KeyStore:
         raise self._unavailable(source, reason or source.last_error or "no key set")
 
     def _unavailable(self, source: _Source, reason: str) -> UpstreamError:
-        breaker = self.fetcher.breaker(
-            source.uri or source.jku or source.issuer, scope=_scope(source)
-        )
+        # Before the first fetch worked, ``source.uri`` is empty: the breaker
+        # is the key set URL's (configured or discovered: often another host
+        # than the issuer's, Google, Entra, a CDN), the issuer's only when
+        # that URL is not known yet (discovery failed: its breaker is the one).
+        breaker = self.fetcher.breaker(self._known_uri(source), scope=_scope(source))
         retry_after = breaker.retry_after() if breaker.is_open else _RETRY_AFTER
         return UpstreamError(
             reason=f"keys of {source.name} unavailable: {reason}", retry_after=retry_after

@@ -256,6 +256,8 @@ PROFILES: Mapping[str, Profile] = _profiles(
         defaults={
             "JWKS_URI": "{domain}/oauth2/{realm}/oidc/jwks",
             "INTROSPECTION_ENDPOINT": "{domain}/oauth2/{realm}/introspect",
+            # its guide: curl -u CLIENT_ID:CLIENT_SECRET (raw, not form-encoded)
+            "INTROSPECTION_BASIC_ENCODING": "raw",
             "CLAIM_MAP": {"scopes": ("scope",)},
         },
         required_params=("domain", "realm"),
@@ -269,6 +271,8 @@ PROFILES: Mapping[str, Profile] = _profiles(
             "INTROSPECTION_ENDPOINT": (
                 "{issuer_origin}/v1/tenants/{tenant}/realms/{realm}/introspect"
             ),
+            # its guide: "{client_id}:{client_secret}" base64-encoded, as they are
+            "INTROSPECTION_BASIC_ENCODING": "raw",
             # Offline validation takes the key from the jku header, only from
             # the issuer's own host (auth-<region>.beyondidentity.com).
             "ALLOWED_JKU_HOSTS": ("{issuer_host}",),
@@ -294,13 +298,16 @@ PROFILES: Mapping[str, Profile] = _profiles(
         defaults={
             "JWKS_URI": "{issuer}/.well-known/jwks.json",
             "CLAIM_MAP": {
-                "scopes": ("scope", "permissions"),
+                # scope only: with RBAC, scope is what this client was granted
+                # (requested ∩ the user's permissions); permissions lists every
+                # permission of the user, whatever the client asked for.
+                "scopes": ("scope",),
                 "client_id": ("azp", "client_id"),
                 "organization_id": ("org_id",),
             },
             "USER_ID_RULE": auth0_acts_for_user,
         },
-        description="Auth0 APIs (scope + RBAC permissions, org_id, azp).",
+        description="Auth0 APIs (scope, org_id, azp).",
         issuer_doubts=(
             (
                 r"https://[^/]+$",
@@ -353,6 +360,16 @@ PROFILES: Mapping[str, Profile] = _profiles(
                 "no token carries this iss (tokens name their tenant); for a "
                 "multi-tenant API use the template "
                 "https://login.microsoftonline.com/{tenantid}/v2.0 with ALLOWED_TENANTS",
+            ),
+            (
+                r"https?://[^/]+/[^/]+/v2\.0/$",
+                "v2.0 access tokens carry iss '.../{tenantid}/v2.0' without a trailing "
+                "slash; with it every token is refused",
+            ),
+            (
+                r"https?://sts\.[^/]+/[^/]+$",
+                "v1.0 access tokens carry iss 'https://sts.windows.net/{tenantid}/' with a "
+                "trailing slash; without it every token is refused",
             ),
         ),
     ),

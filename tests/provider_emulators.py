@@ -77,7 +77,8 @@ class Emulator:
     audience: ClassVar[str | list[str]] = "https://api.example.com"
     #: client credentials of the resource server at introspection
     client_id: ClassVar[str] = "resource-server"
-    client_secret: ClassVar[str] = "rs-secret"
+    #: (an instance may hold another: a test of a secret's encoding)
+    client_secret: str = "rs-secret"
 
     def __init__(
         self, server: IssuerServer, issuer_path: str = "", *, kid: str | None = None
@@ -397,14 +398,19 @@ class Auth0(Emulator):
         server.route("/.well-known/jwks.json", self.jwks_reply)
 
     def user_token(self, **overrides: Any) -> str:
-        """A user's token (RBAC on: ``permissions``), for an organization."""
+        """A user's token, for an organization.
+
+        RBAC on, with "Add Permissions in the Access Token": ``scope`` holds
+        what the client requested and the user may do (read and write),
+        ``permissions`` every permission of the user (delete too).
+        """
         claims = {
             "iss": self.issuer,
             "sub": "auth0|64b7f2d0c1a2b3c4d5e6f7a8",
             "aud": [self.audience, f"{self.issuer}userinfo"],
             "azp": "spa-client-id",
-            "scope": "openid profile email",
-            "permissions": ["read:messages", "write:messages"],
+            "scope": "openid profile email read:messages write:messages",
+            "permissions": ["read:messages", "write:messages", "delete:messages"],
             "org_id": "org_Hd5g7kL2mN8pQ1rS",
             **self.times(),
         }

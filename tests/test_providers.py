@@ -922,7 +922,10 @@ def test_auth0_user_and_m2m_tokens(server: IssuerServer) -> None:
     app = provider_app(a0.config())
     status, body = call(app, a0.user_token())
     assert status == 200, body
+    # scope only: the user's permissions hold delete:messages, the client was
+    # not granted it
     assert body["scopes"] == ["email", "openid", "profile", "read:messages", "write:messages"]
+    assert call(app, a0.user_token(), "/scoped/delete:messages")[0] == 403
     assert body["client_id"] == "spa-client-id"
     assert body["organization_id"] == "org_Hd5g7kL2mN8pQ1rS"
     assert body["user_id"] == "auth0|64b7f2d0c1a2b3c4d5e6f7a8"
