@@ -34,7 +34,7 @@ import logging
 import re
 import threading
 import weakref
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import sqlalchemy
@@ -54,6 +54,8 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.context import FromStatement
+from sqlalchemy.orm.exc import UnmappedColumnError
+from sqlalchemy.orm.interfaces import MANYTOONE
 from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
@@ -159,6 +161,10 @@ _SCOPED_BY_HELPER = "_oauth_verify_org_scoped"
 _EXPECTED_ORG = "_oauth_verify_expected_org"
 #: Our own check queries skip the listener.
 _INTERNAL = "_oauth_verify_internal"
+#: ``Session.info`` key: the states ``before_flush`` checked (for ``after_flush``).
+_FLUSH_SEEN = "_oauth_verify_flush_seen"
+#: ``Session.info`` key: the scoping whose flush is running (for ``before_insert``).
+_FLUSH_SCOPING = "_oauth_verify_flush_scoping"
 #: Set on ``from_statement()`` loads: a row must carry its organization.
 _FROM_STATEMENT = "_oauth_verify_from_statement"
 #: ``InstanceState.info`` key: (organization, identity key) the object was
@@ -207,6 +213,17 @@ class CrossTenantWriteError(OAuthVerifyError):
     error: ClassVar[str] = "cross_tenant_write"
     challenge_error: ClassVar[str | None] = None
     default_description: ClassVar[str] = "The request would write another organization's data."
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Reference:
+    """A way a written row names a scoped row: a single-column foreign key
+    (``key`` its attribute, ``target_key`` the attribute it refers to) or, with
+    ``target_key`` ``None``, a many-to-one relationship ``key``."""
+
+    key: str
+    target: Mapper[Any]
+    target_key: str | None
 
 
 # -- who are we acting for ----------------------------------------------------
@@ -1079,6 +1096,10 @@ class TenantScoping:
         self._column_verdicts: weakref.WeakKeyDictionary[
             Mapper[Any], tuple[int, tuple[str, ...]]
         ] = weakref.WeakKeyDictionary()
+        #: mapper -> (mapper generation, its references to scoped rows)
+        self._references: weakref.WeakKeyDictionary[
+            Mapper[Any], tuple[int, tuple[_Reference, ...]]
+        ] = weakref.WeakKeyDictionary()
         #: models= was db.Model's registry by default, not the caller's choice
         self._implicit_models = False
         self._saved: dict[str, Any] = {}
@@ -1303,6 +1324,7 @@ class TenantScoping:
     def _install(self) -> None:
         event.listen(self.target, "do_orm_execute", self.on_execute)
         event.listen(self.target, "before_flush", self.on_flush)
+        event.listen(self.target, "after_flush", self.on_flushed)
         event.listen(self.target, "pending_to_persistent", self.on_inserted)
         event.listen(self.target, "transient_to_pending", self.on_added)
         event.listen(self.target, "after_begin", _watch_for_nested_writes)
@@ -1342,6 +1364,7 @@ class TenantScoping:
         """
         event.remove(self.target, "do_orm_execute", self.on_execute)
         event.remove(self.target, "before_flush", self.on_flush)
+        event.remove(self.target, "after_flush", self.on_flushed)
         event.remove(self.target, "pending_to_persistent", self.on_inserted)
         event.remove(self.target, "transient_to_pending", self.on_added)
         event.remove(self.target, "after_begin", _watch_for_nested_writes)
@@ -2340,6 +2363,13 @@ class TenantScoping:
                 mapper = inspect(obj).mapper
                 if self.tenant_key(mapper) is None:  # not the inheritance case
                     self._refuse(mapper, refused)
+        # what after_flush need not check again (it checks what app listeners
+        # registered after this one add or change)
+        session.info[_FLUSH_SEEN] = {
+            id(inspect(obj)) for obj in (*session.new, *session.dirty, *session.deleted)
+        }
+        session.info[_FLUSH_SCOPING] = self
+        self._check_references(session, list(session.new), list(session.dirty), organization)
         for obj in list(session.new):
             state = inspect(obj)
             self._check_row_values(state.mapper, state.dict)
@@ -2383,6 +2413,180 @@ class TenantScoping:
             assert key is not None
             self._check_identities(session, mapper, key, identities, organization(), action)
 
+    def on_flushed(self, session: Session, flush_context: Any) -> None:
+        """``after_flush``: check what the app's own flush listeners wrote.
+
+        A ``before_flush`` listener registered after scoping was enabled runs
+        after :meth:`on_flush`: rows it adds or changes were never checked.
+        They are checked here, still inside the flush (an error rolls it back):
+        a row of another organization, or one left without its organization
+        (it can no longer be stamped; set it, or register the listener before
+        enabling scoping), is refused, and so are its references.
+        """
+        seen = session.info.pop(_FLUSH_SEEN, None)
+        session.info.pop(_FLUSH_SCOPING, None)
+        if seen is None:
+            return
+        new = [obj for obj in session.new if id(inspect(obj)) not in seen]
+        dirty = [obj for obj in session.dirty if id(inspect(obj)) not in seen]
+        deleted = [obj for obj in session.deleted if id(inspect(obj)) not in seen]
+        if not (new or dirty or deleted):
+            return
+        organization = current_organization_id()
+        for obj, action in (
+            *((o, "insert") for o in new),
+            *((o, "update") for o in dirty),
+            *((o, "delete") for o in deleted),
+        ):
+            state = inspect(obj)
+            key = self.tenant_key(state.mapper)
+            if key is None:
+                continue
+            history = state.attrs[key].load_history()
+            values = (*history.added, *history.unchanged, *history.deleted) or (None,)
+            for value in values:
+                if value != organization:
+                    raise self._cross(state.mapper, organization, value, action)
+        self._check_references(session, new, dirty, lambda: organization)
+
+    def _tenant_references(self, mapper: Mapper[Any]) -> tuple[_Reference, ...]:
+        """The single-column foreign keys of ``mapper``'s columns to scoped rows."""
+        generation = _MAPPER_GENERATION[0]
+        cached = self._references.get(mapper)
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        owners = self._table_owners()
+        own_tables = set(mapper.tables)
+        found: list[_Reference] = []
+        for prop in mapper.column_attrs:
+            for column in prop.columns:
+                for fk in getattr(column, "foreign_keys", ()):
+                    target = owners.get(fk.column.table)
+                    if target is None or len(fk.constraint.elements) != 1:
+                        continue  # a composite key: the database compares all of it
+                    if column.primary_key and fk.column.table in own_tables:
+                        continue  # a joined subclass's key to its parent's row
+                    try:
+                        target_key = target.get_property_by_column(fk.column).key
+                    except UnmappedColumnError:  # no object holds it
+                        continue
+                    found.append(_Reference(prop.key, target, target_key))
+        for relationship in mapper.relationships:
+            target_mapper = relationship.mapper
+            if relationship.direction is MANYTOONE and self.tenant_key(target_mapper) is not None:
+                found.append(_Reference(relationship.key, target_mapper, None))
+        references = tuple(found)
+        self._references[mapper] = (generation, references)
+        return references
+
+    def _table_owners(self) -> dict[Any, Mapper[Any]]:
+        """Each table of a scoped class -> the topmost scoped mapper of it."""
+        owners: dict[Any, Mapper[Any]] = {}
+        for cls, _key in self.tenant_classes():
+            mapper = inspect(cls)
+            table = mapper.local_table
+            inherited = mapper.inherits
+            if inherited is None or inherited.local_table is not table:
+                owners.setdefault(table, mapper)
+        return owners
+
+    def _check_references(
+        self,
+        session: Session,
+        new: list[Any],
+        dirty: list[Any],
+        organization: Callable[[], str],
+    ) -> None:
+        """Refuse written rows that point at rows the organization does not hold.
+
+        A foreign key value given by hand (``Task(project_id=3)`` from request
+        input, ``comment.task_id = 5``) may name another organization's row:
+        the row written would hang under it (its reads stay scoped, but the
+        write proves the row exists, and blocks or, with ``ON DELETE
+        CASCADE``, is deleted with that organization's row). Each such value
+        must name a row of this organization (or one added in this flush):
+        another organization's and a missing one are refused alike, with
+        :class:`CrossTenantWriteError`, before anything is written. An object
+        assigned to a many-to-one relationship must not belong to another
+        organization either.
+        """
+        wanted: dict[tuple[Mapper[Any], str], dict[Any, Mapper[Any]]] = {}
+        for obj in (*new, *dirty):
+            state = inspect(obj)
+            references = self._tenant_references(state.mapper)
+            if not references:
+                continue
+            is_new = state.key is None
+            for reference in references:
+                if reference.target_key is None:
+                    self._check_related(state, reference, organization, is_new)
+                    continue
+                if is_new:
+                    values: Iterable[Any] = (state.dict.get(reference.key),)
+                else:
+                    values = state.attrs[reference.key].history.added or ()
+                for value in values:
+                    if value is not None and not isinstance(value, ClauseElement):
+                        wanted.setdefault((reference.target, reference.target_key), {})[value] = (
+                            state.mapper
+                        )
+        for (target, target_key), values in wanted.items():
+            missing = self._rows_not_held(session, target, target_key, values, organization())
+            if missing:
+                value, mapper = next(iter(missing.items()))
+                raise self._cross(
+                    mapper,
+                    organization(),
+                    f"a {target.class_.__name__}.{target_key} of {value!r} it does not hold",
+                    "reference",
+                )
+
+    def _check_related(
+        self, state: Any, reference: _Reference, organization: Callable[[], str], is_new: bool
+    ) -> None:
+        """An object assigned to a many-to-one relationship must be this organization's."""
+        if is_new:
+            related: Iterable[Any] = (state.dict.get(reference.key),)
+        else:
+            related = state.attrs[reference.key].history.added or ()
+        for obj in related:
+            if obj is None:
+                continue
+            target = inspect(obj)
+            key = self.tenant_key(target.mapper)
+            value = target.dict.get(key) if key is not None else None
+            if value is not None and value != organization():
+                raise self._cross(state.mapper, organization(), value, "reference")
+
+    def _rows_not_held(
+        self,
+        session: Session,
+        target: Mapper[Any],
+        target_key: str,
+        values: dict[Any, Mapper[Any]],
+        organization: str,
+    ) -> dict[Any, Mapper[Any]]:
+        """The ``values`` of ``target.target_key`` that name no row of ``organization``."""
+        pending = {
+            inspect(obj).dict.get(target_key)
+            for obj in session.new
+            if inspect(obj).mapper.isa(target)
+        }
+        missing = {v: m for v, m in values.items() if v not in pending}
+        if not missing:
+            return {}
+        cls = target.class_
+        column = getattr(cls, target_key)
+        owner = getattr(cls, self.tenant_key(target) or "")
+        with session.no_autoflush:
+            held = session.execute(
+                select(column)
+                .where(column.in_(list(missing)), owner == organization)
+                .execution_options(**{_INTERNAL: True})
+            ).scalars()
+            found = {str(value) for value in held}
+        return {v: m for v, m in missing.items() if str(v) not in found}
+
     def on_added(self, session: Session, obj: Any) -> None:
         """``transient_to_pending``: remember whom a new object was added for.
 
@@ -2403,6 +2607,32 @@ class TenantScoping:
         key = self.tenant_key(state.mapper)
         if key is not None:
             state.info[_LOADED_FOR] = (state.dict.get(key), state.key)
+
+
+def _stamp_late_row(mapper: Mapper[Any], _connection: Any, target: Any) -> None:
+    """``before_insert`` of every mapper: stamp a new row the flush guard never saw.
+
+    The app's own ``before_flush`` listeners registered after scoping was
+    enabled (an audit log) run after :meth:`TenantScoping.on_flush`: a scoped
+    row they add is stamped here, just before its INSERT, with the current
+    organization, as one added in the view would have been. Every other
+    check of such rows is made by :meth:`TenantScoping.on_flushed`.
+    """
+    state = inspect(target)
+    session = state.session
+    if session is None:
+        return
+    scoping = session.info.get(_FLUSH_SCOPING)
+    seen = session.info.get(_FLUSH_SEEN)
+    if scoping is None or seen is None or id(state) in seen:
+        return
+    key = scoping.tenant_key(mapper)
+    if key is None or state.dict.get(key) is not None:
+        return
+    organization = current_organization_id()
+    added_for = state.info.get(_ADDED_FOR)
+    if added_for is None or added_for == organization:  # else on_flushed refuses it
+        setattr(target, key, organization)
 
 
 def _switch_organization(session: Session, organization: str, scoping: TenantScoping) -> None:
@@ -2579,6 +2809,7 @@ def enable_tenant_scoping(
         if not _LOAD_GUARD:
             event.listen(Mapper, "load", _on_load)
             event.listen(Mapper, "refresh", _on_load)
+            event.listen(Mapper, "before_insert", _stamp_late_row)
             _LOAD_GUARD.append(True)
     scoping._install()
     return scoping

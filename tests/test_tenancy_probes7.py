@@ -9,6 +9,15 @@
 * An ``as_organization()`` block left open (a generator suspended inside it,
   kept alive, or carried out of an ``async def`` view by the context Flask's
   ``async_to_sync`` copies back) scoped every later request of the thread.
+
+And of the eighteenth (Flask-SQLAlchemy idioms):
+
+* a foreign key given by hand (``Task(project_id=<org_b's project>)``) or
+  a related object of another organization hung a row under another
+  organization's row: a write that proved the row exists (a missing id
+  failed differently) and blocked, or with ``ON DELETE CASCADE`` lost, it;
+* rows an app's own ``before_flush`` listener (registered after scoping)
+  adds were neither stamped nor checked.
 """
 
 from __future__ import annotations
@@ -18,9 +27,9 @@ from typing import Any
 
 import pytest
 from flask import Flask
-from sqlalchemy import ForeignKey, String, create_engine, exists, func, select, text, update
+from sqlalchemy import ForeignKey, String, create_engine, event, exists, func, select, text, update
 from sqlalchemy.dialects.sqlite import insert
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from flask_oauth_verify import OAuthVerify, require_organization
@@ -55,7 +64,25 @@ class Project(SeventhBase):
     plan_id: Mapped[int | None] = mapped_column(ForeignKey("p7_plans.id"))
 
 
+class Task(SeventhBase):
+    __tablename__ = "p7_tasks"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(20))
+    title: Mapped[str] = mapped_column(String(40))
+    project_id: Mapped[int] = mapped_column(ForeignKey("p7_projects.id"))
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("p7_tasks.id"))
+    project: Mapped[Project] = relationship()
+
+
+class AuditRow(SeventhBase):
+    __tablename__ = "p7_audit"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    organization_id: Mapped[str | None] = mapped_column(String(20), nullable=True)
+    entity: Mapped[str] = mapped_column(String(40))
+
+
 ROWS = [(1, "org_a", "a1", 10), (2, "org_b", "b-secret", 900), (3, "org_a", "a2", 20)]
+TASKS = [(1, "org_a", "a-task", 1), (2, "org_b", "b-task", 2)]
 
 
 @pytest.fixture
@@ -72,6 +99,13 @@ def session_factory() -> Iterator[sessionmaker[Any]]:
                 "VALUES (:i, :o, :n, :s, 1)"
             ),
             [{"i": i, "o": o, "n": n, "s": s} for i, o, n, s in ROWS],
+        )
+        connection.execute(
+            text(
+                "INSERT INTO p7_tasks (id, organization_id, title, project_id) "
+                "VALUES (:i, :o, :t, :p)"
+            ),
+            [{"i": i, "o": o, "t": t, "p": p} for i, o, t, p in TASKS],
         )
     factory = sessionmaker(engine)
     scoping = enable_tenant_scoping(factory, models=SeventhBase)
@@ -281,3 +315,98 @@ def test_a_block_still_counts_inside_its_own_request_and_outside_requests(
     app = Flask("p7-inside")
     with app.test_request_context("/"), as_organization("org_b"):
         assert current_organization_id() == "org_b"
+
+
+# -- references to rows of another organization ---------------------------------------
+
+
+def _task_count(factory: sessionmaker[Any]) -> int:
+    with factory() as session:
+        return int(session.execute(text("SELECT count(*) FROM p7_tasks")).scalar_one())
+
+
+@pytest.mark.parametrize("project_id", [2, 999], ids=["another-organizations", "missing"])
+def test_a_new_row_cannot_name_a_row_the_organization_does_not_hold(
+    session_factory: sessionmaker[Any], project_id: int
+) -> None:
+    # another organization's row and a missing one get the same refusal
+    with session_factory() as session, as_organization("org_a"):
+        session.add(Task(title="planted", project_id=project_id))
+        with pytest.raises(CrossTenantWriteError) as refused:
+            session.flush()
+        session.rollback()
+    assert "does not hold" in str(refused.value.reason)
+    assert _task_count(session_factory) == len(TASKS)
+
+
+def test_a_changed_reference_to_another_organizations_row_is_refused(
+    session_factory: sessionmaker[Any],
+) -> None:
+    with session_factory() as session, as_organization("org_a"):
+        task = session.get(Task, 1)
+        assert task is not None
+        task.parent_id = 2  # org_b's task
+        with pytest.raises(CrossTenantWriteError):
+            session.flush()
+        session.rollback()
+        task = session.get(Task, 1)
+        assert task is not None
+        task.project_id = 2  # org_b's project
+        with pytest.raises(CrossTenantWriteError):
+            session.commit()
+
+
+def test_an_object_of_another_organization_cannot_be_related(
+    session_factory: sessionmaker[Any],
+) -> None:
+    with session_factory() as session:
+        with as_organization("org_b"):
+            theirs = session.get(Project, 2)
+        with as_organization("org_a"):
+            session.add(Task(title="planted", project=theirs))
+            with pytest.raises(CrossTenantWriteError):
+                session.flush()
+            session.rollback()
+    assert _task_count(session_factory) == len(TASKS)
+
+
+def test_references_to_own_and_new_rows_pass(session_factory: sessionmaker[Any]) -> None:
+    with session_factory() as session, as_organization("org_a"):
+        session.add(Task(title="by id", project_id=3))
+        session.add(Task(title="child", project_id=1, parent_id=1))
+        new_project = Project(id=40, name="new")  # a row of this very flush, named by id
+        session.add_all([new_project, Task(title="on new", project_id=40)])
+        session.add(Task(title="by object", project=Project(name="newer")))
+        session.commit()
+    assert _task_count(session_factory) == len(TASKS) + 4
+
+
+# -- rows an app's own before_flush listener adds ---------------------------------------
+
+
+def test_rows_added_by_a_later_flush_listener_are_stamped_and_checked(
+    session_factory: sessionmaker[Any],
+) -> None:
+    copies: list[str] = []
+
+    def audit(session: Any, _context: Any, _instances: Any) -> None:
+        for obj in list(session.new):
+            if isinstance(obj, Task):
+                session.add(AuditRow(entity=f"task:{obj.title}"))
+                for organization in copies:
+                    session.add(AuditRow(entity="copy", organization_id=organization))
+
+    event.listen(session_factory, "before_flush", audit)  # after enable_tenant_scoping
+    try:
+        with session_factory() as session, as_organization("org_a"):
+            session.add(Task(title="t", project_id=1))
+            session.commit()
+            copies.append("org_b")
+            session.add(Task(title="u", project_id=1))
+            with pytest.raises(CrossTenantWriteError):
+                session.commit()
+    finally:
+        event.remove(session_factory, "before_flush", audit)
+    with session_factory() as session:
+        rows = session.execute(text("SELECT organization_id, entity FROM p7_audit")).all()
+    assert [tuple(row) for row in rows] == [("org_a", "task:t")]
