@@ -163,6 +163,9 @@ _EXPECTED_ORG = "_oauth_verify_expected_org"
 _INTERNAL = "_oauth_verify_internal"
 #: ``Session.info`` key: the states ``before_flush`` checked (for ``after_flush``).
 _FLUSH_SEEN = "_oauth_verify_flush_seen"
+#: Values of one foreign key checked per ``SELECT`` (an ``IN`` list; SQLite
+#: allowed 999 bound parameters per statement before 3.32).
+_REFERENCES_PER_QUERY = 500
 #: ``Session.info`` key: the scoping whose flush is running (for ``before_insert``).
 _FLUSH_SCOPING = "_oauth_verify_flush_scoping"
 #: Set on ``from_statement()`` loads: a row must carry its organization.
@@ -2090,6 +2093,7 @@ class TenantScoping:
                 f"An upsert into the tenant table of {mapper.class_.__name__} could update "
                 f"another organization's row; use unscoped(..., reason=...)."
             )
+        self._check_row_references(state.session, mapper, rows, organization)
         missing = 0
         for row in rows:
             value = row.get(key, row.get(name))
@@ -2120,6 +2124,7 @@ class TenantScoping:
             for column in (key, name):
                 if column in row and _foreign(row[column], organization):
                     raise self._cross(mapper, organization, row[column], "update")
+        self._check_row_references(state.session, mapper, rows, organization)
 
     def _scope_extra_froms(self, statement: Any, organization: str, inherit: bool = True) -> Any:
         """:func:`_scope_extra_froms` with this scoping's tenant tables.
@@ -2221,6 +2226,7 @@ class TenantScoping:
         if rows and key is not None:
             organization = self._bulk_context()
             self._bulk_rows(target, rows, organization, update=update)
+            self._check_row_references(session, target, rows, organization)
             if update:
                 identities = _pk_identities(target, rows)
                 self._check_identities(session, target, key, identities, organization)
@@ -2243,6 +2249,7 @@ class TenantScoping:
                 continue
             if organization is None:
                 organization = self._bulk_context()
+            self._check_row_references(session, mapper, [state.dict], organization)
             if state.key is None:
                 value = state.dict.get(key)
                 if value is None:
@@ -2530,6 +2537,42 @@ class TenantScoping:
                         wanted.setdefault((reference.target, reference.target_key), {})[value] = (
                             state.mapper
                         )
+        self._refuse_unheld(session, wanted, organization)
+
+    def _check_row_references(
+        self,
+        session: Session,
+        mapper: Mapper[Any],
+        rows: Iterable[Mapping[Any, Any]],
+        organization: str,
+    ) -> None:
+        """:meth:`_check_references` of rows written without objects (bulk statements).
+
+        :param rows: keyed by attribute key or column name, values as written.
+        """
+        wanted: dict[tuple[Mapper[Any], str], dict[Any, Mapper[Any]]] = {}
+        references = [r for r in self._tenant_references(mapper) if r.target_key is not None]
+        if not references:
+            return
+        for row in rows:
+            for reference in references:
+                assert reference.target_key is not None
+                name = mapper.attrs[reference.key].columns[0].name
+                for column in {reference.key, name}:
+                    value = _literal(row.get(column))
+                    if value is not None and not isinstance(value, ClauseElement):
+                        wanted.setdefault((reference.target, reference.target_key), {})[value] = (
+                            mapper
+                        )
+        self._refuse_unheld(session, wanted, lambda: organization)
+
+    def _refuse_unheld(
+        self,
+        session: Session,
+        wanted: dict[tuple[Mapper[Any], str], dict[Any, Mapper[Any]]],
+        organization: Callable[[], str],
+    ) -> None:
+        """Refuse when a referenced value names no row of the organization."""
         for (target, target_key), values in wanted.items():
             missing = self._rows_not_held(session, target, target_key, values, organization())
             if missing:
@@ -2578,13 +2621,19 @@ class TenantScoping:
         cls = target.class_
         column = getattr(cls, target_key)
         owner = getattr(cls, self.tenant_key(target) or "")
+        asked = list(missing)
+        found: set[str] = set()
         with session.no_autoflush:
-            held = session.execute(
-                select(column)
-                .where(column.in_(list(missing)), owner == organization)
-                .execution_options(**{_INTERNAL: True})
-            ).scalars()
-            found = {str(value) for value in held}
+            for start in range(0, len(asked), _REFERENCES_PER_QUERY):
+                held = session.execute(
+                    select(column)
+                    .where(
+                        column.in_(asked[start : start + _REFERENCES_PER_QUERY]),
+                        owner == organization,
+                    )
+                    .execution_options(**{_INTERNAL: True})
+                ).scalars()
+                found.update(str(value) for value in held)
         return {v: m for v, m in missing.items() if str(v) not in found}
 
     def on_added(self, session: Session, obj: Any) -> None:

@@ -381,6 +381,38 @@ def test_references_to_own_and_new_rows_pass(session_factory: sessionmaker[Any])
     assert _task_count(session_factory) == len(TASKS) + 4
 
 
+_BULK_WRITES: dict[str, Any] = {
+    "orm-bulk-insert": lambda s: s.execute(insert_task(), [{"title": "x", "project_id": 2}]),
+    "values-insert": lambda s: s.execute(insert_task().values(title="x", project_id=2)),
+    "bulk-update": lambda s: s.execute(update(Task).where(Task.id == 1).values(project_id=2)),
+    "bulk-update-by-key": lambda s: s.execute(update(Task), [{"id": 1, "parent_id": 2}]),
+    "legacy-bulk": lambda s: s.bulk_insert_mappings(Task, [{"title": "x", "project_id": 2}]),
+}
+
+
+def insert_task() -> Any:
+    """An ORM ``insert(Task)`` (the generic one: the SQLite dialect's is imported above)."""
+    from sqlalchemy import insert as orm_insert
+
+    return orm_insert(Task)
+
+
+@pytest.mark.parametrize("write", list(_BULK_WRITES))
+def test_bulk_writes_cannot_name_rows_the_organization_does_not_hold(
+    session_factory: sessionmaker[Any], write: str
+) -> None:
+    with session_factory() as session, as_organization("org_a"):
+        with pytest.raises(CrossTenantWriteError):
+            _BULK_WRITES[write](session)
+        session.rollback()
+        session.execute(insert_task().values(title="own", project_id=3))
+        session.execute(update(Task).where(Task.id == 1).values(parent_id=None, project_id=3))
+        session.commit()
+    with session_factory() as session:
+        rows = session.execute(text("SELECT id, project_id FROM p7_tasks ORDER BY id")).all()
+    assert [tuple(row) for row in rows] == [(1, 3), (2, 2), (3, 3)]
+
+
 # -- rows an app's own before_flush listener adds ---------------------------------------
 
 
