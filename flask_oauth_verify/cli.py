@@ -27,11 +27,11 @@ import json
 import sys
 from collections.abc import Mapping
 from typing import Any, TypeGuard
-from urllib.parse import urlsplit, urlunsplit
 
 import click
 from flask.cli import with_appcontext
 
+from .bearer import is_b64token
 from .claims import claim_path
 from .config import STRATEGIES
 from .context import AuthContext
@@ -39,7 +39,7 @@ from .discovery import metadata_urls
 from .errors import OAuthVerifyError, UpstreamError
 from .events import one_line
 from .extension import _AppState, get_state
-from .fetch import FetchError
+from .fetch import FetchError, shown_url
 from .keys import PreparedKey, PreparedKeySet
 from .verification import LATEST_EXP, JWSHeader
 
@@ -93,21 +93,10 @@ def _when(timestamp: float, now: float) -> str:
 
 
 def _shown_url(url: str | None) -> str | None:
-    """``url`` with the password of its user-info shown as ``***``: a
-    configured URL may carry a credential, and command output is pasted into
-    tickets."""
-    if url is None or "@" not in url:
-        return url
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return url.rpartition("@")[2]  # unparsable: keep only what follows the user-info
-    if not password:
-        return url
-    netloc = parts.netloc.rpartition("@")
-    user = netloc[0].partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+    """``url`` with ``***`` in place of its user-info password, query and
+    fragment: a configured URL may carry a credential there, and command
+    output is pasted into tickets."""
+    return shown_url(url, masked=True)
 
 
 def _is_number(value: Any) -> TypeGuard[float]:
@@ -122,9 +111,20 @@ def _b64json(segment: str) -> Any:
         raise ValueError("JSON nested too deeply") from None
 
 
+def _read_line() -> str:
+    """A line of standard input. Bytes that are not UTF-8 (a stray byte from
+    a file or the clipboard) are kept as surrogates, as in ``sys.argv``:
+    the token is then refused for them, where a strict decoder raised."""
+    binary = getattr(sys.stdin, "buffer", None)
+    if binary is None:  # replaced by a text-only stream
+        return sys.stdin.readline()
+    line: bytes = binary.readline()
+    return line.decode("utf-8", "surrogateescape")
+
+
 def _read_token(token: str | None) -> str:
     if token is None or token == "-":  # noqa: S105 - "-" means standard input
-        token = sys.stdin.readline()
+        token = _read_line()
     token = token.strip()
     if token.lower().startswith("bearer "):
         token = token[7:].strip()
@@ -515,6 +515,8 @@ def _structure(report: _Report, token: str, state: _AppState) -> bool:
             "size",
             f"The token is {len(token)} bytes long; OAUTH_VERIFY_MAX_TOKEN_BYTES allows {limit}.",
         )
+    if not is_b64token(token):
+        raise report.fail("format", _not_b64token(token))
     dots = token.count(".")
     if dots == 2:
         report.step(_PASS, "format", f"compact JWS (three segments), {len(token)} bytes")
@@ -528,6 +530,32 @@ def _structure(report: _Report, token: str, state: _AppState) -> bool:
         )
     report.step(_INFO, "format", f"not a JWT ({dots + 1} segment(s)): an opaque token")
     return False
+
+
+def _not_b64token(token: str) -> str:
+    """Why ``token`` is not a bearer token, naming the first character that
+    cannot be in one by its position and kind only (never the token)."""
+    body = token.rstrip("=")
+    position, char = next(
+        ((i, c) for i, c in enumerate(body) if not is_b64token(c)), (len(body), "=")
+    )
+    if "\udc80" <= char <= "\udcff":
+        kind = "a byte that is not UTF-8 text"
+    elif not char.isascii():
+        kind = "a non-ASCII character"
+    elif not char.isprintable():
+        kind = "a control character"
+    elif char == " ":
+        kind = "a space"
+    elif char == "=":
+        kind = "an '=' before the end"
+    else:
+        kind = f"the character {char!r}"
+    return (
+        f"The token holds {kind} at position {position + 1}, which no bearer token can "
+        "(RFC 6750 b64token: letters, digits, '-._~+/', then '=' padding), so this API "
+        "refuses it. Was a stray byte or character copied with it?"
+    )
 
 
 @cli.command("inspect")

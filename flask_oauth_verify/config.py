@@ -163,7 +163,15 @@ def _as_tuple(value: Any, name: str) -> tuple[str, ...]:
     raise ConfigurationError(f"{_key(name)} must be a string or a list of strings.")
 
 
-def _as_number(value: Any, name: str, *, minimum: float = 0) -> float:
+def _as_number(
+    value: Any,
+    name: str,
+    *,
+    minimum: float = 0,
+    maximum: float | None = None,
+    unit: str = "",
+    hint: str = "",
+) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigurationError(f"{_key(name)} must be a number, not {value!r}.")
     try:
@@ -178,6 +186,10 @@ def _as_number(value: Any, name: str, *, minimum: float = 0) -> float:
         raise ConfigurationError(f"{_key(name)} must be a finite number, not {value!r}.")
     if number < minimum:
         raise ConfigurationError(f"{_key(name)} must be at least {minimum}.")
+    if maximum is not None and number > maximum:
+        raise ConfigurationError(
+            f"{_key(name)} must be at most {maximum:g}{unit}, not {value!r}{hint}."
+        )
     return number
 
 
@@ -193,12 +205,28 @@ def _ttl_bounds(values: Mapping[str, Any]) -> tuple[float, float]:
     return low, high
 
 
+#: The largest ``HTTP_TIMEOUT`` (each of connect and read), in seconds: a
+#: request thread waits that long for an issuer, and a wait beyond
+#: ``threading.TIMEOUT_MAX`` (about 292 years) failed every fetch.
+MAX_HTTP_TIMEOUT = 300.0
+#: The largest ``LEEWAY``, in seconds: clock skew is seconds, and a value
+#: meant as milliseconds (30000) let tokens expired for 8 hours through.
+MAX_LEEWAY = 300.0
+
+
 def _as_timeout(value: Any) -> tuple[float, float]:
+    def seconds(number: Any) -> float:
+        return _as_number(
+            number,
+            "HTTP_TIMEOUT",
+            minimum=0.001,
+            maximum=MAX_HTTP_TIMEOUT,
+            unit=" seconds (each of connect and read)",
+        )
+
     if isinstance(value, list | tuple) and len(value) == 2:
-        connect = _as_number(value[0], "HTTP_TIMEOUT", minimum=0.001)
-        read = _as_number(value[1], "HTTP_TIMEOUT", minimum=0.001)
-        return connect, read
-    single = _as_number(value, "HTTP_TIMEOUT", minimum=0.001)
+        return seconds(value[0]), seconds(value[1])
+    single = seconds(value)
     return single, single
 
 
@@ -369,6 +397,7 @@ class Settings:
 
         given = {k[len(PREFIX) :]: v for k, v in config.items() if k.startswith(PREFIX)}
         _warn_unknown(given)
+        _warn_misspelled_prefix(config)
         values = apply_profile(given)
         return _build(values)
 
@@ -403,7 +432,9 @@ class Settings:
 
 
 class UnknownSettingWarning(UserWarning):
-    """An ``OAUTH_VERIFY_`` key that is no setting (a typo, most likely).
+    """An ``OAUTH_VERIFY_`` key that is no setting (a typo, most likely), or
+    a key that looks like a setting with a misspelled prefix
+    (``OAUTH_VERFY_AUDIENCE``, ``oauth_verify_audience``).
 
     Issued with :mod:`warnings` as well as logged, so that it shows in an app
     that has not configured logging; filter it (``warnings.filterwarnings(
@@ -423,6 +454,57 @@ def _warn_unknown(given: Mapping[str, Any]) -> None:
         message = f"{_key(name)} is not a setting of flask_oauth_verify and is ignored{hint}"
         logger.warning("%s", message)
         warnings.warn(message, UnknownSettingWarning, stacklevel=4)
+
+
+def _squashed(name: str) -> str:
+    """``name`` upper-cased, letters and digits only: how its spellings compare."""
+    return re.sub(r"[^A-Z0-9]", "", name.upper())
+
+
+#: ``(REQUIREDCLAIMVALUES, REQUIRED_CLAIM_VALUES)``..., longest first, for
+#: :func:`_warn_misspelled_prefix`.
+_SQUASHED_KEYS = sorted(
+    ((_squashed(name), name) for name in KNOWN_KEYS), key=lambda pair: -len(pair[0])
+)
+_SQUASHED_PREFIX = _squashed(PREFIX)
+#: How alike (:class:`difflib.SequenceMatcher` ratio) what precedes a
+#: setting's name must be to ``OAUTHVERIFY``: ``OAUTHVERFY`` and
+#: ``OAUTHVERIFIY`` are (0.95); ``OAUTH`` (``OAUTH_AUDIENCE``, another
+#: library's key) is not (0.62).
+_PREFIX_TYPO_CUTOFF = 0.8
+
+
+def _warn_misspelled_prefix(config: Mapping[str, Any]) -> None:
+    """Warn about every key of ``config`` that looks like a setting whose
+    ``OAUTH_VERIFY_`` prefix is misspelled (``OAUTH_VERFY_AUDIENCE``,
+    ``OAUTHVERIFY_AUDIENCE``, ``oauth_verify_audience``): it is not read at
+    all, and the check it meant to turn on stays off. A key is compared
+    upper-cased and without separators: it must end with a setting's name
+    exactly, after something close to ``OAUTHVERIFY``; another library's
+    key (``OAUTH_AUDIENCE``, ``JWT_DECODE_LEEWAY``) never is."""
+    for key in sorted(k for k in config if isinstance(k, str) and not k.startswith(PREFIX)):
+        meant = _misspelled_prefix_of(_squashed(key))
+        if meant is None:
+            continue
+        message = (
+            f"{key!r} is not read by flask_oauth_verify, whose settings start with exactly "
+            f"{PREFIX!r}: did you mean {meant}?"
+        )
+        logger.warning("%s", message)
+        warnings.warn(message, UnknownSettingWarning, stacklevel=4)
+
+
+def _misspelled_prefix_of(squashed: str) -> str | None:
+    """The setting that ``squashed`` (a key, see :func:`_squashed`) names
+    after something like ``OAUTHVERIFY``; ``None`` if it names none."""
+    for tail, name in _SQUASHED_KEYS:
+        head = squashed[: -len(tail)]
+        if not head or not squashed.endswith(tail):
+            continue
+        alike = difflib.SequenceMatcher(None, head, _SQUASHED_PREFIX).ratio()
+        if alike >= _PREFIX_TYPO_CUTOFF:
+            return _key(name)
+    return None
 
 
 def _typo_hint(given: Mapping[str, Any], name: str) -> str:
@@ -524,7 +606,13 @@ def _build(v: Mapping[str, Any]) -> Settings:
         ),
         static_jwks=static_jwks,
         algorithms=algorithms,
-        leeway=_as_number(v.get("LEEWAY", 30), "LEEWAY"),
+        leeway=_as_number(
+            v.get("LEEWAY", 30),
+            "LEEWAY",
+            maximum=MAX_LEEWAY,
+            unit=" seconds of clock skew",
+            hint=" (a value in milliseconds?)",
+        ),
         allowed_types=tuple(t.lower() if t else None for t in types),
         required_claims=_as_tuple(v.get("REQUIRED_CLAIMS"), "REQUIRED_CLAIMS"),
         required_claim_values=MappingProxyType(dict(required_values)),

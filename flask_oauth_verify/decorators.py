@@ -30,6 +30,7 @@ from .errors import (
     MissingTokenError,
     MissingUserContext,
     OAuthVerifyError,
+    withheld_exc_info,
 )
 from .extension import EXTENSION_KEY, get_state
 from .verification import looks_like_jws
@@ -206,8 +207,13 @@ def _check_request(
             abort(current_app.make_default_options_response())
         except Exception as exc:  # fail closed, never a 500
             # A bug or an input nobody anticipated: refuse the token (never let
-            # it through, never answer 500) and log loudly, without the token.
-            _logger.exception("Unexpected error while verifying a token; refused.")
+            # it through, never answer 500) and log loudly, without the token:
+            # the exception's type and frames, not its message (an app's
+            # USER_ID_RULE may raise quoting the Authorization header).
+            _logger.error(
+                "Unexpected error while verifying a token; refused.",
+                exc_info=withheld_exc_info(exc),
+            )
             refusal = InvalidTokenError(reason=f"internal error: {type(exc).__name__}")
             events.failed(
                 refusal, token or _header_token(state), strategy=strategy, started=started

@@ -13,9 +13,11 @@ an attacker learns nothing from it.
 
 from __future__ import annotations
 
+import functools
 import json
 import unicodedata
 from collections.abc import Iterable
+from types import TracebackType
 from typing import Any, ClassVar
 
 from flask import Response, current_app, has_app_context
@@ -288,3 +290,53 @@ def _app_realm() -> str | None:
     settings = getattr(state, "settings", None)
     realm = getattr(settings, "realm", None)
     return realm if isinstance(realm, str) else None
+
+
+# -- logging an unexpected exception ----------------------------------------------
+
+
+class _Withheld(Exception):
+    """Stands in for an exception in a log record; see :func:`withheld_exc_info`."""
+
+
+@functools.lru_cache(maxsize=64)
+def _stand_in_type(module: str, qualname: str) -> type[_Withheld]:
+    # Named and placed like the original, so the log's last line reads
+    # "ValueError: (message withheld)" and a log service groups it as one.
+    namespace = {"__module__": module, "__qualname__": qualname}
+    return type(qualname.rpartition(".")[2], (_Withheld,), namespace)
+
+
+def withheld_exc_info(
+    exc: BaseException,
+) -> tuple[type[BaseException], BaseException, TracebackType | None]:
+    """``exc_info`` for logging ``exc`` without its message.
+
+    An unexpected exception's message may quote the token or a credential
+    (an app's ``USER_ID_RULE`` that raises with the ``Authorization``
+    header, a library echoing its input or a URL with ``?api_key=``). The
+    log keeps each exception's type and traceback frames (where it was
+    raised), for ``exc`` and the exceptions chained to it, and replaces
+    every message (and note) with ``(message withheld)``.
+
+    :param exc: the exception being handled.
+    """
+    originals: dict[int, BaseException] = {}
+    stand_ins: dict[int, BaseException] = {}
+    pending = [exc]
+    while pending:  # iterative, and a cycle of contexts ends it
+        current = pending.pop()
+        if id(current) in stand_ins:
+            continue
+        originals[id(current)] = current
+        kind = _stand_in_type(type(current).__module__, type(current).__qualname__)
+        stand_ins[id(current)] = kind("(message withheld)").with_traceback(current.__traceback__)
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    for key, original in originals.items():
+        linked = stand_ins[key]
+        cause, context = original.__cause__, original.__context__
+        linked.__cause__ = None if cause is None else stand_ins[id(cause)]
+        linked.__context__ = None if context is None else stand_ins[id(context)]
+        linked.__suppress_context__ = original.__suppress_context__  # after __cause__
+    first = stand_ins[id(exc)]
+    return type(first), first, first.__traceback__

@@ -46,7 +46,7 @@ from blinker import Namespace, Signal
 from flask import current_app, g, has_app_context, has_request_context, request
 
 from .context import AuthContext, request_auth
-from .errors import InsufficientScopeError, OAuthVerifyError
+from .errors import InsufficientScopeError, OAuthVerifyError, withheld_exc_info
 
 #: For the library's own faults (a receiver that raised), not security events.
 _logger = logging.getLogger("flask_oauth_verify")
@@ -121,7 +121,9 @@ def short_token_hash(token: str) -> str:
 
     :param token: the bearer token.
     """
-    return hashlib.sha256(token.encode()).hexdigest()[:12]
+    # surrogatepass: a string read with surrogateescape (a stray byte on the
+    # command line) hashes too, instead of raising UnicodeEncodeError.
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
 def _unverified_kid(token: str) -> str | None:
@@ -385,10 +387,11 @@ def _send_isolated(signal: Signal, sender: Any, **fields: Any) -> None:
     for receiver in signal.receivers_for(sender):
         try:
             receiver(sender, **fields)
-        except Exception:
-            _logger.exception(
+        except Exception as exc:
+            _logger.error(
                 "A receiver of %s raised; ignored (the request goes on).",
                 getattr(signal, "name", "a signal"),
+                exc_info=withheld_exc_info(exc),
             )
 
 

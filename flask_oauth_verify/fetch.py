@@ -52,6 +52,7 @@ from .deadline import (
     reused_connection,
     watched_session,
 )
+from .errors import withheld_exc_info
 from .fifo import BoundedFifo
 from .strictjson import STRICT_DECODER
 
@@ -464,7 +465,13 @@ class Fetcher:
             # failed call like any other (a 503 to come), never an error of
             # the caller (an introspection call's became a 401).
             circuit.record_failure()
-            logger.exception("A request to %s failed unexpectedly", _origin(url))
+            # Not the message: it may quote the URL (a credential in its
+            # query) or what was sent (the token being introspected).
+            logger.error(
+                "A request to %s failed unexpectedly",
+                _origin(url),
+                exc_info=withheld_exc_info(exc),
+            )
             raise FetchError(f"request failed: {type(exc).__name__}") from None
         circuit.record_success()
         return result
@@ -623,6 +630,39 @@ def url_digest(url: str) -> bytes:
     breakers here, the key store's refused URLs): 32 bytes, however long the
     URL (a flood of 10 KiB ``jku`` URLs kept thousands of them whole)."""
     return hashlib.sha256(url.encode()).digest()
+
+
+def shown_url(url: str | None, *, masked: bool = False) -> str | None:
+    """``url`` fit to show, without what may hold a credential: a configured
+    URL may carry one in its user-info password or in its query
+    (``?api_key=...``).
+
+    :param url: the URL; ``None`` and a value that is no URL (``"static"``)
+        are returned as they are.
+    :param masked: ``False`` (an anonymous caller: the health route): scheme,
+        host, port and path only. ``True`` (the operator's command line):
+        also the user name, with ``***`` in place of a password, a query
+        and a fragment, so that their presence still shows.
+    """
+    if url is None or "://" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(unparsable URL)"
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    if not masked:
+        return f"{parts.scheme}://{host}{port}{parts.path}"
+    user = ""
+    if parts.username is not None or parts.password is not None:
+        password = ":***" if parts.password else ""
+        user = f"{parts.username or ''}{password}@"
+    query = "?***" if parts.query else ""
+    fragment = "#***" if parts.fragment else ""
+    return f"{parts.scheme}://{user}{host}{port}{parts.path}{query}{fragment}"
 
 
 #: Characters no URL we follow may hold: parsers disagree on where the

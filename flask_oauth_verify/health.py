@@ -37,14 +37,13 @@ import logging
 import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from flask import Flask, Response, jsonify
 
 from .config import ConfigurationError, as_bool
 from .deadline import reset_in_child
-from .errors import UpstreamError
-from .fetch import FetchError
+from .errors import UpstreamError, withheld_exc_info
+from .fetch import FetchError, shown_url
 
 if TYPE_CHECKING:
     from .extension import _AppState
@@ -139,7 +138,7 @@ class HealthChecker:
             try:
                 checks[name] = run(reasons, warnings)
             except Exception as exc:  # a health check never fails with a 500
-                logger.exception("Health check %r raised", name)
+                logger.error("Health check %r raised", name, exc_info=withheld_exc_info(exc))
                 checks[name] = {"status": "error"}
                 reasons.append(f"{name} check raised {type(exc).__name__}")
         return HealthReport(not reasons, checks, tuple(reasons), tuple(warnings))
@@ -175,7 +174,7 @@ class HealthChecker:
                 continue  # its own source, which requests never use
             entry: dict[str, Any] = {
                 "issuer": status.issuer,
-                "source": _public_url(status.source),
+                "source": shown_url(status.source),
                 "keys": len(status.kids),
                 "age_seconds": None if status.age is None else round(status.age, 1),
             }
@@ -270,7 +269,7 @@ class HealthChecker:
             return None
         return {
             "status": "unreachable",
-            "endpoint": _public_url(url),
+            "endpoint": shown_url(url),
             "error": "circuit breaker open",
         }
 
@@ -289,9 +288,9 @@ class HealthChecker:
             fetcher.request("GET", url, headers={"Accept": "application/json"}, breaker=None)
         except FetchError as exc:
             if exc.status is None or exc.status >= 500:
-                endpoint = _public_url(url)
+                endpoint = shown_url(url)
                 return {"status": "unreachable", "endpoint": endpoint, "error": exc.reason}, url
-        return {"status": "ok", "endpoint": _public_url(url)}, url
+        return {"status": "ok", "endpoint": shown_url(url)}, url
 
 
 def _per_token_issuers(state: _AppState) -> frozenset[str]:
@@ -338,7 +337,7 @@ def _per_token_entry(
     entry["status"] = "ok"
     for status in loaded:
         item: dict[str, Any] = {
-            "source": _public_url(status.source),
+            "source": shown_url(status.source),
             "keys": len(status.kids),
             "age_seconds": None if status.age is None else round(status.age, 1),
             "status": "ok" if status.last_error is None else "stale",
@@ -347,7 +346,7 @@ def _per_token_entry(
             item["error"] = status.last_error
             entry["status"] = "stale"
             warnings.append(
-                f"serving the last good keys of {issuer} from jku {_public_url(status.source)}: "
+                f"serving the last good keys of {issuer} from jku {shown_url(status.source)}: "
                 f"refresh failed ({status.last_error})"
             )
         entry["jku"].append(item)
@@ -372,19 +371,3 @@ def register_health_route(app: Flask, state: _AppState, rule: str) -> None:
         return response
 
     app.add_url_rule(rule, "oauth_verify_health", token_validation_health, methods=["GET"])
-
-
-def _public_url(url: str | None) -> str | None:
-    """``url`` fit for an anonymous caller: without user-info, query or
-    fragment, where a configured URL may carry a credential."""
-    if url is None or "://" not in url:
-        return url  # "static", or nothing yet
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "(unparsable URL)"
-    if ":" in host:  # IPv6
-        host = f"[{host}]"
-    return f"{parts.scheme}://{host}{port}{parts.path}"

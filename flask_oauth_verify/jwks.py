@@ -50,8 +50,16 @@ from .cache import SharedCache, cache_key, shared_time
 from .config import ConfigurationError, Settings, _is_loopback
 from .deadline import reset_in_child
 from .discovery import Discovery
-from .errors import InvalidTokenError, UpstreamError
-from .fetch import BreakerScope, Fetcher, FetchError, HTTPResult, SingleFlight, url_digest
+from .errors import InvalidTokenError, UpstreamError, withheld_exc_info
+from .fetch import (
+    BreakerScope,
+    Fetcher,
+    FetchError,
+    HTTPResult,
+    SingleFlight,
+    shown_url,
+    url_digest,
+)
 from .fifo import BoundedFifo
 from .issuers import IssuerMatcher
 from .keys import KeySetError, PreparedKey, PreparedKeySet, content_hash, parse_key_set
@@ -499,7 +507,9 @@ class KeyStore:
             raise
         except Exception as exc:
             # A bug or a cache backend oddity must fail closed, never as a 500.
-            logger.exception("Refreshing the keys of %s raised", source.name)
+            logger.error(
+                "Refreshing the keys of %s raised", source.name, exc_info=withheld_exc_info(exc)
+            )
             return self._failed(source, now, f"internal error: {type(exc).__name__}")
 
     def _refresh_locked(
@@ -688,7 +698,7 @@ class KeyStore:
             jwks = record["jwks"]
             if isinstance(jwks, Mapping) and isinstance(jwks.get("keys"), list):
                 return record
-            passed = FetchError(f"{uri}: not a JWK Set", status=200)
+            passed = FetchError(f"{shown_url(uri)}: not a JWK Set", status=200)
         return self._fetch_from(source, candidates[-1], now, ends, passed)
 
     def _candidate_uris(self, source: _Source) -> list[str]:
@@ -724,7 +734,9 @@ class KeyStore:
         if left <= 0:
             status = passed.status if passed is not None else None
             why = f" ({passed.reason})" if passed is not None else ""
-            raise FetchError(f"{uri}: not tried, the fetch budget is spent{why}", status=status)
+            raise FetchError(
+                f"{shown_url(uri)}: not tried, the fetch budget is spent{why}", status=status
+            )
         headers = {"Accept": "application/jwk-set+json, application/json"}
         conditional = bool(source.etag and source.raw is not None and source.uri == uri)
         if conditional:
@@ -962,8 +974,8 @@ class KeyStore:
         if self.on_event is not None:
             try:
                 self.on_event(event, fields)
-            except Exception:  # a listener must not break key handling
-                logger.exception("Event listener for %s raised", event)
+            except Exception as exc:  # a listener must not break key handling
+                logger.error("Event listener for %s raised", event, exc_info=withheld_exc_info(exc))
 
     # -- operations API -----------------------------------------------------
 
@@ -1017,7 +1029,9 @@ class KeyStore:
             except UpstreamError as exc:
                 outcome[issuer] = exc.reason
             except Exception as exc:  # start-up must never crash on the issuer
-                logger.exception("Prefetching the keys of %s raised", issuer)
+                logger.error(
+                    "Prefetching the keys of %s raised", issuer, exc_info=withheld_exc_info(exc)
+                )
                 outcome[issuer] = f"internal error: {type(exc).__name__}"
         for issuer, error in outcome.items():
             if error is not None:
