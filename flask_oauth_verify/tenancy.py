@@ -29,10 +29,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import decimal
+import enum
 import functools
 import logging
 import re
 import threading
+import uuid
 import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
@@ -47,6 +50,7 @@ from sqlalchemy.orm import (
     Query,
     RelationshipProperty,
     Session,
+    aliased,
     registry,
     scoped_session,
     sessionmaker,
@@ -166,6 +170,9 @@ _FLUSH_SEEN = "_oauth_verify_flush_seen"
 #: Values of one foreign key checked per ``SELECT`` (an ``IN`` list; SQLite
 #: allowed 999 bound parameters per statement before 3.32).
 _REFERENCES_PER_QUERY = 500
+#: ``Session.info`` key: (state id, key attribute) -> the value ``before_flush``
+#: found this organization's (``after_flush`` does not ask again).
+_FLUSH_VERIFIED = "_oauth_verify_flush_verified"
 #: ``Session.info`` key: the scoping whose flush is running (for ``before_insert``).
 _FLUSH_SCOPING = "_oauth_verify_flush_scoping"
 #: Set on ``from_statement()`` loads: a row must carry its organization.
@@ -227,6 +234,8 @@ class _Reference:
     key: str
     target: Mapper[Any]
     target_key: str | None
+    #: many-to-one relationships over this one key column (their objects vouch for it)
+    via: tuple[str, ...] = ()
 
 
 # -- who are we acting for ----------------------------------------------------
@@ -683,6 +692,59 @@ def _literal(value: Any, overridden: Collection[str] = ()) -> Any:
         # bindparam("o", "org_a") run with {"o": "org_b"} writes org_b
         return value
     return value.value
+
+
+def _written_values(value: Any, params: list[Mapping[str, Any]]) -> list[Any]:
+    """What a written value is: a ``bindparam()`` takes the execution's
+    parameter of its name (per row), or its own value where one lacks it."""
+    if not isinstance(value, BindParameter) or value.callable is not None:
+        return [value]
+    given = [row[value.key] for row in params if value.key in row]
+    if len(given) < len(params) or not params:
+        given.append(value.value)
+    return given
+
+
+def _key_converter(column: Any) -> Callable[[Any], Any]:
+    """A function making a written key value what ``column`` holds (a str of
+    digits for an integer key, an enum's name or value); raises when it cannot."""
+    try:
+        kind: Any = column.type.python_type
+    except NotImplementedError:
+        return lambda value: value
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+            return value
+        if isinstance(kind, type) and issubclass(kind, enum.Enum):
+            try:
+                return kind[value]  # by name: what SQLAlchemy's Enum stores
+            except KeyError:
+                return kind(value)
+        if kind is int:
+            if isinstance(value, float | decimal.Decimal) and value == int(value):
+                return int(value)
+            if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+                return int(value)
+            raise ValueError(f"not an integer key: {value!r}")
+        if kind is uuid.UUID and isinstance(value, str | bytes):
+            return uuid.UUID(value) if isinstance(value, str) else uuid.UUID(bytes=value)
+        if kind is str:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return str(value)
+            raise ValueError(f"not a string key: {value!r}")
+        return value
+
+    return convert
+
+
+def _key_forms(value: Any) -> set[str]:
+    """The spellings a key value is compared by (an enum by name and value)."""
+    if value is None:
+        return set()
+    if isinstance(value, enum.Enum):
+        return {value.name, str(value.value)}
+    return {str(value)}
 
 
 def _foreign(value: Any, organization: str) -> bool:
@@ -2093,7 +2155,7 @@ class TenantScoping:
                 f"An upsert into the tenant table of {mapper.class_.__name__} could update "
                 f"another organization's row; use unscoped(..., reason=...)."
             )
-        self._check_row_references(state.session, mapper, rows, organization)
+        self._check_row_references(state.session, mapper, rows, organization, param_rows)
         missing = 0
         for row in rows:
             value = row.get(key, row.get(name))
@@ -2124,7 +2186,7 @@ class TenantScoping:
             for column in (key, name):
                 if column in row and _foreign(row[column], organization):
                     raise self._cross(mapper, organization, row[column], "update")
-        self._check_row_references(state.session, mapper, rows, organization)
+        self._check_row_references(state.session, mapper, rows, organization, params)
 
     def _scope_extra_froms(self, statement: Any, organization: str, inherit: bool = True) -> Any:
         """:func:`_scope_extra_froms` with this scoping's tenant tables.
@@ -2238,6 +2300,7 @@ class TenantScoping:
         """``Session.bulk_save_objects``: checked like a flush, updates in the database."""
         objects = list(objects)
         updates: dict[Mapper[Any], list[tuple[Any, ...]]] = {}
+        written: dict[Mapper[Any], list[Mapping[str, Any]]] = {}
         organization: str | None = None
         for obj in objects:
             state = inspect(obj)
@@ -2249,7 +2312,7 @@ class TenantScoping:
                 continue
             if organization is None:
                 organization = self._bulk_context()
-            self._check_row_references(session, mapper, [state.dict], organization)
+            written.setdefault(mapper, []).append(state.dict)
             if state.key is None:
                 value = state.dict.get(key)
                 if value is None:
@@ -2261,6 +2324,9 @@ class TenantScoping:
                 if value is not _NOT_SET and _foreign(value, organization):
                     raise self._cross(mapper, organization, value, "update")
             updates.setdefault(mapper, []).extend(_pk_identities(mapper, [state.dict]))
+        for mapper, rows in written.items():  # one check per class, not per object
+            assert organization is not None
+            self._check_row_references(session, mapper, rows, organization)
         for mapper, identities in updates.items():
             key = self.tenant_key(mapper)
             assert key is not None and organization is not None
@@ -2376,6 +2442,7 @@ class TenantScoping:
             id(inspect(obj)) for obj in (*session.new, *session.dirty, *session.deleted)
         }
         session.info[_FLUSH_SCOPING] = self
+        session.info.pop(_FLUSH_VERIFIED, None)
         self._check_references(session, list(session.new), list(session.dirty), organization)
         for obj in list(session.new):
             state = inspect(obj)
@@ -2421,50 +2488,170 @@ class TenantScoping:
             self._check_identities(session, mapper, key, identities, organization(), action)
 
     def on_flushed(self, session: Session, flush_context: Any) -> None:
-        """``after_flush``: check what the app's own flush listeners wrote.
+        """``after_flush``: check the rows as the flush wrote them.
 
-        A ``before_flush`` listener registered after scoping was enabled runs
-        after :meth:`on_flush`: rows it adds or changes were never checked.
-        They are checked here, still inside the flush (an error rolls it back):
-        a row of another organization, or one left without its organization
-        (it can no longer be stamped; set it, or register the listener before
-        enabling scoping), is refused, and so are its references.
+        Still inside the flush (an error rolls it back). Two things
+        :meth:`on_flush` could not see are checked here:
+
+        * what the app's own ``before_flush`` listeners registered after
+          scoping was enabled added or changed: every new or changed row must
+          carry the current organization (one left without it can no longer
+          be stamped; set it, or register the listener before enabling
+          scoping);
+        * the foreign keys SQLAlchemy filled in during the flush (from a
+          related object, a parent's collection, a many-to-many link) or that
+          :meth:`on_flush` could not read (a SQL expression): each must name a
+          row of this organization. One ``SELECT`` per referring class and
+          key compares the written rows with the rows referred to; keys
+          already checked before the flush with the same value, and keys
+          taken from a related object known to be this organization's, are
+          not asked again.
         """
         seen = session.info.pop(_FLUSH_SEEN, None)
         session.info.pop(_FLUSH_SCOPING, None)
+        verified: dict[tuple[int, str], Any] = session.info.pop(_FLUSH_VERIFIED, None) or {}
         if seen is None:
             return
-        new = [obj for obj in session.new if id(inspect(obj)) not in seen]
-        dirty = [obj for obj in session.dirty if id(inspect(obj)) not in seen]
+        written = [*session.new, *session.dirty]
         deleted = [obj for obj in session.deleted if id(inspect(obj)) not in seen]
-        if not (new or dirty or deleted):
+        if not (written or deleted):
             return
         organization = current_organization_id()
         for obj, action in (
-            *((o, "insert") for o in new),
-            *((o, "update") for o in dirty),
+            *((o, "insert" if inspect(o).key is None else "update") for o in written),
             *((o, "delete") for o in deleted),
         ):
             state = inspect(obj)
             key = self.tenant_key(state.mapper)
             if key is None:
                 continue
-            history = state.attrs[key].load_history()
-            values = (*history.added, *history.unchanged, *history.deleted) or (None,)
+            if id(state) in seen:  # checked before the flush: only what changed since
+                history = state.attrs[key].history
+                values: tuple[Any, ...] = (*history.added, *history.unchanged)
+            else:
+                history = state.attrs[key].load_history()
+                values = (*history.added, *history.unchanged, *history.deleted) or (None,)
             for value in values:
                 if value != organization:
                     raise self._cross(state.mapper, organization, value, action)
-        self._check_references(session, new, dirty, lambda: organization)
+        self._check_written_references(session, written, verified, organization)
+
+    def _check_written_references(
+        self,
+        session: Session,
+        written: list[Any],
+        verified: Mapping[tuple[int, str], Any],
+        organization: str,
+    ) -> None:
+        """The foreign keys of the rows just written must name this organization's rows."""
+        unproven: dict[tuple[Mapper[Any], _Reference], list[tuple[Any, ...]]] = {}
+        for obj in written:
+            state = inspect(obj)
+            for reference in self._tenant_references(state.mapper):
+                if reference.target_key is None:
+                    continue
+                value = state.dict.get(reference.key)
+                if value is None or self._proven(state, reference, value, verified, organization):
+                    continue
+                identity = tuple(
+                    state.dict.get(state.mapper.get_property_by_column(c).key)
+                    for c in state.mapper.primary_key
+                )
+                unproven.setdefault((state.mapper, reference), []).append(identity)
+        for (mapper, reference), identities in unproven.items():
+            if self._written_rows_refer_elsewhere(
+                session, mapper, reference, identities, organization
+            ):
+                raise self._cross(
+                    mapper,
+                    organization,
+                    f"a {reference.target.class_.__name__} it does not hold",
+                    "reference",
+                )
+
+    def _proven(
+        self,
+        state: Any,
+        reference: _Reference,
+        value: Any,
+        verified: Mapping[tuple[int, str], Any],
+        organization: str,
+    ) -> bool:
+        """Whether a written key is known to name this organization's row without SQL.
+
+        Checked before the flush with this very value, or taken from a
+        related object (the relationship over this one column) whose
+        organization is this one.
+        """
+        before = verified.get((id(state), reference.key), _NOT_SET)
+        if before is not _NOT_SET and (before is value or before == value):
+            return True
+        for relationship_key in reference.via:
+            related = state.dict.get(relationship_key)
+            if related is None:
+                continue
+            target = inspect(related)
+            key = self.tenant_key(target.mapper)
+            if (
+                key is not None
+                and target.dict.get(key) == organization
+                and target.dict.get(reference.target_key) == value
+            ):
+                return True
+        return False
+
+    def _written_rows_refer_elsewhere(
+        self,
+        session: Session,
+        mapper: Mapper[Any],
+        reference: _Reference,
+        identities: list[tuple[Any, ...]],
+        organization: str,
+    ) -> bool:
+        """Whether one of the written rows (by primary key) refers to no row of ``organization``."""
+        assert reference.target_key is not None
+        cls = mapper.class_
+        key = getattr(cls, reference.key)
+        target = aliased(reference.target.class_)
+        target_key = getattr(target, reference.target_key)
+        owner = getattr(target, self.tenant_key(reference.target) or "")
+        pk = [getattr(cls, mapper.get_property_by_column(c).key) for c in mapper.primary_key]
+        held = select(target_key).where(target_key == key, owner == organization)
+        for start in range(0, len(identities), _REFERENCES_PER_QUERY):
+            chunk = identities[start : start + _REFERENCES_PER_QUERY]
+            rows = pk[0].in_([i[0] for i in chunk]) if len(pk) == 1 else tuple_(*pk).in_(chunk)
+            stray = session.execute(
+                select(func.count())
+                .select_from(cls)
+                .where(rows, key.is_not(None), ~held.exists())
+                .execution_options(**{_INTERNAL: True})
+            ).scalar_one()
+            if stray:
+                return True
+        return False
 
     def _tenant_references(self, mapper: Mapper[Any]) -> tuple[_Reference, ...]:
-        """The single-column foreign keys of ``mapper``'s columns to scoped rows."""
+        """The single-column foreign keys of ``mapper``'s columns to scoped rows,
+        and its many-to-one relationships to scoped classes."""
         generation = _MAPPER_GENERATION[0]
         cached = self._references.get(mapper)
         if cached is not None and cached[0] == generation:
             return cached[1]
         owners = self._table_owners()
         own_tables = set(mapper.tables)
+        # many-to-one relationships over one column: key attribute -> their keys
+        via: dict[str, list[str]] = {}
         found: list[_Reference] = []
+        for relationship in mapper.relationships:
+            target_mapper = relationship.mapper
+            if relationship.direction is not MANYTOONE or self.tenant_key(target_mapper) is None:
+                continue
+            found.append(_Reference(relationship.key, target_mapper, None))
+            pairs = relationship.local_remote_pairs or ()
+            if len(pairs) == 1:
+                with contextlib.suppress(UnmappedColumnError):
+                    local = mapper.get_property_by_column(pairs[0][0]).key
+                    via.setdefault(local, []).append(relationship.key)
         for prop in mapper.column_attrs:
             for column in prop.columns:
                 for fk in getattr(column, "foreign_keys", ()):
@@ -2477,11 +2664,9 @@ class TenantScoping:
                         target_key = target.get_property_by_column(fk.column).key
                     except UnmappedColumnError:  # no object holds it
                         continue
-                    found.append(_Reference(prop.key, target, target_key))
-        for relationship in mapper.relationships:
-            target_mapper = relationship.mapper
-            if relationship.direction is MANYTOONE and self.tenant_key(target_mapper) is not None:
-                found.append(_Reference(relationship.key, target_mapper, None))
+                    found.append(
+                        _Reference(prop.key, target, target_key, tuple(via.get(prop.key, ())))
+                    )
         references = tuple(found)
         self._references[mapper] = (generation, references)
         return references
@@ -2504,7 +2689,7 @@ class TenantScoping:
         dirty: list[Any],
         organization: Callable[[], str],
     ) -> None:
-        """Refuse written rows that point at rows the organization does not hold.
+        """Refuse, before the flush, rows that point at rows the organization does not hold.
 
         A foreign key value given by hand (``Task(project_id=3)`` from request
         input, ``comment.task_id = 5``) may name another organization's row:
@@ -2513,11 +2698,16 @@ class TenantScoping:
         CASCADE``, is deleted with that organization's row). Each such value
         must name a row of this organization (or one added in this flush):
         another organization's and a missing one are refused alike, with
-        :class:`CrossTenantWriteError`, before anything is written. An object
-        assigned to a many-to-one relationship must not belong to another
-        organization either.
+        :class:`CrossTenantWriteError`, before anything is written (after
+        it, a missing one would fail on the database's foreign key, telling
+        the two apart). A SQL expression as the key is refused (it cannot be
+        checked before it runs). An object assigned to a many-to-one
+        relationship must not belong to another organization. What is only
+        known after the flush is checked by :meth:`on_flushed`; the values
+        that pass here are recorded for it.
         """
         wanted: dict[tuple[Mapper[Any], str], dict[Any, Mapper[Any]]] = {}
+        checked: list[tuple[int, str, Any]] = []
         for obj in (*new, *dirty):
             state = inspect(obj)
             references = self._tenant_references(state.mapper)
@@ -2533,11 +2723,74 @@ class TenantScoping:
                 else:
                     values = state.attrs[reference.key].history.added or ()
                 for value in values:
-                    if value is not None and not isinstance(value, ClauseElement):
-                        wanted.setdefault((reference.target, reference.target_key), {})[value] = (
-                            state.mapper
+                    if value is None:
+                        continue
+                    if isinstance(value, ClauseElement):
+                        raise self._cross(
+                            state.mapper, organization(), "a SQL expression", "reference"
                         )
+                    wanted.setdefault((reference.target, reference.target_key), {})[value] = (
+                        state.mapper
+                    )
+                    checked.append((id(state), reference.key, value))
+        self._collect_links(new, dirty, organization, wanted)
         self._refuse_unheld(session, wanted, organization)
+        if checked:
+            verified = session.info.setdefault(_FLUSH_VERIFIED, {})
+            for state_id, key, value in checked:
+                verified[(state_id, key)] = value
+
+    def _collect_links(
+        self,
+        new: list[Any],
+        dirty: list[Any],
+        organization: Callable[[], str],
+        wanted: dict[tuple[Mapper[Any], str], dict[Any, Mapper[Any]]],
+    ) -> None:
+        """Many-to-many links added or removed: both ends must be this organization's.
+
+        SQLAlchemy writes the association rows itself, from the collection
+        changes: linking (or unlinking) another organization's object, or
+        changing another organization's object's links, would write rows
+        that tie the two organizations together. An end whose organization
+        is loaded is judged in memory; one whose organization is not loaded
+        is added to ``wanted`` by its primary key (checked in the database).
+        """
+        for obj in (*new, *dirty):
+            state = inspect(obj)
+            for relationship in state.mapper.relationships:
+                if relationship.secondary is None or relationship.viewonly:
+                    continue
+                history = state.attrs[relationship.key].history
+                changed = [*history.added, *history.deleted]
+                if changed:
+                    for end in (obj, *changed):
+                        self._check_link_end(inspect(end), organization, wanted)
+
+    def _check_link_end(
+        self,
+        state: Any,
+        organization: Callable[[], str],
+        wanted: dict[tuple[Mapper[Any], str], dict[Any, Mapper[Any]]],
+    ) -> None:
+        key = self.tenant_key(state.mapper)
+        if key is None:
+            return
+        value = state.dict.get(key)
+        if value is not None:
+            if value != organization():
+                raise self._cross(state.mapper, organization(), value, "link")
+            return
+        if state.key is None:
+            return  # new: stamped with this organization by the flush
+        mapper = state.mapper
+        pk = mapper.primary_key
+        if len(pk) != 1:
+            raise self._cross(
+                mapper, organization(), "a row whose organization is not loaded", "link"
+            )
+        pk_key = mapper.get_property_by_column(pk[0]).key
+        wanted.setdefault((mapper, pk_key), {})[state.key[1][0]] = mapper
 
     def _check_row_references(
         self,
@@ -2545,22 +2798,29 @@ class TenantScoping:
         mapper: Mapper[Any],
         rows: Iterable[Mapping[Any, Any]],
         organization: str,
+        params: Iterable[Mapping[str, Any]] = (),
     ) -> None:
         """:meth:`_check_references` of rows written without objects (bulk statements).
 
         :param rows: keyed by attribute key or column name, values as written.
+        :param params: the execution's parameters, which a ``bindparam()``
+            among the values takes its value from.
         """
-        wanted: dict[tuple[Mapper[Any], str], dict[Any, Mapper[Any]]] = {}
         references = [r for r in self._tenant_references(mapper) if r.target_key is not None]
         if not references:
             return
+        params = list(params)
+        wanted: dict[tuple[Mapper[Any], str], dict[Any, Mapper[Any]]] = {}
         for row in rows:
             for reference in references:
                 assert reference.target_key is not None
                 name = mapper.attrs[reference.key].columns[0].name
                 for column in {reference.key, name}:
-                    value = _literal(row.get(column))
-                    if value is not None and not isinstance(value, ClauseElement):
+                    for value in _written_values(row.get(column), params):
+                        if value is None:
+                            continue
+                        if isinstance(value, ClauseElement):
+                            raise self._cross(mapper, organization, "a SQL expression", "reference")
                         wanted.setdefault((reference.target, reference.target_key), {})[value] = (
                             mapper
                         )
@@ -2587,7 +2847,9 @@ class TenantScoping:
     def _check_related(
         self, state: Any, reference: _Reference, organization: Callable[[], str], is_new: bool
     ) -> None:
-        """An object assigned to a many-to-one relationship must be this organization's."""
+        """An object assigned to a many-to-one relationship must not be another
+        organization's (one whose organization is not loaded is checked after
+        the flush, by the key written)."""
         if is_new:
             related: Iterable[Any] = (state.dict.get(reference.key),)
         else:
@@ -2609,19 +2871,32 @@ class TenantScoping:
         values: dict[Any, Mapper[Any]],
         organization: str,
     ) -> dict[Any, Mapper[Any]]:
-        """The ``values`` of ``target.target_key`` that name no row of ``organization``."""
-        pending = {
-            inspect(obj).dict.get(target_key)
-            for obj in session.new
-            if inspect(obj).mapper.isa(target)
-        }
-        missing = {v: m for v, m in values.items() if v not in pending}
-        if not missing:
-            return {}
+        """The ``values`` of ``target.target_key`` that name no row of ``organization``.
+
+        Each value is first made what the column holds (``"3"`` for an
+        integer key, an enum's name): one that cannot be is not held (the
+        database would refuse it too). Rows added in this flush count.
+        """
         cls = target.class_
         column = getattr(cls, target_key)
+        as_key = _key_converter(column)
+        keys: dict[Any, Any] = {}
+        missing: dict[Any, Mapper[Any]] = {}
+        for value, mapper in values.items():
+            try:
+                keys[value] = as_key(value)
+            except (TypeError, ValueError, KeyError, ArithmeticError):
+                missing[value] = mapper
+        pending: set[str] = set()
+        for obj in session.new:
+            state = inspect(obj)
+            if state.mapper.isa(target) and state.dict.get(self.tenant_key(target) or "") in (
+                None,
+                organization,
+            ):
+                pending |= _key_forms(state.dict.get(target_key))
+        asked = [k for v, k in keys.items() if not _key_forms(k) & pending]
         owner = getattr(cls, self.tenant_key(target) or "")
-        asked = list(missing)
         found: set[str] = set()
         with session.no_autoflush:
             for start in range(0, len(asked), _REFERENCES_PER_QUERY):
@@ -2633,8 +2908,12 @@ class TenantScoping:
                     )
                     .execution_options(**{_INTERNAL: True})
                 ).scalars()
-                found.update(str(value) for value in held)
-        return {v: m for v, m in missing.items() if str(v) not in found}
+                for value in held:
+                    found |= _key_forms(value)
+        for value, key in keys.items():
+            if not _key_forms(key) & (found | pending):
+                missing[value] = values[value]
+        return missing
 
     def on_added(self, session: Session, obj: Any) -> None:
         """``transient_to_pending``: remember whom a new object was added for.

@@ -22,14 +22,39 @@ And of the eighteenth (Flask-SQLAlchemy idioms):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 from flask import Flask
-from sqlalchemy import ForeignKey, String, create_engine, event, exists, func, select, text, update
+from sqlalchemy import (
+    Column,
+    ForeignKey,
+    Integer,
+    String,
+    Table,
+    bindparam,
+    cast,
+    create_engine,
+    event,
+    exists,
+    func,
+    literal,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.sqlite import insert
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    load_only,
+    make_transient_to_detached,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
 from sqlalchemy.pool import StaticPool
 
 from flask_oauth_verify import OAuthVerify, require_organization
@@ -41,6 +66,8 @@ from flask_oauth_verify.tenancy import (
     enable_tenant_scoping,
 )
 from flask_oauth_verify.testing import TokenIssuer, auth_header
+
+from .tenancy_support import PostgresSchema
 
 
 class SeventhBase(DeclarativeBase):
@@ -62,6 +89,30 @@ class Project(SeventhBase):
     name: Mapped[str] = mapped_column(String(40))
     score: Mapped[int] = mapped_column(default=0)
     plan_id: Mapped[int | None] = mapped_column(ForeignKey("p7_plans.id"))
+    notes: Mapped[list[Note]] = relationship()  # no backref: the child never names it
+
+
+class Note(SeventhBase):
+    __tablename__ = "p7_notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(20))
+    body: Mapped[str] = mapped_column(String(40))
+    project_id: Mapped[int | None] = mapped_column(ForeignKey("p7_projects.id"))
+
+
+task_tags = Table(
+    "p7_task_tags",
+    SeventhBase.metadata,
+    Column("task_id", ForeignKey("p7_tasks.id"), primary_key=True),
+    Column("tag_id", ForeignKey("p7_tags.id"), primary_key=True),
+)
+
+
+class Tag(SeventhBase):
+    __tablename__ = "p7_tags"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(20))
+    label: Mapped[str] = mapped_column(String(40))
 
 
 class Task(SeventhBase):
@@ -72,6 +123,8 @@ class Task(SeventhBase):
     project_id: Mapped[int] = mapped_column(ForeignKey("p7_projects.id"))
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("p7_tasks.id"))
     project: Mapped[Project] = relationship()
+    children: Mapped[list[Task]] = relationship()  # by parent_id, no backref
+    tags: Mapped[list[Tag]] = relationship(secondary=task_tags)
 
 
 class AuditRow(SeventhBase):
@@ -85,11 +138,7 @@ ROWS = [(1, "org_a", "a1", 10), (2, "org_b", "b-secret", 900), (3, "org_a", "a2"
 TASKS = [(1, "org_a", "a-task", 1), (2, "org_b", "b-task", 2)]
 
 
-@pytest.fixture
-def session_factory() -> Iterator[sessionmaker[Any]]:
-    engine = create_engine(
-        "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
-    )
+def _load_rows(engine: Any) -> None:
     SeventhBase.metadata.create_all(engine)
     with engine.begin() as connection:
         connection.execute(text("INSERT INTO p7_plans (id, name) VALUES (1, 'shared')"))
@@ -107,11 +156,50 @@ def session_factory() -> Iterator[sessionmaker[Any]]:
             ),
             [{"i": i, "o": o, "t": t, "p": p} for i, o, t, p in TASKS],
         )
+        connection.execute(
+            text("INSERT INTO p7_tags (id, organization_id, label) VALUES (1, 'org_a', 'a')")
+        )
+        connection.execute(
+            text("INSERT INTO p7_tags (id, organization_id, label) VALUES (2, 'org_b', 'b')")
+        )
+        if engine.dialect.name == "postgresql":  # new rows' ids after the given ones
+            for table in ("p7_projects", "p7_tasks", "p7_tags", "p7_notes", "p7_audit"):
+                connection.execute(
+                    text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), 100)")
+                )
+
+
+@contextlib.contextmanager
+def _scoped_factory(engine: Any) -> Iterator[sessionmaker[Any]]:
+    _load_rows(engine)
     factory = sessionmaker(engine)
     scoping = enable_tenant_scoping(factory, models=SeventhBase)
-    yield factory
-    scoping.disable()
-    engine.dispose()
+    try:
+        yield factory
+    finally:
+        scoping.disable()
+        engine.dispose()
+
+
+@pytest.fixture
+def session_factory() -> Iterator[sessionmaker[Any]]:
+    engine = create_engine(
+        "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
+    )
+    with _scoped_factory(engine) as factory:
+        yield factory
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_factory(request: pytest.FixtureRequest) -> Iterator[sessionmaker[Any]]:
+    """The same rows on SQLite and on a real PostgreSQL server (a private schema)."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("session_factory")
+        return
+    with PostgresSchema(request.getfixturevalue("postgres_url")) as schema:
+        engine = create_engine(schema.url, **schema.options())
+        with _scoped_factory(engine) as factory:
+            yield factory
 
 
 def _plan_name(factory: sessionmaker[Any]) -> str:
@@ -327,16 +415,16 @@ def _task_count(factory: sessionmaker[Any]) -> int:
 
 @pytest.mark.parametrize("project_id", [2, 999], ids=["another-organizations", "missing"])
 def test_a_new_row_cannot_name_a_row_the_organization_does_not_hold(
-    session_factory: sessionmaker[Any], project_id: int
+    any_factory: sessionmaker[Any], project_id: int
 ) -> None:
     # another organization's row and a missing one get the same refusal
-    with session_factory() as session, as_organization("org_a"):
+    with any_factory() as session, as_organization("org_a"):
         session.add(Task(title="planted", project_id=project_id))
         with pytest.raises(CrossTenantWriteError) as refused:
             session.flush()
         session.rollback()
     assert "does not hold" in str(refused.value.reason)
-    assert _task_count(session_factory) == len(TASKS)
+    assert _task_count(any_factory) == len(TASKS)
 
 
 def test_a_changed_reference_to_another_organizations_row_is_refused(
@@ -370,15 +458,15 @@ def test_an_object_of_another_organization_cannot_be_related(
     assert _task_count(session_factory) == len(TASKS)
 
 
-def test_references_to_own_and_new_rows_pass(session_factory: sessionmaker[Any]) -> None:
-    with session_factory() as session, as_organization("org_a"):
+def test_references_to_own_and_new_rows_pass(any_factory: sessionmaker[Any]) -> None:
+    with any_factory() as session, as_organization("org_a"):
         session.add(Task(title="by id", project_id=3))
         session.add(Task(title="child", project_id=1, parent_id=1))
         new_project = Project(id=40, name="new")  # a row of this very flush, named by id
         session.add_all([new_project, Task(title="on new", project_id=40)])
         session.add(Task(title="by object", project=Project(name="newer")))
         session.commit()
-    assert _task_count(session_factory) == len(TASKS) + 4
+    assert _task_count(any_factory) == len(TASKS) + 4
 
 
 _BULK_WRITES: dict[str, Any] = {
@@ -442,3 +530,176 @@ def test_rows_added_by_a_later_flush_listener_are_stamped_and_checked(
     with session_factory() as session:
         rows = session.execute(text("SELECT organization_id, entity FROM p7_audit")).all()
     assert [tuple(row) for row in rows] == [("org_a", "task:t")]
+
+
+# -- pass nineteen: what the reference check saw only after the flush ----------------
+
+
+def _count(factory: sessionmaker[Any], sql: str) -> int:
+    with factory() as session:
+        return int(session.execute(text(sql)).scalar_one())
+
+
+def _add_to_their_project(session: Any) -> None:
+    with as_organization("org_b"):
+        theirs = session.get(Project, 2)
+    with as_organization("org_a"):
+        theirs.notes.append(Note(body="planted"))
+        session.commit()
+
+
+def _add_to_their_task(session: Any) -> None:
+    with as_organization("org_b"):
+        theirs = session.get(Task, 2)
+    with as_organization("org_a"):
+        theirs.children.append(Task(title="planted", project_id=1))
+        session.commit()
+
+
+def _link_their_tag(session: Any) -> None:
+    with as_organization("org_b"):
+        theirs = session.get(Tag, 2)
+    with as_organization("org_a"):
+        mine = session.get(Task, 1)
+        mine.tags.append(theirs)
+        session.commit()
+
+
+def _link_to_their_tag_unloaded(session: Any) -> None:
+    with as_organization("org_b"):
+        theirs = session.scalars(select(Tag).options(load_only(Tag.label))).one()
+    with as_organization("org_a"):
+        mine = session.get(Task, 1)
+        mine.tags.append(theirs)
+        session.commit()
+
+
+def _relate_unloaded(session: Any) -> None:
+    with as_organization("org_b"):
+        theirs = session.scalars(select(Project).options(load_only(Project.name))).one()
+    with as_organization("org_a"):
+        session.add(Task(title="planted", project=theirs))
+        session.commit()
+
+
+def _relate_detached(session: Any) -> None:
+    theirs = Project(id=2)
+    make_transient_to_detached(theirs)
+    with as_organization("org_a"):
+        session.add(theirs)
+        session.add(Task(title="planted", project=theirs))
+        session.commit()
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        _add_to_their_project,
+        _add_to_their_task,
+        _link_their_tag,
+        _link_to_their_tag_unloaded,
+        _relate_unloaded,
+        _relate_detached,
+    ],
+)
+def test_keys_filled_in_by_the_flush_cannot_name_another_organizations_row(
+    any_factory: sessionmaker[Any], write: Any
+) -> None:
+    with any_factory() as session, pytest.raises(CrossTenantWriteError):
+        write(session)
+    assert _count(any_factory, "SELECT count(*) FROM p7_notes") == 0
+    assert _count(any_factory, "SELECT count(*) FROM p7_tasks") == len(TASKS)
+    assert _count(any_factory, "SELECT count(*) FROM p7_task_tags") == 0
+
+
+def test_own_collections_and_links_pass(any_factory: sessionmaker[Any]) -> None:
+    with any_factory() as session, as_organization("org_a"):
+        project = session.get(Project, 1)
+        project.notes.append(Note(body="mine"))
+        mine = session.get(Task, 1)
+        mine.children.append(Task(title="child", project_id=1))
+        mine.tags.append(session.get(Tag, 1))
+        mine.tags.append(Tag(label="new"))
+        session.commit()
+    assert _count(any_factory, "SELECT count(*) FROM p7_notes WHERE project_id = 1") == 1
+    assert _count(any_factory, "SELECT count(*) FROM p7_task_tags") == 2
+
+
+def _flush_literal(session: Any) -> None:
+    task = session.get(Task, 1)
+    task.project_id = literal(2)
+    session.flush()
+
+
+_EXPRESSION_WRITES: dict[str, Any] = {
+    "flush-literal": _flush_literal,
+    "update-cast": lambda s: s.execute(
+        update(Task).where(Task.id == 1).values(project_id=cast("2", Integer))
+    ),
+    "update-bindparam": lambda s: s.execute(
+        update(Task).where(Task.id == 1).values(project_id=bindparam("pid", 1)), {"pid": 2}
+    ),
+}
+
+
+@pytest.mark.parametrize("write", list(_EXPRESSION_WRITES))
+def test_keys_written_as_sql_expressions_are_refused(
+    any_factory: sessionmaker[Any], write: str
+) -> None:
+    with any_factory() as session, as_organization("org_a"):
+        with pytest.raises(CrossTenantWriteError):
+            _EXPRESSION_WRITES[write](session)
+        session.rollback()
+    assert _count(any_factory, "SELECT project_id FROM p7_tasks WHERE id = 1") == 1
+
+
+@pytest.mark.parametrize("change", ["parent_id", "organization_id"])
+def test_a_later_listener_changing_checked_rows_is_refused(
+    session_factory: sessionmaker[Any], change: str
+) -> None:
+    def meddle(session: Any, _context: Any, _instances: Any) -> None:
+        for obj in session.new:
+            if isinstance(obj, Task):
+                setattr(obj, change, 2 if change == "parent_id" else "org_b")
+
+    event.listen(session_factory, "before_flush", meddle)
+    try:
+        with session_factory() as session, as_organization("org_a"):
+            session.add(Task(title="t", project_id=1))
+            with pytest.raises(CrossTenantWriteError):
+                session.commit()
+    finally:
+        event.remove(session_factory, "before_flush", meddle)
+    assert _count(session_factory, "SELECT count(*) FROM p7_tasks") == len(TASKS)
+
+
+def test_keys_given_as_strings_name_the_rows_they_spell(
+    any_factory: sessionmaker[Any],
+) -> None:
+    with any_factory() as session, as_organization("org_a"):
+        session.add(Task(title="by string", project_id="3"))
+        session.add_all([Project(id=41, name="new"), Task(title="x", project_id="41")])
+        session.commit()
+        session.add(Task(title="theirs", project_id="2"))
+        with pytest.raises(CrossTenantWriteError):
+            session.flush()
+
+
+def test_bulk_save_objects_checks_references_once_per_class(
+    session_factory: sessionmaker[Any],
+) -> None:
+    selects: list[str] = []
+    engine = session_factory.kw["bind"]
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            selects.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        with session_factory() as session, as_organization("org_a"):
+            session.bulk_save_objects([Task(title=f"t{i}", project_id=1) for i in range(50)])
+            session.commit()
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert len([q for q in selects if "p7_projects" in q]) == 1
