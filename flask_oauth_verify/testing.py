@@ -276,6 +276,10 @@ class TokenIssuer:
         #: The one body format accepted (``"form"`` or ``"json"``); ``None``
         #: accepts both.
         self.introspection_body: str | None = None
+        #: How the endpoint reads HTTP Basic credentials: ``"form"`` (form-
+        #: decoded first, RFC 6749 §2.3.1), ``"raw"`` (as they are, as VoxKey
+        #: and Beyond Identity do), or ``None`` (accepts either spelling).
+        self.introspection_basic_encoding: str | None = None
         self.server: IssuerServer | None = None
 
     @classmethod
@@ -544,7 +548,15 @@ class TokenIssuer:
         if method == "none":
             return True
         client_id, secret = self.introspection_credentials
-        basic = _basic_credentials(authorization) == (client_id, secret)
+        given = _basic_credentials(authorization)
+        encoding = self.introspection_basic_encoding
+        basic = given is not None and (
+            (
+                encoding != "raw"
+                and tuple(unquote_plus(part) for part in given) == (client_id, secret)
+            )
+            or (encoding != "form" and given == (client_id, secret))
+        )
         post = params.get("client_id") == client_id and params.get("client_secret") == secret
         # RFC 6749 §2.3: a client MUST NOT use more than one method per request.
         if method == "client_secret_basic":
@@ -563,7 +575,7 @@ def _header(request: Request, name: str) -> str:
 
 
 def _basic_credentials(authorization: str) -> tuple[str, str] | None:
-    """Decode ``Basic`` credentials (RFC 7617; RFC 6749 §2.3.1 form-decoding)."""
+    """Decode ``Basic`` credentials (RFC 7617), as sent (not form-decoded)."""
     scheme, _, encoded = authorization.partition(" ")
     if scheme.lower() != "basic":
         return None
@@ -574,7 +586,7 @@ def _basic_credentials(authorization: str) -> tuple[str, str] | None:
     user, sep, password = decoded.partition(":")
     if not sep:
         return None
-    return unquote_plus(user), unquote_plus(password)
+    return user, password
 
 
 def _publish_new_file(draft: str, path: str | os.PathLike[str], text: str) -> None:

@@ -17,10 +17,10 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from flask import Flask
+from flask import Flask, g
 
-from flask_oauth_verify import ConfigurationError, OAuthVerify
-from flask_oauth_verify.testing import IssuerServer, Reply
+from flask_oauth_verify import ConfigurationError, OAuthVerify, require_token
+from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer, auth_header
 
 from .conftest import FakeClock
 from .provider_emulators import Auth0, BeyondIdentity, EntraID, Scalekit, VoxKey, basic
@@ -323,3 +323,36 @@ def test_a_failing_jku_refresh_is_stale_and_healthy(server: IssuerServer, clock:
     assert entry["jku"][0]["status"] == "stale"
     assert body["checks"]["keys"]["status"] == "stale"
     assert any("from jku" in w for w in body["warnings"])
+
+
+@pytest.mark.parametrize(
+    ("server_reads", "app_sends", "accepted"),
+    [("raw", "raw", True), ("raw", "form", False), ("form", "form", True), ("form", "raw", False)],
+)
+def test_the_testing_issuer_reads_basic_credentials_one_way_when_told(
+    server_reads: str, app_sends: str, accepted: bool
+) -> None:
+    tokens = TokenIssuer()
+    tokens.introspection_credentials = ("resource-server", "Zm9v+YmFy/YmF6==")
+    tokens.introspection_basic_encoding = server_reads
+    with IssuerServer() as server:
+        tokens.serve(server)
+        app = Flask("basic-encoding")
+        app.config.update(
+            tokens.config(
+                audience="api",
+                STRATEGY="introspection",
+                INTROSPECTION_CLIENT_ID="resource-server",
+                INTROSPECTION_CLIENT_SECRET="Zm9v+YmFy/YmF6==",
+                INTROSPECTION_BASIC_ENCODING=app_sends,
+            )
+        )
+        OAuthVerify(app)
+
+        @app.get("/me")
+        @require_token
+        def me() -> Any:
+            return {"subject": g.auth.subject}
+
+        answer = app.test_client().get("/me", headers=auth_header(tokens.mint_opaque()))
+    assert answer.status_code == (200 if accepted else 503)
