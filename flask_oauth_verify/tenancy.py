@@ -42,7 +42,19 @@ from typing import Any, ClassVar, TypeVar
 
 import sqlalchemy
 from flask import has_app_context, has_request_context
-from sqlalchemy import Column, Select, Table, event, func, inspect, select, tuple_
+from sqlalchemy import (
+    Column,
+    Select,
+    Table,
+    cast,
+    event,
+    func,
+    inspect,
+    literal,
+    select,
+    tuple_,
+    union_all,
+)
 from sqlalchemy.orm import (
     ColumnProperty,
     Mapper,
@@ -167,9 +179,12 @@ _EXPECTED_ORG = "_oauth_verify_expected_org"
 _INTERNAL = "_oauth_verify_internal"
 #: ``Session.info`` key: the states ``before_flush`` checked (for ``after_flush``).
 _FLUSH_SEEN = "_oauth_verify_flush_seen"
-#: Values of one foreign key checked per ``SELECT`` (an ``IN`` list; SQLite
-#: allowed 999 bound parameters per statement before 3.32).
+#: Written rows checked per ``SELECT`` (an ``IN`` list; SQLite allowed 999
+#: bound parameters per statement before 3.32).
 _REFERENCES_PER_QUERY = 500
+#: Given key values checked per ``SELECT`` (a ``UNION ALL`` of one-row selects:
+#: SQLite allows 500 of them, and two bound parameters each).
+_GIVEN_PER_QUERY = 200
 #: ``Session.info`` key: (state id, key attribute) -> the value ``before_flush``
 #: found this organization's (``after_flush`` does not ask again).
 _FLUSH_VERIFIED = "_oauth_verify_flush_verified"
@@ -227,14 +242,14 @@ class CrossTenantWriteError(OAuthVerifyError):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Reference:
-    """A way a written row names a scoped row: a single-column foreign key
-    (``key`` its attribute, ``target_key`` the attribute it refers to) or, with
-    ``target_key`` ``None``, a many-to-one relationship ``key``."""
+    """A way a written row names a scoped row: its columns ``keys`` (attribute
+    keys) equal the ``target_keys`` of a ``target`` row (a foreign key, single
+    or composite, or a many-to-one relationship's join)."""
 
-    key: str
+    keys: tuple[str, ...]
     target: Mapper[Any]
-    target_key: str | None
-    #: many-to-one relationships over this one key column (their objects vouch for it)
+    target_keys: tuple[str, ...]
+    #: many-to-one relationships over exactly these columns (their objects may vouch)
     via: tuple[str, ...] = ()
 
 
@@ -727,6 +742,10 @@ def _key_converter(column: Any) -> Callable[[Any], Any]:
             if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
                 return int(value)
             raise ValueError(f"not an integer key: {value!r}")
+        if kind is decimal.Decimal and isinstance(value, int | float | str):
+            return decimal.Decimal(str(value))  # raises InvalidOperation (ArithmeticError)
+        if kind is float and isinstance(value, int | decimal.Decimal | str):
+            return float(value)
         if kind is uuid.UUID and isinstance(value, str | bytes):
             return uuid.UUID(value) if isinstance(value, str) else uuid.UUID(bytes=value)
         if kind is str:
@@ -736,15 +755,6 @@ def _key_converter(column: Any) -> Callable[[Any], Any]:
         return value
 
     return convert
-
-
-def _key_forms(value: Any) -> set[str]:
-    """The spellings a key value is compared by (an enum by name and value)."""
-    if value is None:
-        return set()
-    if isinstance(value, enum.Enum):
-        return {value.name, str(value.value)}
-    return {str(value)}
 
 
 def _foreign(value: Any, organization: str) -> bool:
@@ -1163,7 +1173,8 @@ class TenantScoping:
         ] = weakref.WeakKeyDictionary()
         #: mapper -> (mapper generation, its references to scoped rows)
         self._references: weakref.WeakKeyDictionary[
-            Mapper[Any], tuple[int, tuple[_Reference, ...]]
+            Mapper[Any],
+            tuple[int, tuple[tuple[_Reference, ...], tuple[tuple[str, Mapper[Any]], ...]]],
         ] = weakref.WeakKeyDictionary()
         #: models= was db.Model's registry by default, not the caller's choice
         self._implicit_models = False
@@ -2140,6 +2151,15 @@ class TenantScoping:
             # ON DUPLICATE KEY clause, the SELECT of INSERT … FROM SELECT
             statement = statement.options(*_criteria_options(tenants, organization))
             state.statement = _with_dml(state.statement, statement)
+        written = state.bind_mapper
+        if written is not None and self._tenant_references(written)[0]:
+            if statement.select is not None:
+                raise TenantScopingError(
+                    f"INSERT … FROM SELECT into {written.class_.__name__}, whose rows refer "
+                    f"to tenant rows, is not checked by the write guard; insert objects or "
+                    f"use unscoped(..., reason=...)."
+                )
+            self._check_row_references(state.session, written, rows, organization, param_rows)
         subject = self._subject(state)
         if subject is None:
             return None
@@ -2155,7 +2175,6 @@ class TenantScoping:
                 f"An upsert into the tenant table of {mapper.class_.__name__} could update "
                 f"another organization's row; use unscoped(..., reason=...)."
             )
-        self._check_row_references(state.session, mapper, rows, organization, param_rows)
         missing = 0
         for row in rows:
             value = row.get(key, row.get(name))
@@ -2176,17 +2195,20 @@ class TenantScoping:
         return None
 
     def _guard_dml(self, state: ORMExecuteState, organization: str) -> None:
-        subject = self._subject(state)
-        if subject is None:
+        written = state.bind_mapper
+        if written is None:
             return
-        mapper, key, name = subject
         params = _param_rows(state)
         rows: list[Mapping[Any, Any]] = [*_value_rows(_dml_of(state.statement), params), *params]
-        for row in rows:
-            for column in (key, name):
-                if column in row and _foreign(row[column], organization):
-                    raise self._cross(mapper, organization, row[column], "update")
-        self._check_row_references(state.session, mapper, rows, organization, params)
+        subject = self._subject(state)
+        if subject is not None:
+            mapper, key, name = subject
+            for row in rows:
+                for column in (key, name):
+                    if column in row and _foreign(row[column], organization):
+                        raise self._cross(mapper, organization, row[column], "update")
+        if state.is_update:
+            self._check_row_references(state.session, written, rows, organization, params)
 
     def _scope_extra_froms(self, statement: Any, organization: str, inherit: bool = True) -> Any:
         """:func:`_scope_extra_froms` with this scoping's tenant tables.
@@ -2285,6 +2307,9 @@ class TenantScoping:
         for row in rows:
             self._check_row_values(target, row)
         key = self.tenant_key(target)
+        if rows and key is None and self._tenant_references(target)[0]:
+            # a shared class whose rows refer to tenant rows
+            self._check_row_references(session, target, rows, self._bulk_context())
         if rows and key is not None:
             organization = self._bulk_context()
             self._bulk_rows(target, rows, organization, update=update)
@@ -2309,6 +2334,8 @@ class TenantScoping:
             self._check_row_values(mapper, state.dict)
             key = self.tenant_key(mapper)
             if key is None:
+                if self._tenant_references(mapper)[0]:  # a shared row referring to tenant rows
+                    written.setdefault(mapper, []).append(state.dict)
                 continue
             if organization is None:
                 organization = self._bulk_context()
@@ -2325,7 +2352,8 @@ class TenantScoping:
                     raise self._cross(mapper, organization, value, "update")
             updates.setdefault(mapper, []).extend(_pk_identities(mapper, [state.dict]))
         for mapper, rows in written.items():  # one check per class, not per object
-            assert organization is not None
+            if organization is None:
+                organization = self._bulk_context()
             self._check_row_references(session, mapper, rows, organization)
         for mapper, identities in updates.items():
             key = self.tenant_key(mapper)
@@ -2498,14 +2526,14 @@ class TenantScoping:
           carry the current organization (one left without it can no longer
           be stamped; set it, or register the listener before enabling
           scoping);
-        * the foreign keys SQLAlchemy filled in during the flush (from a
-          related object, a parent's collection, a many-to-many link) or that
-          :meth:`on_flush` could not read (a SQL expression): each must name a
-          row of this organization. One ``SELECT`` per referring class and
-          key compares the written rows with the rows referred to; keys
-          already checked before the flush with the same value, and keys
-          taken from a related object known to be this organization's, are
-          not asked again.
+        * every reference of a written row to a scoped row, as written: one
+          ``SELECT`` per referring class and reference compares the written
+          rows with the rows referred to, in the database (its own types and
+          comparisons). Only references already proven are not asked again:
+          a key checked in the database before the flush with the same value,
+          or taken from a related object that is new or was loaded for this
+          organization by a scoped statement (an organization value in memory
+          proves nothing: an object built by hand can carry any).
         """
         seen = session.info.pop(_FLUSH_SEEN, None)
         session.info.pop(_FLUSH_SCOPING, None)
@@ -2543,15 +2571,15 @@ class TenantScoping:
         verified: Mapping[tuple[int, str], Any],
         organization: str,
     ) -> None:
-        """The foreign keys of the rows just written must name this organization's rows."""
+        """The references of the rows just written must name this organization's rows."""
         unproven: dict[tuple[Mapper[Any], _Reference], list[tuple[Any, ...]]] = {}
         for obj in written:
             state = inspect(obj)
-            for reference in self._tenant_references(state.mapper):
-                if reference.target_key is None:
-                    continue
-                value = state.dict.get(reference.key)
-                if value is None or self._proven(state, reference, value, verified, organization):
+            for reference in self._tenant_references(state.mapper)[0]:
+                values = tuple(state.dict.get(key) for key in reference.keys)
+                if any(value is None for value in values):
+                    continue  # a NULL in the key refers to nothing
+                if self._proven(state, reference, values, verified, organization):
                     continue
                 identity = tuple(
                     state.dict.get(state.mapper.get_property_by_column(c).key)
@@ -2573,32 +2601,50 @@ class TenantScoping:
         self,
         state: Any,
         reference: _Reference,
-        value: Any,
+        values: tuple[Any, ...],
         verified: Mapping[tuple[int, str], Any],
         organization: str,
     ) -> bool:
-        """Whether a written key is known to name this organization's row without SQL.
+        """Whether a written reference is known to name this organization's row.
 
-        Checked before the flush with this very value, or taken from a
-        related object (the relationship over this one column) whose
-        organization is this one.
+        Its one key column was checked in the database before the flush with
+        this very value, or a relationship over exactly these columns holds
+        an object that is new in this flush (stamped with this organization)
+        or was loaded for this organization by a scoped statement, whose
+        referred values are the ones written.
         """
-        before = verified.get((id(state), reference.key), _NOT_SET)
-        if before is not _NOT_SET and (before is value or before == value):
-            return True
+        if len(reference.keys) == 1:
+            before = verified.get((id(state), reference.keys[0]), _NOT_SET)
+            if before is not _NOT_SET and (before is values[0] or before == values[0]):
+                return True
         for relationship_key in reference.via:
             related = state.dict.get(relationship_key)
             if related is None:
                 continue
             target = inspect(related)
-            key = self.tenant_key(target.mapper)
-            if (
-                key is not None
-                and target.dict.get(key) == organization
-                and target.dict.get(reference.target_key) == value
-            ):
+            if not self._known_own(target, organization):
+                continue
+            if tuple(target.dict.get(k) for k in reference.target_keys) == values:
                 return True
         return False
+
+    def _known_own(self, state: Any, organization: str) -> bool:
+        """Whether an object is this organization's by more than its word.
+
+        A new object (the flush stamps or refuses it), or one a scoped
+        statement loaded for this organization under its current identity;
+        not one built by hand and attached (``make_transient_to_detached``,
+        ``merge(load=False)``), whatever organization value it carries.
+        """
+        key = self.tenant_key(state.mapper)
+        if key is None:
+            return False
+        if state.key is None:
+            return state.dict.get(key) in (None, organization)
+        return bool(
+            state.info.get(_LOADED_FOR) == (organization, state.key)
+            and state.dict.get(key) == organization
+        )
 
     def _written_rows_refer_elsewhere(
         self,
@@ -2609,67 +2655,103 @@ class TenantScoping:
         organization: str,
     ) -> bool:
         """Whether one of the written rows (by primary key) refers to no row of ``organization``."""
-        assert reference.target_key is not None
         cls = mapper.class_
-        key = getattr(cls, reference.key)
         target = aliased(reference.target.class_)
-        target_key = getattr(target, reference.target_key)
         owner = getattr(target, self.tenant_key(reference.target) or "")
+        pairs = [
+            getattr(target, target_key) == getattr(cls, key)
+            for key, target_key in zip(reference.keys, reference.target_keys, strict=True)
+        ]
+        held = select(1).select_from(target).where(*pairs, owner == organization)
+        present = [getattr(cls, key).is_not(None) for key in reference.keys]
         pk = [getattr(cls, mapper.get_property_by_column(c).key) for c in mapper.primary_key]
-        held = select(target_key).where(target_key == key, owner == organization)
         for start in range(0, len(identities), _REFERENCES_PER_QUERY):
             chunk = identities[start : start + _REFERENCES_PER_QUERY]
             rows = pk[0].in_([i[0] for i in chunk]) if len(pk) == 1 else tuple_(*pk).in_(chunk)
             stray = session.execute(
                 select(func.count())
                 .select_from(cls)
-                .where(rows, key.is_not(None), ~held.exists())
+                .where(rows, *present, ~held.exists())
                 .execution_options(**{_INTERNAL: True})
             ).scalar_one()
             if stray:
                 return True
         return False
 
-    def _tenant_references(self, mapper: Mapper[Any]) -> tuple[_Reference, ...]:
-        """The single-column foreign keys of ``mapper``'s columns to scoped rows,
-        and its many-to-one relationships to scoped classes."""
+    def _tenant_references(
+        self, mapper: Mapper[Any]
+    ) -> tuple[tuple[_Reference, ...], tuple[tuple[str, Mapper[Any]], ...]]:
+        """How ``mapper``'s rows name scoped rows: its references (foreign keys,
+        single or composite, and many-to-one relationships over columns without
+        one), and its many-to-one relationships to scoped classes
+        (``(key, target mapper)``).
+
+        A composite key that pairs the organization column with the
+        referred row's is left out: the database itself keeps it within one
+        organization.
+        """
         generation = _MAPPER_GENERATION[0]
         cached = self._references.get(mapper)
         if cached is not None and cached[0] == generation:
             return cached[1]
         owners = self._table_owners()
         own_tables = set(mapper.tables)
-        # many-to-one relationships over one column: key attribute -> their keys
-        via: dict[str, list[str]] = {}
-        found: list[_Reference] = []
+        found: dict[tuple[tuple[str, ...], Mapper[Any], tuple[str, ...]], list[str]] = {}
+        for table in mapper.tables:
+            for constraint in getattr(table, "foreign_key_constraints", ()):
+                columns = list(constraint.columns)
+                referred = [element.column for element in constraint.elements]
+                target = owners.get(referred[0].table) if referred else None
+                if target is None:
+                    continue
+                if all(c.primary_key for c in columns) and referred[0].table in own_tables:
+                    continue  # a joined subclass's key to its parent's row
+                try:
+                    keys = tuple(mapper.get_property_by_column(c).key for c in columns)
+                    target_keys = tuple(target.get_property_by_column(c).key for c in referred)
+                except UnmappedColumnError:  # no object holds it
+                    continue
+                found.setdefault((keys, target, target_keys), [])
+        relations: list[tuple[str, Mapper[Any]]] = []
         for relationship in mapper.relationships:
-            target_mapper = relationship.mapper
-            if relationship.direction is not MANYTOONE or self.tenant_key(target_mapper) is None:
+            target = relationship.mapper
+            if relationship.direction is not MANYTOONE or self.tenant_key(target) is None:
                 continue
-            found.append(_Reference(relationship.key, target_mapper, None))
+            relations.append((relationship.key, target))
             pairs = relationship.local_remote_pairs or ()
-            if len(pairs) == 1:
-                with contextlib.suppress(UnmappedColumnError):
-                    local = mapper.get_property_by_column(pairs[0][0]).key
-                    via.setdefault(local, []).append(relationship.key)
-        for prop in mapper.column_attrs:
-            for column in prop.columns:
-                for fk in getattr(column, "foreign_keys", ()):
-                    target = owners.get(fk.column.table)
-                    if target is None or len(fk.constraint.elements) != 1:
-                        continue  # a composite key: the database compares all of it
-                    if column.primary_key and fk.column.table in own_tables:
-                        continue  # a joined subclass's key to its parent's row
-                    try:
-                        target_key = target.get_property_by_column(fk.column).key
-                    except UnmappedColumnError:  # no object holds it
-                        continue
-                    found.append(
-                        _Reference(prop.key, target, target_key, tuple(via.get(prop.key, ())))
-                    )
-        references = tuple(found)
-        self._references[mapper] = (generation, references)
-        return references
+            try:
+                keys = tuple(mapper.get_property_by_column(local).key for local, _ in pairs)
+                target_keys = tuple(
+                    target.get_property_by_column(remote).key for _, remote in pairs
+                )
+            except UnmappedColumnError:
+                continue
+            if keys:
+                found.setdefault((keys, target, target_keys), []).append(relationship.key)
+        references = tuple(
+            _Reference(keys, target, target_keys, tuple(via))
+            for (keys, target, target_keys), via in found.items()
+            if not self._same_organization(mapper, keys, target, target_keys)
+        )
+        result = (references, tuple(relations))
+        self._references[mapper] = (generation, result)
+        return result
+
+    def _same_organization(
+        self,
+        mapper: Mapper[Any],
+        keys: tuple[str, ...],
+        target: Mapper[Any],
+        target_keys: tuple[str, ...],
+    ) -> bool:
+        """Whether a composite reference pairs the two organization columns."""
+        own, theirs = self.tenant_key(mapper), self.tenant_key(target)
+        return (
+            len(keys) > 1
+            and own is not None
+            and theirs is not None
+            and (own, theirs) in zip(keys, target_keys, strict=True)
+        )
 
     def _table_owners(self) -> dict[Any, Mapper[Any]]:
         """Each table of a scoped class -> the topmost scoped mapper of it."""
@@ -2696,32 +2778,33 @@ class TenantScoping:
         the row written would hang under it (its reads stay scoped, but the
         write proves the row exists, and blocks or, with ``ON DELETE
         CASCADE``, is deleted with that organization's row). Each such value
-        must name a row of this organization (or one added in this flush):
-        another organization's and a missing one are refused alike, with
-        :class:`CrossTenantWriteError`, before anything is written (after
-        it, a missing one would fail on the database's foreign key, telling
-        the two apart). A SQL expression as the key is refused (it cannot be
-        checked before it runs). An object assigned to a many-to-one
-        relationship must not belong to another organization. What is only
-        known after the flush is checked by :meth:`on_flushed`; the values
-        that pass here are recorded for it.
+        of a single-column key must name a row of this organization (or one
+        added in this flush): another organization's and a missing one are
+        refused alike, with :class:`CrossTenantWriteError`, before anything
+        is written (after it, a missing one would fail on the database's
+        foreign key, telling the two apart). A SQL expression as the key is
+        refused (it cannot be checked before it runs). A related object that
+        is another organization's by its loaded value is refused at once, and
+        so are many-to-many links to rows the organization does not hold.
+        Everything else is checked by :meth:`on_flushed`; the values that
+        pass here are recorded for it.
         """
         wanted: dict[tuple[Mapper[Any], str], dict[Any, Mapper[Any]]] = {}
         checked: list[tuple[int, str, Any]] = []
         for obj in (*new, *dirty):
             state = inspect(obj)
-            references = self._tenant_references(state.mapper)
-            if not references:
-                continue
+            references, relations = self._tenant_references(state.mapper)
             is_new = state.key is None
+            for key, _target in relations:
+                self._check_related(state, key, organization, is_new)
             for reference in references:
-                if reference.target_key is None:
-                    self._check_related(state, reference, organization, is_new)
-                    continue
+                if len(reference.keys) != 1:
+                    continue  # checked after the flush
+                key, target_key = reference.keys[0], reference.target_keys[0]
                 if is_new:
-                    values: Iterable[Any] = (state.dict.get(reference.key),)
+                    values: Iterable[Any] = (state.dict.get(key),)
                 else:
-                    values = state.attrs[reference.key].history.added or ()
+                    values = state.attrs[key].history.added or ()
                 for value in values:
                     if value is None:
                         continue
@@ -2729,11 +2812,9 @@ class TenantScoping:
                         raise self._cross(
                             state.mapper, organization(), "a SQL expression", "reference"
                         )
-                    wanted.setdefault((reference.target, reference.target_key), {})[value] = (
-                        state.mapper
-                    )
-                    checked.append((id(state), reference.key, value))
-        self._collect_links(new, dirty, organization, wanted)
+                    wanted.setdefault((reference.target, target_key), {})[value] = state.mapper
+                    checked.append((id(state), key, value))
+        self._collect_links(session, new, dirty, organization, wanted)
         self._refuse_unheld(session, wanted, organization)
         if checked:
             verified = session.info.setdefault(_FLUSH_VERIFIED, {})
@@ -2742,6 +2823,7 @@ class TenantScoping:
 
     def _collect_links(
         self,
+        session: Session,
         new: list[Any],
         dirty: list[Any],
         organization: Callable[[], str],
@@ -2750,11 +2832,11 @@ class TenantScoping:
         """Many-to-many links added or removed: both ends must be this organization's.
 
         SQLAlchemy writes the association rows itself, from the collection
-        changes: linking (or unlinking) another organization's object, or
-        changing another organization's object's links, would write rows
-        that tie the two organizations together. An end whose organization
-        is loaded is judged in memory; one whose organization is not loaded
-        is added to ``wanted`` by its primary key (checked in the database).
+        changes, with the values of the columns the secondary table refers
+        to (not always the primary key): those values are what is checked,
+        in the database (``wanted``), for every end that is not new in this
+        flush. An end another organization's by its loaded value is refused
+        at once.
         """
         for obj in (*new, *dirty):
             state = inspect(obj)
@@ -2763,34 +2845,43 @@ class TenantScoping:
                     continue
                 history = state.attrs[relationship.key].history
                 changed = [*history.added, *history.deleted]
-                if changed:
-                    for end in (obj, *changed):
-                        self._check_link_end(inspect(end), organization, wanted)
+                if not changed:
+                    continue
+                own_pairs = relationship.synchronize_pairs or ()
+                other_pairs = relationship.secondary_synchronize_pairs or ()
+                self._link_end(session, obj, own_pairs, organization, wanted)
+                for end in changed:
+                    self._link_end(session, end, other_pairs, organization, wanted)
 
-    def _check_link_end(
+    def _link_end(
         self,
-        state: Any,
+        session: Session,
+        obj: Any,
+        pairs: Iterable[tuple[Any, Any]],
         organization: Callable[[], str],
         wanted: dict[tuple[Mapper[Any], str], dict[Any, Mapper[Any]]],
     ) -> None:
-        key = self.tenant_key(state.mapper)
-        if key is None:
-            return
-        value = state.dict.get(key)
-        if value is not None:
-            if value != organization():
-                raise self._cross(state.mapper, organization(), value, "link")
-            return
-        if state.key is None:
-            return  # new: stamped with this organization by the flush
+        state = inspect(obj)
         mapper = state.mapper
-        pk = mapper.primary_key
-        if len(pk) != 1:
-            raise self._cross(
-                mapper, organization(), "a row whose organization is not loaded", "link"
-            )
-        pk_key = mapper.get_property_by_column(pk[0]).key
-        wanted.setdefault((mapper, pk_key), {})[state.key[1][0]] = mapper
+        key = self.tenant_key(mapper)
+        if key is None:
+            return  # a shared row: any organization may link to it
+        value = state.dict.get(key)
+        if value is not None and value != organization():
+            raise self._cross(mapper, organization(), value, "link")
+        if state.key is None:
+            return  # new: stamped with this organization (or refused) by the flush
+        owners = self._table_owners()
+        for source, _secondary in pairs:
+            target = owners.get(source.table, mapper)
+            try:
+                source_key = target.get_property_by_column(source).key
+            except UnmappedColumnError:
+                raise self._cross(mapper, organization(), "an unmapped key", "link") from None
+            with session.no_autoflush:
+                written = getattr(obj, source_key)  # loaded if expired: what the row gets
+            if written is not None:
+                wanted.setdefault((target, source_key), {})[written] = mapper
 
     def _check_row_references(
         self,
@@ -2802,28 +2893,44 @@ class TenantScoping:
     ) -> None:
         """:meth:`_check_references` of rows written without objects (bulk statements).
 
+        A composite reference cannot be checked before it is written and
+        there is no flush to check it after: a bulk row giving one is refused.
+
         :param rows: keyed by attribute key or column name, values as written.
         :param params: the execution's parameters, which a ``bindparam()``
             among the values takes its value from.
         """
-        references = [r for r in self._tenant_references(mapper) if r.target_key is not None]
+        references = self._tenant_references(mapper)[0]
         if not references:
             return
         params = list(params)
+        rows = list(rows)
         wanted: dict[tuple[Mapper[Any], str], dict[Any, Mapper[Any]]] = {}
-        for row in rows:
-            for reference in references:
-                assert reference.target_key is not None
-                name = mapper.attrs[reference.key].columns[0].name
-                for column in {reference.key, name}:
-                    for value in _written_values(row.get(column), params):
-                        if value is None:
-                            continue
-                        if isinstance(value, ClauseElement):
-                            raise self._cross(mapper, organization, "a SQL expression", "reference")
-                        wanted.setdefault((reference.target, reference.target_key), {})[value] = (
-                            mapper
-                        )
+        for reference in references:
+            names = [{key, mapper.attrs[key].columns[0].name} for key in reference.keys]
+            for row in rows:
+                given = [
+                    value
+                    for spellings in names
+                    for column in spellings
+                    for value in _written_values(row.get(column), params)
+                    if column in row and value is not None
+                ]
+                if not given:
+                    continue
+                if len(reference.keys) != 1:
+                    raise TenantScopingError(
+                        f"A bulk write of {mapper.class_.__name__} gives "
+                        f"{', '.join(reference.keys)}, a composite reference to "
+                        f"{reference.target.class_.__name__} the write guard cannot check "
+                        f"before it is written; write objects (a flush checks it)."
+                    )
+                for value in given:
+                    if isinstance(value, ClauseElement):
+                        raise self._cross(mapper, organization, "a SQL expression", "reference")
+                    wanted.setdefault((reference.target, reference.target_keys[0]), {})[value] = (
+                        mapper
+                    )
         self._refuse_unheld(session, wanted, lambda: organization)
 
     def _refuse_unheld(
@@ -2845,21 +2952,21 @@ class TenantScoping:
                 )
 
     def _check_related(
-        self, state: Any, reference: _Reference, organization: Callable[[], str], is_new: bool
+        self, state: Any, key: str, organization: Callable[[], str], is_new: bool
     ) -> None:
-        """An object assigned to a many-to-one relationship must not be another
-        organization's (one whose organization is not loaded is checked after
-        the flush, by the key written)."""
+        """An object assigned to a many-to-one relationship, another organization's
+        by its loaded value, is refused at once (any other is checked after the
+        flush, by the key written)."""
         if is_new:
-            related: Iterable[Any] = (state.dict.get(reference.key),)
+            related: Iterable[Any] = (state.dict.get(key),)
         else:
-            related = state.attrs[reference.key].history.added or ()
+            related = state.attrs[key].history.added or ()
         for obj in related:
             if obj is None:
                 continue
             target = inspect(obj)
-            key = self.tenant_key(target.mapper)
-            value = target.dict.get(key) if key is not None else None
+            tenant_key = self.tenant_key(target.mapper)
+            value = target.dict.get(tenant_key) if tenant_key is not None else None
             if value is not None and value != organization():
                 raise self._cross(state.mapper, organization(), value, "reference")
 
@@ -2873,9 +2980,12 @@ class TenantScoping:
     ) -> dict[Any, Mapper[Any]]:
         """The ``values`` of ``target.target_key`` that name no row of ``organization``.
 
-        Each value is first made what the column holds (``"3"`` for an
-        integer key, an enum's name): one that cannot be is not held (the
-        database would refuse it too). Rows added in this flush count.
+        The database compares (its types: ``"3"`` for an integer key,
+        ``Decimal("1")`` for ``1.00``, a ``CHAR`` column's padding): each value
+        is bound with the column's type, after a check in Python that the
+        column can hold it at all (one it cannot hold is not held; the
+        database would refuse it, and an error would end the transaction).
+        Rows added in this flush with the same value count.
         """
         cls = target.class_
         column = getattr(cls, target_key)
@@ -2887,32 +2997,36 @@ class TenantScoping:
                 keys[value] = as_key(value)
             except (TypeError, ValueError, KeyError, ArithmeticError):
                 missing[value] = mapper
-        pending: set[str] = set()
+        pending = []
+        owner_key = self.tenant_key(target) or ""
         for obj in session.new:
             state = inspect(obj)
-            if state.mapper.isa(target) and state.dict.get(self.tenant_key(target) or "") in (
-                None,
-                organization,
-            ):
-                pending |= _key_forms(state.dict.get(target_key))
-        asked = [k for v, k in keys.items() if not _key_forms(k) & pending]
-        owner = getattr(cls, self.tenant_key(target) or "")
-        found: set[str] = set()
+            if state.mapper.isa(target) and state.dict.get(owner_key) in (None, organization):
+                with contextlib.suppress(TypeError, ValueError, KeyError, ArithmeticError):
+                    pending.append(as_key(state.dict.get(target_key)))
+        asked = [(value, key) for value, key in keys.items() if key not in pending]
+        owner = getattr(cls, owner_key)
+        column_type = column.expression.type
         with session.no_autoflush:
-            for start in range(0, len(asked), _REFERENCES_PER_QUERY):
-                held = session.execute(
-                    select(column)
-                    .where(
-                        column.in_(asked[start : start + _REFERENCES_PER_QUERY]),
-                        owner == organization,
+            for start in range(0, len(asked), _GIVEN_PER_QUERY):
+                chunk = asked[start : start + _GIVEN_PER_QUERY]
+                given = union_all(
+                    *(
+                        select(
+                            literal(index).label("i"),
+                            # a SQL cast too: PostgreSQL compares an enum only with its type
+                            cast(literal(key, column_type), column_type).label("v"),
+                        )
+                        for index, (_value, key) in enumerate(chunk)
                     )
-                    .execution_options(**{_INTERNAL: True})
+                ).subquery("given")
+                held = select(1).select_from(cls).where(column == given.c.v, owner == organization)
+                stray = session.execute(
+                    select(given.c.i).where(~held.exists()).execution_options(**{_INTERNAL: True})
                 ).scalars()
-                for value in held:
-                    found |= _key_forms(value)
-        for value, key in keys.items():
-            if not _key_forms(key) & (found | pending):
-                missing[value] = values[value]
+                for index in stray:
+                    value = chunk[index][0]
+                    missing[value] = values[value]
         return missing
 
     def on_added(self, session: Session, obj: Any) -> None:
