@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -55,6 +56,9 @@ _JITTER = 0.1
 #: Metadata URLs remembered as accepted by the fetch policy (a few per issuer).
 _ACCEPTED_URLS = 64
 _RECHECK = 1.0
+#: Seconds the shared record of an answered failure is kept (whole seconds:
+#: Redis): about the pacing interval, whatever the clocks of the workers.
+_ATTEMPT_KEEP = math.ceil(_RECHECK)
 
 
 def metadata_urls(issuer: str) -> list[str]:
@@ -78,6 +82,11 @@ def metadata_urls(issuer: str) -> list[str]:
             )
         )
     return urls
+
+
+def _attempt_key(issuer: str) -> str:
+    """The shared record of an answered failure of ``issuer`` (pacing)."""
+    return cache_key("discovery-attempt", issuer)
 
 
 def _try_next(exc: FetchError) -> bool:
@@ -123,6 +132,9 @@ class Discovery:
         #: issuer -> (when, error) of this process's last discovery that the
         #: issuer answered with no metadata while none was at hand (pacing).
         self._answered: dict[str, tuple[float, FetchError]] = {}
+        #: issuer -> (the time in another worker's record, when this process
+        #: first read it): a record from our future paces from that reading.
+        self._future: dict[str, tuple[float, float]] = {}
 
     def metadata(
         self, issuer: str, *, budget: float | None = None, paced: bool = False
@@ -247,9 +259,9 @@ class Discovery:
         (this process's, else, unless ``local_only``, any worker's)."""
         failures = [self._answered.get(issuer)]
         if not local_only:
-            record = self.cache.get(cache_key("discovery-attempt", issuer))
+            record = self.cache.get(_attempt_key(issuer))
             if isinstance(record, dict):
-                at = shared_time(record.get("at"), now)
+                at = self._attempt_time(issuer, record.get("at"), now)
                 error, status = record.get("error"), record.get("status")
                 if (
                     at is not None
@@ -265,6 +277,23 @@ class Discovery:
             # a clock stepped back before the failure ends the wait, never stretches it
             if 0 <= now - at < _RECHECK and exc.answered:
                 raise FetchError(exc.reason, status=exc.status)
+
+    def _attempt_time(self, issuer: str, value: Any, now: float) -> float | None:
+        """When another worker's answered failure counts as having happened.
+
+        A time in our future (its clock ahead of ours, up to
+        :data:`~flask_oauth_verify.cache.CLOCK_SKEW`) counts as the moment
+        this process first read it, at every later reading too: clamped to
+        ``now`` at each, it would pace for as long as a backend keeps the
+        record (one whose expiry follows the writer's clock: the skew).
+        """
+        at = shared_time(value, now)
+        if at is None or value <= now:
+            return at
+        seen = self._future.get(issuer)
+        if seen is None or seen[0] != value:
+            seen = self._future[issuer] = (float(value), now)
+        return seen[1]
 
     def _usable(self, entry: _Entry, now: float) -> bool:
         return now - entry.fetched_at <= self.settings.jwks_max_staleness
@@ -294,7 +323,11 @@ class Discovery:
 
     def _store(self, issuer: str, metadata: Mapping[str, Any], now: float) -> None:
         self.last_error.pop(issuer, None)
+        # The pacing of an answered failure ends with the first success, in
+        # every worker (one delete per fetched document: hours apart).
         self._answered.pop(issuer, None)
+        self._future.pop(issuer, None)
+        self.cache.delete(_attempt_key(issuer))
         keep = max(self.settings.discovery_cache_ttl, self.settings.jwks_max_staleness)
         record = {"metadata": dict(metadata), "fetched_at": now}
         self.cache.set(cache_key("discovery", issuer), record, keep)
@@ -357,10 +390,16 @@ class Discovery:
         if exc.answered:
             # No metadata published (or not usable): remembered, here and for
             # the other workers, so that paced callers ask again in a second,
-            # not at every request (an answer never opens the circuit).
-            self._answered[issuer] = (now, exc)
-            record = {"at": now, "error": exc.reason, "status": exc.status}
-            self.cache.set(cache_key("discovery-attempt", issuer), record, _RECHECK + 60)
+            # not at every request (an answer never opens the circuit). The
+            # second runs from the answer, not from the start of the round: a
+            # slow answer must not leave the next request a window already
+            # over (the issuer asked again at once, the next issuers never).
+            answered_at = self.clock()
+            self._answered[issuer] = (answered_at, exc)
+            record = {"at": answered_at, "error": exc.reason, "status": exc.status}
+            # Kept no longer than the interval, so that a worker whose clock
+            # is ahead (its "at" in the readers' future) paces them no longer.
+            self.cache.set(_attempt_key(issuer), record, _ATTEMPT_KEEP)
         logger.error("Discovery for %s failed: %s", issuer, exc.reason)
         raise exc
 

@@ -17,7 +17,10 @@
   consecutive outages (network errors, timeouts, 5xx, 408/429), calls fail
   at once for ``CIRCUIT_BREAKER_RESET`` seconds, then one trial call is let
   through (half-open). A wrong answer below 500 fails its call but is no
-  outage. The introspection endpoint and each key set URL named by a token
+  outage, nor is a timeout of a call given only what was left of a budget
+  several calls share (less than nine tenths of the fetch budget): the
+  earlier calls spent the rest, the server might have answered in time. The
+  introspection endpoint and each key set URL named by a token
   (``jku``) get a breaker of their own (:meth:`Fetcher.breaker`), so what a
   token makes fail never closes the origin to the rest.
 
@@ -71,6 +74,11 @@ _MAX_DEPTH = 64
 _CHECKED_URLS = 256
 #: Circuit breakers of single URLs kept (see :meth:`Fetcher.breaker`).
 _URL_BREAKERS = 1024
+#: A budget given to a call below this share of the fetch budget is a cut
+#: one (what is left of a budget several calls share): running out of it is
+#: no outage of the server. Above it, the loss is the caller's own work
+#: before the call (a lock, a cache read), not an earlier call's wait.
+_FULL_BUDGET = 0.9
 
 logger = logging.getLogger("flask_oauth_verify")
 
@@ -93,6 +101,10 @@ class _Unguarded:
 
     @staticmethod
     def record_failure() -> None:
+        """Nothing to record."""
+
+    @staticmethod
+    def record_inconclusive() -> None:
         """Nothing to record."""
 
 
@@ -210,6 +222,16 @@ class CircuitBreaker:
             self._trial = False
             if self._count >= self.failures:
                 self._opened_at = self._clock()
+
+    def record_inconclusive(self) -> None:
+        """A call that says nothing of the server (cut off by the caller's
+        budget): no failure, no success; a half-open trial may go out again."""
+        with self._lock:
+            self._trial = False
+
+
+class _CutOff(Exception):
+    """The watchdog cut a call off at its budget (see :meth:`Fetcher.request`)."""
 
 
 class _Call(Generic[T]):
@@ -441,16 +463,29 @@ class Fetcher:
             requests depend on).
         :param budget: the most the call may take, seconds, when less than
             :attr:`budget` (what is left of a budget several calls share).
+            Cut off by it, below nine tenths of :attr:`budget`, the call
+            counts neither for nor against the circuit.
         :raises FetchError: on any failure, including an open circuit.
         """
         circuit = self.breaker(url, scope=breaker) if breaker is not None else _UNGUARDED
         if not circuit.allow():
             raise FetchError(f"circuit open for {_origin(url)}")
+        given = self.budget if budget is None else min(budget, self.budget)
         try:
             result = self._within_budget(
                 lambda: self._send(method, url, headers, data, json_body, accept_not_modified),
-                self.budget if budget is None else min(budget, self.budget),
+                given,
             )
+        except _CutOff:
+            if given < self.budget * _FULL_BUDGET:
+                # Cut off by what the caller had left (the earlier calls of a
+                # shared budget spent the rest), not by the server's slowness:
+                # it might have answered within a budget of its own. No outage
+                # of the origin (which key fetching shares), nor a success.
+                circuit.record_inconclusive()
+            else:
+                circuit.record_failure()
+            raise FetchError("timed out") from None
         except FetchError as exc:
             # An answer below 500 (a 4xx, a redirect we refuse, a 200 that is not
             # JSON) is the server up and working as designed: our request or
@@ -482,12 +517,15 @@ class Fetcher:
         The socket timeouts bound each read; the watchdog bounds the whole
         exchange, so a server trickling its status line, headers or body is
         cut off too.
+
+        :raises _CutOff: when the watchdog cut it off (a timeout of a
+            socket, never shortened by ``budget``, is a :class:`FetchError`).
         """
         try:
             with deadline(budget):
                 return send()
         except DeadlineExpired:
-            raise FetchError("timed out") from None
+            raise _CutOff from None
 
     def _send(
         self,

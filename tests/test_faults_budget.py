@@ -16,16 +16,21 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
+import redis
 
-from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer
+from flask_oauth_verify.discovery import metadata_urls
+from flask_oauth_verify.fetch import FetchError
+from flask_oauth_verify.testing import IssuerServer, Reply, Request, TokenIssuer
 
 from .conftest import FakeClock, free_port
 from .test_faults import (
     BUDGET,
     MARGIN,
     RawServer,
+    assert_ok,
     assert_unavailable,
     fault_app,
     redis_cache,
@@ -62,10 +67,12 @@ class SlowNotFound:
     (each read within the read timeout, the whole answer in :data:`SLOW`).
 
     :param slow: whether the answer to a path is slow.
+    :param seconds: how long a slow answer takes.
     """
 
-    def __init__(self, slow: Callable[[str], bool]) -> None:
+    def __init__(self, slow: Callable[[str], bool], seconds: float = SLOW) -> None:
         self.slow = slow
+        self.seconds = seconds
         self.paths: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -79,7 +86,7 @@ class SlowNotFound:
         pieces = (_NOT_FOUND[:5], _NOT_FOUND[5:20], _NOT_FOUND[20:])
         for piece in pieces:
             conn.sendall(piece)
-            if piece is not pieces[-1] and stop.wait(SLOW / 2):  # the fault: a slow server
+            if piece is not pieces[-1] and stop.wait(self.seconds / 2):  # the fault: slow
                 return
 
 
@@ -181,6 +188,159 @@ def test_a_failed_introspection_discovery_is_paced_across_workers(
             response, _elapsed = timed(second, f"opaque-token-{number:04d}-later-abcdefghijk")
             assert_unavailable(response)
         assert sum(server.hits.values()) == 2 * one_round, dict(server.hits)
+    finally:
+        server.close()
+
+
+def test_the_pacing_runs_from_the_answer_not_from_the_start_of_the_round(
+    clock: FakeClock,
+) -> None:
+    """Each metadata document is answered 404 slowly (the app's clock moves
+    on as the issuer answers): the second runs from the last answer, so the
+    next request does not ask again. It ran from the start of the round: a
+    round that took a second left the next request nothing of it, the slow
+    issuer was asked at every request, and the budget the issuers after it
+    share went to it every time."""
+    server = IssuerServer()
+    try:
+        issuer = server.url + "/realm"
+
+        def slow_not_found(_request: Request) -> Reply:
+            clock.advance(0.5)  # the fault: each answer takes half the interval
+            return Reply(404, {"error": "not_found"})
+
+        for url in metadata_urls(issuer):
+            server.route(urlsplit(url).path, slow_not_found)
+        app = fault_app(_introspection_config([issuer]), clock)
+        response, _elapsed = timed(app, "opaque-token-0000-abcdefghijklmnop")
+        assert_unavailable(response)
+        one_round = sum(server.hits.values())
+        assert one_round == 3, dict(server.hits)  # 1.5 s from the first request to the answer
+        response, _elapsed = timed(app, "opaque-token-0001-abcdefghijklmnop")
+        assert_unavailable(response)
+        assert sum(server.hits.values()) == one_round, dict(server.hits)
+        clock.advance(1.0)  # a second after the answer: asked again
+        response, _elapsed = timed(app, "opaque-token-0002-abcdefghijklmnop")
+        assert_unavailable(response)
+        assert sum(server.hits.values()) == 2 * one_round, dict(server.hits)
+    finally:
+        server.close()
+
+
+def _attempt_records(redis_url: str) -> dict[bytes, int]:
+    """The shared records of answered discovery failures, with their
+    remaining lifetimes (milliseconds)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return {key: client.pttl(key) for key in client.scan_iter("*discovery-attempt*")}
+    finally:
+        client.close()
+
+
+def test_a_worker_whose_clock_is_ahead_paces_the_others_no_longer_than_the_interval(
+    redis_url: str, clock: FakeClock
+) -> None:
+    """A worker 30 s ahead (within the skew the shared cache tolerates) sees
+    the issuer answer 404; the issuer then publishes its metadata. Another
+    worker is paced for a second from reading the record, then asks; the
+    record lives about that second, and the success deletes it. Its time,
+    from that worker's future, counted as "now" at every reading, and the
+    record lived a minute: the others were refused for the skew (30 s)."""
+    server = IssuerServer()  # every path: 404
+    try:
+        config = _introspection_config([server.url])
+        ahead = FakeClock(clock.now + 30)
+        first = fault_app(config, ahead, cache_config=redis_cache(redis_url), name="worker1")
+        second = fault_app(config, clock, cache_config=redis_cache(redis_url), name="worker2")
+        response, _elapsed = timed(first, "opaque-token-0000-abcdefghijklmnop")
+        assert_unavailable(response)
+        one_round = sum(server.hits.values())
+        assert one_round == 2, dict(server.hits)
+        lifetimes = list(_attempt_records(redis_url).values())
+        assert len(lifetimes) == 1 and 0 < lifetimes[0] <= 1000, lifetimes
+        metadata = {"issuer": server.url, "introspection_endpoint": f"{server.url}/introspect"}
+        server.route("/.well-known/openid-configuration", Reply(200, metadata))
+        server.route("/introspect", Reply(200, {"active": False}))
+        response, _elapsed = timed(second, "opaque-token-0001-abcdefghijklmnop")
+        assert_unavailable(response)  # paced: the other worker's failure
+        assert sum(server.hits.values()) == one_round, dict(server.hits)
+        clock.advance(1.0)  # a second after reading it: asked, and found
+        response, _elapsed = timed(second, "opaque-token-0002-abcdefghijklmnop")
+        assert response.status_code == 401, response.get_json()
+        assert server.hits["/.well-known/openid-configuration"] == 2, dict(server.hits)
+        assert _attempt_records(redis_url) == {}
+    finally:
+        server.close()
+
+
+# -- a call cut off by the shared budget is no outage ------------------------------
+
+
+def test_a_call_cut_off_by_the_shared_budget_does_not_open_the_circuit(
+    raw_servers: list[RawServer], clock: FakeClock
+) -> None:
+    """Issuers [A, B]: A answers its first metadata document slowly (most of
+    the budget the search shares), so B's is asked with what is left and
+    cut off. B's origin circuit is the one its keys are fetched under: a
+    few opaque tokens opened it that way, and B's valid JWTs got 503."""
+    slow = SlowNotFound(lambda path: path == "/.well-known/openid-configuration", seconds=0.45)
+    first = RawServer(slow)
+    raw_servers.append(first)
+    tokens = TokenIssuer(alg="ES256", audience="api")
+    server = tokens.serve()
+    metadata_path = "/.well-known/openid-configuration"
+    try:
+        server.hold(metadata_path)  # B answers later than what A leaves
+        config = {
+            **_introspection_config([first.url, tokens.issuer]),
+            "OAUTH_VERIFY_STRATEGY": "auto",
+            "OAUTH_VERIFY_ALGORITHMS": tokens.algorithms,
+            "OAUTH_VERIFY_CIRCUIT_BREAKER_FAILURES": 2,
+            "OAUTH_VERIFY_CIRCUIT_BREAKER_RESET": 300,
+        }
+        app = fault_app(config, clock)
+        for number in range(2):
+            clock.advance(1.0)  # past A's pacing: A spends the budget each time
+            response, elapsed = timed(app, f"opaque-token-{number:04d}-abcdefghijklmnop")
+            assert_unavailable(response)
+            assert elapsed <= BUDGET + MARGIN
+            assert server.wait_for_hits(metadata_path, number + 1, timeout=MARGIN)
+        assert slow.paths[metadata_path] == 2, slow.paths
+        server.release(metadata_path)
+        response, _elapsed = timed(app, tokens.mint())
+        assert_ok(response)
+    finally:
+        server.close()
+
+
+def test_a_timeout_within_the_full_budget_still_counts(clock: FakeClock) -> None:
+    """The other side: a server that does not answer within a whole budget
+    is an outage (the circuit opens), and a call cut off by a shortened
+    budget while the circuit is half-open leaves the trial to the next
+    call, the circuit neither closed nor opened again."""
+    server = IssuerServer()
+    try:
+        server.hold("/doc")
+        config = {
+            **_introspection_config([server.url]),
+            "OAUTH_VERIFY_CIRCUIT_BREAKER_FAILURES": 1,
+            "OAUTH_VERIFY_CIRCUIT_BREAKER_RESET": 30,
+        }
+        app = fault_app(config, clock)
+        fetcher = app.extensions["oauth_verify"].fetcher
+        url = f"{server.url}/doc"
+        with pytest.raises(FetchError, match="timed out"):
+            fetcher.get_json(url)
+        breaker = fetcher.breaker(url)
+        assert breaker.is_open
+        clock.advance(31)  # half-open
+        with pytest.raises(FetchError, match="timed out"):
+            fetcher.get_json(url, budget=BUDGET / 4)
+        assert not breaker.is_open, "the trial is not spent"
+        with pytest.raises(FetchError, match="timed out"):
+            fetcher.get_json(url)
+        assert breaker.is_open
+        assert server.hits["/doc"] == 3, dict(server.hits)
     finally:
         server.close()
 
