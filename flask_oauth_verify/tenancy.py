@@ -42,6 +42,7 @@ from typing import Any, ClassVar, TypeVar
 
 import sqlalchemy
 from flask import has_app_context, has_request_context
+from flask.globals import app_ctx
 from sqlalchemy import (
     Column,
     Select,
@@ -256,12 +257,13 @@ class _Reference:
 # -- who are we acting for ----------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True, eq=False)
 class _Acting:
     """An :func:`as_organization` identity, stamped with where its block was entered.
 
-    ``entered_in`` is :func:`~flask_oauth_verify.context.stamp` of the request
-    the block was entered in (a marker outside any request). A context
+    ``entered_in`` is the request the block was entered in; outside any
+    request, the application context (a marker without one): see
+    :func:`_where`. A context
     variable can outlive its block in the thread's own context: asgiref's
     ``async_to_sync`` (Flask's ``async def`` views) copies the coroutine's
     variables back into the worker thread, so a generator left suspended
@@ -272,6 +274,10 @@ class _Acting:
     organization_id: str
     user_id: str | None
     entered_in: Any
+    #: the identity active when the block was entered
+    outer: _Acting | None = None
+    #: the block has ended (finished late, it may still be the variable's value)
+    ended: bool = False
 
 
 _ACTING: contextvars.ContextVar[_Acting | None] = contextvars.ContextVar(
@@ -305,31 +311,50 @@ def as_organization(organization_id: str, *, user_id: str | None = None) -> Iter
     acting = _Acting(
         _check_id(organization_id, "organization_id"),
         None if user_id is None else _check_id(user_id, "user_id"),
-        stamp(_this_request()),
+        _where(),
+        _ACTING.get(),
     )
     token = _ACTING.set(acting)
     try:
         yield
     finally:
-        try:
-            _ACTING.reset(token)
-        except ValueError:
-            # closed in another Context (a generator finished elsewhere): undo
-            # the block there only if its identity is what that context sees
-            if _ACTING.get() is acting:
+        acting.ended = True
+        # Undo the block only while it is the innermost one: a block left
+        # open and finished late (a generator collected during another block)
+        # must not end the block that is active now (and, ended, it no longer
+        # counts when that block restores it).
+        if _ACTING.get() is acting:
+            try:
+                _ACTING.reset(token)
+            except ValueError:  # finished in another Context than it began in
                 previous = token.old_value
                 _ACTING.set(None if previous is contextvars.Token.MISSING else previous)
+
+
+def _where() -> Any:
+    """Where code runs, for :class:`_Acting`: the request object in a request;
+    outside one, the application context object (a job, a CLI command, a
+    Celery task each push their own); else a marker."""
+    current = _this_request()
+    if current is not None:
+        return current
+    if has_app_context():
+        return app_ctx._get_current_object()  # type: ignore[attr-defined]
+    return stamp(None)
 
 
 def _acting() -> _Acting | None:
     """The innermost :func:`as_organization` identity entered where this code runs.
 
-    One entered in another request, or in a request when this code runs
-    outside any (or the other way round), is ignored: it was left behind
-    in the thread's context (see :class:`_Acting`).
+    One entered in another request, another application context, or
+    outside any request when this code runs in one (or the other way round)
+    is ignored: it was left behind in the thread's context (see
+    :class:`_Acting`).
     """
     acting = _ACTING.get()
-    if acting is None or acting.entered_in is stamp(_this_request()):
+    while acting is not None and acting.ended:
+        acting = acting.outer
+    if acting is None or acting.entered_in is _where():
         return acting
     return None
 

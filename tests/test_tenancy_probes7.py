@@ -60,6 +60,7 @@ from sqlalchemy.pool import StaticPool
 from flask_oauth_verify import OAuthVerify, require_organization
 from flask_oauth_verify.tenancy import (
     CrossTenantWriteError,
+    TenantContextError,
     TenantScopingError,
     as_organization,
     current_organization_id,
@@ -703,3 +704,39 @@ def test_bulk_save_objects_checks_references_once_per_class(
     finally:
         event.remove(engine, "before_cursor_execute", count)
     assert len([q for q in selects if "p7_projects" in q]) == 1
+
+
+# -- blocks left open by jobs outside requests ------------------------------------------
+
+
+def _block_left_open(organization: str, kept: list[Any]) -> None:
+    def body() -> Iterator[None]:
+        with as_organization(organization):
+            yield
+            yield
+
+    block = body()
+    next(block)  # inside the block, suspended
+    kept.append(block)
+
+
+def test_a_block_left_open_by_a_job_does_not_scope_the_next_job() -> None:
+    app = Flask("p7-jobs")
+    kept: list[Any] = []
+    with app.app_context():  # job 1, its own application context
+        _block_left_open("org_b", kept)
+        assert current_organization_id() == "org_b"
+    with app.app_context(), pytest.raises(TenantContextError):  # job 2
+        current_organization_id()
+    for block in kept:
+        block.close()
+
+
+def test_a_block_finished_late_does_not_end_the_active_block() -> None:
+    kept: list[Any] = []
+    _block_left_open("org_b", kept)
+    with as_organization("org_c"):
+        kept.pop().close()  # the left-open block finishes inside another one
+        assert current_organization_id() == "org_c"
+    with pytest.raises(TenantContextError):
+        current_organization_id()
