@@ -2634,9 +2634,12 @@ class TenantScoping:
 
         Its one key column was checked in the database before the flush with
         this very value, or a relationship over exactly these columns holds
-        an object that is new in this flush (stamped with this organization)
-        or was loaded for this organization by a scoped statement, whose
-        referred values are the ones written.
+        an object that a scoped statement loaded for this organization, the
+        reference naming its primary key and the values written being its
+        identity (which nothing but a reload changes: values in memory can be
+        swapped, ``merge(load=False)``, ``set_committed_value()``). A new
+        related object proves nothing (the flush may not write it, or write
+        it elsewhere): the database is asked.
         """
         if len(reference.keys) == 1:
             before = verified.get((id(state), reference.keys[0]), _NOT_SET)
@@ -2647,29 +2650,20 @@ class TenantScoping:
             if related is None:
                 continue
             target = inspect(related)
-            if not self._known_own(target, organization):
-                continue
-            if tuple(target.dict.get(k) for k in reference.target_keys) == values:
+            if (
+                target.key is not None
+                and self._loaded_own(target, organization)
+                and reference.target_keys == tuple(_pk_keys(target.mapper))
+                and tuple(target.key[1]) == values
+            ):
                 return True
         return False
 
-    def _known_own(self, state: Any, organization: str) -> bool:
-        """Whether an object is this organization's by more than its word.
-
-        A new object (the flush stamps or refuses it), or one a scoped
-        statement loaded for this organization under its current identity;
-        not one built by hand and attached (``make_transient_to_detached``,
-        ``merge(load=False)``), whatever organization value it carries.
-        """
-        key = self.tenant_key(state.mapper)
-        if key is None:
-            return False
-        if state.key is None:
-            return state.dict.get(key) in (None, organization)
-        return bool(
-            state.info.get(_LOADED_FOR) == (organization, state.key)
-            and state.dict.get(key) == organization
-        )
+    def _loaded_own(self, state: Any, organization: str) -> bool:
+        """Whether a persistent object was loaded for this organization by a
+        scoped statement under its current identity (not built by hand and
+        attached, ``make_transient_to_detached()``, whatever it carries)."""
+        return bool(state.info.get(_LOADED_FOR) == (organization, state.key))
 
     def _written_rows_refer_elsewhere(
         self,
@@ -2815,7 +2809,7 @@ class TenantScoping:
         pass here are recorded for it.
         """
         wanted: dict[tuple[Mapper[Any], str], dict[Any, Mapper[Any]]] = {}
-        checked: list[tuple[int, str, Any]] = []
+        checked: list[tuple[int, str, Any, Mapper[Any], str]] = []
         for obj in (*new, *dirty):
             state = inspect(obj)
             references, relations = self._tenant_references(state.mapper)
@@ -2838,13 +2832,14 @@ class TenantScoping:
                             state.mapper, organization(), "a SQL expression", "reference"
                         )
                     wanted.setdefault((reference.target, target_key), {})[value] = state.mapper
-                    checked.append((id(state), key, value))
+                    checked.append((id(state), key, value, reference.target, target_key))
         self._collect_links(session, new, dirty, organization, wanted)
-        self._refuse_unheld(session, wanted, organization)
+        unproven = self._refuse_unheld(session, wanted, organization, in_flush=True)
         if checked:
             verified = session.info.setdefault(_FLUSH_VERIFIED, {})
-            for state_id, key, value in checked:
-                verified[(state_id, key)] = value
+            for state_id, key, value, target, target_key in checked:
+                if (target, target_key, value) not in unproven:
+                    verified[(state_id, key)] = value
 
     def _collect_links(
         self,
@@ -2963,10 +2958,22 @@ class TenantScoping:
         session: Session,
         wanted: dict[tuple[Mapper[Any], str], dict[Any, Mapper[Any]]],
         organization: Callable[[], str],
-    ) -> None:
-        """Refuse when a referenced value names no row of the organization."""
+        *,
+        in_flush: bool = False,
+    ) -> set[tuple[Mapper[Any], str, Any]]:
+        """Refuse when a referenced value names no row of the organization.
+
+        :param in_flush: rows this flush is to insert count (a bulk statement
+            writes no pending object: only rows in the database count).
+        :returns: the values only such a pending row holds (not proven: the
+            flush may not write it, so :meth:`on_flushed` asks again).
+        """
+        unproven: set[tuple[Mapper[Any], str, Any]] = set()
         for (target, target_key), values in wanted.items():
-            missing = self._rows_not_held(session, target, target_key, values, organization())
+            missing, pending = self._rows_not_held(
+                session, target, target_key, values, organization(), in_flush=in_flush
+            )
+            unproven.update((target, target_key, value) for value in pending)
             if missing:
                 value, mapper = next(iter(missing.items()))
                 raise self._cross(
@@ -2975,6 +2982,7 @@ class TenantScoping:
                     f"a {target.class_.__name__}.{target_key} of {value!r} it does not hold",
                     "reference",
                 )
+        return unproven
 
     def _check_related(
         self, state: Any, key: str, organization: Callable[[], str], is_new: bool
@@ -3002,15 +3010,19 @@ class TenantScoping:
         target_key: str,
         values: dict[Any, Mapper[Any]],
         organization: str,
-    ) -> dict[Any, Mapper[Any]]:
-        """The ``values`` of ``target.target_key`` that name no row of ``organization``.
+        *,
+        in_flush: bool = False,
+    ) -> tuple[dict[Any, Mapper[Any]], list[Any]]:
+        """The ``values`` of ``target.target_key`` that name no row of
+        ``organization``, and those only a row this flush is to insert holds.
 
         The database compares (its types: ``"3"`` for an integer key,
         ``Decimal("1")`` for ``1.00``, a ``CHAR`` column's padding): each value
         is bound with the column's type, after a check in Python that the
         column can hold it at all (one it cannot hold is not held; the
         database would refuse it, and an error would end the transaction).
-        Rows added in this flush with the same value count.
+        In a flush (``in_flush``), a new object to be inserted into the
+        target's own table with the same value counts, for now.
         """
         cls = target.class_
         column = getattr(cls, target_key)
@@ -3024,12 +3036,17 @@ class TenantScoping:
                 missing[value] = mapper
         pending = []
         owner_key = self.tenant_key(target) or ""
-        for obj in session.new:
+        for obj in session.new if in_flush else ():
             state = inspect(obj)
-            if state.mapper.isa(target) and state.dict.get(owner_key) in (None, organization):
+            if (
+                state.mapper.isa(target)
+                and target.local_table in state.mapper.tables  # not a concrete subclass
+                and state.dict.get(owner_key) in (None, organization)
+            ):
                 with contextlib.suppress(TypeError, ValueError, KeyError, ArithmeticError):
                     pending.append(as_key(state.dict.get(target_key)))
         asked = [(value, key) for value, key in keys.items() if key not in pending]
+        only_pending = [value for value, key in keys.items() if key in pending]
         owner = getattr(cls, owner_key)
         column_type = column.expression.type
         with session.no_autoflush:
@@ -3052,7 +3069,7 @@ class TenantScoping:
                 for index in stray:
                     value = chunk[index][0]
                     missing[value] = values[value]
-        return missing
+        return missing, only_pending
 
     def on_added(self, session: Session, obj: Any) -> None:
         """``transient_to_pending``: remember whom a new object was added for.

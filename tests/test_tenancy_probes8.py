@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import decimal
 import enum
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +37,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.exc import SADeprecationWarning
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -111,7 +113,7 @@ class Task(EighthBase):
     organization_id: Mapped[str] = mapped_column(String(20))
     title: Mapped[str] = mapped_column(String(40), default="t")
     project_id: Mapped[int | None] = mapped_column(ForeignKey("p8_projects.id"))
-    project: Mapped[Project | None] = relationship()
+    project: Mapped[Project | None] = relationship(foreign_keys=[project_id])
     region: Mapped[str | None] = mapped_column(String(10))
     num: Mapped[int | None] = mapped_column()
     slot: Mapped[Slot | None] = relationship()
@@ -127,6 +129,8 @@ class Task(EighthBase):
     color: Mapped[Color | None] = mapped_column(
         Enum(Color, name="p8_color"), ForeignKey("p8_ledgers.color")
     )
+    project_code: Mapped[str | None] = mapped_column(ForeignKey("p8_projects.code"))
+    by_code: Mapped[Project | None] = relationship(foreign_keys=[project_code])
     __table_args__ = (ForeignKeyConstraint(["region", "num"], ["p8_slots.region", "p8_slots.num"]),)
 
 
@@ -360,3 +364,54 @@ def test_own_keys_of_other_types_pass_and_theirs_are_refused(
         with pytest.raises(CrossTenantWriteError):
             session.commit()
     assert _rows(factory, "SELECT count(*) FROM p8_tasks") == [(2,)]
+
+
+# -- pass twenty-one: decoys and swapped values ------------------------------------------------
+
+
+_DECOYED_BULK: dict[str, Any] = {
+    "insert-mappings": lambda s: s.bulk_insert_mappings(Task, [{"project_id": 2}]),
+    "insert-rows": lambda s: s.execute(insert(Task), [{"project_id": 2}]),
+    "update": lambda s: s.execute(update(Task).where(Task.id == 1).values(project_id=2)),
+}
+
+
+@pytest.mark.parametrize("write", list(_DECOYED_BULK))
+def test_a_pending_object_does_not_vouch_for_a_bulk_write(
+    factory: sessionmaker[Any], write: str
+) -> None:
+    # bulk statements write no pending object: a pending Project(id=2) is no
+    # row of this organization
+    with factory() as session, as_organization("org_a"), session.no_autoflush:
+        session.add(Project(id=2))
+        with pytest.raises(CrossTenantWriteError):
+            _DECOYED_BULK[write](session)
+    assert _rows(factory, "SELECT project_id FROM p8_tasks") == [(1,)]
+
+
+def test_a_pending_object_left_out_of_the_flush_does_not_vouch(
+    factory: sessionmaker[Any],
+) -> None:
+    with factory() as session, as_organization("org_a"):
+        decoy = Project(id=2)
+        session.add(decoy)
+        task = Task(project_id=2)
+        session.add(task)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SADeprecationWarning)  # flush(objects)
+            with pytest.raises(CrossTenantWriteError):
+                session.flush([task])  # the decoy is not written
+    assert _rows(factory, "SELECT count(*) FROM p8_tasks") == [(1,)]
+
+
+def test_a_related_object_whose_key_values_were_swapped_does_not_vouch(
+    factory: sessionmaker[Any],
+) -> None:
+    with factory() as session, as_organization("org_a"):
+        mine = session.get(Project, 1)
+        assert mine is not None
+        attributes.set_committed_value(mine, "code", "B2")  # org_b's code, no history
+        session.add(Task(by_code=mine))
+        with pytest.raises(CrossTenantWriteError):
+            session.commit()
+    assert _rows(factory, "SELECT count(*) FROM p8_tasks WHERE project_code IS NOT NULL") == [(0,)]
