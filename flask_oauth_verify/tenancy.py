@@ -734,6 +734,33 @@ def _literal(value: Any, overridden: Collection[str] = ()) -> Any:
     return value.value
 
 
+def _upsert_row(statement: Any, params: Iterable[Mapping[str, Any]]) -> list[dict[str | None, Any]]:
+    """What an upsert's ``ON CONFLICT DO UPDATE SET`` (or MySQL's ``ON DUPLICATE
+    KEY UPDATE``) writes, as a row keyed by column name; ``excluded.<column>``
+    of the same column is the inserted value, checked with the ``VALUES`` rows.
+    """
+    clause = getattr(statement, "_post_values_clause", None)
+    if clause is None:
+        return []
+    assigned = getattr(clause, "update_values_to_set", None) or getattr(clause, "update", None)
+    if not assigned:
+        return []
+    pairs = assigned.items() if isinstance(assigned, Mapping) else assigned
+    overridden = {key for row in params for key in row}
+    row: dict[str | None, Any] = {}
+    for key, value in pairs:
+        name = _column_name_of(key)
+        source = getattr(value, "table", None)
+        if (
+            isinstance(value, ColumnClause)
+            and getattr(source, "name", None) in ("excluded", "inserted")
+            and value.name == name
+        ):
+            continue  # the same column's inserted value
+        row[name] = _literal(value, overridden)
+    return [row]
+
+
 def _written_values(value: Any, params: list[Mapping[str, Any]]) -> list[Any]:
     """What a written value is: a ``bindparam()`` takes the execution's
     parameter of its name (per row), or its own value where one lacks it."""
@@ -1509,6 +1536,7 @@ class TenantScoping:
         if not state.is_orm_statement:
             orm = self._as_orm_statement(state.statement)
             if orm is None:
+                self._check_core_references(state)
                 self._check_core(state.statement)
                 return None
             # scoped below, then run as the ORM statement it now is
@@ -2039,6 +2067,61 @@ class TenantScoping:
                     f"upsert that does nothing on conflict, or unscoped(..., reason=...)."
                 )
 
+    def _check_core_references(self, state: ORMExecuteState) -> None:
+        """A Core ``insert()`` / ``update()`` of a shared table whose rows refer
+        to tenant rows: its written references are checked as an ORM
+        statement's (a table no class maps is refused when it writes one)."""
+        statement: Any = state.statement
+        if not isinstance(statement, Insert | Update):
+            return
+        table = getattr(statement, "table", None)
+        if table is None or table in self._tenant_tables():
+            return  # a tenant table: _check_core refuses the statement
+        mapper = self._mapper_of_table(table)
+        params = _param_rows(state)
+        rows: list[Mapping[Any, Any]] = [
+            *_value_rows(statement, params),
+            *params,
+            *_upsert_row(statement, params),
+        ]
+        if mapper is None:
+            owners = self._table_owners()
+            for constraint in getattr(table, "foreign_key_constraints", ()):
+                referred = [element.column.table for element in constraint.elements]
+                names = {c.name for c in constraint.columns}
+                if referred and referred[0] in owners and any(names & set(r) for r in rows):
+                    raise TenantScopingError(
+                        f"A Core write of table {table.name!r} gives {', '.join(sorted(names))}, "
+                        f"a reference to tenant rows no mapped class lets the write guard "
+                        f"check; write through a mapped class or use unscoped(..., reason=...)."
+                    )
+            return
+        references = self._tenant_references(mapper)[0]
+        keys = {
+            name
+            for reference in references
+            for key in reference.keys
+            for name in (key, mapper.attrs[key].columns[0].name)
+        }
+        if not any(row.get(name) is not None for row in rows for name in keys):
+            return
+        if isinstance(statement, Insert) and statement.select is not None:
+            raise TenantScopingError(
+                f"INSERT … FROM SELECT into {table.name!r}, whose rows refer to tenant rows, "
+                f"is not checked by the write guard; use unscoped(..., reason=...)."
+            )
+        self._check_row_references(state.session, mapper, rows, current_organization_id(), params)
+
+    def _mapper_of_table(self, table: Any) -> Mapper[Any] | None:
+        """The topmost mapped class of ``table`` (any registry), if one maps it."""
+        for reg in _all_registries():
+            for mapper in reg.mappers:
+                if mapper.local_table is table and (
+                    mapper.inherits is None or mapper.inherits.local_table is not table
+                ):
+                    return mapper
+        return None
+
     def _check_core(self, statement: Any) -> None:
         verdict = self._core_verdict(statement)
         if not verdict.touched:
@@ -2184,7 +2267,10 @@ class TenantScoping:
                     f"to tenant rows, is not checked by the write guard; insert objects or "
                     f"use unscoped(..., reason=...)."
                 )
-            self._check_row_references(state.session, written, rows, organization, param_rows)
+            updated = _upsert_row(statement, param_rows)  # an upsert's SET, as one more row
+            self._check_row_references(
+                state.session, written, [*rows, *updated], organization, param_rows
+            )
         subject = self._subject(state)
         if subject is None:
             return None

@@ -415,3 +415,61 @@ def test_a_related_object_whose_key_values_were_swapped_does_not_vouch(
         with pytest.raises(CrossTenantWriteError):
             session.commit()
     assert _rows(factory, "SELECT count(*) FROM p8_tasks WHERE project_code IS NOT NULL") == [(0,)]
+
+
+# -- pass twenty-two: upsert SET clauses and Core writes of shared tables ----------------
+
+
+def _upsert(factory: sessionmaker[Any]) -> Any:
+    """The dialect's ``insert()`` (the one with ``on_conflict_do_update``)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    engine = factory.kw["bind"]
+    return (postgresql if engine.dialect.name == "postgresql" else sqlite).insert
+
+
+def test_an_upsert_set_cannot_refer_to_another_organizations_row(
+    factory: sessionmaker[Any],
+) -> None:
+    upsert = _upsert(factory)
+    with factory() as session, as_organization("org_a"):
+        session.add(Attachment(id=7, project_id=1))
+        session.commit()
+        theirs = (
+            upsert(Attachment)
+            .values(id=7, project_id=1)
+            .on_conflict_do_update(index_elements=[Attachment.id], set_={"project_id": 2})
+        )
+        with pytest.raises(CrossTenantWriteError):
+            session.execute(theirs)
+        session.rollback()
+        own = upsert(Attachment).values(id=7, project_id=1)
+        session.execute(
+            own.on_conflict_do_update(
+                index_elements=[Attachment.id], set_={"project_id": own.excluded.project_id}
+            )
+        )
+        session.commit()
+    assert _rows(factory, "SELECT id, project_id FROM p8_attachments") == [(7, 1)]
+
+
+ATTACHMENTS: Table = Attachment.__table__  # type: ignore[assignment]
+
+_CORE_SHARED: dict[str, Any] = {
+    "insert": lambda s: s.execute(insert(ATTACHMENTS).values(project_id=2)),
+    "insert-rows": lambda s: s.execute(insert(ATTACHMENTS), [{"project_id": 2}]),
+    "update": lambda s: s.execute(update(ATTACHMENTS).values(project_id=2)),
+}
+
+
+@pytest.mark.parametrize("write", list(_CORE_SHARED))
+def test_core_writes_of_a_shared_table_cannot_refer_to_another_organizations_row(
+    factory: sessionmaker[Any], write: str
+) -> None:
+    with factory() as session, as_organization("org_a"):
+        session.execute(insert(ATTACHMENTS).values(id=7, project_id=1))  # own: fine
+        session.commit()
+        with pytest.raises(CrossTenantWriteError):
+            _CORE_SHARED[write](session)
+        session.rollback()
+    assert _rows(factory, "SELECT id, project_id FROM p8_attachments") == [(7, 1)]
