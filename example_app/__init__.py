@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, current_app
@@ -23,6 +24,7 @@ from flask_oauth_verify import ConfigurationError, OAuthVerify
 
 from . import dev_issuer
 from .api import api
+from .locking import file_lock
 from .logging_setup import configure_security_log
 from .models import db, seed
 from .widget import widget
@@ -91,7 +93,9 @@ def create_app(config: dict[str, Any] | None = None, *, instance_path: str | Non
     oauth.init_app(app, cache=cache)
     app.register_blueprint(api)
     app.register_blueprint(widget)
-    with app.app_context():
+    # Gunicorn workers run the factory at once: one creates the tables and
+    # seeds, the others then find the data (one instance folder, one host).
+    with app.app_context(), file_lock(Path(app.instance_path, "seed.lock")):
         seed()
     from .commands import register_commands
 

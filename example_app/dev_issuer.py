@@ -7,15 +7,16 @@ introspection and RFC 7009 revocation there, and mints tokens for the CLI
 and the start-up banner.
 
 Introspection is a real HTTP call from the API to these routes, so the
-development server must be threaded (``flask run`` is).
+development server must be threaded (``flask run`` is), and a gunicorn worker
+needs more threads than the requests it introspects at once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from flask import Blueprint, Flask, Response, jsonify, request
 from joserfc.jwk import RSAKey
 
 from flask_oauth_verify.testing import TokenIssuer
+
+from .locking import create_private_file_once, file_lock, write_private_file
 
 DEV_ISSUER_PATH = "/dev-issuer"
 #: Credentials the API uses to call the development introspection endpoint.
@@ -36,18 +39,30 @@ class DevIssuer(TokenIssuer):
         super().__init__(issuer=issuer, audience="example-api")
         self.state_file = state_file
         self.introspection_credentials = INTROSPECTION_CLIENT
-        self._lock = threading.Lock()
+        self._lock_file = state_file.with_name(state_file.name + ".lock")
 
     def _load(self) -> dict[str, Any]:
-        if not self.state_file.exists():
+        # Writers replace the file in one step: this reads an old or a new
+        # version, never a half-written one, and needs no lock.
+        try:
+            text = self.state_file.read_text()
+        except FileNotFoundError:
             return {"opaque": {}, "revoked": []}
-        loaded: dict[str, Any] = json.loads(self.state_file.read_text())
+        loaded: dict[str, Any] = json.loads(text)
         return loaded
 
-    def _save(self, state: dict[str, Any]) -> None:
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.state_file)
+    @contextmanager
+    def _update(self) -> Iterator[dict[str, Any]]:
+        """Load, let the caller change, and save the state, one process at a time.
+
+        Every gunicorn worker has its own issuer object: without the file lock
+        two workers both load, each adds its revocation, and the second save
+        drops the first one's.
+        """
+        with file_lock(self._lock_file):
+            state = self._load()
+            yield state
+            write_private_file(self.state_file, json.dumps(state))
 
     @staticmethod
     def _digest(token: str) -> str:
@@ -56,21 +71,17 @@ class DevIssuer(TokenIssuer):
     def mint_opaque(self, **options: Any) -> str:
         """An opaque token, remembered (by hash) in the state file."""
         token = super().mint_opaque(**options)
-        with self._lock:
-            state = self._load()
+        with self._update() as state:
             state["opaque"][self._digest(token)] = self.opaque.pop(token)
-            self._save(state)
         return token
 
     def revoke(self, token: str) -> None:
         """Revoke an opaque token or a JWT (RFC 7009)."""
-        with self._lock:
-            state = self._load()
-            digest = self._digest(token)
+        digest = self._digest(token)
+        with self._update() as state:
             state["opaque"].pop(digest, None)
             if digest not in state["revoked"]:
                 state["revoked"].append(digest)
-            self._save(state)
 
     def introspect(self, token: str) -> dict[str, Any]:
         """The RFC 7662 answer, consulting the shared state file."""
@@ -88,19 +99,22 @@ class DevIssuer(TokenIssuer):
 
 
 def load_dev_issuer(instance_path: str, base_url: str) -> DevIssuer:
-    """The development issuer, with a key persisted in ``instance_path``."""
+    """The development issuer, with a key persisted in ``instance_path``.
+
+    On a fresh instance folder every gunicorn worker starts at once: each may
+    generate a key, one file wins, and all of them sign with the key in it.
+    """
     folder = Path(instance_path)
     folder.mkdir(parents=True, exist_ok=True)
     key_file = folder / "dev_issuer_key.json"
-    if key_file.exists():
-        stored = json.loads(key_file.read_text())
-        key = RSAKey.import_key(stored["key"])
-        kid = stored["kid"]
-    else:
-        key = RSAKey.generate_key(2048)
-        kid = "dev-key-1"
-        key_file.write_text(json.dumps({"kid": kid, "key": key.as_dict(private=True)}))
-        os.chmod(key_file, 0o600)
+    if not key_file.exists():
+        generated = RSAKey.generate_key(2048)
+        create_private_file_once(
+            key_file, json.dumps({"kid": "dev-key-1", "key": generated.as_dict(private=True)})
+        )
+    stored = json.loads(key_file.read_text())
+    key = RSAKey.import_key(stored["key"])
+    kid = stored["kid"]
     issuer = DevIssuer(base_url + DEV_ISSUER_PATH, folder / "dev_issuer_tokens.json")
     issuer.remove_key(issuer.current_kid)
     issuer.current_kid = issuer.add_key("RS256", kid=kid, key=key)

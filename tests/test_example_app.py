@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
+import sqlite3
+import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from multiprocessing.synchronize import Barrier as BarrierType
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -16,6 +21,7 @@ from werkzeug.serving import make_server
 
 from example_app import create_app
 from example_app.commands import banner
+from example_app.dev_issuer import load_dev_issuer
 from example_app.logging_setup import JSONFormatter, configure_security_log
 from flask_oauth_verify import ConfigurationError
 from flask_oauth_verify.testing import TokenIssuer, auth_header
@@ -413,3 +419,93 @@ def test_the_dev_issuer_never_runs_beside_a_real_issuer(
     monkeypatch.setenv("EXAMPLE_" + setting, value)
     with pytest.raises(ConfigurationError, match=setting):
         create_app({"EXAMPLE_DEV_ISSUER": True, "TESTING": True}, instance_path=str(tmp_path))
+
+
+# -- several worker processes on one instance folder (gunicorn without --preload)
+
+_SPAWN = multiprocessing.get_context("spawn")  # no fork of a threaded pytest
+_PROCESSES = 4
+
+
+def _start_together(target: Callable[..., None], *args: Any) -> None:
+    """Run ``target(barrier, index, *args)`` in real processes released at once."""
+    barrier = _SPAWN.Barrier(_PROCESSES, timeout=60)
+    processes = [
+        _SPAWN.Process(target=target, args=(barrier, index, *args)) for index in range(_PROCESSES)
+    ]
+    try:
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(90)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+    assert [p.exitcode for p in processes] == [0] * _PROCESSES
+
+
+def _revoke_and_mint(barrier: BarrierType, index: int, folder: str, issued: list[str]) -> None:
+    issuer = load_dev_issuer(folder, "http://127.0.0.1:5000")
+    barrier.wait()
+    minted = []
+    for token in issued[index::_PROCESSES]:
+        issuer.revoke(token)
+        minted.append(issuer.mint_opaque(subject=f"svc_{index}", organization_id="org_acme"))
+    Path(folder, f"minted-{index}.json").write_text(json.dumps(minted))
+
+
+def test_processes_revoking_and_minting_at_once_lose_nothing(tmp_path: Path) -> None:
+    """Each worker has its own issuer object: the state file is updated under
+    a lock shared by processes, and never through a shared temporary name."""
+    issuer = load_dev_issuer(str(tmp_path), "http://127.0.0.1:5000")
+    issued = [issuer.mint_opaque(subject="svc", organization_id="org_acme") for _ in range(120)]
+    _start_together(_revoke_and_mint, str(tmp_path), issued)
+    minted = [
+        token
+        for index in range(_PROCESSES)
+        for token in json.loads((tmp_path / f"minted-{index}.json").read_text())
+    ]
+    assert len(minted) == len(issued)
+    assert [t for t in issued if issuer.introspect(t)["active"]] == []
+    assert [t for t in minted if not issuer.introspect(t)["active"]] == []
+    assert list(tmp_path.glob("*.tmp")) == []
+
+
+def _load_key(barrier: BarrierType, index: int, folder: str) -> None:
+    barrier.wait()
+    issuer = load_dev_issuer(folder, "http://127.0.0.1:5000")
+    Path(folder, f"jwks-{index}.json").write_text(json.dumps(issuer.jwks()))
+
+
+def test_processes_starting_on_a_fresh_instance_folder_share_one_key(tmp_path: Path) -> None:
+    """Without ``--preload`` every worker loads the issuer at once: one key
+    file is created, whole and private from the start, and all sign with it."""
+    folder = tmp_path / "instance"
+    _start_together(_load_key, str(folder))
+    seen = {Path(folder, f"jwks-{i}.json").read_text() for i in range(_PROCESSES)}
+    assert len(seen) == 1
+    stored = json.loads((folder / "dev_issuer_key.json").read_text())
+    assert json.loads(seen.pop())["keys"][0]["n"] == stored["key"]["n"]
+    assert stat.S_IMODE((folder / "dev_issuer_key.json").stat().st_mode) == 0o600
+    assert list(folder.glob("*.tmp")) == []
+
+
+def _start_app(barrier: BarrierType, index: int, folder: str) -> None:
+    os.environ.pop("EXAMPLE_DEV_ISSUER", None)
+    config = {**TokenIssuer().config(audience="example-api"), "TESTING": True}
+    barrier.wait()
+    create_app(config, instance_path=folder)
+
+
+def test_processes_starting_on_a_fresh_database_seed_it_once(tmp_path: Path) -> None:
+    """Every worker runs the factory, which creates the tables and seeds them:
+    one process does, the others find the data (and none fails to start)."""
+    folder = tmp_path / "instance"
+    _start_together(_start_app, str(folder))
+    with sqlite3.connect(folder / "example.sqlite3") as connection:
+        rows = connection.execute(
+            "SELECT organization_id, count(*) FROM customers GROUP BY organization_id"
+        ).fetchall()
+    assert dict(rows) == {"org_acme": 2, "org_globex": 2}
