@@ -31,17 +31,25 @@ def file_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def write_private_file(path: Path, data: str) -> None:
-    """Replace ``path`` with ``data`` in one step, readable by the owner only.
-
-    The text goes to a fresh temporary file beside ``path`` first (a unique
-    name per writer, so concurrent writers never rename each other's file
-    away); readers see the old file or the new one, never half of it.
-    """
+def _private_temporary(path: Path, data: str) -> str:
+    """A new temporary file beside ``path`` holding ``data``, mode ``0o600``
+    (``mkstemp`` opens with ``O_CREAT | O_EXCL`` and that mode; a unique name
+    per writer, so concurrent writers never touch each other's file)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as file:
             file.write(data)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def write_private_file(path: Path, data: str) -> None:
+    """Replace ``path`` with ``data`` in one step, readable by the owner only:
+    readers see the old file or the new one, never half of it."""
+    tmp = _private_temporary(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -53,13 +61,10 @@ def create_private_file_once(path: Path, data: str) -> bool:
 
     The file appears complete or not at all (``os.link`` of a finished
     temporary file fails if ``path`` exists), so a process that loses the race
-    reads the winner's whole file. It is mode ``0o600`` from the start
-    (``mkstemp`` opens with ``O_CREAT | O_EXCL`` and that mode).
+    reads the winner's whole file, private from the start.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _private_temporary(path, data)
     try:
-        with os.fdopen(fd, "w") as file:
-            file.write(data)
         os.link(tmp, path)
     except FileExistsError:
         return False
