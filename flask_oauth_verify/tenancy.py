@@ -47,6 +47,7 @@ from sqlalchemy import (
     Column,
     Select,
     Table,
+    bindparam,
     cast,
     event,
     func,
@@ -1223,6 +1224,8 @@ class TenantScoping:
         self._column_verdicts: weakref.WeakKeyDictionary[
             Mapper[Any], tuple[int, tuple[str, ...]]
         ] = weakref.WeakKeyDictionary()
+        #: the reference checks' statements, built once each (see _stray_rows_query)
+        self._reference_queries: BoundedFifo[tuple[Any, ...], Any] = BoundedFifo(256)
         #: mapper -> (mapper generation, its references to scoped rows)
         self._references: weakref.WeakKeyDictionary[
             Mapper[Any],
@@ -2760,6 +2763,26 @@ class TenantScoping:
         organization: str,
     ) -> bool:
         """Whether one of the written rows (by primary key) refers to no row of ``organization``."""
+        statement = self._stray_rows_query(mapper, reference)
+        single = len(mapper.primary_key) == 1
+        for start in range(0, len(identities), _REFERENCES_PER_QUERY):
+            chunk = identities[start : start + _REFERENCES_PER_QUERY]
+            rows = [i[0] for i in chunk] if single else chunk
+            stray = session.execute(
+                statement, {"written": rows, "organization": organization}
+            ).scalar_one()
+            if stray:
+                return True
+        return False
+
+    def _stray_rows_query(self, mapper: Mapper[Any], reference: _Reference) -> Any:
+        """The statement counting written rows (``:written`` primary keys) whose
+        reference names no row of ``:organization``; built once per reference
+        (building costs more than running it)."""
+        memo_key = (_MAPPER_GENERATION[0], mapper, reference)
+        statement = self._reference_queries.get(memo_key)
+        if statement is not None:
+            return statement
         cls = mapper.class_
         target = aliased(reference.target.class_)
         owner = getattr(target, self.tenant_key(reference.target) or "")
@@ -2767,21 +2790,19 @@ class TenantScoping:
             getattr(target, target_key) == getattr(cls, key)
             for key, target_key in zip(reference.keys, reference.target_keys, strict=True)
         ]
-        held = select(1).select_from(target).where(*pairs, owner == organization)
+        held = select(1).select_from(target).where(*pairs, owner == bindparam("organization"))
         present = [getattr(cls, key).is_not(None) for key in reference.keys]
         pk = [getattr(cls, mapper.get_property_by_column(c).key) for c in mapper.primary_key]
-        for start in range(0, len(identities), _REFERENCES_PER_QUERY):
-            chunk = identities[start : start + _REFERENCES_PER_QUERY]
-            rows = pk[0].in_([i[0] for i in chunk]) if len(pk) == 1 else tuple_(*pk).in_(chunk)
-            stray = session.execute(
-                select(func.count())
-                .select_from(cls)
-                .where(rows, *present, ~held.exists())
-                .execution_options(**{_INTERNAL: True})
-            ).scalar_one()
-            if stray:
-                return True
-        return False
+        written: Any = bindparam("written", expanding=True)
+        rows = pk[0].in_(written) if len(pk) == 1 else tuple_(*pk).in_(written)
+        statement = (
+            select(func.count())
+            .select_from(cls)
+            .where(rows, *present, ~held.exists())
+            .execution_options(**{_INTERNAL: True})
+        )
+        self._reference_queries.put(memo_key, statement)
+        return statement
 
     def _tenant_references(
         self, mapper: Mapper[Any]
@@ -3089,6 +3110,37 @@ class TenantScoping:
             if value is not None and value != organization():
                 raise self._cross(state.mapper, organization(), value, "reference")
 
+    def _unheld_keys_query(self, target: Mapper[Any], target_key: str, size: int) -> Any:
+        """The statement returning the indexes of ``size`` given keys (``:v0``…)
+        that name no ``target`` row of ``:organization``, typed as the column;
+        built once per size (building costs more than running it)."""
+        memo_key = (_MAPPER_GENERATION[0], target, target_key, size)
+        statement = self._reference_queries.get(memo_key)
+        if statement is not None:
+            return statement
+        cls = target.class_
+        column = getattr(cls, target_key)
+        owner = getattr(cls, self.tenant_key(target) or "")
+        column_type = column.expression.type
+        given = union_all(
+            *(
+                select(
+                    literal(index).label("i"),
+                    # a SQL cast too: PostgreSQL compares an enum only with its type
+                    cast(bindparam(f"v{index}", type_=column_type), column_type).label("v"),
+                )
+                for index in range(size)
+            )
+        ).subquery("given")
+        held = (
+            select(1)
+            .select_from(cls)
+            .where(column == given.c.v, owner == bindparam("organization"))
+        )
+        statement = select(given.c.i).where(~held.exists()).execution_options(**{_INTERNAL: True})
+        self._reference_queries.put(memo_key, statement)
+        return statement
+
     def _rows_not_held(
         self,
         session: Session,
@@ -3133,25 +3185,13 @@ class TenantScoping:
                     pending.append(as_key(state.dict.get(target_key)))
         asked = [(value, key) for value, key in keys.items() if key not in pending]
         only_pending = [value for value, key in keys.items() if key in pending]
-        owner = getattr(cls, owner_key)
-        column_type = column.expression.type
         with session.no_autoflush:
             for start in range(0, len(asked), _GIVEN_PER_QUERY):
                 chunk = asked[start : start + _GIVEN_PER_QUERY]
-                given = union_all(
-                    *(
-                        select(
-                            literal(index).label("i"),
-                            # a SQL cast too: PostgreSQL compares an enum only with its type
-                            cast(literal(key, column_type), column_type).label("v"),
-                        )
-                        for index, (_value, key) in enumerate(chunk)
-                    )
-                ).subquery("given")
-                held = select(1).select_from(cls).where(column == given.c.v, owner == organization)
-                stray = session.execute(
-                    select(given.c.i).where(~held.exists()).execution_options(**{_INTERNAL: True})
-                ).scalars()
+                statement = self._unheld_keys_query(target, target_key, len(chunk))
+                params = {f"v{index}": key for index, (_value, key) in enumerate(chunk)}
+                params["organization"] = organization
+                stray = session.execute(statement, params).scalars()
                 for index in stray:
                     value = chunk[index][0]
                     missing[value] = values[value]
