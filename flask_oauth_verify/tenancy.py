@@ -762,6 +762,14 @@ def _upsert_row(statement: Any, params: Iterable[Mapping[str, Any]]) -> list[dic
     return [row]
 
 
+def _being_written(state: Any, key: str, is_new: bool) -> Iterable[Any]:
+    """What the flush writes to attribute ``key`` of ``state``: a new object's
+    value, or what a persistent one's value was changed to."""
+    if is_new:
+        return (state.dict.get(key),)
+    return state.attrs[key].history.added or ()
+
+
 def _written_values(value: Any, params: list[Mapping[str, Any]]) -> list[Any]:
     """What a written value is: a ``bindparam()`` takes the execution's
     parameter of its name (per row), or its own value where one lacks it."""
@@ -2927,11 +2935,7 @@ class TenantScoping:
                 if len(reference.keys) != 1:
                     continue  # checked after the flush
                 key, target_key = reference.keys[0], reference.target_keys[0]
-                if is_new:
-                    values: Iterable[Any] = (state.dict.get(key),)
-                else:
-                    values = state.attrs[key].history.added or ()
-                for value in values:
+                for value in _being_written(state, key, is_new):
                     if value is None:
                         continue
                     if isinstance(value, ClauseElement):
@@ -3097,11 +3101,7 @@ class TenantScoping:
         """An object assigned to a many-to-one relationship, another organization's
         by its loaded value, is refused at once (any other is checked after the
         flush, by the key written)."""
-        if is_new:
-            related: Iterable[Any] = (state.dict.get(key),)
-        else:
-            related = state.attrs[key].history.added or ()
-        for obj in related:
+        for obj in _being_written(state, key, is_new):
             if obj is None:
                 continue
             target = inspect(obj)
