@@ -18,7 +18,7 @@
   at once for ``CIRCUIT_BREAKER_RESET`` seconds, then one trial call is let
   through (half-open). A wrong answer below 500 fails its call but is no
   outage, nor is a timeout of a call given only what was left of a budget
-  several calls share (less than nine tenths of the fetch budget): the
+  several calls share (less than half the fetch budget): the
   earlier calls spent the rest, the server might have answered in time. The
   introspection endpoint and each key set URL named by a token
   (``jku``) get a breaker of their own (:meth:`Fetcher.breaker`), so what a
@@ -76,9 +76,10 @@ _CHECKED_URLS = 256
 _URL_BREAKERS = 1024
 #: A budget given to a call below this share of the fetch budget is a cut
 #: one (what is left of a budget several calls share): running out of it is
-#: no outage of the server. Above it, the loss is the caller's own work
-#: before the call (a lock, a cache read), not an earlier call's wait.
-_FULL_BUDGET = 0.9
+#: no outage of the server. With at least half the budget to wait, a server
+#: that did not answer counts as down (a hung fallback location after a
+#: slow first one must still open its circuit).
+_FULL_BUDGET = 0.5
 
 logger = logging.getLogger("flask_oauth_verify")
 
@@ -463,7 +464,7 @@ class Fetcher:
             requests depend on).
         :param budget: the most the call may take, seconds, when less than
             :attr:`budget` (what is left of a budget several calls share).
-            Cut off by it, below nine tenths of :attr:`budget`, the call
+            Cut off by it, below half of :attr:`budget`, the call
             counts neither for nor against the circuit.
         :raises FetchError: on any failure, including an open circuit.
         """

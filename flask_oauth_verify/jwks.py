@@ -889,8 +889,22 @@ class KeyStore:
         # is the key set URL's (configured or discovered: often another host
         # than the issuer's, Google, Entra, a CDN), the issuer's only when
         # that URL is not known yet (discovery failed: its breaker is the one).
-        breaker = self.fetcher.breaker(self._known_uri(source), scope=_scope(source))
-        retry_after = breaker.retry_after() if breaker.is_open else _RETRY_AFTER
+        # The fallback locations' circuits too (from the settings alone, no
+        # discovery): the one that refused may be a fallback's.
+        locations = [self._known_uri(source)]
+        if source.jku is None:
+            locations += self.settings.jwks_uri_fallbacks_for(source.issuer)
+        scope = _scope(source)
+        open_circuits = [
+            breaker
+            for breaker in (self.fetcher.breaker(uri, scope=scope) for uri in locations)
+            if breaker.is_open
+        ]
+        retry_after = (
+            max(breaker.retry_after() for breaker in open_circuits)
+            if open_circuits
+            else _RETRY_AFTER
+        )
         return UpstreamError(
             reason=f"keys of {source.name} unavailable: {reason}", retry_after=retry_after
         )

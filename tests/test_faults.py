@@ -167,10 +167,12 @@ def fault_app(
     """An app with short timeouts, the core test views and (optionally) Redis."""
     app = Flask(name)
     app.config.update(
-        TESTING=True,
-        OAUTH_VERIFY_HTTP_TIMEOUT=(CONNECT, READ),
-        OAUTH_VERIFY_JWKS_CACHE_TTL=TTL,
-        **config,
+        {
+            "TESTING": True,
+            "OAUTH_VERIFY_HTTP_TIMEOUT": (CONNECT, READ),
+            "OAUTH_VERIFY_JWKS_CACHE_TTL": TTL,
+            **config,  # may override the two above
+        }
     )
     cache = None
     if cache_config is not None:

@@ -345,7 +345,56 @@ def test_a_timeout_within_the_full_budget_still_counts(clock: FakeClock) -> None
         server.close()
 
 
+def test_a_call_given_half_the_budget_that_times_out_counts(clock: FakeClock) -> None:
+    """A hung location reached with at least half the budget left (a slow
+    first fallback spent the rest) is down: its circuit opens, else every
+    request would wait for it again."""
+    server = IssuerServer()
+    try:
+        server.hold("/doc")
+        config = {
+            **_introspection_config([server.url]),
+            "OAUTH_VERIFY_CIRCUIT_BREAKER_FAILURES": 1,
+            # a read timeout well above the budget given below: the watchdog
+            # cuts the call off, not the socket
+            "OAUTH_VERIFY_HTTP_TIMEOUT": (0.25, 2.0),
+        }
+        app = fault_app(config, clock)
+        fetcher = app.extensions["oauth_verify"].fetcher
+        url = f"{server.url}/doc"
+        with pytest.raises(FetchError, match="timed out"):
+            fetcher.get_json(url, budget=fetcher.budget * 0.6)
+        assert fetcher.breaker(url).is_open
+    finally:
+        server.close()
+
+
 # -- Retry-After on a cold start with the key set's circuit open ------------------
+
+
+def test_cold_retry_after_names_an_open_fallback_circuit(clock: FakeClock) -> None:
+    """JWKS_URI answers 404 (not an outage), its fallback on another origin
+    refuses connections: once the fallback's circuit is open, the 503 says
+    when its next trial goes out."""
+    issuer = TokenIssuer(issuer="https://issuer.example.test")
+    server = IssuerServer()
+    try:
+        server.route("/wrong", Reply(404, {}))
+        config = _jwt_config(
+            issuer,
+            JWKS_URI=f"{server.url}/wrong",
+            JWKS_URI_FALLBACKS=[f"http://127.0.0.1:{free_port()}/jwks"],
+            CIRCUIT_BREAKER_FAILURES=2,
+            CIRCUIT_BREAKER_RESET=300,
+        )
+        app = fault_app(config, clock)
+        seen = []
+        for _ in range(4):
+            seen += _retry_afters(app, issuer.mint(), 1)
+            clock.advance(2)  # past the pacing of an answered failure
+        assert seen[-1] >= 290, seen
+    finally:
+        server.close()
 
 
 def _retry_afters(app: Any, token: str, count: int) -> list[int]:
