@@ -21,9 +21,15 @@ def file_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (created if missing).
 
     The lock belongs to this open file, so it also orders threads of one
-    process, and the kernel drops it if the process dies holding it.
+    process, and the kernel drops it if the process dies holding it. In a
+    folder this process cannot write (a read-only instance folder, the
+    database elsewhere) nothing is locked: nothing is written there either.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        yield
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield  # closing the file releases the lock

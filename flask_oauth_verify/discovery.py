@@ -125,6 +125,7 @@ class Discovery:
         self.clock = clock
         self._local: dict[str, _Entry] = {}
         self._accepted_urls: set[str] = set()
+        #: runs by (issuer, whether the caller has a whole budget)
         self._flights: SingleFlight[Mapping[str, Any]] = SingleFlight()
         self._lock_timeout = 2 * fetcher.budget + 2
         #: issuer -> the last discovery error of this process (for status).
@@ -157,7 +158,8 @@ class Discovery:
         now = self.clock()
         if entry is not None and now < entry.fresh_until:
             return entry.metadata
-        if entry is not None and self._usable(entry, now) and self._flights.running(issuer):
+        flight = (issuer, budget is None)
+        if entry is not None and self._usable(entry, now) and self._flights.running(flight):
             return entry.metadata  # one refresh is under way: keep using ours
         if "{" in issuer:
             raise FetchError("a templated issuer has no discovery document; set JWKS_URI")
@@ -165,8 +167,10 @@ class Discovery:
             self._raise_if_answered(issuer, now, local_only=True)
         wait = self._lock_timeout if budget is None else max(min(budget, self._lock_timeout), 0)
         try:
+            # A caller with a whole budget never joins a run started with what
+            # was left of a shared one: cut short, its failure is not theirs.
             return self._flights.run(
-                issuer, lambda: self._refresh(issuer, budget, paced), timeout=wait
+                flight, lambda: self._refresh(issuer, budget, paced), timeout=wait
             )
         except TimeoutError:
             raise FetchError("timed out waiting for discovery") from None
@@ -356,8 +360,14 @@ class Discovery:
             if not self.cache.take_abandoned(lock, self._lock_timeout):
                 # Its failure, as it failed: an answer is no outage.
                 self._raise_if_answered(issuer, self.clock())
-                raise FetchError(self.last_error.get(issuer, "discovery by another worker failed"))
-            # The holder died mid-fetch (its lock outlived it): fetch ourselves.
+                # No answer: the holder may have had only what was left of a
+                # shared budget. A caller with a whole budget tries itself.
+                if budget is not None or not self.cache.lock(lock, self._lock_timeout):
+                    raise FetchError(
+                        self.last_error.get(issuer, "discovery by another worker failed")
+                    )
+            # The holder died mid-fetch (its lock outlived it), or failed
+            # without an answer: fetch ourselves.
             now = self.clock()
         try:
             entry = self._adopt_shared(issuer, now)

@@ -329,7 +329,8 @@ def withheld_exc_info(
         if id(current) in stand_ins:
             continue
         originals[id(current)] = current
-        kind = _stand_in_type(type(current).__module__, type(current).__qualname__)
+        # str(): a class may carry anything there, and this must never raise
+        kind = _stand_in_type(str(type(current).__module__), str(type(current).__qualname__))
         stand_ins[id(current)] = kind("(message withheld)").with_traceback(current.__traceback__)
         pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
     for key, original in originals.items():

@@ -49,6 +49,9 @@ from joserfc.jwk import JWKRegistry
 __all__ = ["KeySetError", "PreparedKey", "PreparedKeySet", "parse_key_set"]
 
 MIN_RSA_BITS = 2048
+#: OpenSSL's own limit (OPENSSL_RSA_MAX_MODULUS_BITS): a larger modulus is no
+#: key anyone uses, and checking it costs seconds.
+MAX_RSA_BITS = 16384
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 #: Public key members in base64url (RFC 7518 §6.2.1, §6.3.1; RFC 8037 §2).
 _BASE64URL_MEMBERS = ("n", "e", "x", "y")
@@ -259,6 +262,8 @@ def _check_rsa_size(jwk: Mapping[str, Any]) -> None:
     bits = value.bit_length()
     if bits < MIN_RSA_BITS:
         raise ValueError(f"RSA key of {bits} bits (< {MIN_RSA_BITS})")
+    if bits > MAX_RSA_BITS:  # before the checks below, whose cost grows with it
+        raise ValueError(f"RSA key of {bits} bits (> {MAX_RSA_BITS})")
     if math.gcd(value, _SMALL_PRIMES) != 1:
         raise ValueError("RSA modulus with a small prime factor: anyone could sign")
     if _fermat_factors(value):

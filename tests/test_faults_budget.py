@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,12 +21,14 @@ from urllib.parse import urlsplit
 
 import pytest
 import redis
+from flask import Flask
 
+from flask_oauth_verify import OAuthVerify
 from flask_oauth_verify.discovery import metadata_urls
 from flask_oauth_verify.fetch import FetchError
-from flask_oauth_verify.testing import IssuerServer, Reply, Request, TokenIssuer
+from flask_oauth_verify.testing import IssuerServer, Reply, Request, TokenIssuer, auth_header
 
-from .conftest import FakeClock, free_port
+from .conftest import FakeClock, add_views, free_port
 from .test_faults import (
     BUDGET,
     MARGIN,
@@ -468,3 +471,59 @@ def test_early_hints_fail_the_fetch_and_never_desync_a_connection(
         assert_unavailable(response)
         clock.advance(2.0)  # past the pacing of an answer that is no key set
     assert server.connections == 2
+
+
+def test_a_jwt_does_not_inherit_a_discovery_cut_short_by_the_endpoint_search() -> None:
+    """The introspection endpoint search reaches issuer B with what issuer A's
+    slow 404s left of its shared budget, and is cut off; a JWT of B arriving
+    meanwhile has a whole budget of its own and gets its keys (before: it
+    waited for the search's discovery of B and got its failure, a 503)."""
+    slow_issuer = IssuerServer()
+    tokens = TokenIssuer(audience="api")
+    server = tokens.serve()
+    search_reached_b = threading.Event()
+
+    def slow_not_found(_request: Request) -> Reply:
+        time.sleep(0.7)  # the fault: a slow answer (most of the budget, twice)
+        return Reply(404, {"error": "nope"})
+
+    def slow_metadata(_request: Request) -> Reply:
+        search_reached_b.set()
+        time.sleep(0.8)  # slower than what the search has left, within a budget
+        return Reply(200, tokens.metadata())
+
+    try:
+        for path in metadata_urls(slow_issuer.url)[:2]:
+            slow_issuer.route(urlsplit(path).path, slow_not_found)
+        server.route("/.well-known/openid-configuration", slow_metadata)
+        app = Flask("cut-search")
+        app.config.update(
+            TESTING=True,
+            OAUTH_VERIFY_ISSUER=[slow_issuer.url, tokens.issuer],
+            OAUTH_VERIFY_AUDIENCE="api",
+            OAUTH_VERIFY_ALGORITHMS=tokens.algorithms,
+            OAUTH_VERIFY_STRATEGY="auto",
+            OAUTH_VERIFY_ALLOW_INSECURE_HTTP=True,
+            OAUTH_VERIFY_HTTP_TIMEOUT=(0.5, 1.5),
+            OAUTH_VERIFY_INTROSPECTION_CLIENT_ID="rs",
+            OAUTH_VERIFY_INTROSPECTION_CLIENT_SECRET="secret",
+        )
+        OAuthVerify(app)
+        add_views(app)
+        searched: list[int] = []
+        search = threading.Thread(
+            target=lambda: searched.append(
+                app.test_client()
+                .get("/protected", headers=auth_header(tokens.mint_opaque()))
+                .status_code
+            )
+        )
+        search.start()
+        assert search_reached_b.wait(10)
+        answer = app.test_client().get("/protected", headers=auth_header(tokens.mint()))
+        search.join(10)
+        assert answer.status_code == 200, answer.get_json()
+        assert searched == [503]  # the search itself ran out of budget
+    finally:
+        slow_issuer.close()
+        server.close()

@@ -249,3 +249,12 @@ def test_an_empty_set_parses_to_no_keys() -> None:
     keys = parse_key_set({"keys": []}, ("RS256",))
     assert keys.kids == ()
     assert keys.get("x") is None
+
+
+def test_an_rsa_modulus_beyond_openssl_s_limit_is_skipped_before_its_checks(
+    rsa_jwk: dict[str, Any],
+) -> None:
+    huge = _rsa_jwk_with_modulus((1 << 200_000) | 1, "huge")  # the checks would take seconds
+    keys = parse_key_set({"keys": [huge, rsa_jwk]}, ("RS256",))
+    assert keys.kids == ("rsa-1",)
+    assert "> 16384" in keys.skipped[0]

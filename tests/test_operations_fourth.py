@@ -280,3 +280,18 @@ def test_a_setting_behind_a_misspelled_prefix_is_warned_about(
         [message] = [m for m in warned if m.startswith(repr(typo))]
         assert f"did you mean {meant}?" in message
         assert "start with exactly 'OAUTH_VERIFY_'" in message
+
+
+def test_an_exception_class_with_odd_attributes_is_still_logged_without_its_message() -> None:
+    from flask_oauth_verify.errors import withheld_exc_info
+
+    class Odd(Exception):
+        pass
+
+    Odd.__module__ = ["not", "a", "string"]  # type: ignore[assignment]
+    try:
+        raise Odd("Bearer eyJ-secret")
+    except Odd as exc:
+        kind, stand_in, _traceback = withheld_exc_info(exc)
+    assert "eyJ-secret" not in str(stand_in)
+    assert kind.__name__ == "Odd"
