@@ -8,9 +8,10 @@ the ``/explicit/...`` views use :func:`org_scoped` / :func:`user_scoped`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from flask import Blueprint, Flask, abort, g, request
@@ -36,13 +37,20 @@ from sqlalchemy.orm import (
     mapped_column,
     relationship,
     selectinload,
+    sessionmaker,
     subqueryload,
 )
 from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.pool import StaticPool
 
 from flask_oauth_verify import require_token, require_user
-from flask_oauth_verify.tenancy import as_organization, org_scoped, unscoped, user_scoped
+from flask_oauth_verify.tenancy import (
+    as_organization,
+    enable_tenant_scoping,
+    org_scoped,
+    unscoped,
+    user_scoped,
+)
 from flask_oauth_verify.testing import TokenIssuer
 
 from .conftest import make_app
@@ -844,3 +852,43 @@ def foreign_rows(body: Any, org: str) -> list[Any]:
         for value in body:
             found += foreign_rows(value, org)
     return found
+
+
+@contextlib.contextmanager
+def scoped_database(
+    engine: Any, base: Any, seed: Callable[[Any], None], id_tables: Iterable[str] = ()
+) -> Iterator[sessionmaker[Any]]:
+    """A session factory with automatic scoping over ``base``'s tables, seeded.
+
+    :param seed: writes the rows (given a connection in a transaction).
+    :param id_tables: tables whose ``id`` sequence starts after the seeded
+        ids on PostgreSQL (SQLite continues after the largest id by itself).
+    """
+    base.metadata.create_all(engine)
+    with engine.begin() as connection:
+        seed(connection)
+        if engine.dialect.name == "postgresql":
+            for table in id_tables:
+                connection.execute(
+                    text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), 100)")
+                )
+    factory = sessionmaker(engine)
+    scoping = enable_tenant_scoping(factory, models=base)
+    try:
+        yield factory
+    finally:
+        scoping.disable()
+        engine.dispose()
+
+
+@contextlib.contextmanager
+def engine_for(request: Any, backend: str) -> Iterator[Any]:
+    """An engine on one shared in-memory SQLite connection, or on a private
+    schema of the test PostgreSQL server (``postgres_url`` fixture)."""
+    if backend == "sqlite":
+        yield create_engine(
+            "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
+        )
+        return
+    with PostgresSchema(request.getfixturevalue("postgres_url")) as schema:
+        yield create_engine(schema.url, **schema.options())

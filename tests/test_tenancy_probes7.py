@@ -22,7 +22,6 @@ And of the eighteenth (Flask-SQLAlchemy idioms):
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -36,7 +35,6 @@ from sqlalchemy import (
     Table,
     bindparam,
     cast,
-    create_engine,
     event,
     exists,
     func,
@@ -55,7 +53,6 @@ from sqlalchemy.orm import (
     relationship,
     sessionmaker,
 )
-from sqlalchemy.pool import StaticPool
 
 from flask_oauth_verify import OAuthVerify, require_organization
 from flask_oauth_verify.tenancy import (
@@ -64,11 +61,10 @@ from flask_oauth_verify.tenancy import (
     TenantScopingError,
     as_organization,
     current_organization_id,
-    enable_tenant_scoping,
 )
 from flask_oauth_verify.testing import TokenIssuer, auth_header
 
-from .tenancy_support import PostgresSchema
+from .tenancy_support import engine_for, scoped_database
 
 
 class SeventhBase(DeclarativeBase):
@@ -139,68 +135,49 @@ ROWS = [(1, "org_a", "a1", 10), (2, "org_b", "b-secret", 900), (3, "org_a", "a2"
 TASKS = [(1, "org_a", "a-task", 1), (2, "org_b", "b-task", 2)]
 
 
-def _load_rows(engine: Any) -> None:
-    SeventhBase.metadata.create_all(engine)
-    with engine.begin() as connection:
-        connection.execute(text("INSERT INTO p7_plans (id, name) VALUES (1, 'shared')"))
-        connection.execute(
-            text(
-                "INSERT INTO p7_projects (id, organization_id, name, score, plan_id) "
-                "VALUES (:i, :o, :n, :s, 1)"
-            ),
-            [{"i": i, "o": o, "n": n, "s": s} for i, o, n, s in ROWS],
-        )
-        connection.execute(
-            text(
-                "INSERT INTO p7_tasks (id, organization_id, title, project_id) "
-                "VALUES (:i, :o, :t, :p)"
-            ),
-            [{"i": i, "o": o, "t": t, "p": p} for i, o, t, p in TASKS],
-        )
-        connection.execute(
-            text("INSERT INTO p7_tags (id, organization_id, label) VALUES (1, 'org_a', 'a')")
-        )
-        connection.execute(
-            text("INSERT INTO p7_tags (id, organization_id, label) VALUES (2, 'org_b', 'b')")
-        )
-        if engine.dialect.name == "postgresql":  # new rows' ids after the given ones
-            for table in ("p7_projects", "p7_tasks", "p7_tags", "p7_notes", "p7_audit"):
-                connection.execute(
-                    text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), 100)")
-                )
+def _load_rows(connection: Any) -> None:
+    connection.execute(text("INSERT INTO p7_plans (id, name) VALUES (1, 'shared')"))
+    connection.execute(
+        text(
+            "INSERT INTO p7_projects (id, organization_id, name, score, plan_id) "
+            "VALUES (:i, :o, :n, :s, 1)"
+        ),
+        [{"i": i, "o": o, "n": n, "s": s} for i, o, n, s in ROWS],
+    )
+    connection.execute(
+        text(
+            "INSERT INTO p7_tasks (id, organization_id, title, project_id) VALUES (:i, :o, :t, :p)"
+        ),
+        [{"i": i, "o": o, "t": t, "p": p} for i, o, t, p in TASKS],
+    )
+    connection.execute(
+        text("INSERT INTO p7_tags (id, organization_id, label) VALUES (1, 'org_a', 'a')")
+    )
+    connection.execute(
+        text("INSERT INTO p7_tags (id, organization_id, label) VALUES (2, 'org_b', 'b')")
+    )
 
 
-@contextlib.contextmanager
-def _scoped_factory(engine: Any) -> Iterator[sessionmaker[Any]]:
-    _load_rows(engine)
-    factory = sessionmaker(engine)
-    scoping = enable_tenant_scoping(factory, models=SeventhBase)
-    try:
+ID_TABLES = ("p7_projects", "p7_tasks", "p7_tags", "p7_notes", "p7_audit")
+
+
+def _seventh(request: pytest.FixtureRequest, backend: str) -> Iterator[sessionmaker[Any]]:
+    with (
+        engine_for(request, backend) as engine,
+        scoped_database(engine, SeventhBase, _load_rows, ID_TABLES) as factory,
+    ):
         yield factory
-    finally:
-        scoping.disable()
-        engine.dispose()
 
 
 @pytest.fixture
-def session_factory() -> Iterator[sessionmaker[Any]]:
-    engine = create_engine(
-        "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
-    )
-    with _scoped_factory(engine) as factory:
-        yield factory
+def session_factory(request: pytest.FixtureRequest) -> Iterator[sessionmaker[Any]]:
+    yield from _seventh(request, "sqlite")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_factory(request: pytest.FixtureRequest) -> Iterator[sessionmaker[Any]]:
     """The same rows on SQLite and on a real PostgreSQL server (a private schema)."""
-    if request.param == "sqlite":
-        yield request.getfixturevalue("session_factory")
-        return
-    with PostgresSchema(request.getfixturevalue("postgres_url")) as schema:
-        engine = create_engine(schema.url, **schema.options())
-        with _scoped_factory(engine) as factory:
-            yield factory
+    yield from _seventh(request, request.param)
 
 
 def _plan_name(factory: sessionmaker[Any]) -> str:

@@ -15,7 +15,6 @@ guard's first reference check did not model, on SQLite and PostgreSQL.
 
 from __future__ import annotations
 
-import contextlib
 import decimal
 import enum
 import warnings
@@ -32,7 +31,6 @@ from sqlalchemy import (
     Numeric,
     String,
     Table,
-    create_engine,
     insert,
     text,
     update,
@@ -49,16 +47,14 @@ from sqlalchemy.orm import (
     relationship,
     sessionmaker,
 )
-from sqlalchemy.pool import StaticPool
 
 from flask_oauth_verify.tenancy import (
     CrossTenantWriteError,
     TenantScopingError,
     as_organization,
-    enable_tenant_scoping,
 )
 
-from .tenancy_support import PostgresSchema
+from .tenancy_support import engine_for, scoped_database
 
 
 class EighthBase(DeclarativeBase):
@@ -166,38 +162,16 @@ SEED = [
 TABLES = ("p8_projects", "p8_tasks", "p8_notes", "p8_attachments", "p8_ledgers")
 
 
-@contextlib.contextmanager
-def _scoped(engine: Any) -> Iterator[sessionmaker[Any]]:
-    EighthBase.metadata.create_all(engine)
-    with engine.begin() as connection:
-        for statement in SEED:
-            connection.execute(text(statement))
-        if engine.dialect.name == "postgresql":
-            for table in TABLES:
-                connection.execute(
-                    text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), 100)")
-                )
-    factory = sessionmaker(engine)
-    scoping = enable_tenant_scoping(factory, models=EighthBase)
-    try:
-        yield factory
-    finally:
-        scoping.disable()
-        engine.dispose()
+def _seed(connection: Any) -> None:
+    for statement in SEED:
+        connection.execute(text(statement))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def factory(request: pytest.FixtureRequest) -> Iterator[sessionmaker[Any]]:
-    if request.param == "sqlite":
-        engine = create_engine(
-            "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
-        )
-        with _scoped(engine) as made:
-            yield made
-        return
     with (
-        PostgresSchema(request.getfixturevalue("postgres_url")) as schema,
-        _scoped(create_engine(schema.url, **schema.options())) as made,
+        engine_for(request, request.param) as engine,
+        scoped_database(engine, EighthBase, _seed, TABLES) as made,
     ):
         yield made
 
