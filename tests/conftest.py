@@ -37,6 +37,30 @@ def need_service(what: str) -> None:
     pytest.skip(message)
 
 
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0, every: float = 0.001) -> bool:
+    """Poll ``condition`` (state another thread or process changes) until it holds.
+
+    Returns ``False`` once ``timeout`` seconds pass without it. The one
+    polling loop of the suite: a condition checked, never a fixed sleep
+    standing in for synchronisation.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(every)
+    return True
+
+
+def accepts_connections(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:``port``."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 class FakeClock:
     """A controllable wall clock: ``clock()`` returns the current fake time."""
 
@@ -165,17 +189,16 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.02)  # polling a process start-up, not synchronising tests
-        raise RuntimeError("redis-server did not start")
+        if not wait_until(self._answers_ping, every=0.02):
+            raise RuntimeError("redis-server did not start")
+
+    def _answers_ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
 
     def stop(self) -> None:
         """Stop the server (as an outage would)."""

@@ -33,7 +33,14 @@ from flask_oauth_verify.testing import (
     b64url,
 )
 
-from .conftest import FakeClock, RedisServer, add_views, in_forked_child, make_app
+from .conftest import (
+    FakeClock,
+    RedisServer,
+    add_views,
+    in_forked_child,
+    make_app,
+    wait_until,
+)
 
 JWKS = "/jwks"
 REDIS_OPTIONS = {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}
@@ -123,16 +130,6 @@ def test_cold_answer_without_a_key_set_is_shared_by_the_workers(
 # -- Redis stalls while a worker holds the fetch lock ------------------------------
 
 
-def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Poll ``condition`` (state in Redis, changed by another thread) until true."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def redis_command(server: RedisServer, *words: str) -> bytes:
     command = f"*{len(words)}\r\n" + "".join(f"${len(w)}\r\n{w}\r\n" for w in words)
     with socket.create_connection(("127.0.0.1", server.port), timeout=2) as sock:
@@ -183,7 +180,9 @@ def test_a_lock_redis_could_not_release_is_released_when_it_answers(
     assert outcome == [200]
     lock = get_state(b).keys.shared_key("jwks-lock", served_tokens.issuer)
     shared = get_state(b).cache
-    assert eventually(lambda: not shared.locked(lock, 22)), "the fetch lock outlived the fetch"
+    assert wait_until(lambda: not shared.locked(lock, 22), every=0.05), (
+        "the fetch lock outlived the fetch"
+    )
     assert status(b, token) == 200
     assert issuer_server.hits[JWKS] == 2  # A's copy never reached Redis: B fetched
 
@@ -215,7 +214,7 @@ def _flush_while_b_waits(
     gets = redis_gets(redis_server)
     second = threading.Thread(target=lambda: outcome.update(b=status(b, token)))
     second.start()
-    assert eventually(lambda: redis_gets(redis_server) > gets + 5), "B polls A's lock"
+    assert wait_until(lambda: redis_gets(redis_server) > gets + 5, every=0.05), "B polls A's lock"
     assert redis_command(redis_server, "FLUSHALL").startswith(b"+OK")
     second.join(10)
     gate.set()
@@ -342,7 +341,7 @@ def test_a_worker_waits_for_one_fetch_of_another_not_for_a_free_lock(
     before = redis_gets(redis_server)
     waiter.start()
     # B polls the lock (a GET every 20 ms): it is waiting for A's fetch.
-    assert eventually(lambda: redis_gets(redis_server) >= before + 10)
+    assert wait_until(lambda: redis_gets(redis_server) >= before + 10, every=0.05)
     # A's fetch fails; A's next request takes the lock again at once.
     cache.set(attempt, {"at": clock(), "error": "timed out", "answered": False}, 60)
     cache.set(lock, {"at": time.time() + 0.001, **elsewhere}, 60)

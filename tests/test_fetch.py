@@ -7,8 +7,6 @@ the single-flight helper every fetcher of the package shares.
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,17 +15,7 @@ from flask_oauth_verify.config import Settings
 from flask_oauth_verify.fetch import CircuitBreaker, Fetcher, FetchError, SingleFlight
 from flask_oauth_verify.testing import IssuerServer, Reply, Request
 
-from .conftest import FakeClock, free_port
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Poll ``predicate`` until it holds (a condition, not a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
-    return True
+from .conftest import FakeClock, free_port, wait_until
 
 
 def make_fetcher(clock: FakeClock | None = None, **options: Any) -> Fetcher:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -27,7 +25,7 @@ from flask_oauth_verify.config import ConfigurationError
 from flask_oauth_verify.extension import get_state
 from flask_oauth_verify.testing import IssuerServer, Reply, Request, TokenIssuer, auth_header
 
-from .conftest import FakeClock, add_views, free_port, make_app
+from .conftest import FakeClock, add_views, free_port, make_app, wait_until
 
 JWKS = "/jwks"
 
@@ -76,16 +74,6 @@ def get(app: Flask, token: str) -> TestResponse:
 def unknown_kid_token(tokens: TokenIssuer, kid: str | None = None) -> str:
     """A token signed by the current key but naming a kid nobody publishes."""
     return tokens.mint(headers={"kid": kid or f"random-{uuid.uuid4().hex}"})
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Poll ``predicate`` until it holds (a condition, not a fixed sleep)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
-    return True
 
 
 def assert_503(response: TestResponse) -> None:

@@ -36,8 +36,7 @@ from flask_oauth_verify.cache import SharedCache
 from flask_oauth_verify.extension import get_state
 from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer, auth_header
 
-from .conftest import FakeClock, add_views, free_port
-from .test_concurrency import eventually
+from .conftest import FakeClock, accepts_connections, add_views, free_port, wait_until
 
 if TYPE_CHECKING:
     from .conftest import RedisServer
@@ -280,7 +279,9 @@ def test_a_lock_whose_expire_failed_is_released_from_redis(redis: RedisServer) -
     try:
         assert worker.lock(key, 15), "taken per process once Redis refused"
         assert worker.degraded
-        assert eventually(lambda: other.get(key) is None), "the half-taken lock stays in Redis"
+        assert wait_until(lambda: other.get(key) is None, every=0.05), (
+            "the half-taken lock stays in Redis"
+        )
         assert other.lock(key, 15), "another worker is not held by it"
         worker.unlock(key)
         assert other.locked(key, 15), "and the first worker never releases the other's lock"
@@ -713,16 +714,14 @@ def test_a_worker_killed_mid_fetch_does_not_hold_the_others_back(
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
     """Wait until a started server process accepts connections on ``port``."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+
+    def up() -> bool:
         if process.poll() is not None:
             raise RuntimeError("gunicorn exited")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)  # polling a process start-up, not synchronising tests
-    raise RuntimeError("gunicorn did not start")
+        return accepts_connections(port)
+
+    if not wait_until(up, timeout=60, every=0.05):
+        raise RuntimeError("gunicorn did not start")
 
 
 @pytest.mark.slow
