@@ -101,6 +101,10 @@ class _Unguarded:
         """Nothing to record."""
 
     @staticmethod
+    def record_answer() -> None:
+        """Nothing to record."""
+
+    @staticmethod
     def record_failure() -> None:
         """Nothing to record."""
 
@@ -215,6 +219,21 @@ class CircuitBreaker:
             self._count = 0
             self._opened_at = None
             self._trial = False
+
+    def record_answer(self) -> None:
+        """An answer that is wrong (a 4xx, an HTML page): the server is up.
+
+        It closes a half-open circuit (the trial call was answered) but,
+        while the circuit is closed, neither counts nor clears the outages
+        in a row: another path of the same origin that hangs (a key set
+        fallback) still opens the circuit, however many quick 404s come
+        between its timeouts.
+        """
+        with self._lock:
+            self._trial = False
+            if self._opened_at is not None:
+                self._count = 0
+                self._opened_at = None
 
     def record_failure(self) -> None:
         """Count a failure; open (or re-open) the circuit past the threshold."""
@@ -492,7 +511,7 @@ class Fetcher:
             # JSON) is the server up and working as designed: our request or
             # credentials are wrong. Only outages count against the circuit.
             if exc.answered:
-                circuit.record_success()
+                circuit.record_answer()
             else:
                 circuit.record_failure()
             raise

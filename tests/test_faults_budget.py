@@ -400,6 +400,38 @@ def test_cold_retry_after_names_an_open_fallback_circuit(clock: FakeClock) -> No
         server.close()
 
 
+def test_a_hung_fallback_beside_a_404_of_the_same_origin_opens_the_circuit(
+    clock: FakeClock,
+) -> None:
+    """JWKS_URI answers 404 at once, its fallback on the same origin never
+    answers: the 404 is no proof that the fallback is up, so its timeouts
+    open the origin's circuit and the next requests get 503 at once, not
+    after another whole budget each."""
+    issuer = TokenIssuer(issuer="https://issuer.example.test")
+    server = IssuerServer()
+    try:
+        server.hold("/jwks")
+        config = _jwt_config(
+            issuer,
+            JWKS_URI=f"{server.url}/wrong",
+            JWKS_URI_FALLBACKS=[f"{server.url}/jwks"],
+            CIRCUIT_BREAKER_FAILURES=2,
+            CIRCUIT_BREAKER_RESET=300,
+        )
+        app = fault_app(config, clock)
+        for _ in range(2):
+            response, _elapsed = timed(app, issuer.mint())
+            assert_unavailable(response)
+            clock.advance(2)  # past the pacing of a failed fetch
+        response, elapsed = timed(app, issuer.mint())
+        assert_unavailable(response)
+        assert elapsed < BUDGET / 2, "the open circuit answers at once"
+        assert int(response.headers["Retry-After"]) >= 290
+        assert server.hits["/jwks"] == 2, dict(server.hits)
+    finally:
+        server.close()
+
+
 def _retry_afters(app: Any, token: str, count: int) -> list[int]:
     seen = []
     for _ in range(count):

@@ -209,6 +209,25 @@ def test_a_clock_stepped_back_ends_the_breakers_wait() -> None:
     assert breaker.is_open and breaker.retry_after() == 31, "re-opened from the new time"
 
 
+def test_a_wrong_answer_neither_counts_nor_clears_the_outages_in_a_row() -> None:
+    """A 4xx says the origin is up, not that the path that hung is: a
+    closed circuit keeps its count (a hung fallback beside a quick 404 of
+    the same origin still opens it), a half-open one is closed by it."""
+    clock = FakeClock(1000.0)
+    breaker = CircuitBreaker(failures=2, reset=30, clock=clock)
+    breaker.record_failure()
+    breaker.record_answer()
+    assert not breaker.is_open
+    breaker.record_failure()
+    assert breaker.is_open, "the 404 between the two timeouts cleared the first"
+    clock.advance(30)
+    assert breaker.allow(), "half-open: one trial call"
+    breaker.record_answer()
+    assert breaker.allow() and breaker.allow(), "an answered trial closes the circuit"
+    breaker.record_failure()
+    assert not breaker.is_open, "closed afresh: one failure is not two in a row"
+
+
 def test_fetcher_stops_calling_a_failing_origin(issuer_server: IssuerServer) -> None:
     clock = FakeClock()
     fetcher = make_fetcher(clock, CIRCUIT_BREAKER_FAILURES=3, CIRCUIT_BREAKER_RESET=30)
