@@ -17,13 +17,14 @@ from collections.abc import Callable, Iterable
 from time import perf_counter
 from typing import Any, TypeVar, overload
 
-from flask import abort, current_app, g, request
+from flask import current_app, g, request
 from flask.views import MethodView
 
 from .bearer import extract_token, may_name_access_token, plain_header_token
 from .config import STRATEGIES
 from .context import REQUEST_KEY, AuthContext, set_auth, stamped_for
 from .errors import (
+    AnsweredByFlask,
     InsufficientScopeError,
     InvalidTokenError,
     MissingOrganizationContext,
@@ -204,7 +205,7 @@ def _check_request(
             events.failed(exc, token or _header_token(state), strategy=strategy, started=started)
             raise
         except _FlaskAnswers:
-            abort(current_app.make_default_options_response())
+            raise AnsweredByFlask(current_app.make_default_options_response()) from None
         except Exception as exc:  # fail closed, never a 500
             # A bug or an input nobody anticipated: refuse the token (never let
             # it through, never answer 500) and log loudly, without the token:

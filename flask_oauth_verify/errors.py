@@ -41,6 +41,25 @@ __all__ = [
 DEFAULT_REALM = "api"
 
 
+class AnsweredByFlask(HTTPException):
+    """Flask's own answer to a request no view runs for (a CORS preflight
+    reaching a ``before_request`` that verifies), raised to end the request.
+
+    Internal: :meth:`~flask_oauth_verify.OAuthVerify.init_app` registers a
+    handler that returns the carried response, so it is answered even with
+    ``TRAP_HTTP_EXCEPTIONS`` on (Flask then hands every ``HTTPException`` to
+    the error handlers, and a bare ``abort(response)`` has none: a 500).
+    """
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response=response)
+
+    @staticmethod
+    def answer(error: AnsweredByFlask) -> Any:
+        """The response it carries (the registered error handler)."""
+        return error.get_response()
+
+
 def _printable_ascii(value: str) -> str:
     """``value`` reduced to printable ASCII, the only characters a header
     value can carry safely (a WSGI server encodes headers as Latin-1, and one

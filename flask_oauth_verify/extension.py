@@ -21,7 +21,7 @@ from .cache import SharedCache
 from .config import Settings
 from .context import AuthContext, ContextBuilder
 from .discovery import Discovery
-from .errors import InvalidTokenError, OAuthVerifyError, default_error_response
+from .errors import AnsweredByFlask, InvalidTokenError, OAuthVerifyError, default_error_response
 from .events import SecurityEvents
 from .fetch import Fetcher
 from .jwks import KeySetStatus, KeyStore
@@ -430,6 +430,7 @@ class OAuthVerify:
         app.extensions[EXTENSION_KEY] = state
         state.cache.bind_app(app)  # reach Flask-Caching outside an app context
         _register_error_handler(app, state.error_response)
+        app.register_error_handler(AnsweredByFlask, AnsweredByFlask.answer)
         _encode_claims_as_json(app)
         if settings.security_headers:
             app.after_request(_protected_response_headers)
@@ -571,10 +572,12 @@ def _register_error_handler(app: Flask, handler: Callable[[Any], Response]) -> N
     app registers for a subclass (``TokenExpired``) still wins, being more
     specific. A handler the app registered for the base class before
     ``init_app`` (an app factory that sets up its handlers first) is kept.
+    It is also filed under no status, where Flask looks last: a subclass
+    defined after ``init_app`` with a status of its own (a ``423`` raised by
+    a claims check) finds it before an app's ``Exception`` handler.
     """
-    codes = set(_ERROR_STATUSES) | {
-        code for cls in _subclasses(OAuthVerifyError) if isinstance(code := cls.code, int)
-    }
+    statuses = {cls.code for cls in _subclasses(OAuthVerifyError) if isinstance(cls.code, int)}
+    codes: set[int | None] = {None, *_ERROR_STATUSES, *statuses}
     for code in codes:
         app.error_handler_spec[None][code].setdefault(OAuthVerifyError, handler)
 

@@ -363,15 +363,24 @@ def test_a_claim_name_holding_dots_maps_whole_before_as_a_path(tokens: TokenIssu
     assert response.json == {"org": "org_nested", "scopes": []}
 
 
+@pytest.mark.parametrize("trapped", [False, True])
 def test_verify_request_in_a_hook_lets_flask_answer_its_automatic_options(
-    tokens: TokenIssuer,
+    tokens: TokenIssuer, trapped: bool
 ) -> None:
     """A CORS preflight comes without credentials; Flask answers an automatic
     ``OPTIONS`` itself, so a ``before_request`` check lets Flask's answer (and
     the ``after_request`` functions, e.g. Flask-CORS's) through. Everything
-    else still needs a token, and no later hook code runs without one."""
-    app = make_app(tokens.config())
+    else still needs a token, and no later hook code runs without one.
+
+    Also with ``TRAP_HTTP_EXCEPTIONS`` and a generic handler: the answer was
+    a bare ``abort(response)``, which Flask then hands to the error handlers
+    (a 500)."""
+    app = make_app({**tokens.config(), "TRAP_HTTP_EXCEPTIONS": trapped})
     reached: list[str] = []
+
+    @app.errorhandler(Exception)
+    def generic(_error: Exception) -> tuple[str, int]:
+        return "generic handler", 500
 
     @app.before_request
     def check() -> None:

@@ -6,15 +6,17 @@ import json
 from typing import Any
 
 import pytest
-from flask import Flask
+from flask import Flask, g
 
 from flask_oauth_verify import (
     InsufficientScopeError,
     InvalidRequestError,
     InvalidTokenError,
     MissingTokenError,
+    OAuthVerify,
     TokenExpired,
     UpstreamError,
+    require_token,
 )
 from flask_oauth_verify.errors import OAuthVerifyError
 from flask_oauth_verify.testing import TokenIssuer, auth_header
@@ -184,3 +186,42 @@ def test_a_503_gets_the_librarys_response_under_a_generic_handler(
     assert response.status_code == 503 and response.is_json
     assert "Retry-After" in response.headers
     assert 'realm="my-realm"' in response.headers["WWW-Authenticate"]
+
+
+def test_a_subclass_defined_after_init_app_keeps_the_librarys_response(
+    tokens: TokenIssuer,
+) -> None:
+    """A refusal class with a status of its own, defined after ``init_app``
+    (raised by a claims check, as the docs allow), reached the app's generic
+    ``Exception`` handler: the handler was filed only under the statuses of
+    the classes that existed at ``init_app``."""
+    app = Flask(__name__)
+    app.config.update(tokens.config())
+    oauth = OAuthVerify(app)
+
+    class AccountLocked(OAuthVerifyError):
+        code = 423
+        error = "account_locked"
+        default_description = "The account is locked."
+
+    @oauth.claims_check
+    def not_locked(claims: Any) -> bool:
+        if claims.get("locked"):
+            raise AccountLocked(reason="locked by an administrator")
+        return True
+
+    @app.errorhandler(Exception)
+    def boom(_error: Exception) -> tuple[str, int]:
+        return "generic handler", 500
+
+    @app.get("/me")
+    @require_token
+    def me() -> dict[str, Any]:
+        return {"subject": g.auth.subject}
+
+    client = app.test_client()
+    response = client.get("/me", headers=auth_header(tokens.mint(locked=True)))
+    assert response.status_code == 423
+    assert response.json == {"error": "account_locked", "message": "The account is locked."}
+    assert response.headers["WWW-Authenticate"].startswith('Bearer realm="api"')
+    assert client.get("/me", headers=auth_header(tokens.mint())).status_code == 200
