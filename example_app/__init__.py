@@ -40,8 +40,12 @@ def organization_not_suspended(claims: Mapping[str, Any]) -> bool:
     ``SUSPENDED_ORGANIZATIONS`` (``EXAMPLE_SUSPENDED_ORGANIZATIONS='["org_x"]'``
     in the environment) lists them. The check sees verified claims only, and
     its outcome is cached with the token, so it depends on the claims alone.
+    The organization is read as ``g.auth`` will hold it (``oid``, ``org_id``,
+    ``organization_id`` or the provider's own claim), never from one claim
+    name: a token naming its organization in another claim would pass.
     """
-    return claims.get("oid") not in current_app.config.get("SUSPENDED_ORGANIZATIONS", ())
+    organization = oauth.context_for(claims).organization_id
+    return organization not in current_app.config.get("SUSPENDED_ORGANIZATIONS", ())
 
 
 def create_app(config: dict[str, Any] | None = None, *, instance_path: str | None = None) -> Flask:

@@ -7,11 +7,13 @@ every write, so a forgotten filter cannot leak another tenant's rows.
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, abort, g, jsonify, request
+from flask import Blueprint, Response, abort, current_app, g, jsonify, request
 from sqlalchemy import func, select
+from sqlalchemy.exc import DataError
 from werkzeug.exceptions import MethodNotAllowed
 
 from flask_oauth_verify import (
+    OAuthVerifyError,
     current_auth,
     require_organization,
     require_scope,
@@ -36,6 +38,20 @@ def not_found(_error: Exception) -> tuple[dict[str, str], int]:
     """JSON, like every other answer of the API (another tenant's id lands here,
     and so does a path no route matches)."""
     return {"error": "not_found", "message": "No such resource."}, 404
+
+
+@api.app_errorhandler(DataError)
+def value_does_not_fit(_error: DataError) -> tuple[dict[str, str], int]:
+    """A value the database refuses (longer than its column: an organization
+    id of more than 64 characters on PostgreSQL) is the client's 400."""
+    db.session.rollback()
+    return {"error": "invalid_request", "message": "A value does not fit."}, 400
+
+
+@api.app_errorhandler(500)
+def internal_error(_error: Exception) -> tuple[dict[str, str], int]:
+    """JSON even for a bug: never an HTML page to an API client."""
+    return {"error": "server_error", "message": "Internal server error."}, 500
 
 
 @api.app_errorhandler(405)
@@ -85,17 +101,42 @@ def get_customer(customer_id: int) -> dict[str, object]:
     return {**customer.to_dict(), "projects": [p.to_dict() for p in customer.projects]}
 
 
+#: What a customer's name must be (the column holds 200 characters).
+NAME_RULE = "name is required: a string of 1 to 200 characters, no NUL"
+
+
+def _json_object() -> dict[str, object]:
+    """The request's JSON object, or ``{}``: not JSON, not an object, or
+    nested too deeply for Python's parser (a ``RecursionError``, which
+    ``silent=True`` does not catch)."""
+    try:
+        payload = request.get_json(silent=True)
+    except RecursionError:
+        payload = None
+    return payload if isinstance(payload, dict) else {}
+
+
+def _storable(text: str) -> bool:
+    """Whether a name fits its column and every database takes it: not
+    empty, at most 200 characters, no NUL, no unpaired surrogate."""
+    if not 0 < len(text) <= 200 or "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @api.post("/customers")
 @require_scope("customers:write")
 @require_organization
 def create_customer() -> tuple[dict[str, object], int]:
     """Create a customer; the write guard stamps (or refuses) the organization."""
-    payload = request.get_json(silent=True)
-    if not isinstance(payload, dict):  # not JSON, or a list, a string...
-        payload = {}
-    name = str(payload.get("name", "")).strip()
-    if not name:
-        return {"error": "invalid_request", "message": "name is required"}, 400
+    payload = _json_object()
+    name = payload.get("name")
+    if not isinstance(name, str) or not _storable(name := name.strip()):
+        return {"error": "invalid_request", "message": NAME_RULE}, 400
     customer = Customer(name=name)
     if "organization_id" in payload:  # a client trying another tenant gets a 403
         customer.organization_id = str(payload["organization_id"])
@@ -148,10 +189,28 @@ def reports() -> dict[str, object]:
     return {"organization_id": g.auth.organization_id, "customers": count, "via": g.auth.strategy}
 
 
+class PlatformOnly(OAuthVerifyError):
+    """403: a cross-organization read asked for with a tenant's token."""
+
+    code = 403
+    error = "forbidden"
+    challenge_error = None  # no RFC 6750 error fits: the token is fine, the caller is not
+    default_description = "Only the platform operator's token reads across organizations."
+
+
 @api.get("/admin/customer-counts")
 @require_scope("admin:read")
 def customer_counts() -> dict[str, object]:
-    """An audited cross-tenant read: the opt-out is explicit and logged."""
+    """An audited cross-tenant read: the opt-out is explicit and logged.
+
+    Only for the platform operator's own token: ``admin:read``, no
+    organization, and a client listed in ``PLATFORM_CLIENT_IDS`` (default
+    ``["platform-ops"]``). A tenant's administrator holding ``admin:read`` is
+    still one organization and sees nothing of the others: 403.
+    """
+    operators = current_app.config.get("PLATFORM_CLIENT_IDS", ["platform-ops"])
+    if g.auth.organization_id is not None or g.auth.client_id not in operators:
+        raise PlatformOnly(reason="a tenant's or unknown client's token on a platform route")
     rows = db.session.execute(
         unscoped(
             select(Customer.organization_id, func.count(Customer.id)).group_by(

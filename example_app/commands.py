@@ -35,6 +35,13 @@ def banner(issuer: TokenIssuer, base_url: str) -> str:
     lines.append(f'curl -s {base_url}/api/reports -H "Authorization: Bearer $OPAQUE"')
     lines.append("")
     lines.append(f"curl -s {base_url}/api/customers   # no token: 401")
+    platform = issuer.mint(subject="svc_platform_ops", scopes=["admin:read"],
+                           audience="example-api", client_id="platform-ops")  # fmt: skip
+    lines.append("# the platform operator (no organization): the audited cross-tenant report")
+    lines.append(f"PLATFORM='{platform}'")
+    lines.append(
+        f'curl -s {base_url}/api/admin/customer-counts -H "Authorization: Bearer $PLATFORM"'
+    )
     lines.append(
         "# the widget blueprint (checked in before_request): a CORS preflight, then the call"
     )

@@ -480,6 +480,27 @@ class OAuthVerify:
         self._claims_checks.append(check)
         return check
 
+    def context_for(self, claims: Mapping[str, Any], app: Flask | None = None) -> AuthContext:
+        """The :class:`~flask_oauth_verify.AuthContext` the app's claim mapping
+        makes of ``claims``: its ``organization_id``, ``user_id`` and scopes
+        as ``g.auth`` would hold them (``CLAIM_MAP``, ``PROVIDER``,
+        ``USER_ID_RULE``, ``NO_ORGANIZATION_VALUES``).
+
+        For a :meth:`claims_check` that needs the organization or the user
+        (the claim's name differs between providers)::
+
+            @oauth.claims_check
+            def organization_not_suspended(claims):
+                return oauth.context_for(claims).organization_id not in SUSPENDED
+
+        Nothing is verified or checked here: pass claims that were.
+
+        :raises InvalidTokenError: when a mapped claim has the wrong type.
+
+        .. versionadded:: 0.1.0
+        """
+        return get_state(app).context_builder.build(claims)
+
     # -- operations ---------------------------------------------------------
 
     def prefetch_keys(self, app: Flask | None = None) -> dict[str, str | None]:

@@ -20,13 +20,16 @@ from flask import Flask
 from werkzeug.serving import make_server
 
 from example_app import create_app
+from example_app.api import NAME_RULE
 from example_app.commands import banner
 from example_app.dev_issuer import load_dev_issuer
 from example_app.logging_setup import JSONFormatter, configure_security_log
+from example_app.models import db
 from flask_oauth_verify import ConfigurationError
 from flask_oauth_verify.testing import TokenIssuer, auth_header
 
 from .conftest import free_port
+from .tenancy_support import PostgresSchema
 
 
 @pytest.fixture
@@ -226,10 +229,32 @@ def test_projects_join_and_admin_opt_out(example: Flask) -> None:
     )
     assert mine.json is not None
     assert [p["user_id"] for p in mine.json["projects"]] == ["user_alice"]
-    counts = client.get(
-        "/api/admin/customer-counts", headers=mint(example, "org_acme", ["admin:read"])
-    )
+    platform = dev_issuer(example).mint(
+        subject="svc_platform_ops", scopes=["admin:read"], audience="example-api",
+        client_id="platform-ops",
+    )  # fmt: skip
+    counts = client.get("/api/admin/customer-counts", headers=auth_header(platform))
     assert counts.json is not None and set(counts.json["counts"]) == {"org_acme", "org_globex"}
+
+
+def test_a_tenants_admin_sees_no_other_organization(example: Flask) -> None:
+    """admin:read in a tenant's token (or a platform-less client's) is not the
+    platform operator: 403, and no organization id or count in the answer."""
+    client = example.test_client()
+    issuer = dev_issuer(example)
+    tenant_admin = mint(example, "org_acme", ["admin:read"])
+    no_org_other_client = auth_header(
+        issuer.mint(subject="svc_x", scopes=["admin:read"], audience="example-api", client_id="x")
+    )
+    tenant_with_platform_client = auth_header(
+        issuer.mint(subject="svc_y", scopes=["admin:read"], audience="example-api",
+                    client_id="platform-ops", organization_id="org_acme")
+    )  # fmt: skip
+    for headers in (tenant_admin, no_org_other_client, tenant_with_platform_client):
+        response = client.get("/api/admin/customer-counts", headers=headers)
+        assert response.status_code == 403, response.text
+        assert response.json is not None and response.json["error"] == "forbidden"
+        assert "org_globex" not in response.text and "WWW-Authenticate" in response.headers
 
 
 def test_another_organizations_id_is_a_json_404(example: Flask) -> None:
@@ -255,6 +280,15 @@ def test_claims_check_refuses_a_suspended_organization(tmp_path: Path) -> None:
     assert suspended.json is not None and suspended.json["error"] == "invalid_token"
     active = client.get("/api/customers", headers=mint(app, "org_acme", ["customers:read"]))
     assert active.status_code == 200
+    # The organization as g.auth holds it, whatever claim names it: the
+    # check read "oid" alone, so org_id/organization_id tokens passed.
+    issuer = dev_issuer(app)
+    for claim in ("org_id", "organization_id"):
+        claims = issuer.claims(subject="user_x", scopes=["customers:read"], audience="example-api")
+        assert "oid" not in claims
+        token = issuer.mint({**claims, claim: "org_globex"})
+        refused = client.get("/api/customers", headers=auth_header(token))
+        assert refused.status_code == 401, (claim, refused.json)
 
 
 #: Testing, but an error in a view is the 500 a client gets, not an exception.
@@ -267,10 +301,44 @@ def test_a_body_that_is_no_json_object_is_a_400_not_a_500(tmp_path: Path) -> Non
     app = create_app(AS_SERVED, instance_path=str(tmp_path))
     client = app.test_client()
     headers = mint(app, "org_acme", ["customers:write"])
-    for body in ([{"name": "Listed"}], "New Co", 3):
+    bodies: list[object] = [[{"name": "Listed"}], "New Co", 3]
+    # names no database column takes as they are: a 500 from the driver
+    bodies += [{"name": bad} for bad in ("\ud800", "a\x00b", "x" * 201, "  ", 42, None)]
+    for body in bodies:
         response = client.post("/api/customers", json=body, headers=headers)
+        assert response.status_code == 400, (body, response.text)
+        assert response.json == {"error": "invalid_request", "message": NAME_RULE}
+    nested = "[" * 5000 + "]" * 5000  # Python's parser: RecursionError, not ValueError
+    response = client.post(
+        "/api/customers", data=nested, content_type="application/json", headers=headers
+    )
+    assert response.status_code == 400, response.text
+    created = client.post("/api/customers", json={"name": " " + "y" * 200}, headers=headers)
+    assert created.status_code == 201 and created.json is not None
+    assert created.json["name"] == "y" * 200
+
+
+def test_an_organization_id_longer_than_its_column_is_a_json_400(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """On PostgreSQL a value longer than its column is a DataError: a token
+    whose organization claim has 65 characters got a 500 on every write."""
+    with PostgresSchema(postgres_url) as schema:
+        database = {
+            "SQLALCHEMY_DATABASE_URI": postgres_url,
+            "SQLALCHEMY_ENGINE_OPTIONS": schema.options(),
+        }
+        app = create_app({**AS_SERVED, **database}, instance_path=str(tmp_path))
+        client = app.test_client()
+        too_long = mint(app, "o" * 65, ["customers:write"])
+        response = client.post("/api/customers", json={"name": "Long Co"}, headers=too_long)
         assert response.status_code == 400, response.text
-        assert response.json == {"error": "invalid_request", "message": "name is required"}
+        assert response.json == {"error": "invalid_request", "message": "A value does not fit."}
+        fits = mint(app, "org_acme", ["customers:write"])
+        ok = client.post("/api/customers", json={"name": "Short Co"}, headers=fits)
+        assert ok.status_code == 201, ok.text
+        with app.app_context():
+            db.engine.dispose()
 
 
 def test_an_id_past_the_database_integer_range_is_a_json_404(
@@ -324,14 +392,47 @@ def test_the_production_setup_of_the_module_docstring_works(
     assert response.status_code == 200, response.text
 
 
+def _fresh_json_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let configure_security_log() add fresh stderr handlers (for capsys),
+    taken away again after the test."""
+    for name in ("flask_oauth_verify.security", "flask_oauth_verify"):
+        logger = logging.getLogger(name)
+        others = [h for h in logger.handlers if not isinstance(h.formatter, JSONFormatter)]
+        monkeypatch.setattr(logger, "handlers", others)
+        monkeypatch.setattr(logger, "level", logger.level)
+
+
+def test_the_tenancy_audit_trail_reaches_the_log(
+    example: Flask, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The admin report's unscoped() read and a refused cross-tenant write
+    are logged by the library at WARNING; the example printed only the
+    security events, so its "audited" read left no line."""
+    _fresh_json_handlers(monkeypatch)
+    configure_security_log()
+    client = example.test_client()
+    admin = auth_header(
+        dev_issuer(example).mint(subject="user_admin", scopes=["admin:read"],
+                                 audience="example-api", client_id="platform-ops")
+    )  # fmt: skip
+    assert client.get("/api/admin/customer-counts", headers=admin).status_code == 200
+    writer = mint(example, "org_acme", ["customers:write"])
+    smuggled = {"name": "Elsewhere", "organization_id": "org_globex"}
+    assert client.post("/api/customers", json=smuggled, headers=writer).status_code == 403
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line]
+    tenancy = [line for line in lines if line["logger"] == "flask_oauth_verify.tenancy"]
+    assert any("admin report by user_admin" in line["message"] for line in tenancy), lines
+    assert any("cross-tenant" in line["message"] for line in tenancy), lines
+    assert all(line["level"] == "WARNING" for line in tenancy)
+    validated = [line for line in lines if line.get("event") == "token_validated"]
+    assert len(validated) == 2, "each security event once, not again by the package's handler"
+
+
 def test_security_events_are_json_lines_without_the_token(
     example: Flask, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The example's security log: one JSON object per decision, never the token."""
-    logger = logging.getLogger("flask_oauth_verify.security")
-    others = [h for h in logger.handlers if not isinstance(h.formatter, JSONFormatter)]
-    monkeypatch.setattr(logger, "handlers", others)  # a fresh stderr handler for capsys
-    monkeypatch.setattr(logger, "level", logger.level)
+    _fresh_json_handlers(monkeypatch)
     configure_security_log()
     configure_security_log()  # idempotent: still one line per event
     client = example.test_client()

@@ -133,3 +133,39 @@ def test_star_import_works_without_the_sqlalchemy_extra() -> None:
     assert done.returncode == 0, done.stderr
     assert "org_scoped() needs SQLAlchemy" in done.stdout
     assert "flask-oauth-verify[sqlalchemy]" in done.stdout
+
+
+def test_context_for_maps_claims_as_g_auth_would(tokens: TokenIssuer) -> None:
+    """A claims check reads the organization through the app's mapping:
+    whichever claim carries it, as ``g.auth`` will hold it."""
+    import pytest
+
+    from flask_oauth_verify import InvalidTokenError
+
+    app = Flask(__name__)
+    app.config.update(tokens.config(CLAIM_MAP={"organization_id": ["tenant.id"]}))
+    oauth = OAuthVerify(app)
+    seen: list[object] = []
+
+    @oauth.claims_check
+    def record(claims: object) -> bool:
+        seen.append(oauth.context_for(claims).organization_id)  # type: ignore[arg-type]
+        return True
+
+    @app.get("/org")
+    @require_token
+    def org() -> dict[str, object]:
+        from flask import g
+
+        return {"organization_id": g.auth.organization_id}
+
+    response = app.test_client().get(
+        "/org", headers=auth_header(tokens.mint(tenant={"id": "org_t"}, oid="org_other"))
+    )
+    assert response.json == {"organization_id": "org_t"}
+    assert seen == ["org_t"]
+    with app.app_context():
+        assert oauth.context_for({"tenant": {"id": "org_x"}, "sub": "u"}).organization_id == "org_x"
+    assert oauth.context_for({"sub": "u"}, app).organization_id is None
+    with pytest.raises(InvalidTokenError):
+        oauth.context_for({"tenant": {"id": 42}}, app)
