@@ -256,6 +256,10 @@ class KeyStore:
         self.on_keys_changed: Callable[[], None] | None = None
         self._sources: dict[tuple[str, str | None], _Source] = {}
         self._guard = threading.Lock()
+        #: held from the "is it newer than ours?" test to the install of a
+        #: key set: a shared copy read before a fetch installed a newer set
+        #: must not replace it (``status()`` adopts outside the fetch)
+        self._installing = threading.RLock()
         reset_in_child(self, KeyStore._after_fork)
         self._flights: SingleFlight[PreparedKeySet] = SingleFlight()
         self._parsed: dict[str, PreparedKeySet] = {}
@@ -281,8 +285,9 @@ class KeyStore:
                 self._source(issuer, None)
 
     def _after_fork(self) -> None:
-        """In a forked child: a guard no parent thread holds."""
+        """In a forked child: guards no parent thread holds."""
         self._guard = threading.Lock()
+        self._installing = threading.RLock()
 
     # -- the hot path -------------------------------------------------------
 
@@ -661,7 +666,8 @@ class KeyStore:
         self.cache.set(source.key("jwks"), record, keep)
         self.cache.set(source.key("jwks-attempt"), {"at": now, "error": None}, keep)
         source.last_error = None
-        self._install(source, keys, record)
+        with self._installing:
+            self._install(source, keys, record)
         if not keys.keys:
             logger.warning(
                 "The key set of %s has no usable key (skipped: %s).",
@@ -921,7 +927,7 @@ class KeyStore:
         if fetched_at is None or ttl is None:
             return False
         if source.keys is not None and fetched_at < source.fetched_at:
-            return False
+            return False  # ours is newer
         if now - fetched_at > self._max_staleness:
             return False
         if not self._our_source(source, record.get("uri")):
@@ -930,9 +936,12 @@ class KeyStore:
             keys = self._parse(record.get("jwks"))
         except KeySetError:
             return False
-        if keys is source.keys and fetched_at == source.fetched_at:
-            return False  # the very copy we have (clocks may tick coarsely)
-        self._install(source, keys, {**record, "fetched_at": fetched_at, "ttl": ttl})
+        with self._installing:
+            if source.keys is not None and fetched_at < source.fetched_at:
+                return False  # ours is newer (perhaps installed since the read)
+            if keys is source.keys and fetched_at == source.fetched_at:
+                return False  # the very copy we have (clocks may tick coarsely)
+            self._install(source, keys, {**record, "fetched_at": fetched_at, "ttl": ttl})
         return True
 
     def _our_source(self, source: _Source, uri: Any) -> bool:

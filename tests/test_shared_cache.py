@@ -767,3 +767,37 @@ def test_gunicorn_workers_share_one_key_cache(
             process.send_signal(signal.SIGTERM)  # graceful: no request cut mid-answer
             process.wait(30)
     assert "Traceback" not in log.read_text()
+
+
+def test_status_never_adopts_a_shared_copy_that_a_fetch_overtook(
+    redis: RedisServer, served_tokens: TokenIssuer, clock: FakeClock
+) -> None:
+    """``status()`` (a health check, ``key_status()``, a metrics scrape) of a
+    cold worker adopts the shared copy outside the key store's fetch: a
+    fetch installing the rotated set between its "newer than ours?" test
+    and its install was overwritten by the older copy, bringing back a key
+    that had left the set."""
+    redis.flush()
+    first = redis_app(served_tokens, redis.url, clock)
+    assert status_of(first, served_tokens.mint()) == 200  # the first set, shared
+    removed = served_tokens.current_kid
+    old = served_tokens.mint()
+    served_tokens.rotate(drop_old=True)
+    clock.advance(1)
+    second = redis_app(served_tokens, redis.url, clock)
+    store = get_state(second).keys
+    parse = store._parse
+    overtaken: list[bool] = []
+
+    def a_fetch_overtakes(raw: Any) -> Any:
+        if not overtaken:  # between the test and the install of the shared copy
+            overtaken.append(True)
+            assert store.refresh() == {served_tokens.issuer: None}
+        return parse(raw)
+
+    store._parse = a_fetch_overtakes  # type: ignore[method-assign,assignment]
+    with second.app_context():
+        (status,) = store.status()
+    assert overtaken
+    assert removed not in status.kids and served_tokens.current_kid in status.kids
+    assert status_of(second, old) == 401
