@@ -44,7 +44,10 @@ class CrossTenantWriteError(OAuthVerifyError):
     """A write would insert, change or delete a row of another organization.
 
     Raised before anything reaches the database; inside a request it becomes
-    a 403 JSON response (``"error": "cross_tenant_write"``).
+    a 403 JSON response (``"error": "cross_tenant_write"``) when the flush
+    runs in the view or a ``before_request`` function. Flask hands errors of
+    ``after_request`` and teardown functions to no error handler: a commit
+    refused there is a 500 (nothing is written). Commit in the view.
     """
 
     __module__ = _PUBLIC_MODULE

@@ -896,6 +896,10 @@ def _volatile_keys(mapper: Mapper[Any], scoping: _ScopingBase) -> list[str]:
     return keys
 
 
+#: an attribute the row did not load (not in the object's ``__dict__``)
+_NOT_LOADED = object()
+
+
 def _on_load(target: Any, context: Any, attrs: Any = None) -> None:
     """Load guard: a row of another organization never becomes an object.
 
@@ -911,9 +915,11 @@ def _on_load(target: Any, context: Any, attrs: Any = None) -> None:
     key = scoping.tenant_key(state.mapper)
     if key is None:
         return
-    value = state.dict.get(key)
-    if value is None and key not in state.dict and options.get(_FROM_STATEMENT):
-        value = "a row without its organization column"
+    value = state.dict.get(key, _NOT_LOADED)
+    if value is None:  # a row of no organization: never one of this one's
+        value = "a row without an organization (NULL)"
+    elif value is _NOT_LOADED:
+        value = "a row without its organization column" if options.get(_FROM_STATEMENT) else None
     if value is not None and value != expected:
         name = state.mapper.class_.__name__
         logger.error(

@@ -412,6 +412,8 @@ def test_merge_into_another_organizations_object_is_refused(
     [
         "SELECT * FROM lk_projects",
         "SELECT id, name, secret FROM lk_projects",  # leaves the organization out
+        # a NULL in its place: every organization's rows loaded as of none
+        "SELECT id, NULL AS organization_id, name, secret FROM lk_projects",
     ],
 )
 def test_from_statement_rows_must_carry_their_organization(
