@@ -361,6 +361,9 @@ class TenantScoping(_ReadScoping, _WriteGuard):
     def __init__(self, target: Any, *, column: str, models: Any = None) -> None:
         super().__init__(target, column=column, models=models)
         self._saved: dict[str, Any] = {}
+        #: False once disable() ran: the markers a failed flush left in a
+        #: session's info (no after_flush ran to take them) count no more
+        self.active = True
 
     # -- set-up
 
@@ -405,6 +408,7 @@ class TenantScoping(_ReadScoping, _WriteGuard):
 
         .. versionadded:: 0.1.0
         """
+        self.active = False
         event.remove(self.target, "do_orm_execute", self.on_execute)
         event.remove(self.target, "before_flush", self.on_flush)
         event.remove(self.target, "after_flush", self.on_flushed)

@@ -842,7 +842,7 @@ def _stamp_late_row(mapper: Mapper[Any], _connection: Any, target: Any) -> None:
         return
     scoping = session.info.get(_FLUSH_SCOPING)
     seen = session.info.get(_FLUSH_SEEN)
-    if scoping is None or seen is None or id(state) in seen:
+    if scoping is None or seen is None or id(state) in seen or not scoping.active:
         return
     key = scoping.tenant_key(mapper)
     if key is None or state.dict.get(key) is not None:

@@ -904,3 +904,27 @@ def test_inheritance_hierarchies_are_scoped() -> None:
     finally:
         scoping.disable()
         engine.dispose()
+
+
+def test_a_failed_flush_leaves_nothing_behind_once_scoping_is_disabled(
+    mixin_maker: sessionmaker[Session],
+) -> None:
+    """A flush that fails in the database never reaches ``after_flush``, so
+    its markers stayed in ``session.info``; after ``disable()`` the global
+    ``before_insert`` stamp still read them and asked for an organization
+    (TenantContextError) on the session's next insert."""
+    from sqlalchemy.exc import IntegrityError
+
+    scoping = enable_tenant_scoping(mixin_maker, models=TenantMixin)
+    with mixin_maker() as session:
+        try:
+            with as_organization("a"):
+                session.add(Invoice(id=1))  # the id is taken: the INSERT fails
+                with pytest.raises(IntegrityError):
+                    session.flush()
+                session.rollback()
+        finally:
+            scoping.disable()
+        session.add(Invoice(id=60))  # no organization, and no scoping any more
+        with pytest.raises(IntegrityError):  # the database's NOT NULL, nothing of ours
+            session.flush()
