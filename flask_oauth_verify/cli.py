@@ -828,7 +828,7 @@ def mint_command(
     from .testing import TokenIssuer
 
     state = get_state()
-    issuer = state.settings.raw.get("DEV_ISSUER")
+    issuer = state.settings.dev_issuer
     if not isinstance(issuer, TokenIssuer):
         click.echo(
             "Refusing to mint: this app declares no development issuer. Set "

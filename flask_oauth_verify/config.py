@@ -125,12 +125,15 @@ DEFAULT_CLAIM_MAP: Mapping[str, tuple[str, ...]] = MappingProxyType(
 )
 
 DEFAULT_TYPES = (None, "jwt", "application/jwt", "at+jwt", "application/at+jwt")
-#: OpenID Connect defines these for ID tokens only (Core §3.1.3.6, §3.3.2.11):
-#: ``at_hash`` is the hash of the access token issued beside the ID token, so
-#: no access token can carry it. A token holding one is an ID token.
-#: ``at_hash``/``c_hash`` mark an ID token; ``cnf`` binds a token to a key its
-#: client must prove (DPoP, RFC 9449; mutual TLS, RFC 8705), which a Bearer
-#: request cannot: such a token presented as Bearer is refused.
+#: Claims an access token presented as a Bearer token must not carry:
+#:
+#: * ``at_hash`` and ``c_hash`` (ID tokens): OpenID Connect defines them for
+#:   ID tokens only (Core §3.1.3.6, §3.3.2.11); ``at_hash`` is the hash of
+#:   the access token issued beside the ID token, so no access token can
+#:   carry it. A token holding one is an ID token.
+#: * ``cnf`` (a proof-of-possession token): it binds the token to a key its
+#:   client must prove (RFC 7800; DPoP, RFC 9449; mutual TLS, RFC 8705),
+#:   which a Bearer request cannot.
 DEFAULT_REFUSED_CLAIMS = ("at_hash", "c_hash", "cnf")
 STRATEGIES = ("jwks", "introspection", "auto", "both")
 INTROSPECTION_AUTH_METHODS = ("client_secret_basic", "client_secret_post", "bearer", "none")
@@ -195,8 +198,8 @@ def _as_number(
 
 def _ttl_bounds(values: Mapping[str, Any]) -> tuple[float, float]:
     """``JWKS_MIN_TTL`` and ``JWKS_MAX_TTL``; the maximum may not be below the minimum."""
-    low = _as_number(values.get("JWKS_MIN_TTL", 60), "JWKS_MIN_TTL")
-    high = _as_number(values.get("JWKS_MAX_TTL", 86400), "JWKS_MAX_TTL")
+    low = _number(values, "JWKS_MIN_TTL")
+    high = _number(values, "JWKS_MAX_TTL")
     if high < low:
         raise ConfigurationError(
             f"{_key('JWKS_MAX_TTL')} ({high:g} s) is below {_key('JWKS_MIN_TTL')} ({low:g} s): "
@@ -299,8 +302,15 @@ _REDACTED = "***"
 class Settings:
     """The validated, immutable settings of one app.
 
-    Build it with :meth:`from_config`; every field corresponds to one
-    ``OAUTH_VERIFY_*`` key documented in the configuration reference.
+    Build it with :meth:`from_config`. Every field but :attr:`raw` holds one
+    ``OAUTH_VERIFY_*`` key documented in the configuration reference, named
+    as the key in lower case except ``ISSUER`` (:attr:`issuers`),
+    ``AUDIENCE`` (:attr:`audiences`), ``JWKS`` (:attr:`static_jwks`) and
+    ``JWKS_URI`` (:attr:`jwks_uris`); a field's default is its key's
+    default. One key has no field of its own: ``REQUIRE_EMAIL_VERIFIED``,
+    which the provider profiles fold into :attr:`required_claim_values`.
+    :attr:`raw` is no key: it holds every ``OAUTH_VERIFY_*`` key as given
+    (without the prefix, after provider defaults).
     """
 
     issuers: tuple[str, ...]
@@ -326,7 +336,9 @@ class Settings:
     allowed_client_ids: tuple[str, ...] = ()
     #: the token must name its client (per the ``client_id`` claim paths)
     require_client_id: bool = False
-    #: claims only an ID token carries: a token holding one is refused
+    #: claims an access token presented as a Bearer token must not carry
+    #: (``at_hash``/``c_hash`` of an ID token, ``cnf`` of a proof-of-possession
+    #: token): a token holding one is refused
     refused_claims: tuple[str, ...] = DEFAULT_REFUSED_CLAIMS
     #: accepted placeholder values of templated issuers; ``None`` = any tenant
     allowed_tenants: tuple[str, ...] | None = None
@@ -382,6 +394,16 @@ class Settings:
     health_route: str | None = None
     #: the path serving the metrics registry (``METRICS_ENDPOINT``), or None
     metrics_endpoint: str | None = None
+    #: the ``prometheus_client.CollectorRegistry`` to record the metrics in,
+    #: as given; ``None`` is a registry per app. Checked when ``METRICS`` is on.
+    metrics_registry: object = None
+    #: an unreachable cache backend makes the health check fail, not warn
+    health_require_cache: bool = False
+    #: seconds between two reachability probes of the introspection endpoint
+    health_probe_interval: float = 30.0
+    #: the development ``TokenIssuer`` of ``flask oauth-verify mint``, as
+    #: given; checked at ``init_app``
+    dev_issuer: object = None
     #: every ``OAUTH_VERIFY_*`` key as given (after provider defaults),
     #: for extensions that read keys of their own.
     raw: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -514,15 +536,76 @@ def _typo_hint(given: Mapping[str, Any], name: str) -> str:
     return f" ({_key(close[0])} is set: a typo of this key?)" if close else ""
 
 
+#: The default of each field that has one: a key's default is written once,
+#: as its field's default in :class:`Settings`, and read from here.
+_DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {
+        field.name: field.default
+        for field in dataclasses.fields(Settings)
+        if field.default is not dataclasses.MISSING
+    }
+)
+
+
+def _given(v: Mapping[str, Any], name: str) -> Any:
+    """Key ``name`` as given, else the default of its field (``name`` in
+    lower case); a key set to ``None`` is given (and refused where ``None``
+    is no value)."""
+    return v.get(name, _DEFAULTS[name.lower()])
+
+
+def _number(v: Mapping[str, Any], name: str, **limits: Any) -> float:
+    """A number key, its default from its field; see :func:`_as_number`."""
+    return _as_number(_given(v, name), name, **limits)
+
+
+def _flag(v: Mapping[str, Any], name: str) -> bool:
+    """A yes/no key, its default from its field; see :func:`as_bool`."""
+    return as_bool(_given(v, name), name)
+
+
 def _build(v: Mapping[str, Any]) -> Settings:
-    allow_http = as_bool(v.get("ALLOW_INSECURE_HTTP", False), "ALLOW_INSECURE_HTTP")
+    """Validate the keys group by group (each group reports its own errors,
+    naming the key) and make the :class:`Settings`."""
+    allow_http = _flag(v, "ALLOW_INSECURE_HTTP")
+    tokens = _token_fields(v, allow_http)
+    keys = _key_fields(v, tokens["issuers"], allow_http)
+    return Settings(
+        **tokens,
+        **keys,
+        **_introspection_fields(v, allow_http),
+        **_claim_fields(v, tokens["issuers"], keys),
+        **_operations_fields(v),
+        **_network_fields(v, allow_http),
+        raw=MappingProxyType(dict(v)),
+    )
+
+
+def _issuers(v: Mapping[str, Any]) -> tuple[str, ...]:
+    """``ISSUER``: required (its URLs are checked by :func:`_check_issuers`)."""
     issuers = _as_tuple(v.get("ISSUER"), "ISSUER")
     if not issuers:
         raise ConfigurationError(
             f"{_key('ISSUER')} is required: the issuer URL(s) to trust, e.g. "
             f"'https://auth.example.com/'{_typo_hint(v, 'ISSUER')}."
         )
-    verify_audience = v.get("VERIFY_AUDIENCE", True)
+    return issuers
+
+
+def _check_issuers(issuers: tuple[str, ...], allow_http: bool) -> None:
+    """Each issuer is an http(s) URL without query or fragment."""
+    for issuer in issuers:
+        check_url(issuer, "ISSUER", allow_insecure_http=allow_http)
+        if "?" in issuer or "#" in issuer:
+            raise ConfigurationError(
+                f"{_key('ISSUER')} {issuer!r} has a query or fragment, which an issuer "
+                "identifier never has (RFC 8414 §2, OpenID Connect Discovery §3)."
+            )
+
+
+def _audiences(v: Mapping[str, Any]) -> tuple[bool, tuple[str, ...]]:
+    """``VERIFY_AUDIENCE`` and ``AUDIENCE`` (required unless the check is off)."""
+    verify_audience = _given(v, "VERIFY_AUDIENCE")
     if not isinstance(verify_audience, bool):
         raise ConfigurationError(f"{_key('VERIFY_AUDIENCE')} must be True or False.")
     # "" (an empty environment variable) is no audience: required, unless turned off
@@ -533,57 +616,166 @@ def _build(v: Mapping[str, Any]) -> Settings:
             f"{_typo_hint(v, 'AUDIENCE')}. To turn the "
             f"audience check off, set {_key('VERIFY_AUDIENCE')} = False explicitly."
         )
-    algorithms = _algorithms(v.get("ALGORITHMS", ("RS256",)))
-    static_jwks = _static_jwks(v.get("JWKS"))
-    jwks_uris = _jwks_uris(v.get("JWKS_URI"), issuers, allow_http)
-    strategy = v.get("STRATEGY", "jwks")
-    if strategy not in STRATEGIES:
-        raise ConfigurationError(
-            f"{_key('STRATEGY')} must be one of {', '.join(STRATEGIES)}, not {strategy!r}."
-        )
-    locations = _as_tuple(v.get("TOKEN_LOCATIONS", ("header",)), "TOKEN_LOCATIONS")
+    return verify_audience, audiences
+
+
+def _token_locations(v: Mapping[str, Any]) -> tuple[str, ...]:
+    locations = _as_tuple(_given(v, "TOKEN_LOCATIONS"), "TOKEN_LOCATIONS")
     if not locations or any(loc not in TOKEN_LOCATIONS for loc in locations):
         raise ConfigurationError(
             f"{_key('TOKEN_LOCATIONS')} must list some of {', '.join(TOKEN_LOCATIONS)}."
         )
-    intro_auth = v.get("INTROSPECTION_AUTH", "client_secret_basic")
-    if intro_auth not in INTROSPECTION_AUTH_METHODS:
-        raise ConfigurationError(
-            f"{_key('INTROSPECTION_AUTH')} must be one of {', '.join(INTROSPECTION_AUTH_METHODS)}."
-        )
-    intro_body = v.get("INTROSPECTION_BODY", "form")
-    if intro_body not in ("form", "json"):
-        raise ConfigurationError(f"{_key('INTROSPECTION_BODY')} must be 'form' or 'json'.")
-    endpoint = v.get("INTROSPECTION_ENDPOINT")
-    if endpoint is not None:
-        check_url(endpoint, "INTROSPECTION_ENDPOINT", allow_insecure_http=allow_http)
-    _check_introspection_credentials(v, strategy, intro_auth)
-    basic_encoding = _introspection_basic_encoding(v, intro_auth)
-    for issuer in issuers:
-        check_url(issuer, "ISSUER", allow_insecure_http=allow_http)
-        if "?" in issuer or "#" in issuer:
-            raise ConfigurationError(
-                f"{_key('ISSUER')} {issuer!r} has a query or fragment, which an issuer "
-                "identifier never has (RFC 8414 §2, OpenID Connect Discovery §3)."
-            )
-    required_values = v.get("REQUIRED_CLAIM_VALUES") or {}
-    if not isinstance(required_values, Mapping):
-        raise ConfigurationError(f"{_key('REQUIRED_CLAIM_VALUES')} must be a mapping.")
-    types = v.get("ALLOWED_TYPES", DEFAULT_TYPES)
+    return locations
+
+
+def _allowed_types(v: Mapping[str, Any]) -> tuple[str | None, ...]:
+    """``ALLOWED_TYPES``, lower case (a ``typ`` is compared case-insensitively)."""
+    types = _given(v, "ALLOWED_TYPES")
     if not isinstance(types, list | tuple) or not all(
         t is None or isinstance(t, str) for t in types
     ):
         raise ConfigurationError(f"{_key('ALLOWED_TYPES')} must list strings (or None).")
+    return tuple(t.lower() if t else None for t in types)
+
+
+def _token_fields(v: Mapping[str, Any], allow_http: bool) -> dict[str, Any]:
+    """Token checks: who issues and receives a token, how it is signed, where
+    it is found, and which claims and types it must (not) have."""
+    issuers = _issuers(v)
+    verify_audience, audiences = _audiences(v)
+    algorithms = _algorithms(_given(v, "ALGORITHMS"))
+    locations = _token_locations(v)
+    _check_issuers(issuers, allow_http)
+    required_values = v.get("REQUIRED_CLAIM_VALUES") or {}
+    if not isinstance(required_values, Mapping):
+        raise ConfigurationError(f"{_key('REQUIRED_CLAIM_VALUES')} must be a mapping.")
+    allowed_types = _allowed_types(v)
+    return {
+        "issuers": issuers,
+        "audiences": audiences,
+        "verify_audience": verify_audience,
+        "algorithms": algorithms,
+        "leeway": _number(
+            v,
+            "LEEWAY",
+            maximum=MAX_LEEWAY,
+            unit=" seconds of clock skew",
+            hint=" (a value in milliseconds?)",
+        ),
+        "allowed_types": allowed_types,
+        "required_claims": _as_tuple(v.get("REQUIRED_CLAIMS"), "REQUIRED_CLAIMS"),
+        "required_claim_values": MappingProxyType(dict(required_values)),
+        "allowed_client_ids": _as_tuple(v.get("ALLOWED_CLIENT_IDS"), "ALLOWED_CLIENT_IDS"),
+        "require_client_id": _flag(v, "REQUIRE_CLIENT_ID"),
+        "refused_claims": _refused_claims(v.get("REFUSED_CLAIMS")),
+        "max_token_bytes": int(_number(v, "MAX_TOKEN_BYTES", minimum=64)),
+        "token_locations": locations,
+        "realm": _realm(_given(v, "REALM")),
+    }
+
+
+def _key_fields(v: Mapping[str, Any], issuers: tuple[str, ...], allow_http: bool) -> dict[str, Any]:
+    """Keys: where each issuer's key set comes from and how long it is kept."""
+    static_jwks = _static_jwks(v.get("JWKS"))
+    jwks_uris = _jwks_uris(v.get("JWKS_URI"), issuers, allow_http)
+    fallbacks = _jwks_uri_fallbacks(v.get("JWKS_URI_FALLBACKS"), issuers, allow_http)
+    cache_ttl = _number(v, "JWKS_CACHE_TTL", minimum=1)
+    jwks_min_ttl, jwks_max_ttl = _ttl_bounds(v)
+    return {
+        "static_jwks": static_jwks,
+        "jwks_uris": MappingProxyType(jwks_uris),
+        "jwks_uri_fallbacks": MappingProxyType(fallbacks),
+        "jwks_cache_ttl": cache_ttl,
+        "jwks_min_ttl": jwks_min_ttl,
+        "jwks_max_ttl": jwks_max_ttl,
+        "jwks_refresh_cooldown": _number(v, "JWKS_REFRESH_COOLDOWN"),
+        "jwks_max_staleness": _number(v, "JWKS_MAX_STALENESS"),
+        "discovery_cache_ttl": _number(v, "DISCOVERY_CACHE_TTL", minimum=1),
+        "prefetch_keys": _flag(v, "PREFETCH_KEYS"),
+        "allowed_jku_hosts": _jku_hosts(v.get("ALLOWED_JKU_HOSTS")),
+    }
+
+
+def _network_fields(v: Mapping[str, Any], allow_http: bool) -> dict[str, Any]:
+    """Network: how the issuer is fetched from (timeouts, sizes, circuit breaker)."""
+    return {
+        "http_timeout": _as_timeout(_given(v, "HTTP_TIMEOUT")),
+        "http_max_bytes": int(_number(v, "HTTP_MAX_BYTES", minimum=1024)),
+        "allow_insecure_http": allow_http,
+        "circuit_breaker_failures": int(_number(v, "CIRCUIT_BREAKER_FAILURES", minimum=1)),
+        "circuit_breaker_reset": _number(v, "CIRCUIT_BREAKER_RESET"),
+    }
+
+
+def _introspection_fields(v: Mapping[str, Any], allow_http: bool) -> dict[str, Any]:
+    """Strategy and introspection: the endpoint, how to authenticate to it,
+    what to send and how long to reuse an answer."""
+    strategy = _given(v, "STRATEGY")
+    if strategy not in STRATEGIES:
+        raise ConfigurationError(
+            f"{_key('STRATEGY')} must be one of {', '.join(STRATEGIES)}, not {strategy!r}."
+        )
+    auth = _given(v, "INTROSPECTION_AUTH")
+    if auth not in INTROSPECTION_AUTH_METHODS:
+        raise ConfigurationError(
+            f"{_key('INTROSPECTION_AUTH')} must be one of {', '.join(INTROSPECTION_AUTH_METHODS)}."
+        )
+    body = _given(v, "INTROSPECTION_BODY")
+    if body not in ("form", "json"):
+        raise ConfigurationError(f"{_key('INTROSPECTION_BODY')} must be 'form' or 'json'.")
+    endpoint = v.get("INTROSPECTION_ENDPOINT")
+    if endpoint is not None:
+        check_url(endpoint, "INTROSPECTION_ENDPOINT", allow_insecure_http=allow_http)
+    _check_introspection_credentials(v, strategy, auth)
+    return {
+        "strategy": strategy,
+        "introspection_endpoint": endpoint,
+        "introspection_auth": auth,
+        "introspection_body": body,
+        "introspection_basic_encoding": _introspection_basic_encoding(v, auth),
+        "introspection_client_id": _optional_text(v, "INTROSPECTION_CLIENT_ID"),
+        "introspection_client_secret": _optional_text(v, "INTROSPECTION_CLIENT_SECRET"),
+        "introspection_token": _optional_text(v, "INTROSPECTION_TOKEN"),
+        "introspection_require_audience": _flag(v, "INTROSPECTION_REQUIRE_AUDIENCE"),
+        "introspection_cache_ttl": _number(v, "INTROSPECTION_CACHE_TTL"),
+        "introspection_negative_cache_ttl": _number(v, "INTROSPECTION_NEGATIVE_CACHE_TTL"),
+    }
+
+
+def _claim_fields(
+    v: Mapping[str, Any], issuers: tuple[str, ...], keys: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Tenancy and claims: how claims map to the context, templated issuers'
+    tenants, claims bound to the issuer, and the columns tenancy scopes on."""
     user_rule = v.get("USER_ID_RULE")
     if user_rule is not None and not callable(user_rule):
         raise ConfigurationError(f"{_key('USER_ID_RULE')} must be a callable(claims) -> bool.")
-    tenants, placeholder_claims = _issuer_templates(v, issuers, jwks_uris, static_jwks)
+    tenants, placeholder_claims = _issuer_templates(
+        v, issuers, keys["jwks_uris"], keys["static_jwks"]
+    )
+    return {
+        "claim_map": _claim_map(v.get("CLAIM_MAP")),
+        "user_id_prefix": _user_id_prefix(v.get("USER_ID_PREFIX")),
+        "user_id_rule": user_rule,
+        "no_organization_values": frozenset(
+            _as_tuple(v.get("NO_ORGANIZATION_VALUES"), "NO_ORGANIZATION_VALUES")
+        ),
+        "allowed_tenants": tenants,
+        "issuer_placeholder_claims": MappingProxyType(placeholder_claims),
+        "issuer_claims": MappingProxyType(_issuer_claims(v.get("ISSUER_CLAIMS"))),
+        "organization_column": _column(_given(v, "ORGANIZATION_COLUMN"), "ORGANIZATION_COLUMN"),
+        "user_column": _column(_given(v, "USER_COLUMN"), "USER_COLUMN"),
+    }
+
+
+def _operations_fields(v: Mapping[str, Any]) -> dict[str, Any]:
+    """Operations: provider, token cache, headers, metrics and health check."""
     health = route_setting(v.get("HEALTH_ROUTE"), "HEALTH_ROUTE", "/health/token-validation")
-    metrics = as_bool(v.get("METRICS", False), "METRICS")
+    metrics = _flag(v, "METRICS")
     # Read by the health checker, which is made on first use: checked here so
     # that a wrong value fails at start-up, not in a request (a 500).
-    as_bool(v.get("HEALTH_REQUIRE_CACHE", False), "HEALTH_REQUIRE_CACHE")
-    _as_number(v.get("HEALTH_PROBE_INTERVAL", 30), "HEALTH_PROBE_INTERVAL")
+    require_cache = _flag(v, "HEALTH_REQUIRE_CACHE")
+    probe_interval = _number(v, "HEALTH_PROBE_INTERVAL")
     # "off" or "" (from the environment) is no route, as documented
     metrics_route = route_setting(v.get("METRICS_ENDPOINT"), "METRICS_ENDPOINT", "/metrics")
     if metrics_route is not None and not metrics:
@@ -596,104 +788,27 @@ def _build(v: Mapping[str, Any]) -> Settings:
             f"{_key('METRICS_ENDPOINT')} and {_key('HEALTH_ROUTE')} are both {metrics_route!r}: "
             "one route would hide the other; give each its own path."
         )
-    return Settings(
-        issuers=issuers,
-        audiences=audiences,
-        verify_audience=verify_audience,
-        jwks_uris=MappingProxyType(jwks_uris),
-        jwks_uri_fallbacks=MappingProxyType(
-            _jwks_uri_fallbacks(v.get("JWKS_URI_FALLBACKS"), issuers, allow_http)
-        ),
-        static_jwks=static_jwks,
-        algorithms=algorithms,
-        leeway=_as_number(
-            v.get("LEEWAY", 30),
-            "LEEWAY",
-            maximum=MAX_LEEWAY,
-            unit=" seconds of clock skew",
-            hint=" (a value in milliseconds?)",
-        ),
-        allowed_types=tuple(t.lower() if t else None for t in types),
-        required_claims=_as_tuple(v.get("REQUIRED_CLAIMS"), "REQUIRED_CLAIMS"),
-        required_claim_values=MappingProxyType(dict(required_values)),
-        claim_map=_claim_map(v.get("CLAIM_MAP")),
-        user_id_prefix=_user_id_prefix(v.get("USER_ID_PREFIX")),
-        no_organization_values=frozenset(
-            _as_tuple(v.get("NO_ORGANIZATION_VALUES"), "NO_ORGANIZATION_VALUES")
-        ),
-        user_id_rule=user_rule,
-        allowed_client_ids=_as_tuple(v.get("ALLOWED_CLIENT_IDS"), "ALLOWED_CLIENT_IDS"),
-        require_client_id=as_bool(v.get("REQUIRE_CLIENT_ID", False), "REQUIRE_CLIENT_ID"),
-        refused_claims=_refused_claims(v.get("REFUSED_CLAIMS")),
-        allowed_tenants=tenants,
-        issuer_placeholder_claims=MappingProxyType(placeholder_claims),
-        issuer_claims=MappingProxyType(_issuer_claims(v.get("ISSUER_CLAIMS"))),
-        max_token_bytes=int(
-            _as_number(v.get("MAX_TOKEN_BYTES", 16384), "MAX_TOKEN_BYTES", minimum=64)
-        ),
-        token_locations=locations,
-        realm=_realm(v.get("REALM", "api")),
-        jwks_cache_ttl=_as_number(v.get("JWKS_CACHE_TTL", 600), "JWKS_CACHE_TTL", minimum=1),
-        jwks_min_ttl=_ttl_bounds(v)[0],
-        jwks_max_ttl=_ttl_bounds(v)[1],
-        jwks_refresh_cooldown=_as_number(
-            v.get("JWKS_REFRESH_COOLDOWN", 30), "JWKS_REFRESH_COOLDOWN"
-        ),
-        jwks_max_staleness=_as_number(v.get("JWKS_MAX_STALENESS", 86400), "JWKS_MAX_STALENESS"),
-        discovery_cache_ttl=_as_number(
-            v.get("DISCOVERY_CACHE_TTL", 6 * 3600), "DISCOVERY_CACHE_TTL", minimum=1
-        ),
-        prefetch_keys=as_bool(v.get("PREFETCH_KEYS", False), "PREFETCH_KEYS"),
-        allowed_jku_hosts=_jku_hosts(v.get("ALLOWED_JKU_HOSTS")),
-        http_timeout=_as_timeout(v.get("HTTP_TIMEOUT", (2.0, 5.0))),
-        http_max_bytes=int(
-            _as_number(v.get("HTTP_MAX_BYTES", 512 * 1024), "HTTP_MAX_BYTES", minimum=1024)
-        ),
-        allow_insecure_http=allow_http,
-        circuit_breaker_failures=int(
-            _as_number(v.get("CIRCUIT_BREAKER_FAILURES", 5), "CIRCUIT_BREAKER_FAILURES", minimum=1)
-        ),
-        circuit_breaker_reset=_as_number(
-            v.get("CIRCUIT_BREAKER_RESET", 30), "CIRCUIT_BREAKER_RESET"
-        ),
-        strategy=strategy,
-        introspection_endpoint=endpoint,
-        introspection_client_id=_optional_text(v, "INTROSPECTION_CLIENT_ID"),
-        introspection_client_secret=_optional_text(v, "INTROSPECTION_CLIENT_SECRET"),
-        introspection_auth=intro_auth,
-        introspection_token=_optional_text(v, "INTROSPECTION_TOKEN"),
-        introspection_body=intro_body,
-        introspection_basic_encoding=basic_encoding,
-        introspection_require_audience=as_bool(
-            v.get("INTROSPECTION_REQUIRE_AUDIENCE", False), "INTROSPECTION_REQUIRE_AUDIENCE"
-        ),
-        introspection_cache_ttl=_as_number(
-            v.get("INTROSPECTION_CACHE_TTL", 0), "INTROSPECTION_CACHE_TTL"
-        ),
-        introspection_negative_cache_ttl=_as_number(
-            v.get("INTROSPECTION_NEGATIVE_CACHE_TTL", 0), "INTROSPECTION_NEGATIVE_CACHE_TTL"
-        ),
-        token_cache_size=int(_as_number(v.get("TOKEN_CACHE_SIZE", 10000), "TOKEN_CACHE_SIZE")),
-        provider=str(v.get("PROVIDER", "generic")),
-        provider_params=MappingProxyType(dict(v.get("PROVIDER_PARAMS") or {})),
-        organization_column=_column(
-            v.get("ORGANIZATION_COLUMN", "organization_id"), "ORGANIZATION_COLUMN"
-        ),
-        user_column=_column(v.get("USER_COLUMN", "user_id"), "USER_COLUMN"),
-        security_headers=as_bool(v.get("SECURITY_HEADERS", False), "SECURITY_HEADERS"),
-        metrics=metrics,
-        metrics_client_id_label=as_bool(
-            v.get("METRICS_CLIENT_ID_LABEL", False), "METRICS_CLIENT_ID_LABEL"
-        ),
-        health_route=health,
-        metrics_endpoint=metrics_route,
-        raw=MappingProxyType(dict(v)),
-    )
+    return {
+        "token_cache_size": int(_number(v, "TOKEN_CACHE_SIZE")),
+        "provider": str(_given(v, "PROVIDER")),
+        "provider_params": MappingProxyType(dict(v.get("PROVIDER_PARAMS") or {})),
+        "security_headers": _flag(v, "SECURITY_HEADERS"),
+        "metrics": metrics,
+        "metrics_client_id_label": _flag(v, "METRICS_CLIENT_ID_LABEL"),
+        "metrics_endpoint": metrics_route,
+        # the registry and the development issuer are checked at init_app,
+        # the registry only when METRICS is on (as they always were)
+        "metrics_registry": v.get("METRICS_REGISTRY"),
+        "health_route": health,
+        "health_require_cache": require_cache,
+        "health_probe_interval": probe_interval,
+        "dev_issuer": v.get("DEV_ISSUER"),
+    }
 
 
 def _refused_claims(value: Any) -> tuple[str, ...]:
     """``REFUSED_CLAIMS``: ``None`` is the key left unset (the default), as
-    for the other keys; only ``[]`` turns the ID-token check off."""
+    for the other keys; only ``[]`` turns the check off."""
     if value is None:
         return DEFAULT_REFUSED_CLAIMS
     return _as_tuple(value, "REFUSED_CLAIMS")

@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, jsonify
 
-from .config import ConfigurationError, as_bool
 from .deadline import reset_in_child
 from .errors import UpstreamError, withheld_exc_info
 from .fetch import FetchError, shown_url
@@ -55,7 +54,6 @@ logger = logging.getLogger("flask_oauth_verify.health")
 
 _KEY_STRATEGIES = ("jwks", "auto", "both")
 _INTROSPECTION_STRATEGIES = ("introspection", "auto", "both")
-_DEFAULT_PROBE_INTERVAL = 30.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -103,14 +101,9 @@ class HealthChecker:
 
     def __init__(self, state: _AppState) -> None:
         self.state = state
-        raw = state.settings.raw
-        self.require_cache = as_bool(raw.get("HEALTH_REQUIRE_CACHE", False), "HEALTH_REQUIRE_CACHE")
-        interval = raw.get("HEALTH_PROBE_INTERVAL", _DEFAULT_PROBE_INTERVAL)
-        if isinstance(interval, bool) or not isinstance(interval, int | float) or interval < 0:
-            raise ConfigurationError(
-                "OAUTH_VERIFY_HEALTH_PROBE_INTERVAL must be a number of seconds >= 0."
-            )
-        self.probe_interval = float(interval)
+        # validated with the other settings, at init_app
+        self.require_cache = state.settings.health_require_cache
+        self.probe_interval = state.settings.health_probe_interval
         #: (when, result, the endpoint probed, if one was found)
         self._probe: tuple[float, dict[str, Any], str | None] | None = None
         # held for a whole probe (an HTTP call): a child forked meanwhile
@@ -361,7 +354,7 @@ def register_health_route(app: Flask, state: _AppState, rule: str) -> None:
     :param rule: the URL rule, e.g. ``/health/token-validation``.
     """
 
-    checker = state.health  # created now: bad HEALTH_* keys fail at init_app
+    checker = state.health  # created now, at init_app
 
     def token_validation_health() -> Response:
         report = checker.check()

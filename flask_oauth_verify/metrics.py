@@ -264,8 +264,7 @@ class Metrics:
             self.introspection_cache_hits.inc()
 
 
-def _registry(raw: Mapping[str, Any]) -> CollectorRegistry:
-    given = raw.get("METRICS_REGISTRY")
+def _registry(given: object) -> CollectorRegistry:
     if given is None:
         return CollectorRegistry()
     if not isinstance(given, CollectorRegistry):
@@ -283,8 +282,7 @@ def init_metrics(app: Flask, state: _AppState) -> Metrics:
     :raises ConfigurationError: for a bad ``METRICS_*`` key, or when the
         registry already holds these metrics (another app registered them).
     """
-    raw = state.settings.raw
-    registry = _registry(raw)
+    registry = _registry(state.settings.metrics_registry)
     endpoint = state.settings.metrics_endpoint  # checked by Settings.from_config
     try:
         metrics = Metrics(state.settings, registry, state.keys.status)
