@@ -33,22 +33,49 @@ class AuthContext:
 
     Put on ``g.auth`` by the decorators once every check has passed. All
     fields are read-only; ``claims`` is a read-only mapping of the verified
-    claims (or of the introspection response).
+    claims (or of the introspection response). The claims named below are
+    the default mapping; ``OAUTH_VERIFY_CLAIM_MAP`` and the provider
+    profiles (``OAUTH_VERIFY_PROVIDER``) change them.
     """
 
+    #: The token's subject: ``sub``.
     subject: str | None
+    #: The client the token was issued to: ``client_id``, else ``azp``, else
+    #: ``cid``.
     client_id: str | None
+    #: The token's scopes, compared exactly: from ``scopes`` (a list),
+    #: ``scope`` (a space-separated string) or ``scp`` (a list or a string).
     scopes: frozenset[str]
+    #: The organization (tenant) the token acts for: ``oid``, else
+    #: ``organization_id``, else ``org_id``; ``None`` when absent or one of
+    #: ``OAUTH_VERIFY_NO_ORGANIZATION_VALUES``.
     organization_id: str | None
+    #: The subject when the token acts for a user, else ``None`` (a
+    #: client-credentials token). Decided by ``OAUTH_VERIFY_USER_ID_RULE``
+    #: if set, else ``OAUTH_VERIFY_USER_ID_PREFIX`` if set, else "the subject
+    #: is not the client id and ``gty`` is not ``client-credentials``".
     user_id: str | None
+    #: ``custom_claims.service_name``, else ``None``.
     service_name: str | None
+    #: ``custom_claims.client_type``, else ``"unknown"``.
     token_type: str
+    #: The token's issuer: ``iss``.
     issuer: str | None
+    #: The token's audiences: ``aud``, always a tuple.
     audience: tuple[str, ...]
+    #: ``exp``, in seconds since the epoch.
     expires_at: int | None
+    #: ``iat``, in seconds since the epoch.
     issued_at: int | None
+    #: The full verified claims (or introspection answer), read-only all the
+    #: way down: nested arrays and objects are
+    #: :class:`~flask_oauth_verify.readonly.ReadOnlyList` /
+    #: :class:`~flask_oauth_verify.readonly.ReadOnlyDict`.
     claims: Mapping[str, Any] = dataclasses.field(default_factory=lambda: _EMPTY, repr=False)
+    #: How the token was verified: ``"jwks"`` or ``"introspection"``
+    #: (``"both"`` reports ``"jwks"``: the claims come from the verified JWT).
     strategy: str = "jwks"
+    #: ``jti`` when it is a string, else ``None``.
     token_id: str | None = None
 
     def has_scopes(self, *scopes: str, any_of: bool = False) -> bool:
@@ -56,6 +83,9 @@ class AuthContext:
 
         Scopes compare exactly: ``read:users-admin`` never satisfies
         ``read:users``.
+
+        :param scopes: the scopes to look for; none at all is always ``True``.
+        :param any_of: one of ``scopes`` is enough.
         """
         if not scopes:
             return True

@@ -15,7 +15,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable
 from time import perf_counter
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
 from flask import current_app, g, request
 from flask.views import MethodView
@@ -286,14 +286,14 @@ def _wrap(view: F, check: Callable[[], Any]) -> F:
             check()
             return await view(*args, **kwargs)
 
-        return async_wrapper  # type: ignore[return-value]
+        return cast(F, async_wrapper)
 
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         check()
         return view(*args, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)
 
 
 def _mark_route_check(request_g: dict[str, Any], wrapper: Callable[..., Any]) -> None:
@@ -383,7 +383,7 @@ def _guard(
             _mark_route_check(g._get_current_object().__dict__, async_wrapper)
             return await view(*args, **kwargs)
 
-        return async_wrapper  # type: ignore[return-value]
+        return cast(F, async_wrapper)
 
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -450,7 +450,7 @@ def _guard(
                 done.add(wrapper)
         return view(*args, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)  # at decoration time: no cost per request
 
 
 @overload
@@ -466,10 +466,28 @@ def require_token(
 ) -> F | Callable[[F], F]:
     """Require a valid bearer token: ``@require_token`` or ``@require_token(...)``.
 
+    Before the view runs, the request's token is verified (once per request:
+    a check made earlier in the same request is reused, see
+    :func:`verify_request`) and ``g.auth`` is set to its
+    :class:`~flask_oauth_verify.AuthContext`. Works on sync and
+    ``async def`` views.
+
+    :param view: the view, when used bare (``@require_token``); omitted when
+        called with options (``@require_token(optional=True)``).
     :param optional: let requests without a token through with
         ``g.auth = None`` (a token that is sent must still be valid).
-    :param strategy: per-route strategy, e.g. ``"introspection"`` or
-        ``"both"`` for revocation-sensitive routes.
+    :param strategy: per-route strategy, ``"jwks"``, ``"introspection"``,
+        ``"auto"`` or ``"both"`` (e.g. ``"introspection"`` or ``"both"`` for
+        revocation-sensitive routes); the app's ``OAUTH_VERIFY_STRATEGY``
+        when ``None``.
+    :returns: the wrapped view (bare use), or a decorator that wraps one.
+        The wrapped view runs with ``g.auth`` set; instead of running it, it
+        raises an :class:`~flask_oauth_verify.errors.OAuthVerifyError`
+        subclass, which the extension answers (401 ``MissingTokenError``,
+        ``InvalidTokenError``, ``TokenExpired``; 400
+        ``InvalidRequestError``; 503 ``UpstreamError``; ...).
+    :raises ValueError: at decoration time, for a ``strategy`` that is not
+        one of the four.
     """
     _check_strategy(strategy)
 
@@ -486,9 +504,28 @@ def require_scope(
 ) -> Callable[[F], F]:
     """Require a valid token holding all (or, with ``any_of``, one) of ``scopes``.
 
-    Validates the token first if that has not happened yet in this request;
-    403 ``insufficient_scope`` (naming the scopes) when a scope is missing.
-    Scopes compare exactly.
+    Validates the token first if that has not happened yet in this request
+    (as :func:`require_token` does, setting ``g.auth``); 403
+    ``insufficient_scope`` (naming the scopes) when a scope is missing.
+    Scopes compare exactly. There is no ``optional``: a scope needs a token
+    (use :func:`require_token` with ``optional=True`` and
+    :meth:`AuthContext.has_scopes() <flask_oauth_verify.AuthContext.has_scopes>`
+    in the view for a route open to anonymous callers).
+
+    :param scopes: the scopes the token must hold, one or more, each an
+        RFC 6749 scope token (``"read:users"``).
+    :param any_of: accept a token holding any one of ``scopes`` instead of
+        all of them.
+    :param strategy: per-route strategy, ``"jwks"``, ``"introspection"``,
+        ``"auto"`` or ``"both"``; the app's ``OAUTH_VERIFY_STRATEGY`` when
+        ``None``.
+    :returns: a decorator; the view it wraps runs with ``g.auth`` set, or
+        raises :class:`~flask_oauth_verify.errors.InsufficientScopeError`
+        (403) or another :class:`~flask_oauth_verify.errors.OAuthVerifyError`
+        (the token's own refusal) instead of running.
+    :raises ValueError: at decoration time, when no scope is given, a scope
+        is not a non-empty string of RFC 6749 scope characters (no spaces,
+        ``"`` or ``\\``), or ``strategy`` is not one of the four.
     """
     _check_strategy(strategy)
     if not scopes:
@@ -519,11 +556,34 @@ def _with_event(error: OAuthVerifyError) -> OAuthVerifyError:
 
 
 def require_organization(view: F) -> F:
-    """Require a valid token that names an organization (else 401
-    ``missing_organization_context``)."""
+    """Require a valid token that names an organization.
+
+    Verifies the token first, unless a check of the route above it (a
+    ``@require_token`` / ``@require_scope``) already did in this request,
+    whatever its strategy; alone, with the app's default strategy. Then the
+    view runs with ``g.auth`` set and ``g.auth.organization_id`` not empty.
+
+    :param view: the view (sync or ``async def``).
+    :returns: the wrapped view, which raises
+        :class:`~flask_oauth_verify.errors.MissingOrganizationContext` (401
+        ``missing_organization_context``) for a token without an
+        organization, or the token's own refusal
+        (:class:`~flask_oauth_verify.errors.OAuthVerifyError`), instead of
+        running.
+    """
     return _wrap(view, _organization_check)
 
 
 def require_user(view: F) -> F:
-    """Require a valid token that acts for a user (else 401 ``missing_user_context``)."""
+    """Require a valid token that acts for a user.
+
+    Verifies the token first, as :func:`require_organization` does (the
+    route's check above it counts); the view then runs with ``g.auth.user_id``
+    set. A client-credentials token acts for no user.
+
+    :param view: the view (sync or ``async def``).
+    :returns: the wrapped view; instead of running, it raises
+        :class:`~flask_oauth_verify.errors.MissingUserContext` (401
+        ``missing_user_context``) or the token's own refusal.
+    """
     return _wrap(view, _user_check)

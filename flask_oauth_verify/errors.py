@@ -103,8 +103,12 @@ def _quote_rfc6750(value: str) -> str:
 class OAuthVerifyError(HTTPException):
     """Base class of every error this package raises for a request.
 
-    :param description: the public, human-readable message (generic).
+    :param description: the public, human-readable message (generic); the
+        class's :attr:`default_description` when ``None``.
     :param reason: the precise internal reason, logged but never sent.
+    :param realm: the ``realm`` of the ``WWW-Authenticate`` challenge;
+        when ``None``, the app's ``OAUTH_VERIFY_REALM`` (set by the
+        extension's error handler), else ``"api"``.
     """
 
     #: HTTP status of the response.

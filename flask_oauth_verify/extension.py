@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from logging import DEBUG
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from flask import Flask, Response, current_app
 
@@ -422,6 +422,8 @@ class OAuthVerify:
         :param clock: wall-clock seconds; tests pass a controllable clock.
         :raises ConfigurationError: naming the missing or contradictory key.
         :raises RuntimeError: when the extension is already registered.
+
+        .. versionadded:: 0.1.0
         """
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError("OAuthVerify is already registered on this app.")
@@ -445,26 +447,76 @@ class OAuthVerify:
 
     # -- the decorators as methods ------------------------------------------
 
-    def require_token(self, view: F | None = None, **options: Any) -> Any:
-        """Same as :func:`flask_oauth_verify.require_token`."""
+    @overload
+    def require_token(self, view: F) -> F: ...
+    @overload
+    def require_token(
+        self, view: None = None, *, optional: bool = False, strategy: str | None = None
+    ) -> Callable[[F], F]: ...
+
+    def require_token(
+        self, view: F | None = None, *, optional: bool = False, strategy: str | None = None
+    ) -> F | Callable[[F], F]:
+        """Same as :func:`flask_oauth_verify.require_token`: ``@oauth.require_token``
+        or ``@oauth.require_token(optional=True, strategy=None)``.
+
+        :param view: the view, when used bare; omitted with options.
+        :param optional: let requests without a token through with
+            ``g.auth = None`` (a token that is sent must still be valid).
+        :param strategy: per-route strategy (``"jwks"``, ``"introspection"``,
+            ``"auto"``, ``"both"``); the app's default when ``None``.
+        :returns: the wrapped view, or a decorator that wraps one.
+        :raises ValueError: for a ``strategy`` that is not one of the four.
+
+        .. versionadded:: 0.1.0
+        """
         from .decorators import require_token
 
-        return require_token(view, **options) if view is not None else require_token(**options)
+        decorator = require_token(optional=optional, strategy=strategy)
+        return decorator if view is None else decorator(view)
 
-    def require_scope(self, *scopes: str, **options: Any) -> Callable[[F], F]:
-        """Same as :func:`flask_oauth_verify.require_scope`."""
+    def require_scope(
+        self, *scopes: str, any_of: bool = False, strategy: str | None = None
+    ) -> Callable[[F], F]:
+        """Same as :func:`flask_oauth_verify.require_scope`.
+
+        :param scopes: the scopes the token must hold (one or more).
+        :param any_of: accept a token holding any one of ``scopes``.
+        :param strategy: per-route strategy; the app's default when ``None``.
+        :returns: a decorator that wraps a view.
+        :raises ValueError: when no scope is given, a scope is not a valid
+            RFC 6749 scope token, or ``strategy`` is not one of the four.
+
+        .. versionadded:: 0.1.0
+        """
         from .decorators import require_scope
 
-        return require_scope(*scopes, **options)
+        return require_scope(*scopes, any_of=any_of, strategy=strategy)
 
     def require_organization(self, view: F) -> F:
-        """Same as :func:`flask_oauth_verify.require_organization`."""
+        """Same as :func:`flask_oauth_verify.require_organization`: verifies
+        the token first (unless the route's check above did), then requires
+        an organization.
+
+        :param view: the view (sync or ``async def``).
+        :returns: the wrapped view.
+
+        .. versionadded:: 0.1.0
+        """
         from .decorators import require_organization
 
         return require_organization(view)
 
     def require_user(self, view: F) -> F:
-        """Same as :func:`flask_oauth_verify.require_user`."""
+        """Same as :func:`flask_oauth_verify.require_user`: verifies the token
+        first (unless the route's check above did), then requires a token
+        that acts for a user.
+
+        :param view: the view (sync or ``async def``).
+        :returns: the wrapped view.
+
+        .. versionadded:: 0.1.0
+        """
         from .decorators import require_user
 
         return require_user(view)
@@ -475,7 +527,13 @@ class OAuthVerify:
         The check receives the claims (read-only) and refuses the token by
         returning ``False`` (401 ``invalid_token``) or by raising an
         :class:`~flask_oauth_verify.errors.OAuthVerifyError` subclass, for
-        example ``InsufficientScopeError`` for a 403.
+        example ``InsufficientScopeError`` for a 403. Checks apply to every
+        app this extension object is registered on, in the order registered.
+
+        :param check: a function ``claims -> bool | None``.
+        :returns: ``check`` itself (usable as a decorator).
+
+        .. versionadded:: 0.1.0
         """
         self._claims_checks.append(check)
         return check
@@ -495,7 +553,11 @@ class OAuthVerify:
 
         Nothing is verified or checked here: pass claims that were.
 
+        :param claims: verified claims (or an introspection answer).
+        :param app: the Flask app (the current app when ``None``).
+        :returns: the context, as the decorators would build it.
         :raises InvalidTokenError: when a mapped claim has the wrong type.
+        :raises RuntimeError: when :meth:`init_app` was not called for the app.
 
         .. versionadded:: 0.1.0
         """
@@ -504,19 +566,31 @@ class OAuthVerify:
     # -- operations ---------------------------------------------------------
 
     def prefetch_keys(self, app: Flask | None = None) -> dict[str, str | None]:
-        """Warm the key cache (the shared copy when there is one); never raises.
+        """Warm the key cache (the shared copy when there is one).
 
+        A failed fetch never raises: it is reported in the result.
+
+        :param app: the Flask app (the current app when ``None``).
         :returns: issuer -> error text, ``None`` when its keys are loaded.
+        :raises RuntimeError: when :meth:`init_app` was not called for the app.
+
+        .. versionadded:: 0.1.0
         """
         return get_state(app).keys.prefetch()
 
     def refresh_keys(
         self, app: Flask | None = None, issuer: str | None = None
     ) -> dict[str, str | None]:
-        """Fetch the key set(s) now, ignoring the TTL and the cooldown; never raises.
+        """Fetch the key set(s) now, ignoring the TTL and the cooldown.
 
+        A failed fetch never raises: it is reported in the result.
+
+        :param app: the Flask app (the current app when ``None``).
         :param issuer: one configured issuer (all when ``None``).
         :returns: issuer -> error text, ``None`` when the fetch worked.
+        :raises RuntimeError: when :meth:`init_app` was not called for the app.
+
+        .. versionadded:: 0.1.0
         """
         return get_state(app).keys.refresh(issuer)
 
@@ -524,11 +598,25 @@ class OAuthVerify:
         """What is known about each issuer's keys: age, kids, last error.
 
         No call to the issuer (the shared cache may be read).
+
+        :param app: the Flask app (the current app when ``None``).
+        :returns: one :class:`~flask_oauth_verify.jwks.KeySetStatus` per key
+            source (issuer).
+        :raises RuntimeError: when :meth:`init_app` was not called for the app.
+
+        .. versionadded:: 0.1.0
         """
         return list(get_state(app).keys.status())
 
     def settings(self, app: Flask | None = None) -> Settings:
-        """The validated settings of ``app``."""
+        """The validated settings of ``app``.
+
+        :param app: the Flask app (the current app when ``None``).
+        :returns: the settings ``init_app`` read from the app's config.
+        :raises RuntimeError: when :meth:`init_app` was not called for the app.
+
+        .. versionadded:: 0.1.0
+        """
         return get_state(app).settings
 
     def health(self, app: Flask | None = None) -> HealthReport:
@@ -537,6 +625,11 @@ class OAuthVerify:
         Keys available (through the normal refresh policy, never a forced
         refresh), cache backend reachable, introspection endpoint reachable
         when configured. See :mod:`flask_oauth_verify.health`.
+
+        :param app: the Flask app (the current app when ``None``).
+        :returns: the report: whether tokens can be validated now, and each
+            check's status.
+        :raises RuntimeError: when :meth:`init_app` was not called for the app.
 
         .. versionadded:: 0.1.0
         """
@@ -547,7 +640,10 @@ class OAuthVerify:
     def metrics_registry(self, app: Flask | None = None) -> Any:
         """The ``prometheus_client`` registry of ``app``'s metrics.
 
-        :raises RuntimeError: when ``OAUTH_VERIFY_METRICS`` is off.
+        :param app: the Flask app (the current app when ``None``).
+        :returns: the app's ``prometheus_client`` ``CollectorRegistry``.
+        :raises RuntimeError: when :meth:`init_app` was not called for the
+            app, or ``OAUTH_VERIFY_METRICS`` is off.
 
         .. versionadded:: 0.1.0
         """

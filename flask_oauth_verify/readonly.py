@@ -29,6 +29,7 @@ _SEQUENCES = (list, tuple)
 
 
 def _refuse(self: object, *_args: object, **_kwargs: object) -> NoReturn:
+    """Refused: raises :class:`TypeError` (verified claims are read-only; copy them first)."""
     raise TypeError(f"verified claims are read-only ({type(self).__name__}); copy them first")
 
 

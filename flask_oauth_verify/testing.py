@@ -56,7 +56,10 @@ _ALG_KEYS: dict[str, Callable[[], Key]] = {
 
 
 def auth_header(token: str) -> dict[str, str]:
-    """``{"Authorization": "Bearer <token>"}`` for a test client call."""
+    """``{"Authorization": "Bearer <token>"}`` for a test client call.
+
+    :param token: the access token.
+    """
     return {"Authorization": f"Bearer {token}"}
 
 
@@ -132,6 +135,8 @@ class IssuerServer:
     Routes map a path to a handler ``(Request) -> Reply``. Each request is
     counted (:attr:`hits`), and :meth:`hold` makes a route block until
     :meth:`release` (an outage that hangs, without sleeping in the test).
+
+    :param host: the address to listen on (a free port is chosen).
     """
 
     def __init__(self, host: str = "127.0.0.1") -> None:
@@ -205,7 +210,12 @@ class IssuerServer:
         return handler(request)
 
     def route(self, path: str, handler: Handler | Reply) -> None:
-        """Serve ``path`` with ``handler`` (or always the same ``Reply``)."""
+        """Serve ``path`` with ``handler`` (or always the same ``Reply``).
+
+        :param path: the URL path, e.g. ``"/jwks"`` (query strings are ignored).
+        :param handler: a function ``(Request) -> Reply``, or one
+            :class:`Reply` for every request.
+        """
         if isinstance(handler, Reply):
             reply = handler
             self.routes[path] = lambda _request: reply
@@ -213,18 +223,31 @@ class IssuerServer:
             self.routes[path] = handler
 
     def hold(self, path: str) -> None:
-        """Make requests to ``path`` hang until :meth:`release`."""
+        """Make requests to ``path`` hang until :meth:`release`.
+
+        :param path: the URL path to hold.
+        """
         self._held[path] = threading.Event()
 
     def release(self, path: str | None = None) -> None:
-        """Let held requests (of ``path``, or all) go; they get no answer."""
+        """Let held requests (of ``path``, or all) go; they get no answer.
+
+        :param path: the held path to release; every held path when ``None``.
+        """
         for name in [path] if path else list(self._held):
             event = self._held.pop(name, None)
             if event is not None:
                 event.set()
 
     def wait_for_hits(self, path: str, count: int, timeout: float = 10.0) -> bool:
-        """Block until ``path`` was requested ``count`` times (or timeout)."""
+        """Block until ``path`` was requested ``count`` times (or timeout).
+
+        :param path: the URL path.
+        :param count: the number of requests to wait for (in total, since
+            the server started).
+        :param timeout: seconds to wait at most.
+        :returns: ``True`` when the count was reached, ``False`` on timeout.
+        """
         with self._cond:
             return self._cond.wait_for(lambda: self.hits[path] >= count, timeout=timeout)
 
@@ -299,6 +322,9 @@ class TokenIssuer:
         unknown to the other.
 
         :param path: the key file (a private JWK; never commit it).
+        :param issuer: the ``iss`` of minted tokens.
+        :param alg: the algorithm of the key (the stored key must be one).
+        :param audience: the default ``aud`` of minted tokens.
         :raises ValueError: when the file holds no private key for ``alg``.
         """
         made = cls(issuer, alg=alg, audience=audience)
@@ -334,7 +360,19 @@ class TokenIssuer:
     # -- keys -----------------------------------------------------------------
 
     def add_key(self, alg: str = "RS256", *, kid: str | None = None, key: Key | None = None) -> str:
-        """Add a signing key (generated unless given); return its ``kid``."""
+        """Add a signing key (generated unless given); return its ``kid``.
+
+        The key is published in :meth:`jwks` at once; tokens are still
+        signed with the current key (see :meth:`rotate`).
+
+        :param alg: the key's JWS algorithm (``RS256``, ``ES256``,
+            ``EdDSA``...).
+        :param kid: the key id; a random ``key-...`` when ``None``.
+        :param key: the private key to use; generated for ``alg`` when
+            ``None``.
+        :returns: the ``kid``.
+        :raises ValueError: for an algorithm no key can be generated for.
+        """
         if key is None:
             if alg not in _ALG_KEYS:
                 raise ValueError(f"unsupported algorithm {alg!r}")
@@ -344,7 +382,14 @@ class TokenIssuer:
         return kid
 
     def rotate(self, alg: str | None = None, *, drop_old: bool = False) -> str:
-        """Add a new key and sign with it from now on; return its ``kid``."""
+        """Add a new key and sign with it from now on; return its ``kid``.
+
+        :param alg: the new key's algorithm; the current key's when ``None``.
+        :param drop_old: stop publishing the previous key too (tokens it
+            signed stop verifying once the resource server refreshes its
+            keys); by default both are published, as in a real rotation.
+        :returns: the new ``kid``.
+        """
         old = self.current_kid
         new = self.add_key(alg or self._keys[old][0])
         self.current_kid = new
@@ -353,11 +398,18 @@ class TokenIssuer:
         return new
 
     def remove_key(self, kid: str) -> None:
-        """Stop publishing ``kid``."""
+        """Stop publishing ``kid``.
+
+        :param kid: the key id; unknown ids are ignored.
+        """
         self._keys.pop(kid, None)
 
     def key(self, kid: str | None = None) -> Key:
-        """The private key object of ``kid`` (the current key by default)."""
+        """The private key object of ``kid`` (the current key by default).
+
+        :param kid: the key id; the current key when ``None``.
+        :raises KeyError: for an unknown ``kid``.
+        """
         return self._keys[kid or self.current_kid][1]
 
     def jwks(self) -> dict[str, Any]:
@@ -379,6 +431,13 @@ class TokenIssuer:
 
         Without a server the key set is given statically (``JWKS``); after
         :meth:`serve`, ``JWKS_URI`` points at the server.
+
+        :param audience: ``OAUTH_VERIFY_AUDIENCE``; the issuer's default
+            audience when ``None``.
+        :param extra: further settings without their prefix, e.g.
+            ``LEEWAY=0`` for ``OAUTH_VERIFY_LEEWAY``; they override the
+            ones above.
+        :returns: a dict to pass to ``app.config.update()``.
         """
         config: dict[str, Any] = {
             "OAUTH_VERIFY_ISSUER": self.issuer,
@@ -405,7 +464,22 @@ class TokenIssuer:
         now: float | None = None,
         **extra: Any,
     ) -> dict[str, Any]:
-        """The claims :meth:`mint` would sign (RFC 9068 shape)."""
+        """The claims :meth:`mint` would sign (RFC 9068 shape).
+
+        Always ``iss``, ``iat``, ``nbf``, ``exp``, a random ``jti`` and
+        ``client_id`` ``"client-1"``, plus the ones below.
+
+        :param subject: ``sub``; left out when ``None``.
+        :param audience: ``aud``; the issuer's default audience when ``None``.
+        :param scopes: ``scope``, joined with spaces; left out when ``None``.
+        :param organization_id: ``oid``; left out when ``None``.
+        :param expires_in: seconds from ``now`` to ``exp``.
+        :param now: the issue time (seconds since the epoch); the current
+            time when ``None``.
+        :param extra: more claims, which override the ones above; a claim
+            given as ``None`` is left out.
+        :returns: the claims.
+        """
         issued = int(now if now is not None else time.time())
         claims: dict[str, Any] = {
             "iss": self.issuer,
@@ -443,6 +517,10 @@ class TokenIssuer:
             name and any value (``crit``, a ``kid`` that is no string...):
             the header is signed as given, never checked.
         :param typ: the ``typ`` header (``None`` leaves it out).
+        :param options: arguments of :meth:`claims`, when ``claims`` is
+            omitted.
+        :returns: the compact JWS.
+        :raises KeyError: for an unknown ``kid``.
         """
         kid = kid or self.current_kid
         alg, key = self._keys[kid]
@@ -463,18 +541,31 @@ class TokenIssuer:
         return f"{signing_input}.{b64url(signature)}"
 
     def mint_opaque(self, **options: Any) -> str:
-        """An opaque (reference) token known to the introspection endpoint."""
+        """An opaque (reference) token known to the introspection endpoint.
+
+        :param options: arguments of :meth:`claims`: the claims the
+            endpoint answers for the token.
+        :returns: the token (random URL-safe text).
+        """
         token = secrets.token_urlsafe(32)
         self.opaque[token] = self.claims(**options)
         return token
 
     def revoke(self, token: str) -> None:
-        """Make ``token`` inactive at the introspection endpoint (RFC 7009)."""
+        """Make ``token`` inactive at the introspection endpoint (RFC 7009).
+
+        :param token: an opaque token or a JWT this issuer minted.
+        """
         self.opaque.pop(token, None)
         self._revoked.add(token)
 
     def introspect(self, token: str) -> dict[str, Any]:
-        """The RFC 7662 answer for ``token``."""
+        """The RFC 7662 answer for ``token``.
+
+        :param token: an opaque token or a JWT.
+        :returns: ``{"active": True, "token_type": "Bearer", ...claims}`` for
+            a known, unexpired, unrevoked token, else ``{"active": False}``.
+        """
         if token in self._revoked:
             return {"active": False}
         claims = self.opaque.get(token)
@@ -504,6 +595,11 @@ class TokenIssuer:
         """Serve discovery, ``/jwks`` and ``/introspect`` on 127.0.0.1.
 
         The issuer becomes the server's URL, so discovery works.
+
+        :param server: the server to add the routes to; a new one when
+            ``None``.
+        :returns: the server (close it when done, or use it as a context
+            manager).
         """
         server = server or IssuerServer()
         self.server = server
