@@ -736,7 +736,7 @@ def _private_when_query_token(response: Response) -> Response:
 def _init_optional_features(app: Flask, state: _AppState) -> None:
     """Wire the operations features the settings turn on (metrics, health)."""
     state.events.sender = app
-    dev_issuer = state.settings.raw.get("DEV_ISSUER")
+    dev_issuer = state.settings.dev_issuer
     if dev_issuer is not None:
         from .testing import TokenIssuer
 
