@@ -101,11 +101,11 @@ class _Unguarded:
         """Nothing to record."""
 
     @staticmethod
-    def record_answer() -> None:
+    def record_answer(_location: bytes | None = None) -> None:
         """Nothing to record."""
 
     @staticmethod
-    def record_failure() -> None:
+    def record_failure(_location: bytes | None = None) -> None:
         """Nothing to record."""
 
     @staticmethod
@@ -162,8 +162,19 @@ class HTTPResult:
         return None
 
 
+#: Locations (URLs) of one circuit whose failures in a row are counted apart.
+_COUNTED_LOCATIONS = 64
+
+
 class CircuitBreaker:
     """Consecutive-failure circuit breaker (closed -> open -> half-open).
+
+    Failures are counted in a row for the whole circuit (any answer or
+    success ends the row: the origin is up) and for each location (URL) on
+    its own (only that location's answer ends its row): a location that
+    hangs opens the circuit even while another path of the same origin keeps
+    answering 404 between its timeouts, and timeouts scattered over many
+    answering locations never add up.
 
     :param failures: failures in a row that open the circuit.
     :param reset: seconds the circuit stays open before one trial call.
@@ -177,6 +188,9 @@ class CircuitBreaker:
         self.reset = reset
         self._clock = clock
         self._count = 0
+        #: location (the URL's SHA-256) -> its failures in a row (bounded: a
+        #: flood of forged ``jku`` URLs names a new location per request)
+        self._located: BoundedFifo[bytes | None, int] = BoundedFifo(_COUNTED_LOCATIONS)
         self._opened_at: float | None = None
         self._trial = False
         self._lock = threading.Lock()
@@ -214,33 +228,36 @@ class CircuitBreaker:
             return max(1, int(self.reset - elapsed) + 1)
 
     def record_success(self) -> None:
-        """Close the circuit."""
+        """Close the circuit, and forget every location's failures."""
         with self._lock:
             self._count = 0
+            self._located.clear()
             self._opened_at = None
             self._trial = False
 
-    def record_answer(self) -> None:
+    def record_answer(self, location: bytes | None = None) -> None:
         """An answer that is wrong (a 4xx, an HTML page): the server is up.
 
-        It closes a half-open circuit (the trial call was answered) but,
-        while the circuit is closed, neither counts nor clears the outages
-        in a row: another path of the same origin that hangs (a key set
-        fallback) still opens the circuit, however many quick 404s come
-        between its timeouts.
+        It closes the circuit and ends the circuit's row of failures, but
+        only ``location``'s own: another location of the same origin that
+        keeps timing out (a key set fallback beside a quick 404) still opens
+        the circuit.
         """
         with self._lock:
+            self._count = 0
+            self._located.pop(location, None)
+            self._opened_at = None
             self._trial = False
-            if self._opened_at is not None:
-                self._count = 0
-                self._opened_at = None
 
-    def record_failure(self) -> None:
-        """Count a failure; open (or re-open) the circuit past the threshold."""
+    def record_failure(self, location: bytes | None = None) -> None:
+        """Count a failure (of ``location``); open (or re-open) the circuit
+        when the circuit's row, or the location's, reaches the threshold."""
         with self._lock:
             self._count += 1
+            in_a_row = self._located.get(location, 0) + 1
+            self._located.put(location, in_a_row)
             self._trial = False
-            if self._count >= self.failures:
+            if self._count >= self.failures or in_a_row >= self.failures:
                 self._opened_at = self._clock()
 
     def record_inconclusive(self) -> None:
@@ -504,22 +521,22 @@ class Fetcher:
                 # of the origin (which key fetching shares), nor a success.
                 circuit.record_inconclusive()
             else:
-                circuit.record_failure()
+                circuit.record_failure(url_digest(url))
             raise FetchError("timed out") from None
         except FetchError as exc:
             # An answer below 500 (a 4xx, a redirect we refuse, a 200 that is not
             # JSON) is the server up and working as designed: our request or
             # credentials are wrong. Only outages count against the circuit.
             if exc.answered:
-                circuit.record_answer()
+                circuit.record_answer(url_digest(url))
             else:
-                circuit.record_failure()
+                circuit.record_failure(url_digest(url))
             raise
         except Exception as exc:
             # Whatever else an answer made go wrong, here or in a library: a
             # failed call like any other (a 503 to come), never an error of
             # the caller (an introspection call's became a 401).
-            circuit.record_failure()
+            circuit.record_failure(url_digest(url))
             # Not the message: it may quote the URL (a credential in its
             # query) or what was sent (the token being introspected).
             logger.error(

@@ -209,23 +209,34 @@ def test_a_clock_stepped_back_ends_the_breakers_wait() -> None:
     assert breaker.is_open and breaker.retry_after() == 31, "re-opened from the new time"
 
 
-def test_a_wrong_answer_neither_counts_nor_clears_the_outages_in_a_row() -> None:
-    """A 4xx says the origin is up, not that the path that hung is: a
-    closed circuit keeps its count (a hung fallback beside a quick 404 of
-    the same origin still opens it), a half-open one is closed by it."""
+def test_a_location_that_keeps_failing_opens_the_circuit_between_answers() -> None:
+    """Answers end the circuit's row of failures (the origin is up), but
+    only their own location's: a key set fallback that hangs beside a quick
+    404 of the same origin still opens the circuit, while failures scattered
+    over many locations that answer never add up."""
     clock = FakeClock(1000.0)
     breaker = CircuitBreaker(failures=2, reset=30, clock=clock)
-    breaker.record_failure()
-    breaker.record_answer()
+    hung, wrong = b"fallback", b"misspelled"
+    breaker.record_failure(hung)
+    breaker.record_answer(wrong)
     assert not breaker.is_open
-    breaker.record_failure()
+    breaker.record_failure(hung)
     assert breaker.is_open, "the 404 between the two timeouts cleared the first"
     clock.advance(30)
     assert breaker.allow(), "half-open: one trial call"
-    breaker.record_answer()
+    breaker.record_answer(wrong)
     assert breaker.allow() and breaker.allow(), "an answered trial closes the circuit"
-    breaker.record_failure()
-    assert not breaker.is_open, "closed afresh: one failure is not two in a row"
+    breaker.record_failure(hung)
+    assert breaker.is_open, "the hung location's row goes on"
+    breaker.record_success()
+    for number in range(10):  # one failure each, many answering locations
+        breaker.record_failure(b"jku-%d" % number)
+        breaker.record_answer(b"other-%d" % number)
+    assert not breaker.is_open
+    breaker.record_failure(hung)
+    breaker.record_answer(hung)  # its own answer ends its row
+    breaker.record_failure(hung)
+    assert not breaker.is_open
 
 
 def test_fetcher_stops_calling_a_failing_origin(issuer_server: IssuerServer) -> None:
