@@ -922,6 +922,11 @@ def _on_load(target: Any, context: Any, attrs: Any = None) -> None:
         value = "a row without its organization column" if options.get(_FROM_STATEMENT) else None
     if value is not None and value != expected:
         name = state.mapper.class_.__name__
+        session = state.session
+        if session is not None and state.key is not None and state.key in session.identity_map:
+            # an object the session held (populate_existing): its attributes
+            # were already overwritten with the refused row; forget them
+            session.expire(target)
         logger.error(
             "tenant load guard: a %s row of %r was loaded while acting for %r",
             name, value, expected,

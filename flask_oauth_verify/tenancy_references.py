@@ -298,6 +298,8 @@ class _ReferenceGuard(_ScopingBase):
             target = relationship.mapper
             if relationship.direction is not MANYTOONE or self.tenant_key(target) is None:
                 continue
+            if relationship.viewonly:  # never written through (a foreign key is, above)
+                continue
             relations.append((relationship.key, target))
             pairs = relationship.local_remote_pairs or ()
             try:

@@ -1,0 +1,151 @@
+"""Regression tests of the tenant-leak pass after the tenancy module's split,
+on SQLite and PostgreSQL.
+
+* A ``relationship(viewonly=True)`` over ``foreign()`` columns (a lookup
+  never written through) was taken for a reference: writing the column
+  with any value that named no row of the organization was refused.
+* A ``from_statement()`` row with ``NULL`` in the organization column was
+  let through the load guard (``SELECT id, NULL AS organization_id, …``
+  loaded every organization's rows).
+* A refused ``populate_existing`` row had already overwritten the object
+  the session held: the refusal left another organization's values in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import String, insert, select, text, update
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    foreign,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
+
+from flask_oauth_verify.tenancy import TenantScopingError, as_organization
+
+from .tenancy_support import engine_for, scoped_database
+
+
+class NinthBase(DeclarativeBase):
+    pass
+
+
+class Project(NinthBase):
+    __tablename__ = "p9_projects"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(20))
+    name: Mapped[str] = mapped_column(String(40))
+
+
+class Task(NinthBase):
+    __tablename__ = "p9_tasks"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(20))
+    title: Mapped[str] = mapped_column(String(40))
+    #: "the project named like this task": read only, no foreign key
+    project_by_title: Mapped[Project | None] = relationship(
+        Project, primaryjoin=lambda: foreign(Task.title) == Project.name, viewonly=True
+    )
+
+
+SEED = [
+    "INSERT INTO p9_projects (id, organization_id, name) VALUES (1, 'org_a', 'alpha')",
+    "INSERT INTO p9_projects (id, organization_id, name) VALUES (2, 'org_b', 'beta')",
+    "INSERT INTO p9_tasks (id, organization_id, title) VALUES (1, 'org_a', 'alpha')",
+]
+
+
+def _seed(connection: Any) -> None:
+    for statement in SEED:
+        connection.execute(text(statement))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def factory(request: pytest.FixtureRequest) -> Iterator[sessionmaker[Any]]:
+    with (
+        engine_for(request, request.param) as engine,
+        scoped_database(engine, NinthBase, _seed, ("p9_projects", "p9_tasks")) as made,
+    ):
+        yield made
+
+
+#: a write of the lookup's column, and the (id, title) row it leaves
+WRITES: dict[str, tuple[Any, tuple[int, str]]] = {
+    "flush, a title naming no project": (
+        lambda s: s.add(Task(id=10, title="write docs")),
+        (10, "write docs"),
+    ),
+    "flush, a title naming their project": (
+        lambda s: s.add(Task(id=11, title="beta")),
+        (11, "beta"),
+    ),
+    "flush, a rename": (lambda s: setattr(s.get(Task, 1), "title", "renamed"), (1, "renamed")),
+    "ORM insert()": (lambda s: s.execute(insert(Task).values(id=12, title="plain")), (12, "plain")),
+    "ORM update()": (
+        lambda s: s.execute(update(Task).where(Task.id == 1).values(title="again")),
+        (1, "again"),
+    ),
+    "bulk_insert_mappings": (
+        lambda s: s.bulk_insert_mappings(Task, [{"id": 13, "title": "b"}]),
+        (13, "b"),
+    ),
+    "bulk_update_mappings": (
+        lambda s: s.bulk_update_mappings(Task, [{"id": 1, "title": "c"}]),
+        (1, "c"),
+    ),
+}
+
+
+@pytest.mark.parametrize("write", WRITES)
+def test_a_viewonly_lookup_is_no_reference(factory: sessionmaker[Any], write: str) -> None:
+    action, written = WRITES[write]
+    with factory() as session, as_organization("org_a"):
+        action(session)
+        session.commit()
+        rows = session.execute(select(Task.id, Task.title, Task.organization_id)).all()
+    assert (*written, "org_a") in [tuple(row) for row in rows]
+
+
+def test_the_viewonly_lookup_still_reads_own_rows_only(factory: sessionmaker[Any]) -> None:
+    with factory() as session, as_organization("org_a"):
+        session.add(Task(id=20, title="beta"))
+        session.commit()
+        task = session.get(Task, 20)
+        assert task is not None and task.project_by_title is None  # org_b's "beta" is not ours
+        own = session.get(Task, 1)
+        assert own is not None and own.project_by_title is not None
+        assert own.project_by_title.id == 1
+
+
+def test_a_from_statement_row_with_a_null_organization_is_refused(
+    factory: sessionmaker[Any],
+) -> None:
+    passed_off = text("SELECT id, NULL AS organization_id, name FROM p9_projects")
+    with (
+        factory() as session,
+        as_organization("org_a"),
+        pytest.raises(TenantScopingError, match="from_statement"),
+    ):
+        session.scalars(select(Project).from_statement(passed_off)).all()
+
+
+def test_a_refused_populate_existing_row_leaves_the_held_object_as_it_was(
+    factory: sessionmaker[Any],
+) -> None:
+    theirs_as_ours = text(
+        "SELECT p.id, q.organization_id, q.name FROM p9_projects p "
+        "JOIN p9_projects q ON q.id = 2 WHERE p.id = 1"
+    )
+    with factory() as session, as_organization("org_a"):
+        held = session.get(Project, 1)
+        assert held is not None
+        statement = select(Project).from_statement(theirs_as_ours)
+        with pytest.raises(TenantScopingError):
+            session.scalars(statement.execution_options(populate_existing=True)).all()
+        assert (held.organization_id, held.name) == ("org_a", "alpha")
