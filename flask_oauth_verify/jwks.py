@@ -280,6 +280,12 @@ class KeyStore:
         #: fetch, for a cooldown
         #: (keyed by the URL's SHA-256: a token's jku may be 16 KiB long)
         self._refused_jku: BoundedFifo[bytes, tuple[float, bool]] = BoundedFifo(_REFUSED_JKU_URLS)
+        #: issuer -> (when, whether the host answered) of its last failed
+        #: fetch of a ``jku`` never seen to serve keys: any other new ``jku``
+        #: of the issuer is refused without a fetch for a cooldown (each
+        #: forged token naming a new path of the allowlisted host cost a
+        #: fetch, and the request waited for it)
+        self._failed_new_jku: BoundedFifo[str, tuple[float, bool]] = BoundedFifo(_REFUSED_JKU_URLS)
         for issuer in settings.issuers:
             if issuer not in self._static:
                 self._source(issuer, None)
@@ -428,10 +434,33 @@ class KeyStore:
         if refused is not None and now - refused[0] < self._cooldown:
             raise self._jku_refusal(refused[1], refused[0])
 
-    def _jku_refusal(self, answered: bool, at: float) -> Exception:
+    def _expected_jku(self, issuer: str) -> tuple[str | None, ...]:
+        """The ``jku`` values an issuer's own tokens name, never paced: its
+        well-known key set (Beyond Identity's ``<issuer>/.well-known/jwks.json``)
+        and any configured ``JWKS_URI`` and fallbacks. A flood of forged
+        paths must not keep the real one from being fetched."""
+        return (
+            issuer.rstrip("/") + "/.well-known/jwks.json",
+            self.settings.jwks_uri_for(issuer),
+            *self.settings.jwks_uri_fallbacks_for(issuer),
+        )
+
+    def _pace_new_jku(self, issuer: str, now: float) -> None:
+        """Refuse, without a fetch, a ``jku`` never seen before while another
+        new ``jku`` of ``issuer`` failed within the cooldown: at most one
+        failed fetch per cooldown, however many paths forged tokens name."""
+        failed = self._failed_new_jku.get(issuer)
+        if failed is not None and 0 <= now - failed[0] < self._cooldown:
+            raise self._jku_refusal(failed[1], failed[0], paced=True)
+
+    def _jku_refusal(self, answered: bool, at: float, *, paced: bool = False) -> Exception:
         """401 when the host answered with no key set (the token names none);
         503 when it did not answer (it may be down)."""
         if answered:
+            if paced:
+                return InvalidTokenError(
+                    reason="jku not fetched: a new jku of this issuer failed within the cooldown"
+                )
             return InvalidTokenError(reason="jku does not serve a key set")
         retry = max(1, math.ceil(at + self._cooldown - self.clock()))
         return UpstreamError(
@@ -647,6 +676,8 @@ class KeyStore:
         unproven = source.jku is not None and source.keys is None
         if unproven:
             self._check_refused_jku(str(source.jku), now)
+            if source.jku not in self._expected_jku(source.issuer):
+                self._pace_new_jku(source.issuer, now)
         source.fetches += 1
         try:
             record = self._fetch(source, now)
@@ -658,6 +689,7 @@ class KeyStore:
                 source.last_error = str(exc)
                 answered = _answered(exc)
                 self._refused_jku.put(url_digest(str(source.jku)), (now, answered))
+                self._failed_new_jku.put(source.issuer, (now, answered))
                 raise self._jku_refusal(answered, now) from None
             if isinstance(exc, FetchError) and exc.circuit_open:
                 return self._refused_by_circuit(source, now, str(exc))

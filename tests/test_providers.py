@@ -815,6 +815,26 @@ def test_beyond_identity_jku_sources_stay_bounded(server: IssuerServer) -> None:
     assert [s.source for s in sources if s.kids] == [bi.jku]
 
 
+def test_forged_jku_paths_cost_one_fetch_per_cooldown(server: IssuerServer) -> None:
+    """Each forged token naming a new path of the allowlisted host cost one
+    fetch, before any signature check, and its request waited for it: a
+    flood made the API hammer the identity provider. Now one failed new
+    ``jku`` of an issuer per cooldown is fetched; the real one (the
+    issuer's own well-known key set) is never held back by the flood."""
+    bi = BeyondIdentity(server)
+    clock = FakeClock()
+    app = provider_app(bi.config(JWKS_REFRESH_COOLDOWN=30), clock=clock)
+    forged = [f"/v1/forged/{n}" for n in range(50)]
+    for path in forged:
+        status, body = call(app, bi.token(jku=f"{server.url}{path}"))
+        assert (status, body["error"]) == (401, "invalid_token")
+    assert sum(server.hits[path] for path in forged) == 1
+    assert call(app, bi.token())[0] == 200, "the real key set, fetched cold, at once"
+    clock.advance(31)  # the cooldown is over: the next new path is asked again
+    assert call(app, bi.token(jku=f"{server.url}/v1/forged/late"))[0] == 401
+    assert server.hits["/v1/forged/late"] == 1
+
+
 def test_beyond_identity_forged_jku_outages_leave_the_issuer_available(
     server: IssuerServer,
 ) -> None:
