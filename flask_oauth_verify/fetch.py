@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import email.utils
 import functools
 import hashlib
 import http.cookiejar
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
@@ -128,10 +130,15 @@ class FetchError(Exception):
     :param status: the HTTP status when one was received.
     """
 
-    def __init__(self, reason: str, *, status: int | None = None) -> None:
+    def __init__(
+        self, reason: str, *, status: int | None = None, retry_after: int | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        #: the server's own ``Retry-After`` (whole seconds, at most
+        #: :data:`MAX_RETRY_AFTER`) of a 429 or 503 answer, else ``None``
+        self.retry_after = retry_after
 
     @property
     def circuit_open(self) -> bool:
@@ -602,7 +609,11 @@ class Fetcher:
                 if accept_not_modified and status == 304:
                     return HTTPResult(304, dict(response.headers), None)
                 if status != 200:
-                    raise FetchError(f"HTTP status {status}", status=status)
+                    raise FetchError(
+                        f"HTTP status {status}",
+                        status=status,
+                        retry_after=_retry_after(status, response.headers.get("Retry-After")),
+                    )
                 content_type = response.headers.get("Content-Type")
                 if not _is_json_type(content_type):
                     media = (content_type or "").split(";", 1)[0].strip()[:64]
@@ -698,6 +709,30 @@ def _closed_unanswered(exc: requests.ConnectionError) -> bool:
         reason = reason.args[1]
     # http.client.RemoteDisconnected (closed before the status line) is one
     return isinstance(reason, ConnectionResetError | BrokenPipeError)
+
+
+#: The longest ``Retry-After`` of a server passed on to our clients (seconds).
+MAX_RETRY_AFTER = 300
+
+
+def _retry_after(status: int, value: str | None) -> int | None:
+    """A 429 or 503 answer's ``Retry-After`` (RFC 9110 §10.2.3: seconds or an
+    HTTP date) as whole seconds from now, 1 to :data:`MAX_RETRY_AFTER`;
+    ``None`` for another status or a value that is neither."""
+    if status not in (429, 503) or not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        seconds = int(value[:6])  # more digits than any sane delay: the cap
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = math.ceil(when.timestamp() - time.time())
+    return min(max(seconds, 1), MAX_RETRY_AFTER)
 
 
 def url_digest(url: str) -> bytes:

@@ -109,8 +109,10 @@ def _classify(exc: FetchError) -> tuple[str, str, int]:
             _RETRY_MISCONFIGURED,
         )
     if status in (408, 429):
-        # The server is up but busy (rate limit, request timeout): transient.
-        return "rate_limited", f"the endpoint is busy (HTTP {status})", _RETRY_TRANSIENT
+        # The server is up but busy (rate limit, request timeout): transient;
+        # its own Retry-After, when it sent one, is what our clients wait.
+        retry = max(exc.retry_after or 0, _RETRY_TRANSIENT)
+        return "rate_limited", f"the endpoint is busy (HTTP {status})", retry
     if status is not None and 400 <= status < 500:
         return (
             "request_rejected",
@@ -125,7 +127,8 @@ def _classify(exc: FetchError) -> tuple[str, str, int]:
             _RETRY_MISCONFIGURED,
         )
     if status is not None and status >= 500:
-        return "server_error", f"the endpoint failed (HTTP {status})", _RETRY_TRANSIENT
+        retry = max(exc.retry_after or 0, _RETRY_TRANSIENT)
+        return "server_error", f"the endpoint failed (HTTP {status})", retry
     if reason.startswith("the response is not JSON"):
         return "invalid_response", "the endpoint answered with a non-JSON body", _RETRY_TRANSIENT
     if reason.startswith("response larger than"):

@@ -9,6 +9,8 @@ made to fail in each way the client must survive.
 from __future__ import annotations
 
 import base64
+import datetime
+import email.utils
 import hashlib
 import logging
 import socket
@@ -594,6 +596,40 @@ def test_endpoint_failures_give_503_and_say_which(
     assert f"({kind})" in messages[0]
     assert "not a problem with the client's token" in messages[0]
     assert token not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("status", "sent", "expected"),
+    [
+        (429, "120", 120),
+        (503, "45", 45),
+        (429, "86400", 300),  # capped: a day would park every client
+        (429, "soon", 5),  # not a delay: our own
+        (429, "1", 5),  # never shorter than our own
+        (500, "120", 5),  # only 429 and 503 say when to come back
+    ],
+)
+def test_the_endpoints_retry_after_is_passed_on(
+    issuer: TokenIssuer, status: int, sent: str, expected: int
+) -> None:
+    """A rate-limited (429) or unavailable (503) endpoint says when to come
+    back; the 503 our clients get said 5 s whatever it asked."""
+    server_of(issuer).route(INTROSPECT, Reply(status, {"error": "x"}, {"Retry-After": sent}))
+    app = make_app(intro_config(issuer))
+    response = app.test_client().get("/protected", headers=auth_header(issuer.mint_opaque()))
+    assert_503(response)
+    assert response.headers["Retry-After"] == str(expected)
+
+
+def test_an_http_date_retry_after_is_passed_on_as_seconds(issuer: TokenIssuer) -> None:
+    when = email.utils.format_datetime(
+        datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=90), usegmt=True
+    )
+    server_of(issuer).route(INTROSPECT, Reply(429, {"error": "x"}, {"Retry-After": when}))
+    app = make_app(intro_config(issuer))
+    response = app.test_client().get("/protected", headers=auth_header(issuer.mint_opaque()))
+    assert_503(response)
+    assert 80 <= int(response.headers["Retry-After"]) <= 91
 
 
 def test_wrong_credentials_are_a_503_that_names_the_settings(
