@@ -892,3 +892,21 @@ def engine_for(request: Any, backend: str) -> Iterator[Any]:
         return
     with PostgresSchema(request.getfixturevalue("postgres_url")) as schema:
         yield create_engine(schema.url, **schema.options())
+
+
+@contextlib.contextmanager
+def seeded_factory(
+    request: Any, base: Any, statements: Iterable[str], id_tables: Iterable[str] = ()
+) -> Iterator[sessionmaker[Any]]:
+    """:func:`scoped_database` on the backend of a fixture parametrized with
+    ``"sqlite"`` / ``"postgresql"``, seeded by SQL ``statements``."""
+
+    def seed(connection: Any) -> None:
+        for statement in statements:
+            connection.execute(text(statement))
+
+    with (
+        engine_for(request, request.param) as engine,
+        scoped_database(engine, base, seed, id_tables) as factory,
+    ):
+        yield factory

@@ -54,7 +54,7 @@ from flask_oauth_verify.tenancy import (
     as_organization,
 )
 
-from .tenancy_support import engine_for, scoped_database
+from .tenancy_support import seeded_factory
 
 
 class EighthBase(DeclarativeBase):
@@ -162,17 +162,9 @@ SEED = [
 TABLES = ("p8_projects", "p8_tasks", "p8_notes", "p8_attachments", "p8_ledgers")
 
 
-def _seed(connection: Any) -> None:
-    for statement in SEED:
-        connection.execute(text(statement))
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def factory(request: pytest.FixtureRequest) -> Iterator[sessionmaker[Any]]:
-    with (
-        engine_for(request, request.param) as engine,
-        scoped_database(engine, EighthBase, _seed, TABLES) as made,
-    ):
+    with seeded_factory(request, EighthBase, SEED, TABLES) as made:
         yield made
 
 

@@ -29,7 +29,7 @@ from sqlalchemy.orm import (
 
 from flask_oauth_verify.tenancy import TenantScopingError, as_organization
 
-from .tenancy_support import engine_for, scoped_database
+from .tenancy_support import seeded_factory
 
 
 class NinthBase(DeclarativeBase):
@@ -61,17 +61,9 @@ SEED = [
 ]
 
 
-def _seed(connection: Any) -> None:
-    for statement in SEED:
-        connection.execute(text(statement))
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def factory(request: pytest.FixtureRequest) -> Iterator[sessionmaker[Any]]:
-    with (
-        engine_for(request, request.param) as engine,
-        scoped_database(engine, NinthBase, _seed, ("p9_projects", "p9_tasks")) as made,
-    ):
+    with seeded_factory(request, NinthBase, SEED, ("p9_projects", "p9_tasks")) as made:
         yield made
 
 
