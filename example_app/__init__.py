@@ -48,6 +48,17 @@ def organization_not_suspended(claims: Mapping[str, Any]) -> bool:
     return organization not in current_app.config.get("SUSPENDED_ORGANIZATIONS", ())
 
 
+def _id_set(name: str, value: object) -> frozenset[str]:
+    """A setting listing ids, as a set: a list (``EXAMPLE_X='["a", "b"]'``) or
+    one id (``EXAMPLE_X=a``). A plain string kept as it was made ``in`` a
+    substring test ("ops" in "platform-ops")."""
+    if isinstance(value, str):
+        return frozenset({value})
+    if isinstance(value, list | tuple | set | frozenset) and all(isinstance(v, str) for v in value):
+        return frozenset(value)
+    raise ConfigurationError(f"{name} must be a list of ids, not {type(value).__name__}.")
+
+
 def create_app(config: dict[str, Any] | None = None, *, instance_path: str | None = None) -> Flask:
     """The app factory.
 
@@ -90,6 +101,11 @@ def create_app(config: dict[str, Any] | None = None, *, instance_path: str | Non
         app.config.setdefault("OAUTH_VERIFY_INTROSPECTION_CLIENT_SECRET", secret)
         dev_issuer.register(app, issuer)
 
+    for name, default in (
+        ("SUSPENDED_ORGANIZATIONS", ()),
+        ("PLATFORM_CLIENT_IDS", ("platform-ops",)),
+    ):
+        app.config[name] = _id_set(name, app.config.get(name, default))
     if not app.testing:
         configure_security_log()
     cache.init_app(app)

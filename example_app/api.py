@@ -208,7 +208,7 @@ def customer_counts() -> dict[str, object]:
     ``["platform-ops"]``). A tenant's administrator holding ``admin:read`` is
     still one organization and sees nothing of the others: 403.
     """
-    operators = current_app.config.get("PLATFORM_CLIENT_IDS", ["platform-ops"])
+    operators = current_app.config["PLATFORM_CLIENT_IDS"]  # a frozenset (create_app)
     if g.auth.organization_id is not None or g.auth.client_id not in operators:
         raise PlatformOnly(reason="a tenant's or unknown client's token on a platform route")
     rows = db.session.execute(

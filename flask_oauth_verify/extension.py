@@ -652,10 +652,6 @@ class OAuthVerify:
         return metrics_registry(app)
 
 
-#: Every status an :class:`OAuthVerifyError` answers with.
-_ERROR_STATUSES = (400, 401, 403, 503)
-
-
 def _encode_claims_as_json(app: Flask) -> None:
     """Let the app's JSON provider encode ``g.auth.claims`` as an object.
 
@@ -683,27 +679,19 @@ def _register_error_handler(app: Flask, handler: Callable[[Any], Response]) -> N
 
     ``register_error_handler(OAuthVerifyError, …)`` would file it under the
     base class's own code (401) only: Flask looks handlers up by the raised
-    error's status first, so a 400, 403 or 503 refusal would reach an app's
-    generic ``@app.errorhandler(Exception)`` (a 500) or Flask's HTML page
-    instead. So it is filed under every status of the tree; a handler the
-    app registers for a subclass (``TokenExpired``) still wins, being more
-    specific. A handler the app registered for the base class before
-    ``init_app`` (an app factory that sets up its handlers first) is kept.
-    It is also filed under no status, where Flask looks last: a subclass
-    defined after ``init_app`` with a status of its own (a ``423`` raised by
-    a claims check) finds it before an app's ``Exception`` handler.
+    error's status first (the blueprint's, then the app's), then among the
+    handlers of no status, so a 400, 403 or 503 refusal would reach an app's
+    or a blueprint's generic ``errorhandler(Exception)`` (a 500) or Flask's
+    HTML page instead. So it is filed under every error status, 400 to 599
+    (also those of subclasses defined after ``init_app``: a ``423`` raised
+    by a claims check), and under no status; a handler the app registers
+    for a subclass (``TokenExpired``), or a blueprint for a status, still
+    wins, being more specific. A handler the app registered for the base
+    class before ``init_app`` (an app factory that sets up its handlers
+    first) is kept.
     """
-    statuses = {cls.code for cls in _subclasses(OAuthVerifyError) if isinstance(cls.code, int)}
-    codes: set[int | None] = {None, *_ERROR_STATUSES, *statuses}
-    for code in codes:
+    for code in (None, *range(400, 600)):
         app.error_handler_spec[None][code].setdefault(OAuthVerifyError, handler)
-
-
-def _subclasses(cls: type[OAuthVerifyError]) -> set[type[OAuthVerifyError]]:
-    found: set[type[OAuthVerifyError]] = set(cls.__subclasses__())
-    for sub in list(found):
-        found |= _subclasses(sub)
-    return found
 
 
 def _protected_response_headers(response: Response) -> Response:

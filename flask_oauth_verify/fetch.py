@@ -267,6 +267,13 @@ class CircuitBreaker:
             if self._count >= self.failures or in_a_row >= self.failures:
                 self._opened_at = self._clock()
 
+    def after_fork(self) -> None:
+        """In a forked child: a lock no parent thread holds, and no trial
+        call claimed (the parent thread making it does not exist here: the
+        child would refuse every call of the circuit for good)."""
+        self._lock = threading.Lock()
+        self._trial = False
+
     def record_inconclusive(self) -> None:
         """A call that says nothing of the server (cut off by the caller's
         budget): no failure, no success; a half-open trial may go out again."""
@@ -699,7 +706,7 @@ class Fetcher:
         self._session = Fetcher._new_session()
         self._lock = threading.Lock()
         for breaker in [*self._breakers.values(), *self._url_breakers.values()]:
-            breaker._lock = threading.Lock()
+            breaker.after_fork()
 
 
 def _closed_unanswered(exc: requests.ConnectionError) -> bool:

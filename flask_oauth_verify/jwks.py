@@ -35,6 +35,7 @@ Policy (the operations guide in the docs, ``keys.rst``, explains each part):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -42,7 +43,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -79,6 +80,8 @@ _PARSED_CACHE_SIZE = 64
 _MAX_DYNAMIC_SOURCES = 64
 #: How many refused ``jku`` URLs are remembered (each for a refresh cooldown).
 _REFUSED_JKU_URLS = 4096
+#: The path of an issuer's own key set under it (Beyond Identity's ``jku``).
+_WELL_KNOWN_JWKS = "/.well-known/jwks.json"
 
 #: Listener signature: (event name, fields). Set by the extension.
 EventSink = Callable[[str, Mapping[str, Any]], None]
@@ -286,6 +289,9 @@ class KeyStore:
         #: forged token naming a new path of the allowlisted host cost a
         #: fetch, and the request waited for it)
         self._failed_new_jku: BoundedFifo[str, tuple[float, bool]] = BoundedFifo(_REFUSED_JKU_URLS)
+        #: issuers with a fetch of such a new ``jku`` under way (under the
+        #: guard): concurrent forged tokens do not each start one
+        self._new_jku_fetching: set[str] = set()
         for issuer in settings.issuers:
             if issuer not in self._static:
                 self._source(issuer, None)
@@ -434,16 +440,41 @@ class KeyStore:
         if refused is not None and now - refused[0] < self._cooldown:
             raise self._jku_refusal(refused[1], refused[0])
 
-    def _expected_jku(self, issuer: str) -> tuple[str | None, ...]:
-        """The ``jku`` values an issuer's own tokens name, never paced: its
-        well-known key set (Beyond Identity's ``<issuer>/.well-known/jwks.json``)
-        and any configured ``JWKS_URI`` and fallbacks. A flood of forged
-        paths must not keep the real one from being fetched."""
-        return (
-            issuer.rstrip("/") + "/.well-known/jwks.json",
-            self.settings.jwks_uri_for(issuer),
-            *self.settings.jwks_uri_fallbacks_for(issuer),
+    def _expected_jku(self, source: _Source) -> bool:
+        """Whether ``source``'s ``jku`` is one its issuer's own tokens name,
+        never paced: the well-known key set of an issuer of the source
+        (Beyond Identity's ``<issuer>/.well-known/jwks.json``; for a templated
+        ``ISSUER``, of any issuer the template admits) or a configured
+        ``JWKS_URI`` or fallback. A flood of forged paths must not keep the
+        real one from being fetched."""
+        jku = str(source.jku)
+        if jku.endswith(_WELL_KNOWN_JWKS):
+            issuer = jku[: -len(_WELL_KNOWN_JWKS)]
+            if issuer and self._issuers.configured(issuer) == source.issuer:
+                return True
+        return jku in (
+            self.settings.jwks_uri_for(source.issuer),
+            *self.settings.jwks_uri_fallbacks_for(source.issuer),
         )
+
+    @contextlib.contextmanager
+    def _paced_fetch(self, source: _Source, now: float) -> Iterator[None]:
+        """Around the fetch of a new ``jku`` that is not :meth:`_expected_jku`:
+        refused without a fetch while another such fetch of the issuer is
+        under way or failed within the cooldown (:meth:`_pace_new_jku`)."""
+        issuer = source.issuer
+        with self._guard:
+            if issuer in self._new_jku_fetching:
+                raise InvalidTokenError(
+                    reason="jku not fetched: another new jku of this issuer is being fetched"
+                )
+            self._pace_new_jku(issuer, now)
+            self._new_jku_fetching.add(issuer)
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._new_jku_fetching.discard(issuer)
 
     def _pace_new_jku(self, issuer: str, now: float) -> None:
         """Refuse, without a fetch, a ``jku`` never seen before while another
@@ -676,8 +707,14 @@ class KeyStore:
         unproven = source.jku is not None and source.keys is None
         if unproven:
             self._check_refused_jku(str(source.jku), now)
-            if source.jku not in self._expected_jku(source.issuer):
-                self._pace_new_jku(source.issuer, now)
+            if not self._expected_jku(source):
+                with self._paced_fetch(source, now):
+                    return self._fetch_then_install(source, now, mode, unproven)
+        return self._fetch_then_install(source, now, mode, unproven)
+
+    def _fetch_then_install(
+        self, source: _Source, now: float, mode: str, unproven: bool
+    ) -> PreparedKeySet:
         source.fetches += 1
         try:
             record = self._fetch(source, now)

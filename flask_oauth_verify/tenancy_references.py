@@ -298,10 +298,13 @@ class _ReferenceGuard(_ScopingBase):
             target = relationship.mapper
             if relationship.direction is not MANYTOONE or self.tenant_key(target) is None:
                 continue
-            if relationship.viewonly:  # never written through (a foreign key is, above)
+            pairs = relationship.local_remote_pairs or ()
+            if relationship.viewonly and {remote for _, remote in pairs} != set(target.primary_key):
+                # a lookup by some other column (a title naming a project),
+                # never written through: no reference. One by the target's
+                # primary key is one, written through its local columns.
                 continue
             relations.append((relationship.key, target))
-            pairs = relationship.local_remote_pairs or ()
             try:
                 keys = tuple(mapper.get_property_by_column(local).key for local, _ in pairs)
                 target_keys = tuple(

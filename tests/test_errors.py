@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from flask import Flask, g
+from flask import Blueprint, Flask, g
 
 from flask_oauth_verify import (
     InsufficientScopeError,
@@ -219,7 +219,15 @@ def test_a_subclass_defined_after_init_app_keeps_the_librarys_response(
     def me() -> dict[str, Any]:
         return {"subject": g.auth.subject}
 
+    # a blueprint's own catch-all is looked at before the app's
+    api = Blueprint("api", __name__, url_prefix="/api")
+    api.register_error_handler(Exception, boom)
+    api.add_url_rule("/me", view_func=require_token(lambda: {"subject": g.auth.subject}))
+    app.register_blueprint(api)
+
     client = app.test_client()
+    locked = client.get("/api/me", headers=auth_header(tokens.mint(locked=True)))
+    assert (locked.status_code, locked.is_json) == (423, True), locked.text
     response = client.get("/me", headers=auth_header(tokens.mint(locked=True)))
     assert response.status_code == 423
     assert response.json == {"error": "account_locked", "message": "The account is locked."}

@@ -237,6 +237,30 @@ def test_projects_join_and_admin_opt_out(example: Flask) -> None:
     assert counts.json is not None and set(counts.json["counts"]) == {"org_acme", "org_globex"}
 
 
+def test_id_settings_given_as_one_string_are_one_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``EXAMPLE_PLATFORM_CLIENT_IDS=platform-ops`` (not JSON) stayed a string,
+    so ``client_id not in operators`` tested substrings: a token of client
+    "ops" read every organization's counts."""
+    monkeypatch.setenv("EXAMPLE_PLATFORM_CLIENT_IDS", "platform-ops")
+    monkeypatch.setenv("EXAMPLE_SUSPENDED_ORGANIZATIONS", "org_acme_old")
+    app = create_app({"EXAMPLE_DEV_ISSUER": True, "TESTING": True}, instance_path=str(tmp_path))
+    client = app.test_client()
+    issuer = dev_issuer(app)
+    for client_id, expected in (("ops", 403), ("platform", 403), ("platform-ops", 200)):
+        token = issuer.mint(
+            subject="svc", scopes=["admin:read"], audience="example-api", client_id=client_id
+        )
+        response = client.get("/api/admin/customer-counts", headers=auth_header(token))
+        assert response.status_code == expected, (client_id, response.text)
+    # "org_acme" is in "org_acme_old" as a substring, not as an id
+    assert (
+        client.get("/api/customers", headers=mint(app, "org_acme", ["customers:read"])).status_code
+        == 200
+    )
+
+
 def test_a_tenants_admin_sees_no_other_organization(example: Flask) -> None:
     """admin:read in a tenant's token (or a platform-less client's) is not the
     platform operator: 403, and no organization id or count in the answer."""

@@ -15,7 +15,7 @@ from flask_oauth_verify.config import Settings
 from flask_oauth_verify.fetch import CircuitBreaker, Fetcher, FetchError, SingleFlight
 from flask_oauth_verify.testing import IssuerServer, Reply, Request
 
-from .conftest import FakeClock, free_port, wait_until
+from .conftest import FakeClock, free_port, in_forked_child, wait_until
 
 
 def make_fetcher(clock: FakeClock | None = None, **options: Any) -> Fetcher:
@@ -237,6 +237,20 @@ def test_a_location_that_keeps_failing_opens_the_circuit_between_answers() -> No
     breaker.record_answer(hung)  # its own answer ends its row
     breaker.record_failure(hung)
     assert not breaker.is_open
+
+
+def test_a_child_forked_during_a_trial_call_makes_its_own() -> None:
+    """The child inherited the parent's claimed half-open trial with no
+    thread left to finish it: every call of the circuit was refused for good
+    (a worker answering 503 until restarted)."""
+    clock = FakeClock()
+    fetcher = make_fetcher(clock, CIRCUIT_BREAKER_FAILURES=1, CIRCUIT_BREAKER_RESET=30)
+    breaker = fetcher.breaker("https://issuer.example.test/jwks")
+    breaker.record_failure()
+    clock.advance(31)
+    assert breaker.allow(), "the parent's trial call"
+    assert not breaker.allow()
+    assert in_forked_child(lambda: [breaker.allow(), breaker.allow()]) == [True, False]
 
 
 def test_fetcher_stops_calling_a_failing_origin(issuer_server: IssuerServer) -> None:

@@ -835,6 +835,44 @@ def test_forged_jku_paths_cost_one_fetch_per_cooldown(server: IssuerServer) -> N
     assert server.hits["/v1/forged/late"] == 1
 
 
+def test_a_templated_issuers_own_jku_is_never_paced(server: IssuerServer) -> None:
+    """With a templated ``ISSUER`` the exemption was built from the template
+    text (``…/{tenant}/…/.well-known/jwks.json``), which no token names: one
+    forged token per cooldown held back every tenant's own key set."""
+    bi = BeyondIdentity(server)
+    config = bi.config(
+        PROVIDER="generic",
+        ALLOWED_JKU_HOSTS=["127.0.0.1"],
+        ISSUER=bi.issuer.replace(bi.tenant, "{tenant}"),
+        ALLOWED_TENANTS=[bi.tenant, "0002222222222222"],
+        ISSUER_PLACEHOLDER_CLAIMS={"tenant": "bi_t"},
+        JWKS_URI=f"{server.url}/v1/shared/jwks.json",  # required for a template
+    )
+    app = provider_app(config, clock=FakeClock())
+    assert call(app, bi.token(jku=f"{server.url}/v1/forged/1"))[0] == 401
+    assert call(app, bi.token())[0] == 200, "the tenant's own well-known key set"
+
+
+def test_concurrent_forged_jku_paths_start_one_fetch(server: IssuerServer) -> None:
+    """Pacing began only once a fetch had failed: forged tokens arriving
+    while the first one's fetch was under way each started their own."""
+    bi = BeyondIdentity(server)
+    app = provider_app(bi.config(), clock=FakeClock())
+    server.hold("/v1/forged/slow")
+    first = threading.Thread(target=call, args=(app, bi.token(jku=f"{server.url}/v1/forged/slow")))
+    first.start()
+    try:
+        assert server.wait_for_hits("/v1/forged/slow", 1)
+        for number in range(5):
+            status, body = call(app, bi.token(jku=f"{server.url}/v1/forged/{number}"))
+            assert (status, body["error"]) == (401, "invalid_token")
+        assert call(app, bi.token())[0] == 200, "the real key set is not held back"
+    finally:
+        server.release("/v1/forged/slow")
+        first.join(timeout=30)
+    assert sum(server.hits[f"/v1/forged/{n}"] for n in range(5)) == 0
+
+
 def test_beyond_identity_forged_jku_outages_leave_the_issuer_available(
     server: IssuerServer,
 ) -> None:

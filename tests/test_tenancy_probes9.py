@@ -27,7 +27,7 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
-from flask_oauth_verify.tenancy import TenantScopingError, as_organization
+from flask_oauth_verify.tenancy import CrossTenantWriteError, TenantScopingError, as_organization
 
 from .tenancy_support import seeded_factory
 
@@ -54,6 +54,20 @@ class Task(NinthBase):
     )
 
 
+class Memo(NinthBase):
+    """Names a project by its primary key, without a database foreign key:
+    the viewonly relationship is still a reference (written through
+    ``project_ref``)."""
+
+    __tablename__ = "p9_memos"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(20))
+    project_ref: Mapped[int] = mapped_column()
+    project: Mapped[Project] = relationship(
+        Project, primaryjoin=lambda: foreign(Memo.project_ref) == Project.id, viewonly=True
+    )
+
+
 SEED = [
     "INSERT INTO p9_projects (id, organization_id, name) VALUES (1, 'org_a', 'alpha')",
     "INSERT INTO p9_projects (id, organization_id, name) VALUES (2, 'org_b', 'beta')",
@@ -63,7 +77,7 @@ SEED = [
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def factory(request: pytest.FixtureRequest) -> Iterator[sessionmaker[Any]]:
-    with seeded_factory(request, NinthBase, SEED, ("p9_projects", "p9_tasks")) as made:
+    with seeded_factory(request, NinthBase, SEED, ("p9_projects", "p9_tasks", "p9_memos")) as made:
         yield made
 
 
@@ -113,6 +127,19 @@ def test_the_viewonly_lookup_still_reads_own_rows_only(factory: sessionmaker[Any
         own = session.get(Task, 1)
         assert own is not None and own.project_by_title is not None
         assert own.project_by_title.id == 1
+
+
+def test_a_viewonly_relationship_by_primary_key_is_still_a_reference(
+    factory: sessionmaker[Any],
+) -> None:
+    with factory() as session, as_organization("org_a"):
+        session.add(Memo(id=1, project_ref=1))
+        session.commit()
+        session.add(Memo(id=2, project_ref=2))  # org_b's project
+        with pytest.raises(CrossTenantWriteError):
+            session.commit()
+        session.rollback()
+        assert session.scalars(select(Memo.project_ref)).all() == [1]
 
 
 def test_a_from_statement_row_with_a_null_organization_is_refused(
