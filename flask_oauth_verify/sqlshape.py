@@ -27,8 +27,13 @@ from sqlalchemy.sql.elements import (
     BindParameter,
     BooleanClauseList,
     ColumnClause,
+    FunctionFilter,
     Grouping,
+    Label,
+    Over,
+    WithinGroup,
 )
+from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import (
     AliasedReturnsRows,
     FromClause,
@@ -98,6 +103,43 @@ def _tenant_reads(
                 holder = element._deannotate()
         stack.extend((child, holder) for child in element.get_children())
     return froms, nested
+
+
+#: Column expressions that may combine rows (an aggregate, a window): a
+#: function of unknown kind counts as one.
+_COMBINING = (FunctionElement, Over, WithinGroup, FunctionFilter)
+
+
+def _row_for_row(select: Any) -> Any | None:
+    """The one ``FROM`` object (a table, an alias, a join) whose rows
+    ``select`` passes through one by one, or ``None``: no ``GROUP BY`` /
+    ``HAVING``, ``DISTINCT``, ``LIMIT`` / ``OFFSET`` / ``FETCH``, and no
+    function or window among the columns (any of which may combine rows of
+    every organization)."""
+    if (
+        not isinstance(select, Select)
+        or select._group_by_clauses
+        or select._having_criteria
+        or select._distinct
+        or select._distinct_on
+        or select._limit_clause is not None
+        or select._offset_clause is not None
+        or select._fetch_clause is not None
+    ):
+        return None
+    froms = select.get_final_froms()
+    if len(froms) != 1:
+        return None
+    for column in select.selected_columns:
+        if any(isinstance(e, _COMBINING) for e in visitors.iterate(column)):
+            return None
+    return froms[0]
+
+
+def _unlabeled(column: Any) -> Any:
+    while isinstance(column, Label):
+        column = column.element
+    return column._deannotate()
 
 
 def _paired(

@@ -28,6 +28,7 @@ from sqlalchemy.sql.elements import ColumnClause
 from sqlalchemy.sql.selectable import (
     Exists,
     FromClause,
+    Join,
     ScalarSelect,
     SelectBase,
     TableClause,
@@ -53,9 +54,11 @@ from .sqlshape import (
     _plain_from,
     _refers,
     _relationship_target,
+    _row_for_row,
     _setup_joins,
     _surface_expressions,
     _tenant_reads,
+    _unlabeled,
 )
 from .tenancy_context import current_organization_id
 from .tenancy_errors import TenantContextError, TenantScopingError
@@ -413,6 +416,7 @@ class _ReadScoping(_ScopingBase):
         missed: set[str],
         done: set[int],
         relationship_load: bool = False,
+        filtered_outside: frozenset[Any] = frozenset(),
     ) -> None:
         """Add to ``missed`` the tenant tables that no loader criterion will
         reach in ``statement``'s ``SELECT`` statements, nested ones included.
@@ -421,7 +425,10 @@ class _ReadScoping(_ScopingBase):
             that ``correlate()`` / ``correlate_except()`` may correlate to;
         :param implicit: those that auto-correlation takes: the immediately
             enclosing statement's, none for a subquery in ``FROM``
-            (``SQLCompiler._enclosing_correlate_froms``).
+            (``SQLCompiler._enclosing_correlate_froms``);
+        :param filtered_outside: the tenant tables ``statement`` (an aliased
+            entity's subquery) merely projects, whose rows the criterion on
+            the alias filters (:meth:`_filtered_outside`).
         """
         if id(statement) in done:
             return
@@ -446,6 +453,8 @@ class _ReadScoping(_ScopingBase):
             for from_clause in froms:
                 if id(from_clause) in reached or id(from_clause) in compared:
                     continue
+                if filtered_outside and from_clause in filtered_outside:
+                    continue
                 if from_clause not in rendered:
                     continue  # correlated: the enclosing statement's to scope
                 if self._association_of_scoped_rows(
@@ -455,7 +464,15 @@ class _ReadScoping(_ScopingBase):
                 missed.add(_from_name(from_clause))
         for inner, holder in nested:
             if holder is not None and id(holder) in reached:
-                continue  # an aliased entity's subquery: the criteria apply to it
+                # an aliased entity's subquery: the criterion compares the
+                # alias's organization column outside, which filters only
+                # rows the subquery passes through one by one; whatever
+                # else it reads or computes is checked like any subquery's
+                self._criteria_missed(
+                    inner, explicit - rendered, frozenset(), missed, done, relationship_load,
+                    filtered_outside=self._filtered_outside(inner),
+                )  # fmt: skip
+                continue
             if holder is not None:  # in FROM, a CTE: no auto-correlation, and
                 # only to what the SELECT around it does not render itself
                 self._criteria_missed(
@@ -465,6 +482,44 @@ class _ReadScoping(_ScopingBase):
                 self._criteria_missed(
                     inner, explicit | rendered, rendered, missed, done, relationship_load
                 )
+
+    def _filtered_outside(self, inner: Any) -> frozenset[Any]:
+        """The tenant tables of an aliased entity's subquery ``inner`` whose
+        rows the criterion compared on the alias filters, outside: those of a
+        ``SELECT`` that passes the rows of one table (or of a scoped class's
+        own inheritance join, as ``aliased(Invoice)`` renders it) through one
+        by one, the organization column among them as it is. Anything that
+        combines rows first — a join of other tables, ``GROUP BY``, a window,
+        ``DISTINCT``, ``LIMIT`` — works on every organization's rows before
+        that filter, and is checked as any subquery (usually refused)."""
+        source = _row_for_row(inner)
+        if source is None:
+            return frozenset()
+        tables = self._tenant_tables()
+        if isinstance(source, Join):
+            mapped = [
+                inspect(cls)
+                for cls, _key in self.tenant_classes()
+                if inspect(cls).selectable is source
+            ]
+            if not mapped:
+                return frozenset()
+            own = mapped[0].columns[self.tenant_key(mapped[0]) or ""]
+            parts = frozenset(
+                part for part in _joined_froms(source) if tables.get(_base_table(part)) is not None
+            )
+        else:
+            name = tables.get(_base_table(source))
+            own = source.c.get(name) if name is not None else None
+            parts = frozenset({source})
+            if own is None or any(
+                column.key == name and _unlabeled(column) is not own._deannotate()
+                for column in inner.selected_columns
+            ):
+                return frozenset()  # adapt_on_names would compare that one
+        if not any(_unlabeled(column) is own._deannotate() for column in inner.selected_columns):
+            return frozenset()
+        return frozenset(part._deannotate() for part in parts)
 
     def _association_of_scoped_rows(
         self,

@@ -17,10 +17,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import String, insert, select, text, update
+from sqlalchemy import String, func, insert, literal, select, text, update
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
+    aliased,
     foreign,
     mapped_column,
     relationship,
@@ -72,6 +73,7 @@ SEED = [
     "INSERT INTO p9_projects (id, organization_id, name) VALUES (1, 'org_a', 'alpha')",
     "INSERT INTO p9_projects (id, organization_id, name) VALUES (2, 'org_b', 'beta')",
     "INSERT INTO p9_tasks (id, organization_id, title) VALUES (1, 'org_a', 'alpha')",
+    "INSERT INTO p9_tasks (id, organization_id, title) VALUES (2, 'org_b', 'beta')",
 ]
 
 
@@ -168,3 +170,68 @@ def test_a_refused_populate_existing_row_leaves_the_held_object_as_it_was(
         with pytest.raises(TenantScopingError):
             session.scalars(statement.execution_options(populate_existing=True)).all()
         assert (held.organization_id, held.name) == ("org_a", "alpha")
+
+
+TASKS = Task.__table__
+PROJECTS = Project.__table__
+
+
+def _over_a_subquery(*columns: Any) -> tuple[Any, Any]:
+    """An aliased ``Task`` over a Core subquery of ``TASKS`` with ``columns``."""
+    subquery = select(TASKS, *columns).subquery()
+    return aliased(Task, subquery), subquery
+
+
+def _count_of_every_project(session: Any) -> Any:
+    count = select(func.count()).select_from(PROJECTS).scalar_subquery().label("n")
+    task, subquery = _over_a_subquery(count)
+    return session.execute(select(task.id, subquery.c.n)).all()
+
+
+def _window_over_every_task(session: Any) -> Any:
+    task, subquery = _over_a_subquery(func.count().over().label("n"))
+    return session.execute(select(task.id, subquery.c.n)).all()
+
+
+def _another_projects_name(session: Any) -> Any:
+    name = select(PROJECTS.c.name).where(PROJECTS.c.id == 2).scalar_subquery().label("leak")
+    task, subquery = _over_a_subquery(name)
+    return session.execute(select(task.id, subquery.c.leak)).all()
+
+
+def _an_organization_written_in(session: Any) -> Any:
+    passed_off = select(
+        TASKS.c.id, literal("org_a").label("organization_id"), TASKS.c.title
+    ).subquery()
+    task = aliased(Task, passed_off, adapt_on_names=True)
+    return session.scalars(select(task.title)).all()
+
+
+@pytest.mark.parametrize(
+    "read",
+    [_count_of_every_project, _window_over_every_task, _another_projects_name,
+     _an_organization_written_in],
+)  # fmt: skip
+def test_an_aliased_entity_over_a_core_subquery_computes_nothing_across_organizations(
+    factory: sessionmaker[Any], read: Any
+) -> None:
+    """The criterion on an aliased entity's organization column filters the
+    rows its subquery passes through: whatever the subquery computed before
+    (another table's values, a count, a window, an organization written in)
+    covered every organization, and was returned."""
+    with (
+        factory() as session,
+        as_organization("org_a"),
+        pytest.raises(TenantScopingError, match="p9_"),
+    ):
+        read(session)
+
+
+def test_an_aliased_entity_over_a_plain_core_subquery_is_scoped(
+    factory: sessionmaker[Any],
+) -> None:
+    task, _subquery = _over_a_subquery()
+    filtered = aliased(Task, select(TASKS).where(TASKS.c.title != "x").subquery())
+    with factory() as session, as_organization("org_a"):
+        assert session.scalars(select(task.title)).all() == ["alpha"]
+        assert session.scalars(select(filtered.id)).all() == [1]
