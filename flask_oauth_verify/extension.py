@@ -684,11 +684,12 @@ def _register_error_handler(app: Flask, handler: Callable[[Any], Response]) -> N
     or a blueprint's generic ``errorhandler(Exception)`` (a 500) or Flask's
     HTML page instead. So it is filed under every error status, 400 to 599
     (also those of subclasses defined after ``init_app``: a ``423`` raised
-    by a claims check), and under no status; a handler the app registers
-    for a subclass (``TokenExpired``), or a blueprint for a status, still
-    wins, being more specific. A handler the app registered for the base
-    class before ``init_app`` (an app factory that sets up its handlers
-    first) is kept.
+    by a claims check), and under no status; a handler the app or a
+    blueprint registers for a subclass (``TokenExpired``) still wins, being
+    more specific. A handler the app registered for the base class before
+    ``init_app`` (an app factory that sets up its handlers first) is kept.
+    Only this tree is handled: werkzeug's own ``NotFound`` and the like
+    still reach the app's handlers for their status.
     """
     for code in (None, *range(400, 600)):
         app.error_handler_spec[None][code].setdefault(OAuthVerifyError, handler)

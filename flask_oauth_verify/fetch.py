@@ -107,7 +107,7 @@ class _Unguarded:
         """Nothing to record."""
 
     @staticmethod
-    def record_failure(_location: bytes | None = None) -> None:
+    def record_failure(_location: bytes | None = None, _asked: int | None = None) -> None:
         """Nothing to record."""
 
     @staticmethod
@@ -199,8 +199,16 @@ class CircuitBreaker:
         #: flood of forged ``jku`` URLs names a new location per request)
         self._located: BoundedFifo[bytes | None, int] = BoundedFifo(_COUNTED_LOCATIONS)
         self._opened_at: float | None = None
+        #: how long the server asked us to wait (``Retry-After`` of its last
+        #: 429/503), if longer than ``reset``: the circuit stays open as long
+        self._asked = 0.0
         self._trial = False
         self._lock = threading.Lock()
+
+    @property
+    def _wait(self) -> float:
+        """Seconds the circuit stays open before a trial call."""
+        return max(self.reset, self._asked)
 
     @property
     def is_open(self) -> bool:
@@ -211,7 +219,7 @@ class CircuitBreaker:
     def _refuse_locked(self, *, claim_trial: bool) -> bool:
         if self._opened_at is None:
             return False
-        if 0 <= self._clock() - self._opened_at < self.reset:
+        if 0 <= self._clock() - self._opened_at < self._wait:
             return True  # a clock stepped back before the opening ends the wait
         if self._trial:
             return True  # one trial call is already under way
@@ -230,9 +238,9 @@ class CircuitBreaker:
             if self._opened_at is None:
                 return 1
             elapsed = self._clock() - self._opened_at
-            if not 0 <= elapsed < self.reset:
+            if not 0 <= elapsed < self._wait:
                 return 1
-            return max(1, int(self.reset - elapsed) + 1)
+            return max(1, int(self._wait - elapsed) + 1)
 
     def record_success(self) -> None:
         """Close the circuit, and forget every location's failures."""
@@ -240,6 +248,7 @@ class CircuitBreaker:
             self._count = 0
             self._located.clear()
             self._opened_at = None
+            self._asked = 0.0
             self._trial = False
 
     def record_answer(self, location: bytes | None = None) -> None:
@@ -254,12 +263,18 @@ class CircuitBreaker:
             self._count = 0
             self._located.pop(location, None)
             self._opened_at = None
+            self._asked = 0.0
             self._trial = False
 
-    def record_failure(self, location: bytes | None = None) -> None:
+    def record_failure(self, location: bytes | None = None, asked: int | None = None) -> None:
         """Count a failure (of ``location``); open (or re-open) the circuit
-        when the circuit's row, or the location's, reaches the threshold."""
+        when the circuit's row, or the location's, reaches the threshold.
+
+        :param asked: the server's ``Retry-After`` (seconds): an open circuit
+            waits at least that long before its trial call.
+        """
         with self._lock:
+            self._asked = float(asked or 0)
             self._count += 1
             in_a_row = self._located.get(location, 0) + 1
             self._located.put(location, in_a_row)
@@ -544,7 +559,7 @@ class Fetcher:
             if exc.answered:
                 circuit.record_answer(url_digest(url))
             else:
-                circuit.record_failure(url_digest(url))
+                circuit.record_failure(url_digest(url), exc.retry_after)
             raise
         except Exception as exc:
             # Whatever else an answer made go wrong, here or in a library: a
@@ -730,7 +745,8 @@ def _retry_after(status: int, value: str | None) -> int | None:
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():
-        seconds = int(value[:6])  # more digits than any sane delay: the cap
+        digits = value.lstrip("0") or "0"
+        seconds = MAX_RETRY_AFTER if len(digits) > 6 else int(digits)  # no huge int()
     else:
         try:
             when = email.utils.parsedate_to_datetime(value)

@@ -297,9 +297,11 @@ class KeyStore:
                 self._source(issuer, None)
 
     def _after_fork(self) -> None:
-        """In a forked child: guards no parent thread holds."""
+        """In a forked child: guards no parent thread holds, and no new
+        ``jku`` fetch under way (the thread making it does not exist here)."""
         self._guard = threading.Lock()
         self._installing = threading.RLock()
+        self._new_jku_fetching = set()
 
     # -- the hot path -------------------------------------------------------
 
@@ -444,13 +446,20 @@ class KeyStore:
         """Whether ``source``'s ``jku`` is one its issuer's own tokens name,
         never paced: the well-known key set of an issuer of the source
         (Beyond Identity's ``<issuer>/.well-known/jwks.json``; for a templated
-        ``ISSUER``, of any issuer the template admits) or a configured
+        ``ISSUER``, of an issuer of a tenant ``ALLOWED_TENANTS`` lists) or a configured
         ``JWKS_URI`` or fallback. A flood of forged paths must not keep the
         real one from being fetched."""
         jku = str(source.jku)
         if jku.endswith(_WELL_KNOWN_JWKS):
             issuer = jku[: -len(_WELL_KNOWN_JWKS)]
-            if issuer and self._issuers.configured(issuer) == source.issuer:
+            if issuer == source.issuer:
+                return True
+            # a template's: only among the tenants ALLOWED_TENANTS lists (with
+            # any tenant, forged tokens would name a new "own" key set each)
+            if (
+                self.settings.allowed_tenants is not None
+                and self._issuers.configured(issuer) == source.issuer
+            ):
                 return True
         return jku in (
             self.settings.jwks_uri_for(source.issuer),

@@ -45,7 +45,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, paddin
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from joserfc.errors import JoseError
 from joserfc.jwk import JWKRegistry
-from joserfc.jwk import thumbprint as rfc7638_key_digest
 
 __all__ = ["KeySetError", "PreparedKey", "PreparedKeySet", "parse_key_set"]
 
@@ -328,7 +327,8 @@ def _prepare(jwk: Mapping[str, Any], allowed: tuple[str, ...]) -> PreparedKey:
     try:
         key = JWKRegistry.import_key(dict(jwk))
         public = key.public_key
-        thumbprint = rfc7638_key_digest(key.as_dict(private=False))
+        rfc7638 = key.thumbprint  # of the required members only (RFC 7638 §3.2)
+        thumbprint = rfc7638()
     except (JoseError, ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
         raise ValueError(f"unreadable key: {type(exc).__name__}") from None
     if "x5c" in jwk:

@@ -606,6 +606,7 @@ def test_endpoint_failures_give_503_and_say_which(
         (429, "86400", 300),  # capped: a day would park every client
         (429, "soon", 5),  # not a delay: our own
         (429, "1", 5),  # never shorter than our own
+        (429, "0000300", 300),  # leading zeros are allowed (RFC 9110 §5.6.1 delay-seconds)
         (500, "120", 5),  # only 429 and 503 say when to come back
     ],
 )
@@ -619,6 +620,24 @@ def test_the_endpoints_retry_after_is_passed_on(
     response = app.test_client().get("/protected", headers=auth_header(issuer.mint_opaque()))
     assert_503(response)
     assert response.headers["Retry-After"] == str(expected)
+
+
+def test_an_open_circuit_waits_as_long_as_the_endpoint_asked(issuer: TokenIssuer) -> None:
+    """Once 429s opened the endpoint's circuit, the 503 said the breaker's
+    own reset (30 s) and the trial call went out then, before the 120 s the
+    endpoint asked for."""
+    server_of(issuer).route(INTROSPECT, Reply(429, {"error": "x"}, {"Retry-After": "120"}))
+    clock = FakeClock()
+    app = make_app(intro_config(issuer, CIRCUIT_BREAKER_RESET=30), clock=clock)
+    client = app.test_client()
+    for _ in range(8):  # past CIRCUIT_BREAKER_FAILURES (5): the circuit opens
+        response = client.get("/protected", headers=auth_header(issuer.mint_opaque()))
+        assert_503(response)
+        assert int(response.headers["Retry-After"]) in (120, 121)  # the breaker rounds up
+    calls = hits(issuer)
+    clock.advance(60)  # past the breaker's reset, not the endpoint's wait
+    assert_503(client.get("/protected", headers=auth_header(issuer.mint_opaque())))
+    assert hits(issuer) == calls, "no trial call before the endpoint's 120 s"
 
 
 def test_an_http_date_retry_after_is_passed_on_as_seconds(issuer: TokenIssuer) -> None:

@@ -258,3 +258,21 @@ def test_an_rsa_modulus_beyond_openssl_s_limit_is_skipped_before_its_checks(
     keys = parse_key_set({"keys": [huge, rsa_jwk]}, ("RS256",))
     assert keys.kids == ("rsa-1",)
     assert "> 16384" in keys.skipped[0]
+
+
+def test_the_thumbprint_is_rfc_7638s_whatever_other_members_the_key_has() -> None:
+    """RFC 7638 §3.1's example key, with the members a key set carries
+    (``kid``, ``alg``, ``use``): the thumbprint hashes the required members
+    only. Hashing the whole public JWK gave another value for any real key."""
+    example = {
+        "kty": "RSA",
+        "n": (
+            "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw"
+        ),
+        "e": "AQAB",
+        "alg": "RS256",
+        "use": "sig",
+        "kid": "2011-04-29",
+    }
+    (key,) = parse_key_set({"keys": [example]}, ("RS256",)).keys
+    assert key.thumbprint == "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"

@@ -36,7 +36,7 @@ from flask_oauth_verify.extension import get_state
 from flask_oauth_verify.providers import PROFILES, apply_profile, profile_named
 from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer, auth_header
 
-from .conftest import FakeClock
+from .conftest import FakeClock, in_forked_child
 from .provider_emulators import (
     Auth0,
     BeyondIdentity,
@@ -851,6 +851,52 @@ def test_a_templated_issuers_own_jku_is_never_paced(server: IssuerServer) -> Non
     app = provider_app(config, clock=FakeClock())
     assert call(app, bi.token(jku=f"{server.url}/v1/forged/1"))[0] == 401
     assert call(app, bi.token())[0] == 200, "the tenant's own well-known key set"
+
+
+def test_with_any_tenant_a_templated_well_known_jku_is_paced(server: IssuerServer) -> None:
+    """With ``ALLOWED_TENANTS="*"`` every made-up tenant's well-known key set
+    passed for the issuer's own: forged tokens each cost a fetch again."""
+    bi = BeyondIdentity(server)
+    config = bi.config(
+        PROVIDER="generic",
+        ALLOWED_JKU_HOSTS=["127.0.0.1"],
+        ISSUER=bi.issuer.replace(bi.tenant, "{tenant}"),
+        ALLOWED_TENANTS="*",
+        ISSUER_PLACEHOLDER_CLAIMS={"tenant": "bi_t"},
+        JWKS_URI=f"{server.url}/v1/shared/jwks.json",
+    )
+    app = provider_app(config, clock=FakeClock())
+    paths = [
+        f"/v1/tenants/{n:016d}/realms/{bi.realm}/applications/{bi.application}"
+        "/.well-known/jwks.json"
+        for n in range(10)
+    ]
+    for path in paths:
+        assert call(app, bi.token(jku=f"{server.url}{path}"))[0] == 401
+    assert sum(server.hits[path] for path in paths) == 1
+
+
+def test_a_child_forked_during_a_new_jku_fetch_fetches_its_own(server: IssuerServer) -> None:
+    """The child inherited the issuer's "new jku fetch under way" mark with
+    no thread to clear it: every new jku of the issuer was refused for good."""
+    bi = BeyondIdentity(server)
+    server.route("/v1/keys/other.json", bi.jwks_reply)  # a genuine jku of another shape
+    clock = FakeClock()
+    app = provider_app(bi.config(), clock=clock)
+    server.hold("/v1/forged/slow")
+    first = threading.Thread(target=call, args=(app, bi.token(jku=f"{server.url}/v1/forged/slow")))
+    first.start()
+    try:
+        assert server.wait_for_hits("/v1/forged/slow", 1)
+
+        def in_the_child() -> int:
+            clock.advance(100)  # past any cooldown
+            return call(app, bi.token(jku=f"{server.url}/v1/keys/other.json"))[0]
+
+        assert in_forked_child(in_the_child, timeout=20) == 200
+    finally:
+        server.release("/v1/forged/slow")
+        first.join(timeout=30)
 
 
 def test_concurrent_forged_jku_paths_start_one_fetch(server: IssuerServer) -> None:
