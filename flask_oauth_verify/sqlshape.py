@@ -106,8 +106,38 @@ def _tenant_reads(
 
 
 #: Column expressions that may combine rows (an aggregate, a window): a
-#: function of unknown kind counts as one.
+#: function counts as one unless :data:`_PER_ROW_FUNCTIONS` names it.
 _COMBINING = (FunctionElement, Over, WithinGroup, FunctionFilter)
+#: SQL functions of one row's values only (never aggregates in any database).
+_PER_ROW_FUNCTIONS = frozenset(
+    {
+        "abs", "ceil", "ceiling", "char_length", "coalesce", "concat", "current_date",
+        "current_time", "current_timestamp", "date", "date_trunc", "datetime", "floor",
+        "greatest", "ifnull", "least", "length", "localtime", "localtimestamp", "lower",
+        "ltrim", "now", "nullif", "replace", "round", "rtrim", "strftime", "substr",
+        "substring", "trim", "upper",
+    }
+)  # fmt: skip
+
+
+def _combines_rows(element: Any) -> bool:
+    if isinstance(element, FunctionElement) and not isinstance(element, Over | WithinGroup):
+        return str(getattr(element, "name", "")).lower() not in _PER_ROW_FUNCTIONS
+    return isinstance(element, _COMBINING)
+
+
+def _nested_statements(expression: Any) -> list[Any]:
+    """The statements nested in ``expression`` (a join condition): its
+    scalar, ``EXISTS`` and ``IN`` subqueries, not what is inside them."""
+    found: list[Any] = []
+    stack = [expression] if expression is not None else []
+    while stack:
+        element = stack.pop()
+        if isinstance(element, _STATEMENTS):
+            found.append(element)
+            continue
+        stack.extend(element.get_children())
+    return found
 
 
 def _row_for_row(select: Any) -> Any | None:
@@ -131,7 +161,7 @@ def _row_for_row(select: Any) -> Any | None:
     if len(froms) != 1:
         return None
     for column in select.selected_columns:
-        if any(isinstance(e, _COMBINING) for e in visitors.iterate(column)):
+        if any(_combines_rows(e) for e in visitors.iterate(column)):
             return None
     return froms[0]
 

@@ -26,6 +26,7 @@ from sqlalchemy.sql import visitors
 from sqlalchemy.sql.dml import Delete, Insert, Update
 from sqlalchemy.sql.elements import ColumnClause
 from sqlalchemy.sql.selectable import (
+    AliasedReturnsRows,
     Exists,
     FromClause,
     Join,
@@ -49,6 +50,7 @@ from .sqlshape import (
     _joinable,
     _joined_froms,
     _keyed_condition,
+    _nested_statements,
     _optional_froms,
     _paired,
     _plain_from,
@@ -183,6 +185,11 @@ class _ReadScoping(_ScopingBase):
         #: mapper -> (mapper generation, its column properties read unscoped)
         self._column_verdicts: weakref.WeakKeyDictionary[
             Mapper[Any], tuple[int, tuple[str, ...]]
+        ] = weakref.WeakKeyDictionary()
+        #: relationship -> (mapper generation, tenant tables its joined eager
+        #: load would read unscoped): see _joined_loads_missed
+        self._joined_verdicts: weakref.WeakKeyDictionary[
+            RelationshipProperty[Any], tuple[int, tuple[str, ...]]
         ] = weakref.WeakKeyDictionary()
 
     # -- classes and association tables
@@ -406,7 +413,71 @@ class _ReadScoping(_ScopingBase):
                 # does not scope: no criterion reaches the rows it changes
                 missed.add(_from_name(target))
         self._criteria_missed(statement, outer, outer, missed, set(), relationship_load)
+        if isinstance(statement, Select):
+            missed.update(self._joined_loads_missed(statement))
         return tuple(sorted(missed))
+
+    def _joined_loads_missed(self, statement: Select[Any]) -> set[str]:
+        """The tenant tables the joined eager loads of ``statement`` would read
+        where no criterion reaches. SQLAlchemy adds those joins when it
+        compiles the statement (``joinedload()``, ``lazy="joined"``), out of
+        sight of the statement as written; a lazy or ``selectin`` load of
+        the same relationship is a statement of its own, checked as one."""
+        joined: set[RelationshipProperty[Any]] = set()
+        for option in statement._with_options:
+            for element in getattr(option, "context", ()):
+                if ("lazy", "joined") in (getattr(element, "strategy", None) or ()):
+                    path = getattr(getattr(element, "path", None), "natural_path", ())
+                    joined.update(p for p in path if isinstance(p, RelationshipProperty))
+        stack: list[Mapper[Any]] = []
+        for description in statement.column_descriptions:
+            entity = description.get("entity")
+            if entity is not None:
+                stack.append(inspect(entity).mapper)
+        stack += [relationship.mapper for relationship in joined]
+        seen: set[Mapper[Any]] = set()
+        while stack:  # lazy="joined" defaults, and theirs in turn
+            mapper = stack.pop()
+            if mapper in seen:
+                continue
+            seen.add(mapper)
+            for relationship in mapper.relationships:
+                if relationship.lazy == "joined":
+                    joined.add(relationship)
+                    stack.append(relationship.mapper)
+        missed: set[str] = set()
+        for relationship in joined:
+            missed.update(self._relationship_missed(relationship))
+        return missed
+
+    def _relationship_missed(self, relationship: RelationshipProperty[Any]) -> tuple[str, ...]:
+        """The tenant tables a join along ``relationship`` reads unscoped: in
+        its target's selectable (an aliased class over a subquery: the
+        "row-limited relationship") and in subqueries of its join condition."""
+        generation = _MAPPER_GENERATION[0]
+        known = self._joined_verdicts.get(relationship)
+        if known is not None and known[0] == generation:
+            return known[1]
+        missed: set[str] = set()
+        entity = relationship.entity
+        selectable = entity.selectable if entity.is_aliased_class else None
+        if isinstance(selectable, AliasedReturnsRows) and isinstance(
+            selectable.element, SelectBase
+        ):
+            inner = selectable.element
+            self._criteria_missed(
+                inner, frozenset(), frozenset(), missed, set(),
+                filtered_outside=self._filtered_outside(inner),
+            )  # fmt: skip
+        ends = frozenset(
+            _joined_froms(relationship.parent.local_table) + _joined_froms(relationship.target)
+        )
+        for condition in (relationship.primaryjoin, relationship.secondaryjoin):
+            for inner in _nested_statements(condition):
+                self._criteria_missed(inner, ends, ends, missed, set())
+        verdict = tuple(sorted(missed))
+        self._joined_verdicts[relationship] = (generation, verdict)
+        return verdict
 
     def _criteria_missed(
         self,
@@ -414,7 +485,7 @@ class _ReadScoping(_ScopingBase):
         explicit: frozenset[Any],
         implicit: frozenset[Any],
         missed: set[str],
-        done: set[int],
+        done: set[tuple[int, frozenset[Any]]],
         relationship_load: bool = False,
         filtered_outside: frozenset[Any] = frozenset(),
     ) -> None:
@@ -430,9 +501,12 @@ class _ReadScoping(_ScopingBase):
             entity's subquery) merely projects, whose rows the criterion on
             the alias filters (:meth:`_filtered_outside`).
         """
-        if id(statement) in done:
+        # a statement checked as an aliased entity's trusted subquery is
+        # checked again where it is used otherwise
+        seen = (id(statement), filtered_outside)
+        if seen in done:
             return
-        done.add(id(statement))
+        done.add(seen)
         froms, nested = _tenant_reads(statement, self._tenant_tables())
         reached = self._criteria_targets(statement) if isinstance(statement, Select) else {}
         # an entity among the columns is a FROM of its own (SQLAlchemy's

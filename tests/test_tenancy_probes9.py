@@ -17,12 +17,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import String, func, insert, literal, select, text, update
+from sqlalchemy import String, and_, exists, func, insert, literal, select, text, update
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
     aliased,
     foreign,
+    joinedload,
     mapped_column,
     relationship,
     sessionmaker,
@@ -176,6 +177,24 @@ TASKS = Task.__table__
 PROJECTS = Project.__table__
 
 
+#: a "row-limited"-style relationship over a Core subquery that counts every
+#: organization's tasks (a window), and one whose join condition asks
+#: about another organization's project: loaded lazily they are statements
+#: of their own (refused); joined eagerly, SQLAlchemy adds them at compile
+_counted = aliased(Task, select(TASKS, func.count().over().label("n")).subquery())
+Project.counted_tasks = relationship(
+    _counted, primaryjoin=lambda: foreign(_counted.title) == Project.name, viewonly=True
+)
+Project.tasks_if_beta_exists = relationship(
+    Task,
+    primaryjoin=lambda: and_(
+        foreign(Task.title) == Project.name,
+        exists(select(PROJECTS.c.id).where(PROJECTS.c.name == "beta")),
+    ),
+    viewonly=True,
+)
+
+
 def _over_a_subquery(*columns: Any) -> tuple[Any, Any]:
     """An aliased ``Task`` over a Core subquery of ``TASKS`` with ``columns``."""
     subquery = select(TASKS, *columns).subquery()
@@ -199,6 +218,23 @@ def _another_projects_name(session: Any) -> Any:
     return session.execute(select(task.id, subquery.c.leak)).all()
 
 
+def _the_trusted_subquery_used_again(session: Any) -> Any:
+    task, subquery = _over_a_subquery()
+    every = select(func.count()).select_from(subquery).correlate(None).scalar_subquery()
+    return session.execute(select(task.id, every)).all()
+
+
+def _joined_eager_load_over_a_window(session: Any) -> Any:
+    statement = select(Project).options(joinedload(Project.counted_tasks))  # type: ignore[attr-defined]
+    return session.scalars(statement).unique().all()
+
+
+def _joined_eager_load_asking_about_theirs(session: Any) -> Any:
+    relationship_ = Project.tasks_if_beta_exists  # type: ignore[attr-defined]
+    statement = select(Project).options(joinedload(relationship_))
+    return session.scalars(statement).unique().all()
+
+
 def _an_organization_written_in(session: Any) -> Any:
     passed_off = select(
         TASKS.c.id, literal("org_a").label("organization_id"), TASKS.c.title
@@ -210,7 +246,8 @@ def _an_organization_written_in(session: Any) -> Any:
 @pytest.mark.parametrize(
     "read",
     [_count_of_every_project, _window_over_every_task, _another_projects_name,
-     _an_organization_written_in],
+     _an_organization_written_in, _the_trusted_subquery_used_again,
+     _joined_eager_load_over_a_window, _joined_eager_load_asking_about_theirs],
 )  # fmt: skip
 def test_an_aliased_entity_over_a_core_subquery_computes_nothing_across_organizations(
     factory: sessionmaker[Any], read: Any
@@ -232,6 +269,9 @@ def test_an_aliased_entity_over_a_plain_core_subquery_is_scoped(
 ) -> None:
     task, _subquery = _over_a_subquery()
     filtered = aliased(Task, select(TASKS).where(TASKS.c.title != "x").subquery())
+    lowered, lowered_subquery = _over_a_subquery(func.upper(TASKS.c.title).label("loud"))
     with factory() as session, as_organization("org_a"):
         assert session.scalars(select(task.title)).all() == ["alpha"]
         assert session.scalars(select(filtered.id)).all() == [1]
+        rows = session.execute(select(lowered.id, lowered_subquery.c.loud)).all()
+        assert [tuple(row) for row in rows] == [(1, "ALPHA")]  # a per-row function
