@@ -13,6 +13,7 @@ would be trusted for that issuer).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -50,13 +51,26 @@ def organization_not_suspended(claims: Mapping[str, Any]) -> bool:
 
 def _id_set(name: str, value: object) -> frozenset[str]:
     """A setting listing ids, as a set: a list (``EXAMPLE_X='["a", "b"]'``) or
-    one id (``EXAMPLE_X=a``). A plain string kept as it was made ``in`` a
-    substring test ("ops" in "platform-ops")."""
-    if isinstance(value, str):
-        return frozenset({value})
-    if isinstance(value, list | tuple | set | frozenset) and all(isinstance(v, str) for v in value):
-        return frozenset(value)
-    raise ConfigurationError(f"{name} must be a list of ids, not {type(value).__name__}.")
+    one id (``EXAMPLE_X=a``, ``EXAMPLE_X=12345``). A plain string kept as it
+    was made ``in`` a substring test ("ops" in "platform-ops"), and one that
+    looks like a list (``a,b``, ``['a']``) would name no id at all: a
+    suspension that silently suspends nobody. Refused at start-up."""
+    if isinstance(value, int | str) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list | tuple | set | frozenset):
+        raise ConfigurationError(f"{name} must be a list of ids, not {type(value).__name__}.")
+    ids = [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    for one in ids:
+        if not isinstance(one, str) or not one or _NOT_ONE_ID.search(one):
+            raise ConfigurationError(
+                f"{name}: {one!r} is not one id; give a JSON list, "
+                f'e.g. {name}=\'["org_a", "org_b"]\'.'
+            )
+    return frozenset(ids)
+
+
+#: Characters no single id holds: a list written by hand (``a,b``, ``['a']``).
+_NOT_ONE_ID = re.compile(r"""[\s,\[\]"']""")
 
 
 def create_app(config: dict[str, Any] | None = None, *, instance_path: str | None = None) -> Flask:

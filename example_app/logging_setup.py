@@ -5,18 +5,40 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from datetime import UTC, datetime
+
+from flask import g, has_request_context, request
 
 
 class JSONFormatter(logging.Formatter):
     """Print each record as one JSON object (no token is ever in it)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        """The record's message plus its structured ``security`` fields."""
-        fields = getattr(record, "security", {})
-        line = {"level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        """The record's message plus its structured ``security`` fields; for
+        the other records (the tenancy audit trail), when and for whom."""
+        fields = getattr(record, "security", None)
+        line: dict[str, object] = {
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if fields is None:
+            line["timestamp"] = datetime.fromtimestamp(record.created, UTC).isoformat()
+            line.update(_request_fields())
         if record.exc_info and record.exc_info[0] is not None:
             line["exception"] = record.exc_info[0].__name__
-        return json.dumps({**line, **fields}, default=str)
+        return json.dumps({**line, **(fields or {})}, default=str)
+
+
+def _request_fields() -> dict[str, object]:
+    """The request a record was written in, and who made it (no token)."""
+    if not has_request_context():
+        return {}
+    found: dict[str, object] = {"method": request.method, "path": request.path}
+    auth = g.get("auth")
+    if auth is not None:
+        found.update(subject=auth.subject, organization_id=auth.organization_id)
+    return found
 
 
 class _Not(logging.Filter):
@@ -43,6 +65,9 @@ def configure_security_log() -> None:
     security = _attach("flask_oauth_verify.security", logging.INFO)
     security.setLevel(logging.INFO)
     _attach("flask_oauth_verify", logging.WARNING, _Not("flask_oauth_verify.security"))
+    # Python warnings (SQLAlchemy's SAWarning) as JSON lines too, not raw text
+    logging.captureWarnings(True)
+    _attach("py.warnings", logging.WARNING)
 
 
 def _attach(name: str, level: int, only: logging.Filter | None = None) -> logging.Logger:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import reprlib
 import threading
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
@@ -191,6 +192,11 @@ def _relationships_through_secondaries() -> Iterator[RelationshipProperty[Any]]:
             for prop in mapper.relationships:
                 if prop.secondary is not None:
                     yield prop
+
+
+#: ``repr()`` of a value written by a client, at most about 80 characters.
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
 
 
 class _TenantTables(dict[Any, str]):
@@ -412,10 +418,13 @@ class _ScopingBase:
     @staticmethod
     def _cross(mapper: Any, organization: str, value: Any, action: str) -> CrossTenantWriteError:
         name = mapper.class_.__name__
+        # the value may come from a request body: cut short, so that a tenant
+        # cannot write megabytes into the log with one refused write
+        shown = _SHORT.repr(value)
         logger.warning(
-            "refused cross-tenant %s of %s: acting for %r, row belongs to %r",
-            action, name, organization, value,
+            "refused cross-tenant %s of %s: acting for %r, row belongs to %s",
+            action, name, organization, shown,
         )  # fmt: skip
         return CrossTenantWriteError(
-            reason=f"{action} of {name} of {value!r} while acting for {organization!r}"
+            reason=f"{action} of {name} of {shown} while acting for {organization!r}"
         )

@@ -9,6 +9,7 @@ import os
 import sqlite3
 import stat
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from multiprocessing.synchronize import Barrier as BarrierType
 from pathlib import Path
@@ -261,6 +262,60 @@ def test_id_settings_given_as_one_string_are_one_id(
     )
 
 
+@pytest.mark.parametrize("value", ["org_acme,org_globex", "['org_acme']", '["org_acme",]', " "])
+def test_an_id_setting_that_is_no_id_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """A list written by hand was taken as one id no organization has: the
+    suspension silently suspended nobody."""
+    monkeypatch.setenv("EXAMPLE_SUSPENDED_ORGANIZATIONS", value)
+    with pytest.raises(ConfigurationError, match="SUSPENDED_ORGANIZATIONS"):
+        create_app({"EXAMPLE_DEV_ISSUER": True, "TESTING": True}, instance_path=str(tmp_path))
+
+
+def test_a_numeric_id_setting_is_one_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXAMPLE_SUSPENDED_ORGANIZATIONS", "12345")
+    app = create_app({"EXAMPLE_DEV_ISSUER": True, "TESTING": True}, instance_path=str(tmp_path))
+    assert app.config["SUSPENDED_ORGANIZATIONS"] == frozenset({"12345"})
+
+
+def test_the_audit_trail_says_when_and_for_whom(
+    example: Flask, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fresh_json_handlers(monkeypatch)
+    configure_security_log()
+    writer = mint(example, "org_acme", ["customers:write"], subject="user_w")
+    smuggled = {"name": "Elsewhere", "organization_id": "org_globex" + "x" * 50_000}
+    assert (
+        example.test_client().post("/api/customers", json=smuggled, headers=writer).status_code
+        == 403
+    )
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line]
+    (refusal,) = [line for line in lines if "cross-tenant" in line["message"]]
+    assert refusal["path"] == "/api/customers" and refusal["method"] == "POST"
+    assert refusal["subject"] == "user_w" and refusal["organization_id"] == "org_acme"
+    assert refusal["timestamp"].endswith("+00:00")
+    assert len(refusal["message"]) < 300, "a tenant's value is cut short in the log"
+
+
+def test_a_customer_deleted_twice_is_a_404_the_second_time(
+    live_example: tuple[Flask, str],
+) -> None:
+    """Deleted through statements: the second of two DELETEs of one customer
+    (two at once, or one after the other) deletes nothing and says so."""
+    app, base = live_example
+    headers = mint(app, "org_acme", ["customers:read", "customers:write"])
+    created = requests.post(
+        f"{base}/api/customers", json={"name": "Short-lived"}, headers=headers, timeout=10
+    )
+    customer_id = created.json()["id"]
+    url = f"{base}/api/customers/{customer_id}"
+    assert requests.delete(url, headers=headers, timeout=10).status_code == 204
+    again = requests.delete(url, headers=headers, timeout=10)
+    assert again.status_code == 404, again.text
+    assert again.json() == {"error": "not_found", "message": "No such resource."}
+
+
 def test_a_tenants_admin_sees_no_other_organization(example: Flask) -> None:
     """admin:read in a tenant's token (or a platform-less client's) is not the
     platform operator: 403, and no organization id or count in the answer."""
@@ -419,7 +474,8 @@ def test_the_production_setup_of_the_module_docstring_works(
 def _fresh_json_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let configure_security_log() add fresh stderr handlers (for capsys),
     taken away again after the test."""
-    for name in ("flask_oauth_verify.security", "flask_oauth_verify"):
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # captureWarnings
+    for name in ("flask_oauth_verify.security", "flask_oauth_verify", "py.warnings"):
         logger = logging.getLogger(name)
         others = [h for h in logger.handlers if not isinstance(h.formatter, JSONFormatter)]
         monkeypatch.setattr(logger, "handlers", others)

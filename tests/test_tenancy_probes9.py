@@ -13,6 +13,7 @@ on SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -275,3 +276,23 @@ def test_an_aliased_entity_over_a_plain_core_subquery_is_scoped(
         assert session.scalars(select(filtered.id)).all() == [1]
         rows = session.execute(select(lowered.id, lowered_subquery.c.loud)).all()
         assert [tuple(row) for row in rows] == [(1, "ALPHA")]  # a per-row function
+
+
+def test_a_refused_value_is_logged_cut_short(
+    factory: sessionmaker[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client chooses the refused organization value (a request body): it
+    was logged whole, so one refused write put megabytes into the log."""
+    huge = "org_b" + "x" * 100_000
+    with (
+        caplog.at_level(logging.WARNING, "flask_oauth_verify.tenancy"),
+        factory() as session,
+        as_organization("org_a"),
+    ):
+        session.add(Task(id=30, title="t", organization_id=huge))
+        with pytest.raises(CrossTenantWriteError) as refused:
+            session.commit()
+    reason = str(refused.value.reason)
+    assert "org_bxxx" in reason and len(reason) < 300
+    (record,) = [r for r in caplog.records if "cross-tenant" in r.getMessage()]
+    assert "org_bxxx" in record.getMessage() and len(record.getMessage()) < 300
