@@ -22,6 +22,7 @@ from sqlalchemy import Column, Select, inspect
 from sqlalchemy.orm import ColumnProperty, Mapper, ORMExecuteState, RelationshipProperty, Session
 from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.context import FromStatement
+from sqlalchemy.orm.util import LoaderCriteriaOption
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.dml import Delete, Insert, Update
 from sqlalchemy.sql.elements import ColumnClause
@@ -419,35 +420,60 @@ class _ReadScoping(_ScopingBase):
 
     def _joined_loads_missed(self, statement: Select[Any]) -> set[str]:
         """The tenant tables the joined eager loads of ``statement`` would read
-        where no criterion reaches. SQLAlchemy adds those joins when it
-        compiles the statement (``joinedload()``, ``lazy="joined"``), out of
-        sight of the statement as written; a lazy or ``selectin`` load of
-        the same relationship is a statement of its own, checked as one."""
+        where no criterion reaches, and the subqueries of the app's own
+        ``with_loader_criteria()``. SQLAlchemy adds both when it compiles the
+        statement (``joinedload()``, ``lazy="joined"``, also ``"*"`` and on a
+        subclass), out of sight of the statement as written; a lazy or
+        ``selectin`` load is a statement of its own, checked as one."""
+        entities = [
+            inspect(d["entity"]).mapper
+            for d in statement.column_descriptions
+            if d.get("entity") is not None
+        ]
         joined: set[RelationshipProperty[Any]] = set()
-        for option in statement._with_options:
-            for element in getattr(option, "context", ()):
-                if ("lazy", "joined") in (getattr(element, "strategy", None) or ()):
-                    path = getattr(getattr(element, "path", None), "natural_path", ())
-                    joined.update(p for p in path if isinstance(p, RelationshipProperty))
-        stack: list[Mapper[Any]] = []
-        for description in statement.column_descriptions:
-            entity = description.get("entity")
-            if entity is not None:
-                stack.append(inspect(entity).mapper)
-        stack += [relationship.mapper for relationship in joined]
-        seen: set[Mapper[Any]] = set()
-        while stack:  # lazy="joined" defaults, and theirs in turn
-            mapper = stack.pop()
-            if mapper in seen:
-                continue
-            seen.add(mapper)
-            for relationship in mapper.relationships:
-                if relationship.lazy == "joined":
-                    joined.add(relationship)
-                    stack.append(relationship.mapper)
+        everything: list[Mapper[Any]] = []  # mappers whose every relationship is joined
         missed: set[str] = set()
+        for option in statement._with_options:
+            if isinstance(option, LoaderCriteriaOption):
+                missed.update(self._loader_criteria_missed(option))
+            elements = getattr(option, "context", ()) or (option,)
+            for element in elements:
+                if ("lazy", "joined") not in (getattr(element, "strategy", None) or ()):
+                    continue
+                path = getattr(element, "path", ())
+                path = getattr(path, "natural_path", path)
+                joined.update(p for p in path if isinstance(p, RelationshipProperty))
+                if path and isinstance(path[-1], str) and path[-1].startswith("relationship:"):
+                    # a wildcard ("*"): every relationship of where it stands
+                    mappers = [p for p in path if isinstance(p, Mapper)]
+                    everything += mappers[-1:] or entities
+        stack = [*entities, *(r.mapper for r in joined), *everything]
+        seen: set[Mapper[Any]] = set()
+        while stack:  # lazy="joined" defaults, and theirs in turn, subclasses too
+            for mapper in stack.pop().self_and_descendants:
+                if mapper in seen:
+                    continue
+                seen.add(mapper)
+                for relationship in mapper.relationships:
+                    if relationship.lazy == "joined" or mapper in everything:
+                        joined.add(relationship)
+                        stack.append(relationship.mapper)
         for relationship in joined:
             missed.update(self._relationship_missed(relationship))
+        return missed
+
+    def _loader_criteria_missed(self, option: LoaderCriteriaOption) -> set[str]:
+        """The tenant tables the subqueries of an app's loader criteria read
+        unscoped (a ``with_loader_criteria(Task, exists(<Core select>))``)."""
+        criteria: Any = option.where_criteria
+        target = option.root_entity or option.entity
+        entity = getattr(target, "class_", target)
+        if hasattr(criteria, "_resolve_with_args"):  # the lambda form
+            criteria = criteria._resolve_with_args(entity)
+        ends = frozenset(_joined_froms(inspect(entity).selectable))
+        missed: set[str] = set()
+        for inner in _nested_statements(criteria):
+            self._criteria_missed(inner, ends, ends, missed, set())
         return missed
 
     def _relationship_missed(self, relationship: RelationshipProperty[Any]) -> tuple[str, ...]:

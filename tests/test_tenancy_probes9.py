@@ -28,6 +28,8 @@ from sqlalchemy.orm import (
     mapped_column,
     relationship,
     sessionmaker,
+    with_loader_criteria,
+    with_polymorphic,
 )
 
 from flask_oauth_verify.tenancy import CrossTenantWriteError, TenantScopingError, as_organization
@@ -81,7 +83,8 @@ SEED = [
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def factory(request: pytest.FixtureRequest) -> Iterator[sessionmaker[Any]]:
-    with seeded_factory(request, NinthBase, SEED, ("p9_projects", "p9_tasks", "p9_memos")) as made:
+    tables = ("p9_projects", "p9_tasks", "p9_memos", "p9_notes")
+    with seeded_factory(request, NinthBase, SEED, tables) as made:
         yield made
 
 
@@ -196,6 +199,28 @@ Project.tasks_if_beta_exists = relationship(
 )
 
 
+class Note(NinthBase):
+    """A base class whose subclass joins, by default, a relationship over a
+    subquery counting every organization's tasks."""
+
+    __tablename__ = "p9_notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(20))
+    kind: Mapped[str] = mapped_column(String(20))
+    title: Mapped[str] = mapped_column(String(40), default="alpha")
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "note"}  # noqa: RUF012
+
+
+class LinkedNote(Note):
+    __mapper_args__ = {"polymorphic_identity": "linked"}  # noqa: RUF012
+    counted: Mapped[list[Any]] = relationship(
+        _counted,
+        primaryjoin=lambda: foreign(_counted.title) == LinkedNote.title,
+        viewonly=True,
+        lazy="joined",
+    )
+
+
 def _over_a_subquery(*columns: Any) -> tuple[Any, Any]:
     """An aliased ``Task`` over a Core subquery of ``TASKS`` with ``columns``."""
     subquery = select(TASKS, *columns).subquery()
@@ -236,6 +261,20 @@ def _joined_eager_load_asking_about_theirs(session: Any) -> Any:
     return session.scalars(statement).unique().all()
 
 
+def _joined_eager_load_of_everything(session: Any) -> Any:
+    return session.scalars(select(Project).options(joinedload("*"))).unique().all()
+
+
+def _a_subclass_joined_by_default(session: Any) -> Any:
+    notes = with_polymorphic(Note, [LinkedNote])
+    return session.scalars(select(notes)).unique().all()
+
+
+def _loader_criteria_asking_about_theirs(session: Any) -> Any:
+    theirs = exists(select(PROJECTS.c.id).where(PROJECTS.c.name == "beta"))
+    return session.scalars(select(Task.id).options(with_loader_criteria(Task, theirs))).all()
+
+
 def _an_organization_written_in(session: Any) -> Any:
     passed_off = select(
         TASKS.c.id, literal("org_a").label("organization_id"), TASKS.c.title
@@ -248,7 +287,9 @@ def _an_organization_written_in(session: Any) -> Any:
     "read",
     [_count_of_every_project, _window_over_every_task, _another_projects_name,
      _an_organization_written_in, _the_trusted_subquery_used_again,
-     _joined_eager_load_over_a_window, _joined_eager_load_asking_about_theirs],
+     _joined_eager_load_over_a_window, _joined_eager_load_asking_about_theirs,
+     _joined_eager_load_of_everything, _a_subclass_joined_by_default,
+     _loader_criteria_asking_about_theirs],
 )  # fmt: skip
 def test_an_aliased_entity_over_a_core_subquery_computes_nothing_across_organizations(
     factory: sessionmaker[Any], read: Any
