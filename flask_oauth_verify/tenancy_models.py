@@ -196,7 +196,10 @@ def _relationships_through_secondaries() -> Iterator[RelationshipProperty[Any]]:
 
 #: ``repr()`` of a value written by a client, at most about 80 characters.
 _SHORT = reprlib.Repr()
-_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlevel = 2  # a nested value's lengths multiply
+_SHORT.maxtuple = _SHORT.maxlist = _SHORT.maxdict = _SHORT.maxset = 4
+_SHORT.maxfrozenset = _SHORT.maxdeque = _SHORT.maxarray = 4
+_SHORT.maxstring = _SHORT.maxlong = _SHORT.maxother = 80
 
 
 class _TenantTables(dict[Any, str]):

@@ -76,6 +76,7 @@ from .tenancy_models import (
     _SCOPING,
     _SESSION_ORG,
     BYPASS_OPTION,
+    _all_registries,
     _relationships_through_secondaries,
     _ScopingBase,
     logger,
@@ -425,12 +426,13 @@ class _ReadScoping(_ScopingBase):
         statement (``joinedload()``, ``lazy="joined"``, also ``"*"`` and on a
         subclass), out of sight of the statement as written; a lazy or
         ``selectin`` load is a statement of its own, checked as one."""
-        entities = [
+        entities = [  # those loaded as whole objects: a column loads no relationship
             inspect(d["entity"]).mapper
             for d in statement.column_descriptions
-            if d.get("entity") is not None
+            if d.get("entity") is not None and d.get("expr") is d["entity"]
         ]
         joined: set[RelationshipProperty[Any]] = set()
+        not_joined: set[Any] = set()  # the entities' own relationships an option loads otherwise
         everything: list[Mapper[Any]] = []  # mappers whose every relationship is joined
         missed: set[str] = set()
         for option in statement._with_options:
@@ -438,24 +440,39 @@ class _ReadScoping(_ScopingBase):
                 missed.update(self._loader_criteria_missed(option))
             elements = getattr(option, "context", ()) or (option,)
             for element in elements:
-                if ("lazy", "joined") not in (getattr(element, "strategy", None) or ()):
-                    continue
-                path = getattr(element, "path", ())
+                path: Any = getattr(element, "path", ())
                 path = getattr(path, "natural_path", path)
-                joined.update(p for p in path if isinstance(p, RelationshipProperty))
+                if ("lazy", "joined") not in (getattr(element, "strategy", None) or ()):
+                    if getattr(element, "strategy", None) and len(path) == 3:
+                        not_joined.add(path[1])  # lazyload(X.y) / raiseload(X.y): not joined
+                    continue
+                along = [p for p in path if isinstance(p, RelationshipProperty)]
+                joined.update(along)
+                extra = getattr(element, "_extra_criteria", ())  # joinedload(X.y.and_(...))
+                if extra and along:
+                    ends = _relationship_ends(along[-1])
+                    for criterion in extra:
+                        missed.update(self._condition_missed(criterion, ends))
                 if path and isinstance(path[-1], str) and path[-1].startswith("relationship:"):
                     # a wildcard ("*"): every relationship of where it stands
                     mappers = [p for p in path if isinstance(p, Mapper)]
                     everything += mappers[-1:] or entities
-        stack = [*entities, *(r.mapper for r in joined), *everything]
+        stack = [*(r.mapper for r in joined), *everything]
+        for mapper in {m for entity in entities for m in entity.self_and_descendants}:
+            wildcard = any(mapper.isa(m) for m in everything)
+            for relationship in mapper.relationships:
+                if wildcard or (relationship.lazy == "joined" and relationship not in not_joined):
+                    joined.add(relationship)
+                    stack.append(relationship.mapper)
         seen: set[Mapper[Any]] = set()
         while stack:  # lazy="joined" defaults, and theirs in turn, subclasses too
             for mapper in stack.pop().self_and_descendants:
                 if mapper in seen:
                     continue
                 seen.add(mapper)
+                wildcard = any(mapper.isa(m) for m in everything)
                 for relationship in mapper.relationships:
-                    if relationship.lazy == "joined" or mapper in everything:
+                    if relationship.lazy == "joined" or wildcard:
                         joined.add(relationship)
                         stack.append(relationship.mapper)
         for relationship in joined:
@@ -463,17 +480,57 @@ class _ReadScoping(_ScopingBase):
         return missed
 
     def _loader_criteria_missed(self, option: LoaderCriteriaOption) -> set[str]:
-        """The tenant tables the subqueries of an app's loader criteria read
-        unscoped (a ``with_loader_criteria(Task, exists(<Core select>))``)."""
+        """The tenant tables an app's loader criteria read unscoped (a
+        ``with_loader_criteria(Task, exists(<Core select>))``, or another
+        entity's column), for every mapped class it applies to: the root's
+        subclasses (a mixin's classes) or the entity's descendants, the lambda
+        form resolved for each."""
         criteria: Any = option.where_criteria
-        target = option.root_entity or option.entity
-        entity = getattr(target, "class_", target)
-        if hasattr(criteria, "_resolve_with_args"):  # the lambda form
-            criteria = criteria._resolve_with_args(entity)
-        ends = frozenset(_joined_froms(inspect(entity).selectable))
+        if option.root_entity is not None:
+            root = option.root_entity
+            mappers = {m for reg in _all_registries() for m in reg.mappers}
+            classes: list[Any] = [m.class_ for m in mappers if issubclass(m.class_, root)]
+        elif option.entity is not None:
+            entity = option.entity
+            if getattr(entity, "is_aliased_class", False):  # an alias: its own selectable
+                classes = [entity.entity]
+            else:
+                classes = [m.class_ for m in entity.mapper.self_and_descendants]
+        else:
+            return set()
         missed: set[str] = set()
-        for inner in _nested_statements(criteria):
+        for cls in classes:
+            resolved = criteria
+            if hasattr(criteria, "_resolve_with_args"):  # the lambda form
+                resolved = criteria._resolve_with_args(cls)
+            ends = frozenset(_joined_froms(inspect(cls).selectable))
+            missed.update(self._condition_missed(resolved, ends))
+        return missed
+
+    def _condition_missed(self, condition: Any, ends: frozenset[Any]) -> set[str]:
+        """The tenant tables a condition SQLAlchemy adds at compile time (a
+        relationship's join, its ``.and_()``, loader criteria) reads where no
+        criterion reaches: in its subqueries, or as columns of tenant tables
+        other than ``ends`` (the tables it joins or filters, scoped there)."""
+        missed: set[str] = set()
+        for inner in _nested_statements(condition):
             self._criteria_missed(inner, ends, ends, missed, set())
+        tenant_tables = self._tenant_tables()
+        names = {id(end) for end in ends}
+        stack = [condition] if condition is not None else []
+        while stack:
+            element = stack.pop()
+            if isinstance(element, _STATEMENTS):
+                continue
+            table = getattr(element, "table", None)
+            if (
+                isinstance(element, ColumnClause)
+                and isinstance(table, FromClause)
+                and id(table._deannotate()) not in names
+                and tenant_tables.get(_base_table(table)) is not None
+            ):
+                missed.add(_from_name(table))
+            stack.extend(element.get_children())
         return missed
 
     def _relationship_missed(self, relationship: RelationshipProperty[Any]) -> tuple[str, ...]:
@@ -495,12 +552,9 @@ class _ReadScoping(_ScopingBase):
                 inner, frozenset(), frozenset(), missed, set(),
                 filtered_outside=self._filtered_outside(inner),
             )  # fmt: skip
-        ends = frozenset(
-            _joined_froms(relationship.parent.local_table) + _joined_froms(relationship.target)
-        )
+        ends = _relationship_ends(relationship)
         for condition in (relationship.primaryjoin, relationship.secondaryjoin):
-            for inner in _nested_statements(condition):
-                self._criteria_missed(inner, ends, ends, missed, set())
+            missed.update(self._condition_missed(condition, ends))
         verdict = tuple(sorted(missed))
         self._joined_verdicts[relationship] = (generation, verdict)
         return verdict
@@ -1053,6 +1107,15 @@ def _volatile_keys(mapper: Mapper[Any], scoping: _ScopingBase) -> list[str]:
 
 #: an attribute the row did not load (not in the object's ``__dict__``)
 _NOT_LOADED = object()
+
+
+def _relationship_ends(relationship: RelationshipProperty[Any]) -> frozenset[Any]:
+    """The tables a relationship's join condition joins: its parent's, its
+    target's and its secondary table's (deannotated)."""
+    ends = _joined_froms(relationship.parent.local_table) + _joined_froms(relationship.target)
+    if relationship.secondary is not None:
+        ends += _joined_froms(relationship.secondary)
+    return frozenset(ends)
 
 
 def _on_load(target: Any, context: Any, attrs: Any = None) -> None:

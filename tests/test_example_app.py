@@ -11,6 +11,7 @@ import stat
 import threading
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.synchronize import Barrier as BarrierType
 from pathlib import Path
 from typing import Any
@@ -314,6 +315,20 @@ def test_a_customer_deleted_twice_is_a_404_the_second_time(
     again = requests.delete(url, headers=headers, timeout=10)
     assert again.status_code == 404, again.text
     assert again.json() == {"error": "not_found", "message": "No such resource."}
+    # at once: the loaded object of each was deleted by both (two 204s)
+    raced = requests.post(
+        f"{base}/api/customers", json={"name": "Raced"}, headers=headers, timeout=10
+    ).json()["id"]
+    start = threading.Barrier(4)
+
+    def delete_it() -> int:
+        start.wait(timeout=10)
+        url = f"{base}/api/customers/{raced}"
+        return requests.delete(url, headers=headers, timeout=30).status_code
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        codes = sorted(pool.map(lambda _n: delete_it(), range(4)))
+    assert codes.count(204) == 1 and set(codes) <= {204, 404, 503}, codes
 
 
 def test_a_tenants_admin_sees_no_other_organization(example: Flask) -> None:

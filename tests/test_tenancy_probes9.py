@@ -18,13 +18,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import String, and_, exists, func, insert, literal, select, text, update
+from sqlalchemy import String, and_, exists, func, insert, literal, select, text, true, update
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
     aliased,
     foreign,
     joinedload,
+    lazyload,
     mapped_column,
     relationship,
     sessionmaker,
@@ -199,6 +200,18 @@ Project.tasks_if_beta_exists = relationship(
 )
 
 
+Project.tasks_by_name = relationship(  # a plain lookup, joinable
+    Task, primaryjoin=lambda: foreign(Task.title) == Project.name, viewonly=True
+)
+
+
+class SoftDeleted:
+    """A mixin the app's own loader criteria name (SQLAlchemy's soft-delete
+    pattern)."""
+
+    hidden: Mapped[bool] = mapped_column(default=False)
+
+
 class Note(NinthBase):
     """A base class whose subclass joins, by default, a relationship over a
     subquery counting every organization's tasks."""
@@ -211,7 +224,7 @@ class Note(NinthBase):
     __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "note"}  # noqa: RUF012
 
 
-class LinkedNote(Note):
+class LinkedNote(SoftDeleted, Note):
     __mapper_args__ = {"polymorphic_identity": "linked"}  # noqa: RUF012
     counted: Mapped[list[Any]] = relationship(
         _counted,
@@ -275,6 +288,27 @@ def _loader_criteria_asking_about_theirs(session: Any) -> Any:
     return session.scalars(select(Task.id).options(with_loader_criteria(Task, theirs))).all()
 
 
+def _loader_criteria_per_class(session: Any) -> Any:
+    """A lambda that asks about theirs only for the subclass: resolved for
+    the option's root class alone, the check saw ``true()``."""
+    theirs = exists(select(PROJECTS.c.id).where(PROJECTS.c.name == "beta"))
+    criteria = with_loader_criteria(
+        Note, lambda cls: theirs if cls is LinkedNote else true(), include_aliases=True
+    )
+    return session.scalars(select(LinkedNote.id).options(criteria)).unique().all()
+
+
+def _loader_criteria_naming_their_column(session: Any) -> Any:
+    criteria = with_loader_criteria(Task, Project.name == "beta")
+    return session.scalars(select(Task.id).options(criteria)).all()
+
+
+def _joined_load_with_extra_criteria(session: Any) -> Any:
+    theirs = exists(select(PROJECTS.c.id).where(PROJECTS.c.name == "beta"))
+    loaded = joinedload(Project.tasks_by_name.and_(theirs))  # type: ignore[attr-defined]
+    return session.scalars(select(Project).options(loaded)).unique().all()
+
+
 def _an_organization_written_in(session: Any) -> Any:
     passed_off = select(
         TASKS.c.id, literal("org_a").label("organization_id"), TASKS.c.title
@@ -289,7 +323,8 @@ def _an_organization_written_in(session: Any) -> Any:
      _an_organization_written_in, _the_trusted_subquery_used_again,
      _joined_eager_load_over_a_window, _joined_eager_load_asking_about_theirs,
      _joined_eager_load_of_everything, _a_subclass_joined_by_default,
-     _loader_criteria_asking_about_theirs],
+     _loader_criteria_asking_about_theirs, _loader_criteria_per_class,
+     _loader_criteria_naming_their_column, _joined_load_with_extra_criteria],
 )  # fmt: skip
 def test_an_aliased_entity_over_a_core_subquery_computes_nothing_across_organizations(
     factory: sessionmaker[Any], read: Any
@@ -337,3 +372,51 @@ def test_a_refused_value_is_logged_cut_short(
     assert "org_bxxx" in reason and len(reason) < 300
     (record,) = [r for r in caplog.records if "cross-tenant" in r.getMessage()]
     assert "org_bxxx" in record.getMessage() and len(record.getMessage()) < 300
+
+
+def test_loader_criteria_on_a_mixin_work(factory: sessionmaker[Any]) -> None:
+    """The check of the app's own loader criteria inspected the option's
+    root class, here an unmapped mixin: every such query raised (a 500)."""
+    criteria = with_loader_criteria(
+        SoftDeleted, lambda cls: cls.hidden.is_(False), include_aliases=True
+    )
+    with factory() as session, as_organization("org_a"):
+        session.add(LinkedNote(id=1, title="zzz"))
+        session.commit()
+        rows = session.scalars(select(LinkedNote.id).options(criteria)).all()
+        # the joined-by-default relationship loaded otherwise: not refused
+        held = session.scalars(
+            select(LinkedNote).options(lazyload(LinkedNote.counted), criteria)
+        ).all()
+    assert rows == [1] and [note.id for note in held] == [1]
+
+
+def test_a_nested_refused_value_is_logged_cut_short(
+    factory: sessionmaker[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    nested: Any = "x" * 1000
+    for _ in range(5):
+        nested = [nested] * 6  # reprlib's per-level limits multiply
+    with (
+        caplog.at_level(logging.WARNING, "flask_oauth_verify.tenancy"),
+        factory() as session,
+        as_organization("org_a"),
+    ):
+        session.add(Task(id=31, title="t", organization_id=nested))
+        with pytest.raises(CrossTenantWriteError):
+            session.commit()
+    (record,) = [r for r in caplog.records if "cross-tenant" in r.getMessage()]
+    assert len(record.getMessage()) < 400
+
+
+def test_a_wildcard_on_a_polymorphic_entity_reaches_its_subclasses(
+    factory: sessionmaker[Any],
+) -> None:
+    notes = with_polymorphic(Note, [LinkedNote])
+    statement = select(notes).options(joinedload("*"))
+    with (
+        factory() as session,
+        as_organization("org_a"),
+        pytest.raises(TenantScopingError, match="p9_tasks"),
+    ):
+        session.scalars(statement).unique().all()
