@@ -544,6 +544,13 @@ class _ReadScoping(_ScopingBase):
         missed: set[str] = set()
         entity = relationship.entity
         selectable = entity.selectable if entity.is_aliased_class else None
+        if isinstance(selectable, Join):  # aliased(X, <join>, flat=True)
+            own = _own_tables(entity)
+            tables = self._tenant_tables()
+            for part in _joined_froms(selectable):
+                base = _base_table(part)
+                if tables.get(base) is not None and base not in own:
+                    missed.add(_from_name(part))
         if isinstance(selectable, AliasedReturnsRows) and isinstance(
             selectable.element, SelectBase
         ):
@@ -589,6 +596,11 @@ class _ReadScoping(_ScopingBase):
         done.add(seen)
         froms, nested = _tenant_reads(statement, self._tenant_tables())
         reached = self._criteria_targets(statement) if isinstance(statement, Select) else {}
+        for target in list(reached.values()):
+            if isinstance(target, Join):  # an aliased class over a join: the other tables
+                for part in _joined_froms(target):
+                    if id(part) not in reached and self._tenant_tables().get(_base_table(part)):
+                        missed.add(_from_name(part))
         # an entity among the columns is a FROM of its own (SQLAlchemy's
         # fallback FROM); what is correlated away is not rendered here
         candidates = frozenset(froms) | frozenset(reached.values())
@@ -848,8 +860,13 @@ class _ReadScoping(_ScopingBase):
                 # and aliases joined in the alias's selectable, as rendered
                 # (not what an alias wraps: aliased(Project) renders no
                 # "projects" a subquery could correlate to)
+                # — only the entity's own tables: an aliased class over a join
+                # with another tenant table (aliased(Task, tasks.join(projects)))
+                # adds no criterion for that one
+                own = _own_tables(entity)
                 for plain in _joined_froms(target):
-                    reached[id(plain)] = plain
+                    if _base_table(plain) in own:
+                        reached[id(plain)] = plain
             else:
                 # joined inheritance: the other tables of the entity are
                 # joined to the compared one by primary key
@@ -1107,6 +1124,13 @@ def _volatile_keys(mapper: Mapper[Any], scoping: _ScopingBase) -> list[str]:
 
 #: an attribute the row did not load (not in the object's ``__dict__``)
 _NOT_LOADED = object()
+
+
+def _own_tables(entity: Any) -> set[Any]:
+    """The tables an aliased entity maps: its class's, and those of the
+    subclasses a ``with_polymorphic()`` loads."""
+    mappers = getattr(entity, "with_polymorphic_mappers", None) or [entity.mapper]
+    return {table for mapper in mappers for table in mapper.tables}
 
 
 def _relationship_ends(relationship: RelationshipProperty[Any]) -> frozenset[Any]:

@@ -309,6 +309,23 @@ def _joined_load_with_extra_criteria(session: Any) -> Any:
     return session.scalars(select(Project).options(loaded)).unique().all()
 
 
+#: SQLAlchemy's "relationship to aliased class" over a join with another
+#: tenant table: the criterion compared the alias's own table only
+_via_project = aliased(Task, TASKS.join(PROJECTS, PROJECTS.c.name == TASKS.c.title), flat=True)
+Project.tasks_via_projects = relationship(
+    _via_project, primaryjoin=lambda: foreign(_via_project.title) == Project.name, viewonly=True
+)
+
+
+def _an_alias_over_a_join_with_theirs(session: Any) -> Any:
+    return session.scalars(select(_via_project.title)).all()
+
+
+def _a_relationship_to_an_alias_over_a_join(session: Any) -> Any:
+    loaded = joinedload(Project.tasks_via_projects)  # type: ignore[attr-defined]
+    return session.scalars(select(Project).options(loaded)).unique().all()
+
+
 def _an_organization_written_in(session: Any) -> Any:
     passed_off = select(
         TASKS.c.id, literal("org_a").label("organization_id"), TASKS.c.title
@@ -324,7 +341,8 @@ def _an_organization_written_in(session: Any) -> Any:
      _joined_eager_load_over_a_window, _joined_eager_load_asking_about_theirs,
      _joined_eager_load_of_everything, _a_subclass_joined_by_default,
      _loader_criteria_asking_about_theirs, _loader_criteria_per_class,
-     _loader_criteria_naming_their_column, _joined_load_with_extra_criteria],
+     _loader_criteria_naming_their_column, _joined_load_with_extra_criteria,
+     _an_alias_over_a_join_with_theirs, _a_relationship_to_an_alias_over_a_join],
 )  # fmt: skip
 def test_an_aliased_entity_over_a_core_subquery_computes_nothing_across_organizations(
     factory: sessionmaker[Any], read: Any
