@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from sqlalchemy import Column, Select, inspect
@@ -23,6 +23,7 @@ from sqlalchemy.orm import ColumnProperty, Mapper, ORMExecuteState, Relationship
 from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.orm.util import LoaderCriteriaOption
+from sqlalchemy.sql import util as sql_util
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.dml import Delete, Insert, Update
 from sqlalchemy.sql.elements import ColumnClause
@@ -545,11 +546,10 @@ class _ReadScoping(_ScopingBase):
         entity = relationship.entity
         selectable = entity.selectable if entity.is_aliased_class else None
         if isinstance(selectable, Join):  # aliased(X, <join>, flat=True)
-            own = _own_tables(entity)
+            own = _own_parts(selectable, entity)
             tables = self._tenant_tables()
             for part in _joined_froms(selectable):
-                base = _base_table(part)
-                if tables.get(base) is not None and base not in own:
+                if tables.get(_base_table(part)) is not None and id(part) not in own:
                     missed.add(_from_name(part))
         if isinstance(selectable, AliasedReturnsRows) and isinstance(
             selectable.element, SelectBase
@@ -863,9 +863,9 @@ class _ReadScoping(_ScopingBase):
                 # — only the entity's own tables: an aliased class over a join
                 # with another tenant table (aliased(Task, tasks.join(projects)))
                 # adds no criterion for that one
-                own = _own_tables(entity)
+                own = _own_parts(target, entity) if isinstance(target, Join) else None
                 for plain in _joined_froms(target):
-                    if _base_table(plain) in own:
+                    if own is None or id(plain) in own:
                         reached[id(plain)] = plain
             else:
                 # joined inheritance: the other tables of the entity are
@@ -1131,6 +1131,45 @@ def _own_tables(entity: Any) -> set[Any]:
     subclasses a ``with_polymorphic()`` loads."""
     mappers = getattr(entity, "with_polymorphic_mappers", None) or [entity.mapper]
     return {table for mapper in mappers for table in mapper.tables}
+
+
+#: sqlalchemy.sql.util.criterion_as_pairs (untyped): the column pairs a
+#: condition compares with equality
+_criterion_as_pairs: Callable[[Any], list[tuple[Any, Any]]] = sql_util.criterion_as_pairs
+
+
+def _own_parts(join: Any, entity: Any) -> set[int]:
+    """The parts (by ``id()``) of an aliased entity's join that hold only the
+    entity's own rows: each of its own tables once, each joined to the rest
+    by a primary-key equality (an inheritance join). Its table joined again
+    (a self-join), or a table of it joined on anything else
+    (``docs.outerjoin(invoices, docs.kind == "invoice")``), pairs its rows
+    with rows of every organization."""
+    own = _own_tables(entity)
+    parts: set[int] = set()
+    seen: set[Any] = set()
+
+    def paired(node: Any) -> bool:
+        pairs: list[tuple[Any, Any]] = (
+            _criterion_as_pairs(node.onclause) if node.onclause is not None else []
+        )
+        return any(
+            left.primary_key and right.primary_key and left.table is not right.table
+            for left, right in pairs
+        )
+
+    def visit(node: Any, trusted: bool) -> None:
+        if isinstance(node, Join):
+            visit(node.left, trusted)
+            visit(node.right, trusted and paired(node))
+            return
+        base = _base_table(node)
+        if trusted and base in own and base not in seen:
+            seen.add(base)
+            parts.add(id(node._deannotate()))
+
+    visit(join, True)
+    return parts
 
 
 def _relationship_ends(relationship: RelationshipProperty[Any]) -> frozenset[Any]:

@@ -321,6 +321,13 @@ def _an_alias_over_a_join_with_theirs(session: Any) -> Any:
     return session.scalars(select(_via_project.title)).all()
 
 
+def _an_alias_over_a_self_join(session: Any) -> Any:
+    """Its own table joined again: the criterion compared the first only."""
+    other = TASKS.alias("other")
+    itself = aliased(Task, TASKS.join(other, other.c.title == "beta"), flat=True)
+    return session.scalars(select(itself.id)).all()
+
+
 def _a_relationship_to_an_alias_over_a_join(session: Any) -> Any:
     loaded = joinedload(Project.tasks_via_projects)  # type: ignore[attr-defined]
     return session.scalars(select(Project).options(loaded)).unique().all()
@@ -342,7 +349,8 @@ def _an_organization_written_in(session: Any) -> Any:
      _joined_eager_load_of_everything, _a_subclass_joined_by_default,
      _loader_criteria_asking_about_theirs, _loader_criteria_per_class,
      _loader_criteria_naming_their_column, _joined_load_with_extra_criteria,
-     _an_alias_over_a_join_with_theirs, _a_relationship_to_an_alias_over_a_join],
+     _an_alias_over_a_join_with_theirs, _a_relationship_to_an_alias_over_a_join,
+     _an_alias_over_a_self_join],
 )  # fmt: skip
 def test_an_aliased_entity_over_a_core_subquery_computes_nothing_across_organizations(
     factory: sessionmaker[Any], read: Any
