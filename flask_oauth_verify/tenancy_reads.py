@@ -446,6 +446,8 @@ class _ReadScoping(_ScopingBase):
                 if ("lazy", "joined") not in (getattr(element, "strategy", None) or ()):
                     if getattr(element, "strategy", None) and len(path) == 3:
                         not_joined.add(path[1])  # lazyload(X.y) / raiseload(X.y): not joined
+                    elif getattr(element, "strategy", None) and _top_wildcard(path):
+                        not_joined.add("*")  # raiseload("*"): the entities join nothing
                     continue
                 along = [p for p in path if isinstance(p, RelationshipProperty)]
                 joined.update(along)
@@ -462,7 +464,11 @@ class _ReadScoping(_ScopingBase):
         for mapper in {m for entity in entities for m in entity.self_and_descendants}:
             wildcard = any(mapper.isa(m) for m in everything)
             for relationship in mapper.relationships:
-                if wildcard or (relationship.lazy == "joined" and relationship not in not_joined):
+                if wildcard or (
+                    relationship.lazy == "joined"
+                    and relationship not in not_joined
+                    and "*" not in not_joined
+                ):
                     joined.add(relationship)
                     stack.append(relationship.mapper)
         seen: set[Mapper[Any]] = set()
@@ -1124,6 +1130,14 @@ def _volatile_keys(mapper: Mapper[Any], scoping: _ScopingBase) -> list[str]:
 
 #: an attribute the row did not load (not in the object's ``__dict__``)
 _NOT_LOADED = object()
+
+
+def _top_wildcard(path: Any) -> bool:
+    """Whether a loader option's path is a wildcard on the statement's
+    entities (``raiseload("*")``, ``Load(X).lazyload("*")``)."""
+    if not path or not isinstance(path[-1], str) or not path[-1].startswith("relationship:"):
+        return False
+    return len(path) == 1 or (len(path) == 2 and isinstance(path[0], Mapper))
 
 
 def _own_tables(entity: Any) -> set[Any]:

@@ -27,6 +27,7 @@ from sqlalchemy.orm import (
     joinedload,
     lazyload,
     mapped_column,
+    raiseload,
     relationship,
     sessionmaker,
     with_loader_criteria,
@@ -446,3 +447,13 @@ def test_a_wildcard_on_a_polymorphic_entity_reaches_its_subclasses(
         pytest.raises(TenantScopingError, match="p9_tasks"),
     ):
         session.scalars(statement).unique().all()
+
+
+def test_a_wildcard_that_loads_nothing_joined_is_not_refused(factory: sessionmaker[Any]) -> None:
+    """``raiseload("*")`` joins nothing: the entity's ``lazy="joined"``
+    relationship that would read every organization is not loaded at all."""
+    with factory() as session, as_organization("org_a"):
+        session.add(LinkedNote(id=2, title="zzz"))
+        session.commit()
+        statement = select(LinkedNote).options(raiseload("*"))
+        assert [note.id for note in session.scalars(statement)] == [2]
