@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from sqlalchemy import Column, Select, inspect
@@ -23,10 +23,9 @@ from sqlalchemy.orm import ColumnProperty, Mapper, ORMExecuteState, Relationship
 from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.orm.util import LoaderCriteriaOption
-from sqlalchemy.sql import util as sql_util
-from sqlalchemy.sql import visitors
+from sqlalchemy.sql import operators, visitors
 from sqlalchemy.sql.dml import Delete, Insert, Update
-from sqlalchemy.sql.elements import ColumnClause
+from sqlalchemy.sql.elements import BooleanClauseList, ColumnClause, Grouping
 from sqlalchemy.sql.selectable import (
     AliasedReturnsRows,
     Exists,
@@ -1147,9 +1146,13 @@ def _own_tables(entity: Any) -> set[Any]:
     return {table for mapper in mappers for table in mapper.tables}
 
 
-#: sqlalchemy.sql.util.criterion_as_pairs (untyped): the column pairs a
-#: condition compares with equality
-_criterion_as_pairs: Callable[[Any], list[tuple[Any, Any]]] = sql_util.criterion_as_pairs
+def _conjuncts(condition: Any) -> list[Any]:
+    """The top-level ``AND`` terms of ``condition`` (itself when it is none)."""
+    if isinstance(condition, BooleanClauseList) and condition.operator is operators.and_:
+        return [c for clause in condition.clauses for c in _conjuncts(clause)]
+    if isinstance(condition, Grouping):
+        return _conjuncts(condition.element)
+    return [condition]
 
 
 def _own_parts(join: Any, entity: Any) -> set[int]:
@@ -1164,13 +1167,21 @@ def _own_parts(join: Any, entity: Any) -> set[int]:
     seen: set[Any] = set()
 
     def paired(node: Any) -> bool:
-        pairs: list[tuple[Any, Any]] = (
-            _criterion_as_pairs(node.onclause) if node.onclause is not None else []
-        )
-        return any(
-            left.primary_key and right.primary_key and left.table is not right.table
-            for left, right in pairs
-        )
+        # a top-level conjunct of the ON clause, never under OR / NOT
+        conjuncts = _conjuncts(node.onclause) if node.onclause is not None else []
+        for conjunct in conjuncts:
+            if getattr(conjunct, "operator", None) is not operators.eq:
+                continue
+            left, right = conjunct.left, conjunct.right
+            if (
+                isinstance(left, ColumnClause)
+                and isinstance(right, ColumnClause)
+                and left.primary_key
+                and right.primary_key
+                and left.table is not right.table
+            ):
+                return True
+        return False
 
     def visit(node: Any, trusted: bool) -> None:
         if isinstance(node, Join):

@@ -18,7 +18,20 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import String, and_, exists, func, insert, literal, select, text, true, update
+from sqlalchemy import (
+    ForeignKey,
+    String,
+    and_,
+    exists,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    text,
+    true,
+    update,
+)
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -85,7 +98,7 @@ SEED = [
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def factory(request: pytest.FixtureRequest) -> Iterator[sessionmaker[Any]]:
-    tables = ("p9_projects", "p9_tasks", "p9_memos", "p9_notes")
+    tables = ("p9_projects", "p9_tasks", "p9_memos", "p9_notes", "p9_papers")
     with seeded_factory(request, NinthBase, SEED, tables) as made:
         yield made
 
@@ -233,6 +246,24 @@ class LinkedNote(SoftDeleted, Note):
         viewonly=True,
         lazy="joined",
     )
+
+
+class Paper(NinthBase):
+    __tablename__ = "p9_papers"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(20))
+    kind: Mapped[str] = mapped_column(String(20))
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "paper"}  # noqa: RUF012
+
+
+class Bill(Paper):
+    __tablename__ = "p9_bills"
+    id: Mapped[int] = mapped_column(ForeignKey("p9_papers.id"), primary_key=True)
+    amount: Mapped[int] = mapped_column(default=0)
+    __mapper_args__ = {"polymorphic_identity": "bill"}  # noqa: RUF012
+
+
+PAPERS, BILLS = Paper.__table__, Bill.__table__
 
 
 def _over_a_subquery(*columns: Any) -> tuple[Any, Any]:
@@ -457,3 +488,25 @@ def test_a_wildcard_that_loads_nothing_joined_is_not_refused(factory: sessionmak
         session.commit()
         statement = select(LinkedNote).options(raiseload("*"))
         assert [note.id for note in session.scalars(statement)] == [2]
+
+
+@pytest.mark.parametrize(
+    ("condition", "safe"),
+    [
+        (PAPERS.c.id == BILLS.c.id, True),
+        (and_(PAPERS.c.id == BILLS.c.id, BILLS.c.amount > 0), True),
+        (or_(PAPERS.c.id == BILLS.c.id, true()), False),  # an OR widens it to every bill
+        (PAPERS.c.kind == "bill", False),  # no key pairs the rows
+    ],
+)
+def test_a_hierarchy_joined_by_its_key_only_is_trusted(
+    factory: sessionmaker[Any], condition: Any, safe: bool
+) -> None:
+    papers = with_polymorphic(Paper, [Bill], selectable=PAPERS.outerjoin(BILLS, condition))
+    statement = select(papers.id, papers.Bill.amount)
+    with factory() as session, as_organization("org_a"):
+        if safe:
+            assert session.execute(statement).all() == []
+        else:
+            with pytest.raises(TenantScopingError, match="p9_bills"):
+                session.execute(statement).all()
