@@ -1167,21 +1167,30 @@ def _own_parts(join: Any, entity: Any) -> set[int]:
     seen: set[Any] = set()
 
     def paired(node: Any) -> bool:
-        # a top-level conjunct of the ON clause, never under OR / NOT
-        conjuncts = _conjuncts(node.onclause) if node.onclause is not None else []
-        for conjunct in conjuncts:
+        """Whether the ON clause's top-level AND terms equate every primary
+        key column of the table joined on the right with a primary key
+        column of a part already trusted on the left."""
+        right = node.right
+        if isinstance(right, Join) or node.onclause is None:
+            return False
+        keys = {column.key for column in _base_table(right).primary_key}
+        covered: set[str] = set()
+        for conjunct in _conjuncts(node.onclause):
             if getattr(conjunct, "operator", None) is not operators.eq:
                 continue
-            left, right = conjunct.left, conjunct.right
-            if (
-                isinstance(left, ColumnClause)
-                and isinstance(right, ColumnClause)
-                and left.primary_key
-                and right.primary_key
-                and left.table is not right.table
-            ):
-                return True
-        return False
+            for mine, theirs in ((conjunct.left, conjunct.right), (conjunct.right, conjunct.left)):
+                if (
+                    isinstance(mine, ColumnClause)
+                    and isinstance(theirs, ColumnClause)
+                    and mine.table is not None
+                    and mine.table._deannotate() is right._deannotate()
+                    and mine.key in keys
+                    and theirs.primary_key
+                    and theirs.table is not None
+                    and id(theirs.table._deannotate()) in parts
+                ):
+                    covered.add(mine.key)
+        return bool(keys) and covered == keys
 
     def visit(node: Any, trusted: bool) -> None:
         if isinstance(node, Join):

@@ -263,7 +263,14 @@ class Bill(Paper):
     __mapper_args__ = {"polymorphic_identity": "bill"}  # noqa: RUF012
 
 
-PAPERS, BILLS = Paper.__table__, Bill.__table__
+class Receipt(Paper):
+    __tablename__ = "p9_receipts"
+    id: Mapped[int] = mapped_column(ForeignKey("p9_papers.id"), primary_key=True)
+    total: Mapped[int] = mapped_column(default=0)
+    __mapper_args__ = {"polymorphic_identity": "receipt"}  # noqa: RUF012
+
+
+PAPERS, BILLS, RECEIPTS = Paper.__table__, Bill.__table__, Receipt.__table__
 
 
 def _over_a_subquery(*columns: Any) -> tuple[Any, Any]:
@@ -497,6 +504,8 @@ def test_a_wildcard_that_loads_nothing_joined_is_not_refused(factory: sessionmak
         (and_(PAPERS.c.id == BILLS.c.id, BILLS.c.amount > 0), True),
         (or_(PAPERS.c.id == BILLS.c.id, true()), False),  # an OR widens it to every bill
         (PAPERS.c.kind == "bill", False),  # no key pairs the rows
+        # a key pair about another table: every bill joined
+        (and_(PAPERS.c.id == PAPERS.c.id, PAPERS.c.kind == "bill"), False),
     ],
 )
 def test_a_hierarchy_joined_by_its_key_only_is_trusted(
@@ -510,3 +519,18 @@ def test_a_hierarchy_joined_by_its_key_only_is_trusted(
         else:
             with pytest.raises(TenantScopingError, match="p9_bills"):
                 session.execute(statement).all()
+
+
+def test_a_key_pair_about_another_table_trusts_nothing(factory: sessionmaker[Any]) -> None:
+    """The ON clause of the receipts join pairs papers with bills: every
+    receipt of every organization is joined to each paper."""
+    joined = PAPERS.outerjoin(BILLS, PAPERS.c.id == BILLS.c.id).outerjoin(
+        RECEIPTS, PAPERS.c.id == BILLS.c.id
+    )
+    papers = with_polymorphic(Paper, [Bill, Receipt], selectable=joined)
+    with (
+        factory() as session,
+        as_organization("org_a"),
+        pytest.raises(TenantScopingError, match="p9_receipts"),
+    ):
+        session.execute(select(papers.id, papers.Receipt.total)).all()
