@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 from sqlalchemy import Column, Select, inspect
@@ -513,6 +513,16 @@ class _ReadScoping(_ScopingBase):
             missed.update(self._condition_missed(resolved, ends))
         return missed
 
+    def _untrusted_parts(self, join: Any, trusted: Collection[int]) -> set[str]:
+        """The tenant tables of an aliased class's ``join`` outside ``trusted``
+        (``id()`` of the parts :func:`_own_parts` found): read unscoped."""
+        tables = self._tenant_tables()
+        return {
+            _from_name(part)
+            for part in _joined_froms(join)
+            if id(part) not in trusted and tables.get(_base_table(part)) is not None
+        }
+
     def _condition_missed(self, condition: Any, ends: frozenset[Any]) -> set[str]:
         """The tenant tables a condition SQLAlchemy adds at compile time (a
         relationship's join, its ``.and_()``, loader criteria) reads where no
@@ -551,11 +561,7 @@ class _ReadScoping(_ScopingBase):
         entity = relationship.entity
         selectable = entity.selectable if entity.is_aliased_class else None
         if isinstance(selectable, Join):  # aliased(X, <join>, flat=True)
-            own = _own_parts(selectable, entity)
-            tables = self._tenant_tables()
-            for part in _joined_froms(selectable):
-                if tables.get(_base_table(part)) is not None and id(part) not in own:
-                    missed.add(_from_name(part))
+            missed.update(self._untrusted_parts(selectable, _own_parts(selectable, entity)))
         if isinstance(selectable, AliasedReturnsRows) and isinstance(
             selectable.element, SelectBase
         ):
@@ -603,9 +609,7 @@ class _ReadScoping(_ScopingBase):
         reached = self._criteria_targets(statement) if isinstance(statement, Select) else {}
         for target in list(reached.values()):
             if isinstance(target, Join):  # an aliased class over a join: the other tables
-                for part in _joined_froms(target):
-                    if id(part) not in reached and self._tenant_tables().get(_base_table(part)):
-                        missed.add(_from_name(part))
+                missed.update(self._untrusted_parts(target, reached))
         # an entity among the columns is a FROM of its own (SQLAlchemy's
         # fallback FROM); what is correlated away is not rendered here
         candidates = frozenset(froms) | frozenset(reached.values())
