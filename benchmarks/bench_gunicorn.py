@@ -1,8 +1,9 @@
 """Requests per second under gunicorn (2 sync workers) on 127.0.0.1.
 
-Serves ``gunicorn_app.py`` (one route: unprotected, this package, a PyJWT
-decorator, Authlib) and drives it with ``wrk`` (``apt-get install -y wrk``)
-or, when wrk is missing, a bounded Python load generator. Every run is
+Serves ``gunicorn_app.py`` (one route: unprotected, this package, the
+raw-crypto floor, a PyJWT decorator, Authlib, a minimal cached decorator) and
+drives it with ``wrk`` (``apt-get install -y wrk``) or, when wrk is missing,
+a bounded Python load generator. Every run is
 bounded in time (``--duration``, whole seconds with wrk) and count (the
 fresh-token pool, by default ``TOKENS_PER_SECOND`` per second of
 ``--duration``: wrk divides by the whole duration, so a wrk run that uses its
@@ -21,6 +22,9 @@ those ratios):
   (shown against the fresh-token baseline);
 * ``ours, fresh tokens``     - ``/ours``, a token never seen before on every request;
 * ``ours, repeated token``   - ``/ours``, one token again and again (cache hits);
+* ``floor as a decorator``   - ``/floor`` with fresh tokens: base64url + JSON +
+  one signature verify and no check at all, the least any verifier costs
+  (the reference for the fresh-token goal);
 * ``PyJWT decorator``        - ``/pyjwt`` with fresh tokens;
 * ``minimal cached decorator`` - ``/minimal``, one token again and again (the
   reference for the repeated-token goal);
@@ -297,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         "unprotected, no Authorization header": ("/open", None, None),
         "ours, fresh tokens": ("/ours", None, None),  # a new slice per round
         "ours, repeated token": ("/ours", None, repeated),
+        "floor as a decorator, fresh tokens": ("/floor", shared, None),
         "PyJWT decorator, fresh tokens": ("/pyjwt", shared, None),
         "minimal cached decorator, repeated token": ("/minimal", None, repeated),
         "Authlib, fresh tokens": ("/authlib", shared, None),
@@ -311,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         port = free_port()
         server = start_gunicorn(config_path, port, args.workers)
         try:
-            for path in ("/open", "/ours", "/pyjwt", "/authlib", "/minimal"):
+            for path in ("/open", "/ours", "/floor", "/pyjwt", "/authlib", "/minimal"):
                 for _ in range(4):  # every worker imports and warms up
                     status = get(port, path, None if path == "/open" else repeated)
                     if path == "/authlib" and status == 401:

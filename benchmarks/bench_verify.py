@@ -32,9 +32,7 @@ timings, only figures printed.
 from __future__ import annotations
 
 import argparse
-import base64
 import copy
-import functools
 import gc
 import json
 import os
@@ -53,11 +51,10 @@ from typing import Any
 # Run from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from flask import Flask, g, jsonify, request
+import floor
+from flask import Flask, g, jsonify
 from flask.testing import FlaskClient
+from floor import b64url_decode, floor_verified, jws_signature
 from gunicorn_app import authlib_protector, minimal_cached, pyjwt_required
 
 from flask_oauth_verify import OAuthVerify, require_token
@@ -209,29 +206,11 @@ def minimal_cached_app(issuer: TokenIssuer, alg: str) -> Flask:
 
 
 def floor_app(issuer: TokenIssuer, alg: str) -> Flask:
-    """The floor as a decorator: base64url + JSON + one verify, ``g`` set, no check.
-
-    What the raw floor costs when it runs inside a request, as every real
-    verifier does (the code and data it touches are cold there).
-    """
+    """The floor as a decorator (:func:`floor.floor_verified`), no check at all."""
     app = base_app("floor")
-    verify = raw_verifier(issuer, alg)
-
-    def floor(view: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(view)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            token = request.environ["HTTP_AUTHORIZATION"][7:]
-            header, payload, signature = token.split(".")
-            json.loads(b64url_decode(header))
-            claims = json.loads(b64url_decode(payload))
-            verify(f"{header}.{payload}".encode(), jws_signature(alg, b64url_decode(signature)))
-            g.auth = claims
-            return view(*args, **kwargs)
-
-        return wrapper
 
     @app.get(ROUTE)
-    @floor
+    @floor_verified(issuer.key().public_key, alg)
     def users() -> Any:
         return jsonify(organization_id=g.auth.get("oid"))
 
@@ -241,35 +220,9 @@ def floor_app(issuer: TokenIssuer, alg: str) -> Flask:
 # -- the raw-crypto floor --------------------------------------------------------
 
 
-def b64url_decode(segment: str) -> bytes:
-    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-
-
 def raw_verifier(issuer: TokenIssuer, alg: str) -> Callable[[bytes, bytes], None]:
-    """One ``cryptography`` verify of a JWS signature, nothing else."""
-    public = issuer.key().public_key  # joserfc key -> cryptography public key
-    if isinstance(public, rsa.RSAPublicKey):
-        pad: padding.AsymmetricPadding = (
-            padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
-            if alg == "PS256"
-            else padding.PKCS1v15()
-        )
-        return lambda message, signature: public.verify(signature, message, pad, hashes.SHA256())
-    if isinstance(public, ec.EllipticCurvePublicKey):
-        ecdsa = ec.ECDSA(hashes.SHA256())
-        return lambda message, der: public.verify(der, message, ecdsa)
-    assert isinstance(public, ed25519.Ed25519PublicKey)
-    return lambda message, signature: public.verify(signature, message)
-
-
-def jws_signature(alg: str, raw: bytes) -> bytes:
-    """The signature as ``cryptography`` takes it (DER for ECDSA)."""
-    if alg.startswith("ES"):
-        half = len(raw) // 2
-        return encode_dss_signature(
-            int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big")
-        )
-    return raw
+    """One ``cryptography`` verify with the issuer's public key."""
+    return floor.raw_verifier(issuer.key().public_key, alg)
 
 
 def raw_variants(issuer: TokenIssuer, alg: str, token: str) -> tuple[Variant, Variant]:

@@ -1,4 +1,4 @@
-"""The app served by ``bench_gunicorn.py``: one route, protected four ways.
+"""The app served by ``bench_gunicorn.py``: one route, protected five ways.
 
 Configured from the JSON file named by ``BENCH_CONFIG`` (issuer, audience,
 algorithm, public JWK Set), so every gunicorn worker builds the same app:
@@ -8,6 +8,8 @@ algorithm, public JWK Set), so every gunicorn worker builds the same app:
 * ``/pyjwt``    - a hand-written PyJWT decorator (key parsed once);
 * ``/authlib``  - Authlib ``ResourceProtector`` + ``JWTBearerTokenValidator``
   (key set imported per request, as its documentation shows);
+* ``/floor``    - the raw-crypto floor as a decorator (``floor.py``):
+  base64url + JSON + one signature verify, no check at all;
 * ``/minimal``  - the least a cache of verified tokens can do per hit:
   header read, SHA-256, dict lookup, expiry check, ``g`` set (PyJWT on a miss).
 """
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jwt as pyjwt
 from flask import Flask, g, jsonify, request
+from floor import floor_verified
 
 from flask_oauth_verify import OAuthVerify, require_token
 
@@ -122,6 +125,7 @@ def create_app() -> Flask:
     require_pyjwt = pyjwt_required(config)
     authlib = authlib_protector(config)
     require_minimal_cache = minimal_cached(config)
+    require_floor = floor_verified(pyjwt.PyJWK(config["jwks"]["keys"][0]).key, config["alg"])
     from authlib.integrations.flask_oauth2 import current_token
 
     @app.get("/open")
@@ -137,6 +141,11 @@ def create_app() -> Flask:
     @require_pyjwt
     def with_pyjwt() -> Any:
         return jsonify(organization_id=g.claims.get("oid"))
+
+    @app.get("/floor")
+    @require_floor
+    def with_floor() -> Any:
+        return jsonify(organization_id=g.auth.get("oid"))
 
     @app.get("/minimal")
     @require_minimal_cache

@@ -95,6 +95,7 @@ def test_bench_gunicorn_table(alg: str) -> None:
         "unprotected, fresh tokens",
         "ours, fresh tokens",
         "ours, repeated token",
+        "floor as a decorator, fresh tokens",
         "PyJWT decorator, fresh tokens",
         "minimal cached decorator, repeated token",
     ):
