@@ -94,7 +94,7 @@ class _Unguarded:
     """The circuit of a call no breaker guards: always allowed, records nothing."""
 
     @staticmethod
-    def allow() -> bool:
+    def allow(_location: bytes | None = None) -> bool:
         """Always."""
         return True
 
@@ -183,6 +183,14 @@ class CircuitBreaker:
     answering 404 between its timeouts, and timeouts scattered over many
     answering locations never add up.
 
+    The half-open trial is shared fairly between locations: a location whose
+    trial failed yields the next one to a location that was refused while
+    the circuit was open and has not had its trial yet (another Keycloak
+    realm of the same server), for at most one more wait. Otherwise the
+    clients of a hung URL, retrying as soon as they are told to, would take
+    every trial, and a working URL of the same origin would never be asked
+    again while the hung one stays hung.
+
     :param failures: failures in a row that open the circuit.
     :param reset: seconds the circuit stays open before one trial call.
     :param clock: time source (seconds; only differences are used).
@@ -203,6 +211,12 @@ class CircuitBreaker:
         #: 429/503), if longer than ``reset``: the circuit stays open as long
         self._asked = 0.0
         self._trial = False
+        #: the location of the trial call under way
+        self._trial_location: bytes | None = None
+        #: locations whose trial failed since the circuit opened (bounded)
+        self._tried: BoundedFifo[bytes | None, bool] = BoundedFifo(_COUNTED_LOCATIONS)
+        #: a location not in ``_tried`` was refused since the last (re)opening
+        self._untried_waiting = False
         self._lock = threading.Lock()
 
     @property
@@ -216,21 +230,36 @@ class CircuitBreaker:
         with self._lock:
             return self._refuse_locked(claim_trial=False)
 
-    def _refuse_locked(self, *, claim_trial: bool) -> bool:
+    def _refuse_locked(self, *, claim_trial: bool, location: bytes | None = None) -> bool:
         if self._opened_at is None:
             return False
-        if 0 <= self._clock() - self._opened_at < self._wait:
-            return True  # a clock stepped back before the opening ends the wait
-        if self._trial:
-            return True  # one trial call is already under way
+        elapsed = self._clock() - self._opened_at
+        # A clock stepped back before the opening ends the wait; one trial
+        # call at a time; a location whose trial failed lets an untried one
+        # that is waiting go first, for one more wait at most.
+        refused = (
+            0 <= elapsed < self._wait
+            or self._trial
+            or (
+                claim_trial
+                and self._untried_waiting
+                and location in self._tried
+                and 0 <= elapsed < 2 * self._wait
+            )
+        )
+        if refused:
+            if claim_trial and location not in self._tried:
+                self._untried_waiting = True
+            return True
         if claim_trial:
             self._trial = True
+            self._trial_location = location
         return False
 
-    def allow(self) -> bool:
-        """Whether a call may go out now (claims the half-open trial)."""
+    def allow(self, location: bytes | None = None) -> bool:
+        """Whether a call (to ``location``) may go out now (claims the half-open trial)."""
         with self._lock:
-            return not self._refuse_locked(claim_trial=True)
+            return not self._refuse_locked(claim_trial=True, location=location)
 
     def retry_after(self) -> int:
         """Whole seconds until the next trial call may go out (at least 1)."""
@@ -247,9 +276,14 @@ class CircuitBreaker:
         with self._lock:
             self._count = 0
             self._located.clear()
-            self._opened_at = None
-            self._asked = 0.0
-            self._trial = False
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        self._opened_at = None
+        self._asked = 0.0
+        self._trial = False
+        self._tried.clear()
+        self._untried_waiting = False
 
     def record_answer(self, location: bytes | None = None) -> None:
         """An answer that is wrong (a 4xx, an HTML page): the server is up.
@@ -262,9 +296,7 @@ class CircuitBreaker:
         with self._lock:
             self._count = 0
             self._located.pop(location, None)
-            self._opened_at = None
-            self._asked = 0.0
-            self._trial = False
+            self._close_locked()
 
     def record_failure(self, location: bytes | None = None, asked: int | None = None) -> None:
         """Count a failure (of ``location``); open (or re-open) the circuit
@@ -278,9 +310,12 @@ class CircuitBreaker:
             self._count += 1
             in_a_row = self._located.get(location, 0) + 1
             self._located.put(location, in_a_row)
+            if self._trial and location == self._trial_location:
+                self._tried.put(location, True)
             self._trial = False
             if self._count >= self.failures or in_a_row >= self.failures:
                 self._opened_at = self._clock()
+                self._untried_waiting = False
 
     def after_fork(self) -> None:
         """In a forked child: a lock no parent thread holds, and no trial
@@ -534,7 +569,7 @@ class Fetcher:
         :raises FetchError: on any failure, including an open circuit.
         """
         circuit = self.breaker(url, scope=breaker) if breaker is not None else _UNGUARDED
-        if not circuit.allow():
+        if not circuit.allow(url_digest(url)):
             raise FetchError(f"circuit open for {_origin(url)}")
         given = self.budget if budget is None else min(budget, self.budget)
         try:

@@ -29,6 +29,7 @@ from flask_oauth_verify.fetch import FetchError
 from flask_oauth_verify.testing import IssuerServer, Reply, Request, TokenIssuer, auth_header
 
 from .conftest import FakeClock, add_views, free_port
+from .provider_emulators import Keycloak
 from .test_faults import (
     BUDGET,
     MARGIN,
@@ -39,6 +40,7 @@ from .test_faults import (
     redis_cache,
     timed,
 )
+from .test_providers import provider_app
 
 #: How long a slow server takes to answer: most of one budget, so a second
 #: answer as slow cannot fit in what is left of it.
@@ -429,6 +431,47 @@ def test_a_hung_fallback_beside_a_404_of_the_same_origin_opens_the_circuit(
         assert int(response.headers["Retry-After"]) >= 290
         assert server.hits["/jwks"] == 2, dict(server.hits)
     finally:
+        server.close()
+
+
+def test_a_hung_realm_does_not_keep_another_realm_of_its_server_from_new_keys(
+    clock: FakeClock,
+) -> None:
+    """Two Keycloak realms on one server share the origin's circuit. Realm
+    acme's certs hang; realm beta's answer and beta rotates its key. acme's
+    clients retry at the Retry-After they got and took every half-open trial,
+    so beta's new kid was refused for as long as acme stayed hung."""
+
+    class Beta(Keycloak):
+        realm = "beta"
+
+    server = IssuerServer()
+    try:
+        acme, beta = Keycloak(server), Beta(server)
+        config = acme.config(
+            ISSUER=[acme.issuer, beta.issuer],
+            HTTP_TIMEOUT=(0.3, 0.3),
+            CIRCUIT_BREAKER_FAILURES=3,
+            CIRCUIT_BREAKER_RESET=30,
+        )
+        app = provider_app(config, clock=clock).test_client()
+        assert app.get("/whoami", headers=auth_header(beta.token())).status_code == 200
+        server.hold("/realms/acme/protocol/openid-connect/certs")
+        for _ in range(3):
+            assert app.get("/whoami", headers=auth_header(acme.token())).status_code == 503
+        beta.signer.add_key("RS256", kid="kc-rsa-2")
+        beta.signer.current_kid = "kc-rsa-2"
+        rotated = beta.token()
+        answers = []
+        for _ in range(3):
+            clock.advance(31)
+            acme_status = app.get("/whoami", headers=auth_header(acme.token())).status_code
+            answers.append(app.get("/whoami", headers=auth_header(rotated)).status_code)
+            assert acme_status == 503
+        assert 200 in answers, answers
+        assert server.hits["/realms/beta/protocol/openid-connect/certs"] == 2
+    finally:
+        server.release()
         server.close()
 
 

@@ -239,6 +239,49 @@ def test_a_location_that_keeps_failing_opens_the_circuit_between_answers() -> No
     assert not breaker.is_open
 
 
+def test_a_location_whose_trial_failed_lets_a_waiting_one_try_next() -> None:
+    """Two realms of one server share the origin's circuit. The clients of
+    the hung one, retrying as soon as told, took every half-open trial: the
+    working realm's URL was never asked again while the other stayed hung."""
+    clock = FakeClock(1000.0)
+    breaker = CircuitBreaker(failures=2, reset=30, clock=clock)
+    hung, working = b"realm-a/certs", b"realm-b/certs"
+    breaker.record_failure(hung)
+    breaker.record_failure(hung)
+    clock.advance(30)
+    assert breaker.allow(hung), "nobody else waits: the hung URL has the trial"
+    assert not breaker.allow(working), "one trial at a time"
+    breaker.record_failure(hung)
+    assert not breaker.allow(working), "re-opened: the wait starts again"
+    clock.advance(30)
+    assert not breaker.allow(hung), "its trial failed: the waiting URL goes first"
+    assert breaker.allow(working)
+    breaker.record_success()
+    assert breaker.allow(hung), "closed for every location"
+
+
+def test_a_location_yields_its_trial_for_one_more_wait_at_most() -> None:
+    """A URL refused once and never asked for again does not keep the hung
+    URL from its trial for more than one wait."""
+    clock = FakeClock(1000.0)
+    breaker = CircuitBreaker(failures=1, reset=30, clock=clock)
+    hung, gone = b"realm-a/certs", b"realm-b/certs"
+    breaker.record_failure(hung)
+    clock.advance(30)
+    assert breaker.allow(hung)
+    breaker.record_failure(hung)
+    assert not breaker.allow(gone)
+    clock.advance(30)
+    assert not breaker.allow(hung)
+    clock.advance(29)
+    assert not breaker.allow(hung)
+    clock.advance(1)
+    assert breaker.allow(hung), "two waits after the re-opening, the trial is its again"
+    breaker.record_failure(hung)
+    clock.advance(30)
+    assert breaker.allow(hung), "nobody else asked during this wait"
+
+
 def test_a_child_forked_during_a_trial_call_makes_its_own() -> None:
     """The child inherited the parent's claimed half-open trial with no
     thread left to finish it: every call of the circuit was refused for good
