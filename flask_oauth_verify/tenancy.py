@@ -86,6 +86,9 @@ from .tenancy_writes import (
 # * tenancy_errors: the exceptions (public here);
 # * tenancy_context: whom data is for (as_organization(), current_*_id());
 # * tenancy_models: the tenant classes and tables, TenantScoping's base;
+# * tenancy_compiled: the read checks of what SQLAlchemy adds as it compiles a
+#   statement (joined eager loads, loader criteria, aliased classes,
+#   column_property() SQL), the base of tenancy_reads' class;
 # * tenancy_reads: automatic read scoping (TenantScoping's read checks, the
 #   load guard);
 # * tenancy_references: the reference checks of the write guard;
