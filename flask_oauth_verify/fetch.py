@@ -171,6 +171,10 @@ class HTTPResult:
 
 #: Locations (URLs) of one circuit whose failures in a row are counted apart.
 _COUNTED_LOCATIONS = 64
+#: A location that never had the half-open trial (it goes first).
+_NEVER = float("-inf")
+#: ``retry_after()`` of the circuit as a whole, not of one location.
+_ANY_LOCATION: Any = object()
 
 
 class CircuitBreaker:
@@ -183,13 +187,13 @@ class CircuitBreaker:
     answering 404 between its timeouts, and timeouts scattered over many
     answering locations never add up.
 
-    The half-open trial is shared fairly between locations: a location whose
-    trial failed yields the next one to a location that was refused while
-    the circuit was open and has not had its trial yet (another Keycloak
-    realm of the same server), for at most one more wait. Otherwise the
-    clients of a hung URL, retrying as soon as they are told to, would take
-    every trial, and a working URL of the same origin would never be asked
-    again while the hung one stays hung.
+    The half-open trial is shared between locations in turn: a location
+    yields it to another that asked for a call within the last two waits
+    and had its last trial longer ago (or never). Otherwise the clients of
+    a hung URL, retrying as soon as they are told to, would take every
+    trial, and another URL of the same origin (a second Keycloak realm)
+    would never be asked again while the hung one stays hung. A location
+    yields only while the other keeps asking.
 
     :param failures: failures in a row that open the circuit.
     :param reset: seconds the circuit stays open before one trial call.
@@ -211,12 +215,10 @@ class CircuitBreaker:
         #: 429/503), if longer than ``reset``: the circuit stays open as long
         self._asked = 0.0
         self._trial = False
-        #: the location of the trial call under way
-        self._trial_location: bytes | None = None
-        #: locations whose trial failed since the circuit opened (bounded)
-        self._tried: BoundedFifo[bytes | None, bool] = BoundedFifo(_COUNTED_LOCATIONS)
-        #: a location not in ``_tried`` was refused since the last (re)opening
-        self._untried_waiting = False
+        #: while the circuit is open: when each location last had the trial,
+        #: and when each location was last refused (it is waiting for one)
+        self._turns: BoundedFifo[bytes | None, float] = BoundedFifo(_COUNTED_LOCATIONS)
+        self._waiting: BoundedFifo[bytes | None, float] = BoundedFifo(_COUNTED_LOCATIONS)
         self._lock = threading.Lock()
 
     @property
@@ -226,50 +228,72 @@ class CircuitBreaker:
 
     @property
     def is_open(self) -> bool:
-        """Whether calls are currently refused."""
+        """Whether calls are currently refused (to every location)."""
         with self._lock:
-            return self._refuse_locked(claim_trial=False)
+            return self._open_locked(self._clock())
 
-    def _refuse_locked(self, *, claim_trial: bool, location: bytes | None = None) -> bool:
+    def is_open_for(self, location: bytes | None) -> bool:
+        """Whether a call to ``location`` would be refused now (the circuit is
+        open, or the location yields the trial to another); claims nothing."""
+        with self._lock:
+            now = self._clock()
+            return self._open_locked(now) or self._ahead_of(location, now) is not None
+
+    def _open_locked(self, now: float) -> bool:
         if self._opened_at is None:
             return False
-        elapsed = self._clock() - self._opened_at
-        # A clock stepped back before the opening ends the wait; one trial
-        # call at a time; a location whose trial failed lets an untried one
-        # that is waiting go first, for one more wait at most.
-        refused = (
-            0 <= elapsed < self._wait
-            or self._trial
-            or (
-                claim_trial
-                and self._untried_waiting
-                and location in self._tried
-                and 0 <= elapsed < 2 * self._wait
-            )
-        )
-        if refused:
-            if claim_trial and location not in self._tried:
-                self._untried_waiting = True
+        # A clock stepped back before the opening ends the wait.
+        return 0 <= now - self._opened_at < self._wait or self._trial
+
+    def _ahead_of(self, location: bytes | None, now: float) -> float | None:
+        """When the latest asking location due a trial before ``location``
+        asked (``None``: none is), while the circuit is open."""
+        if self._opened_at is None:
+            return None
+        own = self._turns.get(location, _NEVER)
+        ahead = [
+            asked
+            for other, asked in self._waiting.items()
+            if other != location
+            and 0 <= now - asked < 2 * self._wait
+            and self._turns.get(other, _NEVER) < own
+        ]
+        return max(ahead, default=None)
+
+    def _refuse_locked(self, location: bytes | None) -> bool:
+        """Refuse a call to ``location`` (noting that it waits), or let it
+        through, claiming the half-open trial when the circuit is open."""
+        if self._opened_at is None:
+            return False
+        now = self._clock()
+        if self._open_locked(now) or self._ahead_of(location, now) is not None:
+            self._waiting.put(location, now)
             return True
-        if claim_trial:
-            self._trial = True
-            self._trial_location = location
+        self._trial = True
+        self._turns.put(location, now)
+        self._waiting.pop(location, None)
         return False
 
     def allow(self, location: bytes | None = None) -> bool:
         """Whether a call (to ``location``) may go out now (claims the half-open trial)."""
         with self._lock:
-            return not self._refuse_locked(claim_trial=True, location=location)
+            return not self._refuse_locked(location)
 
-    def retry_after(self) -> int:
-        """Whole seconds until the next trial call may go out (at least 1)."""
+    def retry_after(self, location: bytes | None = _ANY_LOCATION) -> int:
+        """Whole seconds until the next trial call (to ``location``, when
+        given) may go out, at least 1: the end of the wait, or for a location
+        that yields, the moment the one ahead of it stops counting as asking."""
         with self._lock:
             if self._opened_at is None:
                 return 1
-            elapsed = self._clock() - self._opened_at
-            if not 0 <= elapsed < self._wait:
+            now = self._clock()
+            elapsed = now - self._opened_at
+            if 0 <= elapsed < self._wait:
+                return max(1, int(self._wait - elapsed) + 1)
+            ahead = None if location is _ANY_LOCATION else self._ahead_of(location, now)
+            if ahead is None:
                 return 1
-            return max(1, int(self._wait - elapsed) + 1)
+            return max(1, int(ahead + 2 * self._wait - now) + 1)
 
     def record_success(self) -> None:
         """Close the circuit, and forget every location's failures."""
@@ -282,8 +306,8 @@ class CircuitBreaker:
         self._opened_at = None
         self._asked = 0.0
         self._trial = False
-        self._tried.clear()
-        self._untried_waiting = False
+        self._turns.clear()
+        self._waiting.clear()
 
     def record_answer(self, location: bytes | None = None) -> None:
         """An answer that is wrong (a 4xx, an HTML page): the server is up.
@@ -310,12 +334,9 @@ class CircuitBreaker:
             self._count += 1
             in_a_row = self._located.get(location, 0) + 1
             self._located.put(location, in_a_row)
-            if self._trial and location == self._trial_location:
-                self._tried.put(location, True)
             self._trial = False
             if self._count >= self.failures or in_a_row >= self.failures:
                 self._opened_at = self._clock()
-                self._untried_waiting = False
 
     def after_fork(self) -> None:
         """In a forked child: a lock no parent thread holds, and no trial

@@ -738,6 +738,8 @@ class KeyStore:
                 self._failed_new_jku.put(source.issuer, (now, answered))
                 raise self._jku_refusal(answered, now) from None
             if isinstance(exc, FetchError) and exc.circuit_open:
+                if mode == "forced":
+                    self._give_back_forced(source, now)
                 return self._refused_by_circuit(source, now, str(exc))
             return self._failed(source, now, str(exc), answered=_answered(exc))
         keep = self._max_staleness + record["ttl"]
@@ -946,6 +948,16 @@ class KeyStore:
         logger.error("No keys for %s: %s", source.name, reason)
         raise self._unavailable(source, reason)
 
+    def _give_back_forced(self, source: _Source, now: float) -> None:
+        """A forced refresh the circuit refused made no call: the next one is
+        allowed as soon as the circuit lets a call through (a new kid asks
+        again then, and so keeps its place for the half-open trial), not
+        after the whole cooldown, and other workers, whose circuits may be
+        closed, are not held back by a shared mark of a fetch never made."""
+        wait = self._circuit_retry_after(source) or _RECHECK
+        source.last_forced = now - self._cooldown + min(wait, self._cooldown)
+        self.cache.delete(source.key("jwks-forced"))
+
     def _refused_by_circuit(self, source: _Source, now: float, reason: str) -> PreparedKeySet:
         """No fetch was made (the circuit is open): serve what we have, else 503.
 
@@ -975,23 +987,26 @@ class KeyStore:
         # that URL is not known yet (discovery failed: its breaker is the one).
         # The fallback locations' circuits too (from the settings alone, no
         # discovery): the one that refused may be a fallback's.
+        return UpstreamError(
+            reason=f"keys of {source.name} unavailable: {reason}",
+            retry_after=self._circuit_retry_after(source) or _RETRY_AFTER,
+        )
+
+    def _circuit_retry_after(self, source: _Source) -> int | None:
+        """Seconds until the circuits that refuse the key set's locations let
+        a call through (the longest of them), ``None`` when none refuses."""
         locations = [self._known_uri(source)]
         if source.jku is None:
             locations += self.settings.jwks_uri_fallbacks_for(source.issuer)
         scope = _scope(source)
-        open_circuits = [
-            breaker
-            for breaker in (self.fetcher.breaker(uri, scope=scope) for uri in locations)
-            if breaker.is_open
+        waits = [
+            breaker.retry_after(location)
+            for breaker, location in (
+                (self.fetcher.breaker(uri, scope=scope), url_digest(uri)) for uri in locations
+            )
+            if breaker.is_open_for(location)
         ]
-        retry_after = (
-            max(breaker.retry_after() for breaker in open_circuits)
-            if open_circuits
-            else _RETRY_AFTER
-        )
-        return UpstreamError(
-            reason=f"keys of {source.name} unavailable: {reason}", retry_after=retry_after
-        )
+        return max(waits, default=None)
 
     # -- the shared copy ----------------------------------------------------------
 
@@ -1177,7 +1192,7 @@ class KeyStore:
                     expires_in=(source.fresh_until - now) if keys else None,
                     circuit_open=self.fetcher.breaker(
                         uri or source.issuer, scope=_scope(source)
-                    ).is_open,
+                    ).is_open_for(url_digest(uri or source.issuer)),
                     fetches=source.fetches,
                 )
             )

@@ -16,6 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -434,27 +435,44 @@ def test_a_hung_fallback_beside_a_404_of_the_same_origin_opens_the_circuit(
         server.close()
 
 
-def test_a_hung_realm_does_not_keep_another_realm_of_its_server_from_new_keys(
-    clock: FakeClock,
-) -> None:
-    """Two Keycloak realms on one server share the origin's circuit. Realm
-    acme's certs hang; realm beta's answer and beta rotates its key. acme's
-    clients retry at the Retry-After they got and took every half-open trial,
-    so beta's new kid was refused for as long as acme stayed hung."""
+class _Beta(Keycloak):
+    realm = "beta"
 
-    class Beta(Keycloak):
-        realm = "beta"
 
+@contextmanager
+def _two_realms(
+    clock: FakeClock, reset: int
+) -> Iterator[tuple[IssuerServer, Keycloak, Keycloak, Flask]]:
+    """Keycloak realms acme and beta on one server (one origin circuit), and
+    an app that accepts both; held URLs are released at the end."""
     server = IssuerServer()
     try:
-        acme, beta = Keycloak(server), Beta(server)
+        acme, beta = Keycloak(server), _Beta(server)
         config = acme.config(
             ISSUER=[acme.issuer, beta.issuer],
             HTTP_TIMEOUT=(0.3, 0.3),
             CIRCUIT_BREAKER_FAILURES=3,
-            CIRCUIT_BREAKER_RESET=30,
+            CIRCUIT_BREAKER_RESET=reset,
         )
-        app = provider_app(config, clock=clock).test_client()
+        yield server, acme, beta, provider_app(config, clock=clock)
+    finally:
+        server.release()
+        server.close()
+
+
+@pytest.mark.parametrize("reset", [30, 10])
+def test_a_hung_realm_does_not_keep_another_realm_of_its_server_from_new_keys(
+    clock: FakeClock, reset: int
+) -> None:
+    """Two Keycloak realms on one server share the origin's circuit. Realm
+    acme's certs hang; realm beta's answer and beta rotates its key. acme's
+    clients retry at the Retry-After they got and took every half-open trial,
+    so beta's new kid was refused for as long as acme stayed hung; and with
+    a reset shorter than JWKS_REFRESH_COOLDOWN (30 s), beta's refused forced
+    refresh took the whole cooldown (and the mark shared with other workers)
+    although it made no call, so beta never asked in time for a trial."""
+    with _two_realms(clock, reset) as (server, acme, beta, flask_app):
+        app = flask_app.test_client()
         assert app.get("/whoami", headers=auth_header(beta.token())).status_code == 200
         server.hold("/realms/acme/protocol/openid-connect/certs")
         for _ in range(3):
@@ -464,15 +482,45 @@ def test_a_hung_realm_does_not_keep_another_realm_of_its_server_from_new_keys(
         rotated = beta.token()
         answers = []
         for _ in range(3):
-            clock.advance(31)
+            clock.advance(reset + 1)
             acme_status = app.get("/whoami", headers=auth_header(acme.token())).status_code
             answers.append(app.get("/whoami", headers=auth_header(rotated)).status_code)
             assert acme_status == 503
         assert 200 in answers, answers
         assert server.hits["/realms/beta/protocol/openid-connect/certs"] == 2
-    finally:
-        server.release()
-        server.close()
+
+
+def test_a_realm_that_yields_its_trial_is_told_when_it_may_try_again(
+    clock: FakeClock,
+) -> None:
+    """While the hung realm yields the half-open trial to a realm that is
+    waiting, its 503 said Retry-After 5 (as if no circuit were open) and
+    key_status() said the circuit was closed."""
+    with _two_realms(clock, 30) as (server, acme, beta, flask_app):
+        app = flask_app.test_client()
+        assert app.get("/whoami", headers=auth_header(beta.token())).status_code == 200
+        server.hold("/realms/acme/protocol/openid-connect/certs")
+        for _ in range(3):
+            app.get("/whoami", headers=auth_header(acme.token()))
+        beta.signer.add_key("RS256", kid="kc-rsa-2")
+        beta.signer.current_kid = "kc-rsa-2"
+        clock.advance(31)
+        app.get("/whoami", headers=auth_header(acme.token()))  # the trial, which fails
+        hits = server.hits["/realms/acme/protocol/openid-connect/certs"]
+        assert app.get("/whoami", headers=auth_header(beta.token())).status_code == 401
+        clock.advance(31)  # the wait is over; beta's turn
+        retry_afters = []
+        for _ in range(3):
+            response = app.get("/whoami", headers=auth_header(acme.token()))
+            assert response.status_code == 503
+            retry_afters.append(int(response.headers["Retry-After"]))
+            clock.advance(5)
+        assert retry_afters == [30, 25, 20]
+        assert server.hits["/realms/acme/protocol/openid-connect/certs"] == hits
+        with flask_app.app_context():
+            statuses = flask_app.extensions["oauth_verify"].extension.key_status(flask_app)
+            (status,) = [s for s in statuses if s.issuer == acme.issuer]
+        assert status.circuit_open
 
 
 def _retry_afters(app: Any, token: str, count: int) -> list[int]:

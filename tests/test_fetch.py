@@ -260,9 +260,10 @@ def test_a_location_whose_trial_failed_lets_a_waiting_one_try_next() -> None:
     assert breaker.allow(hung), "closed for every location"
 
 
-def test_a_location_yields_its_trial_for_one_more_wait_at_most() -> None:
+def test_a_location_yields_its_trial_only_while_the_other_keeps_asking() -> None:
     """A URL refused once and never asked for again does not keep the hung
-    URL from its trial for more than one wait."""
+    URL from its trial for more than two waits after it asked; meanwhile the
+    hung URL is told (is_open_for, retry_after) when it may try again."""
     clock = FakeClock(1000.0)
     breaker = CircuitBreaker(failures=1, reset=30, clock=clock)
     hung, gone = b"realm-a/certs", b"realm-b/certs"
@@ -272,14 +273,47 @@ def test_a_location_yields_its_trial_for_one_more_wait_at_most() -> None:
     breaker.record_failure(hung)
     assert not breaker.allow(gone)
     clock.advance(30)
+    assert not breaker.is_open, "the circuit's wait is over"
+    assert breaker.is_open_for(hung) and not breaker.is_open_for(gone)
+    assert breaker.retry_after(hung) == 31 and breaker.retry_after(gone) == 1
     assert not breaker.allow(hung)
     clock.advance(29)
     assert not breaker.allow(hung)
+    assert breaker.retry_after(hung) == 2
     clock.advance(1)
-    assert breaker.allow(hung), "two waits after the re-opening, the trial is its again"
+    assert not breaker.is_open_for(hung)
+    assert breaker.allow(hung), "two waits after the other URL asked, the trial is its again"
     breaker.record_failure(hung)
     clock.advance(30)
     assert breaker.allow(hung), "nobody else asked during this wait"
+
+
+def test_locations_whose_trials_failed_take_the_next_ones_in_turn() -> None:
+    """Both realms had a failed trial (the working one a short blip): the
+    hung one, whose clients ask on every request, took every trial after."""
+    clock = FakeClock(1000.0)
+    breaker = CircuitBreaker(failures=1, reset=10, clock=clock)
+    hung, blip = b"realm-a/certs", b"realm-b/certs"
+    breaker.record_failure(hung)
+    clock.advance(10)
+    assert breaker.allow(blip), "never tried: nobody is ahead of it"
+    breaker.record_failure(blip)
+    order = []
+    for _ in range(6):
+        clock.advance(5)
+        assert not breaker.allow(hung) and not breaker.allow(blip), "both wait"
+        clock.advance(5)
+        first, second = (hung, blip) if breaker.is_open_for(blip) else (blip, hung)
+        assert breaker.is_open_for(second), "its turn is not yet"
+        assert not breaker.allow(second)
+        assert breaker.allow(first)
+        order.append(first)
+        breaker.record_failure(first)
+    assert order == [hung, blip] * 3
+    clock.advance(10)
+    assert breaker.allow(hung)
+    breaker.record_success()
+    assert breaker.allow(blip) and breaker.allow(blip), "closed for every location"
 
 
 def test_a_child_forked_during_a_trial_call_makes_its_own() -> None:
