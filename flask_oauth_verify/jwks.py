@@ -640,6 +640,10 @@ class KeyStore:
         if self._adopt_shared(source, self.clock()) or not (
             self.cache.take_abandoned(lock, self._wait) or self._take_vanished(source, lock)
         ):
+            if mode == "forced" and self._forced_mark(source, now) is None:
+                # No worker forced a fetch (the holder's refresh was due, or
+                # its open circuit refused it): ours is not used up either.
+                source.last_forced = now - self._cooldown + _RECHECK
             return self._keys_or_raise(source, now, self._shared_error(source))
         # The holder died mid-fetch (its lock outlived it), or every trace of
         # its fetch vanished with the cache: fetch ourselves.
@@ -663,9 +667,8 @@ class KeyStore:
 
     def _forced_elsewhere(self, source: _Source, now: float) -> bool:
         """Whether any worker forced a refresh within the cooldown (else claim it)."""
-        marker = self.cache.get(source.key("jwks-forced"))
-        at = shared_time(marker.get("at"), now) if isinstance(marker, dict) else None
-        if at is not None and now - at < self._cooldown:
+        at = self._forced_mark(source, now)
+        if at is not None:
             # That worker's cooldown, not a new one from now: ours (set by
             # the caller) would refuse the new kid for up to twice the
             # cooldown, after that worker's refresh had already learnt it.
@@ -673,6 +676,12 @@ class KeyStore:
             return True
         self.cache.set(source.key("jwks-forced"), {"at": now}, self._cooldown + 60)
         return False
+
+    def _forced_mark(self, source: _Source, now: float) -> float | None:
+        """When a worker last forced a refresh of ``source``, if within the cooldown."""
+        marker = self.cache.get(source.key("jwks-forced"))
+        at = shared_time(marker.get("at"), now) if isinstance(marker, dict) else None
+        return at if at is not None and now - at < self._cooldown else None
 
     def _failed_elsewhere(self, source: _Source, now: float) -> bool:
         """Whether another worker's refresh failed so recently that we wait too.

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -414,6 +415,61 @@ def test_apps_with_other_key_set_urls_for_one_issuer_never_wait_on_each_other(
     assert status_of(a, new) == 200  # A's forced refresh, and A's cooldown
     assert status_of(b, new) == 200  # B's own forced refresh of its own URL
     assert issuer_server.hits["/a"] == 2 and issuer_server.hits["/b"] == 2
+
+
+def test_a_worker_that_waited_for_a_refresh_the_holders_circuit_refused_may_force_its_own(
+    redis: RedisServer,
+    served_tokens: TokenIssuer,
+    issuer_server: IssuerServer,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Worker 1's circuit for the issuer is open, worker 2's is closed. After
+    a rotation, worker 1 holds the fetch lock for a forced refresh that its
+    circuit refuses (no call); worker 2, waiting on that lock for the same new
+    kid, found no new copy and had used up its own forced refresh: it refused
+    the new key for the whole cooldown although nobody had fetched it."""
+    first = redis_app(served_tokens, redis.url, clock)
+    second = redis_app(served_tokens, redis.url, clock)
+    assert status_of(first, served_tokens.mint()) == 200
+    assert status_of(second, served_tokens.mint()) == 200
+    breaker = get_state(first).fetcher.breaker(served_tokens.issuer + JWKS)
+    for _ in range(get_state(first).settings.circuit_breaker_failures):
+        breaker.record_failure()
+    served_tokens.rotate()
+    new = served_tokens.mint()
+    waiting = threading.Event()
+    answers: list[int] = []
+    second_cache = get_state(second).cache
+    wait_unlocked = second_cache.wait_unlocked
+
+    def second_waits(key: str, timeout: float, *, wait: float) -> bool:
+        waiting.set()
+        return wait_unlocked(key, timeout, wait=wait)
+
+    monkeypatch.setattr(second_cache, "wait_unlocked", second_waits)
+    first_cache = get_state(first).cache
+    delete = first_cache.delete
+
+    def meanwhile(key: str) -> None:
+        # Worker 1 gives its refused forced refresh back, still holding the lock.
+        if "jwks-forced" in key and not answers:
+            thread = threading.Thread(target=lambda: answers.append(status_of(second, new)))
+            thread.start()
+            assert waiting.wait(10), "worker 2 waits for worker 1's fetch"
+            threads.append(thread)
+        delete(key)
+
+    threads: list[threading.Thread] = []
+    monkeypatch.setattr(first_cache, "delete", meanwhile)
+    assert status_of(first, new) == 401  # refused by its open circuit: no call
+    assert len(threads) == 1, "worker 1 gave its forced refresh back"
+    threads[0].join(10)
+    assert answers == [401]
+    assert issuer_server.hits[JWKS] == 1, "one shared copy, no fetch since"
+    clock.advance(2)
+    assert status_of(second, new) == 200, "worker 2 forces its own refresh"
+    assert issuer_server.hits[JWKS] == 2
 
 
 def test_requests_keep_succeeding_with_redis_stopped(
