@@ -476,6 +476,9 @@ class Fetcher:
         self._url_breakers: BoundedFifo[bytes, CircuitBreaker] = BoundedFifo(_URL_BREAKERS)
         self._checked_urls: set[str] = set()
         self._lock = threading.Lock()
+        #: requests that went out (not refused by a circuit), by any thread:
+        #: whether a call was made in between, for callers that ask
+        self.sent = 0
         # A pre-forking server (gunicorn --preload) forks after init_app:
         # pooled connections must not be shared between processes.
         reset_in_child(self, Fetcher._after_fork)
@@ -592,6 +595,7 @@ class Fetcher:
         circuit = self.breaker(url, scope=breaker) if breaker is not None else _UNGUARDED
         if not circuit.allow(url_digest(url)):
             raise FetchError(f"circuit open for {_origin(url)}")
+        self.sent += 1
         given = self.budget if budget is None else min(budget, self.budget)
         try:
             result = self._within_budget(

@@ -734,6 +734,7 @@ class KeyStore:
         self, source: _Source, now: float, mode: str, unproven: bool
     ) -> PreparedKeySet:
         source.fetches += 1
+        sent = self.fetcher.sent
         try:
             record = self._fetch(source, now)
             keys = self._parse(record["jwks"])
@@ -747,7 +748,9 @@ class KeyStore:
                 self._failed_new_jku.put(source.issuer, (now, answered))
                 raise self._jku_refusal(answered, now) from None
             if isinstance(exc, FetchError) and exc.circuit_open:
-                if mode == "forced":
+                if mode == "forced" and self.fetcher.sent == sent:
+                    # No call at all (none to discovery, none to a location
+                    # tried before the one whose circuit refused, in any thread).
                     self._give_back_forced(source, now)
                 return self._refused_by_circuit(source, now, str(exc))
             return self._failed(source, now, str(exc), answered=_answered(exc))

@@ -472,6 +472,37 @@ def test_a_worker_that_waited_for_a_refresh_the_holders_circuit_refused_may_forc
     assert issuer_server.hits[JWKS] == 2
 
 
+def test_a_forced_refresh_that_called_a_location_keeps_the_cooldown_of_every_worker(
+    redis: RedisServer, served_tokens: TokenIssuer, issuer_server: IssuerServer, clock: FakeClock
+) -> None:
+    """JWKS_URI answers 404 (the key set moved) and worker 1's circuit for its
+    fallback (another host) is open: worker 1's forced refresh called JWKS_URI,
+    then the fallback's circuit refused. It counted as "no call" and gave the
+    cooldown and the shared mark back, so every worker called JWKS_URI once
+    per cooldown instead of one call for all of them."""
+    fallback = f"http://127.0.0.1:{free_port()}/jwks"  # nothing listens there
+    issuer_server.route("/moved", Reply(200, served_tokens.jwks()))
+    options = {"JWKS_URI": served_tokens.issuer + "/moved", "JWKS_URI_FALLBACKS": [fallback]}
+    first = redis_app(served_tokens, redis.url, clock, **options)
+    second = redis_app(served_tokens, redis.url, clock, **options)
+    assert status_of(first, served_tokens.mint()) == 200
+    assert status_of(second, served_tokens.mint()) == 200
+    assert issuer_server.hits["/moved"] == 1
+    breaker = get_state(first).fetcher.breaker(fallback)
+    for _ in range(get_state(first).settings.circuit_breaker_failures):
+        breaker.record_failure()
+    issuer_server.route("/moved", Reply(404, {"error": "not found"}))
+    served_tokens.rotate()
+    new = served_tokens.mint()
+    assert status_of(first, new) == 401
+    assert issuer_server.hits["/moved"] == 2, "worker 1's forced refresh called JWKS_URI"
+    assert status_of(second, new) == 401
+    assert issuer_server.hits["/moved"] == 2, "within the cooldown of worker 1's call"
+    clock.advance(2)
+    assert status_of(first, new) == 401
+    assert issuer_server.hits["/moved"] == 2, "worker 1's own cooldown holds too"
+
+
 def test_requests_keep_succeeding_with_redis_stopped(
     redis: RedisServer,
     served_tokens: TokenIssuer,
