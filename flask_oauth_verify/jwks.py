@@ -993,12 +993,6 @@ class KeyStore:
         raise self._unavailable(source, reason or source.last_error or "no key set")
 
     def _unavailable(self, source: _Source, reason: str) -> UpstreamError:
-        # Before the first fetch worked, ``source.uri`` is empty: the breaker
-        # is the key set URL's (configured or discovered: often another host
-        # than the issuer's, Google, Entra, a CDN), the issuer's only when
-        # that URL is not known yet (discovery failed: its breaker is the one).
-        # The fallback locations' circuits too (from the settings alone, no
-        # discovery): the one that refused may be a fallback's.
         return UpstreamError(
             reason=f"keys of {source.name} unavailable: {reason}",
             retry_after=self._circuit_retry_after(source) or _RETRY_AFTER,
@@ -1007,6 +1001,12 @@ class KeyStore:
     def _circuit_retry_after(self, source: _Source) -> int | None:
         """Seconds until the circuits that refuse the key set's locations let
         a call through (the longest of them), ``None`` when none refuses."""
+        # Before the first fetch worked, ``source.uri`` is empty: the breaker
+        # is the key set URL's (configured or discovered: often another host
+        # than the issuer's, Google, Entra, a CDN), the issuer's only when
+        # that URL is not known yet (discovery failed: its breaker is the one).
+        # The fallback locations' circuits too (from the settings alone, no
+        # discovery): the one that refused may be a fallback's.
         locations = [self._known_uri(source)]
         if source.jku is None:
             locations += self.settings.jwks_uri_fallbacks_for(source.issuer)
