@@ -231,7 +231,9 @@ class AuthlibIssuer:
 
 
 @pytest.fixture
-def authlib_issuer() -> Iterator[AuthlibIssuer]:
+def authlib_issuer(monkeypatch: pytest.MonkeyPatch) -> Iterator[AuthlibIssuer]:
+    # Authlib 1.6 refuses http even on 127.0.0.1 without it (1.9 allows loopback).
+    monkeypatch.setenv("AUTHLIB_INSECURE_TRANSPORT", "1")
     issuer = AuthlibIssuer()
     yield issuer
     issuer.close()

@@ -1466,8 +1466,9 @@ def authlib_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Calla
     issuer = f"http://127.0.0.1:{http.server_port}"
 
     class Generator(JWTBearerTokenGenerator):  # type: ignore[misc]
-        def get_jwks(self) -> KeySet:
-            return KeySet([key])
+        def get_jwks(self) -> dict[str, Any]:
+            # One private JWK as a dict: what every Authlib since 1.6 signs with.
+            return key.as_dict(private=True)
 
         def get_audiences(self, client: Any, user: Any, scope: str) -> str:
             return "https://api.example.com"
