@@ -10,7 +10,10 @@ introspection endpoint too). The documents tried, in order, for issuer
 2. ``https://h/.well-known/oauth-authorization-server/p`` (RFC 8414 §3.1,
    inserted);
 3. ``https://h/.well-known/openid-configuration/p`` (RFC 8414 §5, the
-   inserted form of the OpenID Connect name).
+   inserted form of the OpenID Connect name);
+4. ``https://h/p/.well-known/oauth-authorization-server`` (the RFC 8414 name
+   appended, as servers that publish it under their issuer path do: Okta's
+   custom authorization servers, django-oauth-toolkit).
 
 For an issuer without a path, (1) and (2) are tried. The next document is
 tried only when one is missing or unusable (4xx, not JSON, another issuer);
@@ -75,12 +78,14 @@ def metadata_urls(issuer: str) -> list[str]:
         (parts.scheme, parts.netloc, "/.well-known/oauth-authorization-server" + path, "", "")
     )
     urls = [appended, inserted]
-    if path:
+    if path:  # else the inserted and appended forms are the same URLs
         urls.append(
             urlunsplit(
                 (parts.scheme, parts.netloc, "/.well-known/openid-configuration" + path, "", "")
             )
         )
+        appended_rfc8414 = path + "/.well-known/oauth-authorization-server"
+        urls.append(urlunsplit((parts.scheme, parts.netloc, appended_rfc8414, "", "")))
     return urls
 
 

@@ -40,6 +40,7 @@ import http.cookiejar
 import json
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
@@ -128,10 +129,17 @@ class FetchError(Exception):
 
     :param reason: short description (timeout, connection refused, status).
     :param status: the HTTP status when one was received.
+    :param retry_after: the server's ``Retry-After`` of a 429 or 503.
+    :param oauth_error: the ``error`` code of a 400's JSON body.
     """
 
     def __init__(
-        self, reason: str, *, status: int | None = None, retry_after: int | None = None
+        self,
+        reason: str,
+        *,
+        status: int | None = None,
+        retry_after: int | None = None,
+        oauth_error: str | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -139,6 +147,9 @@ class FetchError(Exception):
         #: the server's own ``Retry-After`` (whole seconds, at most
         #: :data:`MAX_RETRY_AFTER`) of a 429 or 503 answer, else ``None``
         self.retry_after = retry_after
+        #: the OAuth ``error`` code (RFC 6749 §5.2) of a 400 answer with a
+        #: JSON body, e.g. ``unsupported_token_type``, else ``None``
+        self.oauth_error = oauth_error
 
     @property
     def circuit_open(self) -> bool:
@@ -452,6 +463,10 @@ _JSON_TYPES = frozenset(
 )
 
 
+#: An OAuth error code (RFC 6749 §5.2: NQSCHAR), at most 64 characters.
+_OAUTH_ERROR_CODE = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]{1,64}")
+
+
 def _is_json_type(content_type: str | None) -> bool:
     if not content_type:
         return True
@@ -695,6 +710,7 @@ class Fetcher:
                         f"HTTP status {status}",
                         status=status,
                         retry_after=_retry_after(status, response.headers.get("Retry-After")),
+                        oauth_error=self._oauth_error(response, ends_at) if status == 400 else None,
                     )
                 content_type = response.headers.get("Content-Type")
                 if not _is_json_type(content_type):
@@ -750,6 +766,20 @@ class Fetcher:
             raise FetchError(f"insecure or invalid URL refused ({_origin(url)})") from None
         if len(self._checked_urls) < _CHECKED_URLS:
             self._checked_urls.add(url)
+
+    def _oauth_error(self, response: requests.Response, ends_at: float) -> str | None:
+        """The ``error`` code of an OAuth error answer (RFC 6749 §5.2), if
+        the body is a JSON object with a well-formed one; else ``None``."""
+        if not _is_json_type(response.headers.get("Content-Type")):
+            return None
+        try:
+            data = _decode_json(self._read_body(response, ends_at))
+        except FetchError:
+            return None
+        error = data.get("error") if isinstance(data, dict) else None
+        if isinstance(error, str) and _OAUTH_ERROR_CODE.fullmatch(error):
+            return error
+        return None
 
     def _read_body(self, response: requests.Response, ends_at: float) -> bytes:
         limit = self.settings.http_max_bytes

@@ -49,6 +49,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, quote
 
@@ -79,6 +80,14 @@ ACCESS_TOKEN_TYPES = frozenset(
 )
 #: ``token_use`` values (ORY Hydra, Cognito style) that mean an access token.
 _ACCESS_TOKEN_USES = frozenset({"access_token", "access"})
+
+#: The answer of an endpoint that will not introspect this kind of token
+#: (``400`` with ``unsupported_token_type``, RFC 7009's code, which
+#: oidc-provider sends for any token shaped like a JWT): a decision on the
+#: token, which is refused like an inactive one, not an outage.
+_NOT_INTROSPECTED: Mapping[str, Any] = MappingProxyType(
+    {"active": False, "error": "unsupported_token_type"}
+)
 
 #: Seconds clients are told to wait after a failure that a retry may cure.
 _RETRY_TRANSIENT = 5
@@ -257,6 +266,11 @@ class Introspector:
         configured extra ones unless ``extra``)."""
         active = response.get("active")
         if active is not True:
+            if response is _NOT_INTROSPECTED:
+                raise InvalidTokenError(
+                    reason="introspection: the endpoint does not introspect this kind of "
+                    "token (unsupported_token_type)"
+                )
             if active is None or active is False:
                 raise InvalidTokenError(reason="introspection: the token is not active")
             # "true", 1, ... : a sloppy or hostile answer is never "active".
@@ -432,6 +446,8 @@ class Introspector:
                 form = {"token": token, "token_type_hint": "access_token", **auth_params}
                 result = self.fetcher.post(url, data=form, headers=headers, breaker="endpoint")
         except FetchError as exc:
+            if exc.status == 400 and exc.oauth_error == "unsupported_token_type":
+                return _NOT_INTROSPECTED, None
             kind, detail, retry = _classify(exc)
             if kind == "circuit_open":
                 retry = self.fetcher.breaker(url, scope="endpoint").retry_after()

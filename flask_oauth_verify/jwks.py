@@ -861,8 +861,15 @@ class KeyStore:
         }
 
     def _ttl(self, max_age: float | None) -> float:
-        """This app's soft TTL for a key set the issuer gave ``max_age``."""
-        return self._clamp(self.settings.jwks_cache_ttl if max_age is None else max_age)
+        """This app's soft TTL for a key set the issuer gave ``max_age``.
+
+        ``JWKS_MIN_TTL`` bounds what the issuer asks for; ``JWKS_CACHE_TTL``
+        is the app's own choice, which only ``JWKS_MAX_TTL`` caps (raised to
+        the minimum, a 30 s TTL kept a removed key for 60 s).
+        """
+        if max_age is None:
+            return min(self.settings.jwks_cache_ttl, self.settings.jwks_max_ttl)
+        return self._clamp(max_age)
 
     def _own_ttl(self, record: Mapping[str, Any]) -> float | None:
         """This app's soft TTL for a shared ``record``, whichever app stored it.

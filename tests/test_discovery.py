@@ -53,6 +53,7 @@ def test_metadata_urls_for_an_issuer_with_a_path() -> None:
         "https://h.example/tenant/v2/.well-known/openid-configuration",
         "https://h.example/.well-known/oauth-authorization-server/tenant/v2",
         "https://h.example/.well-known/openid-configuration/tenant/v2",
+        "https://h.example/tenant/v2/.well-known/oauth-authorization-server",
     ]
 
 
@@ -85,6 +86,8 @@ def test_rfc8414_is_used_when_there_is_no_openid_configuration(
         ("/realms/acme/.well-known/openid-configuration", "appended OIDC"),
         ("/.well-known/oauth-authorization-server/realms/acme", "inserted RFC 8414"),
         ("/.well-known/openid-configuration/realms/acme", "inserted OIDC"),
+        # Okta's custom authorization servers, django-oauth-toolkit
+        ("/realms/acme/.well-known/oauth-authorization-server", "appended RFC 8414"),
     ],
 )
 def test_issuers_with_a_path_use_each_documented_form(

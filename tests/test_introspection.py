@@ -598,6 +598,41 @@ def test_endpoint_failures_give_503_and_say_which(
     assert token not in caplog.text
 
 
+def test_a_token_the_endpoint_will_not_introspect_is_refused_not_an_outage(
+    issuer: TokenIssuer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """oidc-provider answers ``400 unsupported_token_type`` for any token
+    shaped like a JWT: a decision on that token (401), not a configuration
+    error of ours (it was a 503 with an ERROR record, so a stranger's junk
+    JWT made the service look broken), and the circuit stays closed."""
+
+    def like_oidc_provider(request: Request) -> Reply:
+        token = request.form()["token"]
+        if token.count(".") == 2:
+            return Reply(
+                400,
+                {
+                    "error": "unsupported_token_type",
+                    "error_description": "Structured JWT Tokens cannot be introspected",
+                },
+            )
+        return Reply(200, issuer.introspect(token))
+
+    server_of(issuer).route(INTROSPECT, like_oidc_provider)
+    client = make_app(intro_config(issuer)).test_client()
+    with caplog.at_level(logging.INFO):
+        for _ in range(8):  # more than CIRCUIT_BREAKER_THRESHOLD
+            response = client.get("/protected", headers=auth_header(issuer.mint()))
+            assert_401(response)
+            assert response.json == {
+                "error": "invalid_token",
+                "message": "The access token is invalid.",
+            }
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    opaque = issuer.mint_opaque()
+    assert client.get("/protected", headers=auth_header(opaque)).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("status", "sent", "expected"),
     [

@@ -122,6 +122,47 @@ def test_soft_ttl_with_jitter(
     assert issuer_server.hits[JWKS] == 2
 
 
+def assert_refreshed_between(
+    app: Flask,
+    served_tokens: TokenIssuer,
+    issuer_server: IssuerServer,
+    clock: FakeClock,
+    still_fresh: float,
+    due: float,
+) -> None:
+    """The key set fetched once is still fresh ``still_fresh`` s later and
+    fetched again by ``due`` s."""
+    token = served_tokens.mint(expires_in=7200)
+    assert get(app, token).status_code == 200
+    clock.advance(still_fresh)
+    assert get(app, token).status_code == 200
+    assert issuer_server.hits[JWKS] == 1
+    clock.advance(due - still_fresh)
+    assert get(app, token).status_code == 200
+    assert issuer_server.hits[JWKS] == 2
+
+
+@pytest.mark.parametrize(
+    ("settings", "still_fresh", "due"),
+    [
+        # the app's own TTL is not raised to JWKS_MIN_TTL (meant for max-age)
+        ({"JWKS_CACHE_TTL": 10}, 8.9, 10.1),
+        ({"JWKS_CACHE_TTL": 7200, "JWKS_MAX_TTL": 3600}, 3239, 3601),  # capped
+    ],
+)
+def test_own_cache_ttl_is_kept_within_the_maximum_only(
+    served_tokens: TokenIssuer,
+    issuer_server: IssuerServer,
+    route: JwksRoute,
+    clock: FakeClock,
+    settings: dict[str, float],
+    still_fresh: float,
+    due: float,
+) -> None:
+    app = build(served_tokens, clock, **settings)
+    assert_refreshed_between(app, served_tokens, issuer_server, clock, still_fresh, due)
+
+
 @pytest.mark.parametrize(
     ("headers", "still_fresh", "due"),
     [
@@ -144,14 +185,7 @@ def test_cache_control_max_age_is_clamped(
 ) -> None:
     route.headers = headers
     app = build(served_tokens, clock, JWKS_MIN_TTL=60, JWKS_MAX_TTL=3600, JWKS_CACHE_TTL=600)
-    token = served_tokens.mint(expires_in=7200)
-    assert get(app, token).status_code == 200
-    clock.advance(still_fresh)
-    assert get(app, token).status_code == 200
-    assert issuer_server.hits[JWKS] == 1
-    clock.advance(due - still_fresh)
-    assert get(app, token).status_code == 200
-    assert issuer_server.hits[JWKS] == 2
+    assert_refreshed_between(app, served_tokens, issuer_server, clock, still_fresh, due)
 
 
 def test_conditional_requests_with_etag(
