@@ -169,7 +169,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class RedisServer:
+class ServerProcess:
+    """A server process on 127.0.0.1 that tests start and stop."""
+
+    process: subprocess.Popen[bytes] | None = None
+
+    def stop(self) -> None:
+        """Stop the server (as an outage would)."""
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+class RedisServer(ServerProcess):
     """A real ``redis-server`` process on 127.0.0.1 that tests can stop and start."""
 
     def __init__(self, binary: str, directory: Path) -> None:
@@ -199,13 +212,6 @@ class RedisServer:
                 return sock.recv(16).startswith(b"+PONG")
         except OSError:
             return False
-
-    def stop(self) -> None:
-        """Stop the server (as an outage would)."""
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
 
     def flush(self) -> None:
         """FLUSHALL, as an operator (or an eviction storm) would."""

@@ -31,7 +31,7 @@ from joserfc.jwk import RSAKey
 
 from flask_oauth_verify import OAuthVerify, require_scope, require_token
 
-from .conftest import free_port, need_service, wait_until
+from .conftest import ServerProcess, free_port, need_service, wait_until
 
 PROVIDER_DIR = Path(__file__).parent / "interop" / "oidc_provider"
 API = "https://api.example.test"
@@ -41,7 +41,7 @@ CLIENT = ("svc", "svc-secret")
 INTROSPECTOR = ("rs-introspector", "rs:sec/ret+x=%y")
 
 
-class OidcProvider:
+class OidcProvider(ServerProcess):
     """oidc-provider on 127.0.0.1, restartable with other signing keys."""
 
     def __init__(self, node: str, directory: Path) -> None:
@@ -80,12 +80,6 @@ class OidcProvider:
             return requests.get(f"{self.issuer}/jwks", timeout=1).status_code == 200
         except requests.RequestException:
             return False
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-            self.process = None
 
     def token(self, resource: str | None = API, scope: str = "read:things") -> str:
         """A client-credentials access token from the token endpoint."""
