@@ -130,7 +130,7 @@ class FetchError(Exception):
     :param reason: short description (timeout, connection refused, status).
     :param status: the HTTP status when one was received.
     :param retry_after: the server's ``Retry-After`` of a 429 or 503.
-    :param oauth_error: the ``error`` code of a 400's JSON body.
+    :param oauth_error: the ``error`` code in the JSON body of a POST answered 400.
     """
 
     def __init__(
@@ -147,7 +147,7 @@ class FetchError(Exception):
         #: the server's own ``Retry-After`` (whole seconds, at most
         #: :data:`MAX_RETRY_AFTER`) of a 429 or 503 answer, else ``None``
         self.retry_after = retry_after
-        #: the OAuth ``error`` code (RFC 6749 §5.2) of a 400 answer with a
+        #: the OAuth ``error`` code (RFC 6749 §5.2) of a POST answered 400 with a
         #: JSON body, e.g. ``unsupported_token_type``, else ``None``
         self.oauth_error = oauth_error
 
@@ -710,7 +710,13 @@ class Fetcher:
                         f"HTTP status {status}",
                         status=status,
                         retry_after=_retry_after(status, response.headers.get("Retry-After")),
-                        oauth_error=self._oauth_error(response, ends_at) if status == 400 else None,
+                        oauth_error=(
+                            # what an OAuth endpoint (introspection) said; a
+                            # key set or metadata GET never needs it
+                            self._oauth_error(response, ends_at)
+                            if status == 400 and method == "POST"
+                            else None
+                        ),
                     )
                 content_type = response.headers.get("Content-Type")
                 if not _is_json_type(content_type):
