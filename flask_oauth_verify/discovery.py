@@ -18,7 +18,7 @@ introspection endpoint too). The documents tried, in order, for issuer
 For an issuer without a path, (1) and (2) are tried. The next document is
 tried only when one is missing or unusable (4xx, not JSON, another issuer);
 a network failure, timeout or 5xx ends the attempt at once, so a down issuer
-costs one request's budget, not three.
+costs one request's budget, not one per document.
 
 The metadata's ``issuer`` must equal the configured issuer exactly
 (RFC 8414 §3.3, OpenID Connect Discovery §4.3: the mix-up defence); a
@@ -439,6 +439,12 @@ class Discovery:
                 )
             except FetchError as exc:
                 errors.append(f"{url}: {exc.reason}")
+                if exc.inconclusive and status is not None:
+                    # Cut off by what the slow answers before it left: those
+                    # answers stand, so the attempt is paced like one that
+                    # heard every name (a timeout here made it an outage,
+                    # asked again by every request).
+                    break
                 status = exc.status
                 if _try_next(exc):
                     continue

@@ -131,6 +131,7 @@ class FetchError(Exception):
     :param status: the HTTP status when one was received.
     :param retry_after: the server's ``Retry-After`` of a 429 or 503.
     :param oauth_error: the ``error`` code in the JSON body of a POST answered 400.
+    :param inconclusive: cut off by what was left of a shared budget.
     """
 
     def __init__(
@@ -140,6 +141,7 @@ class FetchError(Exception):
         status: int | None = None,
         retry_after: int | None = None,
         oauth_error: str | None = None,
+        inconclusive: bool = False,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -150,6 +152,9 @@ class FetchError(Exception):
         #: the OAuth ``error`` code (RFC 6749 §5.2) of a POST answered 400 with a
         #: JSON body, e.g. ``unsupported_token_type``, else ``None``
         self.oauth_error = oauth_error
+        #: cut off by what was left of a budget several calls share, below
+        #: half of a whole one: no verdict on the server
+        self.inconclusive = inconclusive
 
     @property
     def circuit_open(self) -> bool:
@@ -624,8 +629,8 @@ class Fetcher:
                 # it might have answered within a budget of its own. No outage
                 # of the origin (which key fetching shares), nor a success.
                 circuit.record_inconclusive()
-            else:
-                circuit.record_failure(url_digest(url))
+                raise FetchError("timed out", inconclusive=True) from None
+            circuit.record_failure(url_digest(url))
             raise FetchError("timed out") from None
         except FetchError as exc:
             # An answer below 500 (a 4xx, a redirect we refuse, a 200 that is not
@@ -779,7 +784,13 @@ class Fetcher:
         if not _is_json_type(response.headers.get("Content-Type")):
             return None
         try:
-            data = _decode_json(self._read_body(response, ends_at))
+            body = self._read_body(response, ends_at)
+        except FetchError as exc:
+            if exc.status is None:
+                raise  # the body stalled or broke off: a failed call, as for a 200
+            return None  # too large: an answer without a code we read
+        try:
+            data = _decode_json(body)
         except FetchError:
             return None
         error = data.get("error") if isinstance(data, dict) else None

@@ -371,6 +371,36 @@ def test_dripping_introspection_endpoint_is_cut_at_the_deadline(
     assert elapsed <= BUDGET + MARGIN
 
 
+def stall_400_body(conn: socket.socket, stop: threading.Event) -> None:
+    """A 400 with a JSON body announced and never sent."""
+    conn.recv(65536)
+    conn.sendall(
+        b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: 60\r\n\r\n"
+    )
+    stop.wait(30)
+
+
+def test_introspection_400_whose_body_stalls_is_an_outage_that_opens_the_circuit(
+    issuer: TokenIssuer,
+    clock: FakeClock,
+    raw_server: Callable[[Callable[[socket.socket, threading.Event], None]], RawServer],
+) -> None:
+    """The body of a 400 is read for its OAuth error code; when it stalls,
+    the call failed like a stalled 200, and the circuit opens (it counted as
+    an answer: every request waited the read timeout, the circuit never
+    opened)."""
+    slow = raw_server(stall_400_body)
+    config = introspection_config(
+        issuer, f"{slow.url}/introspect", CIRCUIT_BREAKER_FAILURES=2, CIRCUIT_BREAKER_RESET=60
+    )
+    app = fault_app(config, clock)
+    for _ in range(4):
+        response, elapsed = timed(app, issuer.mint_opaque())
+        assert_unavailable(response)
+        assert elapsed <= BUDGET + MARGIN
+    assert slow.connections == 2  # then the open circuit answers at once
+
+
 def test_introspection_redirect_that_cannot_be_parsed_is_503(
     issuer: TokenIssuer,
     clock: FakeClock,

@@ -235,6 +235,32 @@ def test_the_pacing_runs_from_the_answer_not_from_the_start_of_the_round(
         server.close()
 
 
+def test_a_round_cut_short_by_its_budget_after_answers_is_paced(clock: FakeClock) -> None:
+    """Slow 404s use up the round's shared budget before its last metadata
+    name: the answers heard stand, and the next requests are paced. The
+    cut-off call (no status) made the round an outage, so every opaque token
+    asked every name again."""
+    server = IssuerServer()
+    try:
+        issuer = server.url + "/realm"
+        names = metadata_urls(issuer)
+
+        def slow_not_found(_request: Request) -> Reply:
+            time.sleep(BUDGET / (len(names) - 0.5))  # the fault: the last name gets little
+            return Reply(404, {"error": "not_found"})
+
+        for url in names:
+            server.route(urlsplit(url).path, slow_not_found)
+        app = fault_app(_introspection_config([issuer]), clock)
+        for number in range(4):
+            response, _elapsed = timed(app, f"opaque-token-{number:04d}-abcdefghijklmnop")
+            assert_unavailable(response)
+        assert server.hits[urlsplit(names[0]).path] == 1, dict(server.hits)
+        assert sum(server.hits.values()) <= len(names), dict(server.hits)
+    finally:
+        server.close()
+
+
 def _attempt_records(redis_url: str) -> dict[bytes, int]:
     """The shared records of answered discovery failures, with their
     remaining lifetimes (milliseconds)."""
