@@ -823,10 +823,11 @@ class KeyStore:
 
         :param ends: when the budget of the whole fetch ends (monotonic).
         :param passed: why the location tried before was passed over.
-        :raises FetchError: also when nothing is left of the budget: with
-            the status of the answer that spent it, so that an issuer that
-            answers every location slowly with no key set is paced like one
-            that answers at once (see :meth:`_failed`).
+        :raises FetchError: also when nothing is left of the budget, or the
+            call is cut off by what was left: with the status of the answer
+            that spent it, so that an issuer that answers every location
+            slowly with no key set is paced like one that answers at once
+            (see :meth:`_failed`).
         """
         left = ends - time.monotonic()
         if left <= 0:
@@ -839,7 +840,20 @@ class KeyStore:
         conditional = bool(source.etag and source.raw is not None and source.uri == uri)
         if conditional:
             headers["If-None-Match"] = str(source.etag)
-        result = self.fetcher.get_json(uri, headers=headers, breaker=_scope(source), budget=left)
+        try:
+            result = self.fetcher.get_json(
+                uri, headers=headers, breaker=_scope(source), budget=left
+            )
+        except FetchError as exc:
+            if exc.inconclusive and passed is not None:
+                # Cut off by what the slow answer before it left: that answer
+                # stands, as when nothing was left to try (else an outage that
+                # no circuit opens for, fetched again by every request).
+                raise FetchError(
+                    f"{shown_url(uri)}: cut off, the fetch budget is spent ({passed.reason})",
+                    status=passed.status,
+                ) from None
+            raise
         max_age = _max_age(result)
         if result.status == 304:
             if not conditional:

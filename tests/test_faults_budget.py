@@ -145,6 +145,34 @@ def test_key_set_fallbacks_share_one_budget(raw_servers: list[RawServer], clock:
     assert handler.paths["/c"] == handler.paths["/d"] == 0, handler.paths
 
 
+def test_a_fallback_cut_short_by_the_budget_after_an_answer_is_paced(clock: FakeClock) -> None:
+    """JWKS_URI answers a slow 404 and its fallback is cut off by what is
+    left of the shared budget: the 404 stands, and the next requests are
+    paced. The cut-off call made the fetch an outage that no circuit opens
+    for, so every request asked both locations again."""
+    server = IssuerServer()
+    try:
+        issuer = TokenIssuer(issuer="https://issuer.example.test")
+
+        def slow_not_found(_request: Request) -> Reply:
+            # the fault: within the read timeout, past half the budget
+            time.sleep(0.6 * BUDGET)
+            return Reply(404, {"error": "not_found"})
+
+        server.route("/a", slow_not_found)
+        server.route("/b", slow_not_found)
+        config = _jwt_config(
+            issuer, JWKS_URI=f"{server.url}/a", JWKS_URI_FALLBACKS=[f"{server.url}/b"]
+        )
+        app = fault_app(config, clock)
+        for _ in range(4):
+            response, _elapsed = timed(app, issuer.mint())
+            assert_unavailable(response)
+        assert (server.hits["/a"], server.hits["/b"]) == (1, 1)
+    finally:
+        server.close()
+
+
 # -- one budget for the introspection endpoint's search ---------------------------
 
 
