@@ -154,15 +154,21 @@ def test_a_fallback_cut_short_by_the_budget_after_an_answer_is_paced(clock: Fake
     try:
         issuer = TokenIssuer(issuer="https://issuer.example.test")
 
+        connect, read = 0.25, 2.0
+        budget = connect + read
+
         def slow_not_found(_request: Request) -> Reply:
-            # the fault: within the read timeout, past half the budget
-            time.sleep(0.6 * BUDGET)
+            # the fault: well within the read timeout, past half the budget
+            time.sleep(0.6 * budget)
             return Reply(404, {"error": "not_found"})
 
         server.route("/a", slow_not_found)
         server.route("/b", slow_not_found)
         config = _jwt_config(
-            issuer, JWKS_URI=f"{server.url}/a", JWKS_URI_FALLBACKS=[f"{server.url}/b"]
+            issuer,
+            JWKS_URI=f"{server.url}/a",
+            JWKS_URI_FALLBACKS=[f"{server.url}/b"],
+            HTTP_TIMEOUT=(connect, read),
         )
         app = fault_app(config, clock)
         for _ in range(4):
@@ -273,13 +279,17 @@ def test_a_round_cut_short_by_its_budget_after_answers_is_paced(clock: FakeClock
         issuer = server.url + "/realm"
         names = metadata_urls(issuer)
 
+        connect, read = 0.25, 1.5  # answers well within the read timeout
+        budget = connect + read
+
         def slow_not_found(_request: Request) -> Reply:
-            time.sleep(BUDGET / (len(names) - 0.5))  # the fault: the last name gets little
+            time.sleep(budget / (len(names) - 0.5))  # the fault: the last name gets little
             return Reply(404, {"error": "not_found"})
 
         for url in names:
             server.route(urlsplit(url).path, slow_not_found)
-        app = fault_app(_introspection_config([issuer]), clock)
+        config = {**_introspection_config([issuer]), "OAUTH_VERIFY_HTTP_TIMEOUT": (connect, read)}
+        app = fault_app(config, clock)
         for number in range(4):
             response, _elapsed = timed(app, f"opaque-token-{number:04d}-abcdefghijklmnop")
             assert_unavailable(response)
