@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import requests
 from flask import Flask, g
-from joserfc.jwk import RSAKey
+from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from flask_oauth_verify import OAuthVerify, require_scope, require_token
 
@@ -53,11 +53,13 @@ class OidcProvider(ServerProcess):
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, *kids: str) -> None:
-        """Start with a fresh RSA key per ``kid``, the first one signing."""
-        keys = [
-            RSAKey.generate_key(2048, parameters={"kid": kid, "use": "sig", "alg": "RS256"})
-            for kid in kids
+        """Start with a fresh RSA key per ``kid``, the first one signing
+        RS256 and PS256 tokens, and one P-256 and one Ed25519 key."""
+        keys: list[Any] = [
+            RSAKey.generate_key(2048, parameters={"kid": kid, "use": "sig"}) for kid in kids
         ]
+        keys.append(ECKey.generate_key("P-256", parameters={"kid": "ec-1", "use": "sig"}))
+        keys.append(OKPKey.generate_key("Ed25519", parameters={"kid": "ed-1", "use": "sig"}))
         self.keys_file.write_text(json.dumps({"keys": [k.as_dict(private=True) for k in keys]}))
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(  # noqa: S603 - our own script
@@ -117,8 +119,8 @@ def api(provider: OidcProvider, **settings: Any) -> Flask:
         OAUTH_VERIFY_AUDIENCE=[API, OPAQUE_API],
         OAUTH_VERIFY_INTROSPECTION_CLIENT_ID=INTROSPECTOR[0],
         OAUTH_VERIFY_INTROSPECTION_CLIENT_SECRET=INTROSPECTOR[1],
-        **{f"OAUTH_VERIFY_{name}": value for name, value in settings.items()},
     )
+    app.config.update({f"OAUTH_VERIFY_{name}": value for name, value in settings.items()})
     OAuthVerify(app)
 
     def context() -> dict[str, Any]:
@@ -164,6 +166,22 @@ def test_its_jwt_access_tokens_are_verified_and_mapped(provider: OidcProvider) -
     assert refused.status_code == 403
     assert refused.json is not None and refused.json["error"] == "insufficient_scope"
     assert 'scope="admin:things"' in refused.headers["WWW-Authenticate"]
+
+
+@pytest.mark.parametrize("alg", ["PS256", "ES256", "EdDSA"])
+def test_its_tokens_signed_with_each_algorithm_are_verified(
+    provider: OidcProvider, alg: str
+) -> None:
+    """Signatures made by another JOSE implementation (panva/jose): the
+    ECDSA ``R || S`` encoding, PSS, Ed25519; each allowed only when listed."""
+    resource = f"https://{alg.lower()}.example.test"
+    token = provider.token(resource=resource)
+    allowed = api(provider, AUDIENCE=resource, ALGORITHMS=["RS256", alg])
+    response = call(allowed, "/read", token)
+    assert response.status_code == 200, response.json
+    assert response.json is not None and response.json["audience"] == [resource]
+    refused = call(api(provider, AUDIENCE=resource), "/read", token)  # RS256 only, the default
+    assert refused.status_code == 401
 
 
 def test_its_tokens_for_another_resource_and_tampered_ones_are_refused(

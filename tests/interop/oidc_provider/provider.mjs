@@ -10,10 +10,15 @@ const jwks = JSON.parse(fs.readFileSync(process.env.JWKS_FILE, 'utf8'));
 const scope = 'read:things write:things admin:things';
 
 // Resource indicators (RFC 8707): the access token format and audience per resource.
+const jwt = (alg) => ({ accessTokenFormat: 'jwt', jwt: { sign: { alg } } });
 const resources = {
-  'https://api.example.test': { accessTokenFormat: 'jwt', jwt: { sign: { alg: 'RS256' } } },
-  'https://other.example.test': { accessTokenFormat: 'jwt', jwt: { sign: { alg: 'RS256' } } },
+  'https://api.example.test': jwt('RS256'),
+  'https://other.example.test': jwt('RS256'),
   'https://opaque.example.test': { accessTokenFormat: 'opaque' },
+  // the same API, its tokens signed with each other algorithm (keys permitting)
+  'https://ps256.example.test': jwt('PS256'),
+  'https://es256.example.test': jwt('ES256'),
+  'https://eddsa.example.test': jwt('EdDSA'),
 };
 
 const provider = new Provider(issuer, {
