@@ -34,7 +34,7 @@ from typing import Any
 
 from flask_caching import Cache
 
-from .deadline import deadline, reset_in_child, watch_redis_pool
+from .deadline import deadline, reset_if_forked, reset_in_child, watch_redis_pool
 from .fifo import BoundedFifo
 from .verification import finite_number
 
@@ -228,8 +228,11 @@ class SharedCache:
         is not its own."""
         self._lock = threading.Lock()
         held, self._held = self._held, {}
-        for key, (value, shared, _timeout) in held.items():
-            if not shared:
+        pid = os.getpid()
+        for key, (value, shared, timeout) in held.items():
+            if value.get("pid") == pid:  # taken here: a reset that ran late
+                self._held[key] = (value, shared, timeout)
+            elif not shared:
                 self._local.delete_if(key, value)
 
     def bind_app(self, app: Any) -> None:
@@ -417,6 +420,7 @@ class SharedCache:
         lost (cachelib's ``add`` is ``SETNX`` then ``EXPIRE``; a process may
         die in between) is broken once it is older than ``timeout``.
         """
+        reset_if_forked()  # a forked child forgets the parent's locks first
         value = {"at": time.time(), "pid": os.getpid(), "host": _HOST}
         # The backend keeps the value past its lifetime (``at`` + ``timeout``
         # decides), so that a waiter can still see a lock that expired under

@@ -31,6 +31,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 __all__ = [
     "DeadlineExpired",
     "deadline",
+    "reset_if_forked",
     "reset_in_child",
     "reused_connection",
     "watch_redis_pool",
@@ -68,14 +69,46 @@ def _forget_owner(ref: weakref.ReferenceType[Any]) -> None:
     _CHILD_RESETS.pop(id(ref), None)
 
 
+#: The process whose owners are its own: this one, until a fork that runs no
+#: ``os.register_at_fork`` hook (uWSGI forks its workers with C ``fork()``
+#: and runs none unless ``--py-call-osafterfork``) leaves a child with the
+#: parent's locks and pooled connections. :func:`reset_if_forked` notices.
+_owners_pid = os.getpid()
+#: pid -> the event of the thread resetting that process's owners.
+_resetting: dict[int, threading.Event] = {}
+
+
 def _reset_owners_in_child() -> None:
+    global _owners_pid
     for ref, reset in list(_CHILD_RESETS.copy().values()):
         owner = ref()
         if owner is not None:
             reset(owner)
+    _owners_pid = os.getpid()
 
 
 os.register_at_fork(after_in_child=_reset_owners_in_child)
+
+
+def reset_if_forked() -> None:
+    """Reset every owner (:func:`reset_in_child`) now if this process was
+    forked without the hooks: before it uses a connection or lock of the
+    parent's. A parent's kept-alive connection shared by two workers gives
+    each the other's answers (introspection: one caller's token judged by
+    another's answer). One thread resets; the others of the process wait.
+    """
+    pid = os.getpid()
+    if _owners_pid == pid:
+        return
+    mine = threading.Event()
+    claimed = _resetting.setdefault(pid, mine)  # atomic under the GIL
+    if claimed is not mine:
+        claimed.wait()
+        return
+    try:
+        _reset_owners_in_child()
+    finally:
+        mine.set()
 
 
 class DeadlineExpired(Exception):

@@ -54,6 +54,7 @@ from .config import ConfigurationError, Settings, check_url
 from .deadline import (
     DeadlineExpired,
     deadline,
+    reset_if_forked,
     reset_in_child,
     reused_connection,
     watched_session,
@@ -419,6 +420,7 @@ class SingleFlight(Generic[T]):
         :param timeout: how long a follower waits for the leader.
         :raises TimeoutError: a follower waited longer than ``timeout``.
         """
+        reset_if_forked()  # before this process's first call: not the parent's calls
         with self._lock:
             call = self._calls.get(key)
             leader = call is None
@@ -442,7 +444,8 @@ class SingleFlight(Generic[T]):
             raise
         finally:
             with self._lock:
-                del self._calls[key]
+                if self._calls.get(key) is call:  # not forgotten by a reset meanwhile
+                    del self._calls[key]
                 event = call.done  # every follower of this call has made it by now
             if event is not None:
                 event.set()
@@ -612,6 +615,7 @@ class Fetcher:
             counts neither for nor against the circuit.
         :raises FetchError: on any failure, including an open circuit.
         """
+        reset_if_forked()  # the parent's pool and locks are not this process's
         circuit = self.breaker(url, scope=breaker) if breaker is not None else _UNGUARDED
         if not circuit.allow(url_digest(url)):
             raise FetchError(f"circuit open for {_origin(url)}")

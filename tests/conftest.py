@@ -7,9 +7,11 @@ service was really exercised.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -253,22 +255,18 @@ def postgres_url() -> str:
     return url
 
 
-def in_forked_child(work: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Fork; run ``work`` in the child (in a thread, for at most ``timeout``
-    seconds); return its result, which must be JSON, or ``None`` when it
-    raised or did not finish: a child that hangs fails the test, not the run.
-    """
+def _forked(fork: Callable[[], int], child: Callable[[], Any]) -> Any:
+    """Fork with ``fork``; the child writes what ``child()`` returns (JSON)
+    to a pipe and exits; the parent returns it, or ``None`` when there was
+    nothing (the child raised or timed out)."""
     read, write = os.pipe()
-    pid = os.fork()
+    pid = fork()
     if pid == 0:
         try:
             os.close(read)
-            result: list[Any] = []
-            runner = threading.Thread(target=lambda: result.append(work()), daemon=True)
-            runner.start()
-            runner.join(timeout)
-            if result:
-                os.write(write, json.dumps(result[0]).encode())
+            result = child()
+            if result is not None:
+                os.write(write, json.dumps(result).encode())
         finally:
             os._exit(0)
     os.close(write)
@@ -276,3 +274,32 @@ def in_forked_child(work: Callable[[], Any], timeout: float = 10.0) -> Any:
         text = pipe.read()
     os.waitpid(pid, 0)
     return json.loads(text) if text else None
+
+
+def in_hookless_forked_child(work: Callable[[], Any], timeout: int = 10) -> Any:
+    """Fork as uWSGI forks its workers (C ``fork()``: no ``os.register_at_fork``
+    hook runs); run ``work`` in the child, at most ``timeout`` seconds (an
+    alarm ends a child that hangs); return its JSON result, or ``None``."""
+
+    def child() -> Any:
+        signal.alarm(timeout)
+        return work()
+
+    # PyDLL: the GIL stays held across the call, as in uWSGI's master
+    return _forked(ctypes.PyDLL(None).fork, child)
+
+
+def in_forked_child(work: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Fork; run ``work`` in the child (in a thread, for at most ``timeout``
+    seconds); return its result, which must be JSON, or ``None`` when it
+    raised or did not finish: a child that hangs fails the test, not the run.
+    """
+
+    def child() -> Any:
+        result: list[Any] = []
+        runner = threading.Thread(target=lambda: result.append(work()), daemon=True)
+        runner.start()
+        runner.join(timeout)
+        return result[0] if result else None
+
+    return _forked(os.fork, child)

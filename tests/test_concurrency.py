@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import gc
+import json
 import logging
 import os
 import socket
@@ -16,6 +17,7 @@ import time
 import tracemalloc
 import uuid
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -38,6 +40,7 @@ from .conftest import (
     RedisServer,
     add_views,
     in_forked_child,
+    in_hookless_forked_child,
     make_app,
     wait_until,
 )
@@ -312,6 +315,67 @@ def test_a_child_forked_during_a_fetch_fetches_for_itself(
         parent.join(10)
     assert codes == [200, 200]
     assert issuer_server.hits[JWKS] == 2
+
+
+class _PortsSeen(BaseHTTPRequestHandler):
+    """An introspection endpoint (every token active) that notes the client
+    port of each request; kept-alive connections (HTTP/1.1)."""
+
+    protocol_version = "HTTP/1.1"
+    ports: list[int]
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.ports.append(self.client_address[1])
+        body = json.dumps({"active": True, "sub": "user_1", "client_id": "c"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_worker_forked_without_the_fork_hooks_uses_connections_of_its_own(
+    tokens: TokenIssuer,
+) -> None:
+    """uWSGI forks its workers with C ``fork()`` and runs no
+    ``os.register_at_fork`` hook (unless ``--py-call-osafterfork``): the
+    workers kept the master's pooled connection, one socket for all, and
+    read each other's introspection answers (a revoked token was accepted
+    as another caller's). A process now notices it is not the one that
+    pooled them and resets before its first call."""
+    ports: list[int] = []
+
+    class Handler(_PortsSeen):
+        pass
+
+    Handler.ports = ports
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_port}/introspect"
+        config = tokens.config(
+            audience="api",
+            STRATEGY="introspection",
+            INTROSPECTION_ENDPOINT=endpoint,
+            INTROSPECTION_CLIENT_ID="rs",
+            INTROSPECTION_CLIENT_SECRET="secret",
+        )
+        app = make_app(config)
+        assert status(app, "opaque-token-of-the-master-0001") == 200  # pools a connection
+        child = in_hookless_forked_child(lambda: status(app, "opaque-token-of-a-worker-0001"))
+        assert status(app, "opaque-token-of-the-master-0002") == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert child == 200
+    master, worker, master_again = ports
+    assert master_again == master  # the master keeps its kept-alive connection
+    assert worker != master  # the worker opened its own
 
 
 # -- a worker waiting for another worker's fetch -----------------------------------
