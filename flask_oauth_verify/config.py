@@ -15,6 +15,7 @@ import difflib
 import ipaddress
 import logging
 import math
+import os
 import re
 import warnings
 from collections.abc import Callable, Mapping
@@ -47,7 +48,9 @@ KNOWN_KEYS = frozenset(
         "HEALTH_PROBE_INTERVAL",
         "HEALTH_REQUIRE_CACHE",
         "HEALTH_ROUTE",
+        "HTTP_CA_BUNDLE",
         "HTTP_MAX_BYTES",
+        "HTTP_PROXY",
         "HTTP_TIMEOUT",
         "INTROSPECTION_AUTH",
         "INTROSPECTION_BASIC_ENCODING",
@@ -360,6 +363,8 @@ class Settings:
     # network
     http_timeout: tuple[float, float] = (2.0, 5.0)
     http_max_bytes: int = 512 * 1024
+    http_ca_bundle: str | None = None
+    http_proxy: str | None = None
     allow_insecure_http: bool = False
     circuit_breaker_failures: int = 5
     circuit_breaker_reset: float = 30.0
@@ -701,10 +706,45 @@ def _network_fields(v: Mapping[str, Any], allow_http: bool) -> dict[str, Any]:
     return {
         "http_timeout": _as_timeout(_given(v, "HTTP_TIMEOUT")),
         "http_max_bytes": int(_number(v, "HTTP_MAX_BYTES", minimum=1024)),
+        "http_ca_bundle": _ca_bundle(v.get("HTTP_CA_BUNDLE")),
+        "http_proxy": _proxy(v.get("HTTP_PROXY")),
         "allow_insecure_http": allow_http,
         "circuit_breaker_failures": int(_number(v, "CIRCUIT_BREAKER_FAILURES", minimum=1)),
         "circuit_breaker_reset": _number(v, "CIRCUIT_BREAKER_RESET"),
     }
+
+
+def _ca_bundle(value: Any) -> str | None:
+    """``HTTP_CA_BUNDLE``: a PEM file (or a directory prepared with
+    ``c_rehash``) of the certificate authorities to trust instead of the
+    default bundle, for an issuer behind a private CA."""
+    if value is None:
+        return None
+    if not isinstance(value, str | os.PathLike) or not os.path.exists(value):
+        raise ConfigurationError(
+            f"{_key('HTTP_CA_BUNDLE')} must be the path of a PEM file or directory of "
+            f"CA certificates that exists, not {value!r}."
+        )
+    return os.fspath(value)
+
+
+def _proxy(value: Any) -> str | None:
+    """``HTTP_PROXY``: the HTTP proxy every outgoing request goes through
+    (``https`` URLs through a ``CONNECT`` tunnel, so TLS stays end to end)."""
+    if value is None:
+        return None
+    try:
+        parts = urlsplit(value) if isinstance(value, str) else None
+        usable = parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        usable = False
+    if not usable:
+        # not the value: a proxy URL may carry a password
+        raise ConfigurationError(
+            f"{_key('HTTP_PROXY')} must be an http:// or https:// proxy URL "
+            "(e.g. 'http://proxy.internal:3128')."
+        )
+    return str(value)
 
 
 def _introspection_fields(v: Mapping[str, Any], allow_http: bool) -> dict[str, Any]:

@@ -506,11 +506,17 @@ class Fetcher:
         # pooled connections must not be shared between processes.
         reset_in_child(self, Fetcher._after_fork)
 
-    @staticmethod
-    def _new_session() -> requests.Session:
+    def _new_session(self) -> requests.Session:
         session = watched_session()
         session.headers["User-Agent"] = _USER_AGENT
-        session.trust_env = False  # no proxies/netrc picked up implicitly
+        # No proxy, CA bundle or netrc picked up from the environment: only
+        # what the settings say (HTTP_PROXY, HTTP_CA_BUNDLE).
+        session.trust_env = False
+        if self.settings.http_proxy is not None:
+            proxy = self.settings.http_proxy
+            session.proxies = {"http": proxy, "https": proxy}
+        if self.settings.http_ca_bundle is not None:
+            session.verify = self.settings.http_ca_bundle
         # A verifier is stateless: a cookie one endpoint sets is never sent
         # (to it or to another port of its host) and never kept (no jar growing
         # with each answer, no Cookie header an endpoint refuses as too large).
@@ -829,7 +835,7 @@ class Fetcher:
 
     def _after_fork(self) -> None:
         """In a forked child: a new pool, and locks no parent thread holds."""
-        self._session = Fetcher._new_session()
+        self._session = self._new_session()
         self._lock = threading.Lock()
         for breaker in [*self._breakers.values(), *self._url_breakers.values()]:
             breaker.after_fork()

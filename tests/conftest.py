@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +254,22 @@ def postgres_url() -> str:
         need_service("PostgreSQL (OAUTH_VERIFY_TEST_POSTGRES_URL)")
         raise AssertionError("unreachable")
     return url
+
+
+class JSONHandler(BaseHTTPRequestHandler):
+    """A quiet ``http.server`` handler for the tests' own small servers."""
+
+    def send_json(self, value: Any) -> None:
+        """Answer 200 with ``value`` as JSON."""
+        body = json.dumps(value).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
 def _forked(fork: Callable[[], int], child: Callable[[], Any]) -> Any:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import gc
-import json
 import logging
 import os
 import socket
@@ -17,7 +16,7 @@ import time
 import tracemalloc
 import uuid
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -37,6 +36,7 @@ from flask_oauth_verify.testing import (
 
 from .conftest import (
     FakeClock,
+    JSONHandler,
     RedisServer,
     add_views,
     in_forked_child,
@@ -317,7 +317,7 @@ def test_a_child_forked_during_a_fetch_fetches_for_itself(
     assert issuer_server.hits[JWKS] == 2
 
 
-class _PortsSeen(BaseHTTPRequestHandler):
+class _PortsSeen(JSONHandler):
     """An introspection endpoint (every token active) that notes the client
     port of each request; kept-alive connections (HTTP/1.1)."""
 
@@ -327,15 +327,7 @@ class _PortsSeen(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", "0")))
         self.ports.append(self.client_address[1])
-        body = json.dumps({"active": True, "sub": "user_1", "client_id": "c"}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+        self.send_json({"active": True, "sub": "user_1", "client_id": "c"})
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
