@@ -7,11 +7,9 @@ service was really exercised.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -291,19 +289,6 @@ def _forked(fork: Callable[[], int], child: Callable[[], Any]) -> Any:
         text = pipe.read()
     os.waitpid(pid, 0)
     return json.loads(text) if text else None
-
-
-def in_hookless_forked_child(work: Callable[[], Any], timeout: int = 10) -> Any:
-    """Fork as uWSGI forks its workers (C ``fork()``: no ``os.register_at_fork``
-    hook runs); run ``work`` in the child, at most ``timeout`` seconds (an
-    alarm ends a child that hangs); return its JSON result, or ``None``."""
-
-    def child() -> Any:
-        signal.alarm(timeout)
-        return work()
-
-    # PyDLL: the GIL stays held across the call, as in uWSGI's master
-    return _forked(ctypes.PyDLL(None).fork, child)
 
 
 def in_forked_child(work: Callable[[], Any], timeout: float = 10.0) -> Any:
