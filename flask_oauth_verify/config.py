@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 __all__ = ["DEFAULT_CLAIM_MAP", "PREFIX", "ConfigurationError", "Settings", "UnknownSettingWarning"]
 
@@ -301,6 +301,19 @@ _SECRET_KEYS = frozenset({"INTROSPECTION_CLIENT_SECRET", "INTROSPECTION_TOKEN"})
 _REDACTED = "***"
 
 
+def _redacted_userinfo(value: Any) -> Any:
+    """A proxy URL without the credentials it may carry (``user:***@`` kept
+    as ``***@``): the host and port stay, for debugging."""
+    if not isinstance(value, str) or "@" not in value:
+        return value
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return _REDACTED
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, f"{_REDACTED}@{host}", parts.path, parts.query, ""))
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
     """The validated, immutable settings of one app.
@@ -430,15 +443,21 @@ class Settings:
 
     def __repr__(self) -> str:
         """Every field, the credentials shown as ``'***'`` (a repr ends up in
-        logs, tracebacks and debuggers)."""
+        logs, tracebacks and debuggers), the proxy's too."""
         parts = []
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.name in _SECRET_FIELDS and value is not None:
                 value = _REDACTED
+            elif field.name == "http_proxy":
+                value = _redacted_userinfo(value)
             elif field.name == "raw":
                 value = {
-                    key: _REDACTED if key in _SECRET_KEYS and item is not None else item
+                    key: _REDACTED
+                    if key in _SECRET_KEYS and item is not None
+                    else _redacted_userinfo(item)
+                    if key == "HTTP_PROXY"
+                    else item
                     for key, item in value.items()
                 }
             parts.append(f"{field.name}={value!r}")

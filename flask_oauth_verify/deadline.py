@@ -85,6 +85,10 @@ def _reset_owners_in_child() -> None:
         if owner is not None:
             reset(owner)
     _owners_pid = os.getpid()
+    # Only this process's own entry may stay (its waiters hold their event):
+    # a child must not inherit another process's, whose pid it might reuse.
+    for pid in [pid for pid in _resetting if pid != _owners_pid]:
+        _resetting.pop(pid, None)
 
 
 os.register_at_fork(after_in_child=_reset_owners_in_child)
@@ -389,6 +393,12 @@ def watch_redis_pool(client: Any) -> None:
 
 class _Watched:
     """Pool mix-in: a connection is watched while a request uses it."""
+
+    def _prepare_proxy(self, conn: Any) -> Any:
+        # The CONNECT to an https URL through a proxy, and the TLS handshake
+        # inside the tunnel, happen here, before _make_request.
+        _register(conn)
+        return super()._prepare_proxy(conn)  # type: ignore[misc]
 
     def _make_request(self, conn: Any, *args: Any, **kwargs: Any) -> Any:
         _register(conn)
