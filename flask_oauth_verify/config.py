@@ -314,6 +314,13 @@ def _redacted_userinfo(value: Any) -> Any:
     return urlunsplit((parts.scheme, f"{_REDACTED}@{host}", parts.path, parts.query, ""))
 
 
+def _shown_raw(key: str, item: Any) -> Any:
+    """A given key's value as ``repr(Settings)`` shows it: no credential."""
+    if key in _SECRET_KEYS and item is not None:
+        return _REDACTED
+    return _redacted_userinfo(item) if key == "HTTP_PROXY" else item
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
     """The validated, immutable settings of one app.
@@ -452,14 +459,7 @@ class Settings:
             elif field.name == "http_proxy":
                 value = _redacted_userinfo(value)
             elif field.name == "raw":
-                value = {
-                    key: _REDACTED
-                    if key in _SECRET_KEYS and item is not None
-                    else _redacted_userinfo(item)
-                    if key == "HTTP_PROXY"
-                    else item
-                    for key, item in value.items()
-                }
+                value = {key: _shown_raw(key, item) for key, item in value.items()}
             parts.append(f"{field.name}={value!r}")
         return f"Settings({', '.join(parts)})"
 

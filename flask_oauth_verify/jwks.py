@@ -172,6 +172,14 @@ def _scope(source: _Source) -> BreakerScope:
     return "token" if source.jku is not None else "origin"
 
 
+def _budget_spent(uri: str, how: str, passed: FetchError | None) -> FetchError:
+    """``uri`` had none of the fetch budget (``how``: not tried, cut off):
+    the failure carries the status of the answer that spent it."""
+    why = f" ({passed.reason})" if passed is not None else ""
+    status = passed.status if passed is not None else None
+    return FetchError(f"{shown_url(uri)}: {how}, the fetch budget is spent{why}", status=status)
+
+
 def _answered(exc: FetchError | KeySetError) -> bool:
     """Whether the server answered with something that is not a key set
     (see :attr:`FetchError.answered`), rather than failed."""
@@ -831,11 +839,7 @@ class KeyStore:
         """
         left = ends - time.monotonic()
         if left <= 0:
-            status = passed.status if passed is not None else None
-            why = f" ({passed.reason})" if passed is not None else ""
-            raise FetchError(
-                f"{shown_url(uri)}: not tried, the fetch budget is spent{why}", status=status
-            )
+            raise _budget_spent(uri, "not tried", passed)
         headers = {"Accept": "application/jwk-set+json, application/json"}
         conditional = bool(source.etag and source.raw is not None and source.uri == uri)
         if conditional:
@@ -849,10 +853,7 @@ class KeyStore:
                 # Cut off by what the slow answer before it left: that answer
                 # stands, as when nothing was left to try (else an outage that
                 # no circuit opens for, fetched again by every request).
-                raise FetchError(
-                    f"{shown_url(uri)}: cut off, the fetch budget is spent ({passed.reason})",
-                    status=passed.status,
-                ) from None
+                raise _budget_spent(uri, "cut off", passed) from None
             raise
         max_age = _max_age(result)
         if result.status == 304:
