@@ -7,6 +7,8 @@ the single-flight helper every fetcher of the package shares.
 from __future__ import annotations
 
 import threading
+import tracemalloc
+import zlib
 from typing import Any
 
 import pytest
@@ -81,6 +83,50 @@ def test_size_cap_is_configurable(issuer_server: IssuerServer) -> None:
     assert fetcher.get_json(issuer_server.url + "/small").data["pad"] == "x" * 1000
     with pytest.raises(FetchError, match="larger than 2048"):
         fetcher.get_json(issuer_server.url + "/big")
+
+
+def gzipped(chunks: Any, level: int = 9) -> bytes:
+    """The gzip encoding of the byte strings ``chunks``, compressed as they come."""
+    compressor = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits 31: a gzip stream
+    return b"".join([*(compressor.compress(chunk) for chunk in chunks), compressor.flush()])
+
+
+def test_a_compressed_answer_is_decoded(fetcher: Fetcher, issuer_server: IssuerServer) -> None:
+    body = gzipped([b'{"keys": []}'])
+    issuer_server.route("/doc", Reply(200, body, {"Content-Encoding": "gzip"}))
+    assert fetcher.get_json(issuer_server.url + "/doc").data == {"keys": []}
+
+
+def test_a_decompression_bomb_is_refused_without_inflating_it(
+    fetcher: Fetcher, issuer_server: IssuerServer
+) -> None:
+    # 64 MiB of JSON gzipped twice: under 1 KB on the wire. The size cap
+    # applies to what is decoded, and the decoding must stop at the cap, not
+    # inflate the whole body first (urllib3 before 2.6 did, in one read of
+    # each compressed chunk: CVE-2025-66471; pyproject.toml asks for 2.6).
+    inner = gzipped([b"{", *(b" " * 2**20 for _ in range(64)), b"}"])
+    bomb = gzipped([inner])
+    assert len(bomb) < 4096
+    issuer_server.route("/doc", Reply(200, bomb, {"Content-Encoding": "gzip, gzip"}))
+    tracemalloc.start()
+    try:
+        with pytest.raises(FetchError, match="larger than"):
+            fetcher.get_json(issuer_server.url + "/doc")
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20  # the 512 KiB cap and a few chunks, not 64 MiB
+
+
+def test_a_long_chain_of_content_encodings_is_refused(
+    fetcher: Fetcher, issuer_server: IssuerServer
+) -> None:
+    body = b'{"keys": []}'
+    for _ in range(8):
+        body = gzipped([body])
+    issuer_server.route("/doc", Reply(200, body, {"Content-Encoding": ", ".join(["gzip"] * 8)}))
+    with pytest.raises(FetchError):
+        fetcher.get_json(issuer_server.url + "/doc")
 
 
 def test_a_hanging_server_times_out(fetcher: Fetcher, issuer_server: IssuerServer) -> None:
