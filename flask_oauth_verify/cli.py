@@ -33,13 +33,13 @@ from flask.cli import with_appcontext
 
 from .bearer import is_b64token
 from .claims import claim_path
-from .config import STRATEGIES
+from .config import STRATEGIES, shown_url
 from .context import AuthContext
 from .discovery import metadata_urls
 from .errors import OAuthVerifyError, UpstreamError
 from .events import one_line
 from .extension import _AppState, get_state
-from .fetch import FetchError, shown_url
+from .fetch import FetchError
 from .keys import PreparedKey, PreparedKeySet
 from .verification import LATEST_EXP, JWSHeader
 

@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, urlsplit
 
 __all__ = ["DEFAULT_CLAIM_MAP", "PREFIX", "ConfigurationError", "Settings", "UnknownSettingWarning"]
 
@@ -253,6 +253,21 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
+def _url_parts(url: Any) -> SplitResult | None:
+    """``url`` split, or ``None`` when it cannot be what was meant: not a
+    string, a port that is no number from 0 to 65535 (every fetch would fail),
+    or space or a control character around or in it (a pasting mistake,
+    which would fetch another path)."""
+    if not isinstance(url, str) or url != url.strip() or not url.isprintable():
+        return None
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return None
+    return parts
+
+
 def check_url(url: str, name: str, *, allow_insecure_http: bool, label: str | None = None) -> str:
     """Check that ``url`` is https, or http to a loopback host (or allowed).
 
@@ -264,9 +279,9 @@ def check_url(url: str, name: str, *, allow_insecure_http: bool, label: str | No
     :raises ConfigurationError: when the URL is not acceptable.
     """
     shown = label or _key(name)
-    if not isinstance(url, str):  # urlsplit(5) is an AttributeError naming no key
-        raise ConfigurationError(f"{shown} must be an http(s) URL, not {url!r}.")
-    parts = urlsplit(url)
+    parts = _url_parts(url)
+    if parts is None:
+        raise ConfigurationError(f"{shown} must be an http(s) URL, not {_shown_value(url)!r}.")
     if parts.scheme == "https" and parts.hostname:
         return url
     if parts.scheme == "http" and parts.hostname:
@@ -276,7 +291,50 @@ def check_url(url: str, name: str, *, allow_insecure_http: bool, label: str | No
             f"{shown} uses plain http to a non-loopback host ({parts.hostname}); "
             f"use https or set {_key('ALLOW_INSECURE_HTTP')} = True."
         )
-    raise ConfigurationError(f"{shown} must be an http(s) URL, not {url!r}.")
+    raise ConfigurationError(f"{shown} must be an http(s) URL, not {_shown_value(url)!r}.")
+
+
+def shown_url(url: str | None, *, masked: bool = False) -> str | None:
+    """``url`` fit to show, without what may hold a credential: a configured
+    URL may carry one in its user-info (a password, or an API key as the
+    user name) or in its query (``?api_key=...``).
+
+    :param url: the URL; ``None`` and a value that is no URL (``"static"``)
+        are returned as they are.
+    :param masked: ``False`` (an anonymous caller: the health route): scheme,
+        host, port and path only. ``True`` (the operator's command line,
+        ``repr(Settings)``, error messages): also ``***`` in place of a
+        user-info, a query and a fragment, so that their presence still shows.
+    """
+    if url is None or "://" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(unparsable URL)"
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    if not masked:
+        return f"{parts.scheme}://{host}{port}{parts.path}"
+    user = f"{_REDACTED}@" if "@" in parts.netloc else ""
+    query = f"?{_REDACTED}" if parts.query else ""
+    fragment = f"#{_REDACTED}" if parts.fragment else ""
+    return f"{parts.scheme}://{user}{host}{port}{parts.path}{query}{fragment}"
+
+
+def _shown_value(value: Any) -> Any:
+    """``value`` (a setting, or what was given for one) as messages and
+    ``repr(Settings)`` show it: every URL in it through :func:`shown_url`
+    (``masked``), in nested mappings and sequences too."""
+    if isinstance(value, str):
+        return shown_url(value, masked=True)
+    if isinstance(value, Mapping):
+        return {key: _shown_value(item) for key, item in value.items()}
+    if isinstance(value, tuple | list | frozenset | set):
+        return type(value)(_shown_value(item) for item in value)
+    return value
 
 
 def _claim_map(value: Any) -> Mapping[str, tuple[str, ...]]:
@@ -301,24 +359,14 @@ _SECRET_KEYS = frozenset({"INTROSPECTION_CLIENT_SECRET", "INTROSPECTION_TOKEN"})
 _REDACTED = "***"
 
 
-def _redacted_userinfo(value: Any) -> Any:
-    """A proxy URL without the credentials it may carry (``user:***@`` kept
-    as ``***@``): the host and port stay, for debugging."""
-    if not isinstance(value, str) or "@" not in value:
-        return value
-    try:
-        parts = urlsplit(value)
-    except ValueError:
-        return _REDACTED
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit((parts.scheme, f"{_REDACTED}@{host}", parts.path, parts.query, ""))
-
-
 def _shown_raw(key: str, item: Any) -> Any:
-    """A given key's value as ``repr(Settings)`` shows it: no credential."""
-    if key in _SECRET_KEYS and item is not None:
+    """A given key's value as ``repr(Settings)`` shows it: no credential.
+
+    The value of a key that is no setting of this package is not shown at
+    all: it is the app's own, or a mistyped one (``CLIENT_SECRT``)."""
+    if item is not None and (key in _SECRET_KEYS or key not in KNOWN_KEYS):
         return _REDACTED
-    return _redacted_userinfo(item) if key == "HTTP_PROXY" else item
+    return _shown_value(item)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -450,16 +498,18 @@ class Settings:
 
     def __repr__(self) -> str:
         """Every field, the credentials shown as ``'***'`` (a repr ends up in
-        logs, tracebacks and debuggers), the proxy's too."""
+        logs, tracebacks and debuggers): the secrets, the user-info and query
+        of every URL (:func:`shown_url`), and what was given for a key that
+        is no setting of this package."""
         parts = []
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.name in _SECRET_FIELDS and value is not None:
                 value = _REDACTED
-            elif field.name == "http_proxy":
-                value = _redacted_userinfo(value)
             elif field.name == "raw":
                 value = {key: _shown_raw(key, item) for key, item in value.items()}
+            else:
+                value = _shown_value(value)
             parts.append(f"{field.name}={value!r}")
         return f"Settings({', '.join(parts)})"
 
@@ -622,8 +672,8 @@ def _check_issuers(issuers: tuple[str, ...], allow_http: bool) -> None:
         check_url(issuer, "ISSUER", allow_insecure_http=allow_http)
         if "?" in issuer or "#" in issuer:
             raise ConfigurationError(
-                f"{_key('ISSUER')} {issuer!r} has a query or fragment, which an issuer "
-                "identifier never has (RFC 8414 §2, OpenID Connect Discovery §3)."
+                f"{_key('ISSUER')} {_shown_value(issuer)!r} has a query or fragment, which an "
+                "issuer identifier never has (RFC 8414 §2, OpenID Connect Discovery §3)."
             )
 
 
@@ -752,12 +802,8 @@ def _proxy(value: Any) -> str | None:
     (``https`` URLs through a ``CONNECT`` tunnel, so TLS stays end to end)."""
     if value is None:
         return None
-    try:
-        parts = urlsplit(value) if isinstance(value, str) else None
-        usable = parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:  # e.g. an unclosed IPv6 bracket
-        usable = False
-    if not usable:
+    parts = _url_parts(value)
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         # not the value: a proxy URL may carry a password
         raise ConfigurationError(
             f"{_key('HTTP_PROXY')} must be an http:// or https:// proxy URL "

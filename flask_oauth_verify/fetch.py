@@ -882,39 +882,6 @@ def url_digest(url: str) -> bytes:
     return hashlib.sha256(url.encode()).digest()
 
 
-def shown_url(url: str | None, *, masked: bool = False) -> str | None:
-    """``url`` fit to show, without what may hold a credential: a configured
-    URL may carry one in its user-info password or in its query
-    (``?api_key=...``).
-
-    :param url: the URL; ``None`` and a value that is no URL (``"static"``)
-        are returned as they are.
-    :param masked: ``False`` (an anonymous caller: the health route): scheme,
-        host, port and path only. ``True`` (the operator's command line):
-        also the user name, with ``***`` in place of a password, a query
-        and a fragment, so that their presence still shows.
-    """
-    if url is None or "://" not in url:
-        return url
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "(unparsable URL)"
-    if ":" in host:  # IPv6
-        host = f"[{host}]"
-    if not masked:
-        return f"{parts.scheme}://{host}{port}{parts.path}"
-    user = ""
-    if parts.username is not None or parts.password is not None:
-        password = ":***" if parts.password else ""
-        user = f"{parts.username or ''}{password}@"
-    query = "?***" if parts.query else ""
-    fragment = "#***" if parts.fragment else ""
-    return f"{parts.scheme}://{user}{host}{port}{parts.path}{query}{fragment}"
-
-
 #: Characters no URL we follow may hold: parsers disagree on where the
 #: host ends around them (``https://evil\\@good/`` is ``good`` to urllib's
 #: parser and ``evil`` to the one requests connects with).

@@ -40,9 +40,10 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, jsonify
 
+from .config import shown_url
 from .deadline import reset_in_child
 from .errors import UpstreamError, withheld_exc_info
-from .fetch import FetchError, shown_url
+from .fetch import FetchError
 
 if TYPE_CHECKING:
     from .extension import _AppState

@@ -48,7 +48,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .cache import SharedCache, cache_key, shared_time
-from .config import ConfigurationError, Settings, _is_loopback
+from .config import ConfigurationError, Settings, _is_loopback, shown_url
 from .deadline import reset_in_child
 from .discovery import Discovery
 from .errors import InvalidTokenError, UpstreamError, withheld_exc_info
@@ -58,7 +58,6 @@ from .fetch import (
     FetchError,
     HTTPResult,
     SingleFlight,
-    shown_url,
     url_digest,
 )
 from .fifo import BoundedFifo

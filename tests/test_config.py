@@ -128,6 +128,70 @@ def test_an_issuer_with_a_query_or_fragment_is_refused(issuer: str) -> None:
         settings(ISSUER=issuer)
 
 
+def test_the_settings_repr_shows_no_credential_of_a_url_or_of_an_unknown_key() -> None:
+    """A URL's user-info (a password, or an API key as the user name) and
+    query, in a field and in what was given; and the value of a key that is
+    no setting (a mistyped secret): a repr ends up in logs and tracebacks."""
+    with pytest.warns(UnknownSettingWarning):
+        shown = repr(
+            settings(
+                ISSUER=["https://issuer.example.test", "https://other.example.test"],
+                JWKS_URI={
+                    "https://issuer.example.test": "https://keys.example.test/j?api_key=QK-1",
+                    "https://other.example.test": "https://sk_live_UN-2@keys.example.test/j",
+                },
+                INTROSPECTION_ENDPOINT="https://rs:PW-3@as.example.test/introspect",
+                INTROSPECTION_CLIENT_ID="rs",
+                INTROSPECTION_CLIENT_SECRET="CS-4",
+                HTTP_PROXY="http://ops:PX-5@proxy.internal:3128",
+                INTROSPECTION_CLIENT_SECRT="TY-6",
+            )
+        )
+    for secret in ("QK-1", "sk_live_UN-2", "PW-3", "CS-4", "PX-5", "TY-6", "ops", "rs:"):
+        assert secret not in shown, secret
+    # where each goes stays visible, and that something was hidden
+    assert "'https://keys.example.test/j?***'" in shown
+    assert "'https://***@keys.example.test/j'" in shown
+    assert "'https://***@as.example.test/introspect'" in shown
+    assert "'http://***@proxy.internal:3128'" in shown
+    assert "'INTROSPECTION_CLIENT_SECRT': '***'" in shown
+
+
+@pytest.mark.parametrize("key", ["JWKS_URI", "INTROSPECTION_ENDPOINT", "ISSUER"])
+def test_a_refused_url_is_named_without_its_credentials(key: str) -> None:
+    url = "ftp://rs:PW-7@as.example.test/x?api_key=QK-8"
+    if key == "ISSUER":  # an https issuer refused for its query alone
+        url = "https://rs:PW-7@as.example.test/?api_key=QK-8"
+    with pytest.raises(ConfigurationError) as caught:
+        settings(**{key: url, "STRATEGY": "auto", "INTROSPECTION_CLIENT_ID": "rs"})
+    message = str(caught.value)
+    assert f"OAUTH_VERIFY_{key}" in message
+    assert "PW-7" not in message and "QK-8" not in message and "rs:" not in message
+    assert "***@as.example.test/" in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://keys.example.test:notaport/jwks",
+        "https://keys.example.test:99999/jwks",
+        "https://keys.example.test:+443/jwks",
+        " https://keys.example.test/jwks",
+        "https://keys.example.test/jwks ",
+        "https://keys.example.test/jw\nks",
+    ],
+)
+@pytest.mark.parametrize("key", ["JWKS_URI", "HTTP_PROXY"])
+def test_a_url_that_cannot_be_what_was_meant_is_refused_at_init(url: str, key: str) -> None:
+    """A port that is none fails every fetch (InvalidURL: every request gets
+    503); space or a control character around or in a URL is a pasting
+    mistake that fetches another path. Each is refused where it is made."""
+    if key == "HTTP_PROXY":
+        url = url.replace("https://keys.example.test", "http://proxy.internal")
+    with pytest.raises(ConfigurationError, match=f"OAUTH_VERIFY_{key}"):
+        settings(**{key: url})
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "[::1]", "LOCALHOST"])
 def test_loopback_addresses_are_loopback(host: str) -> None:
     assert settings(ISSUER=f"http://{host}:8080").issuers == (f"http://{host}:8080",)

@@ -100,11 +100,12 @@ def test_the_cli_masks_the_query_and_fragment_of_a_configured_url(
         assert result.exit_code == 0, result.output
         assert secret not in result.output, args
         assert "pw-Hq27" not in result.output, args
-        assert "reader:***@127.0.0.1" in result.output, args
+        assert "reader" not in result.output, args  # a user name may be the key
+        assert "://***@127.0.0.1" in result.output, args
         assert "/jwks?***#***" in result.output, args
     output = runner.invoke(args=["oauth-verify", "keys", "--json"]).output
     [entry] = json.loads(output)
-    assert entry["source"] == f"{with_user.replace('pw-Hq27', '***')}/jwks?***#***"
+    assert entry["source"] == f"{with_user.replace('reader:pw-Hq27', '***')}/jwks?***#***"
     discovered = runner.invoke(args=["oauth-verify", "discover"]).output
     assert f"{issuer_server.url}/introspect?*** (OAUTH_VERIFY_INTROSPECTION_ENDPOINT)" in (
         discovered

@@ -351,7 +351,8 @@ def test_the_cli_never_prints_a_password_of_a_configured_url(
         result = runner.invoke(args=["oauth-verify", *args])
         assert result.exit_code == 0, result.output
         assert password not in result.output, args
-        assert "reader:***@127.0.0.1" in result.output, args
+        assert "reader" not in result.output, args  # a user name may be the key
+        assert "://***@127.0.0.1" in result.output, args
 
 
 @pytest.mark.parametrize("require_cache", [False, True])
