@@ -18,7 +18,7 @@ PERSONAS = [
 
 def banner(issuer: TokenIssuer, base_url: str) -> str:
     """The start-up text: one curl command per persona."""
-    lines = ["", "flask_oauth_verify example API — development issuer tokens (valid 1 h):", ""]
+    lines = ["", "# flask_oauth_verify example API — development issuer tokens (valid 1 h):", ""]
     for title, subject, org, scopes in PERSONAS:
         token = issuer.mint(subject=subject, organization_id=org, scopes=scopes,
                             audience="example-api", client_id="example-cli")  # fmt: skip

@@ -15,7 +15,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable
 from time import perf_counter
-from typing import Any, TypeVar, cast, overload
+from typing import Any, Literal, TypeVar, cast, overload
 
 from flask import current_app, g, request
 from flask.views import MethodView
@@ -90,6 +90,22 @@ def _already_verified(
     return None
 
 
+@overload
+def verify_request(
+    *,
+    scopes: Iterable[str] | str = (),
+    any_of: bool = False,
+    optional: Literal[False] = False,
+    strategy: str | None = None,
+) -> AuthContext: ...
+@overload
+def verify_request(
+    *,
+    scopes: Iterable[str] | str = (),
+    any_of: bool = False,
+    optional: bool,
+    strategy: str | None = None,
+) -> AuthContext | None: ...
 def verify_request(
     *,
     scopes: Iterable[str] | str = (),

@@ -30,6 +30,22 @@ from flask_oauth_verify.testing import IssuerServer, TokenIssuer
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark what needs a real server (``-m redis``, ``-m "not postgres"``):
+    a test using the ``redis_server`` fixture, or a ``postgres*`` one, or run
+    with a PostgreSQL backend parameter (which takes ``postgres_url`` late)."""
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params.values() if callspec is not None else ()
+        if "redis_server" in names:
+            item.add_marker(pytest.mark.redis)
+        if any(name.startswith("postgres") for name in names) or any(
+            isinstance(value, str) and value.startswith("postgres") for value in params
+        ):
+            item.add_marker(pytest.mark.postgres)
+
+
 def need_service(what: str) -> None:
     """Skip (locally) or fail (in CI) a test whose service is missing."""
     message = f"{what} is not available"

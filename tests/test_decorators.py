@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, assert_type
 
 import pytest
 from flask import Flask, g, request
 
 from flask_oauth_verify import (
+    AuthContext,
     OAuthVerify,
     current_auth,
     get_auth,
@@ -251,12 +252,26 @@ def test_verify_request_takes_a_lone_string_as_one_scope(tokens: TokenIssuer) ->
     assert status == 403 and isinstance(body, dict) and body["error"] == "insufficient_scope"
 
 
+def test_verify_request_is_typed_none_only_when_optional(tokens: TokenIssuer) -> None:
+    """mypy (in CI) checks the assert_type lines: a required check returns an
+    AuthContext a strict user can read without a None check."""
+    app = make_app(tokens.config())
+    with app.test_request_context(headers=auth_header(tokens.mint(sub="user_1"))):
+        context = verify_request()
+        assert_type(context, AuthContext)
+        assert context.subject == "user_1"
+    with app.test_request_context():
+        maybe = verify_request(optional=True)
+        assert_type(maybe, AuthContext | None)
+        assert maybe is None and g.auth is None
+
+
 @pytest.mark.parametrize("scopes", [[""], ["read users"], [3], ["读取:users"], ['a"b'], ["a\\b"]])
 def test_verify_request_refuses_malformed_scopes(tokens: TokenIssuer, scopes: object) -> None:
     app = make_app(tokens.config())
     context = app.test_request_context(headers=auth_header(tokens.mint()))
     with context, pytest.raises(ValueError, match="Scopes"):
-        verify_request(scopes=scopes)  # type: ignore[arg-type]
+        verify_request(scopes=scopes)  # type: ignore[call-overload]
 
 
 def test_a_reused_app_context_never_carries_auth_into_the_next_request(

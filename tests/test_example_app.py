@@ -6,8 +6,10 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import sqlite3
 import stat
+import subprocess
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -111,6 +113,14 @@ def test_banner_tokens_work(example: Flask) -> None:
         client.get("/api/customers", headers=auth_header(t)).status_code for t in tokens[:3]
     ]
     assert statuses == [200, 200, 403]
+    # The whole block pastes into a shell: every line that is no command is a comment.
+    bash = shutil.which("bash") or "/bin/bash"
+    check = subprocess.run(  # noqa: S603 - bash -n only parses the text
+        [bash, "-n"], input=text, capture_output=True, text=True, check=False
+    )
+    assert check.returncode == 0, check.stderr
+    for line in filter(None, text.splitlines()):
+        assert line.startswith(("#", "curl ")) or line.partition("=")[0].isupper(), line
 
 
 def test_dev_issuer_is_absent_unless_enabled(tmp_path: Path, tokens: TokenIssuer) -> None:
