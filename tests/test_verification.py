@@ -122,6 +122,22 @@ def _header_of(token: str) -> dict[str, Any]:
     return header
 
 
+@pytest.mark.parametrize("member", ["kid", "typ"])
+def test_a_null_header_member_is_refused_not_taken_for_an_absent_one(
+    tokens: TokenIssuer, member: str
+) -> None:
+    """RFC 7515 §4.1.4/§4.1.9: a kid or typ that is present is a string. With
+    a one-key set an absent kid finds the only key, and no typ is accepted
+    by default, so "kid": null and "typ": null passed as if absent."""
+    app = make_app(tokens.config())  # the issuer's one key, static
+    assert len(tokens.jwks()["keys"]) == 1
+    assert call(app, tokens.mint())[0] == 200
+    token = tokens.mint(headers={member: None})
+    assert _header_of(token)[member] is None
+    status, body, _ = call(app, token)
+    assert (status, body["error"]) == (401, "invalid_token")
+
+
 def test_the_test_issuer_mints_any_header_it_is_asked_for(app: Flask, tokens: TokenIssuer) -> None:
     """``typ=None`` leaves typ out (the signing library added "JWT", so the
     typ-less case above was never run) and ``headers=`` takes any member, as
@@ -132,7 +148,7 @@ def test_the_test_issuer_mints_any_header_it_is_asked_for(app: Flask, tokens: To
     custom = tokens.mint(headers={"x-trace": "abc"})
     assert _header_of(custom)["x-trace"] == "abc"
     assert call(app, custom)[0] == 200
-    for forged in ({"crit": ["exp"], "exp": 1}, {"kid": 123}):
+    for forged in ({"crit": ["exp"], "exp": 1}, {"kid": 123}, {"kid": None}, {"typ": None}):
         token = tokens.mint(headers=forged)
         assert _header_of(token).items() >= forged.items()
         status, body, _ = call(app, token)
