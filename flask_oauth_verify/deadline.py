@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 __all__ = [
@@ -154,7 +155,7 @@ class _Watch:
 
 
 def _shut(connection: Any) -> None:
-    sock = getattr(connection, "sock", None)
+    sock = getattr(connection, "sock", None) or getattr(connection, "detached_sock", None)
     if sock is None:
         return
     with contextlib.suppress(OSError):
@@ -391,6 +392,34 @@ def watch_redis_pool(client: Any) -> None:
     pool._watched = True
 
 
+class _KeepsSocket:
+    """Connection mix-in: its socket stays within the watcher's reach after
+    ``http.client`` lets go of it.
+
+    For an answer that closes the connection (``Connection: close``,
+    HTTP/1.0), ``HTTPConnection.getresponse()`` calls :meth:`close`, which
+    sets ``sock`` to ``None`` while the response goes on reading its body
+    from that socket: a body trickled a byte at a time was out of reach of
+    the deadline. Shutting the kept socket down later is safe: once really
+    closed, a Python socket no longer holds its descriptor (``OSError``).
+    """
+
+    detached_sock: socket.socket | None = None
+
+    def close(self) -> None:
+        if self.sock is not None:  # type: ignore[attr-defined]
+            self.detached_sock = self.sock  # type: ignore[attr-defined]
+        super().close()  # type: ignore[misc]
+
+
+class _KeepsSocketHTTPConnection(_KeepsSocket, HTTPConnection):
+    pass
+
+
+class _KeepsSocketHTTPSConnection(_KeepsSocket, HTTPSConnection):
+    pass
+
+
 class _Watched:
     """Pool mix-in: a connection is watched while a request uses it."""
 
@@ -410,11 +439,11 @@ class _Watched:
 
 
 class _WatchedHTTPPool(_Watched, HTTPConnectionPool):
-    pass
+    ConnectionCls = _KeepsSocketHTTPConnection
 
 
 class _WatchedHTTPSPool(_Watched, HTTPSConnectionPool):
-    pass
+    ConnectionCls = _KeepsSocketHTTPSConnection
 
 
 _WATCHED_POOLS = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}

@@ -36,6 +36,7 @@ import dataclasses
 import email.utils
 import functools
 import hashlib
+import http.client
 import http.cookiejar
 import json
 import logging
@@ -825,7 +826,8 @@ class Fetcher:
                 if time.monotonic() > ends_at:
                     raise FetchError("timed out")
                 chunks.append(chunk)
-        except requests.RequestException as exc:
+        except (requests.RequestException, http.client.HTTPException, ValueError) as exc:
+            # ValueError: urllib3 reads a negative chunk size as a count
             raise FetchError(f"reading the body failed: {type(exc).__name__}") from None
         return b"".join(chunks)
 

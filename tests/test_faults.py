@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -119,14 +120,27 @@ def drip_headers(conn: socket.socket, stop: threading.Event) -> None:
         conn.sendall(bytes([byte]))
 
 
-def drip_small_body(conn: socket.socket, stop: threading.Event) -> None:
-    """A body under the size cap, one byte every 50 ms: each read gets its byte."""
-    conn.recv(65536)
-    conn.sendall(
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"
-    )
-    while not stop.wait(0.05):
-        conn.sendall(b" ")
+def dripping_body(head: bytes) -> Callable[[socket.socket, threading.Event], None]:
+    """Answer ``head`` at once, then a body one byte every 50 ms: each read gets its byte."""
+
+    def drip(conn: socket.socket, stop: threading.Event) -> None:
+        conn.recv(65536)
+        conn.sendall(head + b"\r\n")
+        while not stop.wait(0.05):
+            conn.sendall(b" ")
+
+    return drip
+
+
+_DRIPPED = b"Content-Type: application/json\r\nContent-Length: 100000\r\n"
+#: A body under the size cap on a kept-alive connection.
+drip_small_body = dripping_body(b"HTTP/1.1 200 OK\r\n" + _DRIPPED)
+#: The same, on a connection the answer closes: http.client hands the socket
+#: over to the response and forgets it (HTTPConnection.sock is None), so
+#: the deadline must still find it there.
+drip_closing_body = dripping_body(b"HTTP/1.1 200 OK\r\nConnection: close\r\n" + _DRIPPED)
+#: HTTP/1.0: every answer closes its connection.
+drip_http10_body = dripping_body(b"HTTP/1.0 200 OK\r\n" + _DRIPPED)
 
 
 def unparsable_redirect(conn: socket.socket, stop: threading.Event) -> None:
@@ -343,7 +357,11 @@ def test_trickling_issuer_is_cut_at_the_deadline(
     assert elapsed <= BUDGET + MARGIN
 
 
-@pytest.mark.parametrize("handle", [drip_headers, drip_small_body], ids=["headers", "body"])
+@pytest.mark.parametrize(
+    "handle",
+    [drip_headers, drip_small_body, drip_closing_body, drip_http10_body],
+    ids=["headers", "body", "body, connection close", "body, HTTP/1.0"],
+)
 def test_dripping_issuer_is_cut_at_the_deadline(
     issuer: TokenIssuer,
     clock: FakeClock,
@@ -359,12 +377,44 @@ def test_dripping_issuer_is_cut_at_the_deadline(
         assert elapsed <= BUDGET + MARGIN
 
 
+def negative_chunk(conn: socket.socket, stop: threading.Event) -> None:
+    """A chunked body whose chunk size is negative (urllib3 raises a bare ValueError)."""
+    conn.recv(65536)
+    conn.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n-5\r\n{}\r\n0\r\n\r\n"
+    )
+    stop.wait(5)
+
+
+def test_a_body_framed_wrongly_is_the_issuer_failing_not_our_error(
+    issuer: TokenIssuer,
+    clock: FakeClock,
+    raw_server: Callable[[Callable[[socket.socket, threading.Event], None]], RawServer],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Not logged at ERROR with a traceback as "failed unexpectedly" (which
+    reads as a bug of ours): a failed call of the issuer's, like a reset."""
+    bad = raw_server(negative_chunk)
+    app = fault_app(issuer.config(JWKS_URI=f"{bad.url}/jwks"), clock)
+    with caplog.at_level(logging.WARNING, logger="flask_oauth_verify"):
+        response, _elapsed = timed(app, issuer.mint())
+    assert_unavailable(response)
+    assert bad.connections >= 1
+    assert not [r for r in caplog.records if "unexpectedly" in r.getMessage() or r.exc_info]
+    assert any("reading the body failed" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "handle", [drip_headers, drip_closing_body], ids=["headers", "body, connection close"]
+)
 def test_dripping_introspection_endpoint_is_cut_at_the_deadline(
     issuer: TokenIssuer,
     clock: FakeClock,
     raw_server: Callable[[Callable[[socket.socket, threading.Event], None]], RawServer],
+    handle: Callable[[socket.socket, threading.Event], None],
 ) -> None:
-    slow = raw_server(drip_headers)
+    slow = raw_server(handle)
     app = fault_app(introspection_config(issuer, f"{slow.url}/introspect"), clock)
     response, elapsed = timed(app, issuer.mint_opaque())
     assert_unavailable(response)
