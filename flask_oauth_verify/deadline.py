@@ -192,18 +192,44 @@ class _Watchdog:
         self._watches: set[_Watch] = set()
         self._pid = 0
         self._idle = False
+        self._thread: threading.Thread | None = None
 
     def watch(self, watch: _Watch) -> threading.local:
         """Watch ``watch``; the thread-local of this process (made if need be)."""
-        cond = self._cond
-        if cond is None or self._pid != os.getpid():
-            cond = self._start()
-        with cond:
-            self._watches.add(watch)
-            if self._idle:
-                self._idle = False
-                cond.notify()
-        return self.local  # type: ignore[return-value]  # made with the condition
+        while True:
+            cond = self._cond
+            if cond is None or self._pid != os.getpid():
+                cond = self._start()
+            with cond:
+                if cond is not self._cond:  # retired meanwhile: start another
+                    continue
+                self._watches.add(watch)
+                if self._idle:
+                    self._idle = False
+                    cond.notify()
+                return self.local  # type: ignore[return-value]  # made with the condition
+
+    def retire(self) -> None:
+        """Stop this process's watcher thread if no request is in flight; the
+        next :func:`deadline` starts another.
+
+        For a process about to fork, such as a ``gunicorn --preload`` master
+        whose ``init_app`` fetched the keys (``PREFETCH_KEYS``): it leaves no
+        thread of ours running at the fork (Python 3.12+ warns of a fork of a
+        process with threads, which may deadlock the child).
+        """
+        with self._guard:
+            cond, thread = self._cond, self._thread
+            if cond is None or self._pid != os.getpid():
+                return
+            with cond:
+                if self._watches:
+                    return
+                self._cond = None
+                self._thread = None
+                cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=1.0)
 
     def unwatch(self, watch: _Watch) -> None:
         cond = self._cond
@@ -227,6 +253,7 @@ class _Watchdog:
         self._watches = set()
         self._pid = 0
         self._idle = False
+        self._thread = None
 
     def _start(self) -> threading.Condition:
         """Make this process's condition, thread-local and watcher (once)."""
@@ -243,12 +270,17 @@ class _Watchdog:
             thread = threading.Thread(
                 target=self._run, args=(cond,), name="oauth-verify-deadlines", daemon=True
             )
+            with self._guard:
+                if self._cond is cond:
+                    self._thread = thread
             thread.start()
         return cond  # type: ignore[return-value]  # made above, or by another caller
 
     def _run(self, cond: threading.Condition) -> None:
         while True:
             with cond:
+                if self._cond is not cond:  # retired: a later deadline starts another
+                    return
                 now = time.monotonic()
                 due = [w for w in self._watches if w.at <= now]
                 self._watches.difference_update(due)
@@ -264,6 +296,12 @@ class _Watchdog:
 
 _WATCHDOG = _Watchdog()
 os.register_at_fork(after_in_child=_WATCHDOG.reset_after_fork)
+
+
+def retire_watchdog() -> None:
+    """Stop the deadline watcher thread while nothing is watched (see
+    :meth:`_Watchdog.retire`); the next outgoing call starts it again."""
+    _WATCHDOG.retire()
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from .bearer import is_b64token, may_name_access_token, plain_header_token
 from .cache import SharedCache
 from .config import Settings
 from .context import AuthContext, ContextBuilder
+from .deadline import retire_watchdog
 from .discovery import Discovery
 from .errors import AnsweredByFlask, InvalidTokenError, OAuthVerifyError, default_error_response
 from .events import SecurityEvents
@@ -444,6 +445,9 @@ class OAuthVerify:
         _init_optional_features(app, state)
         if settings.prefetch_keys:
             state.keys.prefetch()
+            # init_app runs in a --preload master that forks next: leave no
+            # thread of ours running (the first request's fetch starts one)
+            retire_watchdog()
 
     # -- the decorators as methods ------------------------------------------
 

@@ -39,6 +39,7 @@ from cryptography.x509.oid import NameOID
 from joserfc import jwe
 from joserfc.jwk import ECKey, Key, RSAKey
 
+from flask_oauth_verify.strictjson import STRICT_DECODER
 from flask_oauth_verify.testing import TokenIssuer
 
 __all__ = ["CORPUS", "DROP", "Attack", "Kit", "Probe", "b64url"]
@@ -730,13 +731,26 @@ for _label, _raw_exp in (
         INVALID,
         _bearer(_token_with_raw_exp(_raw_exp)),
     )
+_DEEP = b"[" * 5000 + b"]" * 5000
+
+
+def _parses(document: bytes) -> bool:
+    """Whether the package's JSON decoder takes ``document`` (how deep it
+    goes is the interpreter's: about 1,000 levels on 3.11, 10,000 on 3.13)."""
+    try:
+        STRICT_DECODER.decode(document.decode())
+    except RecursionError:
+        return False
+    return True
+
+
+# Too deep for the parser: refused (401), never a 500. Deep enough only on a
+# newer Python, it is a claim like any other (docs/views.rst).
 _add(
     "signed payload deeply nested",
     "json",
-    INVALID,
-    _bearer(
-        lambda k: k.token(_json(k.claims())[:-1] + b',"x":' + b"[" * 5000 + b"]" * 5000 + b"}")
-    ),
+    OK if _parses(_DEEP) else INVALID,
+    _bearer(lambda k: k.token(_json(k.claims())[:-1] + b',"x":' + _DEEP + b"}")),
 )
 _add(
     "signed payload with a UTF-8 BOM",

@@ -19,11 +19,12 @@ from flask_oauth_verify.deadline import (
     DeadlineExpired,
     deadline,
     reset_in_child,
+    retire_watchdog,
     watched_session,
 )
-from flask_oauth_verify.testing import IssuerServer
+from flask_oauth_verify.testing import IssuerServer, TokenIssuer, auth_header
 
-from .conftest import in_forked_child
+from .conftest import in_forked_child, make_app
 
 
 def test_a_block_that_completes_is_never_an_error() -> None:
@@ -73,6 +74,45 @@ def test_a_dripping_server_is_cut_off_and_reported_as_expired() -> None:
         server.join(5)
         listener.close()
         session.close()
+
+
+def _watchers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "oauth-verify-deadlines"]
+
+
+def test_a_retired_watcher_leaves_no_thread_and_the_next_deadline_starts_one() -> None:
+    with deadline(5):
+        pass
+    assert _watchers()
+    retire_watchdog()
+    assert _watchers() == []
+    with deadline(0.001) as watch:
+        threading.Event().wait(0.3)  # well past the deadline and a watcher tick
+    assert watch.expired  # a watcher ran again, and fired
+    assert len(_watchers()) == 1
+
+
+def test_the_watcher_is_not_retired_while_a_request_is_watched() -> None:
+    with deadline(0.05) as watch:
+        retire_watchdog()
+        threading.Event().wait(0.3)
+    assert watch.expired and len(_watchers()) == 1
+
+
+def test_prefetching_at_init_app_leaves_no_thread_for_a_preload_master_to_fork(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer
+) -> None:
+    """Python 3.12+ warns of a fork while threads run (gunicorn --preload
+    forks right after the app is made): the keys are fetched, no watcher is
+    left, and the first request's fetch starts one again."""
+    app = make_app(served_tokens.config(PREFETCH_KEYS=True))
+    assert issuer_server.hits["/jwks"] == 1
+    assert _watchers() == []
+    served_tokens.rotate()  # a new kid: the request fetches the key set again
+    response = app.test_client().get("/protected", headers=auth_header(served_tokens.mint()))
+    assert response.status_code == 200, response.json
+    assert issuer_server.hits["/jwks"] == 2
+    assert len(_watchers()) == 1
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
