@@ -258,12 +258,18 @@ def _is_loopback(host: str | None) -> bool:
     return address.is_loopback and not mapped
 
 
+def _has_space_or_control(text: str) -> bool:
+    """Whether ``text`` holds white space or a control character (a URL holds
+    them percent-encoded only; ``urlsplit`` silently drops some)."""
+    return not text.isprintable() or any(character.isspace() for character in text)
+
+
 def _url_parts(url: Any) -> SplitResult | None:
     """``url`` split, or ``None`` when it cannot be what was meant: not a
     string, a port that is no number from 0 to 65535 (every fetch would fail),
     or space or a control character around or in it (a pasting mistake,
     which would fetch another path)."""
-    if not isinstance(url, str) or url != url.strip() or not url.isprintable():
+    if not isinstance(url, str) or _has_space_or_control(url):
         return None
     try:
         parts = urlsplit(url)
@@ -311,8 +317,10 @@ def shown_url(url: str | None, *, masked: bool = False) -> str | None:
         ``repr(Settings)``, error messages): also ``***`` in place of a
         user-info, a query and a fragment, so that their presence still shows.
     """
-    if url is None or "://" not in url:
-        return url
+    if url is None:
+        return None
+    if "://" not in url or _has_space_or_control(url):  # no URL ("static"), or malformed
+        return _loosely_masked(url)
     try:
         parts = urlsplit(url)
         host = parts.hostname or ""
@@ -321,22 +329,47 @@ def shown_url(url: str | None, *, masked: bool = False) -> str | None:
         return "(unparsable URL)"
     if ":" in host:  # IPv6
         host = f"[{host}]"
+    # "https://user:1234/pw@host": user-info read as a host, port and path
+    path = parts.path if "@" not in parts.path else f"/{_REDACTED}"
     if not masked:
-        return f"{parts.scheme}://{host}{port}{parts.path}"
+        return f"{parts.scheme}://{host}{port}{path}"
     user = f"{_REDACTED}@" if "@" in parts.netloc else ""
     query = f"?{_REDACTED}" if parts.query else ""
     fragment = f"#{_REDACTED}" if parts.fragment else ""
-    return f"{parts.scheme}://{user}{host}{port}{parts.path}{query}{fragment}"
+    return f"{parts.scheme}://{user}{host}{port}{path}{query}{fragment}"
+
+
+def _loosely_masked(text: str) -> str:
+    """``text`` that is no well-formed URL with what may be a credential in
+    it (``user:pw@host/x``, ``host/x?api_key=...``) as ``***``; its
+    characters as given otherwise (a tab stays a tab)."""
+    scheme, separator, rest = text.partition("://")
+    if not separator:
+        scheme, rest = "", text
+    if "@" in rest:
+        rest = f"{_REDACTED}@{rest.rsplit('@', 1)[1]}"
+    if "?" in rest:
+        rest = f"{rest.split('?', 1)[0]}?{_REDACTED}"
+    return f"{scheme}{separator}{rest}"
+
+
+#: The members of a JWK that are secret (RFC 7518 §6.2.2, §6.3.2, §6.4.1):
+#: a key set holds none of them, but a pasted one might.
+_PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 
 def _shown_value(value: Any) -> Any:
     """``value`` (a setting, or what was given for one) as messages and
     ``repr(Settings)`` show it: every URL in it through :func:`shown_url`
-    (``masked``), in nested mappings and sequences too."""
+    (``masked``), and no secret member of a JWK, in nested mappings and
+    sequences too."""
     if isinstance(value, str):
         return shown_url(value, masked=True)
     if isinstance(value, Mapping):
-        return {key: _shown_value(item) for key, item in value.items()}
+        secret = _PRIVATE_JWK_MEMBERS if "kty" in value else frozenset()
+        return {
+            key: _REDACTED if key in secret else _shown_value(item) for key, item in value.items()
+        }
     if isinstance(value, tuple | list | frozenset | set):
         return type(value)(_shown_value(item) for item in value)
     return value
@@ -679,6 +712,11 @@ def _check_issuers(issuers: tuple[str, ...], allow_http: bool) -> None:
             raise ConfigurationError(
                 f"{_key('ISSUER')} {_shown_value(issuer)!r} has a query or fragment, which an "
                 "issuer identifier never has (RFC 8414 §2, OpenID Connect Discovery §3)."
+            )
+        if "@" in urlsplit(issuer).netloc:
+            raise ConfigurationError(
+                f"{_key('ISSUER')} {_shown_value(issuer)!r} has a user name or password, "
+                "which an issuer identifier never has (RFC 8414 §2)."
             )
 
 
@@ -1085,7 +1123,9 @@ def _jwks_uri_fallbacks(
         value = {issuers[0]: value} if issuers else {}
     unknown = [iss for iss in value if iss not in issuers]
     if unknown:
-        raise ConfigurationError(f"{_key(name)} names issuers not in {_key('ISSUER')}: {unknown}.")
+        raise ConfigurationError(
+            f"{_key(name)} names issuers not in {_key('ISSUER')}: {_shown_value(unknown)}."
+        )
     return {
         iss: tuple(
             check_url(uri, name, allow_insecure_http=allow_http) for uri in _as_tuple(uris, name)
@@ -1108,7 +1148,8 @@ def _jwks_uris(value: Any, issuers: tuple[str, ...], allow_http: bool) -> dict[s
         unknown = [iss for iss in value if iss not in issuers]
         if unknown:
             raise ConfigurationError(
-                f"{_key('JWKS_URI')} names issuers not in {_key('ISSUER')}: {unknown}."
+                f"{_key('JWKS_URI')} names issuers not in {_key('ISSUER')}: "
+                f"{_shown_value(unknown)}."
             )
         return {
             iss: check_url(uri, "JWKS_URI", allow_insecure_http=allow_http)
@@ -1137,12 +1178,15 @@ def _issuer_templates(
     tenants = None if raw is None or raw == "*" else _as_tuple(raw, "ALLOWED_TENANTS")
     for uri in jwks_uris.values():
         if is_template(uri):
-            raise ConfigurationError(f"{_key('JWKS_URI')} must not hold placeholders: {uri!r}.")
+            raise ConfigurationError(
+                f"{_key('JWKS_URI')} must not hold placeholders: {_shown_value(uri)!r}."
+            )
     templates = [compile_template(i) for i in issuers if is_template(i)]
     for template in templates:
         if static_jwks is None and template.template not in jwks_uris:
             raise ConfigurationError(
-                f"{_key('ISSUER')} template {template.template!r} needs {_key('JWKS_URI')} "
+                f"{_key('ISSUER')} template {_shown_value(template.template)!r} needs "
+                f"{_key('JWKS_URI')} "
                 "(the key set shared by every tenant); discovery cannot be used for a template."
             )
     if templates and raw is None:

@@ -156,6 +156,10 @@ class _Watch:
 
 def _shut(connection: Any) -> None:
     sock = getattr(connection, "sock", None) or getattr(connection, "detached_sock", None)
+    # TLS inside the TLS of an https:// proxy: urllib3's SSLTransport has no
+    # shutdown(); the socket to the proxy under it carries both.
+    while sock is not None and not hasattr(sock, "shutdown"):
+        sock = getattr(sock, "socket", None)
     if sock is None:
         return
     with contextlib.suppress(OSError):
@@ -328,8 +332,16 @@ def deadline(seconds: float) -> Iterator[_Watch]:
 
 
 def _register(connection: Any) -> None:
+    """Watch ``connection`` for this thread's deadline, before a request on it.
+
+    :raises DeadlineExpired: when the deadline has fired already: a request
+        retried after the cut (a kept-alive connection found closed) would
+        connect afresh, out of the watcher's reach (it has passed).
+    """
     watch = _WATCHDOG.current()
     if watch is not None:
+        if watch.expired:
+            raise DeadlineExpired()
         # a socket already open is a kept-alive connection taken from the pool
         watch.reused = getattr(connection, "sock", None) is not None
         watch.add(connection)
@@ -443,6 +455,16 @@ class _KeepsSocket:
     """
 
     detached_sock: socket.socket | None = None
+
+    def _new_conn(self) -> socket.socket:
+        """Connect; a connection made after the deadline fired (which found
+        no socket to shut then) is closed at once."""
+        sock: socket.socket = super()._new_conn()  # type: ignore[misc]
+        watch = _WATCHDOG.current()
+        if watch is not None and watch.expired:
+            sock.close()
+            raise DeadlineExpired()
+        return sock
 
     def close(self) -> None:
         if self.sock is not None:  # type: ignore[attr-defined]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from pathlib import Path
@@ -157,17 +158,55 @@ def test_the_settings_repr_shows_no_credential_of_a_url_or_of_an_unknown_key() -
     assert "'INTROSPECTION_CLIENT_SECRT': '***'" in shown
 
 
-@pytest.mark.parametrize("key", ["JWKS_URI", "INTROSPECTION_ENDPOINT", "ISSUER"])
-def test_a_refused_url_is_named_without_its_credentials(key: str) -> None:
-    url = "ftp://rs:PW-7@as.example.test/x?api_key=QK-8"
-    if key == "ISSUER":  # an https issuer refused for its query alone
-        url = "https://rs:PW-7@as.example.test/?api_key=QK-8"
+_WITH_CREDENTIALS = "rs:PW-7@as.example.test/x?api_key=QK-8"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"JWKS_URI": f"ftp://{_WITH_CREDENTIALS}"},
+        {"JWKS_URI": _WITH_CREDENTIALS},  # no scheme at all
+        {"JWKS_URI": f"https:/{_WITH_CREDENTIALS}"},
+        {"JWKS_URI": f"https://{_WITH_CREDENTIALS} "},
+        {"INTROSPECTION_ENDPOINT": f"ftp://{_WITH_CREDENTIALS}"},
+        {"JWKS_URI_FALLBACKS": {"https://issuer.example.test": [_WITH_CREDENTIALS]}},
+        {"ISSUER": f"https://{_WITH_CREDENTIALS}"},  # a query: no issuer
+        {"ISSUER": "https://rs:PW-7@as.example.test/"},  # user-info: no issuer either
+        {"JWKS_URI": {f"https://{_WITH_CREDENTIALS}": "https://keys.example.test/j"}},
+        {"ISSUER": "https://rs:PW-7@as.example.test/{tid}/", "ALLOWED_TENANTS": ["t"]},
+        {
+            "JWKS_URI": {"https://login.example.test/{tid}/": f"https://{_WITH_CREDENTIALS}{{x}}"},
+            "ISSUER": "https://login.example.test/{tid}/",
+            "ALLOWED_TENANTS": ["t"],
+        },
+    ],
+)
+def test_a_refused_url_is_named_without_its_credentials(overrides: dict[str, Any]) -> None:
+    """The first key of ``overrides`` is the one refused."""
+    introspection = {"STRATEGY": "auto", "INTROSPECTION_CLIENT_ID": "rs"}
     with pytest.raises(ConfigurationError) as caught:
-        settings(**{key: url, "STRATEGY": "auto", "INTROSPECTION_CLIENT_ID": "rs"})
+        settings(**overrides, **introspection, INTROSPECTION_CLIENT_SECRET="s")
     message = str(caught.value)
-    assert f"OAUTH_VERIFY_{key}" in message
-    assert "PW-7" not in message and "QK-8" not in message and "rs:" not in message
-    assert "***@as.example.test/" in message
+    assert f"OAUTH_VERIFY_{next(iter(overrides))}" in message
+    assert "PW-7" not in message and "QK-8" not in message
+    assert not re.search(r"\brs:", message)  # nor the user name
+    assert "***@" in message
+
+
+def test_a_static_key_set_shows_no_secret_member_in_the_settings_repr() -> None:
+    """A key set holds public keys only; one pasted with its private parts
+    (or an HMAC secret, ``k``) must not print them."""
+    secret_jwks = {
+        "keys": [
+            {"kty": "RSA", "kid": "r", "n": "N-PUBLIC", "e": "AQAB", "d": "D-9", "p": "P-9"},
+            {"kty": "oct", "kid": "h", "k": "K-9"},
+        ]
+    }
+    with contextlib.suppress(ConfigurationError):  # refused or not: never printed
+        shown = repr(settings(JWKS=secret_jwks))
+        for secret in ("D-9", "P-9", "K-9"):
+            assert secret not in shown
+        assert "N-PUBLIC" in shown
 
 
 @pytest.mark.parametrize(
@@ -179,6 +218,7 @@ def test_a_refused_url_is_named_without_its_credentials(key: str) -> None:
         " https://keys.example.test/jwks",
         "https://keys.example.test/jwks ",
         "https://keys.example.test/jw\nks",
+        "https://keys.example.test/my keys",
     ],
 )
 @pytest.mark.parametrize("key", ["JWKS_URI", "HTTP_PROXY"])

@@ -34,6 +34,8 @@ from flask_caching import Cache
 from werkzeug.test import TestResponse
 
 from flask_oauth_verify import OAuthVerify
+from flask_oauth_verify.config import Settings
+from flask_oauth_verify.fetch import Fetcher, FetchError
 from flask_oauth_verify.testing import IssuerServer, Reply, Request, TokenIssuer, auth_header
 
 from .conftest import FakeClock, RedisServer, add_views, free_port
@@ -375,6 +377,47 @@ def test_dripping_issuer_is_cut_at_the_deadline(
         response, elapsed = timed(app, issuer.mint())
         assert_unavailable(response)
         assert elapsed <= BUDGET + MARGIN
+
+
+def test_a_call_cut_on_a_kept_alive_connection_is_not_sent_again_unwatched(
+    raw_server: Callable[[Callable[[socket.socket, threading.Event], None]], RawServer],
+) -> None:
+    """A kept-alive connection found closed unanswered is sent once more on
+    a new one; not when the deadline closed it: the second connection was
+    made after the watcher had fired, so nothing cut it (a server dripping
+    its status line held a 0.5 s call for as long as it dripped)."""
+    body = b'{"keys": []}'
+
+    def answer_once_then_hang(conn: socket.socket, stop: threading.Event) -> None:
+        if not conn.recv(65536):
+            return
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(body)
+            + body
+        )
+        conn.recv(65536)  # the second request on the kept-alive connection:
+        stop.wait(30)  # never answered
+
+    server = raw_server(answer_once_then_hang)
+    fetcher = Fetcher(
+        Settings.from_config(
+            {
+                "OAUTH_VERIFY_ISSUER": "https://issuer.example.test",
+                "OAUTH_VERIFY_AUDIENCE": "api",
+                "OAUTH_VERIFY_HTTP_TIMEOUT": (2, 2),
+            }
+        )
+    )
+    try:
+        assert fetcher.get_json(f"{server.url}/jwks", breaker="endpoint").data == {"keys": []}
+        started = time.monotonic()
+        with pytest.raises(FetchError):
+            fetcher.get_json(f"{server.url}/jwks", breaker="endpoint", budget=0.5)
+        assert time.monotonic() - started <= 0.5 + MARGIN
+        assert server.connections == 1  # no second connection after the cut
+    finally:
+        fetcher.close()
 
 
 def negative_chunk(conn: socket.socket, stop: threading.Event) -> None:

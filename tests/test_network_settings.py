@@ -33,7 +33,7 @@ from flask_oauth_verify.extension import get_state
 from flask_oauth_verify.testing import IssuerServer, TokenIssuer, auth_header
 
 from .conftest import JSONHandler, make_app
-from .test_faults import BUDGET, MARGIN, RawServer, drip_headers
+from .test_faults import BUDGET, MARGIN, RawServer, drip_closing_body, drip_headers
 
 
 def _name(common_name: str) -> x509.Name:
@@ -132,7 +132,12 @@ def https_keys(private_ca: PrivateCA, tokens: TokenIssuer) -> Iterator[str]:
         pass
 
     Handler.jwks = tokens.jwks()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    for running in _serve(_over_tls(ThreadingHTTPServer(("127.0.0.1", 0), Handler), private_ca)):
+        yield f"https://127.0.0.1:{running.server_port}/jwks"
+
+
+def _over_tls(server: ThreadingHTTPServer, private_ca: PrivateCA) -> ThreadingHTTPServer:
+    """``server`` answering over TLS with the private CA's certificate."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(private_ca.chain)
     # the handshake in the request's thread, whose socket is closed when it
@@ -140,8 +145,7 @@ def https_keys(private_ca: PrivateCA, tokens: TokenIssuer) -> Iterator[str]:
     server.socket = context.wrap_socket(
         server.socket, server_side=True, do_handshake_on_connect=False
     )
-    for running in _serve(server):
-        yield f"https://127.0.0.1:{running.server_port}/jwks"
+    return server
 
 
 class _Proxy(JSONHandler):
@@ -284,6 +288,54 @@ def test_a_proxy_that_trickles_is_cut_at_the_deadline(tokens: TokenIssuer, schem
         assert time.monotonic() - started <= BUDGET + MARGIN
     finally:
         trickling.close()
+        gc.collect()
+
+
+@pytest.fixture
+def tls_proxy(private_ca: PrivateCA) -> Iterator[str]:
+    """A forward proxy reached over TLS itself (an ``https://`` proxy URL):
+    a tunnel to an https issuer is then TLS inside TLS."""
+
+    class Handler(_Proxy):
+        pass
+
+    Handler.asked = []
+    for running in _serve(_over_tls(ThreadingHTTPServer(("127.0.0.1", 0), Handler), private_ca)):
+        yield f"https://127.0.0.1:{running.server_port}"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_body_trickled_through_an_https_proxy_is_cut_at_the_deadline(
+    tokens: TokenIssuer,
+    private_ca: PrivateCA,
+    tls_proxy: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """TLS in TLS: urllib3's transport for it has no shutdown(), so cutting
+    it failed (an ERROR with a traceback) and the request ran on for as long
+    as the issuer dripped."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(private_ca.chain)
+
+    def tls_drip(conn: socket.socket, stop: threading.Event) -> None:
+        drip_closing_body(context.wrap_socket(conn, server_side=True), stop)
+
+    issuer = RawServer(tls_drip)
+    try:
+        config = _fetched(
+            tokens,
+            JWKS_URI=f"https://127.0.0.1:{issuer.port}/jwks",
+            HTTP_PROXY=tls_proxy,
+            HTTP_CA_BUNDLE=str(private_ca.bundle),
+            HTTP_TIMEOUT=(0.25, 0.5),
+        )
+        started = time.monotonic()
+        assert _status(config, tokens.mint()) == 503
+        assert time.monotonic() - started <= BUDGET + MARGIN
+        assert issuer.connections == 1  # through the tunnel, to the dripping issuer
+        assert not [r for r in caplog.records if "deadline failed" in r.getMessage()]
+    finally:
+        issuer.close()
         gc.collect()
 
 
