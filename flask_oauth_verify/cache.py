@@ -21,6 +21,7 @@ request. A warning is logged when a Redis client without them is found.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -29,7 +30,7 @@ import pickle
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flask_caching import Cache
@@ -260,7 +261,7 @@ class SharedCache:
         if self._cache is None:
             return self._local
         if self._backend is None:
-            backend = self._resolve()
+            backend = _reading_its_writes(self._resolve())
             self._check_options(backend)
             for client in _redis_clients(backend):
                 watch_redis_pool(client)  # once per pool
@@ -284,6 +285,12 @@ class SharedCache:
             options = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
             break
         timeout = options.get("socket_timeout") if isinstance(options, dict) else None
+        if isinstance(self._cache, Cache) and not _app_gives_socket_timeout(self._app):
+            # redis-py's own default (5 s since redis-py 8, for a client made
+            # from CACHE_REDIS_HOST), not a choice of the app's
+            timeout = None
+            if isinstance(options, dict):
+                options = {**options, "socket_timeout": None}
         if finite_number(timeout) and timeout > 0:
             # a whole call: connect, send, read however slowly the reply comes
             self._call_deadline = 2 * float(timeout)
@@ -571,6 +578,38 @@ _READS = frozenset({"get"})
 
 class NothingStored(Exception):
     """The backend answered a write without storing it."""
+
+
+def _app_gives_socket_timeout(app: Any) -> bool:
+    """Whether ``app``'s Flask-Caching settings give Redis a socket timeout
+    (``CACHE_OPTIONS``, or the query of ``CACHE_REDIS_URL``)."""
+    config = getattr(app, "config", None)
+    if config is None:
+        return True  # nothing to tell by: take the client's as given
+    options = config.get("CACHE_OPTIONS")
+    url = config.get("CACHE_REDIS_URL")
+    return (isinstance(options, Mapping) and options.get("socket_timeout") is not None) or (
+        isinstance(url, str) and "socket_timeout=" in url
+    )
+
+
+def _reading_its_writes(backend: Any) -> Any:
+    """``backend``, or a copy of it that reads where it writes.
+
+    cachelib's ``RedisSentinelCache`` reads from a replica, which may not
+    have a write yet (replication lags; a resyncing replica has nothing):
+    a lock just taken looked free, so two workers fetched at once, and the
+    health probe's own value looked lost (the cache reported unreachable).
+    The copy shares the app's clients and pools; the app's own cache keeps
+    reading from its replicas.
+    """
+    read = getattr(backend, "_read_client", None)
+    write = getattr(backend, "_write_client", None)
+    if read is None or write is None or read is write:
+        return backend
+    ours = copy.copy(backend)
+    ours._read_client = write
+    return ours
 
 
 def _redis_clients(backend: Any) -> list[Any]:

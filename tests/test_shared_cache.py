@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 import requests
@@ -37,10 +37,14 @@ from flask_oauth_verify.cache import SharedCache
 from flask_oauth_verify.extension import get_state
 from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer, auth_header
 
-from .conftest import FakeClock, accepts_connections, add_views, free_port, wait_until
-
-if TYPE_CHECKING:
-    from .conftest import RedisServer
+from .conftest import (
+    FakeClock,
+    RedisServer,
+    accepts_connections,
+    add_views,
+    free_port,
+    wait_until,
+)
 
 JWKS = "/jwks"
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +97,30 @@ def test_round_trip_add_and_lock(redis: RedisServer) -> None:
     assert not shared.locked("oauth_verify:t:lock", 10)
     assert shared.ping()
     assert not shared.degraded
+
+
+def test_a_backend_reading_from_a_replica_reads_our_own_writes_from_the_master(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """RedisSentinelCache reads from a replica: one that has not caught up
+    (here a second, empty Redis) showed a lock just taken as free, so two
+    workers both held it, and the health probe's own value as lost."""
+    replica = RedisServer(redis.binary, tmp_path)
+    replica.start()
+    try:
+        app = Flask("sentinel-like")
+        app.config.update(redis_config(redis.url))
+        cache = Cache(app)
+        backend = app.extensions["cache"][cache]
+        backend._read_client = type(backend._write_client).from_url(replica.url)
+        first, second = SharedCache(cache, app=app), SharedCache(cache, app=app)
+        assert first.lock("oauth_verify:t:replica-lock", 10)
+        assert not second.lock("oauth_verify:t:replica-lock", 10)  # one holder only
+        assert second.locked("oauth_verify:t:replica-lock", 10)
+        assert second.ping() and not second.degraded
+        assert backend._read_client.connection_pool.connection_kwargs["port"] == replica.port
+    finally:
+        replica.stop()
 
 
 def test_a_lock_whose_expiry_was_lost_is_broken(redis: RedisServer) -> None:
@@ -335,6 +363,19 @@ def test_redis_without_socket_timeouts_is_reported(
     with caplog.at_level(logging.WARNING, "flask_oauth_verify.cache"):
         shared.get("oauth_verify:t:x")
     assert "socket_timeout" in caplog.text
+    assert shared._call_deadline == 1.0
+    caplog.clear()
+    # From CACHE_REDIS_HOST, redis-py 8 gives its own default of 5 s: not
+    # the app's choice either (calls were cut at 10 s, with no warning).
+    by_host = Flask("host-no-timeout")
+    by_host.config.update(
+        CACHE_TYPE="RedisCache", CACHE_REDIS_HOST="127.0.0.1", CACHE_REDIS_PORT=redis.port
+    )
+    shared = SharedCache(Cache(by_host), app=by_host)
+    with caplog.at_level(logging.WARNING, "flask_oauth_verify.cache"):
+        shared.get("oauth_verify:t:x")
+    assert "socket_timeout" in caplog.text
+    assert shared._call_deadline == 1.0
     caplog.clear()
     configured = Flask("with-timeout")
     configured.config.update(redis_config(redis.url))
