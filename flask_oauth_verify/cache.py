@@ -284,25 +284,23 @@ class SharedCache:
         for client in _redis_clients(backend):
             options = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
             break
-        timeout = options.get("socket_timeout") if isinstance(options, dict) else None
+        if not isinstance(options, dict):
+            return  # no Redis client: nothing to check
+        timeout = options.get("socket_timeout")
         if isinstance(self._cache, Cache) and not _app_gives_socket_timeout(self._app):
             # redis-py's own default (5 s since redis-py 8, for a client made
             # from CACHE_REDIS_HOST), not a choice of the app's
             timeout = None
-            if isinstance(options, dict):
-                options = {**options, "socket_timeout": None}
         if finite_number(timeout) and timeout > 0:
             # a whole call: connect, send, read however slowly the reply comes
             self._call_deadline = 2 * float(timeout)
-        if self._checked_options:
-            return
-        self._checked_options = True
-        if isinstance(options, dict) and options.get("socket_timeout") is None:
+        if timeout is None and not self._checked_options:
             logger.warning(
                 "The Redis cache has no socket_timeout: a Redis server that hangs will block "
                 "requests. Set CACHE_OPTIONS = {'socket_timeout': 0.5, "
                 "'socket_connect_timeout': 0.5}."
             )
+        self._checked_options = True
 
     def _call(self, operation: str, *args: Any, **kwargs: Any) -> Any:
         """One call of the backend, cut off at :attr:`_call_deadline` (a Redis
