@@ -30,7 +30,7 @@ import pickle
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from flask_caching import Cache
@@ -287,10 +287,6 @@ class SharedCache:
         if not isinstance(options, dict):
             return  # no Redis client: nothing to check
         timeout = options.get("socket_timeout")
-        if isinstance(self._cache, Cache) and not _app_gives_socket_timeout(self._app):
-            # redis-py's own default (5 s since redis-py 8, for a client made
-            # from CACHE_REDIS_HOST), not a choice of the app's
-            timeout = None
         if finite_number(timeout) and timeout > 0:
             # a whole call: connect, send, read however slowly the reply comes
             self._call_deadline = 2 * float(timeout)
@@ -576,19 +572,6 @@ _READS = frozenset({"get"})
 
 class NothingStored(Exception):
     """The backend answered a write without storing it."""
-
-
-def _app_gives_socket_timeout(app: Any) -> bool:
-    """Whether ``app``'s Flask-Caching settings give Redis a socket timeout
-    (``CACHE_OPTIONS``, or the query of ``CACHE_REDIS_URL``)."""
-    config = getattr(app, "config", None)
-    if config is None:
-        return True  # nothing to tell by: take the client's as given
-    options = config.get("CACHE_OPTIONS")
-    url = config.get("CACHE_REDIS_URL")
-    return (isinstance(options, Mapping) and options.get("socket_timeout") is not None) or (
-        isinstance(url, str) and "socket_timeout=" in url
-    )
 
 
 def _reading_its_writes(backend: Any) -> Any:

@@ -292,7 +292,9 @@ def check_url(url: str, name: str, *, allow_insecure_http: bool, label: str | No
     shown = label or _key(name)
     parts = _url_parts(url)
     if parts is None:
-        raise ConfigurationError(f"{shown} must be an http(s) URL, not {_shown_value(url)!r}.")
+        raise ConfigurationError(
+            f"{shown} must be an http(s) URL, not {_shown_value(url, url=True)!r}."
+        )
     if parts.scheme == "https" and parts.hostname:
         return url
     if parts.scheme == "http" and parts.hostname:
@@ -302,7 +304,9 @@ def check_url(url: str, name: str, *, allow_insecure_http: bool, label: str | No
             f"{shown} uses plain http to a non-loopback host ({parts.hostname}); "
             f"use https or set {_key('ALLOW_INSECURE_HTTP')} = True."
         )
-    raise ConfigurationError(f"{shown} must be an http(s) URL, not {_shown_value(url)!r}.")
+    raise ConfigurationError(
+        f"{shown} must be an http(s) URL, not {_shown_value(url, url=True)!r}."
+    )
 
 
 def shown_url(url: str | None, *, masked: bool = False) -> str | None:
@@ -329,14 +333,12 @@ def shown_url(url: str | None, *, masked: bool = False) -> str | None:
         return "(unparsable URL)"
     if ":" in host:  # IPv6
         host = f"[{host}]"
-    # "https://user:1234/pw@host": user-info read as a host, port and path
-    path = parts.path if "@" not in parts.path else f"/{_REDACTED}"
     if not masked:
-        return f"{parts.scheme}://{host}{port}{path}"
+        return f"{parts.scheme}://{host}{port}{parts.path}"
     user = f"{_REDACTED}@" if "@" in parts.netloc else ""
     query = f"?{_REDACTED}" if parts.query else ""
     fragment = f"#{_REDACTED}" if parts.fragment else ""
-    return f"{parts.scheme}://{user}{host}{port}{path}{query}{fragment}"
+    return f"{parts.scheme}://{user}{host}{port}{parts.path}{query}{fragment}"
 
 
 def _loosely_masked(text: str) -> str:
@@ -358,20 +360,27 @@ def _loosely_masked(text: str) -> str:
 _PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 
-def _shown_value(value: Any) -> Any:
+def _shown_value(value: Any, *, url: bool = False) -> Any:
     """``value`` (a setting, or what was given for one) as messages and
     ``repr(Settings)`` show it: every URL in it through :func:`shown_url`
     (``masked``), and no secret member of a JWK, in nested mappings and
-    sequences too."""
+    sequences too.
+
+    :param url: every string in ``value`` is meant as a URL (the error of a
+        URL setting): a malformed one without ``://`` is masked too, where
+        otherwise only strings with ``://`` are (``AUDIENCE = "api@x"``
+        stays as it is).
+    """
     if isinstance(value, str):
-        return shown_url(value, masked=True)
+        return shown_url(value, masked=True) if url or "://" in value else value
     if isinstance(value, Mapping):
         secret = _PRIVATE_JWK_MEMBERS if "kty" in value else frozenset()
         return {
-            key: _REDACTED if key in secret else _shown_value(item) for key, item in value.items()
+            key: _REDACTED if key in secret else _shown_value(item, url=url)
+            for key, item in value.items()
         }
     if isinstance(value, tuple | list | frozenset | set):
-        return type(value)(_shown_value(item) for item in value)
+        return type(value)(_shown_value(item, url=url) for item in value)
     return value
 
 
@@ -710,12 +719,13 @@ def _check_issuers(issuers: tuple[str, ...], allow_http: bool) -> None:
         check_url(issuer, "ISSUER", allow_insecure_http=allow_http)
         if "?" in issuer or "#" in issuer:
             raise ConfigurationError(
-                f"{_key('ISSUER')} {_shown_value(issuer)!r} has a query or fragment, which an "
-                "issuer identifier never has (RFC 8414 §2, OpenID Connect Discovery §3)."
+                f"{_key('ISSUER')} {_shown_value(issuer, url=True)!r} has a query or "
+                "fragment, which an issuer identifier never has (RFC 8414 §2, OpenID "
+                "Connect Discovery §3)."
             )
         if "@" in urlsplit(issuer).netloc:
             raise ConfigurationError(
-                f"{_key('ISSUER')} {_shown_value(issuer)!r} has a user name or password, "
+                f"{_key('ISSUER')} {_shown_value(issuer, url=True)!r} has a user name or password, "
                 "which an issuer identifier never has (RFC 8414 §2)."
             )
 
@@ -1124,7 +1134,8 @@ def _jwks_uri_fallbacks(
     unknown = [iss for iss in value if iss not in issuers]
     if unknown:
         raise ConfigurationError(
-            f"{_key(name)} names issuers not in {_key('ISSUER')}: {_shown_value(unknown)}."
+            f"{_key(name)} names issuers not in {_key('ISSUER')}: "
+            f"{_shown_value(unknown, url=True)}."
         )
     return {
         iss: tuple(
@@ -1149,7 +1160,7 @@ def _jwks_uris(value: Any, issuers: tuple[str, ...], allow_http: bool) -> dict[s
         if unknown:
             raise ConfigurationError(
                 f"{_key('JWKS_URI')} names issuers not in {_key('ISSUER')}: "
-                f"{_shown_value(unknown)}."
+                f"{_shown_value(unknown, url=True)}."
             )
         return {
             iss: check_url(uri, "JWKS_URI", allow_insecure_http=allow_http)
@@ -1179,13 +1190,13 @@ def _issuer_templates(
     for uri in jwks_uris.values():
         if is_template(uri):
             raise ConfigurationError(
-                f"{_key('JWKS_URI')} must not hold placeholders: {_shown_value(uri)!r}."
+                f"{_key('JWKS_URI')} must not hold placeholders: {_shown_value(uri, url=True)!r}."
             )
     templates = [compile_template(i) for i in issuers if is_template(i)]
     for template in templates:
         if static_jwks is None and template.template not in jwks_uris:
             raise ConfigurationError(
-                f"{_key('ISSUER')} template {_shown_value(template.template)!r} needs "
+                f"{_key('ISSUER')} template {_shown_value(template.template, url=True)!r} needs "
                 f"{_key('JWKS_URI')} "
                 "(the key set shared by every tenant); discovery cannot be used for a template."
             )

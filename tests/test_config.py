@@ -12,7 +12,7 @@ import pytest
 from flask import Flask
 
 from flask_oauth_verify import ConfigurationError, OAuthVerify, Settings
-from flask_oauth_verify.config import KNOWN_KEYS, UnknownSettingWarning
+from flask_oauth_verify.config import KNOWN_KEYS, UnknownSettingWarning, shown_url
 
 BASE = {"OAUTH_VERIFY_ISSUER": "https://issuer.example.test", "OAUTH_VERIFY_AUDIENCE": "api"}
 
@@ -191,6 +191,17 @@ def test_a_refused_url_is_named_without_its_credentials(overrides: dict[str, Any
     assert "PW-7" not in message and "QK-8" not in message
     assert not re.search(r"\brs:", message)  # nor the user name
     assert "***@" in message
+
+
+def test_masking_keeps_what_holds_no_credential() -> None:
+    """An ``@`` in a URL's path or in a setting that is no URL is no user-info."""
+    assert shown_url("https://idp.example.test/@realm/keys") == (
+        "https://idp.example.test/@realm/keys"
+    )
+    assert shown_url("https://idp.example.test/@realm/keys", masked=True) == (
+        "https://idp.example.test/@realm/keys"
+    )
+    assert "audiences=('api@example',)" in repr(settings(AUDIENCE="api@example"))
 
 
 def test_a_static_key_set_shows_no_secret_member_in_the_settings_repr() -> None:
