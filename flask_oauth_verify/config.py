@@ -314,8 +314,9 @@ def shown_url(url: str | None, *, masked: bool = False) -> str | None:
     URL may carry one in its user-info (a password, or an API key as the
     user name) or in its query (``?api_key=...``).
 
-    :param url: the URL; ``None`` and a value that is no URL (``"static"``)
-        are returned as they are.
+    :param url: the URL; ``None`` is returned as it is, and so is a value
+        that is no URL (``"static"``) but for what may be a credential in
+        it (``user:pw@``, ``?key=``).
     :param masked: ``False`` (an anonymous caller: the health route): scheme,
         host, port and path only. ``True`` (the operator's command line,
         ``repr(Settings)``, error messages): also ``***`` in place of a
