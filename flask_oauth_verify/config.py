@@ -23,6 +23,8 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
+from .keys import PRIVATE_JWK_MEMBERS
+
 __all__ = ["DEFAULT_CLAIM_MAP", "PREFIX", "ConfigurationError", "Settings", "UnknownSettingWarning"]
 
 PREFIX = "OAUTH_VERIFY_"
@@ -291,21 +293,17 @@ def check_url(url: str, name: str, *, allow_insecure_http: bool, label: str | No
     """
     shown = label or _key(name)
     parts = _url_parts(url)
-    if parts is None:
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigurationError(
             f"{shown} must be an http(s) URL, not {_shown_value(url, url=True)!r}."
         )
-    if parts.scheme == "https" and parts.hostname:
+    if parts.scheme == "https":
         return url
-    if parts.scheme == "http" and parts.hostname:
-        if allow_insecure_http or _is_loopback(parts.hostname):
-            return url
-        raise ConfigurationError(
-            f"{shown} uses plain http to a non-loopback host ({parts.hostname}); "
-            f"use https or set {_key('ALLOW_INSECURE_HTTP')} = True."
-        )
+    if allow_insecure_http or _is_loopback(parts.hostname):
+        return url
     raise ConfigurationError(
-        f"{shown} must be an http(s) URL, not {_shown_value(url, url=True)!r}."
+        f"{shown} uses plain http to a non-loopback host ({parts.hostname}); "
+        f"use https or set {_key('ALLOW_INSECURE_HTTP')} = True."
     )
 
 
@@ -356,11 +354,6 @@ def _loosely_masked(text: str) -> str:
     return f"{scheme}{separator}{rest}"
 
 
-#: The members of a JWK that are secret (RFC 7518 §6.2.2, §6.3.2, §6.4.1):
-#: a key set holds none of them, but a pasted one might.
-_PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
-
-
 def _shown_value(value: Any, *, url: bool = False) -> Any:
     """``value`` (a setting, or what was given for one) as messages and
     ``repr(Settings)`` show it: every URL in it through :func:`shown_url`
@@ -375,7 +368,7 @@ def _shown_value(value: Any, *, url: bool = False) -> Any:
     if isinstance(value, str):
         return shown_url(value, masked=True) if url or "://" in value else value
     if isinstance(value, Mapping):
-        secret = _PRIVATE_JWK_MEMBERS if "kty" in value else frozenset()
+        secret = PRIVATE_JWK_MEMBERS if "kty" in value else frozenset()
         return {
             key: _REDACTED if key in secret else _shown_value(item, url=url)
             for key, item in value.items()

@@ -52,7 +52,9 @@ MIN_RSA_BITS = 2048
 #: OpenSSL's own limit (OPENSSL_RSA_MAX_MODULUS_BITS): a larger modulus is no
 #: key anyone uses, and checking it costs seconds.
 MAX_RSA_BITS = 16384
-_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+#: The secret members of a JWK (RFC 7518 §6.2.2, §6.3.2, §6.4.1): a key set
+#: holding one is refused, and repr(Settings) never shows one.
+PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 #: Public key members in base64url (RFC 7518 §6.2.1, §6.3.1; RFC 8037 §2).
 _BASE64URL_MEMBERS = ("n", "e", "x", "y")
 
@@ -387,7 +389,7 @@ def parse_key_set(jwks: Any, algorithms: tuple[str, ...]) -> PreparedKeySet:
         if not isinstance(jwk, Mapping):
             skipped.append(f"#{index}: not an object")
             continue
-        if _PRIVATE_MEMBERS & set(jwk):
+        if PRIVATE_JWK_MEMBERS & set(jwk):
             raise KeySetError(f"key #{index} carries private key material")
         kid = jwk.get("kid")
         if kid is not None and not isinstance(kid, str):

@@ -277,17 +277,13 @@ class JWTVerifier:
             raise _invalid("cty says the payload is a nested JWT")
         # A member that is present must be a string (RFC 7515 §4.1.4, §4.1.9):
         # "typ": null or "kid": null is no absent member (as "nbf": null is not).
-        typ = raw.get("typ", _ABSENT)
-        if typ is _ABSENT:
-            typ = None
-        elif not isinstance(typ, str):
+        typ = raw.get("typ")
+        if "typ" in raw and not isinstance(typ, str):
             raise _invalid("typ is not a string")
         if media_type(typ) not in self._types:
             raise _invalid(f"typ {str(typ)[:32]!r} is not an access-token type")
-        kid = raw.get("kid", _ABSENT)
-        if kid is _ABSENT:
-            kid = None
-        elif not isinstance(kid, str) or len(kid) > _MAX_KID_LENGTH:
+        kid = raw.get("kid")
+        if "kid" in raw and (not isinstance(kid, str) or len(kid) > _MAX_KID_LENGTH):
             raise _invalid("kid is not a short string")
         return JWSHeader(alg=alg, kid=kid, typ=typ, raw=raw)
 
