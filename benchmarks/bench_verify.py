@@ -303,7 +303,7 @@ class Table:
 # -- sections -----------------------------------------------------------------
 
 
-def bench_algorithm(alg: str, rounds: int, server: IssuerServer) -> Table:
+def bench_algorithm(alg: str, rounds: int, server: IssuerServer, competitors: bool = True) -> Table:
     issuer = TokenIssuer(alg=alg, audience=AUDIENCE)
     issuer.serve(server)
     tokens = mint_many(issuer, rounds + 60)
@@ -321,20 +321,14 @@ def bench_algorithm(alg: str, rounds: int, server: IssuerServer) -> Table:
         ),
         Variant("ours, first-seen token", fresh(ours, tokens)),
         Variant("ours, repeated token (cache hit)", repeated(ours_hit, token)),
-        Variant("PyJWT decorator", fresh(pyjwt_app(issuer, alg).test_client(), tokens)),
-        Variant(
-            "minimal cached decorator, hit",
-            repeated(minimal_cached_app(issuer, alg).test_client(), token),
-        ),
     ]
-    authlib = authlib_app(issuer, alg).test_client()
     authlib_note = ""
-    if authlib.get(ROUTE, headers=bearer(token)).status_code == 200:
-        variants.append(Variant("Authlib ResourceProtector", fresh(authlib, tokens)))
-    else:
-        authlib_note = (
-            f"Authlib JWTBearerTokenValidator refuses {alg} (not in joserfc's recommended set)"
-        )
+    if competitors:
+        variants += competitor_variants(issuer, alg, tokens)
+        if variants[-1].name != "Authlib ResourceProtector":
+            authlib_note = (
+                f"Authlib JWTBearerTokenValidator refuses {alg} (not in joserfc's recommended set)"
+            )
     interleave(variants, baseline, rounds)
     table = Table(
         f"{alg}: {len(token)}-byte token, {rounds} rounds "
@@ -346,6 +340,21 @@ def bench_algorithm(alg: str, rounds: int, server: IssuerServer) -> Table:
     if authlib_note:
         table.add("Authlib ResourceProtector", float("nan"), authlib_note)
     return table
+
+
+def competitor_variants(issuer: TokenIssuer, alg: str, tokens: list[str]) -> list[Variant]:
+    """PyJWT, the minimal cached decorator and (where it takes ``alg``) Authlib."""
+    variants = [
+        Variant("PyJWT decorator", fresh(pyjwt_app(issuer, alg).test_client(), tokens)),
+        Variant(
+            "minimal cached decorator, hit",
+            repeated(minimal_cached_app(issuer, alg).test_client(), tokens[0]),
+        ),
+    ]
+    authlib = authlib_app(issuer, alg).test_client()
+    if authlib.get(ROUTE, headers=bearer(tokens[0])).status_code == 200:
+        variants.append(Variant("Authlib ResourceProtector", fresh(authlib, tokens)))
+    return variants
 
 
 def bench_scaling(rounds: int, server: IssuerServer) -> Table:
@@ -655,6 +664,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--memory-tokens", type=int, default=10_000)
     parser.add_argument(
+        "--no-competitors",
+        action="store_true",
+        help="algorithms: leave PyJWT, Authlib and the minimal decorator out of the rounds "
+        "(what running them in between costs the other variants)",
+    )
+    parser.add_argument(
         "--clock",
         choices=sorted(CLOCKS),
         default="cpu",
@@ -674,7 +689,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {line}")
         if "algorithms" in sections:
             for alg in args.algorithms.split(","):
-                bench_algorithm(alg, args.rounds, IssuerServer()).print()
+                bench_algorithm(
+                    alg, args.rounds, IssuerServer(), competitors=not args.no_competitors
+                ).print()
         if "scaling" in sections:
             bench_scaling(args.rounds, server).print()
         if "introspection-own" in sections:

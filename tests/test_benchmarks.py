@@ -69,6 +69,26 @@ def test_bench_verify_tables() -> None:
     assert re.search(r"parsed key set of 100 RSA-2048 key\(s\): RSS \+\d+ KiB", output)
 
 
+def test_bench_verify_without_competitors() -> None:
+    output = _run(
+        "bench_verify.py",
+        "--rounds=3",
+        "--algorithms=RS256",
+        "--sections=algorithms",
+        "--no-competitors",
+    )
+    _figures(output, "ours, first-seen token")
+    _figures(output, "floor as a decorator, in the request")
+    for absent in ("PyJWT", "Authlib", "minimal cached decorator"):
+        assert absent not in output, output
+
+
+def test_bench_verify_names_authlib_refusal() -> None:
+    output = _run("bench_verify.py", "--rounds=3", "--algorithms=EdDSA", "--sections=algorithms")
+    _figures(output, "PyJWT decorator")
+    assert "Authlib JWTBearerTokenValidator refuses EdDSA" in output, output
+
+
 def test_bench_verify_scaling_table() -> None:
     output = _run("bench_verify.py", "--rounds=3", "--sections=scaling")
     for label in (
