@@ -64,7 +64,7 @@ from .errors import InvalidTokenError, UpstreamError
 from .fetch import Fetcher, FetchError, SingleFlight
 from .fifo import BoundedFifo
 from .issuers import is_template
-from .verification import JWTVerifier, finite_number
+from .verification import JWTVerifier, finite_number, unsecured_jws
 
 __all__ = ["ACCESS_TOKEN_TYPES", "Introspector", "discover_endpoint"]
 
@@ -243,6 +243,10 @@ class Introspector:
             raise InvalidTokenError(
                 reason=f"token longer than {self.settings.max_token_bytes} bytes"
             )
+        if not confirm and unsecured_jws(token):  # ("both" verified the JWT first)
+            # Never an access token, and some servers answer it with an error
+            # (Keycloak: 400 invalid_request), which would read as an outage.
+            raise InvalidTokenError(reason="an unsecured JWT (alg none or no alg)")
         key = cache_key(self._kind, token, digest)
         response = self._cached(key, now)
         if response is None:

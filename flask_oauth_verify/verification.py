@@ -172,6 +172,23 @@ def looks_like_jws(token: str) -> bool:
     return header.startswith("eyJ")
 
 
+def unsecured_jws(token: str) -> bool:
+    """Whether ``token`` is a JWS whose header names no signature algorithm.
+
+    A header that is a JSON object with ``alg`` missing, not a string, or
+    ``none`` (RFC 7518 §3.6, in any case): an unsecured JWT, never an access
+    token. Anything else, an opaque token or a JWS with some ``alg``, is not.
+    """
+    if not looks_like_jws(token):
+        return False
+    try:
+        header = _json_object(_b64decode(token.split(".", 1)[0], "header"), "header")
+    except InvalidTokenError:
+        return False
+    alg = header.get("alg")
+    return not isinstance(alg, str) or alg.lower() == "none"
+
+
 def finite_number(value: Any) -> TypeGuard[float]:
     """Whether ``value`` is a JSON number a float can hold (not a bool, not
     infinite, not an integer beyond the float range such as ``10**400``)."""

@@ -12,6 +12,7 @@ import base64
 import datetime
 import email.utils
 import hashlib
+import json
 import logging
 import socket
 import threading
@@ -631,6 +632,67 @@ def test_a_token_the_endpoint_will_not_introspect_is_refused_not_an_outage(
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
     opaque = issuer.mint_opaque()
     assert client.get("/protected", headers=auth_header(opaque)).status_code == 200
+
+
+def _segment(value: Any) -> str:
+    raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _unsecured(header: dict[str, Any], claims: dict[str, Any]) -> str:
+    return f"{_segment(header)}.{_segment(claims)}."
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"alg": "none"},
+        {"alg": "NONE", "typ": "JWT"},
+        {"typ": "JWT"},  # no alg at all
+        {"alg": None},
+        {"alg": ["RS256"]},
+    ],
+)
+def test_an_unsecured_jwt_is_refused_before_the_endpoint_is_asked(
+    issuer: TokenIssuer, caplog: pytest.LogCaptureFixture, header: dict[str, Any]
+) -> None:
+    """Keycloak answers ``400 invalid_request`` ("Failed to introspect token")
+    for a JWT whose header names no signature algorithm: any client could turn
+    it into a 503 with ERROR records. Such a token is never an access token,
+    so it is refused without asking (an opaque token with two dots, a JWT
+    with an algorithm, still goes to the endpoint)."""
+
+    def like_keycloak(request: Request) -> Reply:
+        token = request.form()["token"]
+        alg = _header_alg(token)
+        if token.count(".") == 2 and (not isinstance(alg, str) or alg.lower() == "none"):
+            return Reply(
+                400, {"error": "invalid_request", "error_description": "Failed to introspect token"}
+            )
+        return Reply(200, issuer.introspect(token))
+
+    server_of(issuer).route(INTROSPECT, like_keycloak)
+    client = make_app(intro_config(issuer)).test_client()
+    claims = issuer.claims(scopes=["read:users"])
+    with caplog.at_level(logging.INFO):
+        response = client.get("/protected", headers=auth_header(_unsecured(header, claims)))
+    assert_401(response)
+    assert hits(issuer) == 0
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    for token in (issuer.mint_opaque(), issuer.mint()):  # what is no unsecured JWT is asked
+        assert client.get("/protected", headers=auth_header(token)).status_code == 200
+    not_json = f"{_segment(b'not json')}.{_segment(claims)}."
+    assert_401(client.get("/protected", headers=auth_header(not_json)))
+    assert hits(issuer) == 3
+
+
+def _header_alg(token: str) -> Any:
+    try:
+        segment = token.split(".", 1)[0]
+        header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except ValueError:
+        return "not a JWT"
+    return header.get("alg") if isinstance(header, dict) else "not a JWT"
 
 
 @pytest.mark.parametrize(
