@@ -255,7 +255,11 @@ def org_scoped(query_or_select: S, column: Any = None) -> S:
         (``organization_id``) of the statement's primary (first) entity;
         in an ORM statement every other mapped class of the same registry
         with that column is then scoped too, wherever it appears (a join's
-        ``ON`` clause, subqueries, eager and lazy loads of the results).
+        ``ON`` clause, subqueries, eager and lazy loads of the results) —
+        by loader criteria, which apply only while this statement is the
+        one executed: embedded in another (``db.paginate()``'s count, a
+        subquery, a CTE, ``exists()``), only the primary entity's ``WHERE``
+        stays (see docs/tenancy.rst, "Explicit helpers").
         An explicit ``column`` adds exactly one ``WHERE`` and nothing else.
     :raises MissingOrganizationContext: inside a request without an
         organization (401 ``missing_organization_context``).

@@ -87,15 +87,19 @@ def as_organization(organization_id: str, *, user_id: str | None = None) -> Iter
     try:
         yield
     finally:
-        acting.ended = True
         # Undo the block only while it is the innermost one: a block left
         # open and finished late (a generator collected during another block)
-        # must not end the block that is active now (and, ended, it no longer
-        # counts when that block restores it).
-        if _ACTING.get() is acting:
+        # must not end the block that is active now, and is marked ended so
+        # that it no longer counts when that block restores it. A block undone
+        # here is not marked: a task created in it holds it in its own copy of
+        # the context and keeps acting for it after the block ends.
+        if _ACTING.get() is not acting:
+            acting.ended = True
+        else:
             try:
                 _ACTING.reset(token)
-            except ValueError:  # finished in another Context than it began in
+            except ValueError:  # finished in another Context than it began in,
+                acting.ended = True  # which may still hold it
                 previous = token.old_value
                 _ACTING.set(None if previous is contextvars.Token.MISSING else previous)
 

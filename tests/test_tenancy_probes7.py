@@ -22,6 +22,7 @@ And of the eighteenth (Flask-SQLAlchemy idioms):
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -717,3 +718,46 @@ def test_a_block_finished_late_does_not_end_the_active_block() -> None:
         assert current_organization_id() == "org_c"
     with pytest.raises(TenantContextError):
         current_organization_id()
+
+
+async def _job_seeing(started: asyncio.Event, go: asyncio.Event) -> tuple[str, str]:
+    at_start = current_organization_id()
+    started.set()
+    await go.wait()
+    return at_start, current_organization_id()
+
+
+async def _task_outliving_its_block(organization: str) -> tuple[str, str]:
+    started, go = asyncio.Event(), asyncio.Event()
+    with as_organization(organization):
+        task = asyncio.create_task(_job_seeing(started, go))
+        await started.wait()
+    go.set()  # the block has ended; the task goes on
+    return await task
+
+
+def test_a_task_created_in_a_block_keeps_it_after_the_block_ends() -> None:
+    """docs/tenancy.rst: a task created in a block keeps it after the block
+    ends. It fell back to the enclosing identity instead (in a request of
+    org_a, a job started for org_b read and stamped org_a's rows)."""
+    assert asyncio.run(_task_outliving_its_block("org_b")) == ("org_b", "org_b")
+    with as_organization("org_a"):
+        assert asyncio.run(_task_outliving_its_block("org_b")) == ("org_b", "org_b")
+        assert current_organization_id() == "org_a"
+
+
+def test_a_task_created_in_a_block_of_a_request_keeps_it() -> None:
+    issuer = TokenIssuer(issuer="https://issuer.example.test", audience="api")
+    app = Flask("p7-task")
+    app.config.update(**issuer.config(audience="api"))
+    OAuthVerify(app)
+
+    @app.get("/act-as")
+    @require_organization
+    async def act_as() -> dict[str, Any]:
+        seen = await _task_outliving_its_block("org_b")
+        return {"job": list(seen), "view": current_organization_id()}
+
+    token = issuer.mint(organization_id="org_a")
+    answer = app.test_client().get("/act-as", headers=auth_header(token))
+    assert answer.json == {"job": ["org_b", "org_b"], "view": "org_a"}
