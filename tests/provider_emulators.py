@@ -576,6 +576,20 @@ class Keycloak(Emulator):
         base = f"/realms/{self.realm}/protocol/openid-connect"
         server.route(f"{base}/certs", self.jwks_reply)
         server.route(f"{base}/token/introspect", self.form_basic_introspection)
+        #: holds the private half of the realm's encryption key (to forge with)
+        self.encryption_holder = TokenIssuer(issuer=self.issuer)
+        (published,) = self.encryption_holder.jwks()["keys"]
+        self.encryption_key = {**published, "use": "enc", "alg": "RSA-OAEP"}
+
+    def jwks_reply(self, _request: Request) -> Reply:
+        """The realm's keys as Keycloak serves them: its encryption key beside
+        the signing keys, and ``Cache-Control: no-cache``."""
+        keys = self.signer.jwks()
+        return Reply(
+            200,
+            {"keys": [*keys["keys"], self.encryption_key]},
+            {"Cache-Control": "no-cache"},
+        )
 
     def answer_claims(self, claims: Mapping[str, Any]) -> dict[str, Any]:
         """Keycloak answers with the token's claims plus ``client_id``, ``username``."""

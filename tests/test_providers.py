@@ -1273,19 +1273,35 @@ def test_keycloak_tokens_without_an_audience_are_refused_by_introspection_too(
     assert call(lenient, no_audience, "/introspected")[0] == 200  # the app may opt out
 
 
+def test_keycloak_key_set_with_its_encryption_key_and_no_cache(server: IssuerServer) -> None:
+    """Keycloak's certs: an RSA-OAEP key (``use: enc``) beside the signing
+    key, ``Cache-Control: no-cache``. The signing key verifies, the key set is
+    kept (no fetch per token), and the encryption key vouches for nothing."""
+    kc = Keycloak(server)
+    app = provider_app(kc.config())
+    certs = f"/realms/{kc.realm}/protocol/openid-connect/certs"
+    for _ in range(3):
+        assert call(app, kc.token())[0] == 200
+    assert server.hits[certs] == 1
+    claims = {"iss": kc.issuer, "aud": kc.audience, "sub": "x", "typ": "Bearer", **kc.times()}
+    signed_with_encryption_key = kc.encryption_holder.mint(claims, typ="JWT")
+    refused(app, signed_with_encryption_key)
+
+
 def test_keycloak_roles_and_organization_through_dotted_claim_paths(server: IssuerServer) -> None:
     kc = Keycloak(server)
     app = provider_app(
         kc.config(
             CLAIM_MAP={
                 "scopes": ["scope", "realm_access.roles"],
-                "organization_id": ["organization.id"],
+                "organization_id": ["tenant.id"],
             }
         )
     )
-    status, body = call(
-        app, kc.token(organization={"id": "acme-corp", "name": "ACME"}), "/scoped/orders-admin"
-    )
+    # a Hardcoded claim / User Attribute mapper with claim name "tenant.id"
+    # (Keycloak nests a dotted claim name); its Organization Membership mapper
+    # writes no single id (tests/test_providers_reference.py)
+    status, body = call(app, kc.token(tenant={"id": "acme-corp"}), "/scoped/orders-admin")
     assert status == 200, body
     assert "orders-admin" in body["scopes"] and "orders:read" in body["scopes"]
     assert body["organization_id"] == "acme-corp"
