@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import binascii
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Mapping
 from json.scanner import make_scanner
@@ -172,21 +173,38 @@ def looks_like_jws(token: str) -> bool:
     return header.startswith("eyJ")
 
 
+class _Members(list[tuple[str, Any]]):
+    """A JSON object's members in order, names repeated as sent."""
+
+
+_LENIENT_DECODER = json.JSONDecoder(object_pairs_hook=_Members)
+
+
 def unsecured_jws(token: str) -> bool:
     """Whether ``token`` is a JWS whose header names no signature algorithm.
 
-    A header that is a JSON object with ``alg`` missing, not a string, or
-    ``none`` (RFC 7518 §3.6, in any case): an unsecured JWT, never an access
-    token. Anything else, an opaque token or a JWS with some ``alg``, is not.
+    Read as leniently as other JOSE parsers read a header (Keycloak's among
+    them): one or more dots, either base64 alphabet with or without padding,
+    white space or a byte order mark around the JSON, a member named twice.
+    A header that decodes to a JSON object with ``alg`` missing, or any
+    ``alg`` member that is not a string or is ``none`` (RFC 7518 §3.6, in
+    any case, with spaces): an unsecured JWT, never an access token.
+    Anything else — an opaque token, a JWS with some ``alg`` — is not.
     """
-    if not looks_like_jws(token):
+    if "." not in token:
         return False
+    segment = token.split(".", 1)[0].rstrip("=").replace("-", "+").replace("_", "/")
     try:
-        header = _json_object(_b64decode(token.split(".", 1)[0], "header"), "header")
-    except InvalidTokenError:
+        raw = binascii.a2b_base64(segment + "=" * (-len(segment) % 4))
+        members = _LENIENT_DECODER.decode(raw.decode("utf-8-sig").strip())
+    except (ValueError, RecursionError):  # binascii.Error and UnicodeError included
         return False
-    alg = header.get("alg")
-    return not isinstance(alg, str) or alg.lower() == "none"
+    if not isinstance(members, _Members):
+        return False
+    algs = [value for name, value in members if name == "alg"]
+    return not algs or any(
+        not isinstance(alg, str) or alg.strip().lower() == "none" for alg in algs
+    )
 
 
 def finite_number(value: Any) -> TypeGuard[float]:
