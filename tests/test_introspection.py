@@ -639,21 +639,18 @@ def _segment(value: Any) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
-def _unsecured(header: dict[str, Any], claims: dict[str, Any]) -> str:
-    return f"{_segment(header)}.{_segment(claims)}."
-
-
-def _spelled(raw: bytes, claims: dict[str, Any], *, tail: str = ".") -> str:
-    return f"{_segment(raw)}.{_segment(claims)}{tail}"
+def _spelled(header: bytes | dict[str, Any], claims: dict[str, Any], *, tail: str = ".") -> str:
+    """An unsigned token: ``header`` (JSON, or the raw bytes as written), the claims."""
+    return f"{_segment(header)}.{_segment(claims)}{tail}"
 
 
 #: Unsecured headers in the spellings a lenient JOSE parser (Keycloak's) reads.
 UNSECURED: dict[str, Callable[[dict[str, Any]], str]] = {
-    "alg none": lambda c: _unsecured({"alg": "none"}, c),
-    "NONE": lambda c: _unsecured({"alg": "NONE", "typ": "JWT"}, c),
-    "no alg": lambda c: _unsecured({"typ": "JWT"}, c),
-    "alg null": lambda c: _unsecured({"alg": None}, c),
-    "alg a list": lambda c: _unsecured({"alg": ["RS256"]}, c),
+    "alg none": lambda c: _spelled({"alg": "none"}, c),
+    "NONE": lambda c: _spelled({"alg": "NONE", "typ": "JWT"}, c),
+    "no alg": lambda c: _spelled({"typ": "JWT"}, c),
+    "alg null": lambda c: _spelled({"alg": None}, c),
+    "alg a list": lambda c: _spelled({"alg": ["RS256"]}, c),
     "white space": lambda c: _spelled(b'{ "alg": "none" }', c),
     "new line": lambda c: _spelled(b'{\n"alg":"none"}', c),
     "byte order mark": lambda c: _spelled(b'\xef\xbb\xbf{"alg":"none"}', c),

@@ -191,28 +191,19 @@ def test_introspection_refuses_its_refresh_token_answers(issuer: TokenIssuer) ->
     assert issuer.server is not None
     issuer.server.route("/introspect", like_spring)
     client_id, secret = issuer.introspection_credentials
+    introspecting = {
+        "STRATEGY": "introspection",
+        "INTROSPECTION_ENDPOINT": f"{issuer.server.url}/introspect",
+        "INTROSPECTION_CLIENT_ID": client_id,
+        "INTROSPECTION_CLIENT_SECRET": secret,
+    }
     settings = guide_settings("Where the server cannot change")
-    app = spring_app(
-        issuer,
-        settings,
-        STRATEGY="introspection",
-        INTROSPECTION_ENDPOINT=f"{issuer.server.url}/introspect",
-        INTROSPECTION_CLIENT_ID=client_id,
-        INTROSPECTION_CLIENT_SECRET=secret,
-    )
-    client = app.test_client()
+    client = spring_app(issuer, settings, **introspecting).test_client()
     access = client.get("/whoami", headers=auth_header("access-ref"))
     assert access.json == {"client": "orders-web", "user": "alice", "scopes": ["orders:read"]}
     refresh = client.get("/whoami", headers=auth_header("refresh-ref"))
     assert refresh.status_code == 401
     assert refresh.json is not None and refresh.json["error"] == "invalid_token"
     unguarded = dict(settings, OAUTH_VERIFY_INTROSPECTION_REQUIRE_AUDIENCE=False)
-    loose = spring_app(
-        issuer,
-        unguarded,
-        STRATEGY="introspection",
-        INTROSPECTION_ENDPOINT=f"{issuer.server.url}/introspect",
-        INTROSPECTION_CLIENT_ID=client_id,
-        INTROSPECTION_CLIENT_SECRET=secret,
-    ).test_client()
+    loose = spring_app(issuer, unguarded, **introspecting).test_client()
     assert loose.get("/whoami", headers=auth_header("refresh-ref")).status_code == 200
