@@ -33,7 +33,7 @@ from flask.cli import with_appcontext
 
 from .bearer import is_b64token
 from .claims import claim_path
-from .config import STRATEGIES, shown_url
+from .config import STRATEGIES, Settings, shown_url
 from .context import AuthContext
 from .discovery import metadata_urls
 from .errors import OAuthVerifyError, UpstreamError
@@ -41,6 +41,7 @@ from .events import one_line
 from .extension import _AppState, get_state
 from .fetch import FetchError
 from .keys import PreparedKey, PreparedKeySet
+from .providers import profile_named
 from .verification import LATEST_EXP, JWSHeader
 
 __all__ = ["cli"]
@@ -588,12 +589,7 @@ def inspect_command(
         if chosen == "introspection" or (chosen == "auto" and not is_jws):
             context = _inspect_introspection(report, token, state)
         elif not is_jws:
-            raise report.fail(
-                "format",
-                f"The token is not a JWT and strategy {chosen!r} verifies JWTs locally. An "
-                "opaque token needs introspection (OAUTH_VERIFY_STRATEGY 'auto' or "
-                "'introspection').",
-            )
+            raise report.fail("format", _not_a_jwt(chosen, state.settings))
         else:
             context = _inspect_jwt(report, token, state, now)
             # "both": the JWT must also still be active (revocation).
@@ -609,6 +605,18 @@ def inspect_command(
         _describe_context(report, context)
         _check_scopes(report, context, scopes, any_scope)
     _verdict(report, context is not None)
+
+
+def _not_a_jwt(strategy: str, settings: Settings) -> str:
+    """Why an opaque token fails a JWT strategy, and what to do about it."""
+    said = f"The token is not a JWT and strategy {strategy!r} verifies JWTs locally."
+    opaque = profile_named(settings.provider).opaque_tokens
+    if opaque and settings.introspection_endpoint is None:
+        return f"{said} {opaque}."
+    return (
+        f"{said} An opaque token needs introspection (OAUTH_VERIFY_STRATEGY 'auto' or "
+        "'introspection')."
+    )
 
 
 def _fingerprint(token: str) -> str:

@@ -535,7 +535,9 @@ class Settings:
         _warn_unknown(given)
         _warn_misspelled_prefix(config)
         values = apply_profile(given)
-        return _build(values)
+        settings = _build(values)
+        _refuse_pinned_and_fetched_keys(given, settings)
+        return settings
 
     def __repr__(self) -> str:
         """Every field, the credentials shown as ``'***'`` (a repr ends up in
@@ -1109,6 +1111,30 @@ def _static_jwks(value: Any) -> Mapping[str, Any] | None:
         f"{_key('JWKS')} must be a JWK Set {{'keys': [...]}} or a mapping "
         "{issuer: {'keys': [...]}}."
     )
+
+
+def _refuse_pinned_and_fetched_keys(given: Mapping[str, Any], settings: Settings) -> None:
+    """An issuer whose key set the app both gives (``JWKS``) and locates.
+
+    ``JWKS`` wins, so the app's ``JWKS_URI`` would be ignored without a word
+    (a profile's URL is not the app's: pinning its keys is fine).
+    """
+    static = settings.static_jwks
+    if static is None:
+        return
+    pinned = set(settings.issuers) if _is_jwk_set(static) else set(static)
+    for name in ("JWKS_URI", "JWKS_URI_FALLBACKS"):
+        value = given.get(name)
+        if not value:
+            continue
+        located = set(value) if isinstance(value, Mapping) else {settings.issuers[0]}
+        both = sorted(pinned & located)
+        if both:
+            raise ConfigurationError(
+                f"{_key('JWKS')} and {_key(name)} both give the key set of "
+                f"{', '.join(_shown_value(i, url=True) for i in both)}; the static set would "
+                f"be used and {_key(name)} ignored: set one of them."
+            )
 
 
 def _jwks_uri_fallbacks(

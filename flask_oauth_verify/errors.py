@@ -294,7 +294,7 @@ class UpstreamError(OAuthVerifyError):
 def default_error_response(error: OAuthVerifyError) -> Response:
     """Turn an :class:`OAuthVerifyError` into the JSON + challenge response.
 
-    Registered by :meth:`OAuthVerify.init_app` for the whole hierarchy.
+    Registered by :meth:`~flask_oauth_verify.OAuthVerify.init_app` for the whole hierarchy.
 
     :param error: the error raised while verifying the request.
     """

@@ -353,12 +353,14 @@ class KeyStore:
             return key, source, keys
         if kid is None:
             raise InvalidTokenError(reason="token has no kid and the key set has several keys")
+        if kid in keys.shared_kids:
+            return self._from_set(keys, header, f"key set of {source.name}"), source, keys
         keys = self._refresh_for_kid(source, keys, kid)
         return self._from_set(keys, header, f"key set of {source.name}"), source, keys
 
     @staticmethod
     def _from_set(keys: PreparedKeySet, header: JWSHeader, where: str) -> PreparedKey:
-        key = keys.get(header.kid)
+        key = keys.get(header.kid, header.alg)
         if key is None:
             kid = (header.kid or "")[:64]
             raise InvalidTokenError(reason=f"kid {kid!r} is not in the {where}")

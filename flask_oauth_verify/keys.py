@@ -22,9 +22,12 @@ Filtering (a key that fails is skipped and the reason recorded):
   very key the other members give (RFC 7517 §4.7: a key that says two
   different things is refused, whichever of them was meant).
 
-A set that carries private key material, or two keys with the same ``kid``,
-is refused as a whole (:class:`KeySetError`): such a set is a
-misconfiguration, and guessing which key was meant would be unsafe.
+A set that carries private key material, or two keys with the same ``kid``
+that an allowed algorithm fits both of, is refused as a whole
+(:class:`KeySetError`): such a set is a misconfiguration, and guessing which
+key was meant would be unsafe. Keys that share a ``kid`` but no algorithm
+(an RSA and an EC key, as RFC 7517 §4.5 allows) are told apart by the
+token's ``alg``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import hashlib
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from cryptography import x509
@@ -178,6 +182,9 @@ class PreparedKey:
         return self.verifiers.get(alg)
 
 
+_NO_SHARED_KIDS: Mapping[str, Mapping[str, PreparedKey]] = MappingProxyType({})
+
+
 @dataclasses.dataclass(frozen=True, slots=True, eq=False)
 class PreparedKeySet:
     """A parsed key set: keys by ``kid``, plus what was skipped and why."""
@@ -186,11 +193,24 @@ class PreparedKeySet:
     keys: tuple[PreparedKey, ...]
     skipped: tuple[str, ...]
     content_hash: str
+    #: kids that keys of disjoint algorithms share (RFC 7517 §4.5 allows it,
+    #: e.g. an RSA and an EC key), each by algorithm; never in ``by_kid``
+    shared_kids: Mapping[str, Mapping[str, PreparedKey]] = dataclasses.field(
+        default_factory=lambda: _NO_SHARED_KIDS
+    )
 
-    def get(self, kid: str | None) -> PreparedKey | None:
-        """The key for ``kid``; without a ``kid``, the only key if there is one."""
+    def get(self, kid: str | None, alg: str | None = None) -> PreparedKey | None:
+        """The key for ``kid``; without a ``kid``, the only key if there is one.
+
+        A kid several keys share gives the key bound to ``alg`` (any of them
+        when none is: its verifier then refuses ``alg``, like a lone key's).
+        """
         if kid is not None:
-            return self.by_kid.get(kid)
+            key = self.by_kid.get(kid)
+            if key is None and kid in self.shared_kids:
+                sharing = self.shared_kids[kid]
+                return sharing.get(alg or "") or next(iter(sharing.values()))
+            return key
         if len(self.keys) == 1:
             return self.keys[0]
         return None
@@ -198,7 +218,7 @@ class PreparedKeySet:
     @property
     def kids(self) -> tuple[str, ...]:
         """The key ids in the set."""
-        return tuple(self.by_kid)
+        return (*self.by_kid, *self.shared_kids)
 
 
 def content_hash(jwks: Mapping[str, Any]) -> str:
@@ -383,6 +403,7 @@ def parse_key_set(jwks: Any, algorithms: tuple[str, ...]) -> PreparedKeySet:
     except (TypeError, ValueError):
         raise KeySetError("the key set is not plain JSON") from None
     by_kid: dict[str, PreparedKey] = {}
+    sharing: dict[str, list[PreparedKey]] = {}
     keys: list[PreparedKey] = []
     skipped: list[str] = []
     for index, jwk in enumerate(jwks["keys"]):
@@ -403,13 +424,38 @@ def parse_key_set(jwks: Any, algorithms: tuple[str, ...]) -> PreparedKeySet:
         # Only usable keys can clash: RFC 7517 §4.5 lets an encryption key
         # (or a key of an algorithm not allowed here) share a signing key's kid.
         if kid is not None:
-            if kid in by_kid:
-                raise KeySetError(f"duplicate kid {kid!r}")
-            by_kid[kid] = prepared
+            sharing.setdefault(kid, []).append(prepared)
         keys.append(prepared)
+    for kid, group in sharing.items():
+        if len(group) == 1:
+            by_kid[kid] = group[0]
     return PreparedKeySet(
         by_kid=by_kid,
         keys=tuple(keys),
         skipped=tuple(skipped),
         content_hash=digest,
+        shared_kids=_shared_kids(sharing),
     )
+
+
+def _shared_kids(
+    sharing: Mapping[str, list[PreparedKey]],
+) -> Mapping[str, Mapping[str, PreparedKey]]:
+    """The kids several usable keys share, each by algorithm.
+
+    The token's ``alg`` tells such keys apart only when no algorithm fits two
+    of them (an RSA and an EC key, say); otherwise the kid is ambiguous and
+    the whole set is refused.
+    """
+    shared: dict[str, Mapping[str, PreparedKey]] = {}
+    for kid, group in sharing.items():
+        if len(group) < 2:
+            continue
+        by_alg: dict[str, PreparedKey] = {}
+        for key in group:
+            for alg in key.verifiers:
+                if alg in by_alg:
+                    raise KeySetError(f"duplicate kid {kid!r} (two keys for {alg})")
+                by_alg[alg] = key
+        shared[kid] = MappingProxyType(by_alg)
+    return MappingProxyType(shared) if shared else _NO_SHARED_KIDS

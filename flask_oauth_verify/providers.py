@@ -79,6 +79,9 @@ class Profile:
     :param issuer_doubts: (pattern, explanation) pairs: an issuer matching a
         pattern is accepted but logged as a warning, because no token of the
         provider carries such an ``iss`` (every token would be refused).
+    :param opaque_tokens: for a provider without an introspection endpoint
+        for access tokens, what an opaque token it issued is (the CLI's
+        ``inspect`` says it instead of suggesting introspection).
     """
 
     name: str
@@ -90,6 +93,7 @@ class Profile:
     required_keys: Mapping[str, str] = dataclasses.field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     issuer_doubts: tuple[tuple[str, str], ...] = ()
+    opaque_tokens: str | None = None
     #: more template fields computed from the issuer (where a pattern cannot say)
     issuer_fields: Callable[[str], Mapping[str, str]] | None = None
 
@@ -308,6 +312,12 @@ PROFILES: Mapping[str, Profile] = _profiles(
             "USER_ID_RULE": auth0_acts_for_user,
         },
         description="Auth0 APIs (scope, org_id, azp).",
+        opaque_tokens=(
+            "Auth0 has no introspection endpoint: its access tokens for an API are JWTs. "
+            "It issues an opaque access token when the client asks for no audience (for "
+            "its /userinfo only): the client must request the token with this API's "
+            "identifier as audience"
+        ),
         issuer_doubts=(
             (
                 r"https://[^/]+$",
@@ -354,6 +364,11 @@ PROFILES: Mapping[str, Profile] = _profiles(
         issuer_fields=microsoft_login_host,
         aliases=("entra", "entra-id", "azure_ad", "azure-ad", "azure", "microsoft"),
         description="Microsoft Entra ID (v1 and v2 tokens, multi-tenant templates).",
+        opaque_tokens=(
+            "Entra ID has no introspection endpoint: its access tokens for your API are "
+            "JWTs. An opaque token is not one of them (a refresh token, or a token for a "
+            "Microsoft service)"
+        ),
         issuer_doubts=(
             (
                 r"https://[^/]+/(common|organizations|consumers)(/v2\.0)?/?$",
@@ -411,6 +426,10 @@ PROFILES: Mapping[str, Profile] = _profiles(
         },
         aliases=("aws_cognito", "aws-cognito"),
         description="AWS Cognito user pools (access tokens: client_id, token_use).",
+        opaque_tokens=(
+            "Cognito has no introspection endpoint: its access tokens are JWTs. An opaque "
+            "token is not one of them (a refresh token, perhaps): send the access token"
+        ),
         issuer_doubts=_NO_TRAILING_SLASH,
     ),
 )

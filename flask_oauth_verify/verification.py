@@ -158,8 +158,10 @@ def _json_object(data: bytes, what: str) -> dict[str, Any]:
             end = -1
         if end != len(text):  # ditto, or trailing whitespace / extra data
             value = _DECODER.decode(text)
-    except (ValueError, UnicodeDecodeError, RecursionError):
+    except (ValueError, UnicodeDecodeError):
         raise _invalid(f"{what} is not a JSON object without duplicate members") from None
+    except RecursionError:  # the parser's own depth limit (about 1,000 on Python 3.11)
+        raise _invalid(f"{what} nests too deeply to be read") from None
     if not isinstance(value, dict):
         raise _invalid(f"{what} is not a JSON object")
     return value

@@ -142,6 +142,36 @@ BAD_TOKENS: list[tuple[str, Any, str]] = [
 ]
 
 
+@pytest.mark.parametrize(
+    ("provider", "said"),
+    [
+        ("cognito", "Cognito has no introspection endpoint"),
+        ("auth0", "asks for no audience"),
+        ("entra_id", "Entra ID has no introspection endpoint"),
+        ("generic", "An opaque token needs introspection"),
+    ],
+)
+def test_inspect_does_not_suggest_introspection_a_provider_does_not_have(
+    tokens: TokenIssuer, clock: FakeClock, provider: str, said: str
+) -> None:
+    """A Cognito refresh token: following the introspection hint failed at start-up."""
+    issuers = {
+        "cognito": "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbCdEf123",
+        "auth0": "https://tenant.eu.auth0.com/",
+        "entra_id": "https://login.microsoftonline.com/9188040d-6c67-4c5b-b112-36a304b66dad/v2.0",
+        "generic": tokens.issuer,
+    }
+    config = tokens.config(
+        PROVIDER=provider, ISSUER=issuers[provider], ALLOWED_CLIENT_IDS=["app-client"]
+    )
+    if provider == "cognito":
+        del config["OAUTH_VERIFY_AUDIENCE"]
+    result = inspect(make_app(config, clock=clock), "2YotnFZFEjr1zCsicMWpAA")
+    assert result.exit_code == 1
+    assert said in verdict(result)
+    assert ("needs introspection" in verdict(result)) == (provider == "generic")
+
+
 @pytest.mark.parametrize(("kind", "make", "sentence"), BAD_TOKENS, ids=[b[0] for b in BAD_TOKENS])
 def test_inspect_explains_each_kind_of_bad_token(
     tokens: TokenIssuer, clock: FakeClock, kind: str, make: Any, sentence: str

@@ -79,6 +79,35 @@ def test_bad_settings_fail_at_init_app_naming_the_key(overrides: dict[str, Any],
     assert "oauth_verify" not in app.extensions
 
 
+def test_a_key_set_given_and_located_for_one_issuer_is_refused() -> None:
+    """JWKS wins over JWKS_URI: an app setting both would have its URL ignored."""
+    jwks: dict[str, Any] = {"keys": []}
+    other = "https://other.example.test"
+    for located in ("JWKS_URI", "JWKS_URI_FALLBACKS"):
+        url = "https://issuer.example.test/keys"
+        one_issuer = {located: url if located == "JWKS_URI" else [url]}
+        with pytest.raises(
+            ConfigurationError, match=f"OAUTH_VERIFY_JWKS and OAUTH_VERIFY_{located}"
+        ):
+            settings(JWKS=jwks, **one_issuer)
+        by_issuer = {BASE["OAUTH_VERIFY_ISSUER"]: jwks, other: jwks}
+        with pytest.raises(ConfigurationError, match=re.escape(f"set of {other};")):
+            settings(ISSUER=[*by_issuer], JWKS=by_issuer, **{located: {other: one_issuer[located]}})
+    # Pinned for one issuer, located for the other: no contradiction.
+    mixed = settings(
+        ISSUER=[BASE["OAUTH_VERIFY_ISSUER"], other],
+        JWKS={BASE["OAUTH_VERIFY_ISSUER"]: jwks},
+        JWKS_URI={other: "https://other.example.test/keys"},
+    )
+    assert mixed.jwks_uris == {other: "https://other.example.test/keys"}
+    # A profile's own URL under pinned keys is no contradiction either.
+    cognito = "https://cognito-idp.eu-west-1.amazonaws.com/eu-west-1_AbC"
+    pinned = settings(
+        PROVIDER="cognito", ISSUER=cognito, AUDIENCE=None, ALLOWED_CLIENT_IDS=["c"], JWKS=jwks
+    )
+    assert pinned.static_jwks == jwks
+
+
 def test_a_max_ttl_below_the_min_ttl_names_both_keys() -> None:
     app = Flask(__name__)
     app.config.update(

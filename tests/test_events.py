@@ -23,7 +23,7 @@ from flask_oauth_verify.events import (
     token_validated,
     token_validation_failed,
 )
-from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer, auth_header
+from flask_oauth_verify.testing import IssuerServer, Reply, TokenIssuer, auth_header, b64url
 
 from .conftest import FakeClock, make_app
 
@@ -89,6 +89,10 @@ def hs256_token(tokens: TokenIssuer) -> str:
     )
 
 
+#: A payload nested past any Python's parser depth limit (its C stack guard included).
+DEEP = b'{"iss": "x", "deep": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+
 def rejection_cases(tokens: TokenIssuer, clock: FakeClock) -> list[tuple[str, str, str, str]]:
     """(token, event, error, words the reason must contain) per rejection kind."""
     now = clock()
@@ -109,13 +113,15 @@ def rejection_cases(tokens: TokenIssuer, clock: FakeClock) -> list[tuple[str, st
         (stranger.mint(now=now), "token_validation_failed", "invalid_token", "kid"),
         (hs256_token(tokens), "token_validation_failed", "invalid_token", "alg 'HS256'"),
         ("not-a-jwt", "token_validation_failed", "invalid_token", "three segments"),
+        (f"{head}.{b64url(DEEP)}.{signature}", "token_validation_failed", "invalid_token",
+         "payload nests too deeply"),
     ]  # fmt: skip
 
 
 def test_each_rejection_is_logged_with_its_precise_reason_and_no_token(
     tokens: TokenIssuer, clock: FakeClock, records: list[logging.LogRecord]
 ) -> None:
-    app = make_app(tokens.config(), clock=clock)
+    app = make_app(tokens.config(MAX_TOKEN_BYTES=300_000), clock=clock)
     client = app.test_client()
     for token, event, error, words in rejection_cases(tokens, clock):
         records.clear()

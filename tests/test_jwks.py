@@ -108,6 +108,39 @@ def test_a_signing_key_published_again_for_encryption_under_its_kid_verifies(
     assert get(build(served_tokens, clock), served_tokens.mint()).status_code == 200
 
 
+def _twin(tokens: TokenIssuer, alg: str) -> TokenIssuer:
+    """The same issuer signing with a key of ``alg`` published under the current kid."""
+    twin = TokenIssuer(tokens.issuer, alg=alg, audience="api")
+    generated = twin.current_kid
+    twin.current_kid = twin.add_key(alg, kid=tokens.current_kid, key=twin.key())
+    twin.remove_key(generated)
+    return twin
+
+
+def test_keys_of_different_types_may_share_a_kid(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer, route: JwksRoute, clock: FakeClock
+) -> None:
+    """RFC 7517 §4.5's example: an RSA and an EC key under one kid, told apart by alg.
+
+    Was a duplicate kid: the whole set refused, every token 503.
+    """
+    ec_twin = _twin(served_tokens, "ES256")
+    published = served_tokens.jwks()
+    published["keys"] += ec_twin.jwks()["keys"]
+    route.reply = Reply(200, published)
+    app = build(served_tokens, clock, ALGORITHMS=["RS256", "ES256"])
+    assert get(app, served_tokens.mint()).status_code == 200
+    assert get(app, ec_twin.mint()).status_code == 200
+    forged = _twin(served_tokens, "ES256").mint()  # same kid and alg, another EC key
+    assert get(app, forged).status_code == 401
+    assert issuer_server.hits[JWKS] == 1, "a shared kid is no unknown kid"
+    # Two keys an allowed algorithm fits both of stay ambiguous: refused whole.
+    published["keys"] += _twin(served_tokens, "RS256").jwks()["keys"]
+    route.reply = Reply(200, published)
+    fresh_app = build(served_tokens, clock, ALGORITHMS=["RS256", "ES256"])
+    assert_503(get(fresh_app, ec_twin.mint()))
+
+
 def test_soft_ttl_with_jitter(
     served_tokens: TokenIssuer, issuer_server: IssuerServer, route: JwksRoute, clock: FakeClock
 ) -> None:

@@ -199,10 +199,33 @@ def test_a_real_private_jwk_is_refused() -> None:
         parse_key_set({"keys": [private]}, ("RS256",))
 
 
-def test_duplicate_kids_are_refused(rsa_jwk: dict[str, Any], ec_jwk: dict[str, Any]) -> None:
-    twin = {**ec_jwk, "kid": "rsa-1"}
-    with pytest.raises(KeySetError, match="duplicate kid"):
-        parse_key_set({"keys": [rsa_jwk, twin]}, ("RS256", "ES256"))
+def test_duplicate_kids_are_refused(rsa_jwk: dict[str, Any]) -> None:
+    other = RSAKey.generate_key(2048).as_dict(private=False)
+    for twin in (dict(rsa_jwk), {**other, "kid": "rsa-1"}):
+        with pytest.raises(KeySetError, match="duplicate kid 'rsa-1' \\(two keys for RS256\\)"):
+            parse_key_set({"keys": [rsa_jwk, twin]}, ("RS256", "ES256"))
+
+
+def test_keys_that_share_a_kid_but_no_algorithm_are_told_apart_by_alg(
+    rsa_jwk: dict[str, Any], ec_jwk: dict[str, Any], ed_jwk: dict[str, Any]
+) -> None:
+    """RFC 7517 §4.5: keys of different kty may share a kid."""
+    ec_twin = {**ec_jwk, "kid": "rsa-1"}
+    ps_twin = {**RSAKey.generate_key(2048).as_dict(private=False), "kid": "rsa-1", "alg": "PS256"}
+    keys = parse_key_set({"keys": [rsa_jwk, ec_twin, ps_twin, ed_jwk]}, ALL)
+    assert keys.kids == ("ed-1", "rsa-1")
+    assert len(keys.keys) == 4
+    by_alg = {alg: keys.get("rsa-1", alg) for alg in ("RS256", "ES256", "PS256")}
+    assert [key.kty if key else None for key in by_alg.values()] == ["RSA", "EC", "RSA"]
+    assert by_alg["RS256"] is not by_alg["PS256"]
+    assert all(key is not None and key.verifier(alg) for alg, key in by_alg.items())
+    # An algorithm none of them takes finds one whose verifier refuses it.
+    other = keys.get("rsa-1", "EdDSA")
+    assert other is not None and other.verifier("EdDSA") is None
+    assert keys.get(None) is None
+    # Without the EC algorithm allowed, the EC key is skipped: no sharing.
+    rsa_only = parse_key_set({"keys": [rsa_jwk, ec_twin]}, ("RS256",))
+    assert rsa_only.shared_kids == {} and rsa_only.get("rsa-1") is not None
 
 
 @pytest.mark.parametrize(
