@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -177,6 +178,20 @@ def client(app: Flask) -> FlaskClient:
 
 
 # -- real services ------------------------------------------------------------
+
+
+def guide_settings(guide: Path, marker: str) -> dict[str, Any]:
+    """The ``OAUTH_VERIFY_*`` settings of the first Python block after ``marker``.
+
+    So that a test checks what a guide tells its readers to write.
+    """
+    text = guide.read_text()
+    start = text.index(marker)
+    block = re.search(r"\.\. code-block:: python\n\n((?:   .*\n|\n)+)", text[start:])
+    assert block is not None, f"no Python block after {marker!r}"
+    namespace: dict[str, Any] = {}
+    exec(re.sub(r"(?m)^   ", "", block.group(1)), namespace)  # noqa: S102 (our own docs)
+    return {k: v for k, v in namespace.items() if k.startswith("OAUTH_VERIFY_")}
 
 
 def free_port() -> int:

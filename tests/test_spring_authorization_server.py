@@ -12,7 +12,6 @@ served by a real issuer on 127.0.0.1; the settings are read from
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,19 +24,10 @@ from flask import Flask, g
 from flask_oauth_verify import OAuthVerify, require_token, require_user
 from flask_oauth_verify.testing import IssuerServer, Reply, Request, TokenIssuer, auth_header
 
+from .conftest import guide_settings
+
 GUIDE = Path(__file__).parents[1] / "docs" / "providers" / "generic.rst"
 API = "https://api.example.com"
-
-
-def guide_settings(marker: str) -> dict[str, Any]:
-    """The ``OAUTH_VERIFY_*`` settings of the first Python block after ``marker``."""
-    text = GUIDE.read_text()
-    start = text.index(marker)
-    block = re.search(r"\.\. code-block:: python\n\n((?:   .*\n|\n)+)", text[start:])
-    assert block is not None, f"no Python block after {marker!r}"
-    namespace: dict[str, Any] = {}
-    exec(re.sub(r"(?m)^   ", "", block.group(1)), namespace)  # noqa: S102 (our own docs)
-    return {k: v for k, v in namespace.items() if k.startswith("OAUTH_VERIFY_")}
 
 
 @pytest.fixture
@@ -106,7 +96,7 @@ def spring_app(issuer: TokenIssuer, settings: dict[str, Any], **extra: Any) -> F
 def test_the_guide_settings_tell_clients_from_users_and_refuse_id_tokens(
     issuer: TokenIssuer,
 ) -> None:
-    settings = guide_settings("Where the server cannot change")
+    settings = guide_settings(GUIDE, "Where the server cannot change")
     client = spring_app(issuer, settings).test_client()
     machine = issuer.mint(access_claims(issuer, "orders-batch", "orders-batch"), typ=None)
     answer = client.get("/whoami", headers=auth_header(machine))
@@ -197,7 +187,7 @@ def test_introspection_refuses_its_refresh_token_answers(issuer: TokenIssuer) ->
         "INTROSPECTION_CLIENT_ID": client_id,
         "INTROSPECTION_CLIENT_SECRET": secret,
     }
-    settings = guide_settings("Where the server cannot change")
+    settings = guide_settings(GUIDE, "Where the server cannot change")
     client = spring_app(issuer, settings, **introspecting).test_client()
     access = client.get("/whoami", headers=auth_header("access-ref"))
     assert access.json == {"client": "orders-web", "user": "alice", "scopes": ["orders:read"]}
