@@ -523,11 +523,14 @@ def _structure(report: _Report, token: str, state: _AppState) -> bool:
         report.step(_PASS, "format", f"compact JWS (three segments), {len(token)} bytes")
         return True
     if dots == 4:
+        said = "The token has five segments: it is an encrypted JWT (JWE)."
+        known = _no_introspection(state.settings)
+        if known:
+            raise report.fail("format", f"{said} {known}.")
         raise report.fail(
             "format",
-            "The token has five segments: it is an encrypted JWT (JWE). This API verifies "
-            "signed JWTs (JWS) only; configure the authorization server to issue signed "
-            "access tokens.",
+            f"{said} This API verifies signed JWTs (JWS) only; configure the authorization "
+            "server to issue signed access tokens.",
         )
     report.step(_INFO, "format", f"not a JWT ({dots + 1} segment(s)): an opaque token")
     return False
@@ -587,6 +590,9 @@ def inspect_command(
     try:
         is_jws = _structure(report, token, state)
         if chosen == "introspection" or (chosen == "auto" and not is_jws):
+            known = _no_introspection(state.settings)
+            if known:
+                raise report.fail("introspect", f"{known}.")
             context = _inspect_introspection(report, token, state)
         elif not is_jws:
             raise report.fail("format", _not_a_jwt(chosen, state.settings))
@@ -610,13 +616,23 @@ def inspect_command(
 def _not_a_jwt(strategy: str, settings: Settings) -> str:
     """Why an opaque token fails a JWT strategy, and what to do about it."""
     said = f"The token is not a JWT and strategy {strategy!r} verifies JWTs locally."
-    opaque = profile_named(settings.provider).opaque_tokens
-    if opaque and settings.introspection_endpoint is None:
-        return f"{said} {opaque}."
+    known = _no_introspection(settings)
+    if known:
+        return f"{said} {known}."
     return (
         f"{said} An opaque token needs introspection (OAUTH_VERIFY_STRATEGY 'auto' or "
         "'introspection')."
     )
+
+
+def _no_introspection(settings: Settings) -> str | None:
+    """What a token that is no signed JWT is, for a provider without introspection.
+
+    ``None`` when the profile has an introspection endpoint or the app set one.
+    """
+    if settings.introspection_endpoint is not None:
+        return None
+    return profile_named(settings.provider).opaque_tokens
 
 
 def _fingerprint(token: str) -> str:
@@ -664,7 +680,7 @@ def keys_command(refresh: bool, as_json: bool) -> None:
     output = []
     for status in state.keys.status():
         keys: PreparedKeySet | None = None
-        if status.kids:
+        if status.usable_keys:
             try:
                 keys = state.keys.key_set(status.issuer)
             except UpstreamError:

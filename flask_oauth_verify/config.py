@@ -1127,7 +1127,10 @@ def _refuse_pinned_and_fetched_keys(given: Mapping[str, Any], settings: Settings
         value = given.get(name)
         if not value:
             continue
-        located = set(value) if isinstance(value, Mapping) else {settings.issuers[0]}
+        if isinstance(value, Mapping):  # an empty entry turns a profile's value off
+            located = {issuer for issuer, where in value.items() if where}
+        else:
+            located = {settings.issuers[0]}
         both = sorted(pinned & located)
         if both:
             raise ConfigurationError(

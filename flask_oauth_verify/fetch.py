@@ -920,9 +920,12 @@ def _decode_json(body: bytes) -> Any:
     "not JSON"."""
     try:
         data = STRICT_DECODER.decode(body.decode(json.detect_encoding(body)))
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        too_deep = _too_deep(data)
+    except (ValueError, UnicodeDecodeError):
         raise FetchError("the response is not JSON", status=200) from None
-    if _too_deep(data):
+    except RecursionError:  # past the parser's own limit
+        too_deep = True
+    if too_deep:
         raise FetchError(
             f"the response is not JSON (nested deeper than {_MAX_DEPTH} levels)", status=200
         )

@@ -169,10 +169,10 @@ class HealthChecker:
             entry: dict[str, Any] = {
                 "issuer": status.issuer,
                 "source": shown_url(status.source),
-                "keys": len(status.kids),
+                "keys": status.usable_keys,
                 "age_seconds": None if status.age is None else round(status.age, 1),
             }
-            if not status.kids:
+            if not status.usable_keys:
                 entry["status"] = "unavailable"
                 why = errors.get(status.issuer) or status.last_error or "no usable key"
                 entry["error"] = why
@@ -315,11 +315,11 @@ def _per_token_entry(
     loaded yet is ``"per_token"``, not a failure: the first token fetches
     its key set.
     """
-    loaded = [status for status in sources if status.kids]
+    loaded = [status for status in sources if status.usable_keys]
     entry: dict[str, Any] = {
         "issuer": issuer,
         "source": "jku",
-        "keys": sum(len(status.kids) for status in loaded),
+        "keys": sum(status.usable_keys for status in loaded),
         "age_seconds": None,
         "jku": [],
     }
@@ -332,7 +332,7 @@ def _per_token_entry(
     for status in loaded:
         item: dict[str, Any] = {
             "source": shown_url(status.source),
-            "keys": len(status.kids),
+            "keys": status.usable_keys,
             "age_seconds": None if status.age is None else round(status.age, 1),
             "status": "ok" if status.last_error is None else "stale",
         }

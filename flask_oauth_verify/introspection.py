@@ -138,6 +138,8 @@ def _classify(exc: FetchError) -> tuple[str, str, int]:
     if status is not None and status >= 500:
         retry = max(exc.retry_after or 0, _RETRY_TRANSIENT)
         return "server_error", f"the endpoint failed (HTTP {status})", retry
+    if reason.startswith("the response is not JSON ("):
+        return "invalid_response", f"the endpoint's answer is {reason[16:]}", _RETRY_TRANSIENT
     if reason.startswith("the response is not JSON"):
         return "invalid_response", "the endpoint answered with a non-JSON body", _RETRY_TRANSIENT
     if reason.startswith("response larger than"):

@@ -72,6 +72,9 @@ logger = logging.getLogger("flask_oauth_verify.keys")
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?", re.IGNORECASE | re.ASCII)
 _JITTER = 0.1
 #: Seconds before a worker that saw another worker fetching looks again.
+#: At most how long a request with an unknown kid waits for a key-set refresh
+#: that another request or worker leads, while there are keys to serve.
+_KID_WAIT = 1.0
 _RECHECK = 1.0
 #: ``Retry-After`` of a 503 while the circuit is closed.
 _RETRY_AFTER = 5
@@ -102,6 +105,8 @@ class KeySetStatus:
     :param expires_in: seconds until the soft TTL ends (negative: overdue).
     :param circuit_open: whether the circuit breaker refuses calls now.
     :param fetches: fetches this process made for the issuer.
+    :param usable_keys: how many usable keys the set holds (a key without a
+        ``kid``, and each of the keys that share one, count).
     """
 
     issuer: str
@@ -115,6 +120,7 @@ class KeySetStatus:
     expires_in: float | None = None
     circuit_open: bool = False
     fetches: int = 0
+    usable_keys: int = 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -548,7 +554,10 @@ class KeyStore:
 
         None within the cooldown after a fetch failed (a due refresh of this
         very request, maybe): the issuer is not asked again at once, and
-        the request does not wait out a second timeout.
+        the request does not wait out a second timeout. With keys to serve,
+        a request waits for a refresh another request (or worker) leads for
+        :data:`_KID_WAIT` at most: unknown kids, which anyone can send, must
+        not hold every worker thread for a hung issuer's whole timeout.
         """
         keys = seen
         if _within(source.failed_at, self.clock(), self._cooldown):
@@ -559,17 +568,34 @@ class KeyStore:
             ):
                 return source.keys or keys  # inside the cooldown: no network call
             led: list[bool] = []
-            keys = self._run(source, "forced", kid, led)
+            keys = self._run(source, "forced", kid, led, patience=self._kid_patience(source))
             if led or keys.get(kid) is not None:
                 return keys
+            if self._flights.running(source.name):
+                return keys  # gave up waiting: the refresh is still under way
             # We joined a refresh started by another request; if that one was
             # not forced (a due refresh), one forced refresh is still allowed.
         return keys
 
+    def _kid_patience(self, source: _Source) -> float:
+        """How long a request with an unknown kid waits for another's refresh."""
+        if source.keys is not None and self._usable(source, self.clock()):
+            return min(_KID_WAIT, self._wait)
+        return self._wait  # nothing to serve meanwhile: wait for the outcome
+
     def _run(
-        self, source: _Source, mode: str, kid: str | None = None, led: list[bool] | None = None
+        self,
+        source: _Source,
+        mode: str,
+        kid: str | None = None,
+        led: list[bool] | None = None,
+        patience: float | None = None,
     ) -> PreparedKeySet:
-        """Refresh in a single flight: concurrent callers share its outcome."""
+        """Refresh in a single flight: concurrent callers share its outcome.
+
+        :param patience: how long a caller that joins waits (by default the
+            longest a refresh can take).
+        """
 
         def lead() -> PreparedKeySet:
             if led is not None:
@@ -577,7 +603,7 @@ class KeyStore:
             return self._refresh(source, mode, kid)
 
         try:
-            return self._flights.run(source.name, lead, timeout=self._wait)
+            return self._flights.run(source.name, lead, timeout=patience or self._wait)
         except TimeoutError:
             return self._keys_or_raise(source, self.clock(), "timed out waiting for a refresh")
 
@@ -645,7 +671,12 @@ class KeyStore:
             source.fresh_until = max(source.fresh_until, now + _RECHECK)
             return source.keys
         lock = source.key("jwks-lock")
-        self.cache.wait_unlocked(lock, self._wait, wait=self._wait)
+        patience = self._kid_patience(source) if mode == "forced" else self._wait
+        finished = self.cache.wait_unlocked(lock, self._wait, wait=patience)
+        if not finished and patience < self._wait:
+            # An unknown kid: serve ours and refuse it rather than hold the
+            # worker while another worker's fetch hangs (see _refresh_for_kid).
+            return self._keys_or_raise(source, self.clock())
         if self._adopt_shared(source, self.clock()) or not (
             self.cache.take_abandoned(lock, self._wait) or self._take_vanished(source, lock)
         ):
@@ -762,7 +793,9 @@ class KeyStore:
                     # tried before the one whose circuit refused, in any thread).
                     self._give_back_forced(source, now)
                 return self._refused_by_circuit(source, now, str(exc))
-            return self._failed(source, now, str(exc), answered=_answered(exc))
+            # The cooldown runs from the failure, not from the start of a fetch
+            # that may have taken the whole budget (a hung issuer).
+            return self._failed(source, self.clock(), str(exc), answered=_answered(exc))
         keep = self._max_staleness + record["ttl"]
         self.cache.set(source.key("jwks"), record, keep)
         self.cache.set(source.key("jwks-attempt"), {"at": now, "error": None}, keep)
@@ -1206,7 +1239,16 @@ class KeyStore:
         """What is known about every key source, without any call to the issuer."""
         now = self.clock()
         result = [
-            KeySetStatus(issuer, "static", keys.kids, None, True, None, keys.skipped)
+            KeySetStatus(
+                issuer,
+                "static",
+                keys.kids,
+                None,
+                True,
+                None,
+                keys.skipped,
+                usable_keys=len(keys.keys),
+            )
             for issuer, keys in self._static.items()
         ]
         for source in list(self._sources.values()):
@@ -1229,6 +1271,7 @@ class KeyStore:
                         uri or source.issuer, scope=_scope(source)
                     ).is_open_for(url_digest(uri or source.issuer)),
                     fetches=source.fetches,
+                    usable_keys=len(keys.keys) if keys else 0,
                 )
             )
         return result

@@ -103,7 +103,7 @@ class _KeySetCollector(Collector):
             if status.issuer in seen:
                 continue  # an allowlisted jku source of the same issuer
             seen.add(status.issuer)
-            size.add_metric([status.issuer], len(status.kids))
+            size.add_metric([status.issuer], status.usable_keys)
             if status.age is not None:
                 age.add_metric([status.issuer], status.age)
         yield age

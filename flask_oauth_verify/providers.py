@@ -80,7 +80,7 @@ class Profile:
         pattern is accepted but logged as a warning, because no token of the
         provider carries such an ``iss`` (every token would be refused).
     :param opaque_tokens: for a provider without an introspection endpoint
-        for access tokens, what an opaque token it issued is (the CLI's
+        for access tokens, what a token that is no signed JWT is (the CLI's
         ``inspect`` says it instead of suggesting introspection).
     """
 
@@ -313,9 +313,9 @@ PROFILES: Mapping[str, Profile] = _profiles(
         },
         description="Auth0 APIs (scope, org_id, azp).",
         opaque_tokens=(
-            "Auth0 has no introspection endpoint: its access tokens for an API are JWTs. "
-            "It issues an opaque access token when the client asks for no audience (for "
-            "its /userinfo only): the client must request the token with this API's "
+            "Auth0 has no introspection endpoint: its access tokens for an API are signed "
+            "JWTs. A client that asks for no audience gets a token for Auth0's /userinfo "
+            "only (opaque or encrypted): it must request the token with this API's "
             "identifier as audience"
         ),
         issuer_doubts=(
@@ -366,7 +366,7 @@ PROFILES: Mapping[str, Profile] = _profiles(
         description="Microsoft Entra ID (v1 and v2 tokens, multi-tenant templates).",
         opaque_tokens=(
             "Entra ID has no introspection endpoint: its access tokens for your API are "
-            "JWTs. An opaque token is not one of them (a refresh token, or a token for a "
+            "signed JWTs. This token is not one of them (a refresh token, or a token for a "
             "Microsoft service)"
         ),
         issuer_doubts=(
@@ -427,8 +427,9 @@ PROFILES: Mapping[str, Profile] = _profiles(
         aliases=("aws_cognito", "aws-cognito"),
         description="AWS Cognito user pools (access tokens: client_id, token_use).",
         opaque_tokens=(
-            "Cognito has no introspection endpoint: its access tokens are JWTs. An opaque "
-            "token is not one of them (a refresh token, perhaps): send the access token"
+            "Cognito has no introspection endpoint: its access tokens are signed JWTs. This "
+            "token is not one of them (its refresh tokens are encrypted JWTs, its ID tokens "
+            "are refused for their token_use): send the access token"
         ),
         issuer_doubts=_NO_TRAILING_SLASH,
     ),

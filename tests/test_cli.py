@@ -166,10 +166,18 @@ def test_inspect_does_not_suggest_introspection_a_provider_does_not_have(
     )
     if provider == "cognito":
         del config["OAUTH_VERIFY_AUDIENCE"]
-    result = inspect(make_app(config, clock=clock), "2YotnFZFEjr1zCsicMWpAA")
+    app = make_app(config, clock=clock)
+    result = inspect(app, "2YotnFZFEjr1zCsicMWpAA")
     assert result.exit_code == 1
     assert said in verdict(result)
     assert ("needs introspection" in verdict(result)) == (provider == "generic")
+    # Cognito's refresh tokens are encrypted JWTs (five segments)
+    jwe = inspect(app, "eyJjdHkiOiJKV1QiLCJlbmMiOiJBMjU2R0NNIiwiYWxnIjoiUlNBLU9BRVAifQ.a.b.c.d")
+    assert "encrypted JWT (JWE)" in verdict(jwe)
+    assert (said in verdict(jwe)) == (provider != "generic")
+    if provider != "generic":  # asked to introspect: no endpoint to find, no network call
+        asked = inspect(app, "2YotnFZFEjr1zCsicMWpAA", "--strategy", "introspection")
+        assert said in verdict(asked) and "[FAIL] introspect" in asked.output
 
 
 @pytest.mark.parametrize(("kind", "make", "sentence"), BAD_TOKENS, ids=[b[0] for b in BAD_TOKENS])

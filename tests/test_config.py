@@ -93,6 +93,8 @@ def test_a_key_set_given_and_located_for_one_issuer_is_refused() -> None:
         by_issuer = {BASE["OAUTH_VERIFY_ISSUER"]: jwks, other: jwks}
         with pytest.raises(ConfigurationError, match=re.escape(f"set of {other};")):
             settings(ISSUER=[*by_issuer], JWKS=by_issuer, **{located: {other: one_issuer[located]}})
+    # An empty entry (turning a profile's fallbacks off) locates nothing.
+    assert settings(JWKS=jwks, JWKS_URI_FALLBACKS={BASE["OAUTH_VERIFY_ISSUER"]: []}).static_jwks
     # Pinned for one issuer, located for the other: no contradiction.
     mixed = settings(
         ISSUER=[BASE["OAUTH_VERIFY_ISSUER"], other],

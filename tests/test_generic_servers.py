@@ -134,7 +134,9 @@ class Hydra:
         }
         public.route("/.well-known/openid-configuration", Reply(200, metadata))
         public.route("/.well-known/jwks.json", key_set(self.keys))
-        admin.route("/admin/oauth2/introspect", introspection(self.answers, lambda _r: True))
+        # no client authentication there (and none sent with the guide's settings)
+        unauthenticated = introspection(self.answers, lambda r: "Authorization" not in r.headers)
+        admin.route("/admin/oauth2/introspect", unauthenticated)
 
     def claims(self, sub: str, client: str, aud: list[str], **ext: Any) -> dict[str, Any]:
         """fosite's JWT access-token claims (scp, ext, aud as requested)."""
@@ -247,11 +249,11 @@ class Zitadel:
             introspection(self.answers, lambda r: basic_credentials(r, unquote) == credentials),
         )
 
-    def access(self, sub: str, client: str, aud: list[str], **extra: Any) -> dict[str, Any]:
-        """zitadel/oidc's access-token claims: client_id, no scope, no azp."""
+    def access(self, sub: str, aud: list[str], **extra: Any) -> dict[str, Any]:
+        """zitadel/oidc's access-token claims: no scope, no client_id, no azp."""
         issued = now()
         claims = {"iss": self.issuer, "sub": sub, "aud": aud, "exp": issued + 3600}
-        claims.update(iat=issued, nbf=issued, jti=str(issued), client_id=client, **extra)
+        claims.update(iat=issued, nbf=issued, jti=str(issued), **extra)
         return claims
 
     def id_token(self, sub: str, client: str, access_token: str | None = None) -> str:
@@ -267,9 +269,11 @@ class Zitadel:
     def jwt(self, claims: dict[str, Any]) -> str:
         return self.keys.mint(claims, typ="JWT")
 
-    def opaque(self, claims: dict[str, Any], scope: str) -> str:
+    def opaque(self, claims: dict[str, Any], client: str, scope: str) -> str:
+        """Its introspection answer: the token's claims, client_id and scope."""
         token = secrets.token_urlsafe(48)
-        self.answers[token] = {"active": True, **claims, "scope": scope, "token_type": "Bearer"}
+        self.answers[token] = {"active": True, **claims, "client_id": client, "scope": scope}
+        self.answers[token]["token_type"] = "Bearer"
         return token
 
     def app(self, **changed: Any) -> Flask:
@@ -286,28 +290,27 @@ def zitadel() -> Iterator[Zitadel]:
 
 def test_zitadel_tokens_with_the_guide_settings(zitadel: Zitadel) -> None:
     app = zitadel.app()
-    alice = zitadel.access(
-        "2698704111", WEB_APP, [WEB_APP, PROJECT], **{RESOURCE_OWNER: ORGANIZATION}
-    )
+    alice = zitadel.access("2698704111", [WEB_APP, PROJECT], **{RESOURCE_OWNER: ORGANIZATION})
     jwt_token = zitadel.jwt(alice)
     assert who(app, jwt_token) == {
-        "client": WEB_APP,
+        "client": None,  # its JWT access tokens name no client ...
         "user": "2698704111",
         "organization": ORGANIZATION,
-        "scopes": [],  # its JWT access tokens name no scope
+        "scopes": [],  # ... and no scope
     }
-    opaque = zitadel.opaque(alice, "openid profile urn:zitadel:iam:user:resourceowner")
-    answer = who(app, opaque)
-    assert (answer["user"], answer["organization"]) == ("2698704111", ORGANIZATION)
-    assert "openid" in answer["scopes"]
+    scope = "openid profile urn:zitadel:iam:user:resourceowner"
+    answer = who(app, zitadel.opaque(alice, WEB_APP, scope))
+    assert (answer["client"], answer["user"]) == (WEB_APP, "2698704111")
+    assert answer["organization"] == ORGANIZATION and "openid" in answer["scopes"]
     # ID tokens carry the project in aud: refused, with or without at_hash
     assert refused(app, zitadel.id_token("2698704111", WEB_APP, access_token=jwt_token))
     assert refused(app, zitadel.id_token("2698704111", WEB_APP))
     # a machine user without the project's aud scope: aud is its own client id
-    assert refused(app, zitadel.jwt(zitadel.access("2698705001", "billing-bot", ["billing-bot"])))
+    assert refused(app, zitadel.jwt(zitadel.access("2698705001", ["billing-bot"])))
     # ... with it: accepted, and it counts as acting for a user (as documented)
-    machine = zitadel.jwt(zitadel.access("2698705001", "billing-bot", [PROJECT]))
-    assert who(app, machine)["user"] == "2698705001"
+    machine = zitadel.access("2698705001", [PROJECT])
+    assert who(app, zitadel.jwt(machine))["user"] == "2698705001"
+    assert who(app, zitadel.opaque(machine, "billing-bot", ""))["user"] == "2698705001"
     assert refused(app, "refresh-" + secrets.token_urlsafe(16))  # Zitadel: active false
 
 
@@ -396,8 +399,11 @@ def test_duende_tokens_with_the_guide_settings(duende: Duende) -> None:
         }
     for token in (duende.jwt(person), duende.reference(person)):
         assert who(app, token)["user"] == "818727"
-    # API scopes alone (no API resource): no aud, refused (and no API
-    # resource to introspect reference tokens as)
+    # with EmitStaticAudienceClaim, beside the API resources
+    static = f"{duende.issuer}/resources"
+    assert who(app, duende.jwt(duende.claims("m2m", [duende.resource, static])))["client"] == "m2m"
+    # API scopes alone (no API resource): only the static audience, or none
+    assert refused(app, duende.jwt(duende.claims("m2m", [static])))
     assert refused(app, duende.jwt(duende.claims("m2m", None)))
     issued = now()
     id_token: dict[str, Any] = {"iss": duende.issuer, "aud": "web", "sub": "818727"}

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask_caching import Cache
+from joserfc import jwt
 
 from flask_oauth_verify import ConfigurationError, OAuthVerify
 from flask_oauth_verify.extension import get_state
@@ -43,6 +44,32 @@ def test_healthy_with_a_static_key_set(tokens: TokenIssuer) -> None:
     }
     assert body["checks"]["cache"] == {"status": "ok", "backend": "in-process"}
     assert body["checks"]["introspection"] == {"status": "not_configured"}
+
+
+def test_keys_are_counted_not_kids(tokens: TokenIssuer, served_tokens: TokenIssuer) -> None:
+    """A key without a kid, and two keys under one kid, count: health said
+    503 "no usable key" for a set whose one key has no kid while its tokens
+    verified."""
+    kidless = tokens.jwks()
+    del kidless["keys"][0]["kid"]
+    app = make_app(tokens.config(HEALTH_ROUTE=True, JWKS=kidless))
+    no_kid = jwt.encode({"alg": "RS256"}, tokens.claims(), tokens.key(), algorithms=["RS256"])
+    assert app.test_client().get("/protected", headers=auth_header(no_kid)).status_code == 200
+    status, body = health(app)
+    assert status == 200, body
+    assert body["checks"]["keys"]["issuers"][0]["keys"] == 1
+    assert get_state(app).keys.status()[0].usable_keys == 1
+
+    ec_twin = TokenIssuer(served_tokens.issuer, alg="ES256")
+    published = served_tokens.jwks()
+    published["keys"].append({**ec_twin.jwks()["keys"][0], "kid": served_tokens.current_kid})
+    assert served_tokens.server is not None
+    served_tokens.server.route("/jwks", Reply(200, published))
+    shared = make_app(served_tokens.config(HEALTH_ROUTE=True, ALGORITHMS=["RS256", "ES256"]))
+    get_state(shared).keys.prefetch()
+    status, body = health(shared)
+    assert status == 200, body
+    assert body["checks"]["keys"]["issuers"][0]["keys"] == 2
 
 
 def test_route_is_opt_in_and_its_path_configurable(tokens: TokenIssuer) -> None:

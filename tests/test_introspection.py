@@ -599,6 +599,21 @@ def test_endpoint_failures_give_503_and_say_which(
     assert token not in caplog.text
 
 
+@pytest.mark.parametrize("depth", [65, 100_000])
+def test_an_answer_nested_too_deeply_is_logged_as_such(
+    issuer: TokenIssuer, caplog: pytest.LogCaptureFixture, depth: int
+) -> None:
+    """Past our own limit, or past the JSON parser's: both said "non-JSON body"
+    (the second one)."""
+    deep = b'{"active": true, "x": ' + b"[" * depth + b"]" * depth + b"}"
+    server_of(issuer).route(INTROSPECT, Reply(200, deep))
+    app = make_app(intro_config(issuer))
+    with caplog.at_level(logging.ERROR, logger=LOGGER):
+        assert_503(app.test_client().get("/protected", headers=auth_header(issuer.mint_opaque())))
+    [message] = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert "answer is not JSON (nested deeper than 64 levels)" in message
+
+
 def test_a_token_the_endpoint_will_not_introspect_is_refused_not_an_outage(
     issuer: TokenIssuer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from joserfc import jwt
 from werkzeug.test import TestResponse
 
 from flask_oauth_verify import OAuthVerify
+from flask_oauth_verify import jwks as jwks_module
 from flask_oauth_verify.config import ConfigurationError
 from flask_oauth_verify.extension import get_state
 from flask_oauth_verify.testing import IssuerServer, Reply, Request, TokenIssuer, auth_header
@@ -479,8 +481,14 @@ def test_unknown_kid_refreshes_once_then_the_request_succeeds(
 
 
 def test_concurrent_requests_with_a_new_kid_wait_for_one_fetch(
-    served_tokens: TokenIssuer, issuer_server: IssuerServer, route: JwksRoute, clock: FakeClock
+    served_tokens: TokenIssuer,
+    issuer_server: IssuerServer,
+    route: JwksRoute,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # followers wait for the held fetch however slow this machine is
+    monkeypatch.setattr(jwks_module, "_KID_WAIT", 60.0)
     app = build(served_tokens, clock, HTTP_TIMEOUT=(5, 5))
     assert get(app, served_tokens.mint()).status_code == 200
     served_tokens.rotate()
@@ -501,6 +509,94 @@ def test_concurrent_requests_with_a_new_kid_wait_for_one_fetch(
         thread.join(10)
     assert statuses == [200] * 8, "zero failed requests across the rotation"
     assert issuer_server.hits[JWKS] == 2
+
+
+def _in_threads(count: int, call: Callable[[], int]) -> tuple[list[int], list[threading.Thread]]:
+    statuses: list[int] = []
+    threads = [threading.Thread(target=lambda: statuses.append(call())) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    return statuses, threads
+
+
+def test_unknown_kids_do_not_wait_out_a_hung_refresh(
+    served_tokens: TokenIssuer,
+    issuer_server: IssuerServer,
+    route: JwksRoute,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With keys to serve, an unknown kid waits for another request's refresh
+    for _KID_WAIT at most: forged kids held every worker thread for a hung
+    issuer's whole timeout, valid tokens queued behind them."""
+    monkeypatch.setattr(jwks_module, "_KID_WAIT", 0.05)
+    app = build(served_tokens, clock, HTTP_TIMEOUT=(5, 20))
+    assert get(app, served_tokens.mint()).status_code == 200
+    route.gate.clear()  # the issuer hangs from now on
+    led, leader = _in_threads(1, lambda: get(app, unknown_kid_token(served_tokens)).status_code)
+    assert issuer_server.wait_for_hits(JWKS, 2)
+    statuses, followers = _in_threads(
+        4, lambda: get(app, unknown_kid_token(served_tokens)).status_code
+    )
+    for thread in followers:
+        thread.join(5)  # the hung fetch lasts 10 s (the route's gate)
+    assert not any(thread.is_alive() for thread in followers)
+    assert statuses == [401] * 4
+    assert get_state(app).keys._flights.running(served_tokens.issuer), "still fetching"
+    assert get(app, served_tokens.mint()).status_code == 200
+    route.gate.set()
+    leader[0].join(10)
+    assert led == [401] and issuer_server.hits[JWKS] == 2
+
+
+def test_unknown_kids_do_not_wait_out_another_workers_hung_refresh(
+    served_tokens: TokenIssuer,
+    issuer_server: IssuerServer,
+    route: JwksRoute,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same across workers sharing a cache: the fetch lock's holder hangs."""
+    monkeypatch.setattr(jwks_module, "_KID_WAIT", 0.05)
+    shared = SimpleCache()
+    first = build(served_tokens, clock, cache=shared, HTTP_TIMEOUT=(5, 20))
+    second = build(served_tokens, clock, cache=shared, HTTP_TIMEOUT=(5, 20))
+    for worker in (first, second):
+        assert get(worker, served_tokens.mint()).status_code == 200
+    route.gate.clear()
+    led, leader = _in_threads(1, lambda: get(first, unknown_kid_token(served_tokens)).status_code)
+    assert issuer_server.wait_for_hits(JWKS, 2)
+    statuses, waiting = _in_threads(
+        1, lambda: get(second, unknown_kid_token(served_tokens)).status_code
+    )
+    waiting[0].join(5)  # the hung fetch lasts 10 s (the route's gate)
+    assert not waiting[0].is_alive() and statuses == [401]
+    route.gate.set()
+    leader[0].join(10)
+    assert led == [401] and issuer_server.hits[JWKS] == 2
+
+
+def test_the_cooldown_after_a_failed_fetch_runs_from_the_failure(
+    served_tokens: TokenIssuer, issuer_server: IssuerServer, route: JwksRoute, clock: FakeClock
+) -> None:
+    """A fetch that took 10 s to fail: the next unknown kid 25 s later (35 s
+    after it started) asked the issuer again, and waited again."""
+    app = build(served_tokens, clock, JWKS_REFRESH_COOLDOWN=30)
+    assert get(app, served_tokens.mint(expires_in=7200)).status_code == 200
+
+    def slow_failure(_request: Request) -> Reply:
+        clock.advance(10)
+        return Reply(500, {"error": "down"})
+
+    issuer_server.route(JWKS, slow_failure)
+    assert get(app, unknown_kid_token(served_tokens)).status_code == 401
+    assert issuer_server.hits[JWKS] == 2
+    clock.advance(25)
+    assert get(app, unknown_kid_token(served_tokens)).status_code == 401
+    assert issuer_server.hits[JWKS] == 2, "within the cooldown after the failure"
+    clock.advance(6)
+    assert get(app, unknown_kid_token(served_tokens)).status_code == 401
+    assert issuer_server.hits[JWKS] == 3
 
 
 def test_flood_of_unknown_kids_causes_one_fetch_per_cooldown(
