@@ -71,10 +71,10 @@ logger = logging.getLogger("flask_oauth_verify.keys")
 
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?", re.IGNORECASE | re.ASCII)
 _JITTER = 0.1
-#: Seconds before a worker that saw another worker fetching looks again.
 #: At most how long a request with an unknown kid waits for a key-set refresh
 #: that another request or worker leads, while there are keys to serve.
 _KID_WAIT = 1.0
+#: Seconds before a worker that saw another worker fetching looks again.
 _RECHECK = 1.0
 #: ``Retry-After`` of a 503 while the circuit is closed.
 _RETRY_AFTER = 5
