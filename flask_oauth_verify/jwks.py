@@ -676,6 +676,9 @@ class KeyStore:
         if not finished and patience < self._wait:
             # An unknown kid: serve ours and refuse it rather than hold the
             # worker while another worker's fetch hangs (see _refresh_for_kid).
+            # That fetch is not ours: look at its shared copy again soon, not
+            # after a whole cooldown of refusing the kid it may well bring.
+            source.last_forced = now - self._cooldown + _RECHECK
             return self._keys_or_raise(source, self.clock())
         if self._adopt_shared(source, self.clock()) or not (
             self.cache.take_abandoned(lock, self._wait) or self._take_vanished(source, lock)

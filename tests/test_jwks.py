@@ -576,6 +576,35 @@ def test_unknown_kids_do_not_wait_out_another_workers_hung_refresh(
     assert led == [401] and issuer_server.hits[JWKS] == 2
 
 
+def test_a_worker_that_stopped_waiting_takes_the_rotated_key_from_the_shared_copy(
+    served_tokens: TokenIssuer,
+    issuer_server: IssuerServer,
+    route: JwksRoute,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A real rotation while the issuer answers slowly: the worker that gave up
+    waiting for the other's fetch refused the new kid for a whole cooldown."""
+    monkeypatch.setattr(jwks_module, "_KID_WAIT", 0.05)
+    shared = SimpleCache()
+    first = build(served_tokens, clock, cache=shared, HTTP_TIMEOUT=(5, 20))
+    second = build(served_tokens, clock, cache=shared, HTTP_TIMEOUT=(5, 20))
+    for worker in (first, second):
+        assert get(worker, served_tokens.mint()).status_code == 200
+    served_tokens.rotate()
+    new = served_tokens.mint()
+    route.gate.clear()  # the issuer is slow to answer
+    led, leader = _in_threads(1, lambda: get(first, new).status_code)
+    assert issuer_server.wait_for_hits(JWKS, 2)
+    assert get(second, new).status_code == 401  # stopped waiting
+    route.gate.set()
+    leader[0].join(10)
+    assert led == [200]
+    clock.advance(1.5)
+    assert get(second, new).status_code == 200, "from the shared copy"
+    assert issuer_server.hits[JWKS] == 2, "one fetch for the rotation"
+
+
 def test_the_cooldown_after_a_failed_fetch_runs_from_the_failure(
     served_tokens: TokenIssuer, issuer_server: IssuerServer, route: JwksRoute, clock: FakeClock
 ) -> None:
