@@ -549,6 +549,15 @@ def test_unknown_kids_do_not_wait_out_a_hung_refresh(
     assert led == [401] and issuer_server.hits[JWKS] == 2
 
 
+def _warm_workers(tokens: TokenIssuer, clock: FakeClock) -> tuple[Flask, Flask]:
+    """Two workers sharing one cache, each with the keys (a slow fetch allowed)."""
+    shared = SimpleCache()
+    workers = tuple(build(tokens, clock, cache=shared, HTTP_TIMEOUT=(5, 20)) for _ in range(2))
+    for worker in workers:
+        assert get(worker, tokens.mint()).status_code == 200
+    return workers[0], workers[1]
+
+
 def test_unknown_kids_do_not_wait_out_another_workers_hung_refresh(
     served_tokens: TokenIssuer,
     issuer_server: IssuerServer,
@@ -558,11 +567,7 @@ def test_unknown_kids_do_not_wait_out_another_workers_hung_refresh(
 ) -> None:
     """The same across workers sharing a cache: the fetch lock's holder hangs."""
     monkeypatch.setattr(jwks_module, "_KID_WAIT", 0.05)
-    shared = SimpleCache()
-    first = build(served_tokens, clock, cache=shared, HTTP_TIMEOUT=(5, 20))
-    second = build(served_tokens, clock, cache=shared, HTTP_TIMEOUT=(5, 20))
-    for worker in (first, second):
-        assert get(worker, served_tokens.mint()).status_code == 200
+    first, second = _warm_workers(served_tokens, clock)
     route.gate.clear()
     led, leader = _in_threads(1, lambda: get(first, unknown_kid_token(served_tokens)).status_code)
     assert issuer_server.wait_for_hits(JWKS, 2)
@@ -586,11 +591,7 @@ def test_a_worker_that_stopped_waiting_takes_the_rotated_key_from_the_shared_cop
     """A real rotation while the issuer answers slowly: the worker that gave up
     waiting for the other's fetch refused the new kid for a whole cooldown."""
     monkeypatch.setattr(jwks_module, "_KID_WAIT", 0.05)
-    shared = SimpleCache()
-    first = build(served_tokens, clock, cache=shared, HTTP_TIMEOUT=(5, 20))
-    second = build(served_tokens, clock, cache=shared, HTTP_TIMEOUT=(5, 20))
-    for worker in (first, second):
-        assert get(worker, served_tokens.mint()).status_code == 200
+    first, second = _warm_workers(served_tokens, clock)
     served_tokens.rotate()
     new = served_tokens.mint()
     route.gate.clear()  # the issuer is slow to answer
