@@ -146,6 +146,11 @@ class _Source:
     #: When this process's last fetch for the source failed.
     failed_at: float = float("-inf")
     fetches: int = 0
+    #: Until when unknown kids look at the shared copy again (at most once
+    #: per :data:`_RECHECK`, no waiting): set when a request stopped waiting
+    #: for another worker's fetch, which may bring the kid.
+    recheck_shared_until: float = float("-inf")
+    recheck_shared_at: float = float("-inf")
     #: The name of the source in the shared cache, when not :attr:`name`
     #: (see :meth:`KeyStore.shared_name`).
     shared_as: str = ""
@@ -566,7 +571,10 @@ class KeyStore:
             if not self._flights.running(source.name) and _within(
                 source.last_forced, self.clock(), self._cooldown
             ):
-                return source.keys or keys  # inside the cooldown: no network call
+                # inside the cooldown: no network call (one look at the
+                # shared copy a second, after another worker's fetch)
+                self._recheck_shared(source)
+                return source.keys or keys
             led: list[bool] = []
             keys = self._run(source, "forced", kid, led, patience=self._kid_patience(source))
             if led or keys.get(kid) is not None:
@@ -576,6 +584,15 @@ class KeyStore:
             # We joined a refresh started by another request; if that one was
             # not forced (a due refresh), one forced refresh is still allowed.
         return keys
+
+    def _recheck_shared(self, source: _Source) -> None:
+        """Adopt another worker's newer copy, if this worker stopped waiting
+        for its fetch lately (at most one cache read per :data:`_RECHECK`)."""
+        now = self.clock()
+        if now < source.recheck_shared_at or now >= source.recheck_shared_until:
+            return
+        source.recheck_shared_at = now + _RECHECK
+        self._adopt_shared(source, now)
 
     def _kid_patience(self, source: _Source) -> float:
         """How long a request with an unknown kid waits for another's refresh."""
@@ -676,10 +693,12 @@ class KeyStore:
         if not finished and patience < self._wait:
             # An unknown kid: serve ours and refuse it rather than hold the
             # worker while another worker's fetch hangs (see _refresh_for_kid).
-            # That fetch is not ours: look at its shared copy again soon, not
-            # after a whole cooldown of refusing the kid it may well bring.
-            source.last_forced = now - self._cooldown + _RECHECK
-            return self._keys_or_raise(source, self.clock())
+            # No more waiting for the cooldown (ours, set by the caller), but
+            # that fetch may bring the kid: look at its shared copy meanwhile.
+            gave_up = self.clock()
+            source.recheck_shared_at = gave_up + _RECHECK
+            source.recheck_shared_until = now + self._cooldown
+            return self._keys_or_raise(source, gave_up)
         if self._adopt_shared(source, self.clock()) or not (
             self.cache.take_abandoned(lock, self._wait) or self._take_vanished(source, lock)
         ):

@@ -576,6 +576,21 @@ def test_unknown_kids_do_not_wait_out_another_workers_hung_refresh(
     )
     waiting[0].join(5)  # the hung fetch lasts 10 s (the route's gate)
     assert not waiting[0].is_alive() and statuses == [401]
+    # Having stopped waiting once, the worker does not wait again while that
+    # fetch hangs (it waited a second per made-up kid, one after another).
+    store = get_state(second).keys
+    waits: list[str] = []
+    real_wait = store.cache.wait_unlocked
+
+    def counted(key: str, timeout: float, *, wait: float) -> bool:
+        waits.append(key)
+        return real_wait(key, timeout, wait=wait)
+
+    monkeypatch.setattr(store.cache, "wait_unlocked", counted)
+    for _ in range(3):
+        clock.advance(1.5)
+        assert get(second, unknown_kid_token(served_tokens)).status_code == 401
+    assert waits == []
     route.gate.set()
     leader[0].join(10)
     assert led == [401] and issuer_server.hits[JWKS] == 2
