@@ -76,6 +76,9 @@ _JITTER = 0.1
 _KID_WAIT = 1.0
 #: Seconds before a worker that saw another worker fetching looks again.
 _RECHECK = 1.0
+#: How often a worker that stopped waiting for another worker's fetch reads
+#: the shared copy (one cache read), which that fetch may have updated.
+_SHARED_RECHECK = 0.2
 #: ``Retry-After`` of a 503 while the circuit is closed.
 _RETRY_AFTER = 5
 _PARSED_CACHE_SIZE = 64
@@ -147,7 +150,7 @@ class _Source:
     failed_at: float = float("-inf")
     fetches: int = 0
     #: Until when unknown kids look at the shared copy again (at most once
-    #: per :data:`_RECHECK`, no waiting): set when a request stopped waiting
+    #: per :data:`_SHARED_RECHECK`, no waiting): set when a request stopped waiting
     #: for another worker's fetch, which may bring the kid.
     recheck_shared_until: float = float("-inf")
     recheck_shared_at: float = float("-inf")
@@ -587,11 +590,11 @@ class KeyStore:
 
     def _recheck_shared(self, source: _Source) -> None:
         """Adopt another worker's newer copy, if this worker stopped waiting
-        for its fetch lately (at most one cache read per :data:`_RECHECK`)."""
+        for its fetch lately (at most one cache read per :data:`_SHARED_RECHECK`)."""
         now = self.clock()
         if now < source.recheck_shared_at or now >= source.recheck_shared_until:
             return
-        source.recheck_shared_at = now + _RECHECK
+        source.recheck_shared_at = now + _SHARED_RECHECK
         self._adopt_shared(source, now)
 
     def _kid_patience(self, source: _Source) -> float:
@@ -696,7 +699,7 @@ class KeyStore:
             # No more waiting for the cooldown (ours, set by the caller), but
             # that fetch may bring the kid: look at its shared copy meanwhile.
             gave_up = self.clock()
-            source.recheck_shared_at = gave_up + _RECHECK
+            source.recheck_shared_at = gave_up + _SHARED_RECHECK
             source.recheck_shared_until = now + self._cooldown
             return self._keys_or_raise(source, gave_up)
         if self._adopt_shared(source, self.clock()) or not (
