@@ -149,10 +149,11 @@ class _Source:
     #: When this process's last fetch for the source failed.
     failed_at: float = float("-inf")
     fetches: int = 0
-    #: Until when unknown kids look at the shared copy again (at most once
-    #: per :data:`_SHARED_RECHECK`, no waiting): set when a request stopped waiting
-    #: for another worker's fetch, which may bring the kid.
+    #: Until when unknown kids read the shared copy again, without waiting:
+    #: set when a request stopped waiting for another worker's fetch, which
+    #: may bring the kid (see ``KeyStore._recheck_shared``) ...
     recheck_shared_until: float = float("-inf")
+    #: ... and when next (at most once per :data:`_SHARED_RECHECK`).
     recheck_shared_at: float = float("-inf")
     #: The name of the source in the shared cache, when not :attr:`name`
     #: (see :meth:`KeyStore.shared_name`).
@@ -367,9 +368,8 @@ class KeyStore:
             return key, source, keys
         if kid is None:
             raise InvalidTokenError(reason="token has no kid and the key set has several keys")
-        if kid in keys.shared_kids:
-            return self._from_set(keys, header, f"key set of {source.name}"), source, keys
-        keys = self._refresh_for_kid(source, keys, kid)
+        if kid not in keys.shared_kids:  # a shared kid is known: no refresh
+            keys = self._refresh_for_kid(source, keys, kid)
         return self._from_set(keys, header, f"key set of {source.name}"), source, keys
 
     @staticmethod
@@ -574,8 +574,8 @@ class KeyStore:
             if not self._flights.running(source.name) and _within(
                 source.last_forced, self.clock(), self._cooldown
             ):
-                # inside the cooldown: no network call (one look at the
-                # shared copy a second, after another worker's fetch)
+                # inside the cooldown: no network call (after giving up on
+                # another worker's fetch, a read of its shared copy now and then)
                 self._recheck_shared(source)
                 return source.keys or keys
             led: list[bool] = []
